@@ -1,0 +1,3 @@
+"""kdjax: knowledge distillation research in JAX."""
+
+__version__ = "0.1.0"

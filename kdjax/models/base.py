@@ -1,0 +1,27 @@
+"""The contract every kdjax model follows.
+
+A model is a Flax NNX module. Calling it returns a :class:`ModelOutput`:
+``model(x, train=...) -> ModelOutput(logits, features)`` where ``features``
+is a dict of named intermediate arrays, so any loss can tap any layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+
+class ModelOutput(NamedTuple):
+  """What every kdjax model returns.
+
+  Attributes:
+    logits: ``(B, C)`` for classifiers, ``(B, L, V)`` for language models.
+    features: named intermediate arrays. Image models: ``"stem"``,
+      ``"stage1"`` … ``"stageN"`` (NHWC, after ReLU), ``"stageK_preact"``
+      (before the last ReLU of stage K, where the architecture has one) and
+      ``"pooled"`` ``(B, D)``, the embedding fed to the classifier.
+  """
+
+  logits: jax.Array
+  features: dict[str, jax.Array]
