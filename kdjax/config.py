@@ -1,0 +1,332 @@
+"""Experiment configuration: frozen dataclass trees, validated once.
+
+An experiment is ``Experiment(data=…, teacher=…, student=…, method=…,
+optim=…, run=…)``. Experiment files in ``experiments/`` build one with
+``get_config()`` (or several named ones in ``CONFIGS``); the ``kdjax`` CLI
+(tyro) turns every field into a flag, e.g. ``--optim.lr 0.1``.
+Validation lives in ``__post_init__`` and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+  if not cond:
+    raise ValueError(f"{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which dataset, how it is batched and augmented.
+
+  Attributes:
+    name: TFDS name (``mnist1d``, ``digits``, ``mnist``, ``cifar100``,
+      ``imagenet2012`` …).
+    data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
+    train_split / eval_split: TFDS split names.
+    transfer_split: an unlabelled split mixed into the *distillation* training
+      set (Hinton et al.'s transfer set), e.g. ``"transfer"`` for mnist1d.
+      Supervised terms skip its examples (label −1). Teachers never use it.
+    batch_size: *global* batch size over all devices and processes.
+    eval_batch_size: global eval batch size.
+    view: augmentation (``none``, ``cifar``, ``imagenet``, ``flip``,
+      ``jitter``).
+    view_mode: ``consistent`` (teacher sees the student's view — function
+      matching) or ``independent``.
+    mixup_alpha / cutmix_alpha: Beta(α, α) mixing; 0 disables.
+  """
+
+  name: str = "mnist1d"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "test"
+  transfer_split: str | None = None
+  batch_size: int = 100
+  eval_batch_size: int = 1000
+  view: str = "none"
+  view_mode: Literal["consistent", "independent"] = "consistent"
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+
+  def __post_init__(self):
+    _check(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
+    _check(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
+    _check(self.mixup_alpha >= 0, "data.mixup_alpha", f"must be ≥ 0, got {self.mixup_alpha}")
+    _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be ≥ 0, got {self.cutmix_alpha}")
+    _check(self.view_mode in ("consistent", "independent"), "data.view_mode",
+           f"must be 'consistent' or 'independent', got {self.view_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A model from ``kdjax.models`` by name.
+
+  Attributes:
+    name: registry name (``kdjax.models.available()``).
+    dtype: computation dtype; params stay float32.
+    checkpoint: for a teacher, a teacher *workdir* (its latest checkpoint is
+      used) or a checkpoint step directory. Empty for students.
+  """
+
+  name: str = "mlp"
+  dtype: str = "float32"
+  checkpoint: str | None = None
+
+  def __post_init__(self):
+    _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """Distillation method: a preset name plus hyper-parameter overrides.
+
+  ``name`` is a preset from ``kdjax.methods.available()`` (``ce``, ``kd``,
+  ``dkd``, ``crd``, ``crd+kd`` …) or several joined by ``+``. ``None`` fields
+  take the preset's reference value (RepDistiller / mdistiller / DIST).
+
+  Attributes:
+    terms: explicit ``name=weight`` overrides of term weights, e.g.
+      ``("ce=0.1", "kd=0.9")``; a term not in the preset is added.
+    temperature: softmax temperature of logit terms.
+    dkd_alpha / dkd_beta / dkd_warmup_epochs: DKD's TCKD/NCKD weights and the
+      linear warm-up of the DKD term.
+    dist_beta / dist_gamma: DIST inter/intra weights.
+    gkd_beta: generalized-JSD interpolation (TRL convention: 0 → KL(T‖S)).
+    hint_layer: feature name used by FitNet (both models).
+    feat_dim: embedding width of CRD/CC heads.
+    crd_negatives / crd_temperature / crd_momentum: CRD's K, τ and memory
+      momentum.
+    init_epochs: epochs of RepDistiller's first stage for two-stage methods
+      (FitNet hint pre-training, AB/FT/FSP initialisation); 0 disables.
+    teacher_weights: multi-teacher weights (one per teacher; empty = equal).
+    multi_teacher: ``average`` (distil from averaged logits) or ``per_teacher``
+      (weighted sum of per-teacher losses).
+    ema_decay: EMA decay for self-distillation mode.
+  """
+
+  name: str = "kd"
+  terms: tuple[str, ...] = ()
+  temperature: float | None = None
+  dkd_alpha: float | None = None
+  dkd_beta: float | None = None
+  dkd_warmup_epochs: float | None = None
+  dist_beta: float | None = None
+  dist_gamma: float | None = None
+  gkd_beta: float | None = None
+  hint_layer: str | None = None
+  feat_dim: int | None = None
+  crd_negatives: int | None = None
+  crd_temperature: float | None = None
+  crd_momentum: float | None = None
+  init_epochs: float = 0.0
+  teacher_weights: tuple[float, ...] = ()
+  multi_teacher: Literal["average", "per_teacher"] = "average"
+  ema_decay: float = 0.999
+
+  def __post_init__(self):
+    if self.temperature is not None:
+      _check(self.temperature > 0, "method.temperature", f"must be > 0, got {self.temperature}")
+    for t in self.terms:
+      _check("=" in t, "method.terms", f"entries are name=weight, got {t!r}")
+      name, w = t.split("=", 1)
+      try:
+        float(w)
+      except ValueError:
+        raise ValueError(f"method.terms: weight of {name!r} is not a number: {w!r}") from None
+    if self.gkd_beta is not None:
+      _check(0.0 <= self.gkd_beta <= 1.0, "method.gkd_beta", f"must be in [0, 1], got {self.gkd_beta}")
+    if self.crd_momentum is not None:
+      _check(0.0 <= self.crd_momentum < 1.0, "method.crd_momentum", f"must be in [0, 1), got {self.crd_momentum}")
+    _check(self.init_epochs >= 0, "method.init_epochs", f"must be ≥ 0, got {self.init_epochs}")
+    _check(0.0 < self.ema_decay < 1.0, "method.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+    _check(all(w >= 0 for w in self.teacher_weights), "method.teacher_weights", "must be ≥ 0")
+
+  def term_weights(self) -> dict[str, float]:
+    return {t.split("=", 1)[0]: float(t.split("=", 1)[1]) for t in self.terms}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and learning-rate schedule (optax).
+
+  Attributes:
+    name: ``sgd`` (momentum, Nesterov off), ``adam`` or ``adamw``.
+    lr: peak learning rate.
+    momentum: SGD momentum.
+    weight_decay: L2 decay added to the gradient for SGD (PyTorch semantics),
+      decoupled for AdamW.
+    schedule: ``constant``, ``step`` (×``decay_factor`` at ``decay_epochs``)
+      or ``cosine``.
+    decay_epochs / decay_factor: step schedule.
+    warmup_epochs: linear warm-up from 0.
+    epochs: training length in epochs (ignored when ``steps`` > 0).
+    steps: training length in optimizer steps (overrides ``epochs``).
+    grad_accum: micro-batches accumulated per optimizer step.
+    clip_norm: global-norm gradient clipping (0 disables).
+  """
+
+  name: Literal["sgd", "adam", "adamw"] = "adam"
+  lr: float = 1e-2
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  schedule: Literal["constant", "step", "cosine"] = "constant"
+  decay_epochs: tuple[float, ...] = ()
+  decay_factor: float = 0.1
+  warmup_epochs: float = 0.0
+  epochs: float = 0.0
+  steps: int = 0
+  grad_accum: int = 1
+  clip_norm: float = 0.0
+
+  def __post_init__(self):
+    _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+    _check(self.weight_decay >= 0, "optim.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+    _check(self.epochs > 0 or self.steps > 0, "optim.epochs/optim.steps", "one of them must be positive")
+    _check(self.epochs >= 0 and self.steps >= 0, "optim.epochs/optim.steps", "must be ≥ 0")
+    _check(self.grad_accum >= 1, "optim.grad_accum", f"must be ≥ 1, got {self.grad_accum}")
+    _check(0 < self.decay_factor <= 1, "optim.decay_factor", f"must be in (0, 1], got {self.decay_factor}")
+    _check(self.clip_norm >= 0, "optim.clip_norm", f"must be ≥ 0, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How a run executes and what it writes.
+
+  Attributes:
+    seed: the one root seed (params, data order, views, dropout).
+    workdir: output directory (config.json, metrics.jsonl, tb/, checkpoints/,
+      results.json); re-running with the same workdir resumes.
+    eval_every: evaluate every N steps (0: once per epoch).
+    log_every: log train metrics every N steps.
+    checkpoint_every: save every N steps (0: only at the end).
+    max_to_keep: checkpoints kept.
+    mesh_data / mesh_fsdp: mesh shape; ``mesh_data=0`` uses every device not
+      used by fsdp.
+    quiet: no progress bars.
+    stop_on_nan: stop (keeping the last good checkpoint) on a NaN/Inf loss.
+  """
+
+  seed: int = 0
+  workdir: str = "workdirs/run"
+  eval_every: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 0
+  max_to_keep: int = 2
+  mesh_data: int = 0
+  mesh_fsdp: int = 1
+  quiet: bool = False
+  stop_on_nan: bool = True
+
+  def __post_init__(self):
+    _check(self.eval_every >= 0, "run.eval_every", f"must be ≥ 0, got {self.eval_every}")
+    _check(self.log_every > 0, "run.log_every", f"must be > 0, got {self.log_every}")
+    _check(self.checkpoint_every >= 0, "run.checkpoint_every", f"must be ≥ 0, got {self.checkpoint_every}")
+    _check(self.max_to_keep >= 1, "run.max_to_keep", f"must be ≥ 1, got {self.max_to_keep}")
+    _check(self.mesh_data >= 0 and self.mesh_fsdp >= 1, "run.mesh_data/run.mesh_fsdp", "must be ≥ 0 / ≥ 1")
+
+
+Mode = Literal["teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A complete, reproducible experiment.
+
+  Attributes:
+    name: experiment name (used in reports).
+    mode: ``teacher`` (supervised training of ``student``: the model being
+      trained is always called the student), ``offline`` (one frozen teacher),
+      ``multi_teacher`` (``teacher`` plus ``extra_teachers``), ``dml`` (deep
+      mutual learning: ``num_students`` copies of ``student`` trained together),
+      ``born_again`` (``generations`` students, each taught by the previous
+      one), ``self_ema`` (the teacher is an EMA of the student).
+    teacher / extra_teachers / student: models.
+    num_students: DML group size (≥ 2).
+    generations: born-again generations.
+    published: the published accuracy (%) this cell reproduces, if any.
+  """
+
+  name: str = "experiment"
+  mode: Mode = "offline"
+  data: DataConfig = DataConfig()
+  teacher: ModelConfig = ModelConfig(name="cnn1d")
+  extra_teachers: tuple[ModelConfig, ...] = ()
+  student: ModelConfig = ModelConfig(name="mlp")
+  method: MethodConfig = MethodConfig()
+  optim: OptimConfig = OptimConfig(steps=1000)
+  run: RunConfig = RunConfig()
+  num_students: int = 2
+  generations: int = 2
+  published: float | None = None
+
+  def __post_init__(self):
+    _check(self.mode in ("teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"),
+           "mode", f"unknown mode {self.mode!r}")
+    if self.mode == "dml":
+      _check(self.num_students >= 2, "num_students", f"DML needs ≥ 2 students, got {self.num_students}")
+    if self.mode == "born_again":
+      _check(self.generations >= 1, "generations", f"must be ≥ 1, got {self.generations}")
+    if self.mode == "multi_teacher":
+      _check(len(self.extra_teachers) >= 1, "extra_teachers", "multi_teacher mode needs at least one extra teacher")
+      n = 1 + len(self.extra_teachers)
+      _check(not self.method.teacher_weights or len(self.method.teacher_weights) == n,
+             "method.teacher_weights", f"needs {n} weights (one per teacher), got {len(self.method.teacher_weights)}")
+    if self.data.transfer_split and self.mode == "teacher":
+      raise ValueError("data.transfer_split: the transfer set is unlabelled; it cannot train a teacher (mode=teacher)")
+
+  def replace(self, **kw) -> "Experiment":
+    return dataclasses.replace(self, **kw)
+
+
+def to_dict(cfg: Any) -> dict:
+  """The config as plain JSON-able data."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ("run.workdir", "run.quiet", "run.log_every")) -> str:
+  """Stable short hash of everything that changes results.
+
+  Paths and verbosity are excluded so the same experiment in two workdirs has
+  one hash.
+  """
+  d = to_dict(cfg)
+  for path in exclude:
+    node = d
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  blob = json.dumps(d, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def from_dict(d: dict) -> Experiment:
+  """Inverse of :func:`to_dict` (for ``config.json`` and teacher workdirs)."""
+
+  def build(cls, data):
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+      if k not in hints:
+        continue
+      f = hints[k]
+      default = f.default if f.default is not dataclasses.MISSING else None
+      if dataclasses.is_dataclass(default):
+        kwargs[k] = build(type(default), v)
+      elif k == "extra_teachers":
+        kwargs[k] = tuple(build(ModelConfig, x) for x in v)
+      elif isinstance(v, list):
+        kwargs[k] = tuple(v)
+      else:
+        kwargs[k] = v
+    return cls(**kwargs)
+
+  return build(Experiment, d)

@@ -1,0 +1,86 @@
+"""Meshes and shardings: data parallelism (and optional FSDP) with jit.
+
+kdjax's distributed engine is ``jax.jit`` over a ``Mesh`` with axes
+``("data", "fsdp")``: the batch is sharded over both axes, parameters are
+replicated over ``data`` and (optionally) split over ``fsdp``. The same code
+runs on one CPU, eight forced host devices, a GPU or many hosts after
+``jax.distributed.initialize()``; XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+# Leaves smaller than this stay replicated under FSDP: splitting a BN scale
+# over devices costs more in collectives than it saves in memory.
+FSDP_MIN_SIZE = 2**14
+
+
+def make_mesh(data: int = 0, fsdp: int = 1) -> Mesh:
+  """A ``("data", "fsdp")`` mesh over all devices (of all processes).
+
+  Args:
+    data: size of the data axis; 0 means ``device_count // fsdp``.
+    fsdp: size of the parameter-sharding axis.
+  """
+  n = jax.device_count()
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"run.mesh_fsdp={fsdp} must divide the device count {n}")
+  data = data or n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp} must equal the device count {n}")
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """Split the largest dimension divisible by ``fsdp`` (big leaves only)."""
+  if fsdp <= 1 or not shape or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in order:
+    if shape[i] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[i] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def param_shardings(tree: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+  """NamedShardings for a parameter pytree (FSDP where the mesh has it)."""
+  size = mesh.shape["fsdp"] if fsdp else 1
+
+  def one(x):
+    shape = tuple(getattr(x, "shape", ()))
+    return NamedSharding(mesh, fsdp_spec(shape, size))
+
+  return jax.tree.map(one, tree)
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, name: str = "data.batch_size") -> None:
+  n = mesh.size
+  if global_batch % n:
+    raise ValueError(f"{name}={global_batch} is not divisible by the {n} devices of the mesh; use a multiple of {n}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{name}={global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble this process's slice of the global batch into global arrays."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

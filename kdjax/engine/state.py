@@ -1,0 +1,86 @@
+"""Train state and the functional model path (``nnx.split`` → jit → ``nnx.merge``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.methods.base import ModelInfo
+from kdjax.models.base import ModelOutput
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """Static half of a split model: its graph and description."""
+
+  graphdef: Any
+  info: ModelInfo
+  input_shape: tuple[int, ...]
+
+
+def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+  """``(graphdef, params, rest)``: trainable ``nnx.Param`` vs everything else
+  (BatchNorm statistics, dropout RNG counters)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def apply_model(graphdef, params, rest, x, *, train: bool) -> tuple[ModelOutput, nnx.State]:
+  """Pure forward: returns the output and the updated non-param state."""
+  model = nnx.merge(graphdef, params, rest)
+  out = model(x, train=train)
+  _, _, new_rest = nnx.split(model, nnx.Param, ...)
+  return out, new_rest
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes; a checkpoint saves all of it.
+
+  Attributes:
+    step: optimizer steps done (int32 scalar).
+    params: per-student ``nnx.Param`` state (a tuple: DML trains several).
+    model_state: per-student non-param state (BatchNorm stats, RNG counts).
+    opt_state: optax state over ``{"students": params, "adapters": …}``.
+    adapter_params: per-student method adapters (dict keyed by term name).
+    method_state: per-student method state (e.g. the CRD memory bank).
+    key: raw PRNG key data (``jax.random.key_data``); the step folds in the
+      step number, so no key is ever reused.
+    ema: EMA of the student's params and state (self-distillation), else ().
+  """
+
+  step: jax.Array
+  params: tuple
+  model_state: tuple
+  opt_state: PyTree
+  adapter_params: tuple
+  method_state: tuple
+  key: jax.Array
+  ema: tuple = ()
+
+  def trainable(self) -> dict:
+    return {"students": self.params, "adapters": self.adapter_params}
+
+
+class TeacherState(flax.struct.PyTreeNode):
+  """Frozen teacher(s): a jit *argument*, never a closed-over constant."""
+
+  params: tuple
+  model_state: tuple
+
+
+def rng_key(key_data: jax.Array) -> jax.Array:
+  return jax.random.wrap_key_data(key_data)
+
+
+def tree_bytes(tree: PyTree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def to_float32(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -1,0 +1,231 @@
+"""The pure train and eval steps: teacher forward + student update in one program.
+
+``make_train_step(spec)`` returns ``train_step(state, teacher, batch) ->
+(state, metrics)``: a pure function of arrays that the loop jits once with
+shardings from the mesh (``jit_train_step``). Inside one compiled program:
+
+1. the frozen teacher(s) run in eval mode (``stop_gradient``; no BN updates) —
+   or their outputs come from the batch (``"teacher_logits"``, teacher cache);
+2. the student(s) run in train mode and the method's weighted loss is
+   differentiated w.r.t. student params *and* adapter params;
+3. optax updates both; BN statistics, method state (CRD bank) and the EMA
+   teacher (self-distillation) are carried forward.
+
+Modes (``spec.mode``): ``teacher`` (supervised), ``offline`` / ``born_again``
+(one teacher), ``multi_teacher`` (averaged logits or per-teacher losses),
+``dml`` (k students; each distils from the others' stop-gradiented outputs),
+``self_ema`` (the teacher is an EMA of the student).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, rng_key
+from kdjax.methods.base import Context, Method
+from kdjax.models.base import ModelOutput
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Static description of the step (hashable parts only close over jit)."""
+
+  students: tuple[ModelDef, ...]
+  teachers: tuple[ModelDef, ...]
+  method: Method
+  tx: optax.GradientTransformation
+  mode: str
+  steps_per_epoch: int
+  grad_accum: int = 1
+  stage: str = "main"
+  teacher_weights: tuple[float, ...] = ()
+  multi_teacher: str = "average"
+  ema_decay: float = 0.999
+
+
+def _student_input(batch: Batch) -> jax.Array:
+  return batch["image"]
+
+
+def _teacher_input(batch: Batch) -> jax.Array:
+  return batch["teacher_image"] if "teacher_image" in batch else batch["image"]
+
+
+def _stop(out: ModelOutput) -> ModelOutput:
+  return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def _weights(spec: StepSpec, n: int) -> jax.Array:
+  w = jnp.asarray(spec.teacher_weights or (1.0,) * n, jnp.float32)
+  return w / jnp.sum(w)
+
+
+def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, batch: Batch) -> list[ModelOutput]:
+  """Frozen teacher outputs for this batch (eval mode, stop-gradiented)."""
+  if "teacher_logits" in batch:  # served by the teacher-output cache
+    return [ModelOutput(batch["teacher_logits"].astype(jnp.float32), {})]
+  x = _teacher_input(batch)
+  if spec.mode == "self_ema":
+    ema_params, ema_rest = state.ema
+    out, _ = apply_model(spec.students[0].graphdef, ema_params, ema_rest, x, train=False)
+    return [_stop(out)]
+  outs = []
+  for td, p, r in zip(spec.teachers, teacher.params, teacher.model_state):
+    out, _ = apply_model(td.graphdef, p, r, x, train=False)
+    outs.append(_stop(out))
+  return outs
+
+
+def _average_outputs(outs: list[ModelOutput], w: jax.Array) -> ModelOutput:
+  logits = sum(w[i] * o.logits.astype(jnp.float32) for i, o in enumerate(outs))
+  return ModelOutput(logits, outs[0].features)
+
+
+def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy over labelled examples (label ≥ 0)."""
+  valid = labels >= 0
+  hit = (jnp.argmax(logits, -1) == labels) & valid
+  return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Batch, ctx: Context):
+  """Total loss of one (micro-)batch and what it updates."""
+  x = _student_input(batch)
+  outs, rests = [], []
+  for i, sd in enumerate(spec.students):
+    out, rest = apply_model(sd.graphdef, trainable["students"][i], state.model_state[i], x, train=True)
+    outs.append(out)
+    rests.append(rest)
+  total = jnp.zeros((), jnp.float32)
+  new_mstate, metrics = [], {}
+  k = len(spec.students)
+  for i in range(k):
+    adapters, mstate = trainable["adapters"][i], state.method_state[i]
+    if spec.mode == "dml":
+      others = [_stop(outs[j]) for j in range(k) if j != i]
+      targets = [_average_outputs(others, jnp.full((k - 1,), 1.0 / (k - 1)))]
+    elif spec.mode == "teacher":
+      targets = [None]
+    elif spec.mode == "multi_teacher" and spec.multi_teacher == "per_teacher" and len(t_outs) > 1:
+      targets = list(t_outs)
+    elif len(t_outs) > 1:
+      targets = [_average_outputs(t_outs, _weights(spec, len(t_outs)))]
+    else:
+      targets = t_outs
+    w = _weights(spec, len(targets)) if len(targets) > 1 else jnp.ones((1,), jnp.float32)
+    li = jnp.zeros((), jnp.float32)
+    m: dict[str, jax.Array] = {}
+    for j, target in enumerate(targets):
+      lj, mstate, mj = spec.method.loss(adapters, mstate, outs[i], target, batch, ctx, stage=spec.stage)
+      li = li + w[j] * lj
+      for name, v in mj.items():
+        m[name] = m.get(name, 0.0) + w[j] * v
+    total = total + li
+    new_mstate.append(mstate)
+    prefix = f"s{i}/" if k > 1 else ""
+    metrics.update({prefix + n: v for n, v in m.items()})
+    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch["label"])
+  metrics["loss/total"] = total
+  return total, (tuple(rests), tuple(new_mstate), metrics)
+
+
+def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch], tuple[TrainState, dict]]:
+  """Build the pure step for ``spec`` (jit it with :func:`jit_train_step`)."""
+
+  def train_step(state: TrainState, teacher: TeacherState, batch: Batch):
+    key = jax.random.fold_in(rng_key(state.key), state.step)
+    epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
+    grad_fn = jax.value_and_grad(
+        lambda tr, st, tb, b, c: _micro_loss(spec, tr, st, tb, b, c), has_aux=True
+    )
+    trainable = state.trainable()
+
+    if spec.grad_accum == 1:
+      t_outs = teacher_outputs(spec, state, teacher, batch)
+      ctx = Context(step=state.step, epoch=epoch, key=key)
+      (_, (rests, mstates, metrics)), grads = grad_fn(trainable, state, t_outs, batch, ctx)
+    else:
+      a = spec.grad_accum
+      # Micro-batch m holds examples m, m+A, m+2A, … so every device
+      # contributes equally to every micro-batch (no resharding).
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
+
+      def body(carry, mb_and_i):
+        st, gsum, msum = carry
+        mb, i = mb_and_i
+        t_outs = teacher_outputs(spec, st, teacher, mb)
+        ctx = Context(step=st.step, epoch=epoch, key=jax.random.fold_in(key, i))
+        (_, (rests, mstates, metrics)), g = grad_fn(trainable, st, t_outs, mb, ctx)
+        st = st.replace(model_state=rests, method_state=mstates)
+        gsum = jax.tree.map(jnp.add, gsum, g)
+        msum = jax.tree.map(jnp.add, msum, metrics)
+        return (st, gsum, msum), None
+
+      zeros_g = jax.tree.map(jnp.zeros_like, trainable)
+      first = jax.tree.map(lambda x: x[0], micro)
+      metric_shape = jax.eval_shape(
+          lambda: grad_fn(trainable, state, teacher_outputs(spec, state, teacher, first), first,
+                          Context(state.step, epoch, key))[0][1][2])
+      zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
+      (st, gsum, msum), _ = jax.lax.scan(body, (state, zeros_g, zeros_m), (micro, jnp.arange(a)))
+      rests, mstates = st.model_state, st.method_state
+      grads = jax.tree.map(lambda g: g / a, gsum)
+      metrics = jax.tree.map(lambda m: m / a, msum)
+
+    updates, opt_state = spec.tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    ema = state.ema
+    if spec.mode == "self_ema":
+      d = spec.ema_decay
+      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema[0], trainable["students"][0])
+      ema = (ema_params, rests[0])
+    new_state = state.replace(
+        step=state.step + 1,
+        params=trainable["students"],
+        adapter_params=trainable["adapters"],
+        opt_state=opt_state,
+        model_state=rests,
+        method_state=mstates,
+        ema=ema,
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
+  """``eval_step(state, teacher, batch) -> (sums, student_pooled, teacher_pooled)``.
+
+  ``stats_fn(student_logits, teacher_logits, labels, mask)`` returns additive
+  sums (``kdjax.report.eval_batch_stats``). The reference for the diagnostics
+  is the teacher (offline modes), the EMA teacher (``self_ema``) or the
+  second student (``dml``).
+  """
+
+  def eval_step(state: TrainState, teacher: TeacherState, batch: Batch):
+    x = batch["image"]
+    sd = spec.students[0]
+    s_out, _ = apply_model(sd.graphdef, state.params[0], state.model_state[0], x, train=False)
+    t_out = None
+    if spec.mode == "dml":
+      t_out, _ = apply_model(spec.students[1].graphdef, state.params[1], state.model_state[1], x, train=False)
+    elif spec.mode != "teacher":
+      outs = teacher_outputs(spec, state, teacher, {"image": x})
+      t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
+    mask = batch.get("mask")
+    if mask is None:
+      mask = jnp.ones(x.shape[0], bool)
+    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, batch["label"], mask)
+    s_pool = s_out.features.get("pooled", s_out.logits)
+    t_pool = None if t_out is None else t_out.features.get("pooled", t_out.logits)
+    return sums, s_pool, t_pool
+
+  return eval_step

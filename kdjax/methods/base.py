@@ -1,0 +1,187 @@
+"""What a distillation method is: weighted loss terms with adapters and state.
+
+A *term* is data plus two pure functions (DESIGN.md, "Methods"):
+
+* ``init(key, student_out, teacher_out, info) -> (adapter_params, state)``
+  builds the trainable adapter parameters (FitNet regressors, CRD embed heads,
+  VID variances …) and the non-trainable method state (CRD memory bank …)
+  from example model outputs (concrete or ``jax.ShapeDtypeStruct`` leaves).
+* ``apply(adapter_params, state, student_out, teacher_out, batch, ctx)
+  -> (loss, new_state, aux)`` returns an *unweighted* float32 scalar loss, the
+  new method state and a dict of extra scalar metrics.
+
+A *method* is a tuple of terms with weights; its loss is the weighted sum.
+Methods never touch the model or optimizer: the engine owns those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.models.base import ModelOutput
+
+PyTree = Any
+
+
+class Context(NamedTuple):
+  """Per-step information a term may use (all jit-traced scalars).
+
+  Attributes:
+    step: global optimizer step (int32 scalar).
+    epoch: fractional epoch ``step / steps_per_epoch`` (float32 scalar); DKD's
+      warm-up and other schedules read it.
+    key: a PRNG key for this step and term (e.g. CRD negative sampling).
+  """
+
+  step: jax.Array
+  epoch: jax.Array
+  key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """Static description of a model the method is built for.
+
+  Attributes:
+    name: registry name, e.g. ``"resnet32x4"``.
+    num_classes: classifier width.
+    feature_shapes: per-feature shapes *without* the batch dim.
+  """
+
+  name: str
+  num_classes: int
+  feature_shapes: dict[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InitInfo:
+  """What ``init`` may need besides the example outputs."""
+
+  student: ModelInfo
+  teacher: ModelInfo | None
+  num_examples: int  # size of the training set (CRD memory bank rows)
+
+
+InitFn = Callable[[jax.Array, ModelOutput, ModelOutput | None, InitInfo], tuple[PyTree, PyTree]]
+ApplyFn = Callable[
+    [PyTree, PyTree, ModelOutput, ModelOutput | None, dict[str, jax.Array], Context],
+    tuple[jax.Array, PyTree, dict[str, jax.Array]],
+]
+
+
+def _no_init(key, student_out, teacher_out, info):
+  del key, student_out, teacher_out, info
+  return {}, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One loss term of a method.
+
+  Attributes:
+    name: metric namespace, e.g. ``"kd"``; metrics are logged as
+      ``"loss/<name>"``.
+    weight: multiplier in the total loss.
+    apply: see module docstring.
+    init: see module docstring.
+    student_features / teacher_features: feature names the term reads; the
+      engine checks them against the models before compiling anything.
+    needs_teacher: whether the term reads the teacher's output at all.
+    needs_logits_only: True when only teacher *logits* are read (a teacher
+      output cache can serve it).
+    supervised: True when the term uses labels (unlabelled examples, label
+      −1, are masked out of it).
+    stage: ``"main"`` or ``"init"`` (RepDistiller's two-stage methods run the
+      ``"init"`` terms alone for ``method.init_epochs`` first).
+  """
+
+  name: str
+  weight: float
+  apply: ApplyFn
+  init: InitFn = _no_init
+  student_features: tuple[str, ...] = ()
+  teacher_features: tuple[str, ...] = ()
+  needs_teacher: bool = True
+  needs_logits_only: bool = True
+  supervised: bool = False
+  stage: str = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A weighted sum of terms: ``loss = Σ_i w_i · term_i``.
+
+  ``adapter_params`` and ``state`` are dicts keyed by term name.
+  """
+
+  name: str
+  terms: tuple[Term, ...]
+
+  @property
+  def needs_teacher(self) -> bool:
+    return any(t.needs_teacher for t in self.terms)
+
+  @property
+  def needs_teacher_features(self) -> bool:
+    return any(t.needs_teacher and not t.needs_logits_only for t in self.terms)
+
+  def stage_terms(self, stage: str) -> tuple[Term, ...]:
+    return tuple(t for t in self.terms if t.stage == stage)
+
+  def validate(self, student: ModelInfo, teacher: ModelInfo | None) -> None:
+    """Raise ``ValueError`` naming the method, feature and what exists."""
+    for t in self.terms:
+      for f in t.student_features:
+        if f not in student.feature_shapes:
+          raise ValueError(
+              f"method {self.name!r} (term {t.name!r}) needs student feature {f!r}, "
+              f"but model {student.name!r} exposes {sorted(student.feature_shapes)}"
+          )
+      if t.needs_teacher and teacher is None:
+        raise ValueError(f"method {self.name!r} (term {t.name!r}) needs a teacher, but none is configured")
+      if teacher is not None:
+        for f in t.teacher_features:
+          if f not in teacher.feature_shapes:
+            raise ValueError(
+                f"method {self.name!r} (term {t.name!r}) needs teacher feature {f!r}, "
+                f"but model {teacher.name!r} exposes {sorted(teacher.feature_shapes)}"
+            )
+    if teacher is not None and self.needs_teacher and student.num_classes != teacher.num_classes:
+      raise ValueError(
+          f"teacher {teacher.name!r} has {teacher.num_classes} classes but student "
+          f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r}"
+      )
+
+  def init(self, key, student_out, teacher_out, info: InitInfo) -> tuple[dict, dict]:
+    params, state = {}, {}
+    for i, t in enumerate(self.terms):
+      p, s = t.init(jax.random.fold_in(key, i), student_out, teacher_out, info)
+      params[t.name], state[t.name] = p, s
+    return params, state
+
+  def loss(self, adapter_params, state, student_out, teacher_out, batch, ctx: Context, stage: str = "main"):
+    """Weighted total over the terms of ``stage``.
+
+    Returns ``(total, new_state, metrics)`` with ``metrics["loss/<term>"]``
+    holding each unweighted term and ``metrics["loss/total"]`` the total.
+    """
+    total = jnp.zeros((), jnp.float32)
+    new_state = dict(state)
+    metrics: dict[str, jax.Array] = {}
+    for i, t in enumerate(self.terms):
+      if t.stage != stage:
+        continue
+      tctx = ctx._replace(key=jax.random.fold_in(ctx.key, i))
+      value, s, aux = t.apply(adapter_params[t.name], state[t.name], student_out, teacher_out, batch, tctx)
+      value = jnp.asarray(value, jnp.float32)
+      new_state[t.name] = s
+      total = total + t.weight * value
+      metrics[f"loss/{t.name}"] = value
+      for k, v in aux.items():
+        metrics[f"{t.name}/{k}"] = v
+    metrics["loss/total"] = total
+    return total, new_state, metrics
