@@ -1,0 +1,1 @@
+from kdjax.data import builders  # registers mnist1d, digits
