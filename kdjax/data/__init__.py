@@ -1,1 +1,28 @@
-from kdjax.data import builders  # registers mnist1d, digits
+"""kdjax.data: TFDS datasets as deterministic, resumable, process-sharded NumPy batches.
+
+Importing this package registers the embedded TFDS datasets ``mnist1d`` and
+``digits`` (built into ``data_dir`` on first use, no network).
+"""
+
+from kdjax.data import builders  # noqa: F401  (registers mnist1d, digits)
+from kdjax.data import views
+from kdjax.data.loader import Loader, eval_batches, to_global
+from kdjax.data.stream import StreamLoader, make_loader
+from kdjax.data.tfds import (
+    ArrayDataset,
+    DatasetSpec,
+    DatasetUnavailableError,
+    concat,
+    default_data_dir,
+    default_view,
+    get_builder,
+    get_info,
+    load_arrays,
+)
+from kdjax.data.views import ViewConfig
+
+__all__ = [
+    "ArrayDataset", "DatasetSpec", "DatasetUnavailableError", "Loader", "StreamLoader", "ViewConfig",
+    "concat", "default_data_dir", "default_view", "eval_batches", "get_builder", "get_info",
+    "load_arrays", "make_loader", "to_global", "views",
+]

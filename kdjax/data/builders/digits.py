@@ -3,7 +3,7 @@
 1797 images, values 0..16, stored as uint8 ``(8, 8, 1)`` (divide by 16 to get
 [0, 1]; ``kdjax.data.default_view("digits")`` does).  sklearn ships no split:
 ``train``/``test`` are a fixed permutation (``np.random.default_rng(0)``) cut
-80/20 (1437 / 360).  Bundled with scikit-learn, so nothing is downloaded.
+80/20 (1438 / 359).  Bundled with scikit-learn, so nothing is downloaded.
 """
 
 from __future__ import annotations
