@@ -1,0 +1,68 @@
+"""kdjax.losses: knowledge-distillation losses as pure functions of arrays.
+
+``import kdjax.losses as kdl``. Every loss casts its inputs to float32,
+returns a float32 scalar, and documents its formula, paper and the
+direction of every divergence. Adapters/regressors belong to
+``kdjax.methods``, not here.
+"""
+
+from kdjax.losses.contrastive import CRDBank
+from kdjax.losses.contrastive import crd
+from kdjax.losses.contrastive import crd_init
+from kdjax.losses.contrastive import crd_negatives
+from kdjax.losses.features import activation_boundary
+from kdjax.losses.features import attention_transfer
+from kdjax.losses.features import factor_transfer
+from kdjax.losses.features import fsp
+from kdjax.losses.features import hint
+from kdjax.losses.features import nst
+from kdjax.losses.features import pool_to_match
+from kdjax.losses.features import similarity_preserving
+from kdjax.losses.features import vid
+from kdjax.losses.logits import dist
+from kdjax.losses.logits import dkd
+from kdjax.losses.logits import kd
+from kdjax.losses.relations import correlation_congruence
+from kdjax.losses.relations import pkt
+from kdjax.losses.relations import rkd
+from kdjax.losses.sequence import chunked_token_loss
+from kdjax.losses.sequence import forward_kl
+from kdjax.losses.sequence import generalized_jsd
+from kdjax.losses.sequence import reverse_kl
+from kdjax.losses.sequence import sparse_kl
+from kdjax.losses.sequence import teacher_topk
+from kdjax.losses.sequence import tvd
+
+__all__ = [
+    # logits
+    "kd",
+    "dkd",
+    "dist",
+    # features
+    "hint",
+    "attention_transfer",
+    "similarity_preserving",
+    "nst",
+    "fsp",
+    "factor_transfer",
+    "activation_boundary",
+    "vid",
+    "pool_to_match",
+    # relations
+    "rkd",
+    "pkt",
+    "correlation_congruence",
+    # contrastive
+    "CRDBank",
+    "crd_init",
+    "crd",
+    "crd_negatives",
+    # sequence
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "tvd",
+    "sparse_kl",
+    "teacher_topk",
+    "chunked_token_loss",
+]

@@ -1,0 +1,210 @@
+"""Contrastive representation distillation (CRD) with an explicit memory bank.
+
+The memory bank is a small pytree (:class:`CRDBank`) passed in and returned
+by :func:`crd`; nothing is mutated in place. It is built only from gathers
+(``jnp.take``) and scatters (``.at[].set``), so it works under ``jax.jit``
+and with the bank's rows sharded over a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.losses import _checks
+
+Array = jax.Array
+
+_NCE_EPS = 1e-7  # RepDistiller's ContrastLoss eps.
+
+
+class CRDBank(NamedTuple):
+  """CRD memory bank state (a pytree).
+
+  Attributes:
+    student: ``(N, D)`` memory of student embeddings, one row per example.
+    teacher: ``(N, D)`` memory of teacher embeddings.
+    z_student: scalar normaliser Z of the student-side scores (student
+      embedding against the teacher memory); ``<= 0`` means "not set yet".
+    z_teacher: scalar normaliser Z of the teacher-side scores (teacher
+      embedding against the student memory).
+  """
+
+  student: Array
+  teacher: Array
+  z_student: Array
+  z_teacher: Array
+
+
+def crd_init(key: Array, num_examples: int, feature_dim: int) -> CRDBank:
+  """Creates a CRD memory bank as RepDistiller's ``ContrastMemory`` does.
+
+  Both memories are drawn uniform in [−stdv, stdv] with
+  stdv = 1/sqrt(D/3) (so rows have unit norm in expectation); both Z
+  normalisers start at −1 (unset) and are estimated on the first call to
+  :func:`crd`.
+
+  Args:
+    key: a ``jax.random.key``.
+    num_examples: N, the size of the training set (one row per example).
+    feature_dim: D, the embedding width of the CRD heads.
+
+  Returns:
+    a :class:`CRDBank` with float32 leaves.
+  """
+  if num_examples <= 0:
+    raise ValueError(f"num_examples must be > 0, got {num_examples!r}.")
+  if feature_dim <= 0:
+    raise ValueError(f"feature_dim must be > 0, got {feature_dim!r}.")
+  stdv = 1.0 / math.sqrt(feature_dim / 3.0)
+  ks, kt = jax.random.split(key)
+  shape = (num_examples, feature_dim)
+  return CRDBank(
+      student=jax.random.uniform(ks, shape, jnp.float32, -stdv, stdv),
+      teacher=jax.random.uniform(kt, shape, jnp.float32, -stdv, stdv),
+      z_student=jnp.asarray(-1.0, jnp.float32),
+      z_teacher=jnp.asarray(-1.0, jnp.float32),
+  )
+
+
+def crd_negatives(key: Array, batch_size: int, num_examples: int,
+                  num_negatives: int) -> Array:
+  """Uniformly sampled negative ids ``(B, K)`` (RepDistiller's sampler).
+
+  The reference draws from a uniform AliasMethod over all N examples, so a
+  negative may coincide with the positive; this does the same.
+  """
+  return jax.random.randint(key, (batch_size, num_negatives), 0,
+                            num_examples, dtype=jnp.int32)
+
+
+def _normalize(x: Array, eps: float = 1e-12) -> Array:
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
+def _nce_loss(log_x: Array, num_examples: int) -> Array:
+  """RepDistiller's ContrastLoss on log-scores ``(B, 1 + K)``, column 0 = pos.
+
+  With Pn = 1/N and c = K·Pn + eps:
+    loss = −(1/B)·[Σ_b log(x_b,0 / (x_b,0 + c))
+                   + Σ_{b,k≥1} log(K·Pn / (x_b,k + c))],
+  computed as differences of ``logaddexp`` so that nothing overflows.
+  """
+  bsz, kp1 = log_x.shape
+  k = kp1 - 1
+  log_c = jnp.log(k / num_examples + _NCE_EPS)
+  denom = jnp.logaddexp(log_x, log_c)
+  log_d1 = log_x[:, 0] - denom[:, 0]
+  log_d0 = math.log(k / num_examples) - denom[:, 1:]
+  return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / bsz
+
+
+def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
+        example_ids: Array, negative_ids: Array, temperature: float = 0.07,
+        momentum: float = 0.5) -> tuple[Array, CRDBank]:
+  """Contrastive representation distillation: two-way NCE with a memory bank.
+
+  Embeddings are expected to be already projected and L2-normalised by the
+  method's embed heads; they are normalised again here defensively. For the
+  student side, every example b scores its embedding v_s against the
+  teacher memory rows of its positive (``example_ids[b]``) and its K
+  negatives (``negative_ids[b]``):
+
+    x_b,k = exp(<v_s,b, m_t[idx_b,k]> / T) / Z_s.
+
+  Z_s = N · mean(exp(<v, m>/T)) is estimated on the first call (when the
+  bank's ``z_student <= 0``) and kept fixed afterwards, as RepDistiller
+  does; it lives in the bank. The NCE loss (RepDistiller's
+  ``ContrastLoss``, Pn = 1/N, eps = 1e-7) is
+
+    L_s = −(1/B)·[Σ_b log(x_b,0/(x_b,0 + K·Pn + eps))
+                  + Σ_{b,k≥1} log(K·Pn/(x_b,k + K·Pn + eps))].
+
+  The teacher side is the same with roles swapped (teacher embedding
+  against the student memory, Z_t); the loss is L_s + L_t. Memory rows are
+  gathered under ``stop_gradient``, so gradients flow into both
+  embeddings (the teacher's embed head is trained too), not the bank.
+
+  Bank update (after scoring, with stop-gradient embeddings), for the
+  positives only:
+
+    m_s[id] ← normalize(momentum·m_s[id] + (1 − momentum)·v_s)
+    m_t[id] ← normalize(momentum·m_t[id] + (1 − momentum)·v_t)
+
+  ``example_ids`` within a batch should be distinct (a duplicated id gets
+  one of its updates, unspecified which).
+
+  Paper: Tian, Krishnan & Isola, "Contrastive Representation
+  Distillation", ICLR 2020 (reference code: RepDistiller).
+
+  Args:
+    bank: the :class:`CRDBank` (N rows of width D).
+    student_embedding: ``(B, D)``.
+    teacher_embedding: ``(B, D)``.
+    example_ids: ``(B,)`` int rows of the positives (the examples' indices
+      in the dataset).
+    negative_ids: ``(B, K)`` int rows of the negatives.
+    temperature: NCE temperature T > 0.
+    momentum: memory momentum in [0, 1].
+
+  Returns:
+    ``(loss, new_bank)``: a float32 scalar and the updated bank.
+  """
+  n, d = bank.student.shape
+  _checks.check_rank(student_embedding, "student_embedding", 2)
+  _checks.check_rank(teacher_embedding, "teacher_embedding", 2)
+  _checks.check_same_batch(student_embedding, teacher_embedding,
+                           "student_embedding", "teacher_embedding")
+  bsz = student_embedding.shape[0]
+  _checks.check_dim(student_embedding, 1, d, "student_embedding",
+                    "the bank's feature_dim")
+  _checks.check_dim(teacher_embedding, 1, d, "teacher_embedding",
+                    "the bank's feature_dim")
+  _checks.check_rank(example_ids, "example_ids", 1)
+  _checks.check_dim(example_ids, 0, bsz, "example_ids", "the batch size")
+  _checks.check_rank(negative_ids, "negative_ids", 2)
+  _checks.check_dim(negative_ids, 0, bsz, "negative_ids", "the batch size")
+  _checks.check_indices(example_ids, n, "example_ids")
+  _checks.check_indices(negative_ids, n, "negative_ids")
+  _checks.check_positive(temperature, "temperature")
+  _checks.check_in_unit_interval(momentum, "momentum")
+
+  t = jnp.asarray(temperature, jnp.float32)
+  mom = jnp.asarray(momentum, jnp.float32)
+  vs = _normalize(_checks.as_f32(student_embedding))
+  vt = _normalize(_checks.as_f32(teacher_embedding))
+  idx = jnp.concatenate([example_ids[:, None], negative_ids], axis=1)
+
+  mem_s = jax.lax.stop_gradient(bank.student.astype(jnp.float32))
+  mem_t = jax.lax.stop_gradient(bank.teacher.astype(jnp.float32))
+  w_t = jnp.take(mem_t, idx, axis=0)  # (B, 1+K, D) teacher memory rows
+  w_s = jnp.take(mem_s, idx, axis=0)  # (B, 1+K, D) student memory rows
+  score_s = jnp.einsum("bkd,bd->bk", w_t, vs) / t
+  score_t = jnp.einsum("bkd,bd->bk", w_s, vt) / t
+
+  def log_z(z, score):
+    # log(N · mean(exp(score))), estimated only while z <= 0.
+    est = (jax.nn.logsumexp(jax.lax.stop_gradient(score))
+           - math.log(score.size) + math.log(n))
+    return jnp.where(z > 0, jnp.log(jnp.where(z > 0, z, 1.0)), est)
+
+  log_zs = log_z(bank.z_student, score_s)
+  log_zt = log_z(bank.z_teacher, score_t)
+  loss = (_nce_loss(score_s - log_zs, n) + _nce_loss(score_t - log_zt, n))
+
+  def update(mem, v):
+    rows = jnp.take(mem, example_ids, axis=0)
+    new = _normalize(mom * rows + (1.0 - mom) * jax.lax.stop_gradient(v))
+    return mem.at[example_ids].set(new.astype(mem.dtype))
+
+  new_bank = CRDBank(
+      student=update(bank.student, vs),
+      teacher=update(bank.teacher, vt),
+      z_student=jnp.exp(log_zs).astype(jnp.float32),
+      z_teacher=jnp.exp(log_zt).astype(jnp.float32),
+  )
+  return loss, new_bank

@@ -1,0 +1,194 @@
+"""Losses on class logits: KD, DKD, DIST.
+
+All functions cast their inputs to float32, work in log space and return a
+float32 scalar. Logits are ``(B, C)``; ``kd`` also accepts ``(..., C)``.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.losses import _checks
+
+Array = jax.Array
+
+
+def _kl_from_logprobs(logp: Array, logq: Array) -> Array:
+  """Σ_c p·(log p − log q) over the last axis: KL(p ‖ q) from log-probs."""
+  p = jnp.exp(logp)
+  return jnp.sum(p * (logp - logq), axis=-1)
+
+
+def kd(student_logits: Array, teacher_logits: Array,
+       temperature: float = 4.0) -> Array:
+  """Hinton knowledge distillation: temperature-softened KL, scaled by T².
+
+  loss = T² · mean_b KL(softmax(t_b/T) ‖ softmax(s_b/T))
+       = T² · mean_b Σ_c p_t,c (log p_t,c − log p_s,c),
+
+  i.e. KL(teacher ‖ student). The T² factor keeps the gradient magnitude
+  roughly independent of T (RepDistiller / mdistiller convention:
+  ``F.kl_div(..., reduction="sum") * T**2 / B``).
+
+  Paper: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+  Network", NIPS Deep Learning Workshop 2015.
+
+  Args:
+    student_logits: ``(B, C)`` or ``(..., C)``.
+    teacher_logits: same shape as ``student_logits``.
+    temperature: softening temperature T > 0.
+
+  Returns:
+    float32 scalar; the mean is over all leading dimensions.
+  """
+  _checks.check_min_rank(student_logits, "student_logits", 2)
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
+                           "teacher_logits")
+  _checks.check_positive(temperature, "temperature")
+  t = jnp.asarray(temperature, jnp.float32)
+  log_ps = jax.nn.log_softmax(_checks.as_f32(student_logits) / t, axis=-1)
+  log_pt = jax.nn.log_softmax(_checks.as_f32(teacher_logits) / t, axis=-1)
+  return jnp.mean(_kl_from_logprobs(log_pt, log_ps)) * t**2
+
+
+def _binary_and_nontarget(logits: Array, gt: Array):
+  """Log-probabilities of the DKD decomposition, computed exactly.
+
+  Returns ``(log p_gt, log(1 − p_gt), log p̂)`` where ``p̂`` is the softmax
+  over the non-target classes (the gt entry of ``log p̂`` is garbage and
+  must be masked by the caller). log(1 − p_gt) is computed as
+  logsumexp(non-target logits) − logsumexp(all logits), so there is no
+  log of a difference of probabilities.
+  """
+  lse_all = jax.nn.logsumexp(logits, axis=-1)
+  lse_nt = jax.nn.logsumexp(logits, axis=-1, b=(~gt).astype(logits.dtype))
+  x_gt = jnp.sum(jnp.where(gt, logits, 0.0), axis=-1)
+  log_p_gt = x_gt - lse_all
+  log_p_other = lse_nt - lse_all
+  log_p_hat = logits - lse_nt[..., None]
+  return log_p_gt, log_p_other, log_p_hat
+
+
+def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
+        alpha: float = 1.0, beta: float | Array = 8.0,
+        temperature: float = 4.0) -> Array:
+  """Decoupled knowledge distillation: α·TCKD + β·NCKD, each scaled by T².
+
+  With p = softmax(z/T), gt the label and p̂ the softmax over the
+  non-target classes only (the gt logit removed exactly, not by the −1000
+  trick):
+
+    TCKD_b = KL(b_t ‖ b_s),   b = [p_gt, 1 − p_gt]      (teacher ‖ student)
+    NCKD_b = KL(p̂_t ‖ p̂_s)                              (teacher ‖ student)
+    loss   = T² · mean_b (α·TCKD_b + β_b·NCKD_b)
+
+  ``beta`` may be a scalar or a per-example ``(B,)`` array. With α = 1 and
+  β_b = 1 − p_t,gt (teacher, at temperature T) this equals ``kd`` exactly
+  (the paper's identity KD = TCKD + (1 − p_t,gt)·NCKD). All log-probs come
+  from logsumexp differences, so logits up to ±1e4 stay finite.
+
+  Paper: Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation",
+  CVPR 2022 (reference code: mdistiller).
+
+  Args:
+    student_logits: ``(B, C)``, C >= 2.
+    teacher_logits: ``(B, C)``.
+    labels: ``(B,)`` integer class indices in ``[0, C)``.
+    alpha: weight of the target-class term.
+    beta: weight of the non-target term, scalar or ``(B,)``.
+    temperature: softening temperature T > 0.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_rank(student_logits, "student_logits", 2)
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
+                           "teacher_logits")
+  bsz, num_classes = jnp.shape(student_logits)
+  if num_classes < 2:
+    raise ValueError(
+        f"student_logits must have at least 2 classes for dkd, got shape "
+        f"{jnp.shape(student_logits)}.")
+  _checks.check_labels(labels, (bsz,), num_classes, "labels")
+  _checks.check_positive(temperature, "temperature")
+  if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1
+                                      and jnp.shape(beta)[0] != bsz):
+    raise ValueError(
+        f"beta must be a scalar or have shape ({bsz},), got shape "
+        f"{jnp.shape(beta)}.")
+  t = jnp.asarray(temperature, jnp.float32)
+  zs = _checks.as_f32(student_logits) / t
+  zt = _checks.as_f32(teacher_logits) / t
+  gt = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+
+  s_gt, s_other, s_hat = _binary_and_nontarget(zs, gt)
+  t_gt, t_other, t_hat = _binary_and_nontarget(zt, gt)
+
+  tckd = (jnp.exp(t_gt) * (t_gt - s_gt)
+          + jnp.exp(t_other) * (t_other - s_other))
+  nckd_terms = jnp.where(gt, 0.0, jnp.exp(t_hat) * (t_hat - s_hat))
+  nckd = jnp.sum(nckd_terms, axis=-1)
+  a = jnp.asarray(alpha, jnp.float32)
+  b = jnp.asarray(beta, jnp.float32)
+  return jnp.mean(a * tckd + b * nckd) * t**2
+
+
+def _safe_norm(x: Array, axis: int) -> Array:
+  """L2 norm with a zero (not NaN) gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=axis)
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def _pearson_rows(a: Array, b: Array, eps: float = 1e-8) -> Array:
+  """Pearson correlation between matching rows, with eps in the denominator."""
+  a = a - jnp.mean(a, axis=1, keepdims=True)
+  b = b - jnp.mean(b, axis=1, keepdims=True)
+  num = jnp.sum(a * b, axis=1)
+  return num / (_safe_norm(a, 1) * _safe_norm(b, 1) + eps)
+
+
+def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
+         gamma: float = 1.0, temperature: float = 1.0) -> Array:
+  """DIST: match inter- and intra-class Pearson correlations of predictions.
+
+  With Y_s = softmax(s/T), Y_t = softmax(t/T) (both ``(B, C)``) and ρ the
+  Pearson correlation (eps = 1e-8 added to the denominator, as in the
+  reference code):
+
+    inter = 1 − mean_b ρ(Y_s[b, :], Y_t[b, :])     (rows: per example)
+    intra = 1 − mean_c ρ(Y_s[:, c], Y_t[:, c])     (columns: per class)
+    loss  = T² · (β·inter + γ·intra)
+
+  Symmetric in student and teacher (not a divergence); 0 when they agree
+  up to a per-row/per-column affine map, at most 2·T²·(β + γ).
+
+  Paper: Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A
+  Stronger Teacher", NeurIPS 2022.
+
+  Args:
+    student_logits: ``(B, C)``.
+    teacher_logits: ``(B, C)``.
+    beta: weight of the inter-class (per-row) term.
+    gamma: weight of the intra-class (per-column) term.
+    temperature: softening temperature T > 0.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_rank(student_logits, "student_logits", 2)
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
+                           "teacher_logits")
+  _checks.check_positive(temperature, "temperature")
+  t = jnp.asarray(temperature, jnp.float32)
+  ys = jax.nn.softmax(_checks.as_f32(student_logits) / t, axis=-1)
+  yt = jax.nn.softmax(_checks.as_f32(teacher_logits) / t, axis=-1)
+  inter = 1.0 - jnp.mean(_pearson_rows(ys, yt))
+  intra = 1.0 - jnp.mean(_pearson_rows(ys.T, yt.T))
+  return t**2 * (jnp.asarray(beta, jnp.float32) * inter
+                 + jnp.asarray(gamma, jnp.float32) * intra)
+
+
+__all__ = ["kd", "dkd", "dist"]
