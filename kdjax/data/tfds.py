@@ -101,11 +101,18 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, *, download:
   import tensorflow_datasets as tfds
 
   builder = get_builder(name, data_dir, download=download)
-  ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
-  arr = tfds.as_numpy(ds)
-  images = np.asarray(arr["image"])
+  # Chunked reads (batch_size=-1 aborts TF on tfds.testing.mock_data's generator datasets).
+  ds = builder.as_dataset(split=split, batch_size=4096, shuffle_files=False)
+  images, labels = [], []
+  for chunk in tfds.as_numpy(ds):
+    images.append(np.asarray(chunk["image"]))
+    if "label" in chunk:
+      labels.append(np.asarray(chunk["label"]))
+  if not images:
+    raise ValueError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
+  images = np.concatenate(images)
   n = len(images)
-  labels = np.asarray(arr["label"]) if "label" in arr else np.full(n, -1)
+  labels = np.concatenate(labels) if labels else np.full(n, -1)
   return ArrayDataset(images, labels, np.arange(n, dtype=np.int64), name=name, split=split)
 
 

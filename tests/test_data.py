@@ -1,0 +1,224 @@
+"""Tests for kdjax.data: embedded builders, loaders, views, sharding, offline errors."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from kdjax import data as kd
+from kdjax.data import views as V
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _toy(n=40, shape=(32, 32, 3)):
+  rng = np.random.default_rng(0)
+  return kd.ArrayDataset(rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 10,
+                         np.arange(n), name="toy", split="train")
+
+
+# ---------------------------------------------------------------- 1. embedded datasets
+def test_mnist1d_tfds_load_equals_package(data_dir):
+  from mnist1d.data import get_dataset_args, make_dataset
+
+  ref = make_dataset(get_dataset_args())
+  # small_transfer: the default train/test args, a 2000-example transfer split (fast).
+  tr = tfds.as_numpy(tfds.load("mnist1d/small_transfer", split="train", data_dir=data_dir, batch_size=-1))
+  te = tfds.as_numpy(tfds.load("mnist1d/small_transfer", split="test", data_dir=data_dir, batch_size=-1))
+  np.testing.assert_array_equal(tr["image"], ref["x"].astype(np.float32))
+  np.testing.assert_array_equal(tr["label"], ref["y"])
+  np.testing.assert_array_equal(te["image"], ref["x_test"].astype(np.float32))
+  np.testing.assert_array_equal(te["label"], ref["y_test"])
+  assert tr["image"].dtype == np.float32 and tr["image"].shape == (4000, 40)
+  xt = kd.load_arrays("mnist1d/small_transfer", "transfer", data_dir)
+  assert xt.images.shape == (2000, 40) and (xt.labels == -1).all()
+  seen = {r.tobytes() for r in np.concatenate([tr["image"], te["image"]])}
+  assert not any(r.tobytes() in seen for r in xt.images)
+
+
+def test_digits_tfds_load(data_dir):
+  tr = tfds.as_numpy(tfds.load("digits", split="train", data_dir=data_dir, batch_size=-1))
+  te = kd.load_arrays("digits", "test", data_dir)
+  assert tr["image"].shape == (1438, 8, 8, 1) and tr["image"].dtype == np.uint8
+  assert len(te) == 359 and te.images.max() <= 16 and te.labels.dtype == np.int32
+  from sklearn.datasets import load_digits
+
+  from kdjax.data.builders.digits import split_indices
+
+  ref = load_digits()
+  np.testing.assert_array_equal(tr["image"][..., 0], ref.images[split_indices()["train"]].astype(np.uint8))
+  x = V.normalize(kd.default_view("digits"), te.images)
+  assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_concat_offsets_ids(data_dir):
+  tr = kd.load_arrays("mnist1d/small_transfer", "train", data_dir)
+  xt = kd.load_arrays("mnist1d/small_transfer", "transfer", data_dir)
+  both = kd.concat([tr, xt])
+  assert len(both) == 6000 and len(np.unique(both.ids)) == 6000
+  np.testing.assert_array_equal(both.ids[:4000], tr.ids)
+  assert both.ids[4000] == 4000
+  spec = kd.get_info("mnist1d", data_dir)
+  assert spec.num_classes == 10 and spec.image_shape == (40,)
+
+
+# ---------------------------------------------------------------- 2. mocked TFDS datasets
+def test_mock_cifar100_shapes():
+  with tfds.testing.mock_data(num_examples=20):
+    ds = kd.load_arrays("cifar100", "train", download=True)
+  assert ds.images.shape == (20, 32, 32, 3) and ds.images.dtype == np.uint8
+  loader = kd.Loader(ds, 8, view=kd.default_view("cifar100"), process_index=0, process_count=1)
+  b = next(iter(loader))
+  assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["label"].dtype == np.int32 and b["id"].dtype == np.int32
+  assert kd.get_info("cifar100").num_classes == 100
+
+
+def test_mock_imagenet_stream_shapes():
+  cfg = kd.ViewConfig(kind="imagenet", image_size=64)
+  with tfds.testing.mock_data(num_examples=8):
+    loader = kd.StreamLoader("imagenet2012", "train", 4, seed=0, view=cfg, view_mode="independent",
+                             process_index=0, process_count=1, download=True, shuffle=False)
+    b1 = next(iter(loader.epoch_batches(0)))
+    b2 = next(iter(loader.epoch_batches(0)))
+    ev = kd.StreamLoader("imagenet2012", "validation", 4, view=cfg, train=False,
+                         process_index=0, process_count=1, download=True)
+    e = next(iter(ev.epoch_batches(0)))
+  assert b1["image"].shape == (4, 64, 64, 3) and b1["image"].dtype == np.float32
+  assert b1["teacher_image"].shape == (4, 64, 64, 3) and b1["id"].dtype == np.int32
+  assert not np.allclose(b1["image"], b1["teacher_image"])
+  np.testing.assert_array_equal(b1["image"], b2["image"])  # reproducible
+  assert e["image"].shape == (4, 64, 64, 3)
+  assert kd.get_info("imagenet2012", image_size=64).image_shape == (64, 64, 3)
+
+
+# ---------------------------------------------------------------- 3. determinism / resume
+def test_same_seed_same_batches_epochs_differ_and_restore():
+  ds = _toy()
+  cfg = kd.ViewConfig(kind="cifar")
+  a = kd.Loader(ds, 8, seed=3, view=cfg, process_index=0, process_count=1)
+  b = kd.Loader(ds, 8, seed=3, view=cfg, process_index=0, process_count=1)
+  assert a.steps_per_epoch == 5
+  ita, itb = iter(a), iter(b)
+  first = [next(ita) for _ in range(7)]
+  for x in first:
+    y = next(itb)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a.order(0), a.order(1))
+  e0 = np.concatenate([x["id"] for x in a.epoch_batches(0)])
+  assert sorted(e0) == list(range(40))
+  np.testing.assert_array_equal(e0, np.concatenate([x["id"] for x in first[:5]]))
+  state = json.loads(json.dumps(a.state()))
+  assert state == {"epoch": 1, "step_in_epoch": 2, "seed": 3}
+  want = [next(ita) for _ in range(4)]
+  c = kd.Loader(ds, 8, seed=3, view=cfg, process_index=0, process_count=1)
+  c.restore(state)
+  itc = iter(c)
+  for x in want:
+    y = next(itc)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+# ---------------------------------------------------------------- 4. multi-process sharding
+@pytest.mark.parametrize("view", [kd.ViewConfig(kind="cifar"), kd.ViewConfig(kind="cifar", mixup_alpha=1.0, cutmix_alpha=1.0)])
+def test_two_processes_equal_one(view):
+  ds = _toy()
+  one = kd.Loader(ds, 8, seed=1, view=view, view_mode="independent", process_index=0, process_count=1)
+  two = [kd.Loader(ds, 8, seed=1, view=view, view_mode="independent", process_index=p, process_count=2)
+         for p in range(2)]
+  seen = [set(), set()]
+  for step in range(one.steps_per_epoch):
+    g = one.batch(2, step)
+    parts = [l.batch(2, step) for l in two]
+    for k in g:
+      np.testing.assert_array_equal(g[k], np.concatenate([p[k] for p in parts]))
+    for p in range(2):
+      seen[p] |= set(parts[p]["id"].tolist())
+  assert not (seen[0] & seen[1]) and seen[0] | seen[1] == set(range(40))
+
+
+def test_eval_batches_pad_and_mask():
+  ds = _toy(n=10)
+  bs = list(kd.eval_batches(ds, 4, view=kd.ViewConfig(kind="cifar"), process_index=0, process_count=1))
+  assert [b["image"].shape[0] for b in bs] == [4, 4, 4]
+  assert bs[-1]["mask"].tolist() == [True, True, False, False]
+  np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"]] for b in bs]), np.arange(10))
+
+
+def test_to_global_single_process():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  b = next(iter(kd.Loader(_toy(), 8, process_index=0, process_count=1)))
+  g = kd.to_global(b, NamedSharding(mesh, P("data")))
+  np.testing.assert_array_equal(np.asarray(g["image"]), b["image"])
+
+
+# ---------------------------------------------------------------- 5. views
+def test_consistent_vs_independent_views():
+  ds = _toy()
+  cfg = kd.ViewConfig(kind="cifar")
+  cons = next(iter(kd.Loader(ds, 8, seed=0, view=cfg, process_index=0, process_count=1)))
+  assert "teacher_image" not in cons  # the teacher uses "image"
+  ind = next(iter(kd.Loader(ds, 8, seed=0, view=cfg, view_mode="independent", process_index=0, process_count=1)))
+  np.testing.assert_array_equal(cons["image"], ind["image"])
+  assert not np.array_equal(ind["image"], ind["teacher_image"])
+  # reproducible from (seed, id, epoch)
+  ids = ind["id"]
+  again = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 0, V.STREAM_TEACHER))
+  np.testing.assert_array_equal(again, ind["teacher_image"])
+  other_epoch = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 1, V.STREAM_STUDENT))
+  assert not np.array_equal(other_epoch, ind["image"])
+
+
+def test_view_kinds_and_mixing():
+  x = _toy(16).images
+  k = V.view_key(0, np.arange(16), 0)
+  none = V.augment(kd.ViewConfig(kind="none"), x, k)
+  np.testing.assert_allclose(none, V.normalize(kd.ViewConfig(), x))
+  crop = V.augment(kd.ViewConfig(kind="cifar", normalize=False), x, k)
+  # every crop is a zero-padded shift (maybe flipped) of the image
+  for i in range(16):
+    xi = np.pad(x[i], ((4, 4), (4, 4), (0, 0))).astype(np.float32) / 255
+    ok = any(np.allclose(crop[i], w[:, ::f], atol=1e-6) for dy in range(9) for dx in range(9)
+             for w in [xi[dy:dy + 32, dx:dx + 32]] for f in (1, -1))
+    assert ok
+  j = V.augment(kd.ViewConfig(kind="jitter", normalize=False), np.ones((16, 40), np.float32), k)
+  assert j.shape == (16, 40) and (j.sum(1) >= 36).all()
+  cfg = kd.ViewConfig(kind="none", cutmix_alpha=1.0, normalize=False)
+  w, lam = V.mix_weights(cfg, k, (32, 32, 3))
+  mixed = V.apply_mix(w, np.zeros((16, 32, 32, 3), np.float32), np.ones((16, 32, 32, 3), np.float32))
+  np.testing.assert_allclose(1 - mixed.mean(axis=(1, 2, 3)), lam, rtol=1e-6)
+  w, lam = V.mix_weights(kd.ViewConfig(mixup_alpha=0.2), k, (40,))
+  assert ((lam >= 0) & (lam <= 1)).all() and np.allclose(w[:, 0], lam)
+
+
+def test_cifar_augment_speed():
+  x = _toy(64).images
+  k = V.view_key(0, np.arange(64), 0)
+  cfg = kd.ViewConfig(kind="cifar")
+  V.augment(cfg, x, k)
+  t = time.perf_counter()
+  for _ in range(20):
+    V.augment(cfg, x, k)
+  assert (time.perf_counter() - t) / 20 < 0.005
+
+
+# ---------------------------------------------------------------- 6. offline errors
+def test_missing_dataset_one_line_error(tmp_path):
+  t = time.perf_counter()
+  with pytest.raises(kd.DatasetUnavailableError) as e:
+    kd.load_arrays("cifar10", "train", str(tmp_path))
+  msg = str(e.value)
+  assert "\n" not in msg and "cifar10" in msg and str(tmp_path) in msg and "download=True" in msg
+  assert isinstance(e.value, ValueError) and time.perf_counter() - t < 30
+  with pytest.raises(kd.DatasetUnavailableError):
+    kd.load_arrays("no_such_dataset_xyz", "train", str(tmp_path))
