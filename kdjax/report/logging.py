@@ -1,0 +1,171 @@
+"""Run outputs: ``metrics.jsonl`` + TensorBoard scalars, atomic JSON, JSONL reading.
+
+Every run writes, under its workdir::
+
+    metrics.jsonl   one JSON object per line: {"step": int, "split": "train"|"eval", "<name>": float, …}
+    tb/             TensorBoard event files, tags "<split>/<name>" (e.g. "train/loss/total", "eval/ece")
+
+Only process 0 should construct a ``MetricWriter`` in multi-host runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+__all__ = ["MetricWriter", "write_json", "read_jsonl", "to_python_scalar"]
+
+SPLITS = ("train", "eval")
+
+
+def to_python_scalar(name: str, value: Any) -> float | str:
+  """A jax/numpy/Python number (size-1 array) as a Python float; strings pass through."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, numbers.Number) and not isinstance(value, complex):
+    return float(value)
+  try:
+    arr = np.asarray(value)
+  except Exception as e:  # noqa: BLE001 — report which metric was bad
+    raise TypeError(f"metric {name!r} has type {type(value).__name__}; log numbers or scalar arrays") from e
+  if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    raise TypeError(f"metric {name!r} is an array of shape {arr.shape} and dtype {arr.dtype}; "
+                    "log scalars (reduce it first, e.g. with .mean())")
+  return float(arr.reshape(()))
+
+
+class MetricWriter:
+  """Appends metric rows to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
+
+  Rows are appended (a resumed run keeps its history; readers keep the last
+  row per ``(split, step)``). Non-finite values are written as JSON ``NaN`` /
+  ``Infinity``, which Python's ``json`` reads back.
+
+  Args:
+    workdir: the run directory (created if missing).
+    quiet: when False, eval rows are also echoed as one line on stderr
+      (through ``tqdm.write``, so a progress bar stays intact).
+    tensorboard: write TensorBoard event files (needs ``tensorboardX``).
+
+  Usage::
+
+    with MetricWriter(workdir) as w:
+      w.write(step, "train", {"loss/total": loss})
+  """
+
+  def __init__(self, workdir: str | os.PathLike, quiet: bool = False, tensorboard: bool = True):
+    self.workdir = Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.path = self.workdir / "metrics.jsonl"
+    self.quiet = quiet
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # lazy: importing it costs ~1 s
+
+      self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Log one row of scalars for ``split`` ("train" or "eval") at ``step``; returns the row."""
+    if self._file is None:
+      raise ValueError(f"MetricWriter for {str(self.workdir)!r} is closed; create a new one")
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    row: dict[str, Any] = {"step": int(step), "split": split}
+    for k, v in metrics.items():
+      if k in ("step", "split"):
+        raise ValueError(f"metric name {k!r} is reserved; rename the metric")
+      row[k] = to_python_scalar(k, v)
+    self._file.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k not in ("step", "split") and isinstance(v, float):
+          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+    if split == "eval" and not self.quiet:
+      self._echo(row)
+    return row
+
+  def _echo(self, row: Mapping[str, Any]) -> None:
+    from tqdm import tqdm
+
+    parts = []
+    for k, v in row.items():
+      if k in ("step", "split"):
+        continue
+      parts.append(f"{k} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k} {v}")
+    tqdm.write(f"[eval step {row['step']}] " + " · ".join(parts), file=sys.stderr)
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Write ``obj`` as indented JSON atomically (temp file in the same dir + ``os.replace``)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, default=_json_default)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _json_default(o: Any) -> Any:
+  if isinstance(o, os.PathLike):
+    return os.fspath(o)
+  try:
+    arr = np.asarray(o)
+  except Exception:  # noqa: BLE001
+    return str(o)
+  if arr.dtype != object:
+    return arr.tolist()
+  return str(o)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """All rows of a JSONL file. A truncated last line (a run killed mid-write) is skipped;
+  a malformed line elsewhere raises ``ValueError`` naming the file and line."""
+  return list(_iter_jsonl(Path(path)))
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+  lines = path.read_text(encoding="utf-8").splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      yield json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        return
+      raise ValueError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or delete that line") from None
