@@ -104,6 +104,6 @@ def plot_bars(rows: Sequence[Row], path: str | os.PathLike) -> Path:
   ax.set_yticklabels([f"{r.group} (n={r.n})" for r in rows], fontsize="small")
   ax.invert_yaxis()
   ax.set_xlabel("test accuracy (%) — mean ± sample std over seeds")
-  ax.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
+  ax.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False)
   ax.grid(axis="x", alpha=0.3)
   return _save(fig, path)
