@@ -168,7 +168,8 @@ def test_matches_numpy(name):
   np.testing.assert_allclose(float(got), ref(_f64(d)), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Hyper-parameter variants are covered by test_matches_numpy.
+@pytest.mark.parametrize("name", ["ab", "at", "fsp", "ft_p1", "hint", "nst", "sp", "vid"])
 def test_properties(name):
   fn, _, zero = CASES[name]
   d = {k: jnp.asarray(v) for k, v in _inputs(1).items()}

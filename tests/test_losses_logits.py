@@ -99,7 +99,8 @@ def test_matches_numpy(name):
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Hyper-parameter variants are covered by test_matches_numpy.
+@pytest.mark.parametrize("name", ["dkd", "dist_T4_b2_g05", "kd_T1", "kd_T4"])
 def test_properties(name):
   fn, _ = CASES[name]
   s, t, y = map(jnp.asarray, _data(1))

@@ -89,7 +89,8 @@ def test_matches_numpy(name):
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Hyper-parameter variants are covered by test_matches_numpy.
+@pytest.mark.parametrize("name", ["cc", "pkt", "rkd"])
 def test_properties(name):
   fn, _ = CASES[name]
   s, t, u = map(jnp.asarray, _inputs(1))

@@ -117,7 +117,8 @@ def test_matches_numpy(name, mask_kind):
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Hyper-parameter variants are covered by test_matches_numpy.
+@pytest.mark.parametrize("name", ["forward_kl", "gjsd_0.1_T2", "gjsd_0.5", "reverse_kl", "tvd"])
 def test_properties(name):
   fn, _ = CASES[name]
   s, t, mask = map(jnp.asarray, _inputs(1))
