@@ -2,8 +2,10 @@
 
 The memory bank is a small pytree (:class:`CRDBank`) passed in and returned
 by :func:`crd`; nothing is mutated in place. It is built only from gathers
-(``jnp.take``) and scatters (``.at[].set``), so it works under ``jax.jit``
-and with the bank's rows sharded over a mesh.
+and scatters (``.at[]``), so it works under ``jax.jit`` and with the
+bank's rows sharded over a mesh; under a mesh with explicit axis types the
+gathered rows follow the indices' sharding and the updated bank keeps its
+own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from kdjax.losses import _checks
 
@@ -79,6 +82,36 @@ def crd_negatives(key: Array, batch_size: int, num_examples: int,
   """
   return jax.random.randint(key, (batch_size, num_negatives), 0,
                             num_examples, dtype=jnp.int32)
+
+
+def _spec(x: Array) -> tuple:
+  """The explicit-mesh PartitionSpec of ``x`` (all ``None`` otherwise)."""
+  try:
+    spec = tuple(jax.typeof(x).sharding.spec)
+  except AttributeError:  # no sharding in the type (eager NumPy input)
+    spec = ()
+  return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def _gather_rows(mem: Array, idx: Array) -> Array:
+  """``mem[idx]`` as a gather; explicit-mesh safe.
+
+  Under a mesh with explicit axes the output follows the sharding of the
+  indices (e.g. batch-sharded on ``"data"``), with the feature axis
+  unsharded; otherwise a plain ``jnp.take``.
+  """
+  idx_spec, mem_spec = _spec(idx), _spec(mem)
+  if any(a is not None for a in idx_spec + mem_spec):
+    return mem.at[idx].get(out_sharding=PartitionSpec(*idx_spec, None))
+  return jnp.take(mem, idx, axis=0)
+
+
+def _scatter_rows(mem: Array, idx: Array, rows: Array) -> Array:
+  """``mem.at[idx].set(rows)``, keeping ``mem``'s (explicit) sharding."""
+  mem_spec, idx_spec = _spec(mem), _spec(idx)
+  if any(a is not None for a in idx_spec + mem_spec):
+    return mem.at[idx].set(rows, out_sharding=PartitionSpec(*mem_spec))
+  return mem.at[idx].set(rows)
 
 
 def _normalize(x: Array, eps: float = 1e-12) -> Array:
@@ -181,8 +214,8 @@ def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
 
   mem_s = jax.lax.stop_gradient(bank.student.astype(jnp.float32))
   mem_t = jax.lax.stop_gradient(bank.teacher.astype(jnp.float32))
-  w_t = jnp.take(mem_t, idx, axis=0)  # (B, 1+K, D) teacher memory rows
-  w_s = jnp.take(mem_s, idx, axis=0)  # (B, 1+K, D) student memory rows
+  w_t = _gather_rows(mem_t, idx)  # (B, 1+K, D) teacher memory rows
+  w_s = _gather_rows(mem_s, idx)  # (B, 1+K, D) student memory rows
   score_s = jnp.einsum("bkd,bd->bk", w_t, vs) / t
   score_t = jnp.einsum("bkd,bd->bk", w_s, vt) / t
 
@@ -197,9 +230,9 @@ def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
   loss = (_nce_loss(score_s - log_zs, n) + _nce_loss(score_t - log_zt, n))
 
   def update(mem, v):
-    rows = jnp.take(mem, example_ids, axis=0)
+    rows = _gather_rows(mem, example_ids)
     new = _normalize(mom * rows + (1.0 - mom) * jax.lax.stop_gradient(v))
-    return mem.at[example_ids].set(new.astype(mem.dtype))
+    return _scatter_rows(mem, example_ids, new.astype(mem.dtype))
 
   new_bank = CRDBank(
       student=update(bank.student, vs),
