@@ -226,6 +226,10 @@ def test_chunked_from_hidden_states_and_callable():
   m = np.asarray(mask, np.float64)
   want = (np.mean((np.asarray(s) - np.asarray(t)) ** 2, -1) * m).sum() / m.sum()
   np.testing.assert_allclose(got, want, rtol=1e-5)
+  # padded positions of the last chunk (L = 7, chunk 3) never count
+  ones = lambda s, t: jnp.ones(s.shape[:2])
+  np.testing.assert_allclose(
+      kdl.chunked_token_loss(ones, s, t, None, chunk_size=3), 1.0, rtol=1e-6)
 
 
 def test_all_masked_is_zero_not_nan():
