@@ -6,7 +6,6 @@ float32 scalar. Logits are ``(B, C)``; ``kd`` also accepts ``(..., C)``.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
