@@ -232,6 +232,35 @@ def test_chunked_from_hidden_states_and_callable():
       kdl.chunked_token_loss(ones, s, t, None, chunk_size=3), 1.0, rtol=1e-6)
 
 
+def test_chunked_memory_does_not_grow_with_length():
+  # Compiled scratch memory of value+grad (w.r.t. hidden states and the
+  # unembedding): constant in L for the chunked loss, while the unchunked
+  # loss needs several (B, L, V) buffers.
+  d, v = 16, 2048
+
+  def temp_bytes(length, chunked):
+    h = jax.ShapeDtypeStruct((1, length, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    t = jax.ShapeDtypeStruct((1, length, v), jnp.float32)
+    if chunked:
+      f = lambda h, w, t: kdl.chunked_token_loss(
+          "forward_kl", None, t, chunk_size=16, student_hidden=h,
+          unembedding=w)
+    else:
+      f = lambda h, w, t: kdl.forward_kl(h @ w, t)
+    g = jax.jit(jax.grad(f, argnums=(0, 1)))
+    stats = g.lower(h, w, t).compile().memory_analysis()
+    if stats is None:
+      pytest.skip("backend has no memory analysis")
+    return stats.temp_size_in_bytes
+
+  one_blv = 1024 * v * 4
+  small, large = temp_bytes(256, True), temp_bytes(1024, True)
+  assert large <= 1.1 * small, (small, large)
+  assert large < 0.5 * one_blv
+  assert temp_bytes(1024, False) > one_blv
+
+
 def test_all_masked_is_zero_not_nan():
   s, t, _ = map(jnp.asarray, _inputs(7))
   zero = jnp.zeros((B, L), bool)

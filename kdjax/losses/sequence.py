@@ -299,18 +299,6 @@ def sparse_kl(student_logits: Array, teacher_topk_logprobs: Array,
 # Chunked evaluation.
 
 
-def _chunks(x: Array, chunk_size: int, pad_value: Any = 0) -> Array:
-  """``(B, L, ...)`` -> ``(n, B, chunk, ...)``, padding L to a multiple."""
-  bsz, length = x.shape[:2]
-  n = -(-length // chunk_size)
-  pad = n * chunk_size - length
-  if pad:
-    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, widths, constant_values=pad_value)
-  x = x.reshape((bsz, n, chunk_size) + x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
-
-
 def chunked_token_loss(loss: str | Callable[..., Array],
                        student_logits: Array | None,
                        teacher_logits: Array,
@@ -326,8 +314,9 @@ def chunked_token_loss(loss: str | Callable[..., Array],
   a ``lax.scan`` over chunks of ``chunk_size`` positions whose body is
   wrapped in ``jax.checkpoint``: neither the forward nor the backward pass
   holds the full ``(B, L, V)`` probabilities (or, with hidden states, the
-  student logits) at once. Positions padded to fill the last chunk get
-  mask 0.
+  student logits) at once. Chunks are sliced inside the loop, so the inputs
+  are not copied; when ``chunk_size`` does not divide L the remainder is
+  one shorter tail chunk.
 
   Args:
     loss: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
@@ -389,22 +378,33 @@ def chunked_token_loss(loss: str | Callable[..., Array],
     student_src = student_logits
   _checks.check_mask(mask, teacher_logits.shape[:2], "mask")
 
-  chunk_size = min(chunk_size, teacher_logits.shape[1])
+  length = teacher_logits.shape[1]
+  chunk_size = min(chunk_size, length)
+  n_full, rem = divmod(length, chunk_size)
   m = _mask_f32(mask, teacher_logits.shape[:2])
-  xs = (_chunks(student_src, chunk_size), _chunks(teacher_logits, chunk_size),
-        _chunks(m, chunk_size))
+  w = unembedding if student_logits is None else None
 
-  @jax.checkpoint
   def chunk_sum(w, s_c, t_c, m_c):
     if w is not None:
       s_c = jnp.einsum("bld,dv->blv", _checks.as_f32(s_c), _checks.as_f32(w))
     return jnp.sum(per_token(s_c, t_c, **kwargs) * m_c)
 
-  def body(total, x):
-    s_c, t_c, m_c = x
-    return total + chunk_sum(unembedding if student_logits is None else None,
-                             s_c, t_c, m_c), None
+  # The slicing happens inside the re-materialised function, so the only
+  # per-iteration residual saved for the backward pass is the chunk index
+  # (slicing outside would save a stacked copy of every chunk).
+  @jax.checkpoint
+  def step_sum(w, s_all, t_all, m_all, i):
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size,
+                                                chunk_size, axis=1)
+    return chunk_sum(w, sl(s_all), sl(t_all), sl(m_all))
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+  def body(total, i):
+    return total + step_sum(w, student_src, teacher_logits, m, i), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          jnp.arange(n_full))
+  if rem:  # one static tail chunk
+    tail = slice(n_full * chunk_size, length)
+    total = total + jax.checkpoint(chunk_sum)(
+        w, student_src[:, tail], teacher_logits[:, tail], m[:, tail])
   return total / jnp.maximum(jnp.sum(m), 1.0)
-
