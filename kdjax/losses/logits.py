@@ -161,8 +161,9 @@ def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
     intra = 1 − mean_c ρ(Y_s[:, c], Y_t[:, c])     (columns: per class)
     loss  = T² · (β·inter + γ·intra)
 
-  Symmetric in student and teacher (not a divergence); 0 when they agree
-  up to a per-row/per-column affine map, at most 2·T²·(β + γ).
+  Symmetric in student and teacher (not a divergence); ≈ 0 when they are
+  equal (exactly T²·(β + γ)·eps/var-sized, from the eps), at most
+  2·T²·(β + γ). Rows or columns with zero variance contribute ρ = 0.
 
   Paper: Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A
   Stronger Teacher", NeurIPS 2022.
