@@ -162,7 +162,7 @@ def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
     loss  = T² · (β·inter + γ·intra)
 
   Symmetric in student and teacher (not a divergence); ≈ 0 when they are
-  equal (exactly T²·(β + γ)·eps/var-sized, from the eps), at most
+  equal (the eps leaves a residue of order T²·(β + γ)·eps/variance), at most
   2·T²·(β + γ). Rows or columns with zero variance contribute ρ = 0.
 
   Paper: Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A
