@@ -101,13 +101,5 @@ class WideResNet(nnx.Module):
     feats["stage3"] = x
     pooled = L.global_avg_pool(x)
     feats["pooled"] = pooled
-    feats = {k: feats[k] for k in sorted(feats, key=_order)}
     return ModelOutput(self.fc(pooled), feats)
 
-
-def _order(name: str) -> tuple[int, str]:
-  if name == "stem":
-    return (0, name)
-  if name == "pooled":
-    return (2, name)
-  return (1, name)

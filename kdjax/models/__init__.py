@@ -1,0 +1,64 @@
+"""kdjax.models: Flax NNX models that return logits and named features.
+
+``create(name, num_classes=..., rngs=nnx.Rngs(seed), dtype=jnp.float32,
+**overrides)`` builds one of ``available()``. Calling a model,
+``model(x, train=False)``, returns ``ModelOutput(logits, features)``. Every
+model carries ``input_shape`` (per example) and ``num_classes``;
+``feature_shapes(model)`` and ``count_params(model)`` need no real forward.
+
+Names and features (see each module's docstring for shapes):
+
+* CIFAR (32×32×3 NHWC; any spatial size): ``resnet8/14/20/32/44/56/110``,
+  ``resnet8x4``, ``resnet32x4``, ``wrn_16_1/16_2/40_1/40_2``,
+  ``vgg8/11/13/16/19`` (BN), ``mobilenetv2``, ``shufflenetv1``,
+  ``shufflenetv2``. Features ``stem``, ``stage1`` … ``stageN`` (N = 3 for
+  ResNet/WRN/ShuffleNet, 4 for VGG/MobileNetV2), ``stageK_preact`` (not for
+  MobileNetV2, whose stage outputs are linear bottlenecks), ``pooled``.
+  WRN is pre-activation: ``stageK`` = ReLU(BN(stage sum)) with the BN the
+  next layer applies, ``stageK_preact`` the BN output.
+* ImageNet (224×224×3): ``resnet18``, ``resnet34``, ``resnet50``,
+  ``mobilenet_v1``. Features ``stem``, ``stage1`` … ``stage4``,
+  ``stageK_preact``, ``pooled``.
+* MNIST-1D (``(B, 40)`` or ``(B, 40, 1)``): ``mlp`` (40-100-100-10) with
+  ``stage1``, ``stage2``, ``stageK_preact``, ``pooled``; ``cnn1d`` with
+  ``stem``, ``stage1``, ``stage2`` (NWC ``(B, L, C)``), ``stageK_preact``,
+  ``pooled`` (125).
+* MNIST (``(B, 28, 28, 1)`` or ``(B, 784)``): ``mlp_1200`` (Hinton's teacher,
+  dropout), ``mlp_800`` (student); MLP features as above.
+* Digits (8×8×1): ``cnn_digits`` with ``stem``, ``stage1``, ``stage2``,
+  ``stageK_preact``, ``pooled``.
+* Language model (``(B, L)`` int tokens): ``transformer_lm`` with ``embed``,
+  ``block0`` … ``block{N-1}``, ``pooled`` (final LayerNorm, ``(B, L, D)``);
+  logits ``(B, L, V)``.
+
+Functional use (what the engine does)::
+
+  model = create("resnet20", num_classes=100, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  def fwd(params, rest, x, train):
+    m = nnx.merge(graphdef, params, rest)
+    out = m(x, train=train)
+    return out, nnx.split(m, nnx.Param, ...)[2]   # updated BN stats / RNG counts
+"""
+
+from kdjax.models.base import ModelOutput
+from kdjax.models.cifar_resnet import CifarResNet
+from kdjax.models.cnn1d import CNN1D
+from kdjax.models.imagenet_resnet import ImageNetResNet
+from kdjax.models.mlp import MLP
+from kdjax.models.mobilenet_v1 import MobileNetV1
+from kdjax.models.mobilenet_v2 import MobileNetV2
+from kdjax.models.registry import (ModelSpec, available, count_params, create,
+                                   dummy_input, feature_shapes, register, spec)
+from kdjax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
+from kdjax.models.small import DigitsCNN
+from kdjax.models.transformer import TransformerLM
+from kdjax.models.vgg import VGG
+from kdjax.models.wide_resnet import WideResNet
+
+__all__ = [
+    "CNN1D", "CifarResNet", "DigitsCNN", "ImageNetResNet", "MLP", "MobileNetV1",
+    "MobileNetV2", "ModelOutput", "ModelSpec", "ShuffleNetV1", "ShuffleNetV2",
+    "TransformerLM", "VGG", "WideResNet", "available", "count_params", "create",
+    "dummy_input", "feature_shapes", "register", "spec",
+]
