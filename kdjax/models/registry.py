@@ -125,7 +125,7 @@ def create(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | None =
     The model, with ``input_shape`` (per example) and ``num_classes`` set.
   """
   s = spec(name)
-  allowed = set(inspect.signature(s.constructor).parameters) - {
+  allowed = set(inspect.signature(s.constructor.__init__).parameters) - {"self",
       "num_classes", "dtype", "rngs", "name"}
   bad = sorted(set(overrides) - allowed)
   if bad:
