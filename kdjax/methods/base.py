@@ -97,6 +97,10 @@ class Term:
       −1, are masked out of it).
     stage: ``"main"`` or ``"init"`` (RepDistiller's two-stage methods run the
       ``"init"`` terms alone for ``method.init_epochs`` first).
+    params_from: name of another term whose adapter params (not state) this
+      term reads instead of owning its own, so an ``"init"`` term can train
+      the adapters its ``"main"`` term uses (FitNet's regressor, FT's
+      paraphraser). Its own ``init`` is not called for params.
   """
 
   name: str
@@ -109,6 +113,7 @@ class Term:
   needs_logits_only: bool = True
   supervised: bool = False
   stage: str = "main"
+  params_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Method:
     params, state = {}, {}
     for i, t in enumerate(self.terms):
       p, s = t.init(jax.random.fold_in(key, i), student_out, teacher_out, info)
-      params[t.name], state[t.name] = p, s
+      params[t.name], state[t.name] = ({} if t.params_from else p), s
     return params, state
 
   def loss(self, adapter_params, state, student_out, teacher_out, batch, ctx: Context, stage: str = "main"):
@@ -176,7 +181,8 @@ class Method:
       if t.stage != stage:
         continue
       tctx = ctx._replace(key=jax.random.fold_in(ctx.key, i))
-      value, s, aux = t.apply(adapter_params[t.name], state[t.name], student_out, teacher_out, batch, tctx)
+      p = adapter_params[t.params_from or t.name]
+      value, s, aux = t.apply(p, state[t.name], student_out, teacher_out, batch, tctx)
       value = jnp.asarray(value, jnp.float32)
       new_state[t.name] = s
       total = total + t.weight * value

@@ -1,0 +1,143 @@
+"""Terms on logits: supervised CE, KD, DKD, DIST and token-level divergences.
+
+All of them read only logits (``needs_logits_only=True``), so a teacher
+output cache can serve them. The teacher side is always stop-gradiented.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import kdjax.losses as kdl
+from kdjax.config import MethodConfig
+from kdjax.methods._common import opt, stop
+from kdjax.methods.base import ModelInfo, Term
+
+
+def _token_mask(batch, shape):
+  m = batch.get("mask")
+  if m is None or jnp.ndim(m) != len(shape):
+    return None
+  return m
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_b: jax.Array | None = None,
+                  mix_lambda: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+  """Softmax cross-entropy over *labelled* examples (or tokens), float32.
+
+  ``logits`` is ``(B, C)`` with ``labels`` ``(B,)``, or ``(B, L, V)`` with
+  ``labels`` ``(B, L)`` (language models: ``labels[b, l]`` is the target of
+  position ``l``, i.e. already the next token). Entries with label −1 are
+  unlabelled/ignored; ``mask`` (same shape as ``labels``, bool or 0/1)
+  removes more (padding). The result is the mean over the remaining
+  entries, 0 when there are none.
+
+  Mixup/CutMix: with ``label_b`` and ``mix_lambda`` (``(B,)``, λ per
+  example) each example's loss is ``λ·CE(label) + (1 − λ)·CE(label_b)``;
+  an example counts as labelled when both labels are ≥ 0.
+  """
+  z = jnp.asarray(logits, jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)
+
+  def nll(lab):
+    lab = jnp.asarray(lab)
+    picked = jnp.take_along_axis(z, jnp.maximum(lab, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - picked, lab >= 0
+
+  per, valid = nll(labels)
+  if label_b is not None and mix_lambda is not None:
+    per_b, valid_b = nll(label_b)
+    lam = jnp.asarray(mix_lambda, jnp.float32).reshape(jnp.shape(mix_lambda) + (1,) * (per.ndim - jnp.ndim(mix_lambda)))
+    per = lam * per + (1.0 - lam) * per_b
+    valid = valid & valid_b
+  if mask is not None:
+    valid = valid & (jnp.asarray(mask) > 0)
+  w = valid.astype(jnp.float32)
+  return jnp.sum(jnp.where(valid, per, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _labels_shape_ok(logits, labels):
+  return jnp.shape(labels) == jnp.shape(logits)[:-1]
+
+
+def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None):
+  """``ce``: supervised cross-entropy (:func:`cross_entropy`) on batch["label"]."""
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    labels = batch["label"]
+    if not _labels_shape_ok(s_out.logits, labels):
+      raise ValueError(f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
+                       f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])")
+    return cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"),
+                         _token_mask(batch, jnp.shape(labels))), state, {}
+
+  return (Term(name, weight, apply, needs_teacher=False, supervised=True),)
+
+
+def make_kd(name, weight, cfg, student, teacher):
+  """``kd``: Hinton KD, T² · KL(teacher ‖ student) at temperature T (default 4)."""
+  temp = opt(cfg.temperature, 4.0)
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    return kdl.kd(s_out.logits, stop(t_out.logits), temperature=temp), state, {}
+
+  return (Term(name, weight, apply),)
+
+
+def make_dkd(name, weight, cfg, student, teacher):
+  """``dkd``: α·TCKD + β·NCKD (T² scaled) × min(epoch / warm-up, 1).
+
+  Unlabelled examples (label −1) have no target class and are left out:
+  the loss is the mean of the per-example DKD over labelled examples (0 if
+  none). The warm-up factor is reported as ``dkd/warmup``.
+  """
+  alpha, beta = opt(cfg.dkd_alpha, 1.0), opt(cfg.dkd_beta, 8.0)
+  temp, warm = opt(cfg.temperature, 4.0), opt(cfg.dkd_warmup_epochs, 20.0)
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    labels = jnp.asarray(batch["label"])
+    s, t = s_out.logits, stop(t_out.logits)
+    per = jax.vmap(lambda a, b, y: kdl.dkd(a[None], b[None], y[None], alpha=alpha, beta=beta,
+                                            temperature=temp))(s, t, jnp.maximum(labels, 0))
+    valid = (labels >= 0).astype(jnp.float32)
+    loss = jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    factor = jnp.minimum(jnp.asarray(ctx.epoch, jnp.float32) / warm, 1.0) if warm > 0 else jnp.float32(1.0)
+    return factor * loss, state, {"warmup": factor}
+
+  return (Term(name, weight, apply, supervised=True),)
+
+
+def make_dist(name, weight, cfg, student, teacher):
+  """``dist``: DIST inter + intra Pearson relation (β=γ=1, T=4 on CIFAR)."""
+  b, g, temp = opt(cfg.dist_beta, 1.0), opt(cfg.dist_gamma, 1.0), opt(cfg.temperature, 4.0)
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    return kdl.dist(s_out.logits, stop(t_out.logits), beta=b, gamma=g, temperature=temp), state, {}
+
+  return (Term(name, weight, apply),)
+
+
+def _token_term(fn, **fixed):
+  def make(name, weight, cfg, student, teacher):
+    temp = opt(cfg.temperature, 1.0)
+    kw = dict(fixed)
+    if "beta" in kw:
+      kw["beta"] = opt(cfg.gkd_beta, kw["beta"])
+
+    def apply(params, state, s_out, t_out, batch, ctx):
+      s = s_out.logits
+      mask = _token_mask(batch, jnp.shape(s)[:2])
+      return fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw), state, {}
+
+    return (Term(name, weight, apply),)
+
+  make.__doc__ = (f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
+                  "selects tokens; temperature default 1 (no T² factor).")
+  return make
+
+
+make_forward_kl = _token_term(kdl.forward_kl)
+make_reverse_kl = _token_term(kdl.reverse_kl)
+make_gkd = _token_term(kdl.generalized_jsd, beta=0.5)
+make_tvd = _token_term(kdl.tvd)
