@@ -284,7 +284,7 @@ def _cell_flags(cell: dict[str, str], root: str) -> list[str]:
   flags = []
   for k, v in cell.items():
     flags += [f"--{k}", v]
-  return flags + ["--run.workdir", cell_dir(root, cell), "--run.quiet", "True"]
+  return flags + ["--run.workdir", cell_dir(root, cell), "--run.quiet"]
 
 
 def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: list[str], seeds: int, root: str,

@@ -260,9 +260,9 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def jit_train_step(spec: StepSpec, run: Run):
+def jit_train_step(spec: StepSpec, run: Run, state_shardings: Any = None):
   """Jit once with explicit in/out shardings; the state is donated."""
-  st = shardings_of(run.state)
+  st = state_shardings if state_shardings is not None else shardings_of(run.state)
   return jax.jit(make_train_step(spec), in_shardings=(st, shardings_of(run.teacher), sharding.batch_sharding(run.mesh)),
                  out_shardings=(st, sharding.replicated(run.mesh)), donate_argnums=(0,))
 
@@ -363,10 +363,11 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
     elapsed_before = float(meta.get("seconds", 0.0))
     best = float(meta.get("best_test_accuracy", -1.0))
     history_best_step = meta.get("best_step")
-  del run.state  # donated below; never reuse
+  state_shardings = shardings_of(run.state)
+  run.state = None  # donated below; never reuse
 
-  step_main = jit_train_step(run.spec, run)
-  step_init = jit_train_step(run.init_spec, run) if run.init_spec else None
+  step_main = jit_train_step(run.spec, run, state_shardings)
+  step_init = jit_train_step(run.init_spec, run, state_shardings) if run.init_spec else None
   eval_fn = jax.jit(make_eval_step(run.spec, report.eval_batch_stats))
 
   writer = report.MetricWriter(workdir, quiet=cfg.run.quiet) if jax.process_index() == 0 else None
