@@ -42,6 +42,8 @@ class DataConfig:
     view_mode: ``consistent`` (teacher sees the student's view — function
       matching) or ``independent``.
     mixup_alpha / cutmix_alpha: Beta(α, α) mixing; 0 disables.
+    download: let TFDS download and prepare a dataset missing from
+      ``data_dir`` (needs the network); off, a missing dataset is one error line.
   """
 
   name: str = "mnist1d"
@@ -55,6 +57,7 @@ class DataConfig:
   view_mode: Literal["consistent", "independent"] = "consistent"
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
+  download: bool = False
 
   def __post_init__(self):
     _check(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
