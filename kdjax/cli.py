@@ -5,6 +5,7 @@
     kdjax sweep         EXPERIMENT [CONFIG] --grid method.name=kd,dkd --seeds 5 --workdir DIR [--parallel N] [--launcher slurm]
     kdjax report        DIR… --out results.md
     kdjax export        WORKDIR --out DIR
+    kdjax cache         EXPERIMENT [CONFIG] --teacher.checkpoint DIR --cache.dir DIR [--cache.views K] …
     kdjax bench         [--quick] …
 
 EXPERIMENT is a path (``experiments/mnist1d_kd.py``) or a short name
@@ -355,8 +356,46 @@ def cmd_bench(argv: list[str]) -> int:
   return subprocess.run([sys.executable, str(script), *argv]).returncode
 
 
+def cmd_cache(argv: list[str]) -> int:
+  """Precompute the teacher's logits for K views of every training example.
+
+  ``--cache.dir`` (default: the config's ``data.teacher_cache``),
+  ``--cache.views K`` (1), ``--cache.view-seed`` (0), ``--cache.dtype``
+  (float16|float32), ``--cache.top-k`` (0 = full logits),
+  ``--cache.shard-size`` (4096), ``--cache.batch-size`` (256),
+  ``--cache.max-shards`` (stop early; re-run to resume). Distil with
+  ``--data.teacher_cache DIR``.
+  """
+  from kdjax.data import cache
+
+  args = list(argv)
+  opts = {}
+  for name, conv in (("dir", str), ("views", int), ("view-seed", int), ("dtype", str), ("top-k", int),
+                     ("shard-size", int), ("batch-size", int), ("max-shards", int)):
+    v = None
+    for flag in (f"--cache.{name}", f"--cache.{name.replace('-', '_')}"):
+      v = _pop_opt(args, flag, v)
+    if v is not None:
+      try:
+        opts[name] = conv(v)
+      except ValueError:
+        raise CliError(f"--cache.{name} expects {conv.__name__}, got {v!r}") from None
+  cfg = build_config(args)
+  directory = opts.pop("dir", None) or cfg.data.teacher_cache
+  if not directory:
+    raise CliError("kdjax cache needs --cache.dir DIR (or data.teacher_cache in the config)")
+  max_shards = opts.pop("max-shards", None)
+  spec = cache.CacheSpec(**{k.replace("-", "_"): v for k, v in opts.items()})
+  res = cache.build_for_experiment(cfg, directory, spec, max_shards=max_shards)
+  state = "complete" if res["complete"] else "incomplete (other processes' shards, or re-run to resume)"
+  print(f"teacher cache {directory}: {res['written']} shards written, {res['skipped']} already there, "
+        f"{res['num_shards']} in all, {state}; distil with --data.teacher_cache {directory}")
+  return 0
+
+
 COMMANDS = {"train-teacher": lambda a: cmd_train(a, "teacher"), "distill": lambda a: cmd_train(a, None),
-            "sweep": cmd_sweep, "report": cmd_report, "export": cmd_export, "bench": cmd_bench}
+            "sweep": cmd_sweep, "report": cmd_report, "export": cmd_export, "bench": cmd_bench,
+            "cache": cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,10 @@ class DataConfig:
     mixup_alpha / cutmix_alpha: Beta(α, α) mixing; 0 disables.
     download: let TFDS download and prepare a dataset missing from
       ``data_dir`` (needs the network); off, a missing dataset is one error line.
+    teacher_cache: directory of a teacher-output cache (``kdjax cache``):
+      the step reads the cached teacher logits of one of its K views per
+      example and epoch instead of running the teacher (logit-based methods,
+      ``mode="offline"``); ``None`` runs the teacher online.
   """
 
   name: str = "mnist1d"
@@ -58,6 +62,7 @@ class DataConfig:
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   download: bool = False
+  teacher_cache: str | None = None
 
   def __post_init__(self):
     _check(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")

@@ -195,6 +195,10 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     teachers.append(m)
     hashes.append(h)
   teacher_hash = "+".join(hashes) if hashes else None
+  if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
+    loader = kd_data.cache.loader_for_experiment(cfg, loader, teacher_hash=teacher_hash,
+                                                 needs_teacher_features=method.needs_teacher_features,
+                                                 method_name=method.name)
 
   tx, schedule = make_optimizer(cfg.optim, spe, total_steps, init_steps)
 

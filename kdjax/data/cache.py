@@ -1,0 +1,434 @@
+"""Augmentation-aware teacher-output cache: K cached views per example.
+
+Online KD spends most of its compute in the frozen teacher (resnet32x4 is
+~6× the FLOPs of a resnet8x4 student). The cache computes the teacher's
+logits once, for every training example under ``K`` reproducible views, and
+the training loop then feeds them as ``batch["teacher_logits"]`` — the
+step skips the teacher forward (``kdjax.engine.step.teacher_outputs``).
+
+Views. View ``k`` of example ``id`` is exactly the view the :class:`Loader`
+would make at *epoch* ``k`` with seed ``view_seed``:
+``augment(view, x, view_key(view_seed, id, k, STREAM_STUDENT))``. In epoch
+``e`` of distillation each example draws one index
+``k = randint(view_key(seed, id, e, STREAM_CACHE), K)`` (a pure function of
+the run's seed, the epoch and the id), the loader regenerates that view for
+the student and looks up its cached logits, so the student's input is the
+very input the teacher saw ("consistent" views, Beyer et al. 2022). With
+``view_mode="independent"`` the student gets a fresh view of its own.
+``K = 1`` with ``view="none"`` is plain logit caching. FKD (Shen & Xing
+2022) caches soft labels of several crops per image the same way; Beyer et
+al. 2022 found a fixed teacher output per image overfits, which is why K > 1.
+
+Storage (``directory/``):
+  ``cache.json``   what the cache is for (teacher hash, view config, K,
+                   view seed, dataset, example count, storage format); written
+                   first. A cache whose teacher hash or view config differs
+                   from the run's is refused.
+  ``shard-SSSSS-of-NNNNN.npz``  examples ``[s·S, (s+1)·S)`` of the training
+                   set (dataset order): ``ids`` (n,) and either ``logits``
+                   (n, K, C) float16/float32, or ``topk_logp`` (n, K, k)
+                   float16 log-probabilities with ``topk_idx`` (n, K, k) int32
+                   for large class counts. Each shard is written to a hidden
+                   temporary file and renamed (atomic); an interrupted build
+                   resumes by skipping finished shards. Process ``p`` of
+                   ``P`` builds shards ``s ≡ p (mod P)``.
+
+Top-k reconstruction: the dense logits fed to the step are the stored
+log-probabilities on the top-k classes and ``log((1 − Σ p_topk) / (C − k))``
+on the others (the tail mass spread evenly), so ``softmax(z / T)`` is exact
+on the top-k classes up to the tail's share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from kdjax.data import views as V
+from kdjax.data.loader import Loader
+from kdjax.data.tfds import ArrayDataset
+
+FORMAT_VERSION = 1
+META_FILE = "cache.json"
+STREAM_CACHE = 3  # view-key stream of the per-epoch choice among the K views
+_STORAGE = ("float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """How to build a cache.
+
+  Attributes:
+    views: K, the number of cached views per example (≥ 1).
+    view_seed: seed of the cached views (independent of the run's seed).
+    dtype: storage of full logits, ``float16`` (half the bytes) or ``float32``
+      (bit-exact).
+    top_k: 0 stores full logits; k > 0 stores the top-k log-probabilities and
+      their class indices (for large class counts or vocabularies).
+    shard_size: examples per shard file (the unit of atomic writes / resume).
+    batch_size: teacher batch size while building.
+  """
+
+  views: int = 1
+  view_seed: int = 0
+  dtype: str = "float16"
+  top_k: int = 0
+  shard_size: int = 4096
+  batch_size: int = 256
+
+  def __post_init__(self):
+    if self.views < 1:
+      raise ValueError(f"cache.views={self.views}: must be ≥ 1 (1 with views off = plain logit caching)")
+    if self.dtype not in _STORAGE:
+      raise ValueError(f"cache.dtype={self.dtype!r}: expected one of {_STORAGE}")
+    if self.top_k < 0:
+      raise ValueError(f"cache.top_k={self.top_k}: must be ≥ 0 (0 stores full logits)")
+    if self.shard_size < 1 or self.batch_size < 1:
+      raise ValueError(f"cache.shard_size={self.shard_size}, cache.batch_size={self.batch_size}: must be ≥ 1")
+    if self.view_seed < 0:
+      raise ValueError(f"cache.view_seed={self.view_seed}: must be ≥ 0")
+
+
+def view_fingerprint(view: V.ViewConfig) -> dict:
+  """The view config as JSON data (part of the cache key)."""
+  return json.loads(json.dumps(dataclasses.asdict(view)))
+
+
+def _check_view(view: V.ViewConfig) -> None:
+  if view.mixes:
+    raise ValueError(
+        f"teacher cache with mixup_alpha={view.mixup_alpha}, cutmix_alpha={view.cutmix_alpha}: a mixed input pairs "
+        f"two examples per batch, so its teacher output cannot be cached per example; set both to 0 or drop "
+        f"--data.teacher_cache (online teacher)")
+
+
+def view_images(view: V.ViewConfig, images: np.ndarray, ids: np.ndarray, view_seed: int,
+                view_index: np.ndarray | int) -> np.ndarray:
+  """View ``view_index`` of each example: ``(B, ...)`` raw → ``(B, ...)`` float32.
+
+  Equal to the :class:`Loader`'s student view at epoch ``view_index`` with
+  seed ``view_seed``.
+  """
+  return V.augment(view, images, V.view_key(view_seed, ids, view_index, V.STREAM_STUDENT))
+
+
+def choose_views(seed: int, ids: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
+  """Which cached view each example uses in ``epoch``: int64 ``(B,)`` in [0, K)."""
+  if num_views == 1:
+    return np.zeros(len(ids), np.int64)
+  return V.randint(V.view_key(seed, ids, epoch, STREAM_CACHE), 0, num_views)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _shard_name(s: int, n: int) -> str:
+  return f"shard-{s:05d}-of-{n:05d}.npz"
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_hash: str, num_classes: int) -> dict:
+  """The ``cache.json`` content: everything a reader must agree with."""
+  n_shards = -(-len(ds) // spec.shard_size)
+  return {
+      "format": FORMAT_VERSION, "teacher_hash": teacher_hash, "view": view_fingerprint(view),
+      "views": spec.views, "view_seed": spec.view_seed, "dtype": spec.dtype, "top_k": spec.top_k,
+      "num_classes": int(num_classes), "num_examples": len(ds), "dataset": f"{ds.name}/{ds.split}",
+      "shard_size": spec.shard_size, "num_shards": n_shards,
+  }
+
+
+def _same_key(a: Mapping, b: Mapping) -> list[str]:
+  keys = ("format", "teacher_hash", "view", "views", "view_seed", "dtype", "top_k", "num_classes", "num_examples",
+          "dataset", "shard_size")
+  return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def _encode(logits: np.ndarray, spec: CacheSpec) -> dict[str, np.ndarray]:
+  """(n, K, C) float32 logits → stored arrays."""
+  if spec.top_k == 0:
+    return {"logits": logits.astype(spec.dtype)}
+  z = logits.astype(np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  k = min(spec.top_k, logits.shape[-1])
+  idx = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
+  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(np.float16), "topk_idx": idx.astype(np.int32)}
+
+
+def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.ndarray], np.ndarray], *,
+                teacher_hash: str, num_classes: int, view: V.ViewConfig, spec: CacheSpec = CacheSpec(),
+                process_index: int = 0, process_count: int = 1, max_shards: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+  """Compute and store the teacher's logits for every example under K views.
+
+  Args:
+    directory: cache directory (created).
+    ds: the training set, in the order the loader reads it.
+    predict: teacher forward, ``(spec.batch_size, *input_shape)`` float32 →
+      ``(spec.batch_size, C)`` logits (always called with full batches, so a
+      jitted function compiles once).
+    teacher_hash: content hash of the teacher checkpoint (the cache key).
+    num_classes: C.
+    view: the training view config (must not mix examples).
+    spec: K, storage and sharding.
+    process_index / process_count: this process builds shards ≡ index mod count.
+    max_shards: stop after writing this many new shards (chunked builds; an
+      interruption leaves the same state).
+    progress: called with (shards done, shards total).
+
+  Returns:
+    ``{"written": new shards, "skipped": shards already present, "complete": bool}``.
+  """
+  _check_view(view)
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  meta = cache_meta(ds, spec, view, teacher_hash, num_classes)
+  meta_path = d / META_FILE
+  if meta_path.exists():
+    old = json.loads(meta_path.read_text())
+    diff = _same_key(old, meta)
+    if diff:
+      raise ValueError(
+          f"teacher cache {str(d)!r} holds a different cache ({', '.join(f'{k}: {old.get(k)!r} ≠ {meta[k]!r}' for k in diff[:3])}); "
+          f"delete it or choose another cache directory")
+  elif process_index == 0:
+    _atomic_write_json(meta_path, meta)
+  n_shards = meta["num_shards"]
+  b = spec.batch_size
+  written = skipped = 0
+  for s in range(process_index, n_shards, process_count):
+    path = d / _shard_name(s, n_shards)
+    for stale in d.glob(f".{path.name}.tmp*"):  # left by an interrupted write of this process's shard
+      stale.unlink(missing_ok=True)
+    if path.exists():
+      skipped += 1
+      continue
+    if max_shards is not None and written >= max_shards:
+      break
+    rows = np.arange(s * spec.shard_size, min((s + 1) * spec.shard_size, len(ds)))
+    ids, images = ds.ids[rows], ds.images[rows]
+    out = np.empty((len(rows), spec.views, num_classes), np.float32)
+    for k in range(spec.views):
+      x = view_images(view, images, ids, spec.view_seed, k)
+      for lo in range(0, len(rows), b):
+        chunk = x[lo:lo + b]
+        n = len(chunk)
+        if n < b:  # pad to a full batch: one compiled shape
+          chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, axis=0)])
+        out[lo:lo + n, k] = np.asarray(predict(chunk), np.float32)[:n]
+    _atomic_savez(path, ids=ids.astype(np.int64), **_encode(out, spec))
+    written += 1
+    if progress:
+      progress(written + skipped, n_shards)
+  done = sum((d / _shard_name(s, n_shards)).exists() for s in range(n_shards))
+  return {"written": written, "skipped": skipped, "complete": done == n_shards, "num_shards": n_shards}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class TeacherCache:
+  """A finished cache held in host memory (``open`` checks it is the right one)."""
+
+  def __init__(self, meta: dict, ids: np.ndarray, arrays: dict[str, np.ndarray]):
+    self.meta = meta
+    self.num_views = int(meta["views"])
+    self.view_seed = int(meta["view_seed"])
+    self.num_classes = int(meta["num_classes"])
+    self.view = V.ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["view"].items()})
+    order = np.argsort(ids, kind="stable")
+    self._sorted_ids = ids[order]
+    self._rows = order
+    self.arrays = arrays
+
+  @classmethod
+  def open(cls, directory: str | Path, *, teacher_hash: str | None = None, view: V.ViewConfig | None = None,
+           num_examples: int | None = None) -> "TeacherCache":
+    """Load ``directory``; refuse it when it is for another teacher or view config.
+
+    Raises:
+      ValueError: missing/incomplete cache, or a stale one (the message names
+        what differs and how to rebuild).
+    """
+    d = Path(directory)
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+      raise ValueError(f"data.teacher_cache {str(d)!r} holds no {META_FILE}; build it with "
+                       f"`kdjax cache EXPERIMENT --teacher.checkpoint … --cache.dir {d}`")
+    meta = json.loads(meta_path.read_text())
+    rebuild = f"rebuild it with `kdjax cache … --cache.dir <new dir>` or drop --data.teacher_cache"
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"data.teacher_cache {str(d)!r} has format {meta.get('format')}, this kdjax reads "
+                       f"{FORMAT_VERSION}; {rebuild}")
+    if teacher_hash is not None and meta["teacher_hash"] != teacher_hash:
+      raise ValueError(f"data.teacher_cache {str(d)!r} is stale: built for teacher {meta['teacher_hash']} but the "
+                       f"configured teacher is {teacher_hash}; {rebuild}")
+    if view is not None and meta["view"] != view_fingerprint(view):
+      diff = {k: v for k, v in view_fingerprint(view).items() if meta["view"].get(k) != v}
+      raise ValueError(f"data.teacher_cache {str(d)!r} is stale: built for another view config (differs in "
+                       f"{sorted(diff)}: cache {[meta['view'].get(k) for k in sorted(diff)]}, run "
+                       f"{[diff[k] for k in sorted(diff)]}); {rebuild}")
+    if num_examples is not None and meta["num_examples"] != num_examples:
+      raise ValueError(f"data.teacher_cache {str(d)!r} holds {meta['num_examples']} examples but the training set "
+                       f"has {num_examples} (another split or transfer set?); {rebuild}")
+    n = meta["num_shards"]
+    paths = [d / _shard_name(s, n) for s in range(n)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+      raise ValueError(f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
+                       f"{missing[0]}); re-run the same `kdjax cache` command to finish it")
+    parts: dict[str, list[np.ndarray]] = {}
+    for p in paths:
+      with np.load(p) as z:
+        for k in z.files:
+          parts.setdefault(k, []).append(z[k])
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    ids = arrays.pop("ids")
+    return cls(meta, ids, arrays)
+
+  def rows(self, ids: np.ndarray) -> np.ndarray:
+    """Cache rows of example ``ids`` (ValueError for ids the cache lacks)."""
+    ids = np.asarray(ids, np.int64)
+    pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
+    bad = self._sorted_ids[pos] != ids
+    if bad.any():
+      raise ValueError(f"teacher cache has no example id {int(ids[bad][0])}; was it built for this training set?")
+    return self._rows[pos]
+
+  def logits(self, ids: np.ndarray, view_index: np.ndarray) -> np.ndarray:
+    """Dense float32 teacher logits ``(B, C)`` of view ``view_index[i]`` of ``ids[i]``."""
+    r = self.rows(ids)
+    k = np.asarray(view_index, np.int64)
+    if "logits" in self.arrays:
+      return self.arrays["logits"][r, k].astype(np.float32)
+    logp = self.arrays["topk_logp"][r, k].astype(np.float64)
+    idx = self.arrays["topk_idx"][r, k]
+    c, kk = self.num_classes, logp.shape[-1]
+    if kk >= c:
+      out = np.empty((len(r), c))
+    else:
+      tail = np.clip(1.0 - np.exp(logp).sum(-1), 1e-12, None) / (c - kk)
+      out = np.repeat(np.log(tail)[:, None], c, axis=1)
+    np.put_along_axis(out, idx, logp, axis=-1)
+    return out.astype(np.float32)
+
+
+class CachedLoader(Loader):
+  """A :class:`Loader` whose batches carry cached teacher logits.
+
+  Each batch adds ``teacher_logits`` float32 ``(B, C)`` and ``view_index``
+  int32 ``(B,)``; in ``view_mode="consistent"`` ``image`` is view
+  ``view_index`` of each example (the input the teacher saw). Order,
+  sharding over processes and ``state()``/``restore()`` are the Loader's.
+  """
+
+  def __init__(self, ds: ArrayDataset, cache: TeacherCache, batch_size: int, seed: int = 0, shuffle: bool = True,
+               drop_remainder: bool = True, view_mode: str = "consistent", process_index: int | None = None,
+               process_count: int | None = None):
+    _check_view(cache.view)
+    super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=cache.view,
+                     view_mode=view_mode, process_index=process_index, process_count=process_count)
+    self.cache = cache
+    cache.rows(ds.ids)  # every example must be cached
+
+  def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+    gidx, gvalid = self.global_indices(epoch, step)
+    lo = self.process_index * self.local_batch_size
+    rows = np.arange(lo, lo + self.local_batch_size)
+    idx = gidx[rows]
+    ds, c = self.ds, self.cache
+    ids, images = ds.ids[idx], ds.images[idx]
+    k = choose_views(self.seed, ids, epoch, c.num_views)
+    if self.view_mode == "consistent":
+      image = view_images(c.view, images, ids, c.view_seed, k)
+    else:  # the student's own fresh view; the teacher's is cached view k
+      image = V.augment(c.view, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))
+    out = {"image": image, "teacher_logits": c.logits(ids, k), "view_index": k.astype(np.int32),
+           "label": ds.labels[idx].astype(np.int32), "id": ids.astype(np.int32),
+           "epoch": np.full(len(idx), epoch, np.int32)}
+    if not self.drop_remainder:
+      out["mask"] = gvalid[rows]
+    return out
+
+
+def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> None:
+  """Refuse a cache for methods/modes that need more than teacher logits."""
+  if needs_teacher_features:
+    raise ValueError(f"data.teacher_cache: method {method_name!r} reads teacher *features*, which the cache does not "
+                     f"store (it holds logits only); drop --data.teacher_cache to run the online teacher")
+  if mode != "offline":
+    raise ValueError(f"data.teacher_cache works with mode='offline' (one frozen teacher), got mode={mode!r}; "
+                     f"drop --data.teacher_cache")
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def training_set(cfg) -> ArrayDataset:
+  """The distillation training set of an ``Experiment`` (train + transfer split), as ``fit`` reads it."""
+  from kdjax.data.tfds import concat, load_arrays
+
+  ds = load_arrays(cfg.data.name, cfg.data.train_split, data_dir=cfg.data.data_dir)
+  if cfg.data.transfer_split:
+    ds = concat([ds, load_arrays(cfg.data.name, cfg.data.transfer_split, data_dir=cfg.data.data_dir)])
+  return ds
+
+
+def experiment_view(cfg) -> V.ViewConfig:
+  return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha)
+
+
+def build_for_experiment(cfg, directory: str | Path, spec: CacheSpec = CacheSpec(), *,
+                         max_shards: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+  """``kdjax cache``: the teacher of ``cfg`` over its training set, K views each.
+
+  Loads ``cfg.teacher`` from ``cfg.teacher.checkpoint`` (its content hash keys
+  the cache) and runs it jitted in eval mode, one fixed batch shape.
+  """
+  import jax
+
+  from kdjax.data.tfds import get_info
+  from kdjax.engine.loop import load_teacher
+  from kdjax.engine.state import apply_model, split_model
+
+  view = experiment_view(cfg)
+  _check_view(view)
+  num_classes = int(get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
+  model, teacher_hash = load_teacher(cfg.teacher, num_classes)
+  graphdef, params, rest = split_model(model)
+  fwd = jax.jit(lambda p, r, x: apply_model(graphdef, p, r, x, train=False)[0].logits)
+  ds = training_set(cfg)
+  return build_cache(directory, ds, lambda x: fwd(params, rest, x), teacher_hash=teacher_hash,
+                     num_classes=num_classes, view=view, spec=spec, process_index=jax.process_index(),
+                     process_count=jax.process_count(), max_shards=max_shards, progress=progress)
+
+
+def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool,
+                          method_name: str) -> CachedLoader:
+  """The ``fit`` loader with ``cfg.data.teacher_cache`` checked and attached."""
+  check_method(needs_teacher_features, cfg.mode, method_name)
+  if teacher_hash is None:
+    raise ValueError("data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this "
+                     "teacher's outputs")
+  cache = TeacherCache.open(cfg.data.teacher_cache, teacher_hash=teacher_hash, view=experiment_view(cfg),
+                            num_examples=len(loader.ds))
+  return CachedLoader(loader.ds, cache, batch_size=loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
+                      drop_remainder=loader.drop_remainder, view_mode=loader.view_mode,
+                      process_index=loader.process_index, process_count=loader.process_count)

@@ -1,0 +1,290 @@
+"""Teacher-output cache (issue 7): cached KD == online KD, resumable atomic
+builds, stale caches refused, and each student input is the cached view.
+
+One random (untrained) cnn1d teacher on MNIST-1D, an mlp student, K = 3
+"jitter" views; everything compiled is shared through module fixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kdjax import checkpoint as ckpt
+from kdjax import engine, models
+from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
+from kdjax.data import cache as C
+from kdjax.data import views as V
+from kdjax.engine.loop import jit_train_step
+from kdjax.engine.state import apply_model, split_model
+
+K = 3
+SHARD = 1024  # mnist1d train: 4000 examples → 4 shards
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+  d = tmp_path_factory.mktemp("teacher")
+  m = models.create("cnn1d", num_classes=10, rngs=nnx.Rngs(3))
+  _, params, rest = split_model(m)
+  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params,
+                    model_state=rest, extra={})
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def other_teacher_dir(tmp_path_factory) -> str:
+  d = tmp_path_factory.mktemp("teacher2")
+  m = models.create("cnn1d", num_classes=10, rngs=nnx.Rngs(4))
+  _, params, rest = split_model(m)
+  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params,
+                    model_state=rest, extra={})
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def cfg(tfds_dir, teacher_dir, tmp_path_factory) -> Experiment:
+  return Experiment(
+      name="cache_test", mode="offline",
+      data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=500, view="jitter"),
+      teacher=ModelConfig(name="cnn1d", checkpoint=teacher_dir), student=ModelConfig(name="mlp"),
+      method=MethodConfig(name="kd", temperature=4.0), optim=OptimConfig(name="sgd", lr=0.1, steps=5),
+      run=RunConfig(workdir=str(tmp_path_factory.mktemp("run")), quiet=True))
+
+
+@pytest.fixture(scope="module")
+def cache32(cfg, tmp_path_factory) -> str:
+  d = tmp_path_factory.mktemp("cache32")
+  res = C.build_for_experiment(cfg, d, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
+  assert res == {"written": 4, "skipped": 0, "complete": True, "num_shards": 4}
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def teacher_fwd(teacher_dir):
+  model, _ = engine.loop.load_teacher(ModelConfig(name="cnn1d", checkpoint=teacher_dir), 10)
+  g, p, r = split_model(model)
+  f = jax.jit(lambda x: apply_model(g, p, r, x, train=False)[0].logits)
+  return lambda x: np.asarray(f(jnp.asarray(x)))
+
+
+def _with_cache(cfg: Experiment, d: str) -> Experiment:
+  return cfg.replace(data=dataclasses.replace(cfg.data, teacher_cache=d))
+
+
+def _one_step(cfg: Experiment, batch: dict) -> tuple[dict, dict, dict]:
+  run = engine.build(cfg)
+  before = jax.tree.map(np.asarray, run.state.params)
+  step = jit_train_step(run.spec, run)
+  gb = engine.shard_batch(batch, run.mesh)
+  state, metrics = step(run.state, run.teacher, gb)
+  return before, jax.tree.map(np.asarray, state.params), {k: np.asarray(v) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------ acceptance 1
+
+
+@pytest.fixture(scope="module")
+def cached_batch(cfg, cache32) -> dict:
+  run = engine.build(_with_cache(cfg, cache32))
+  assert isinstance(run.loader, C.CachedLoader)
+  return run.loader.batch(1, 3)
+
+
+def test_cached_kd_equals_online_exactly_with_float32(cfg, cache32, cached_batch):
+  """Same view: the cached step's loss, gradients (→ SGD update) and metrics
+  are bit-identical to the online teacher's."""
+  online = {k: v for k, v in cached_batch.items() if k not in ("teacher_logits", "view_index")}
+  b0, p_on, m_on = _one_step(cfg, online)
+  b1, p_ca, m_ca = _one_step(_with_cache(cfg, cache32), cached_batch)
+  jax.tree.map(np.testing.assert_array_equal, b0, b1)  # same start
+  assert float(m_on["loss/kd"]) > 0
+  for k in ("loss/kd", "loss/total", "train/grad_norm"):
+    np.testing.assert_array_equal(m_ca[k], m_on[k], err_msg=k)
+  jax.tree.map(np.testing.assert_array_equal, p_ca, p_on)
+  # and the step really moved the params (the check can fail)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(p_on), jax.tree.leaves(b0)))
+
+
+def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_path, teacher_fwd):
+  d = tmp_path / "c16"
+  C.build_for_experiment(cfg, d, C.CacheSpec(views=K, dtype="float16", shard_size=SHARD))
+  cache = C.TeacherCache.open(d)
+  ids, k = cached_batch["id"], cached_batch["view_index"]
+  z16 = cache.logits(ids, k)
+  z32 = teacher_fwd(cached_batch["image"])
+  # storage error = float16 rounding only (≤ half an ulp: relative 2⁻¹¹)
+  np.testing.assert_allclose(z16, z32, rtol=2.0**-11 * 1.01, atol=1e-7)
+  assert np.abs(z16 - z32).max() > 0  # it is rounded
+  b16 = dict(cached_batch, teacher_logits=z16)
+  online = {k_: v for k_, v in cached_batch.items() if k_ not in ("teacher_logits", "view_index")}
+  b0, p_on, m_on = _one_step(cfg, online)
+  _, p_16, m_16 = _one_step(_with_cache(cfg, str(d)), b16)
+  np.testing.assert_allclose(m_16["loss/kd"], m_on["loss/kd"], rtol=2e-3)
+  g_on = jax.tree.map(lambda a, b: a - b, p_on, b0)
+  g_16 = jax.tree.map(lambda a, b: a - b, p_16, b0)
+  for a, b in zip(jax.tree.leaves(g_16), jax.tree.leaves(g_on)):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3 * np.abs(b).max())
+
+
+# ------------------------------------------------------------------ acceptance 2
+
+
+def _read_all(d) -> dict:
+  out = {}
+  for p in sorted(Path(d).glob("shard-*.npz")):
+    with np.load(p) as z:
+      out[p.name] = {k: z[k] for k in z.files}
+  return out
+
+
+def test_interrupted_build_in_two_halves_equals_one_go(cfg, cache32, tmp_path):
+  d = tmp_path / "halves"
+  spec = C.CacheSpec(views=K, dtype="float32", shard_size=SHARD)
+  first = C.build_for_experiment(cfg, d, spec, max_shards=2)
+  assert first["written"] == 2 and not first["complete"]
+  with pytest.raises(ValueError, match="incomplete .*re-run"):
+    C.TeacherCache.open(d)
+  # a crash mid-write leaves only a temp file, never a half shard
+  (d / ".shard-00002-of-00004.npz.tmp999.npz").write_bytes(b"garbage")
+  second = C.build_for_experiment(cfg, d, spec)
+  assert second == {"written": 2, "skipped": 2, "complete": True, "num_shards": 4}
+  assert not list(d.glob(".*tmp*"))  # the interrupted write's leftovers are gone
+  a, b = _read_all(d), _read_all(cache32)
+  assert a.keys() == b.keys() and len(a) == 4
+  for name in a:
+    for k in b[name]:
+      np.testing.assert_array_equal(a[name][k], b[name][k], err_msg=f"{name}:{k}")
+  assert json.loads((d / C.META_FILE).read_text()) == json.loads((Path(cache32) / C.META_FILE).read_text())
+
+
+def test_cache_of_another_teacher_is_refused(cfg, cache32, other_teacher_dir):
+  other = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=other_teacher_dir))
+  with pytest.raises(ValueError, match=r"stale: built for teacher \w+ but the configured teacher is \w+"):
+    engine.build(_with_cache(other, cache32))
+  # building into it with another teacher is refused too (no mixed caches)
+  with pytest.raises(ValueError, match="teacher_hash"):
+    C.build_for_experiment(other, cache32, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
+
+
+def test_cache_of_another_view_config_is_refused(cfg, cache32):
+  flip = cfg.replace(data=dataclasses.replace(cfg.data, view="none"))
+  with pytest.raises(ValueError, match=r"stale: built for another view config \(differs in \['kind'\]"):
+    engine.build(_with_cache(flip, cache32))
+
+
+# ------------------------------------------------------------------ acceptance 3
+
+
+def test_epoch_inputs_are_the_views_whose_teacher_outputs_are_fed(cfg, cache32, teacher_fwd):
+  from kdjax import data as kd_data
+
+  ds = kd_data.load_arrays("mnist1d", "train", data_dir=cfg.data.data_dir)
+  cache = C.TeacherCache.open(cache32)
+  loader = C.CachedLoader(ds, cache, batch_size=500, seed=7)
+  by_id = {int(i): r for r, i in enumerate(ds.ids)}
+  chosen = {}
+  for epoch in (0, 1):
+    seen = []
+    for b in loader.epoch_batches(epoch):
+      rows = np.array([by_id[int(i)] for i in b["id"]])
+      k = b["view_index"].astype(np.int64)
+      # the input is exactly view k of the example, regenerated independently here:
+      # the Loader's jitter view at "epoch" k with the cache's view seed
+      expect = Loader_view(ds.images[rows], ds.ids[rows], k, cache.view_seed)
+      np.testing.assert_array_equal(b["image"], expect)
+      # … and the fed teacher output is the teacher's output on that very input
+      np.testing.assert_allclose(b["teacher_logits"], teacher_fwd(b["image"]), rtol=1e-5, atol=1e-5)
+      seen.append(b["id"])
+      chosen.setdefault(epoch, []).append(k)
+    assert sorted(np.concatenate(seen).tolist()) == sorted(ds.ids.tolist())  # one epoch = every example once
+  k0, k1 = np.concatenate(chosen[0]), np.concatenate(chosen[1])
+  assert set(k0.tolist()) == set(range(K))  # every cached view gets used
+  assert 0.5 < np.mean(np.bincount(k0, minlength=K) / len(k0) * K) < 1.5
+  ids0 = np.concatenate([b["id"] for b in loader.epoch_batches(0)])
+  ids1 = np.concatenate([b["id"] for b in loader.epoch_batches(1)])
+  k_by_id0 = dict(zip(ids0.tolist(), k0.tolist()))
+  k_by_id1 = dict(zip(ids1.tolist(), k1.tolist()))
+  assert np.mean([k_by_id0[i] != k_by_id1[i] for i in k_by_id0]) > 0.4  # re-drawn per epoch
+
+
+def Loader_view(images, ids, k, view_seed):  # noqa: N802 - reads as "the Loader's view"
+  """Independent reference: the jitter view written out in NumPy (pad 2, shift by offset)."""
+  keys = V.view_key(view_seed, ids, k, V.STREAM_STUDENT)
+  off = V.randint(keys, 1, 5)
+  padded = np.pad(images, ((0, 0), (2, 2)))
+  return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
+
+
+def test_view_choice_is_reproducible_and_seeded():
+  ids = np.arange(200)
+  a = C.choose_views(1, ids, 5, 4)
+  np.testing.assert_array_equal(a, C.choose_views(1, ids, 5, 4))
+  assert (a != C.choose_views(2, ids, 5, 4)).mean() > 0.5
+  assert a.min() >= 0 and a.max() == 3
+  np.testing.assert_array_equal(C.choose_views(1, ids, 5, 1), 0)
+
+
+# ------------------------------------------------------------------ storage formats and errors
+
+
+def test_topk_storage_reconstructs_log_probs():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(6, 2, 20)).astype(np.float32) * 3
+  logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+  enc = C._encode(z, C.CacheSpec(views=2, top_k=4))
+  assert enc["topk_logp"].dtype == np.float16 and enc["topk_idx"].shape == (6, 2, 4)
+  meta = {"views": 2, "view_seed": 0, "num_classes": 20, "view": C.view_fingerprint(V.ViewConfig())}
+  cache = C.TeacherCache(meta, np.arange(6), enc)
+  out = cache.logits(np.array([4, 0]), np.array([1, 0]))
+  for row, (i, k) in enumerate([(4, 1), (0, 0)]):
+    top = np.argsort(-logp[i, k])[:4]
+    np.testing.assert_allclose(out[row, top], logp[i, k, top], atol=2e-3)
+    rest = np.setdiff1d(np.arange(20), top)
+    tail = (1 - np.exp(logp[i, k, top]).sum()) / 16
+    np.testing.assert_allclose(out[row, rest], np.log(tail), rtol=2e-3)
+    np.testing.assert_allclose(np.exp(out[row]).sum(), 1.0, rtol=2e-3)
+
+
+def test_float16_storage_halves_bytes(cfg, cache32, tmp_path):
+  z = np.random.default_rng(1).normal(size=(3, 2, 10)).astype(np.float32)
+  assert C._encode(z, C.CacheSpec(dtype="float16"))["logits"].dtype == np.float16
+  np.testing.assert_array_equal(C._encode(z, C.CacheSpec(dtype="float32"))["logits"], z)
+
+
+def test_feature_methods_and_mixup_are_refused(cfg, cache32):
+  with pytest.raises(ValueError, match="reads teacher \\*features\\*.*online teacher"):
+    C.check_method(True, "offline", "fitnet")
+  with pytest.raises(ValueError, match="mode='offline'"):
+    C.check_method(False, "dml", "kd")
+  mix = cfg.replace(data=dataclasses.replace(cfg.data, mixup_alpha=1.0))
+  with pytest.raises(ValueError, match="cannot be cached per example"):
+    C.build_for_experiment(mix, cache32)
+  with pytest.raises(ValueError, match="cache.views=0"):
+    C.CacheSpec(views=0)
+  with pytest.raises(ValueError, match="cache.dtype='bf16'"):
+    C.CacheSpec(dtype="bf16")
+
+
+def test_cli_cache_command(cfg, teacher_dir, tmp_path, capsys):
+  from kdjax import cli
+
+  d = tmp_path / "cli_cache"
+  flags = ["--data.data_dir", cfg.data.data_dir, "--teacher.checkpoint", teacher_dir, "--data.view", "jitter"]
+  rc = cli.main(["cache", "mnist1d_kd", "kd_labelled", *flags, "--cache.dir", str(d), "--cache.views", "2",
+                 "--cache.shard-size", "2500", "--cache.batch-size", "500"])
+  out = capsys.readouterr().out
+  assert rc == 0 and "2 shards written" in out and "complete" in out
+  cache = C.TeacherCache.open(d)
+  assert cache.arrays["logits"].shape == (4000, 2, 10) and cache.arrays["logits"].dtype == np.float16
+  assert cli.main(["cache", "mnist1d_kd", "kd_labelled", *flags]) == 1
+  assert "needs --cache.dir" in capsys.readouterr().err
+  assert cli.main(["cache", "mnist1d_kd", "kd_labelled", *flags, "--cache.dir", str(d), "--cache.views", "two"]) == 1
+  assert "--cache.views expects int, got 'two'" in capsys.readouterr().err
