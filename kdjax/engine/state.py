@@ -33,7 +33,9 @@ def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
 
 def apply_model(graphdef, params, rest, x, *, train: bool) -> tuple[ModelOutput, nnx.State]:
   """Pure forward: returns the output and the updated non-param state."""
-  model = nnx.merge(graphdef, params, rest)
+  # copy=True: the Variables inside ``params``/``rest`` were made at an outer
+  # trace level (jit); mutating them (BatchNorm statistics) inside grad fails.
+  model = nnx.merge(graphdef, params, rest, copy=True)
   out = model(x, train=train)
   _, _, new_rest = nnx.split(model, nnx.Param, ...)
   return out, new_rest

@@ -53,21 +53,23 @@ def kd(student_logits: Array, teacher_logits: Array,
 
 
 def _binary_and_nontarget(logits: Array, gt: Array):
-  """Log-probabilities of the DKD decomposition, computed exactly.
+  """Log-probabilities of the DKD decomposition, computed in log space.
 
   Returns ``(log p_gt, log(1 − p_gt), log p̂)`` where ``p̂`` is the softmax
-  over the non-target classes (the gt entry of ``log p̂`` is garbage and
-  must be masked by the caller). log(1 − p_gt) is computed as
-  logsumexp(non-target logits) − logsumexp(all logits), so there is no
-  log of a difference of probabilities.
+  over the non-target classes (the gt entry of ``log p̂`` is set to 0 and
+  must be masked by the caller). log(1 − p_gt) is the logsumexp of the
+  non-target log-probabilities, so there is no log of a difference (or a
+  sum) of probabilities. log p̂ is a log-softmax of the logits with the gt
+  entry set to −inf: shifting by the non-target maximum keeps it accurate
+  when that maximum is far below the gt logit (±1e4), and the gt entry never
+  reaches an ``exp`` (left as x_gt − lse_nt it overflows for a confident
+  teacher, and masking the product afterwards back-propagates 0·inf = NaN).
   """
-  lse_all = jax.nn.logsumexp(logits, axis=-1)
-  lse_nt = jax.nn.logsumexp(logits, axis=-1, b=(~gt).astype(logits.dtype))
-  x_gt = jnp.sum(jnp.where(gt, logits, 0.0), axis=-1)
-  log_p_gt = x_gt - lse_all
-  log_p_other = lse_nt - lse_all
-  log_p_hat = logits - lse_nt[..., None]
-  return log_p_gt, log_p_other, log_p_hat
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  log_p_gt = jnp.sum(jnp.where(gt, log_p, 0.0), axis=-1)
+  log_p_other = jax.nn.logsumexp(jnp.where(gt, -jnp.inf, log_p), axis=-1)
+  log_p_hat = jax.nn.log_softmax(jnp.where(gt, -jnp.inf, logits), axis=-1)
+  return log_p_gt, log_p_other, jnp.where(gt, 0.0, log_p_hat)
 
 
 def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
