@@ -85,7 +85,7 @@ class StreamLoader:
         read_config=tfds.ReadConfig(add_tfds_id=True),
         decoders={"image": tfds.decode.SkipDecoding()})
     if self.shuffle and self.train:
-      s = int(V.view_key(seed, 0, epoch, 7) & np.uint64(2**62))
+      s = int(V.view_key(seed, 0, epoch, 7) & np.uint64(2**62 - 1))  # a 62-bit seed
       ds = ds.shuffle(self.shuffle_buffer, seed=s, reshuffle_each_iteration=False)
     if skip_batches:
       ds = ds.skip(skip_batches * self.local_batch_size)
