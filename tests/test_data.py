@@ -293,6 +293,27 @@ def test_view_kinds_and_mixing():
   assert ((lam >= 0) & (lam <= 1)).all() and np.allclose(w[:, 0], lam)
 
 
+def test_loader_mixup_pairs_and_beta_moments():
+  # Each mixed row is λ·x_i + (1 − λ)·x_j for a partner j of the same global batch,
+  # with label_b = label_j; the teacher (consistent mode) sees that same mixed image.
+  ds = _toy(16, (4, 4, 1))
+  cfg = kd.ViewConfig(kind="none", mixup_alpha=0.4)
+  loader = kd.Loader(ds, 8, seed=5, view=cfg, process_index=0, process_count=1)
+  b = loader.batch(0, 1)
+  batch_ids = loader.global_indices(0, 1)[0]
+  x = ds.images.astype(np.float64) / 255
+  assert "teacher_image" not in b
+  for i, lam in zip(b["id"], b["mix_lambda"]):
+    row = b["image"][b["id"] == i][0]
+    ok = [j for j in batch_ids if np.allclose(row, lam * x[i] + (1 - lam) * x[j], atol=1e-6)]
+    assert ok and ds.labels[ok[0]] == b["label_b"][b["id"] == i][0]
+  # λ ~ Beta(α, α): mean 1/2, variance 1/(4(2α + 1)) (independent of the inverse-CDF code)
+  for alpha in (0.4, 1.0, 2.0):
+    lam = V.beta(V.view_key(0, np.arange(20000), 0, V.STREAM_MIX), 1, alpha)
+    assert abs(lam.mean() - 0.5) < 0.01
+    assert abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.01 / (2 * alpha + 1)
+
+
 # ---------------------------------------------------------------- 6. offline errors
 def test_missing_dataset_one_line_error(tmp_path):
   t = time.perf_counter()

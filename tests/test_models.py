@@ -381,6 +381,42 @@ def test_jit_functional_path_equals_eager(name):
     jax.tree.map(_assert_state_close, new_rest, eager_rest)
 
 
+def test_grad_through_functional_path_updates_bn_stats():
+  # What a train step does: value_and_grad of a loss over the merged model in
+  # train mode, inside jit, returning the updated BatchNorm statistics. (A
+  # merge without copy=True raises TraceContextError here.) 8×8 inputs keep it
+  # cheap; CIFAR nets accept any spatial size.
+  model = make("resnet8", num_classes=5)
+  x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, rest):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    out = m(x, train=True)
+    return jnp.mean(jnp.tanh(out.logits) ** 2), nnx.split(m, nnx.Param, ...)[2]
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (value, new_rest), grads = f(params, rest)
+  eager = make("resnet8", num_classes=5)
+  eager(x, train=True)
+  jax.tree.map(_assert_state_close, nnx.state(new_rest, nnx.BatchStat),
+               nnx.state(eager, nnx.BatchStat))
+  # the gradient agrees with a central finite difference along a random direction
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(4), len(leaves))
+  d = [jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+  norm = np.sqrt(sum(float(jnp.vdot(v, v)) for v in d))
+  d = jax.tree.unflatten(treedef, [v / norm for v in d])  # a unit direction
+  eps = 1e-3
+  fval = jax.jit(lambda p: loss(p, rest)[0])
+  plus = fval(jax.tree.map(lambda p, v: p + eps * v, params, d))
+  minus = fval(jax.tree.map(lambda p, v: p - eps * v, params, d))
+  directional = sum(float(jnp.vdot(g, v)) for g, v in zip(jax.tree.leaves(grads),
+                                                           jax.tree.leaves(d)))
+  np.testing.assert_allclose((plus - minus) / (2 * eps), directional, rtol=2e-2)
+  assert np.isfinite(value) and abs(directional) > 0
+
+
 def test_dropout_rng_advances_through_functional_state():
   model = make("mlp_1200")
   x = sample_input(model)

@@ -36,7 +36,9 @@ Functional use (what the engine does)::
   model = create("resnet20", num_classes=100, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   def fwd(params, rest, x, train):
-    m = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables at this trace level, so BatchNorm statistics
+    # can be updated inside jax.grad (without it flax raises TraceContextError).
+    m = nnx.merge(graphdef, params, rest, copy=True)
     out = m(x, train=train)
     return out, nnx.split(m, nnx.Param, ...)[2]   # updated BN stats / RNG counts
 """
