@@ -53,6 +53,27 @@ def test_mnist1d_tfds_load_equals_package(data_dir):
   assert s.transfer_seed == d.transfer_seed
 
 
+def test_mnist1d_sizes_configurable(data_dir):
+  # Any size: pass a builder config (here 500 samples, a 300-example transfer set).
+  from mnist1d.data import get_dataset_args, make_dataset
+
+  from kdjax.data.builders.mnist1d import Mnist1dConfig
+
+  cfg = Mnist1dConfig(name="custom_tiny", num_samples=500, transfer_size=300, transfer_seed=7)
+  builder = tfds.builder("mnist1d", config=cfg, data_dir=data_dir)
+  builder.download_and_prepare()
+  got = {s: tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1))
+         for s in ("train", "test", "transfer")}
+  args = get_dataset_args()
+  args.num_samples = 500
+  ref = make_dataset(args)
+  np.testing.assert_array_equal(got["train"]["image"], ref["x"].astype(np.float32))
+  np.testing.assert_array_equal(got["test"]["label"], ref["y_test"])
+  args.num_samples, args.seed, args.train_split = 300, 7, 1.0
+  np.testing.assert_array_equal(got["transfer"]["image"], make_dataset(args)["x"].astype(np.float32))
+  assert (got["transfer"]["label"] == -1).all()
+
+
 def test_digits_tfds_load(data_dir):
   tr = tfds.as_numpy(tfds.load("digits", split="train", data_dir=data_dir, batch_size=-1))
   te = kd.load_arrays("digits", "test", data_dir)
