@@ -109,6 +109,10 @@ def test_properties(name):
 def test_rkd_gradient_safe_with_duplicate_rows():
   s, t, _ = map(jnp.asarray, _inputs(2))
   s = s.at[1].set(s[0])  # a zero off-diagonal distance as well
+  # it still counts in the mean distance (as in the reference, whose clamped
+  # d[d > 0] keeps it at 1e-6)
+  np.testing.assert_allclose(kdl.rkd(s, t), np_rkd(np.asarray(s, np.float64),
+                                                   np.asarray(t, np.float64)), rtol=1e-5)
   gs, gt = jax.grad(kdl.rkd, argnums=(0, 1))(s, t)
   assert np.all(np.isfinite(gs))
   np.testing.assert_array_equal(gt, 0.0)  # teacher under stop_gradient

@@ -66,7 +66,10 @@ def rkd(student_embedding: Array, teacher_embedding: Array,
   """Relational KD: match normalised pairwise distances and triplet angles.
 
   ψ_D(i, j) = ‖e_i − e_j‖ / μ, μ = mean of the B·(B−1) off-diagonal
-  distances; ψ_A(i, j, k) = <ê_ij, ê_kj> with ê_ij = (e_i − e_j)/‖e_i − e_j‖
+  distances (the reference's "mean of the non-zero entries", ``d[d > 0]``:
+  it clamps squared distances at 1e-12, so only the diagonal is zero there
+  and duplicated rows still count; here they count as 0, and an all-equal
+  batch gives ψ_D = 0 instead of a 0/0); ψ_A(i, j, k) = <ê_ij, ê_kj> with ê_ij = (e_i − e_j)/‖e_i − e_j‖
   for every anchor j (0 when a difference vanishes). Both terms use
   smooth-L1 (Huber, δ = 1) averaged over all B² resp. B³ entries (the
   zero diagonal entries included, as in RepDistiller):
