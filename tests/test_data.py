@@ -154,10 +154,13 @@ class KdjaxTinyStream(LocalBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
-    rng = np.random.default_rng(0)
-    for i in range(N_STREAM):
-      shape = (10 + i % 3, 12 + i % 2, 3)
-      yield i, {"image": rng.integers(0, 256, shape, dtype=np.uint8), "label": i % 10}
+    for i, image in enumerate(_tiny_stream_images()):
+      yield i, {"image": image, "label": i % 10}
+
+
+def _tiny_stream_images():
+  rng = np.random.default_rng(0)
+  return [rng.integers(0, 256, (10 + i % 3, 12 + i % 2, 3), dtype=np.uint8) for i in range(N_STREAM)]
 
 
 def _stream(data_dir, **kw):
@@ -186,6 +189,16 @@ def test_stream_order_shards_and_restore(data_dir):
   assert len(parts[0]) == len(parts[1]) == N_STREAM // 2
   assert not set(parts[0]) & set(parts[1])
   assert set(parts[0]) | set(parts[1]) == set(range(N_STREAM))
+  # views in the pipeline = the eager views.augment of (seed, id, epoch, stream), which
+  # is what the teacher cache regenerates
+  ind = _stream(data_dir, view_mode="independent")
+  b = next(iter(ind.epoch_batches(2)))
+  raw = _tiny_stream_images()
+  for key, stream in (("image", V.STREAM_STUDENT), ("teacher_image", V.STREAM_TEACHER)):
+    want = np.concatenate([V.augment(ind.view, [raw[i]], V.view_key(0, [i], 2, stream))
+                           for i in b["id"]])
+    np.testing.assert_allclose(b[key], want, atol=1e-5)
+  assert not np.allclose(b["image"], b["teacher_image"])
   # resume from a saved position: the same batches, views included
   it = iter(one)
   for _ in range(one.steps_per_epoch + 2):  # into epoch 1
