@@ -40,7 +40,7 @@ def _unavailable(name: str, data_dir: str, why: str = "") -> DatasetUnavailableE
   msg = (f"dataset {name!r} is not prepared in data_dir {data_dir!r}{why}; "
          f"prepare it on a machine with network (`tfds build {name} --data_dir DIR`) and copy "
          f"DIR/{name.split('/')[0]} into {data_dir!r} (or point --data_dir / TFDS_DATA_DIR at it), "
-         f"or pass download=True; for manual-download datasets put the archives in {manual!r}")
+         f"or pass download=True (CLI: --data.download); for manual-download datasets put the archives in {manual!r}")
   return DatasetUnavailableError(" ".join(msg.split()))
 
 
