@@ -13,6 +13,7 @@ stable across runs and processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Sequence
 
@@ -56,7 +57,13 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
 
   data_dir = default_data_dir(data_dir)
   try:
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    absl_log = logging.getLogger("absl")  # "Variant folder … has no dataset_info.json" for a missing dataset
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    finally:
+      absl_log.setLevel(level)
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DatasetUnavailableError(
