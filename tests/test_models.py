@@ -205,7 +205,7 @@ def test_output_and_feature_shapes(name):
   model = abstract(name)
   assert model.num_classes == km.spec(name).defaults["num_classes"]
   assert model.input_shape == km.spec(name).input_shape
-  out = _abstract_forward(model)
+  out = _abstract_forward(model, train=True)  # train mode (feature_shapes: eval)
   assert isinstance(out, ModelOutput)
   if name == "transformer_lm":
     assert out.logits.shape == (2, 128, model.num_classes)
@@ -213,6 +213,7 @@ def test_output_and_feature_shapes(name):
     assert out.logits.shape == (2, model.num_classes)
   shapes = km.feature_shapes(model)
   assert set(shapes) == expected_feature_names(name)
+  assert {k: tuple(v.shape) for k, v in out.features.items()} == shapes
   for k, v in shapes.items():
     assert v[0] == 2
     if k.endswith("_preact"):
