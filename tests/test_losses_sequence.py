@@ -157,10 +157,17 @@ def test_gjsd_endpoints_and_traced_beta():
 def test_extreme_logits_finite(name):
   fn, _ = CASES[name]
   rng = np.random.default_rng(3)
-  s = jnp.asarray(rng.choice([-1e4, 0.0, 1e4], size=(B, L, V)), jnp.float32)
-  t = jnp.asarray(rng.choice([-1e4, 0.0, 1e4], size=(B, L, V)), jnp.float32)
-  val, g = jax.value_and_grad(fn)(s, t, None)
+  s = rng.choice([-1e4, 0.0, 1e4], size=(B, L, V)).astype(np.float32)
+  t = rng.choice([-1e4, 0.0, 1e4], size=(B, L, V)).astype(np.float32)
+  # plus (numerically) one-hot teachers / students: probabilities of exactly 0
+  t[0, 0], s[0, 0] = -1e4, 0.0
+  t[0, 0, 3] = 1e4
+  s[0, 1], t[0, 1] = -1e4, -1e4
+  s[0, 1, 2], t[0, 1, 2], t[0, 1, 5] = 1e4, 1e4, 0.0
+  val, g = jax.value_and_grad(fn)(jnp.asarray(s), jnp.asarray(t), None)
   assert np.isfinite(val) and np.all(np.isfinite(g))
+  g_t = jax.grad(fn, argnums=1)(jnp.asarray(s), jnp.asarray(t), None)
+  assert np.all(np.isfinite(g_t))
 
 
 def test_sparse_kl_and_teacher_topk():
