@@ -56,19 +56,21 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
   import kdjax.data.builders  # noqa: F401  (registration)
 
   data_dir = default_data_dir(data_dir)
+  # tfds logs "Variant folder … has no dataset_info.json" (absl) for a missing
+  # dataset; the one-line error below says it better.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
   try:
-    absl_log = logging.getLogger("absl")  # "Variant folder … has no dataset_info.json" for a missing dataset
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
-      builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    finally:
-      absl_log.setLevel(level)
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    prepared = prepare and builder.is_prepared()
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DatasetUnavailableError(
         f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
-  if not prepare or builder.is_prepared():
+  finally:
+    absl_log.setLevel(level)
+  if not prepare or prepared:
     return builder
   if not (download or _is_embedded(builder)):
     raise _unavailable(name, data_dir)
