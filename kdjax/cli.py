@@ -2,8 +2,10 @@
 
     kdjax train-teacher EXPERIMENT [CONFIG] [--field.path value …]
     kdjax distill       EXPERIMENT [CONFIG] [--field.path value …]
-    kdjax sweep         EXPERIMENT [CONFIG] --grid method.name=kd,dkd --seeds 5 --workdir DIR [--parallel N] [--launcher slurm]
-    kdjax report        DIR… --out results.md
+    kdjax sweep         EXPERIMENT [CONFIG] --grid method=kd,dkd --grid optim.lr=0.05,0.01 --seeds 5 --workdir DIR
+                        [--parallel N] [--launcher slurm [--nodes N] [--sbatch KEY=VALUE]] [--cell I] [--train-teacher]
+                        (--grid config=PATTERN sweeps the experiment's named configs, e.g. 'wrn_40_2-wrn_16_2/*')
+    kdjax report        DIR… --out results.md [--csv FILE] [--plots DIR]
     kdjax export        WORKDIR --out DIR
     kdjax cache         EXPERIMENT [CONFIG] --teacher.checkpoint DIR --cache.dir DIR [--cache.views K] …
     kdjax bench         [--quick] …
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import importlib.util
 import io
 import itertools
@@ -26,13 +29,14 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import types
 import typing
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdjax.config import Experiment
+from kdjax.config import Experiment, ModelConfig
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -102,17 +106,54 @@ def _check_flags(args: Sequence[str]) -> None:
       key = a[2:].split("=", 1)[0].replace("-", "_")
       if key in ("help", "h"):
         continue
+      head, _, leaf = key.rpartition(".")
+      negated = (f"{head}." if head else "") + leaf.removeprefix("no_")
+      if leaf.startswith("no_") and paths.get(negated) is bool:  # tyro's --run.no-quiet form
+        continue
       if key not in paths:
         near = difflib.get_close_matches(key, list(paths), n=1)
         hint = f"; did you mean --{near[0]}?" if near else "; see --help for the fields"
         raise CliError(f"unknown flag --{key}{hint}")
 
 
+def _model_list(values: Sequence[str], flag: str) -> tuple[ModelConfig, ...]:
+  """``NAME`` or ``NAME=CHECKPOINT`` items → ``ModelConfig``s (for ``--extra_teachers``)."""
+  out = []
+  for v in values:
+    name, _, path = v.partition("=")
+    if not name:
+      raise CliError(f"{flag} expects NAME or NAME=CHECKPOINT items, got {v!r}")
+    out.append(ModelConfig(name=name, checkpoint=path or None))
+  return tuple(out)
+
+
+def _pop_model_list(args: list[str], cfg: Experiment) -> Experiment:
+  """Take ``--extra_teachers A=DIR B=DIR …`` (a tuple of models tyro cannot parse) out of ``args``."""
+  for i, a in enumerate(args):
+    key = a[2:].split("=", 1)[0].replace("-", "_") if a.startswith("--") else ""
+    if key == "extra_teachers":
+      j = i + 1
+      vals = [a.split("=", 1)[1]] if "=" in a else []  # --extra_teachers=NAME[=DIR]
+      while j < len(args) and not args[j].startswith("--"):
+        vals.append(args[j])
+        j += 1
+      del args[i:j]
+      try:
+        return _pop_model_list(args, dataclasses.replace(cfg, extra_teachers=_model_list(vals, "--extra_teachers")))
+      except ValueError as e:
+        raise CliError(str(e)) from None
+  return cfg
+
+
 def apply_overrides(cfg: Experiment, args: Sequence[str]) -> Experiment:
-  """``cfg`` with ``--field.path value`` overrides applied (tyro parses)."""
+  """``cfg`` with ``--field.path value`` overrides applied (tyro parses).
+
+  ``--extra_teachers NAME[=CHECKPOINT] …`` (a tuple of models) is parsed here.
+  """
   import tyro
 
   args = list(args)
+  cfg = _pop_model_list(args, cfg)
   if not args:
     return cfg
   if "--help" in args or "-h" in args:
@@ -210,124 +251,269 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
   return 0
 
 
-def sweep_cells(grid: list[str], seeds: int) -> list[dict[str, str]]:
-  """The Cartesian product of ``--grid key=v1,v2`` specs × seeds."""
+GRID_ALIASES = {"method": "method.name", "teacher": "teacher.name", "student": "student.name", "seed": "run.seed",
+                "lr": "optim.lr"}
+
+
+def _expand_configs(patterns: list[str], names: Sequence[str], exp: str) -> list[str]:
+  """Named configs matching ``patterns`` (exact names or globs like ``wrn_40_2-wrn_16_2/*``), in file order."""
+  out: list[str] = []
+  for p in patterns:
+    hits = [n for n in names if fnmatch.fnmatchcase(n, p)] if any(c in p for c in "*?[") else [p] if p in names else []
+    if not hits:
+      shown = ", ".join(list(names)[:12]) + (" …" if len(names) > 12 else "")
+      raise CliError(f"--grid config={p}: experiment {exp!r} has no matching config; available: {shown or '(none)'}")
+    out += [h for h in hits if h not in out]
+  return out
+
+
+def sweep_cells(grid: Sequence[str], seeds: int, config_names: Sequence[str] = (), exp: str = "") -> list[dict[str, str]]:
+  """The Cartesian product of ``--grid key=v1,v2`` specs × seeds ``0 … seeds−1``.
+
+  Keys are config field paths (``optim.lr``) or the aliases ``method``,
+  ``teacher``, ``student``, ``seed``, ``lr``; the key ``config`` picks the
+  experiment's named configs (globs allowed). A cell is ``{key: value}`` with
+  ``run.seed`` last.
+  """
+  if seeds < 1:
+    raise CliError(f"--seeds must be ≥ 1, got {seeds}")
   axes: list[tuple[str, list[str]]] = []
   for g in grid:
     if "=" not in g:
       raise CliError(f"--grid expects key=v1,v2,…, got {g!r}")
     k, v = g.split("=", 1)
-    k = {"method": "method.name", "teacher": "teacher.name", "student": "student.name"}.get(k, k)
-    axes.append((k, [x for x in v.split(",") if x]))
+    k = GRID_ALIASES.get(k, k)
+    vals = [x for x in v.split(",") if x]
+    if not vals:
+      raise CliError(f"--grid {g!r} has no values")
+    if k == "config":
+      vals = _expand_configs(vals, config_names, exp)
+    if k in (a for a, _ in axes):
+      raise CliError(f"--grid names {k} twice; give one --grid {k}=v1,v2,…")
+    axes.append((k, vals))
+  seeded = any(k == "run.seed" for k, _ in axes)
+  if seeded and seeds != 1:
+    raise CliError("--grid seed=… and --seeds N both set the seeds; use one of them")
   cells = []
   for combo in itertools.product(*[vals for _, vals in axes]):
-    for s in range(seeds):
+    for s in ([None] if seeded else range(seeds)):
       cell = {k: v for (k, _), v in zip(axes, combo)}
-      cell["run.seed"] = str(s)
+      if s is not None:
+        cell["run.seed"] = str(s)
       cells.append(cell)
   return cells
 
 
+def _safe(v: str) -> str:
+  return v.replace("/", ".").replace(os.sep, ".")
+
+
 def cell_dir(root: str, cell: dict[str, str]) -> str:
-  parts = [f"{k.split('.')[-1]}={v}" for k, v in cell.items() if k != "run.seed"]
-  return str(Path(root) / ("_".join(parts) or "base") / f"seed{cell['run.seed']}")
-
-
-def cmd_sweep(argv: list[str]) -> int:
-  args = list(argv)
-  grid = _pop_opt(args, "--grid", multi=True)
-  seeds = int(_pop_opt(args, "--seeds", "1"))
-  root = _pop_opt(args, "--workdir") or _pop_opt(args, "--run.workdir") or "workdirs/sweep"
-  parallel = int(_pop_opt(args, "--parallel", "1"))
-  launcher = _pop_opt(args, "--launcher", "local")
-  cell_index = _pop_opt(args, "--cell")
-  exp, name, rest = _split_exp_args(args)
-  cells = sweep_cells(grid, seeds)
-  # Validate every cell's config before running anything.
-  for c in cells:
-    build_config([exp] + ([name] if name else []) + rest + _cell_flags(c, root))
-  if launcher == "slurm":
-    path = write_slurm_script(exp, name, rest, grid, seeds, root, len(cells))
-    print(f"wrote {path} ({len(cells)} array tasks); submit with: sbatch {path}")
-    return 0
-  if launcher != "local":
-    raise CliError(f"--launcher must be local or slurm, got {launcher!r}")
-  if cell_index is not None:
-    i = int(cell_index)
-    if not 0 <= i < len(cells):
-      raise CliError(f"--cell {i} is out of range: the sweep has {len(cells)} cells")
-    return cmd_train([exp] + ([name] if name else []) + rest + _cell_flags(cells[i], root), None)
-  cmds = [[sys.executable, "-m", "kdjax.cli", "distill", exp] + ([name] if name else []) + rest + _cell_flags(c, root)
-          for c in cells]
-  from kdjax.report.progress import progress
-  failed = 0
-  if parallel <= 1:
-    for cmd in progress(cmds, total=len(cmds), desc="sweep"):
-      failed += subprocess.run(cmd).returncode != 0
-  else:
-    running: list[subprocess.Popen] = []
-    queue = list(cmds)
-    while queue or running:
-      while queue and len(running) < parallel:
-        running.append(subprocess.Popen(queue.pop(0)))
-      done = [p for p in running if p.poll() is not None]
-      for p in done:
-        failed += p.returncode != 0
-        running.remove(p)
-      if not done:
-        import time
-        time.sleep(0.2)
-  print(f"sweep: {len(cmds) - failed}/{len(cmds)} cells finished under {root}")
-  return 1 if failed else 0
+  """``root/<config>_<leaf>=<value>…/seed<k>`` (a leaf name shared by two keys keeps its full path)."""
+  keys = [k for k in cell if k not in ("run.seed", "config")]
+  leaves = [k.split(".")[-1] for k in keys]
+  parts = [_safe(cell["config"])] if "config" in cell else []
+  parts += [f"{k if leaves.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={_safe(cell[k])}" for k in keys]
+  return str(Path(root) / ("_".join(parts) or "base") / f"seed{cell.get('run.seed', 0)}")
 
 
 def _cell_flags(cell: dict[str, str], root: str) -> list[str]:
   flags = []
   for k, v in cell.items():
-    flags += [f"--{k}", v]
+    if k != "config":
+      flags += [f"--{k}", v]
   return flags + ["--run.workdir", cell_dir(root, cell), "--run.quiet"]
 
 
-def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: list[str], seeds: int, root: str,
-                       n_cells: int, nodes: int = 1) -> Path:
-  """An sbatch array script: one sweep cell per array task.
+def _cell_argv(exp: str, name: str | None, rest: list[str], cell: dict[str, str], root: str) -> list[str]:
+  return [exp] + ([cell.get("config") or name] if (cell.get("config") or name) else []) + rest + _cell_flags(cell, root)
 
-  Each task runs ``kdjax sweep … --cell $SLURM_ARRAY_TASK_ID --distributed``;
-  ``--distributed`` calls ``jax.distributed.initialize()``, which reads
-  SLURM's environment, so a multi-node cell (``#SBATCH --nodes``) becomes one
-  multi-host JAX job.
+
+def _int_opt(args: list[str], flag: str, default: int, minimum: int = 0) -> int:
+  v = _pop_opt(args, flag)
+  if v is None:
+    return default
+  try:
+    n = int(v)
+  except ValueError:
+    raise CliError(f"{flag} expects an integer, got {v!r}") from None
+  if n < minimum:
+    raise CliError(f"{flag} must be ≥ {minimum}, got {n}")
+  return n
+
+
+def _finished(cfg: Experiment) -> bool:
+  """The cell's workdir already holds results of this very config."""
+  from kdjax.config import config_hash
+
+  res = Path(cfg.run.workdir) / "results.json"
+  if not res.exists():
+    return False
+  try:
+    return json.loads(res.read_text()).get("config_hash") == config_hash(cfg)
+  except (OSError, ValueError):
+    return False
+
+
+def cmd_sweep(argv: list[str]) -> int:
+  """``kdjax sweep EXPERIMENT [CONFIG] --grid k=v1,v2 … --seeds N --workdir DIR [options] [--field value …]``.
+
+  Options: ``--parallel N`` (N local processes; default 1 runs the cells one
+  after another in this process), ``--launcher slurm`` (write
+  ``DIR/sweep.sbatch``, an array job with one cell per task, and
+  ``DIR/cells.json``; ``--nodes N`` per cell and ``--sbatch KEY=VALUE`` extra
+  ``#SBATCH`` lines), ``--cell I`` (run only cell I — what each array task
+  does), ``--distributed`` (call ``jax.distributed.initialize()`` first),
+  ``--train-teacher`` (cells train teachers). Every cell's config is built and
+  validated before anything runs; a cell whose workdir already holds its
+  ``results.json`` is skipped, so re-running a sweep finishes it.
   """
-  Path(root).mkdir(parents=True, exist_ok=True)
-  path = Path(root) / "sweep.sbatch"
+  args = list(argv)
+  grid = _pop_opt(args, "--grid", multi=True)
+  seeds = _int_opt(args, "--seeds", 1, minimum=1)
+  root = _pop_opt(args, "--workdir") or _pop_opt(args, "--run.workdir") or "workdirs/sweep"
+  parallel = _int_opt(args, "--parallel", 1, minimum=1)
+  launcher = _pop_opt(args, "--launcher", "local")
+  cell_index = _pop_opt(args, "--cell")
+  distributed = bool(_pop_opt(args, "--distributed", is_bool=True))
+  teacher = bool(_pop_opt(args, "--train-teacher", is_bool=True))
+  nodes = _int_opt(args, "--nodes", 1, minimum=1)
+  sbatch = _pop_opt(args, "--sbatch", multi=True)
+  if launcher not in ("local", "slurm"):
+    raise CliError(f"--launcher must be local or slurm, got {launcher!r}")
+  exp, name, rest = _split_exp_args(args)
+  mod = load_experiment(exp)
+  cells = sweep_cells(grid, seeds, config_names(mod), exp)
+  if name and any("config" in c for c in cells):
+    raise CliError(f"give the config either as CONFIG ({name!r}) or as --grid config=…, not both")
+  mode = "teacher" if teacher else None
+  argvs = [_cell_argv(exp, name, rest, c, root) for c in cells]
+  cfgs = []
+  for i, (c, a) in enumerate(zip(cells, argvs)):  # validate every cell before running anything
+    try:
+      cfgs.append(build_config(list(a), mode=mode))
+    except ValueError as e:
+      raise CliError(f"sweep cell {i} ({', '.join(f'{k}={v}' for k, v in c.items())}): {e}") from None
+  if launcher == "slurm":
+    extra = ["--train-teacher"] if teacher else []
+    path = write_slurm_script(exp, name, rest + extra, grid, seeds, root, cells, nodes=nodes, sbatch=sbatch)
+    print(f"wrote {path} ({len(cells)} array tasks, cells listed in {Path(root) / 'cells.json'}); "
+          f"submit with: sbatch {path}")
+    return 0
+  if cell_index is not None:
+    try:
+      i = int(cell_index)
+    except ValueError:
+      raise CliError(f"--cell expects an integer, got {cell_index!r}") from None
+    if not 0 <= i < len(cells):
+      raise CliError(f"--cell {i} is out of range: the sweep has {len(cells)} cells (0 … {len(cells) - 1})")
+    return cmd_train((["--distributed"] if distributed else []) + argvs[i], mode)
+  if distributed:
+    raise CliError("--distributed runs one cell across hosts: combine it with --cell I (as the slurm script does)")
+
+  from kdjax.report.progress import progress
+  todo = [i for i, c in enumerate(cfgs) if not _finished(c)]
+  if len(todo) < len(cells):
+    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; running the rest")
+  failed: list[int] = []
+  if parallel == 1:
+    for i in progress(todo, total=len(todo), desc="sweep"):
+      try:
+        rc = cmd_train(list(argvs[i]), mode)
+      except Exception as e:  # one bad cell does not stop the sweep
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"kdjax: sweep cell {i} ({cfgs[i].run.workdir}) failed: {msg}", file=sys.stderr)
+        rc = 1
+      if rc:
+        failed.append(i)
+  else:
+    cmd0 = [sys.executable, "-m", "kdjax.cli", "train-teacher" if teacher else "distill"]
+    running: list[tuple[int, subprocess.Popen]] = []
+    queue = list(todo)
+    bar = progress(None, total=len(todo), desc="sweep")  # updated by hand
+    while queue or running:
+      while queue and len(running) < parallel:
+        i = queue.pop(0)
+        running.append((i, subprocess.Popen(cmd0 + argvs[i])))
+      done = [(i, p) for i, p in running if p.poll() is not None]
+      for i, p in done:
+        if p.returncode:
+          failed.append(i)
+        running.remove((i, p))
+        bar.update(1)
+      if not done:
+        time.sleep(0.2)
+    bar.close()
+  print(f"sweep: {len(cells) - len(failed)}/{len(cells)} cells finished under {root}"
+        + (f"; failed: {', '.join(map(str, sorted(failed)))}" if failed else ""))
+  return 1 if failed else 0
+
+
+def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: Sequence[str], seeds: int, root: str,
+                       cells: Sequence[dict[str, str]], nodes: int = 1, sbatch: Sequence[str] = ()) -> Path:
+  """Write ``root/sweep.sbatch`` (an array job, one sweep cell per task) and ``root/cells.json``.
+
+  Each task runs ``python -m kdjax.cli sweep … --cell $SLURM_ARRAY_TASK_ID
+  --distributed``; ``--distributed`` calls ``jax.distributed.initialize()``,
+  which reads SLURM's environment, so a cell on ``nodes`` > 1 nodes (one
+  process per node) runs as one multi-host JAX job.
+  """
+  root_path = Path(root)
+  root_path.mkdir(parents=True, exist_ok=True)
+  path = root_path / "sweep.sbatch"
+  listing = [{"cell": i, "workdir": cell_dir(root, c), **c} for i, c in enumerate(cells)]
+  (root_path / "cells.json").write_text(json.dumps(listing, indent=2))
+  extra = []
+  for s in sbatch:
+    if "=" not in s:
+      raise CliError(f"--sbatch expects KEY=VALUE (e.g. --sbatch gpus-per-node=8), got {s!r}")
+    k, v = s.split("=", 1)
+    extra.append(f"#SBATCH --{k.lstrip('-')}={v}")
   grid_flags = " ".join(f"--grid {shlex.quote(g)}" for g in grid)
-  args = " ".join(shlex.quote(a) for a in [exp] + ([name] if name else []) + rest)
-  script = f"""#!/bin/bash
-#SBATCH --job-name=kdjax-sweep
-#SBATCH --array=0-{n_cells - 1}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --output={root}/slurm-%A_%a.out
-set -euo pipefail
-# One array task = one sweep cell. srun starts one process per node; each calls
-# jax.distributed.initialize(), which reads SLURM's environment.
-srun kdjax sweep {args} {grid_flags} --seeds {seeds} --workdir {shlex.quote(root)} --cell "$SLURM_ARRAY_TASK_ID" --distributed
-"""
-  path.write_text(script)
+  args = " ".join(shlex.quote(a) for a in [exp] + ([name] if name else []) + list(rest))
+  q = shlex.quote
+  lines = [
+      "#!/bin/bash",
+      f"#SBATCH --job-name=kdjax-{Path(exp).stem}",
+      f"#SBATCH --array=0-{len(cells) - 1}",
+      f"#SBATCH --nodes={nodes}",
+      "#SBATCH --ntasks-per-node=1",
+      f"#SBATCH --chdir={os.getcwd()}",
+      f"#SBATCH --output={root_path / 'slurm-%A_%a.out'}",
+      *extra,
+      "set -euo pipefail",
+      f"# {len(cells)} cells (listed in {root_path / 'cells.json'}); array task i runs cell i. srun starts one",
+      "# process per node; each calls jax.distributed.initialize(), which reads SLURM's environment",
+      "# (coordinator address, process count and id), so a multi-node cell is one multi-host JAX job.",
+      f"srun {q(sys.executable)} -m kdjax.cli sweep {args} {grid_flags} --seeds {seeds} --workdir {q(root)} "
+      f'--cell "$SLURM_ARRAY_TASK_ID" --distributed',
+  ]
+  path.write_text("\n".join(lines) + "\n")
   return path
 
 
 def cmd_report(argv: list[str]) -> int:
+  """``kdjax report DIR… [--out results.md] [--csv FILE] [--plots DIR]``: Markdown table (mean ± std over
+  seeds, seed count, last- and best-epoch columns), CSV and PNG plots."""
   from kdjax import report
 
   args = list(argv)
   out = _pop_opt(args, "--out", "results.md")
+  csv_path = _pop_opt(args, "--csv")
+  plots = _pop_opt(args, "--plots")
+  unknown = [a for a in args if a.startswith("--")]
+  if unknown:
+    raise CliError(f"kdjax report: unknown option {unknown[0]} (options: --out, --csv, --plots)")
   if not args:
     raise CliError("kdjax report needs at least one workdir")
   for a in args:
     if not Path(a).exists():
       raise CliError(f"no such workdir: {a}")
-  md = report.make_report(args, out)
+  md = report.make_report(args, out, csv_path=csv_path, plots_dir=plots)
   print(md)
+  out_p = Path(out)
+  print(f"wrote {out_p}, {Path(csv_path) if csv_path else out_p.with_suffix('.csv')} and "
+        f"{Path(plots) if plots else out_p.parent}/{out_p.stem}_{{curves,bars}}.png", file=sys.stderr)
   return 0
 
 
