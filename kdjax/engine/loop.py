@@ -246,7 +246,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
                      opt_state=opt_state, adapter_params=tuple(adapters), method_state=tuple(mstates),
                      key=jax.random.key_data(jax.random.fold_in(key, 1)), ema=ema)
   fsdp = cfg.run.mesh_fsdp > 1
-  state = _global_put(state, sharding.param_shardings(state, mesh, fsdp=fsdp))
+  state = _global_put(state, sharding.state_shardings(state, mesh, fsdp=fsdp))
   teacher = TeacherState(params=tuple(t_params), model_state=tuple(t_rests))
   teacher = _global_put(teacher, sharding.param_shardings(teacher, mesh, fsdp=fsdp))
 

@@ -23,20 +23,23 @@ BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**14
 
 
-def make_mesh(data: int = 0, fsdp: int = 1) -> Mesh:
+def make_mesh(data: int = 0, fsdp: int = 1, devices: Any = None) -> Mesh:
   """A ``("data", "fsdp")`` mesh over all devices (of all processes).
 
   Args:
     data: size of the data axis; 0 means ``device_count // fsdp``.
     fsdp: size of the parameter-sharding axis.
+    devices: use these devices instead of all of them (e.g. one device of
+      eight, to compare device counts in one process).
   """
-  n = jax.device_count()
+  n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"run.mesh_fsdp={fsdp} must divide the device count {n}")
   data = data or n // fsdp
   if data * fsdp != n:
     raise ValueError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp} must equal the device count {n}")
-  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -70,6 +73,26 @@ def param_shardings(tree: Any, mesh: Mesh, fsdp: bool = True) -> Any:
     return NamedSharding(mesh, fsdp_spec(shape, size))
 
   return jax.tree.map(one, tree)
+
+
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+  """Shardings for a ``TrainState``: :func:`param_shardings`, except that
+  method-state tables (the CRD memory bank, ``(N, D)``) have their rows split
+  over ``data`` when N divides evenly (else they stay replicated).
+
+  Each device then holds N / data rows; the step's gathers and scatters into
+  the bank become collectives that XLA inserts.
+  """
+  out = param_shardings(state, mesh, fsdp)
+  data = mesh.shape["data"]
+
+  def bank(x, s):
+    shape = tuple(getattr(x, "shape", ()))
+    if data > 1 and len(shape) == 2 and shape[0] % data == 0:
+      return NamedSharding(mesh, P("data", None))
+    return s
+
+  return out.replace(method_state=jax.tree.map(bank, state.method_state, out.method_state))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "data.batch_size") -> None:

@@ -88,6 +88,24 @@ def _average_outputs(outs: list[ModelOutput], w: jax.Array) -> ModelOutput:
   return ModelOutput(logits, outs[0].features)
 
 
+def _skip_unreached(updates, grads):
+  """Zero the update of every leaf whose gradient is exactly zero everywhere.
+
+  Those are parameters the current loss does not reach: the classifier head
+  and CE-only adapters during a two-stage method's init stage, FT's
+  paraphraser (stop-gradiented) and AB's connectors in the main stage. As
+  in PyTorch, where such parameters have ``grad is None`` and the optimizer
+  skips them, neither leftover momentum from the other stage nor weight
+  decay moves them.
+  """
+  return jax.tree.map(lambda u, g: jnp.where(jnp.any(g != 0), u, jnp.zeros_like(u)), updates, grads)
+
+
+def _global_norm(tree) -> jax.Array:
+  """‖tree‖₂ over all leaves, float32 (no optax version dependency)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Top-1 accuracy over labelled examples (label ≥ 0)."""
   valid = labels >= 0
@@ -180,8 +198,8 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
       metrics = jax.tree.map(lambda m: m / a, msum)
 
     updates, opt_state = spec.tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    trainable = optax.apply_updates(trainable, _skip_unreached(updates, grads))
+    metrics["train/grad_norm"] = _global_norm(grads)
     ema = state.ema
     if spec.mode == "self_ema":
       d = spec.ema_decay

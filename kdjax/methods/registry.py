@@ -124,7 +124,10 @@ def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> M
   terms: list[Term] = []
   for t, w in weights.items():
     if t in keep:
-      terms.extend(TERMS[t](t, float(w), cfg, student, teacher))
+      try:
+        terms.extend(TERMS[t](t, float(w), cfg, student, teacher))
+      except ValueError as e:  # name the method the user asked for, not only the term
+        raise ValueError(f"method {cfg.name!r}: {e}") from None
   if not terms:
     raise ValueError(f"method {cfg.name!r} with terms {cfg.terms} has no term with a non-zero weight")
   return Method(cfg.name, tuple(terms))

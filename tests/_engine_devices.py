@@ -1,0 +1,53 @@
+"""Subprocess for test_engine: the same 20 CRD+KD steps on 1 device, on 8
+forced CPU devices (data=8) and with an FSDP mesh (data=4 × fsdp=2).
+
+Usage: python tests/_engine_devices.py OUT.pkl   (sets the 8-device flag itself)
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pickle  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _engine_setup as E  # noqa: E402
+from kdjax.engine import sharding  # noqa: E402
+from kdjax.engine.state import apply_model  # noqa: E402
+
+STEPS = 20
+
+
+def main(out_path: str) -> None:
+  assert jax.device_count() == 8, jax.devices()
+  batches = [E.digits_batch(i) for i in range(4)]
+  res = {}
+  meshes = {"one": sharding.make_mesh(devices=jax.devices()[:1]), "eight": sharding.make_mesh(),
+            "fsdp": sharding.make_mesh(4, 2)}
+  setups = {}
+  for name, mesh in meshes.items():
+    s = E.setup("crd+kd", mesh=mesh, fsdp=name == "fsdp")
+    setups[name] = s
+    state, hist = E.run_steps(s, batches, STEPS)
+    res[name] = {"state": E.host(state), "metrics": hist, "mesh_size": mesh.size,
+                 "bank_spec": str(state.method_state[0]["crd"].student.sharding.spec),
+                 "teacher_specs": [str(x.sharding.spec) for x in jax.tree.leaves(s.teacher)]}
+  # Teacher outputs: FSDP-sharded teacher vs the replicated one, same inputs.
+  x = np.concatenate([b["image"] for b in batches])
+  for name in ("eight", "fsdp"):
+    s = setups[name]
+    td = s.spec.teachers[0]
+    f = jax.jit(lambda p, r, x: apply_model(td.graphdef, p, r, x, train=False)[0])
+    out = f(s.teacher.params[0], s.teacher.model_state[0], sharding.shard_batch({"x": x}, s.mesh)["x"])
+    res[name]["teacher_out"] = E.host({"logits": out.logits, **out.features})
+  with open(out_path, "wb") as fh:
+    pickle.dump(res, fh)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
