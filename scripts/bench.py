@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Benchmark of kdjax's jitted KD train step (also ``kdjax bench``).
+
+For each teacher→student pair it measures, after warm-up, the training
+throughput of four cases and prints one JSON line per case:
+
+  student_only    plain CE training of the student (the floor)
+  kd              online KD: frozen teacher forward inside the step
+  kd_cached       KD from cached teacher logits (``batch["teacher_logits"]``,
+                  what ``--data.teacher_cache`` feeds): no teacher forward
+  torch_eager_kd  the equivalent PyTorch eager loop (same architectures,
+                  batch, KD loss, SGD), when torch is importable
+
+Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
+rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
+(XLA's cost analysis of the compiled step, per example), ``achieved_gflops``
+(= gflop_per_image × images_per_sec), ``devices``, ``backend``, ``batch``,
+``dtype``. A ``matmul_peak`` line gives the measured dense float32 GFLOP/s
+of the same device, so every figure reads as a fraction of the hardware.
+
+The kdjax cases run the engine's real step (``kdjax.engine.make_train_step``
+jitted by ``kdjax.engine.loop.jit_train_step``, state donated) on one batch
+already on the device; cases are interleaved round by round so a load spike
+on a shared machine hits all of them alike.
+
+XLA:CPU options (``--xla-cpu onednn``) must be set before JAX starts, so the
+script sets ``XLA_FLAGS`` itself; compare options in separate runs.
+
+    python scripts/bench.py                       # resnet32x4→resnet8x4, batch 64
+    python scripts/bench.py --pairs all --rounds 5
+    python scripts/bench.py --quick               # seconds; used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+PAIRS = {
+    "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", (32, 32, 3), 100),
+    "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", (32, 32, 3), 100),
+    "cnn1d-mlp": ("cnn1d", "mlp", (40,), 10),
+}
+CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd")
+XLA_CPU_OPTIONS = {
+    "default": "",
+    # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
+    "onednn": "--xla_cpu_experimental_onednn_custom_call=true",
+}
+TEMPERATURE, KD_WEIGHT, CE_WEIGHT = 4.0, 0.9, 0.1  # RepDistiller's KD recipe
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--pairs", default="resnet32x4-resnet8x4",
+                 help=f"comma-separated pairs, or 'all': {', '.join(PAIRS)}")
+  p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--dtype", default="float32",
+                 help="computation dtype(s) of both models, comma-separated (float32, bfloat16; params stay "
+                      "float32); every dtype runs the kdjax cases side by side")
+  p.add_argument("--xla-cpu", default="default", choices=tuple(XLA_CPU_OPTIONS),
+                 help="XLA:CPU option set (set in XLA_FLAGS before JAX starts)")
+  p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+  p.add_argument("--quick", action="store_true", help="tiny sizes (cnn1d→mlp, batch 32, 2 steps): seconds")
+  a = p.parse_args(argv)
+  if a.quick:
+    a.pairs, a.batch, a.steps, a.rounds, a.warmup = "cnn1d-mlp", 32, 2, 1, 1
+  a.pairs = list(PAIRS) if a.pairs == "all" else [x for x in a.pairs.split(",") if x]
+  for x in a.pairs:
+    if x not in PAIRS:
+      p.error(f"unknown pair {x!r}; choose from {', '.join(PAIRS)} or 'all'")
+  a.dtypes = [d for d in a.dtype.split(",") if d]
+  for d in a.dtypes:
+    if d not in ("float32", "bfloat16"):
+      p.error(f"unknown --dtype {d!r}; choose float32 or bfloat16")
+  a.cases = [c for c in a.cases.split(",") if c]
+  for c in a.cases:
+    if c not in CASES:
+      p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+  if a.batch < 1 or a.steps < 1 or a.rounds < 1 or a.warmup < 0:
+    p.error("--batch, --steps, --rounds must be ≥ 1 and --warmup ≥ 0")
+  return a
+
+
+# --------------------------------------------------------------------------- kdjax cases
+
+
+def _cost_flops(compiled) -> float | None:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  return float(ca["flops"]) if ca and "flops" in ca else None
+
+
+class JaxCase:
+  """One compiled engine step and its (donated) state."""
+
+  def __init__(self, case: str, pair: str, batch: int, dtype: str, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from kdjax import methods, models
+    from kdjax.config import MethodConfig, OptimConfig
+    from kdjax.engine import loop, sharding
+    from kdjax.engine.optim import make_optimizer
+    from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, split_model
+    from kdjax.engine.step import StepSpec
+    from kdjax.methods.base import InitInfo
+
+    t_name, s_name, shape, classes = PAIRS[pair]
+    self.case, self.pair, self.batch, self.dtype = case, pair, batch, dtype
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    student = models.create(s_name, num_classes=classes, rngs=nnx.Rngs(seed), dtype=dt)
+    teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt)
+    s_info = loop._model_info(student, s_name, classes)
+    t_info = loop._model_info(teacher, t_name, classes)
+    online_teacher = case == "kd"
+    mode = "teacher" if case == "student_only" else "offline"
+    mcfg = MethodConfig(name="ce") if case == "student_only" else MethodConfig(
+        name="kd", temperature=TEMPERATURE, terms=(f"ce={CE_WEIGHT}", f"kd={KD_WEIGHT}"))
+    method = methods.build(mcfg, s_info, t_info if mode == "offline" else None)
+    tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
+                           steps_per_epoch=782, total_steps=10**6)
+
+    sg, sp, sr = split_model(student)
+    tg, tp, tr = split_model(teacher)
+    x_abs = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+    s_out = jax.eval_shape(lambda p, r, x: apply_model(sg, p, r, x, train=False)[0], sp, sr, x_abs)
+    t_out = jax.eval_shape(lambda p, r, x: apply_model(tg, p, r, x, train=False)[0], tp, tr, x_abs)
+    key = jax.random.key(seed)
+    adapters, mstate = method.init(key, s_out, t_out if mode == "offline" else None,
+                                   InitInfo(student=s_info, teacher=t_info, num_examples=50000))
+    trainable = {"students": (sp,), "adapters": (adapters,)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=(sp,), model_state=(sr,), opt_state=tx.init(trainable),
+                       adapter_params=(adapters,), method_state=(mstate,), key=jax.random.key_data(key))
+    mesh = sharding.make_mesh()
+    state = jax.device_put(state, sharding.replicated(mesh))
+    # The teacher is a jit argument; kd_cached/student_only pass an empty one.
+    tstate = TeacherState(params=(tp,), model_state=(tr,)) if online_teacher else TeacherState((), ())
+    tstate = jax.device_put(tstate, sharding.replicated(mesh))
+    spec = StepSpec(students=(ModelDef(sg, s_info, shape),),
+                    teachers=(ModelDef(tg, t_info, shape),) if online_teacher else (),
+                    method=method, tx=tx, mode=mode, steps_per_epoch=782)
+    rng = np.random.default_rng(seed)
+    host = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
+            "label": rng.integers(0, classes, batch).astype(np.int32)}
+    if case == "kd_cached":  # what the cache serves: float16 storage, float32 in the batch
+      host["teacher_logits"] = (rng.normal(size=(batch, classes)) * 3).astype(np.float16).astype(np.float32)
+    self.batch_arrays = sharding.shard_batch(host, mesh)
+    run = types.SimpleNamespace(state=state, teacher=tstate, mesh=mesh)
+    jitted = loop.jit_train_step(spec, run)
+    t0 = time.perf_counter()
+    self.compiled = jitted.lower(state, tstate, self.batch_arrays).compile()
+    self.compile_seconds = time.perf_counter() - t0
+    self.jitted = jitted
+    text = self.compiled.as_text() or ""
+    # oneDNN custom calls XLA:CPU emitted (0 when --xla_cpu_experimental_onednn_custom_call has no effect)
+    self.onednn_custom_calls = text.count("onednn")
+    flops = _cost_flops(self.compiled)
+    self.gflop_per_image = None if flops is None else flops / batch / 1e9
+    self.state, self.teacher = state, tstate
+    self.devices = jax.device_count()
+    self.backend = jax.default_backend()
+
+  def run(self, steps: int) -> float:
+    """Run ``steps`` steps; returns seconds (waits for the device)."""
+    import jax
+
+    t0 = time.perf_counter()
+    state = self.state
+    for _ in range(steps):
+      state, metrics = self.compiled(state, self.teacher, self.batch_arrays)
+    jax.block_until_ready((state, metrics))
+    self.state = state
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- torch reference
+
+
+def _torch_models():
+  """Small PyTorch versions of the kdjax architectures (NCHW / NCL layouts)."""
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                   if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+      out = F.relu(self.bn1(self.conv1(x)))
+      out = self.bn2(self.conv2(out))
+      return F.relu(out + (x if self.down is None else self.down(x)))
+
+  class CifarResNet(nn.Module):
+    def __init__(self, depth, widths, classes):
+      super().__init__()
+      n = (depth - 2) // 6
+      self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+      blocks, cin = [], widths[0]
+      for i, w in enumerate(widths[1:]):
+        for j in range(n):
+          blocks.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+          cin = w
+      self.blocks = nn.Sequential(*blocks)
+      self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+      return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+  class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.equal = cin == cout and stride == 1
+      self.short = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+      act = F.relu(self.bn1(x))
+      out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+      return out + (x if self.equal else self.short(act))
+
+  class WideResNet(nn.Module):
+    def __init__(self, depth, k, classes):
+      super().__init__()
+      n = (depth - 4) // 6
+      widths = [16, 16 * k, 32 * k, 64 * k]
+      self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+      blocks, cin = [], 16
+      for i, w in enumerate(widths[1:]):
+        for j in range(n):
+          blocks.append(WideBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+          cin = w
+      self.blocks = nn.Sequential(*blocks)
+      self.bn, self.fc = nn.BatchNorm2d(cin), nn.Linear(cin, classes)
+
+    def forward(self, x):
+      return self.fc(F.relu(self.bn(self.blocks(self.conv1(x)))).mean((2, 3)))
+
+  class CNN1D(nn.Module):
+    def __init__(self, classes=10, ch=25):
+      super().__init__()
+      self.convs = nn.ModuleList([nn.Conv1d(1, ch, 5, 2, 1), nn.Conv1d(ch, ch, 3, 2, 1), nn.Conv1d(ch, ch, 3, 2, 1)])
+      self.fc = nn.Linear(5 * ch, classes)
+
+    def forward(self, x):
+      x = x[:, None, :]
+      for c in self.convs:
+        x = F.relu(c(x))
+      return self.fc(x.flatten(1))
+
+  def mlp(classes=10):
+    return nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, classes))
+
+  return {
+      "resnet32x4": lambda c: CifarResNet(32, (32, 64, 128, 256), c),
+      "resnet8x4": lambda c: CifarResNet(8, (32, 64, 128, 256), c),
+      "wrn_40_2": lambda c: WideResNet(40, 2, c),
+      "wrn_16_2": lambda c: WideResNet(16, 2, c),
+      "cnn1d": lambda c: CNN1D(c),
+      "mlp": mlp,
+  }, torch
+
+
+class TorchCase:
+  """The loop a PyTorch user would write: eager, teacher in eval + no_grad."""
+
+  def __init__(self, pair: str, batch: int, threads: int = 0, seed: int = 0):
+    zoo, torch = _torch_models()
+    import torch.nn.functional as F
+
+    if threads:
+      torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t_name, s_name, shape, classes = PAIRS[pair]
+    self.case, self.pair, self.batch = "torch_eager_kd", pair, batch
+    self.teacher = zoo[t_name](classes).eval()
+    self.student = zoo[s_name](classes).train()
+    for p in self.teacher.parameters():
+      p.requires_grad_(False)
+    self.opt = torch.optim.SGD(self.student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    x_shape = (batch, shape[2], shape[0], shape[1]) if len(shape) == 3 else (batch, *shape)
+    self.x = torch.randn(*x_shape)
+    self.y = torch.randint(0, classes, (batch,))
+    self.torch, self.F = torch, F
+    self.compile_seconds = 0.0
+    self.gflop_per_image = None
+    self.devices, self.backend = 1, f"torch-{torch.__version__}-cpu"
+    self.dtype, self.onednn_custom_calls = "float32", None
+
+  def step(self):
+    torch, F, t = self.torch, self.F, TEMPERATURE
+    with torch.no_grad():
+      t_logits = self.teacher(self.x)
+    s_logits = self.student(self.x)
+    ce = F.cross_entropy(s_logits, self.y)
+    kd = F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1), reduction="batchmean",
+                  log_target=True) * t * t
+    loss = CE_WEIGHT * ce + KD_WEIGHT * kd
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    return loss
+
+  def run(self, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      loss = self.step()
+    loss.item()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def matmul_peak(n: int, reps: int, rounds: int) -> dict:
+  """Measured dense float32 matmul GFLOP/s (best round) of the default device."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  best = 0.0
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      c = f(a, b)
+    c.block_until_ready()
+    best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+  return {"case": "matmul_peak", "pair": None, "n": n, "gflops": round(best, 2), "devices": jax.device_count(),
+          "backend": jax.default_backend()}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
+  flags = XLA_CPU_OPTIONS[a.xla_cpu]
+  if flags:  # read by XLA when the backend starts: a no-op if JAX already ran in this process
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  peak = matmul_peak(256 if a.quick else 2048, 2 if a.quick else 5, 1 if a.quick else a.rounds)
+  peak.update(xla_cpu=a.xla_cpu, load_avg_1min=round(os.getloadavg()[0], 2), cpu_count=os.cpu_count())
+  print(json.dumps(peak), flush=True)
+  for pair in a.pairs:
+    cases = []
+    for c in a.cases:
+      if c == "torch_eager_kd":
+        if _torch_available():
+          cases.append(TorchCase(pair, a.batch, a.torch_threads))
+        else:
+          print(json.dumps({"case": c, "pair": pair, "skipped": "torch is not installed (pip install kdjax[bench])"}))
+      else:
+        cases += [JaxCase(c, pair, a.batch, d) for d in a.dtypes]
+    for case in cases:
+      case.run(a.warmup) if a.warmup else None
+    rates = {id(c): [] for c in cases}
+    for _ in range(a.rounds):
+      for case in cases:
+        rates[id(case)].append(a.steps * a.batch / case.run(a.steps))
+    flops_kd = {c.case: c.gflop_per_image for c in cases if isinstance(c, JaxCase) and c.dtype == "float32"}
+    for case in cases:
+      ips = statistics.median(rates[id(case)])
+      # torch runs the same computation as the kdjax online-KD step: count its work with XLA's figure.
+      g = case.gflop_per_image if case.gflop_per_image is not None else flops_kd.get("kd")
+      row = {"case": case.case, "pair": pair, "images_per_sec": round(ips, 2),
+             "images_per_sec_best": round(max(rates[id(case)]), 2),
+             "compile_seconds": round(case.compile_seconds, 3),
+             "gflop_per_image": None if g is None else float(f"{g:.4g}"),
+             "achieved_gflops": None if g is None else float(f"{g * ips:.4g}"),
+             "devices": case.devices, "backend": case.backend, "batch": a.batch,
+             "dtype": case.dtype, "xla_cpu": a.xla_cpu, "onednn_custom_calls": case.onednn_custom_calls}
+      print(json.dumps(row), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,99 @@
+"""scripts/bench.py (issue 7, acceptance 4): ``--quick`` prints valid JSON
+lines with every field, XLA's FLOP count matches the models' arithmetic, and
+the audited step neither recompiles nor keeps its donated input state."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+FIELDS = ("case", "pair", "images_per_sec", "compile_seconds", "gflop_per_image", "achieved_gflops", "devices",
+          "backend")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+  spec = importlib.util.spec_from_file_location("kdjax_bench", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def quick_rows(bench):
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert bench.main(["--quick"]) == 0
+  return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+
+
+def _flops_cnn1d_forward() -> float:
+  """MNIST-1D CNN forward FLOPs (multiply-add = 2), written out from its shapes."""
+  lengths, flops, c_in = [40], 0, 1
+  for k in (5, 3, 3):
+    n = (lengths[-1] + 2 - k) // 2 + 1
+    flops += 2 * n * 25 * k * c_in
+    lengths.append(n)
+    c_in = 25
+  return flops + 2 * 125 * 10
+
+
+def _flops_mlp_forward() -> float:
+  return 2 * (40 * 100 + 100 * 100 + 100 * 10)
+
+
+def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
+  peak = [r for r in quick_rows if r["case"] == "matmul_peak"]
+  assert len(peak) == 1 and peak[0]["gflops"] > 0
+  rows = {r["case"]: r for r in quick_rows if r["case"] != "matmul_peak"}
+  expected = {"student_only", "kd", "kd_cached"} | ({"torch_eager_kd"} if bench._torch_available() else set())
+  assert set(rows) == expected
+  for r in rows.values():
+    for f in FIELDS:
+      assert f in r, (r["case"], f)
+    assert r["pair"] == "cnn1d-mlp" and r["images_per_sec"] > 0 and r["devices"] >= 1
+    np.testing.assert_allclose(r["achieved_gflops"], r["gflop_per_image"] * r["images_per_sec"], rtol=2e-3)
+  for c in ("student_only", "kd", "kd_cached"):
+    assert rows[c]["backend"] == jax.default_backend() and rows[c]["compile_seconds"] > 0
+
+
+def test_xla_flop_counts_match_the_models(quick_rows):
+  rows = {r["case"]: r for r in quick_rows}
+  teacher_fwd = (rows["kd"]["gflop_per_image"] - rows["kd_cached"]["gflop_per_image"]) * 1e9
+  # the online step costs exactly one extra teacher forward …
+  np.testing.assert_allclose(teacher_fwd, _flops_cnn1d_forward(), rtol=0.15)
+  # … and training the student is ≈ 3 forwards (forward + two backward matmuls per layer)
+  np.testing.assert_allclose(rows["student_only"]["gflop_per_image"] * 1e9, 3 * _flops_mlp_forward(), rtol=0.25)
+  np.testing.assert_allclose(rows["kd_cached"]["gflop_per_image"], rows["student_only"]["gflop_per_image"], rtol=0.1)
+
+
+def test_engine_step_compiles_once_and_donates_its_state(bench):
+  case = bench.JaxCase("kd", "cnn1d-mlp", 8, "float32")
+  teacher_before = [np.asarray(x) for x in jax.tree.leaves(case.teacher)]
+  state = case.state
+  for _ in range(3):
+    old = state
+    state, metrics = case.jitted(state, case.teacher, case.batch_arrays)
+    assert all(x.is_deleted() for x in jax.tree.leaves(old))  # donated: no second copy of the state
+  assert case.jitted._cache_size() == 1  # no recompilation across steps
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss/total"]))
+  for a, b in zip(teacher_before, jax.tree.leaves(case.teacher)):  # frozen teacher, untouched
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_bad_arguments_exit_with_a_message(bench, capsys):
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--pairs", "resnet9-nope"])
+  assert "unknown pair 'resnet9-nope'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--dtype", "float8"])
+  assert "unknown --dtype 'float8'" in capsys.readouterr().err
