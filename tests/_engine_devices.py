@@ -35,8 +35,8 @@ def main(out_path: str) -> None:
     setups[name] = s
     state, hist = E.run_steps(s, batches, STEPS)
     res[name] = {"state": E.host(state), "metrics": hist, "mesh_size": mesh.size,
-                 "bank_spec": str(state.method_state[0]["crd"].student.sharding.spec),
-                 "teacher_specs": [str(x.sharding.spec) for x in jax.tree.leaves(s.teacher)]}
+                 "bank_spec": tuple(state.method_state[0]["crd"].student.sharding.spec),
+                 "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.teacher)]}
   # Teacher outputs: FSDP-sharded teacher vs the replicated one, same inputs.
   x = np.concatenate([b["image"] for b in batches])
   for name in ("eight", "fsdp"):
