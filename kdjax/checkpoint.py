@@ -40,6 +40,18 @@ EXPORT_PARAMS = "model.msgpack"
 EXPORT_META = "model.json"
 
 
+def pure_dict(state: nnx.State) -> dict:
+  """``nnx.State`` → nested plain dict of arrays (works across Flax versions)."""
+  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def batch_stats(rest: Any) -> Any:
+  """The ``nnx.BatchStat`` entries of a model's non-param state (what inference needs)."""
+  if not isinstance(rest, nnx.State):
+    return rest
+  return nnx.filter_state(rest, nnx.BatchStat) if hasattr(nnx, "filter_state") else rest.filter(nnx.BatchStat)
+
+
 def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -54,9 +66,15 @@ def keys_to_data(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _key_impl(ref):
+  if isinstance(ref, jax.ShapeDtypeStruct):  # an abstract key: its dtype knows the implementation
+    return ref.dtype._impl  # noqa: SLF001 - no public accessor for abstract keys
+  return jax.random.key_impl(ref)
+
+
 def data_to_keys(tree: Any, like: Any) -> Any:
-  """Inverse of :func:`keys_to_data` using ``like`` to know which were keys."""
-  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref) else x,
+  """Inverse of :func:`keys_to_data` using ``like`` (arrays or abstract) to know which were keys."""
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x,
                       tree, like)
 
 
@@ -90,17 +108,35 @@ class Checkpointer:
         save_interval_steps=max(save_every, 1),
         enable_async_checkpointing=async_save,
         create=True,
+        # Saves cut short (SIGKILL while an async save was in flight) leave a
+        # ``<step>.orbax-checkpoint-tmp-*`` directory that is never a step;
+        # remove such leftovers when the run restarts.
+        cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self._saved: set[int] = set(self.manager.all_steps())
+    self._closed = False
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Start an async save of ``state`` + ``meta`` at ``step``.
+
+    Without ``force`` only every ``save_every`` steps. A step already saved
+    (or being saved) is skipped. The device→host copy happens before this
+    returns, so ``state`` may be donated to the next step right away.
+    Returns whether a save was started.
+    """
+    if step in self._saved:
+      return False
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
-    return self.manager.save(
+    started = self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
-        force=force,
+        force=True,
     )
+    if started:
+      self._saved.add(step)
+    return started
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -117,30 +153,71 @@ class Checkpointer:
       try:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        state = data_to_keys(restored["state"], abstract_state)
-        _check_finite_structure(state, abstract_state)
-        return step, state, dict(restored["meta"])
-      except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+        if not isinstance(restored["meta"], dict) or not restored["meta"]:
+          raise ValueError("its metadata is empty")
+      except Exception as e:  # noqa: BLE001 - a restore that fails in any way means "not usable"
         aside = self.directory.parent / f"{self.directory.name}_corrupt" / str(step)
+        n = 1
+        while aside.exists():  # never overwrite an earlier one
+          aside, n = aside.with_name(f"{step}.{n}"), n + 1
         msg = (f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: "
                f"{str(e).splitlines()[0][:200] if str(e) else ''}); moved it to {aside} and trying the previous one")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
-        aside.parent.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
+          aside.parent.mkdir(parents=True, exist_ok=True)
           shutil.move(str(self.directory / str(step)), str(aside))
+        self._saved.discard(step)
         self.manager.reload()
+        continue
+      # Outside the try: a bug here must surface, not get a good checkpoint moved aside.
+      state = data_to_keys(restored["state"], abstract_state)
+      _check_same_structure(state, abstract_state)
+      return step, state, dict(restored["meta"])
     return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Wait for saves in flight, then release the manager (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
 
 
-def _check_finite_structure(state, abstract) -> None:
+def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int, dict, dict]:
+  """``(step, state, meta)`` of a saved checkpoint (default: the latest).
+
+  ``state`` is the saved :class:`~kdjax.engine.state.TrainState` as a nested
+  dict of host NumPy arrays (PRNG keys as raw ``uint32`` data), restored
+  without a target: for inspection, tools and tests, not for resuming.
+  """
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    raise ValueError(f"no checkpoint directory {str(directory)!r}")
+  mgr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                       "meta": ocp.JsonCheckpointHandler()},
+                              options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+  try:
+    steps = sorted(mgr.all_steps())
+    if not steps or (step is not None and step not in steps):
+      raise ValueError(f"{str(directory)!r} has no checkpoint {'' if step is None else f'at step {step} '}"
+                       f"(steps: {steps})")
+    step = steps[-1] if step is None else step
+    # A target on one local device: readable whatever mesh saved it.
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                          mgr.item_metadata(step)["state"], is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    mgr.close()
+  return step, jax.tree.map(np.asarray, r["state"]), dict(r["meta"])
+
+
+def _check_same_structure(state, abstract) -> None:
   a, b = jax.tree.structure(state), jax.tree.structure(abstract)
   if a != b:
     raise ValueError(f"restored tree structure differs from the target: {a} vs {b}")
@@ -167,7 +244,7 @@ def export_model(directory: str | Path, *, model_name: str, num_classes: int, dt
   from jax.experimental import multihost_utils
 
   def host(tree):
-    tree = nnx.State(tree).to_pure_dict() if isinstance(tree, nnx.State) else tree
+    tree = pure_dict(tree) if isinstance(tree, nnx.State) else tree
     tree = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         if jax.process_count() > 1 else np.asarray(x), keys_to_data(tree))
     return tree
@@ -184,15 +261,21 @@ def export_model(directory: str | Path, *, model_name: str, num_classes: int, dt
   return path
 
 
-def resolve_export(path: str | Path) -> Path:
+def resolve_export(path: str | Path, what: str = "teacher checkpoint") -> Path:
   """A run workdir, an export dir or a ``.msgpack`` file → the msgpack path."""
   p = Path(path)
   for cand in (p, p / EXPORT_PARAMS, p / EXPORT_DIR / EXPORT_PARAMS):
     if cand.is_file():
       return cand
-  raise ValueError(
-      f"teacher checkpoint not found: {str(p)!r} holds no {EXPORT_DIR}/{EXPORT_PARAMS}; "
-      f"train one with `kdjax train-teacher … --run.workdir {p}` or pass --teacher.checkpoint <teacher workdir>")
+  if (p / "checkpoints").is_dir():
+    why = "its run has checkpoints but did not finish; re-run its command to resume and export it"
+  elif p.exists():
+    why = f"it holds no {EXPORT_DIR}/{EXPORT_PARAMS}"
+  else:
+    why = "no such file or directory"
+  fix = ("train one with `kdjax train-teacher EXPERIMENT --workdir DIR` and pass --teacher.checkpoint DIR"
+         if what.startswith("teacher") else "pass the workdir of a finished run")
+  raise ValueError(f"{what} {str(p)!r} not found ({why}); {fix}")
 
 
 def file_hash(path: str | Path) -> str:
@@ -203,25 +286,28 @@ def file_hash(path: str | Path) -> str:
   return h.hexdigest()[:16]
 
 
-def load_export(path: str | Path) -> tuple[dict, dict, str]:
-  """``(meta, payload, hash)`` of an exported model."""
-  msgpack = resolve_export(path)
+def load_export(path: str | Path, what: str = "teacher checkpoint") -> tuple[dict, dict, str]:
+  """``(meta, payload, hash)`` of an exported model; ``what`` names it in errors."""
+  msgpack = resolve_export(path, what)
   meta_path = msgpack.parent / EXPORT_META
-  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
   try:
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     payload = serialization.msgpack_restore(msgpack.read_bytes())
+    if not isinstance(payload, dict) or "params" not in payload:
+      raise TypeError("no 'params' entry")
   except Exception as e:  # noqa: BLE001
-    raise ValueError(f"teacher checkpoint {str(msgpack)!r} is corrupt or not a kdjax export ({type(e).__name__})") from None
+    raise ValueError(f"{what} {str(msgpack)!r} is corrupt or not a kdjax export ({type(e).__name__}); "
+                     f"re-export it from its run's workdir") from None
   return meta, payload, file_hash(msgpack)
 
 
 def fill_model(model: nnx.Module, payload: dict) -> nnx.Module:
   """Load exported params/BN stats into a freshly created model (in place)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  p_dict = params.to_pure_dict()
+  p_dict = pure_dict(params)
   _check_same_shapes(payload["params"], p_dict, "params")
   nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, payload["params"]))
-  r_dict = rest.to_pure_dict()
+  r_dict = pure_dict(rest)
   saved = payload.get("model_state", {})
   merged = _merge_known(r_dict, saved)
   nnx.replace_by_pure_dict(rest, merged)

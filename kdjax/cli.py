@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -116,6 +117,28 @@ def _check_flags(args: Sequence[str]) -> None:
         raise CliError(f"unknown flag --{key}{hint}")
 
 
+def _tyro_message(text: str) -> str:
+  """The one-line gist of tyro's error box (unicode, ASCII or plain layout).
+
+  The box is split into sections at its rules; the title ("Value error") is
+  skipped and the first section that says something is returned, with tyro's
+  "Error parsing optim: " prefix removed when the message names the field.
+  """
+  sections, cur = [], []
+  for line in text.splitlines():
+    s = line.strip(" │╭╰╮╯|+")
+    if not s.strip("─-") or s.startswith(("─", "-")):  # a rule or the title bar: a new section
+      sections.append(cur)
+      cur = []
+    else:
+      cur.append(s)
+  sections.append(cur)
+  said = [" ".join(sec) for sec in sections if any(c in " ".join(sec) for c in ":'\".")]
+  msg = said[0].removeprefix("Error parsing ") if said else ""
+  m = re.match(r"^[A-Za-z_][\w.]*: ([a-z_][\w./]*: .*)$", msg)  # "optim: optim.lr: must be > 0" → the inner part
+  return m.group(1) if m else msg
+
+
 def _model_list(values: Sequence[str], flag: str) -> tuple[ModelConfig, ...]:
   """``NAME`` or ``NAME=CHECKPOINT`` items → ``ModelConfig``s (for ``--extra_teachers``)."""
   out = []
@@ -164,8 +187,7 @@ def apply_overrides(cfg: Experiment, args: Sequence[str]) -> Experiment:
     with redirect_stderr(err), redirect_stdout(io.StringIO()):
       return tyro.cli(Experiment, default=cfg, args=args)
   except SystemExit:
-    text = " ".join(line.strip(" │╭╰─╮╯") for line in err.getvalue().splitlines() if line.strip(" │╭╰─╮╯"))
-    raise CliError(f"bad arguments {' '.join(args)!r}: {text[:300] or 'see --help'}") from None
+    raise CliError(_tyro_message(err.getvalue()) or f"bad arguments {' '.join(args)!r}; see --help") from None
   except ValueError as e:  # __post_init__ validation
     raise CliError(str(e)) from None
 
@@ -524,7 +546,7 @@ def cmd_export(argv: list[str]) -> int:
   out = _pop_opt(args, "--out")
   if len(args) != 1:
     raise CliError("usage: kdjax export WORKDIR [--out DIR]")
-  src = ckpt.resolve_export(args[0])
+  src = ckpt.resolve_export(args[0], what="run to export")
   if out:
     import shutil
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -40,6 +41,8 @@ PREEMPTED_EXIT = 75
 NONFINITE_EXIT = 65
 CKA_EXAMPLES = 1024
 
+log = logging.getLogger(__name__)
+
 
 class Preempted(Exception):
   """SIGTERM/SIGINT arrived; the state at ``step`` was saved."""
@@ -56,6 +59,77 @@ class NonFiniteLoss(Exception):
     where = f"; last good checkpoint: step {last_good}" if last_good is not None else "; no checkpoint was written"
     super().__init__(f"non-finite loss at step {step} in {', '.join(terms)}{where}")
     self.step, self.terms, self.last_good = step, terms, last_good
+
+
+FAULT_ENV = "KDJAX_FAULT_AT_STEP"
+_FAULT_ACTIONS = ("KILL", "TERM", "INT", "NAN")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+  """Fault-injection test hook: right after optimizer step ``step``, ``action``.
+
+  ``KILL``/``TERM``/``INT`` send that signal to this process once the step's
+  periodic checkpoint save has *started* (so ``KILL`` may hit an async save in
+  flight); ``NAN`` makes the step's ``term`` (default: every non-total loss
+  term) and the student parameters NaN, as a diverging step would.
+
+  From the environment: ``KDJAX_FAULT_AT_STEP=N:ACTION[:TERM]``, e.g.
+  ``12:TERM`` or ``5:NAN:loss/kd``.
+  """
+
+  step: int
+  action: str = "KILL"
+  term: str | None = None
+
+  def __post_init__(self):
+    if self.step < 1 or self.action not in _FAULT_ACTIONS:
+      raise ValueError(f"{FAULT_ENV}: step={self.step}, action={self.action!r}; expected a step ≥ 1 and one of "
+                       f"{'|'.join(_FAULT_ACTIONS)}, e.g. {FAULT_ENV}=12:TERM")
+
+
+def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
+  """The :class:`Fault` named by ``$KDJAX_FAULT_AT_STEP`` (None when unset)."""
+  spec = (os.environ if environ is None else environ).get(FAULT_ENV, "").strip()
+  if not spec:
+    return None
+  parts = spec.split(":", 2)
+  try:
+    step = int(parts[0])
+  except ValueError:
+    raise ValueError(f"{FAULT_ENV}={spec!r}: expected N:{'|'.join(_FAULT_ACTIONS)}[:loss term], "
+                     f"e.g. {FAULT_ENV}=12:TERM") from None
+  return Fault(step, parts[1].upper() if len(parts) > 1 else "KILL", parts[2] if len(parts) > 2 else None)
+
+
+def _send_signal(action: str) -> None:
+  os.kill(os.getpid(), getattr(signal, "SIG" + action))
+  if action == "KILL":
+    while True:  # SIGKILL cannot be caught; never run another step
+      time.sleep(1)
+
+
+def _is_loss_key(k: str) -> bool:
+  return k.startswith("loss/") or "/loss/" in k
+
+
+def _poison(state: TrainState, metrics: dict, term: str | None) -> tuple[TrainState, dict]:
+  """NaN in the student params and in loss ``term`` (None: every non-total term)."""
+  terms = [k for k in metrics if _is_loss_key(k) and not k.endswith("loss/total")]
+  if term is not None:
+    if term not in metrics:
+      raise ValueError(f"{FAULT_ENV}: no loss term {term!r} in this run; terms: {', '.join(sorted(terms))}")
+    terms = [term]
+  nan = lambda x: jax.device_put(jnp.full(x.shape, jnp.nan, x.dtype), x.sharding)  # noqa: E731
+  poison = lambda x: nan(x) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  metrics = {k: (nan(v) if k in terms or k.endswith("loss/total") else v) for k, v in metrics.items()}
+  return state.replace(params=jax.tree.map(poison, state.params)), metrics
+
+
+def _preemption_sync_point(step: int) -> bool:
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -95,7 +169,11 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") 
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset "
                      f"has {num_classes}")
   model = _create(mcfg, num_classes, seed=0)
-  ckpt.fill_model(model, payload)
+  try:
+    ckpt.fill_model(model, payload)
+  except ValueError as e:  # no model.json, or one that lies: the shapes decide
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
+                     f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run") from None
   return model, digest
 
 
@@ -333,41 +411,58 @@ def _write_json(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: int | None = None) -> dict:
+def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault | None = None) -> dict:
   """Train one run (resuming if its workdir has a checkpoint); returns results.
 
   Args:
     cfg: the experiment.
     teacher_checkpoint: overrides ``cfg.teacher.checkpoint`` (born-again).
-    nan_at_step: testing hook — poison the loss at this step to exercise the
-      non-finite guard.
+    fault: testing hook (see :class:`Fault`); default: read from the
+      ``KDJAX_FAULT_AT_STEP`` environment variable.
+
+  Raises:
+    ValueError: bad input (data, models, method, teacher, workdir), before any
+      step runs and before anything in the workdir is touched.
+    Preempted: SIGTERM/SIGINT arrived; the current step was finished and saved.
+    NonFiniteLoss: a loss term became NaN/Inf; nothing after the last good
+      checkpoint was saved.
   """
   if cfg.mode == "born_again":
     return _born_again(cfg)
   from kdjax import report
 
-  workdir = _prepare_workdir(cfg)
+  fault = fault if fault is not None else fault_from_env()
+  # Everything that can reject the inputs (data, models, method, teacher) runs
+  # before the workdir is looked at, so each bad input gets its own message.
   run = build(cfg, teacher_checkpoint=teacher_checkpoint)
+  workdir = _prepare_workdir(cfg)
   h = cfg_lib.config_hash(cfg)
   provenance = {"config": cfg_lib.to_dict(cfg), "config_hash": h, "teacher_hash": run.teacher_hash,
                 "versions": ckpt.library_versions(), "git_commit": ckpt.git_commit()}
-  _write_json(workdir / "config.json", provenance)
 
   checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=cfg.run.checkpoint_every,
                                    max_to_keep=cfg.run.max_to_keep)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-  restored = checkpointer.restore_latest(abstract)
+  try:
+    restored = checkpointer.restore_latest(abstract)
+  except BaseException:
+    checkpointer.close()
+    raise
   state = run.state
-  elapsed_before, best, history_best_step = 0.0, -1.0, None
+  elapsed_before, best, history_best_step, resumed_from = 0.0, -1.0, None, []
   if restored is not None:
     step0, state, meta = restored
     if meta.get("teacher_hash") != run.teacher_hash:
+      checkpointer.close()
       raise ValueError(f"the checkpoint in {str(workdir)!r} was trained with teacher {meta.get('teacher_hash')} but "
                        f"the configured teacher is {run.teacher_hash}; use a new --run.workdir")
     run.loader.restore(meta["data"])
     elapsed_before = float(meta.get("seconds", 0.0))
     best = float(meta.get("best_test_accuracy", -1.0))
     history_best_step = meta.get("best_step")
+    resumed_from = [*meta.get("resumed_from", []), step0]
+    log.info("resuming %s from step %d (%s)", workdir, step0, checkpointer.directory / str(step0))
+  _write_json(workdir / "config.json", provenance)
   state_shardings = shardings_of(run.state)
   run.state = None  # donated below; never reuse
 
@@ -380,12 +475,16 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
   eval_every = cfg.run.eval_every or spe
   start = int(state.step)
   stop = {"flag": False}
+  multihost = jax.process_count() > 1
 
   def on_signal(signum, frame):  # finish the step, save, exit
-    del frame
+    del signum, frame
     stop["flag"] = True
 
-  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  # Multi-host: JAX's preemption service owns SIGTERM and agrees on a step
+  # (`reached_preemption_sync_point`); a local handler would desynchronise hosts.
+  signals = (signal.SIGINT,) if multihost else (signal.SIGTERM, signal.SIGINT)
+  old_handlers = {s: signal.signal(s, on_signal) for s in signals}
   t0 = time.perf_counter()
   pending: list[tuple[int, dict]] = []
   last_good: int | None = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
@@ -393,16 +492,25 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
 
   def meta(step: int) -> dict:
     return {"data": run.loader.state(), "seconds": elapsed_before + time.perf_counter() - t0, "step": step,
-            "best_test_accuracy": best, "best_step": history_best_step, **provenance}
+            "best_test_accuracy": best, "best_step": history_best_step, "resumed_from": resumed_from,
+            "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "process_count": jax.process_count(), **provenance}
 
   def check_pending() -> None:
     """Raise on the first non-finite loss among steps not yet checked."""
     nonlocal pending
     for s, m in pending:
-      bad = [k for k, v in m.items() if k.startswith(("loss/", "s0/loss", "s1/loss")) and not np.isfinite(np.asarray(v)).all()]
+      bad = sorted(k for k, v in m.items() if _is_loss_key(k) and not np.isfinite(np.asarray(v)).all())
       if bad:
-        raise NonFiniteLoss(s, sorted(bad), last_good)
+        terms = [k for k in bad if not k.endswith("loss/total")] or bad
+        raise NonFiniteLoss(s, terms, last_good)
     pending = []
+
+  def save(step: int, *, force: bool = False) -> None:
+    nonlocal last_good
+    if cfg.run.stop_on_nan:
+      check_pending()  # never write a state that a non-finite step produced
+    if checkpointer.save(step, state, meta(step), force=force):
+      last_good = step
 
   it = iter(run.loader)
   bar = report.progress(range(start, run.total_steps), total=run.total_steps - start, desc=f"train {cfg.name}",
@@ -413,10 +521,10 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
       gb = sharding.shard_batch(batch, run.mesh)
       fn = step_init if (step_init is not None and step < run.init_steps) else step_main
       state, metrics = fn(state, run.teacher, gb)
-      if nan_at_step is not None and step == nan_at_step:
-        metrics = dict(metrics, **{"loss/total": jnp.nan})
-      pending.append((step, metrics))
       done = step + 1
+      if fault is not None and fault.action == "NAN" and done == fault.step:
+        state, metrics = _poison(state, metrics, fault.term)
+      pending.append((done, metrics))
       if cfg.run.stop_on_nan and (done % cfg.run.log_every == 0 or len(pending) >= 64):
         check_pending()
       if done % cfg.run.log_every == 0 and writer:
@@ -433,20 +541,20 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
         if writer:
           writer.write(done, "eval", {**last_eval, "epoch": done / spe})
       if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < run.total_steps:
+        save(done)
+      if fault is not None and fault.action != "NAN" and done == fault.step:
+        _send_signal(fault.action)
+      if stop["flag"] or (multihost and _preemption_sync_point(done)):
         check_pending()
-        checkpointer.save(done, state, meta(done))
-        last_good = done
-      if stop["flag"]:
-        check_pending()
-        checkpointer.save(done, state, meta(done), force=True)
+        save(done, force=True)
         checkpointer.close()
         raise Preempted(done)
     check_pending()
     final_step = int(state.step)
-    if final_step not in checkpointer.all_steps():
-      checkpointer.save(final_step, state, meta(final_step), force=True)
+    save(final_step, force=True)
     checkpointer.close()
   finally:
+    checkpointer.close()  # waits for an in-flight save: the last good checkpoint is complete
     for s, hnd in old_handlers.items():
       signal.signal(s, hnd)
     if writer:
@@ -454,10 +562,12 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
 
   # Export the trained student (a later run can use it as its teacher).
   rest0 = state.model_state[0]
-  bstats = nnx.State(rest0).filter(nnx.BatchStat) if isinstance(rest0, nnx.State) else rest0
+  bstats = ckpt.batch_stats(rest0)
   export_path = ckpt.export_model(workdir / ckpt.EXPORT_DIR, model_name=cfg.student.name, num_classes=run.num_classes,
                                   dtype=cfg.student.dtype, params=state.params[0], model_state=bstats,
-                                  extra={"config_hash": h, "experiment": cfg.name})
+                                  extra={"config_hash": h, "experiment": cfg.name, "teacher_hash": run.teacher_hash,
+                                         "steps": final_step, "versions": provenance["versions"],
+                                         "git_commit": provenance["git_commit"]})
   if not last_eval:
     last_eval = evaluate(run, state, eval_fn)
   seconds = elapsed_before + time.perf_counter() - t0
@@ -472,6 +582,7 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
       "cka": last_eval.get("cka"),
       "steps": final_step,
       "seconds": seconds,
+      "resumed_from": resumed_from,
       "config_hash": h,
       "teacher_hash": run.teacher_hash,
       "student_hash": ckpt.file_hash(export_path) if export_path.exists() else None,
@@ -485,6 +596,7 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, nan_at_step: 
       "published": cfg.published,
       "versions": provenance["versions"],
       "git_commit": provenance["git_commit"],
+      "config": provenance["config"],
   }
   _write_json(workdir / "results.json", results)
   return results
