@@ -337,9 +337,15 @@ def _mnist1d_cfg(tfds_dir, workdir, **kw) -> Experiment:
   return Experiment(**base)
 
 
+def _export_mlp(workdir: Path, num_classes: int) -> None:
+  """A teacher workdir holding an exported ``mlp`` (as ``fit`` leaves one)."""
+  _, params, _ = split_model(models.create("mlp", num_classes=num_classes))
+  ckpt.export_model(workdir / ckpt.EXPORT_DIR, model_name="mlp", num_classes=num_classes, dtype="float32",
+                    params=params, model_state={})
+
+
 def test_born_again_teacher_hash_chain(tfds_dir, tmp_path):
-  tcfg = _mnist1d_cfg(tfds_dir, tmp_path / "teacher", mode="teacher", method=MethodConfig(name="ce"))
-  loop.fit(tcfg)
+  _export_mlp(tmp_path / "teacher", num_classes=10)  # an (untrained) generation-0 teacher
   teacher_hash = ckpt.load_export(tmp_path / "teacher")[2]
   cfg = _mnist1d_cfg(tfds_dir, tmp_path / "ban", mode="born_again", generations=2,
                      teacher=ModelConfig(name="mlp", checkpoint=str(tmp_path / "teacher")))
@@ -383,17 +389,13 @@ def test_missing_feature_error_names_method_feature_and_features(tfds_dir, tmp_p
 
 def test_num_classes_mismatch_errors_before_compiling(tfds_dir, tmp_path, monkeypatch):
   _no_compile(monkeypatch)
-  m = models.create("mlp", num_classes=5)
-  _, params, rest = split_model(m)
-  ckpt.export_model(tmp_path / "t5" / ckpt.EXPORT_DIR, model_name="mlp", num_classes=5, dtype="float32",
-                    params=params, model_state={})
+  _export_mlp(tmp_path / "t5", num_classes=5)
   cfg = _mnist1d_cfg(tfds_dir, tmp_path / "w", teacher=ModelConfig(name="mlp", checkpoint=str(tmp_path / "t5")))
   with pytest.raises(ValueError, match=r"has 5 classes but the dataset has 10"):
     loop.fit(cfg)
   # The method layer refuses the pair too (e.g. models built in a notebook).
   with pytest.raises(ValueError, match=r"5 classes but student .* has 10"):
     E.setup("kd", teacher_classes=5)
-  del rest
 
 
 @pytest.fixture(scope="module")
