@@ -1,0 +1,115 @@
+"""Bad input through the CLI: one clear line, a non-zero exit, nothing lost.
+
+Table-driven and in-process (``kdjax.cli.main`` with stderr captured). Every
+case points at an existing, finished run (or its teacher) and the test hashes
+every file of both workdirs before and after: a rejected command must not
+change or remove anything. (The batch-not-divisible-by-8-devices case needs
+forced devices and runs in ``tests/test_checkpoint.py``'s 8-device subprocess.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from kdjax import cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+  """A finished teacher run, a finished student run and a few odd paths."""
+  root = tmp_path_factory.mktemp("cli_errors")
+  t, s = root / "teacher", root / "student"
+  assert cli.main(["train-teacher", "mnist1d_kd", "--workdir", str(t), "--optim.steps", "3",
+                   "--data.batch_size", "64", "--run.quiet"]) == 0
+  assert cli.main(student_argv(s, t)) == 0
+  (root / "a_file").write_text("not a directory")
+  (root / "unfinished" / "checkpoints").mkdir(parents=True)
+  return {"teacher": t, "student": s, "root": root}
+
+
+def student_argv(workdir: Path, teacher: Path, *extra: str, config: str = "kd_labelled") -> list[str]:
+  return ["distill", "mnist1d_kd", config, "--workdir", str(workdir), "--teacher.checkpoint", str(teacher),
+          "--optim.steps", "3", "--data.batch_size", "64", "--run.quiet", *extra]
+
+
+def digest(d: Path) -> dict[str, str]:
+  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# (id, argv builder (student workdir, teacher workdir, scratch root) → argv, what the line must say)
+CASES = [
+    ("unknown_dataset", lambda s, t, r: student_argv(s, t, "--data.name", "mnist1e"),
+     "unknown TFDS dataset 'mnist1e'"),
+    ("unknown_student_model", lambda s, t, r: student_argv(s, t, "--student.name", "resnet9000"),
+     "unknown model 'resnet9000'; available: "),
+    ("unknown_teacher_model", lambda s, t, r: student_argv(s, t, "--teacher.name", "cnn2d"),
+     "unknown model 'cnn2d'; available: "),
+    ("unknown_method", lambda s, t, r: student_argv(s, t, "--method.name", "kdd"),
+     "method.name: unknown method 'kdd'"),
+    ("negative_lr", lambda s, t, r: student_argv(s, t, "--optim.lr", "-0.1"), "optim.lr: must be > 0, got -0.1"),
+    ("lr_not_a_number", lambda s, t, r: student_argv(s, t, "--optim.lr", "fast"),
+     "--optim.lr: could not convert string to float: 'fast'"),
+    ("unknown_optimizer", lambda s, t, r: student_argv(s, t, "--optim.name", "lion"), "invalid choice 'lion'"),
+    ("zero_batch", lambda s, t, r: student_argv(s, t, "--data.batch_size", "0"),
+     "data.batch_size: must be positive, got 0"),
+    ("mesh_larger_than_devices", lambda s, t, r: student_argv(s, t, "--run.mesh_data", "3"),
+     "run.mesh_data=3 × run.mesh_fsdp=1 must equal the device count 1"),
+    ("fsdp_not_dividing_devices", lambda s, t, r: student_argv(s, t, "--run.mesh_fsdp", "2"),
+     "run.mesh_fsdp=2 must divide the device count 1"),
+    ("missing_teacher", lambda s, t, r: student_argv(s, r / "no_such_teacher"),
+     "(no such file or directory); train one with `kdjax train-teacher"),
+    ("unfinished_teacher", lambda s, t, r: student_argv(s, r / "unfinished"),
+     "has checkpoints but did not finish; re-run its command to resume and export it"),
+    ("teacher_wrong_architecture", lambda s, t, r: student_argv(s, t, "--teacher.name", "mlp"),
+     "holds a 'cnn1d' but the config asks for teacher.name='mlp'"),
+    ("unwritable_workdir", lambda s, t, r: student_argv(r / "a_file" / "run", t),
+     "is not writable (Not a directory); choose another --run.workdir"),
+    ("workdir_of_another_experiment", lambda s, t, r: student_argv(s, t, "--optim.lr", "0.02"),
+     "holds a different experiment"),
+    ("conflict_multi_teacher_without_extra", lambda s, t, r: student_argv(s, t, "--mode", "multi_teacher"),
+     "extra_teachers: multi_teacher mode needs at least one extra teacher"),
+    ("conflict_teacher_on_transfer_set",
+     lambda s, t, r: ["train-teacher", "mnist1d_kd", "--workdir", str(t), "--data.transfer_split", "transfer"],
+     "data.transfer_split: the transfer set is unlabelled; it cannot train a teacher"),
+    ("conflict_no_length", lambda s, t, r: student_argv(s, t, "--optim.steps", "0", "--optim.epochs", "0"),
+     "optim.epochs/optim.steps: one of them must be positive"),
+    ("wrong_feature_name", lambda s, t, r: student_argv(s, t, "--method.name", "fitnet", "--method.hint_layer", "nope"),
+     "needs feature 'nope', but model 'mlp' exposes"),
+    ("zero_temperature", lambda s, t, r: student_argv(s, t, "--method.temperature", "0"),
+     "method.temperature: must be > 0, got 0.0"),
+    ("negative_temperature", lambda s, t, r: student_argv(s, t, "--method.temperature", "-4"),
+     "method.temperature: must be > 0, got -4.0"),
+    ("misspelt_flag", lambda s, t, r: student_argv(s, t, "--method.temprature", "4"),
+     "unknown flag --method.temprature; did you mean --method.temperature?"),
+    ("unknown_experiment", lambda s, t, r: ["distill", "mnist2d_kd", "--workdir", str(s)],
+     "unknown experiment 'mnist2d_kd'"),
+    ("unknown_named_config", lambda s, t, r: student_argv(s, t, config="kd_unlabelled"),
+     "has no config 'kd_unlabelled'; available: kd, kd_labelled, scratch"),
+    ("export_unfinished_run", lambda s, t, r: ["export", str(r / "unfinished"), "--out", str(r / "exported")],
+     "run to export"),
+    ("unknown_command", lambda s, t, r: ["distil", "mnist1d_kd"], "unknown command 'distil'; did you mean 'distill'?"),
+]
+
+
+def test_at_least_ten_distinct_kinds_of_bad_input():
+  assert len(CASES) >= 10 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("make, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_nonzero_and_loses_nothing(make, needle, runs, capsys):
+  t, s, r = runs["teacher"], runs["student"], runs["root"]
+  before = {"teacher": digest(t), "student": digest(s)}
+  assert before["student"] and "export/model.msgpack" in before["teacher"]
+  capsys.readouterr()
+  rc = cli.main(make(s, t, r))
+  out, err = capsys.readouterr()
+  lines = err.strip().splitlines()
+  assert rc != 0
+  assert len(lines) == 1 and lines[0].startswith("kdjax: "), lines
+  assert needle in lines[0], lines[0]
+  assert "Traceback" not in err and out == ""
+  assert {"teacher": digest(t), "student": digest(s)} == before
+  assert not (r / "exported").exists() and not (r / "a_file" / "run").exists()
