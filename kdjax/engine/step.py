@@ -84,6 +84,9 @@ def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, ba
 
 
 def _average_outputs(outs: list[ModelOutput], w: jax.Array) -> ModelOutput:
+  """Weighted mean of the logits; features are the *first* output's (teachers
+  of different architectures have no common feature space to average — use
+  ``multi_teacher="per_teacher"`` for feature methods)."""
   logits = sum(w[i] * o.logits.astype(jnp.float32) for i, o in enumerate(outs))
   return ModelOutput(logits, outs[0].features)
 
