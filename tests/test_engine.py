@@ -442,3 +442,22 @@ def test_bf16_compute_keeps_float32_params_and_loss(kd_sgd):
     assert m16[k].dtype == np.float32, k
     np.testing.assert_allclose(m16[k], m32[k], rtol=3e-2, err_msg=k)
   assert float(m16["loss/total"]) != float(m32["loss/total"])  # really computed in bf16
+
+
+def test_unreached_leaves_are_not_updated_despite_momentum_and_decay():
+  # PyTorch skips parameters whose grad is None; the step skips leaves whose
+  # gradient is exactly zero (e.g. the head during an init stage), so neither
+  # SGD momentum left from earlier steps nor weight decay moves them.
+  tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
+  params = {"body": jnp.array([1.0, -2.0]), "head": jnp.array([3.0])}
+  opt = tx.init(params)
+  _, opt = tx.update({"body": jnp.array([1.0, 1.0]), "head": jnp.array([2.0])}, opt, params)  # momentum 2.3 on head
+  grads = {"body": jnp.array([0.5, 0.0]), "head": jnp.array([0.0])}
+  updates, _ = tx.update(grads, opt, params)
+  assert float(updates["head"][0]) != 0.0  # optax alone would move the head
+  new = optax.apply_updates(params, step_lib._skip_unreached(updates, grads))
+  np.testing.assert_array_equal(new["head"], params["head"])
+  # The body (partly reached) gets the full SGD update: p − lr·(μ·m + g + wd·p).
+  m_prev = np.array([1.0, 1.0]) + 0.1 * np.array([1.0, -2.0])
+  want = np.array([1.0, -2.0]) - 0.5 * (0.9 * m_prev + np.array([0.5, 0.0]) + 0.1 * np.array([1.0, -2.0]))
+  np.testing.assert_allclose(new["body"], want, rtol=1e-6)
