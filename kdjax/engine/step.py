@@ -240,7 +240,8 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
       t_out, _ = apply_model(spec.students[1].graphdef, state.params[1], state.model_state[1], x, train=False)
     elif spec.mode != "teacher":
       outs = teacher_outputs(spec, state, teacher, {"image": x})
-      t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
+      if outs:  # none for a student trained alone (method ce without a teacher checkpoint)
+        t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
     mask = batch.get("mask")
     if mask is None:
       mask = jnp.ones(x.shape[0], bool)
