@@ -436,7 +436,8 @@ def cmd_sweep(argv: list[str]) -> int:
   from kdjax.report.progress import progress
   todo = [i for i, c in enumerate(cfgs) if not _finished(c)]
   if len(todo) < len(cells):
-    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; running the rest")
+    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; "
+          + ("running the rest" if todo else "nothing to run"))
   failed: list[int] = []
   if parallel == 1:
     for i in progress(todo, total=len(todo), desc="sweep"):

@@ -304,3 +304,32 @@ def test_teacher_hash_changes_with_the_teacher_checkpoint(sweep, tfds_dir, tmp_p
   assert mine["teacher_hash"] != ref["teacher_hash"]
   assert mine["teacher_hash"] == hashlib.sha256(Path(ckpt.resolve_export(other)).read_bytes()).hexdigest()[:16]
   assert mine["teacher_test_accuracy"] != ref["teacher_test_accuracy"]  # a different teacher, measured as such
+
+
+def test_student_alone_has_no_teacher_fields(tfds_dir, tmp_path):
+  """The table's "student" row: CE without a teacher checkpoint → no teacher hash or diagnostics."""
+  work = tmp_path / "scratch"
+  rc = cli.main(["distill", "mnist1d_kd", "scratch", "--workdir", str(work), "--teacher.checkpoint", "None",
+                 "--optim.steps", "5", "--run.quiet", "--data.data_dir", tfds_dir])
+  assert rc == 0
+  r = json.loads((work / "results.json").read_text())
+  assert r["teacher_hash"] is None and r["agreement"] is None and r["teacher_test_accuracy"] is None
+  assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 5 and r["group"] == "mlp scratch"
+
+
+def test_parallel_sweep_adds_a_seed_in_subprocesses(sweep, teacher, tfds_dir, tmp_path, capsys):
+  """--parallel 2 on a copy of the sweep with --seeds 3: the 4 finished cells are skipped, the 2 new ones run
+  as 2 concurrent `python -m kdjax.cli distill` processes."""
+  import shutil
+
+  root = tmp_path / "sweep"
+  shutil.copytree(sweep, root)
+  before = {p: p.read_bytes() for p in root.rglob("results.json")}
+  args = _sweep_args(teacher, tfds_dir)
+  args[args.index("--seeds") + 1] = "3"
+  assert cli.main(["sweep", *args, "--workdir", str(root), "--parallel", "2"]) == 0
+  assert "4 of 6 cells already finished" in capsys.readouterr().out
+  assert {p: p.read_bytes() for p in before} == before
+  for m in ("kd", "dkd"):
+    r = json.loads((root / f"name={m}" / "seed2" / "results.json").read_text())
+    assert (r["method"], r["seed"], r["steps"]) == (m, 2, STEPS)

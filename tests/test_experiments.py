@@ -9,7 +9,10 @@ compiles its own train step, which dominates this file's runtime.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -202,3 +205,17 @@ def test_mnist_hinton_offline_is_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and len(err) == 1, err
   assert "'mnist' is not prepared" in err[0] and "tfds build mnist" in err[0] and "--data.download" in err[0]
+
+
+# ---------------------------------------------------------------- scripts/reproduce_cifar100.sh
+
+
+def test_reproduce_script_parses_and_rejects_an_unknown_pair():
+  """The full run (and --smoke) is for machines with time; here: syntax, and the pair list comes from the experiment."""
+  script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_cifar100.sh"
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  p = subprocess.run(["bash", str(script), "--smoke", "--pairs", "resnet56-resnet8"], capture_output=True, text=True,
+                     timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert p.returncode == 1
+  want = " ".join(f"{t}-{s}" for t, s in EXP.PAIRS)
+  assert p.stderr.strip().splitlines()[-1] == f"reproduce_cifar100.sh: unknown pair resnet56-resnet8; pairs: {want}"
