@@ -160,10 +160,11 @@ def test_sigkill_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path)
   assert_bit_identical(reference(kind), w)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path, monkeypatch, capsys):
-  w, k = tmp_path / "run", TERM_AT[kind]
-  monkeypatch.setenv(loop.FAULT_ENV, f"{k}:TERM")
+@pytest.mark.parametrize("kind, sig", [(k, "TERM") for k in KINDS] + [("kd", "INT")])
+def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(kind, sig, teacher, reference, tmp_path, monkeypatch,
+                                                            capsys):
+  w, k = tmp_path / "run", TERM_AT[kind] if sig == "TERM" else STEPS - 1
+  monkeypatch.setenv(loop.FAULT_ENV, f"{k}:{sig}")
   assert cli.main(argv(kind, w, teacher)) == loop.PREEMPTED_EXIT == 75
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"kdjax: preempted at step {k}; checkpoint saved, re-run the same command to resume"]
@@ -329,6 +330,30 @@ def test_wrong_teacher_fails_before_any_step(case, teacher, tmp_path, monkeypatc
   with pytest.raises(ValueError, match=match):
     loop.fit(cfg)
   assert not (tmp_path / "student").exists()  # nothing written, nothing compiled
+
+
+def test_swapped_teacher_or_foreign_checkpoint_refuses_to_resume(teacher, tmp_path):
+  """Never silently continue with another teacher or another experiment's state."""
+  t2, w = tmp_path / "teacher", tmp_path / "run"
+  shutil.copytree(teacher, t2)
+  short = ["--optim.steps", "4", "--run.checkpoint_every", "2"]
+  assert cli.main(argv("kd", w, t2, *short)) == 0
+  _make_export(t2 / "export", "cnn1d", 10)  # retrained in place: same path, other weights
+  before = tree_digest(w)
+  with pytest.raises(ValueError, match=r"was trained with teacher [0-9a-f]{16} but the configured teacher is "
+                                       r"[0-9a-f]{16}; use a new --run.workdir"):
+    loop.fit(cli.build_config(argv("kd", w, t2, *short)[1:]))
+  assert tree_digest(w) == before
+  # Checkpoints of another experiment (config.json gone) are not resumed either.
+  (w / "config.json").unlink()
+  (w / "results.json").unlink()
+  before = tree_digest(w)
+  with pytest.raises(ValueError, match=r"checkpoint '.*/checkpoints/4' belongs to another experiment"):
+    loop.fit(cli.build_config(argv("kd", w, teacher, *short, "--optim.lr", "0.02")[1:]))
+  assert tree_digest(w) == before
+  (w / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="has an unreadable config.json"):
+    loop.fit(cli.build_config(argv("kd", w, teacher, *short)[1:]))
 
 
 # ---------------------------------------------------------------------------

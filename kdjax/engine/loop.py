@@ -395,8 +395,11 @@ def _prepare_workdir(cfg: Experiment) -> Path:
   cfg_path = workdir / "config.json"
   h = cfg_lib.config_hash(cfg)
   if cfg_path.exists():
-    old = json.loads(cfg_path.read_text())
-    old_hash = old.get("config_hash")
+    try:
+      old_hash = json.loads(cfg_path.read_text()).get("config_hash")
+    except (ValueError, AttributeError):
+      raise ValueError(f"run.workdir {str(workdir)!r} has an unreadable config.json; move it away (the checkpoints "
+                       f"carry the config too) or use a new --run.workdir") from None
     if old_hash and old_hash != h:
       raise ValueError(f"run.workdir {str(workdir)!r} holds a different experiment (config hash {old_hash}, this one "
                        f"{h}); use a new --run.workdir to keep both")
@@ -452,6 +455,10 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
   elapsed_before, best, history_best_step, resumed_from = 0.0, -1.0, None, []
   if restored is not None:
     step0, state, meta = restored
+    if meta.get("config_hash") != h:
+      checkpointer.close()
+      raise ValueError(f"the checkpoint {str(checkpointer.directory / str(step0))!r} belongs to another experiment "
+                       f"(config hash {meta.get('config_hash')}, this one {h}); use a new --run.workdir")
     if meta.get("teacher_hash") != run.teacher_hash:
       checkpointer.close()
       raise ValueError(f"the checkpoint in {str(workdir)!r} was trained with teacher {meta.get('teacher_hash')} but "
