@@ -7,12 +7,21 @@ renames it only when complete, so a half-written save is never "latest"):
 * ``state`` — the whole :class:`~kdjax.engine.state.TrainState` (student
   params, BN stats, optimizer state, adapters, method state such as the CRD
   bank, step, RNG key), restored onto the *current* mesh's shardings;
-* ``meta`` — JSON: data-iterator position, elapsed seconds, the full config,
-  its hash, the teacher hash and library versions (:func:`provenance`).
+* ``meta`` — JSON: data-iterator position, elapsed seconds, best accuracy so
+  far, the steps this run resumed from, the mesh that saved it, the full
+  config, its hash, the teacher hash, library versions
+  (:func:`library_versions`) and the git commit (:func:`git_commit`).
+
+A run that restarts restores the newest checkpoint that reads back; one that
+does not (truncated, corrupt) is moved to ``checkpoints_corrupt/`` with a
+warning naming it (:meth:`Checkpointer.restore_latest`). A leftover of a save
+cut short by SIGKILL is a temporary directory, never a step, and is removed.
+:func:`read_checkpoint` reads any checkpoint as NumPy, whatever mesh saved it.
 
 The trained model is also *exported* as one standalone msgpack file
-(``export/model.msgpack`` + ``export/model.json``); teachers are loaded from
-exports, and their content hash is the SHA-256 of that file.
+(``export/model.msgpack`` + ``export/model.json``; see :mod:`kdjax.export`);
+teachers are loaded from exports, and their content hash (:func:`file_hash`)
+is the first 16 hex digits of the file's SHA-256.
 """
 
 from __future__ import annotations
