@@ -22,7 +22,6 @@ from flax import nnx
 
 from kdjax import checkpoint as ckpt
 from kdjax import cli, engine, models
-from kdjax.engine.state import split_model
 
 EXP = cli.load_experiment("cifar100_crd_table")
 
@@ -134,9 +133,9 @@ def mock_teacher(tmp_path_factory):
   """A randomly initialised resnet8 exported as a teacher checkpoint."""
   d = tmp_path_factory.mktemp("teacher8")
   m = models.create("resnet8", num_classes=100, rngs=nnx.Rngs(0))
-  _, params, rest = split_model(m)
+  _, params, stats, _ = nnx.split(m, nnx.Param, nnx.BatchStat, ...)
   ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="resnet8", num_classes=100, dtype="float32", params=params,
-                    model_state=nnx.State(rest).filter(nnx.BatchStat), extra={})
+                    model_state=stats, extra={})
   return str(d)
 
 
