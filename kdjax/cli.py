@@ -391,6 +391,9 @@ def cmd_sweep(argv: list[str]) -> int:
   ``results.json`` is skipped, so re-running a sweep finishes it.
   """
   args = list(argv)
+  if not args or args[0] in ("-h", "--help"):
+    print(cmd_sweep.__doc__)
+    return 0
   grid = _pop_opt(args, "--grid", multi=True)
   seeds = _int_opt(args, "--seeds", 1, minimum=1)
   root = _pop_opt(args, "--workdir") or _pop_opt(args, "--run.workdir") or "workdirs/sweep"
@@ -521,6 +524,9 @@ def cmd_report(argv: list[str]) -> int:
   from kdjax import report
 
   args = list(argv)
+  if args and args[0] in ("-h", "--help"):
+    print(cmd_report.__doc__)
+    return 0
   out = _pop_opt(args, "--out", "results.md")
   csv_path = _pop_opt(args, "--csv")
   plots = _pop_opt(args, "--plots")
