@@ -25,6 +25,9 @@ Named configs (``kdjax distill cifar100_crd_table NAME``):
 
 ``scripts/reproduce_cifar100.sh`` runs the teachers, then every cell with 5
 seeds (``kdjax sweep … --grid 'config=<pair>/*'``), then ``kdjax report``.
+CIFAR-100 must be prepared in the TFDS data dir (``tfds build cifar100``);
+``--data.download`` lets TFDS fetch it where the machine has network (off by
+default: offline, a missing dataset is one error line, not minutes of retries).
 ``check_config`` validates a cell (models, feature names and shapes,
 adapters, the loss) abstractly, without data and without compiling.
 """
@@ -92,7 +95,8 @@ def _optim(student: str) -> OptimConfig:
 
 
 def _data() -> DataConfig:
-  return DataConfig(name="cifar100", batch_size=64, eval_batch_size=1000, view="cifar", download=True)
+  # download=False: offline, a missing CIFAR-100 is one error line (pass --data.download where there is network).
+  return DataConfig(name="cifar100", batch_size=64, eval_batch_size=1000, view="cifar")
 
 
 def make_config(teacher: str, student: str, method: str) -> Experiment:

@@ -53,7 +53,7 @@ def test_table_has_every_cell_and_the_reference_recipe():
     o, d = cfg.optim, cfg.data
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.schedule) == ("sgd", 0.05, 0.9, 5e-4, "step")
     assert (o.decay_epochs, o.decay_factor, o.epochs, o.steps) == ((150.0, 180.0, 210.0), 0.1, 240.0, 0)
-    assert (d.name, d.batch_size, d.view) == ("cifar100", 64, "cifar")
+    assert (d.name, d.batch_size, d.view, d.download) == ("cifar100", 64, "cifar", False)
     assert cfg.method.init_epochs == (30.0 if method in ("ab", "ft", "fsp") else 0.0)
     assert cfg.teacher.checkpoint == f"workdirs/cifar100/teachers/{cfg.teacher.name}"
 
