@@ -23,8 +23,12 @@ jitted by ``kdjax.engine.loop.jit_train_step``, state donated) on one batch
 already on the device; cases are interleaved round by round so a load spike
 on a shared machine hits all of them alike.
 
-XLA:CPU options (``--xla-cpu onednn``) must be set before JAX starts, so the
-script sets ``XLA_FLAGS`` itself; compare options in separate runs.
+XLA:CPU options (``--xla-cpu onednn|xnn|ynn``) must be set before JAX starts,
+so the script sets ``XLA_FLAGS`` itself; compare options in separate runs.
+Measured on the 2-core dev CPU with jaxlib 0.10.2 (``results/bench.md``):
+the oneDNN and XNN options leave the compiled step bit-identical (no-ops),
+YNN convolutions are ~5 % slower, and bfloat16 is no faster than float32 —
+so kdjax sets no XLA flags and keeps float32 as the default.
 
     python scripts/bench.py                       # resnet32x4→resnet8x4, batch 64
     python scripts/bench.py --pairs all --rounds 5
@@ -51,7 +55,10 @@ CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd")
 XLA_CPU_OPTIONS = {
     "default": "",
     # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
-    "onednn": "--xla_cpu_experimental_onednn_custom_call=true",
+    "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+    # library fusions of convolutions and dots (XNNPACK / YNNPACK)
+    "xnn": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,dot",
+    "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot",
 }
 TEMPERATURE, KD_WEIGHT, CE_WEIGHT = 4.0, 0.9, 0.1  # RepDistiller's KD recipe
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
