@@ -288,3 +288,30 @@ def test_cli_cache_command(cfg, teacher_dir, tmp_path, capsys):
   assert "needs --cache.dir" in capsys.readouterr().err
   assert cli.main(["cache", "mnist1d_kd", "kd_labelled", *flags, "--cache.dir", str(d), "--cache.views", "two"]) == 1
   assert "--cache.views expects int, got 'two'" in capsys.readouterr().err
+
+
+def test_feature_method_with_cache_is_refused_by_build(cfg, cache32):
+  with pytest.raises(ValueError, match="method 'pkt' reads teacher \\*features\\*"):
+    engine.build(_with_cache(cfg.replace(method=MethodConfig(name="pkt")), cache32))
+
+
+def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
+  """K = 1, views off, float32 storage: a whole `fit` from the cache is the
+  online run bit for bit (same exported student)."""
+  plain = cfg.replace(data=dataclasses.replace(cfg.data, view="none"),
+                      optim=dataclasses.replace(cfg.optim, steps=8))
+  d = tmp_path / "plain"
+  C.build_for_experiment(plain, d, C.CacheSpec(views=1, dtype="float32"))
+  res_on = engine.fit(plain.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "on"))))
+  cached = _with_cache(plain, str(d)).replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca")))
+  res_ca = engine.fit(cached)
+  assert res_ca["student_hash"] == res_on["student_hash"] is not None
+  assert res_ca["test_accuracy"] == res_on["test_accuracy"]
+  # … and the cached run really read the cache: doubled cached logits change the student
+  for p in d.glob("shard-*.npz"):
+    with np.load(p) as z:
+      arrays = {k: z[k] for k in z.files}
+    arrays["logits"] = arrays["logits"] * 2
+    np.savez_compressed(p, **arrays)
+  res_2x = engine.fit(cached.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca2"))))
+  assert res_2x["student_hash"] != res_on["student_hash"]
