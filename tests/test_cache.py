@@ -216,11 +216,8 @@ def test_epoch_inputs_are_the_views_whose_teacher_outputs_are_fed(cfg, cache32, 
 
 
 def Loader_view(images, ids, k, view_seed):  # noqa: N802 - reads as "the Loader's view"
-  """Independent reference: the jitter view written out in NumPy (pad 2, shift by offset)."""
-  keys = V.view_key(view_seed, ids, k, V.STREAM_STUDENT)
-  off = V.randint(keys, 1, 5)
-  padded = np.pad(images, ((0, 0), (2, 2)))
-  return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
+  """Independent reference: the default jitter view (max shift 2) written out in NumPy."""
+  return Loader_view_shift(images, ids, k, view_seed, shift=2)
 
 
 def test_view_choice_is_reproducible_and_seeded():
@@ -315,3 +312,39 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
     np.savez_compressed(p, **arrays)
   res_2x = engine.fit(cached.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca2"))))
   assert res_2x["student_hash"] != res_on["student_hash"]
+
+
+def test_processes_build_disjoint_shards_that_together_equal_one_build(tmp_path):
+  """Process p of P writes shards ≡ p (mod P); the union is the 1-process cache."""
+  from kdjax.data.tfds import ArrayDataset
+
+  rng = np.random.default_rng(0)
+  ds = ArrayDataset(rng.normal(size=(50, 12)).astype(np.float32), rng.integers(0, 5, 50), np.arange(50) * 3,
+                    name="toy", split="train")
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  predict = lambda x: x @ w  # noqa: E731  (a linear "teacher" in NumPy)
+  view = V.ViewConfig(kind="jitter", max_shift=1)
+  spec = C.CacheSpec(views=2, dtype="float32", shard_size=8, batch_size=4)
+  kw = dict(teacher_hash="t0", num_classes=5, view=view, spec=spec)
+  one = C.build_cache(tmp_path / "one", ds, predict, **kw)
+  parts = [C.build_cache(tmp_path / "two", ds, predict, process_index=p, process_count=2, **kw) for p in (0, 1)]
+  assert one["written"] == 7 and [p["written"] for p in parts] == [4, 3] and parts[1]["complete"]
+  a, b = _read_all(tmp_path / "one"), _read_all(tmp_path / "two")
+  assert a.keys() == b.keys()
+  for name in a:
+    for k in a[name]:
+      np.testing.assert_array_equal(a[name][k], b[name][k])
+  # the stored logits are the teacher on view k of each example (independent NumPy reference)
+  cache = C.TeacherCache.open(tmp_path / "one", teacher_hash="t0", view=view)
+  ids = ds.ids[[0, 17, 49]]
+  for k in (0, 1):
+    x = Loader_view_shift(ds.images[[0, 17, 49]], ids, k, 0, shift=1)
+    np.testing.assert_allclose(cache.logits(ids, np.full(3, k)), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def Loader_view_shift(images, ids, k, view_seed, shift):  # noqa: N802
+  """Zero-pad by ``shift`` and take the window at the key's first integer draw in [0, 2·shift]."""
+  keys = V.view_key(view_seed, ids, k, V.STREAM_STUDENT)
+  off = V.randint(keys, 1, 2 * shift + 1)
+  padded = np.pad(images, ((0, 0), (shift, shift)))
+  return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
