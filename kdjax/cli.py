@@ -581,6 +581,7 @@ def cmd_cache(argv: list[str]) -> int:
   ``--cache.max-shards`` (stop early; re-run to resume). Distil with
   ``--data.teacher_cache DIR``.
   """
+  from kdjax import engine
   from kdjax.data import cache
 
   args = list(argv)
@@ -601,7 +602,7 @@ def cmd_cache(argv: list[str]) -> int:
     raise CliError("kdjax cache needs --cache.dir DIR (or data.teacher_cache in the config)")
   max_shards = opts.pop("max-shards", None)
   spec = cache.CacheSpec(**{k.replace("-", "_"): v for k, v in opts.items()})
-  res = cache.build_for_experiment(cfg, directory, spec, max_shards=max_shards)
+  res = engine.build_teacher_cache(cfg, directory, spec, max_shards=max_shards)
   state = "complete" if res["complete"] else "incomplete (other processes' shards, or re-run to resume)"
   print(f"teacher cache {directory}: {res['written']} shards written, {res['skipped']} already there, "
         f"{res['num_shards']} in all, {state}; distil with --data.teacher_cache {directory}")

@@ -22,7 +22,7 @@ from kdjax import engine, models
 from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
 from kdjax.data import cache as C
 from kdjax.data import views as V
-from kdjax.engine.loop import jit_train_step
+from kdjax.engine.loop import build_teacher_cache, jit_train_step
 from kdjax.engine.state import apply_model, split_model
 
 K = 3
@@ -62,7 +62,7 @@ def cfg(tfds_dir, teacher_dir, tmp_path_factory) -> Experiment:
 @pytest.fixture(scope="module")
 def cache32(cfg, tmp_path_factory) -> str:
   d = tmp_path_factory.mktemp("cache32")
-  res = C.build_for_experiment(cfg, d, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
+  res = build_teacher_cache(cfg, d, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
   assert res == {"written": 4, "skipped": 0, "complete": True, "num_shards": 4}
   return str(d)
 
@@ -115,7 +115,7 @@ def test_cached_kd_equals_online_exactly_with_float32(cfg, cache32, cached_batch
 
 def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_path, teacher_fwd):
   d = tmp_path / "c16"
-  C.build_for_experiment(cfg, d, C.CacheSpec(views=K, dtype="float16", shard_size=SHARD))
+  build_teacher_cache(cfg, d, C.CacheSpec(views=K, dtype="float16", shard_size=SHARD))
   cache = C.TeacherCache.open(d)
   ids, k = cached_batch["id"], cached_batch["view_index"]
   z16 = cache.logits(ids, k)
@@ -148,13 +148,13 @@ def _read_all(d) -> dict:
 def test_interrupted_build_in_two_halves_equals_one_go(cfg, cache32, tmp_path):
   d = tmp_path / "halves"
   spec = C.CacheSpec(views=K, dtype="float32", shard_size=SHARD)
-  first = C.build_for_experiment(cfg, d, spec, max_shards=2)
+  first = build_teacher_cache(cfg, d, spec, max_shards=2)
   assert first["written"] == 2 and not first["complete"]
   with pytest.raises(ValueError, match="incomplete .*re-run"):
     C.TeacherCache.open(d)
   # a crash mid-write leaves only a temp file, never a half shard
   (d / ".shard-00002-of-00004.npz.tmp999.npz").write_bytes(b"garbage")
-  second = C.build_for_experiment(cfg, d, spec)
+  second = build_teacher_cache(cfg, d, spec)
   assert second == {"written": 2, "skipped": 2, "complete": True, "num_shards": 4}
   assert not list(d.glob(".*tmp*"))  # the interrupted write's leftovers are gone
   a, b = _read_all(d), _read_all(cache32)
@@ -171,7 +171,7 @@ def test_cache_of_another_teacher_is_refused(cfg, cache32, other_teacher_dir):
     engine.build(_with_cache(other, cache32))
   # building into it with another teacher is refused too (no mixed caches)
   with pytest.raises(ValueError, match="teacher_hash"):
-    C.build_for_experiment(other, cache32, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
+    build_teacher_cache(other, cache32, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
 
 
 def test_cache_of_another_view_config_is_refused(cfg, cache32):
@@ -263,7 +263,7 @@ def test_feature_methods_and_mixup_are_refused(cfg, cache32):
     C.check_method(False, "dml", "kd")
   mix = cfg.replace(data=dataclasses.replace(cfg.data, mixup_alpha=1.0))
   with pytest.raises(ValueError, match="cannot be cached per example"):
-    C.build_for_experiment(mix, cache32)
+    build_teacher_cache(mix, cache32)
   with pytest.raises(ValueError, match="cache.views=0"):
     C.CacheSpec(views=0)
   with pytest.raises(ValueError, match="cache.dtype='bf16'"):
@@ -298,7 +298,7 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
   plain = cfg.replace(data=dataclasses.replace(cfg.data, view="none"),
                       optim=dataclasses.replace(cfg.optim, steps=8))
   d = tmp_path / "plain"
-  C.build_for_experiment(plain, d, C.CacheSpec(views=1, dtype="float32"))
+  build_teacher_cache(plain, d, C.CacheSpec(views=1, dtype="float32"))
   res_on = engine.fit(plain.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "on"))))
   cached = _with_cache(plain, str(d)).replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca")))
   res_ca = engine.fit(cached)

@@ -99,7 +99,7 @@ def view_fingerprint(view: V.ViewConfig) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(view)))
 
 
-def _check_view(view: V.ViewConfig) -> None:
+def check_view(view: V.ViewConfig) -> None:
   if view.mixes:
     raise ValueError(
         f"teacher cache with mixup_alpha={view.mixup_alpha}, cutmix_alpha={view.cutmix_alpha}: a mixed input pairs "
@@ -196,7 +196,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
   Returns:
     ``{"written": new shards, "skipped": shards already present, "complete": bool}``.
   """
-  _check_view(view)
+  check_view(view)
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   meta = cache_meta(ds, spec, view, teacher_hash, num_classes)
@@ -342,7 +342,7 @@ class CachedLoader(Loader):
   def __init__(self, ds: ArrayDataset, cache: TeacherCache, batch_size: int, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = True, view_mode: str = "consistent", process_index: int | None = None,
                process_count: int | None = None):
-    _check_view(cache.view)
+    check_view(cache.view)
     super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=cache.view,
                      view_mode=view_mode, process_index=process_index, process_count=process_count)
     self.cache = cache
@@ -393,31 +393,6 @@ def training_set(cfg) -> ArrayDataset:
 
 def experiment_view(cfg) -> V.ViewConfig:
   return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha)
-
-
-def build_for_experiment(cfg, directory: str | Path, spec: CacheSpec = CacheSpec(), *,
-                         max_shards: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-  """``kdjax cache``: the teacher of ``cfg`` over its training set, K views each.
-
-  Loads ``cfg.teacher`` from ``cfg.teacher.checkpoint`` (its content hash keys
-  the cache) and runs it jitted in eval mode, one fixed batch shape.
-  """
-  import jax
-
-  from kdjax.data.tfds import get_info
-  from kdjax.engine.loop import load_teacher
-  from kdjax.engine.state import apply_model, split_model
-
-  view = experiment_view(cfg)
-  _check_view(view)
-  num_classes = int(get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
-  model, teacher_hash = load_teacher(cfg.teacher, num_classes)
-  graphdef, params, rest = split_model(model)
-  fwd = jax.jit(lambda p, r, x: apply_model(graphdef, p, r, x, train=False)[0].logits)
-  ds = training_set(cfg)
-  return build_cache(directory, ds, lambda x: fwd(params, rest, x), teacher_hash=teacher_hash,
-                     num_classes=num_classes, view=view, spec=spec, process_index=jax.process_index(),
-                     process_count=jax.process_count(), max_shards=max_shards, progress=progress)
 
 
 def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool,

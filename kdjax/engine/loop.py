@@ -636,3 +636,31 @@ def _born_again(cfg: Experiment) -> dict:
   Path(cfg.run.workdir).mkdir(parents=True, exist_ok=True)
   _write_json(Path(cfg.run.workdir) / "results.json", final)
   return final
+
+
+def build_teacher_cache(cfg: Experiment, directory: str | Path, spec: Any = None, *,
+                        max_shards: int | None = None, progress: Any = None) -> dict:
+  """``kdjax cache``: the teacher of ``cfg`` over its training set, K views each.
+
+  Lives in the engine, not in ``kdjax.data.cache``, because it loads and runs
+  a model (data never imports the engine). ``spec`` is a
+  :class:`kdjax.data.cache.CacheSpec` (default: one view, float16).
+
+  Loads ``cfg.teacher`` from ``cfg.teacher.checkpoint`` (its content hash keys
+  the cache) and runs it jitted in eval mode, one fixed batch shape.
+  """
+  from kdjax.data import cache as C
+  from kdjax.data.tfds import get_info
+  from kdjax.engine.state import apply_model
+
+  spec = C.CacheSpec() if spec is None else spec
+  view = C.experiment_view(cfg)
+  C.check_view(view)
+  num_classes = int(get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
+  model, teacher_hash = load_teacher(cfg.teacher, num_classes)
+  graphdef, params, rest = split_model(model)
+  fwd = jax.jit(lambda p, r, x: apply_model(graphdef, p, r, x, train=False)[0].logits)
+  ds = C.training_set(cfg)
+  return C.build_cache(directory, ds, lambda x: fwd(params, rest, x), teacher_hash=teacher_hash,
+                       num_classes=num_classes, view=view, spec=spec, process_index=jax.process_index(),
+                       process_count=jax.process_count(), max_shards=max_shards, progress=progress)
