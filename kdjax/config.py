@@ -220,6 +220,10 @@ class RunConfig:
       used by fsdp.
     quiet: no progress bars.
     stop_on_nan: stop (keeping the last good checkpoint) on a NaN/Inf loss.
+    xla_cpu_conv: convolution kernels on the CPU backend: ``"eigen"`` (XLA's
+      own; faster on the CPUs measured, see ``kdjax.engine.xla_cpu``) or
+      ``"ynn"`` (jaxlib's YNNPACK default). Ignored on GPU/TPU; excluded from
+      the config hash (it changes speed, results only to float32 rounding).
   """
 
   seed: int = 0
@@ -232,8 +236,11 @@ class RunConfig:
   mesh_fsdp: int = 1
   quiet: bool = False
   stop_on_nan: bool = True
+  xla_cpu_conv: Literal["eigen", "ynn"] = "eigen"
 
   def __post_init__(self):
+    _check(self.xla_cpu_conv in ("eigen", "ynn"), "run.xla_cpu_conv",
+           f"must be 'eigen' or 'ynn', got {self.xla_cpu_conv!r}")
     _check(self.eval_every >= 0, "run.eval_every", f"must be ≥ 0, got {self.eval_every}")
     _check(self.log_every > 0, "run.log_every", f"must be > 0, got {self.log_every}")
     _check(self.checkpoint_every >= 0, "run.checkpoint_every", f"must be ≥ 0, got {self.checkpoint_every}")
@@ -299,7 +306,8 @@ def to_dict(cfg: Any) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def config_hash(cfg: Any, exclude: tuple[str, ...] = ("run.workdir", "run.quiet", "run.log_every")) -> str:
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ("run.workdir", "run.quiet", "run.log_every",
+                                                     "run.xla_cpu_conv")) -> str:
   """Stable short hash of everything that changes results.
 
   Paths and verbosity are excluded so the same experiment in two workdirs has

@@ -31,7 +31,7 @@ from flax import nnx
 from kdjax import checkpoint as ckpt
 from kdjax import config as cfg_lib
 from kdjax.config import Experiment, ModelConfig
-from kdjax.engine import sharding
+from kdjax.engine import sharding, xla_cpu
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, split_model
 from kdjax.engine.step import StepSpec, make_eval_step, make_train_step
@@ -343,11 +343,15 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def jit_train_step(spec: StepSpec, run: Run, state_shardings: Any = None):
-  """Jit once with explicit in/out shardings; the state is donated."""
+def jit_train_step(spec: StepSpec, run: Run, state_shardings: Any = None, xla_cpu_conv: str = "eigen"):
+  """Jit once with explicit in/out shardings; the state is donated.
+
+  ``xla_cpu_conv`` picks the CPU convolution kernels (``kdjax.engine.xla_cpu``).
+  """
   st = state_shardings if state_shardings is not None else shardings_of(run.state)
   return jax.jit(make_train_step(spec), in_shardings=(st, shardings_of(run.teacher), sharding.batch_sharding(run.mesh)),
-                 out_shardings=(st, sharding.replicated(run.mesh)), donate_argnums=(0,))
+                 out_shardings=(st, sharding.replicated(run.mesh)), donate_argnums=(0,),
+                 compiler_options=xla_cpu.compiler_options(xla_cpu_conv))
 
 
 def evaluate(run: Run, state: TrainState, eval_fn) -> dict[str, float]:
@@ -473,9 +477,11 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
   state_shardings = shardings_of(run.state)
   run.state = None  # donated below; never reuse
 
-  step_main = jit_train_step(run.spec, run, state_shardings)
-  step_init = jit_train_step(run.init_spec, run, state_shardings) if run.init_spec else None
-  eval_fn = jax.jit(make_eval_step(run.spec, report.eval_batch_stats))
+  conv = cfg.run.xla_cpu_conv
+  step_main = jit_train_step(run.spec, run, state_shardings, conv)
+  step_init = jit_train_step(run.init_spec, run, state_shardings, conv) if run.init_spec else None
+  eval_fn = jax.jit(make_eval_step(run.spec, report.eval_batch_stats),
+                    compiler_options=xla_cpu.compiler_options(conv))
 
   writer = report.MetricWriter(workdir, quiet=cfg.run.quiet) if jax.process_index() == 0 else None
   spe = run.loader.steps_per_epoch
@@ -659,7 +665,9 @@ def build_teacher_cache(cfg: Experiment, directory: str | Path, spec: Any = None
   num_classes = int(get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   model, teacher_hash = load_teacher(cfg.teacher, num_classes)
   graphdef, params, rest = split_model(model)
-  fwd = jax.jit(lambda p, r, x: apply_model(graphdef, p, r, x, train=False)[0].logits)
+  # Same convolution kernels as the online step, so a float32 cache matches it bit for bit.
+  fwd = jax.jit(lambda p, r, x: apply_model(graphdef, p, r, x, train=False)[0].logits,
+                compiler_options=xla_cpu.compiler_options(cfg.run.xla_cpu_conv))
   ds = C.training_set(cfg)
   return C.build_cache(directory, ds, lambda x: fwd(params, rest, x), teacher_hash=teacher_hash,
                        num_classes=num_classes, view=view, spec=spec, process_index=jax.process_index(),
