@@ -27,12 +27,19 @@ XLA:CPU options (``--xla-cpu onednn|xnn|ynn``) must be set before JAX starts,
 so the script sets ``XLA_FLAGS`` itself; compare options in separate runs.
 Measured on the 2-core dev CPU with jaxlib 0.10.2 (``results/bench.md``):
 the oneDNN and XNN options leave the compiled step bit-identical (no-ops),
-YNN convolutions are ~5 % slower, and bfloat16 is no faster than float32 —
-so kdjax sets no XLA flags and keeps float32 as the default.
+and bfloat16 is no faster than float32, so float32 stays the default.
+
+``--xla-conv eigen,ynn`` compiles each kdjax case with both CPU convolution
+kernels side by side in one process (per-executable compile options, what
+``run.xla_cpu_conv`` selects): jaxlib 0.10.2 hands convolutions to YNNPACK
+fusions by default; kdjax's default ``eigen`` keeps them on XLA's own kernels,
+which were 17–24 % faster on the default pair. ``ynn_fusions`` in each line
+counts the YNNPACK fusions left in the compiled step.
 
     python scripts/bench.py                       # resnet32x4→resnet8x4, batch 64
     python scripts/bench.py --pairs all --rounds 5
     python scripts/bench.py --quick               # seconds; used by the tests
+    python scripts/bench.py --xla-conv ynn,eigen  # both CPU conv kernels, side by side
 """
 
 from __future__ import annotations
@@ -60,6 +67,11 @@ XLA_CPU_OPTIONS = {
     "xnn": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,dot",
     "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot",
 }
+# CPU convolution kernels (``RunConfig.xla_cpu_conv``, ``kdjax.engine.xla_cpu``): per-executable
+# compile options, so both compile side by side in ONE process. jaxlib 0.10.2 routes every
+# convolution to a YNNPACK library fusion by default ("ynn"); kdjax's default "eigen" leaves
+# convolutions to XLA's own kernels and keeps YNN for dots and reductions.
+XLA_CONV_OPTIONS = ("eigen", "ynn")
 TEMPERATURE, KD_WEIGHT, CE_WEIGHT = 4.0, 0.9, 0.1  # RepDistiller's KD recipe
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -78,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "float32); every dtype runs the kdjax cases side by side")
   p.add_argument("--xla-cpu", default="default", choices=tuple(XLA_CPU_OPTIONS),
                  help="XLA:CPU option set (set in XLA_FLAGS before JAX starts)")
+  p.add_argument("--xla-conv", default="eigen",
+                 help="comma-separated XLA:CPU convolution backends compiled side by side in one process: "
+                      + ", ".join(XLA_CONV_OPTIONS) + " (kdjax's run.xla_cpu_conv)")
   p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
   p.add_argument("--quick", action="store_true", help="tiny sizes (cnn1d→mlp, batch 32, 2 steps): seconds")
   a = p.parse_args(argv)
@@ -91,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   for d in a.dtypes:
     if d not in ("float32", "bfloat16"):
       p.error(f"unknown --dtype {d!r}; choose float32 or bfloat16")
+  a.xla_convs = [c for c in a.xla_conv.split(",") if c]
+  for c in a.xla_convs:
+    if c not in XLA_CONV_OPTIONS:
+      p.error(f"unknown --xla-conv {c!r}; choose from {', '.join(XLA_CONV_OPTIONS)}")
   a.cases = [c for c in a.cases.split(",") if c]
   for c in a.cases:
     if c not in CASES:
@@ -113,7 +132,7 @@ def _cost_flops(compiled) -> float | None:
 class JaxCase:
   """One compiled engine step and its (donated) state."""
 
-  def __init__(self, case: str, pair: str, batch: int, dtype: str, seed: int = 0):
+  def __init__(self, case: str, pair: str, batch: int, dtype: str, seed: int = 0, xla_conv: str = "eigen"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -128,7 +147,7 @@ class JaxCase:
     from kdjax.methods.base import InitInfo
 
     t_name, s_name, shape, classes = PAIRS[pair]
-    self.case, self.pair, self.batch, self.dtype = case, pair, batch, dtype
+    self.case, self.pair, self.batch, self.dtype, self.xla_conv = case, pair, batch, dtype, xla_conv
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     student = models.create(s_name, num_classes=classes, rngs=nnx.Rngs(seed), dtype=dt)
     teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt)
@@ -168,7 +187,7 @@ class JaxCase:
       host["teacher_logits"] = (rng.normal(size=(batch, classes)) * 3).astype(np.float16).astype(np.float32)
     self.batch_arrays = sharding.shard_batch(host, mesh)
     run = types.SimpleNamespace(state=state, teacher=tstate, mesh=mesh)
-    jitted = loop.jit_train_step(spec, run)
+    jitted = loop.jit_train_step(spec, run, xla_cpu_conv=xla_conv)
     t0 = time.perf_counter()
     self.compiled = jitted.lower(state, tstate, self.batch_arrays).compile()
     self.compile_seconds = time.perf_counter() - t0
@@ -176,6 +195,7 @@ class JaxCase:
     text = self.compiled.as_text() or ""
     # oneDNN custom calls XLA:CPU emitted (0 when --xla_cpu_experimental_onednn_custom_call has no effect)
     self.onednn_custom_calls = text.count("onednn")
+    self.ynn_fusions = text.count('"__ynn_fusion"')  # library (YNNPACK) fusions in the step
     flops = _cost_flops(self.compiled)
     self.gflop_per_image = None if flops is None else flops / batch / 1e9
     self.state, self.teacher = state, tstate
@@ -315,6 +335,7 @@ class TorchCase:
     self.gflop_per_image = None
     self.devices, self.backend = 1, f"torch-{torch.__version__}-cpu"
     self.dtype, self.onednn_custom_calls = "float32", None
+    self.xla_conv, self.ynn_fusions = None, None
 
   def step(self):
     torch, F, t = self.torch, self.F, TEMPERATURE
@@ -390,14 +411,15 @@ def main(argv=None) -> int:
         else:
           print(json.dumps({"case": c, "pair": pair, "skipped": "torch is not installed (pip install kdjax[bench])"}))
       else:
-        cases += [JaxCase(c, pair, a.batch, d) for d in a.dtypes]
+        cases += [JaxCase(c, pair, a.batch, d, xla_conv=v) for d in a.dtypes for v in a.xla_convs]
     for case in cases:
       case.run(a.warmup) if a.warmup else None
     rates = {id(c): [] for c in cases}
     for _ in range(a.rounds):
       for case in cases:
         rates[id(case)].append(a.steps * a.batch / case.run(a.steps))
-    flops_kd = {c.case: c.gflop_per_image for c in cases if isinstance(c, JaxCase) and c.dtype == "float32"}
+    flops_kd = {c.case: c.gflop_per_image for c in cases
+                if isinstance(c, JaxCase) and c.dtype == "float32" and c.xla_conv == a.xla_convs[0]}
     for case in cases:
       ips = statistics.median(rates[id(case)])
       # torch runs the same computation as the kdjax online-KD step: count its work with XLA's figure.
@@ -408,7 +430,8 @@ def main(argv=None) -> int:
              "gflop_per_image": None if g is None else float(f"{g:.4g}"),
              "achieved_gflops": None if g is None else float(f"{g * ips:.4g}"),
              "devices": case.devices, "backend": case.backend, "batch": a.batch,
-             "dtype": case.dtype, "xla_cpu": a.xla_cpu, "onednn_custom_calls": case.onednn_custom_calls}
+             "dtype": case.dtype, "xla_cpu": a.xla_cpu, "xla_conv": case.xla_conv,
+             "ynn_fusions": case.ynn_fusions, "onednn_custom_calls": case.onednn_custom_calls}
       print(json.dumps(row), flush=True)
   return 0
 
