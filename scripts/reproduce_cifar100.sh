@@ -101,9 +101,10 @@ with tfds.testing.mock_data(num_examples=16):
   SHORT=(--optim.steps 2 --optim.epochs 0 --data.batch_size 8 --data.eval_batch_size 8
          --data.data_dir "$ROOT/mock_tfds" --data.download)
   TWO_STAGE_FLAGS=(--method.init_epochs 0.5 --optim.steps 1)  # 16 examples / 8 = 2 steps per epoch
-  # 2-step teachers of 56-110 layers have uncalibrated BatchNorm statistics, so their eval-mode features are
-  # huge and unbounded feature losses (CC, VID) overflow on them; keep going so every cell still runs and reports.
-  PAIR_FLAGS=(--run.no-stop-on-nan)
+  # Known: 2-step teachers of 110 layers have uncalibrated BatchNorm statistics, so their eval-mode features
+  # are huge; the unbounded CC and VID losses overflow on them (resnet110 pairs) and those cells stop with
+  # kdjax's non-finite-loss error. With trained teachers this does not arise.
+  PAIR_FLAGS=()
 else
   KDJAX=("$PY" -m kdjax.cli)
   SHORT=()
