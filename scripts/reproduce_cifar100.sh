@@ -113,6 +113,7 @@ else
 fi
 
 DEP=""
+FAILED=0
 sweep() {  # sweep WORKDIR GRID [flags…]: one `kdjax sweep` (local) or one sbatch array (slurm)
   local workdir="$1" grid="$2"; shift 2
   local args=(sweep cifar100_crd_table --grid "config=$grid" --workdir "$workdir" "$@" "${SHORT[@]}" "${EXTRA[@]}")
@@ -123,7 +124,7 @@ sweep() {  # sweep WORKDIR GRID [flags…]: one `kdjax sweep` (local) or one sba
     echo "submitted $workdir/sweep.sbatch as job $jid"
     LAST_JOB="$jid"
   else
-    "${KDJAX[@]}" "${args[@]}" --parallel "$PARALLEL"
+    "${KDJAX[@]}" "${args[@]}" --parallel "$PARALLEL" || FAILED=1  # go on; the failed cells are listed above
   fi
 }
 
@@ -154,3 +155,7 @@ fi
 echo "== report"
 "$PY" -m kdjax.cli report "$ROOT/teachers" "$ROOT/table" --out "$ROOT/results.md" > /dev/null
 echo "wrote $ROOT/results.md ($ROOT/results.csv, $ROOT/results_curves.png, $ROOT/results_bars.png)"
+if [[ "$FAILED" != 0 ]]; then
+  echo "some cells failed (see above); re-run the same command to retry them (finished cells are skipped)" >&2
+  exit 1
+fi
