@@ -320,7 +320,9 @@ def test_ema_self_distillation_follows_decay_exactly():
   state, m2 = one_step(s, batch, state)
   ema_logits = logits_of(s, h1.replace(params=(h1.ema[0],)), batch, train=False)
   assert float(m2["loss/kd"]) > 1e-6
-  np.testing.assert_allclose(m2["loss/kd"], kd_np(logits_of(s, h1, batch), ema_logits), rtol=1e-4)
+  # The reference runs eagerly (jaxlib's default YNN convolutions), the step on the engine's Eigen
+  # ones (run.xla_cpu_conv): float32 rounding of the logits, amplified in this tiny KD loss (~8e-4).
+  np.testing.assert_allclose(m2["loss/kd"], kd_np(logits_of(s, h1, batch), ema_logits), rtol=1e-4, atol=5e-7)
   h2 = E.host(state)
   p2, e2 = flat(h2.params[0]), flat(h2.ema[0])
   for k in e2:
