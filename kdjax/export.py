@@ -65,7 +65,11 @@ def _template(model: str, num_classes: int, dtype: str):
   def forward(p, r, x):
     return nnx.merge(graphdef, p, r)(x, train=False).logits
 
-  return params, rest, jax.jit(forward)
+  # The engine's CPU convolution kernels (kdjax.engine.xla_cpu), so exported
+  # predictions equal the engine's evaluation, not just to float32 rounding.
+  from kdjax.engine import xla_cpu
+
+  return params, rest, jax.jit(forward, compiler_options=xla_cpu.compiler_options("eigen"))
 
 
 def _filled(params: dict[str, Any]) -> tuple[nnx.State, nnx.State]:
