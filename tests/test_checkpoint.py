@@ -379,6 +379,20 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good(reference, teache
   assert_bit_identical(reference("kd"), w)
 
 
+def test_nan_loss_with_stop_on_nan_off_runs_to_the_end(teacher, tmp_path, monkeypatch):
+  w = tmp_path / "run"
+  monkeypatch.setenv(loop.FAULT_ENV, "10:NAN:loss/kd")
+  assert cli.main(argv("kd", w, teacher, "--run.no-stop_on_nan")) == 0
+  res = results(w)
+  final_step, _ = final_state(w)
+  assert res["steps"] == final_step > 10
+  # The poisoned step is in the log as non-finite, and nothing stopped the run.
+  rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if any(k.startswith("loss/") for k in r)]
+  assert train and any(not np.isfinite(v) for r in train for k, v in r.items()
+                       if k.startswith("loss/") and isinstance(v, float))
+
+
 def test_fault_env_parsing():
   assert loop.fault_from_env({}) is None
   assert loop.fault_from_env({loop.FAULT_ENV: "7:term"}) == loop.Fault(7, "TERM")

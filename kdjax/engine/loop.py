@@ -509,8 +509,12 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
             "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "process_count": jax.process_count(), **provenance}
 
   def check_pending() -> None:
-    """Raise on the first non-finite loss among steps not yet checked."""
+    """Raise on the first non-finite loss among steps not yet checked
+    (nothing is checked with ``run.stop_on_nan=False``)."""
     nonlocal pending
+    if not cfg.run.stop_on_nan:
+      pending = []
+      return
     for s, m in pending:
       bad = sorted(k for k, v in m.items() if _is_loss_key(k) and not np.isfinite(np.asarray(v)).all())
       if bad:
