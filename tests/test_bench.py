@@ -4,9 +4,7 @@ the audited step neither recompiles nor keeps its donated input state."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,15 +12,6 @@ import pytest
 
 FIELDS = ("case", "pair", "images_per_sec", "compile_seconds", "gflop_per_image", "achieved_gflops", "devices",
           "backend")
-
-
-@pytest.fixture(scope="module")
-def bench():
-  path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-  spec = importlib.util.spec_from_file_location("kdjax_bench", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ that whole models (logits, features, BN statistics, gradients) agree.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -176,15 +174,6 @@ def test_model_forward_features_bn_and_grads_match(name, shape):
 
 
 # ------------------------------------------------------------------ engine wiring
-
-
-@pytest.fixture(scope="module")
-def bench():
-  path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-  spec = importlib.util.spec_from_file_location("kdjax_bench_conv", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def test_engine_step_uses_the_option(bench):
