@@ -111,6 +111,27 @@ def test_single_seed_and_partial_values(tmp_path):
   assert table["two seeds"][4] == "0.700 ± – (n=1)"  # agreement missing in one of two runs
 
 
+def test_runs_differing_in_a_setting_are_separate_cells(tmp_path):
+  """A sweep over optim.lr: same group name, two cells; per-seed teacher
+  paths and the seed itself do not split a cell."""
+  c = dict(last=[0.5, 0.6], best=[0.55, 0.65], agree=[0.7, 0.8], kl=[0.1, 0.2], ece=[0.01, 0.02], published=None)
+  accs = {}
+  for lr, shift in ((0.01, 0.0), (0.003, 0.1)):
+    for i, seed in enumerate((0, 1)):
+      d = tmp_path / f"lr{lr}" / f"seed{seed}"
+      _write_run(d, "cnn1d→mlp kd", seed, dict(c, last=[v + shift for v in c["last"]]), i)
+      res = json.loads((d / "results.json").read_text())
+      res["config"] = {"optim": {"lr": lr, "name": "adam"}, "run": {"seed": seed, "workdir": str(d)},
+                       "teacher": {"name": "cnn1d", "checkpoint": f"teachers/seed{seed}"}}
+      (d / "results.json").write_text(json.dumps(res))
+      accs.setdefault(lr, []).append(res["test_accuracy"])
+  table = _md_rows(report.to_markdown(report.summarize(report.collect([tmp_path]))))
+  assert set(table) == {"cnn1d→mlp kd (optim.lr=0.01)", "cnn1d→mlp kd (optim.lr=0.003)"}
+  for lr, vals in accs.items():
+    row = table[f"cnn1d→mlp kd (optim.lr={lr})"]
+    assert row[1] == "2" and row[2] == _fmt(vals, 100)
+
+
 def test_csv_content(runs, tmp_path):
   rows = report.summarize(report.collect([runs]))
   path = tmp_path / "out" / "t.csv"

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kdjax.report.tables import Row, RunRecord
+from kdjax.report.tables import Row, RunRecord, cell_names
 
 __all__ = ["plot_curves", "plot_bars", "curve_stats"]
 
@@ -56,8 +56,8 @@ def plot_curves(records: Sequence[RunRecord], path: str | os.PathLike, key: str 
   fig = _figure(7.0, 4.5)
   ax = fig.add_subplot()
   groups: dict[str, list[RunRecord]] = {}
-  for r in records:
-    groups.setdefault(r.group, []).append(r)
+  for name, r in zip(cell_names(records), records):
+    groups.setdefault(name, []).append(r)
   plotted = 0
   for g, rs in groups.items():
     steps, mean, std = curve_stats(rs, key)

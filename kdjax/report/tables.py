@@ -27,7 +27,7 @@ import numpy as np
 
 from kdjax.report.logging import read_jsonl
 
-__all__ = ["RunRecord", "Stat", "Row", "collect", "summarize", "to_markdown", "to_csv", "FOOTNOTE"]
+__all__ = ["RunRecord", "Stat", "Row", "collect", "cell_names", "summarize", "to_markdown", "to_csv", "FOOTNOTE"]
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
@@ -166,11 +166,55 @@ def _best(r: RunRecord) -> float | None:
   return float(vals.max()) if vals.size else None
 
 
+# Config leaves that never make two runs different cells: the seed, paths
+# (each seed may have its own teacher workdir) and output/verbosity settings.
+_NOT_A_SETTING = ("run.seed", "run.workdir", "run.quiet", "run.log_every", "run.xla_cpu_conv", "data.data_dir",
+                  "data.teacher_cache")
+
+
+def _settings(r: RunRecord) -> dict[str, str]:
+  """The run's config (``results["config"]``) as flat ``path -> JSON value``, minus seed and paths."""
+  out: dict[str, str] = {}
+
+  def walk(node: Any, prefix: str) -> None:
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f"{prefix}{k}.")
+      return
+    path = prefix[:-1]
+    if path in _NOT_A_SETTING or path.endswith("checkpoint"):
+      return
+    out[path] = json.dumps(node, sort_keys=True)
+
+  walk(r.results.get("config") or {}, "")
+  return out
+
+
+def cell_names(records: Sequence[RunRecord]) -> list[str]:
+  """Each run's table cell: its ``group``, plus the settings that tell apart
+  runs sharing that group name (e.g. a sweep over ``optim.lr``):
+  ``"cnn1d→mlp kd (optim.lr=0.01)"``. Runs that differ only in seed (or in
+  paths) share a cell."""
+  by_group: dict[str, list[int]] = {}
+  for i, r in enumerate(records):
+    by_group.setdefault(r.group, []).append(i)
+  names = [r.group for r in records]
+  for g, idx in by_group.items():
+    flats = [_settings(records[i]) for i in idx]
+    keys = sorted({k for f in flats for k in f if len({f2.get(k) for f2 in flats}) > 1})
+    if not keys:
+      continue
+    for i, f in zip(idx, flats):
+      names[i] = f"{g} ({', '.join(f'{k}={json.loads(f[k]) if k in f else None}' for k in keys)})"
+  return names
+
+
 def summarize(records: Sequence[RunRecord]) -> list[Row]:
-  """Group runs by ``group`` (first-seen order) and compute mean ± std over seeds."""
+  """Group runs into cells (:func:`cell_names`, first-seen order) and compute
+  mean ± std over seeds."""
   groups: dict[str, list[RunRecord]] = {}
-  for r in records:
-    groups.setdefault(r.group, []).append(r)
+  for name, r in zip(cell_names(records), records):
+    groups.setdefault(name, []).append(r)
   rows = []
   for g, rs in groups.items():
     published = next((float(r.get("published")) for r in rs if r.get("published") is not None), None)
