@@ -382,12 +382,14 @@ def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> N
 
 
 def training_set(cfg) -> ArrayDataset:
-  """The distillation training set of an ``Experiment`` (train + transfer split), as ``fit`` reads it."""
+  """The distillation training set of an ``Experiment`` (train + transfer split); ``fit`` and
+  ``kdjax cache`` both read it through here, so example ids agree."""
   from kdjax.data.tfds import concat, load_arrays
 
-  ds = load_arrays(cfg.data.name, cfg.data.train_split, data_dir=cfg.data.data_dir)
+  dl = dict(data_dir=cfg.data.data_dir, download=cfg.data.download)
+  ds = load_arrays(cfg.data.name, cfg.data.train_split, **dl)
   if cfg.data.transfer_split:
-    ds = concat([ds, load_arrays(cfg.data.name, cfg.data.transfer_split, data_dir=cfg.data.data_dir)])
+    ds = concat([ds, load_arrays(cfg.data.name, cfg.data.transfer_split, **dl)])
   return ds
 
 

@@ -226,13 +226,10 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
 
   info = kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir)
   num_classes = int(info.num_classes)
-  dl = dict(data_dir=cfg.data.data_dir, download=cfg.data.download)
-  train_ds = kd_data.load_arrays(cfg.data.name, cfg.data.train_split, **dl)
-  if cfg.data.transfer_split:
-    transfer = kd_data.load_arrays(cfg.data.name, cfg.data.transfer_split, **dl)
-    train_ds = kd_data.concat([train_ds, transfer])
-  eval_ds = kd_data.load_arrays(cfg.data.name, cfg.data.eval_split, **dl)
-  view = kd_data.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha)
+  train_ds = kd_data.cache.training_set(cfg)
+  eval_ds = kd_data.load_arrays(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
+                                download=cfg.data.download)
+  view = kd_data.cache.experiment_view(cfg)
   loader = kd_data.Loader(train_ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
                           drop_remainder=True, view=view, view_mode=cfg.data.view_mode,
                           process_index=jax.process_index(), process_count=jax.process_count())
