@@ -7,7 +7,10 @@ throughput of four cases and prints one JSON line per case:
   student_only    plain CE training of the student (the floor)
   kd              online KD: frozen teacher forward inside the step
   kd_cached       KD from cached teacher logits (``batch["teacher_logits"]``,
-                  what ``--data.teacher_cache`` feeds): no teacher forward
+                  what ``--data.teacher_cache`` feeds): no teacher forward;
+                  for the language-model pair a top-k cache
+                  (``teacher_topk_logp``/``teacher_topk_idx``, k = 64 of
+                  V = 8192) and the exact top-k forward KL
   torch_eager_kd  the equivalent PyTorch eager loop (same architectures,
                   batch, KD loss, SGD), when torch is importable
 
@@ -57,7 +60,15 @@ PAIRS = {
     "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", (32, 32, 3), 100),
     "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", (32, 32, 3), 100),
     "cnn1d-mlp": ("cnn1d", "mlp", (40,), 10),
+    # token-level KD: a 4-layer d=256 teacher → 2-layer d=128 student, V = 8192, L = 128
+    "lm4x256-lm2x128": ("transformer_lm", "transformer_lm", (128,), 8192),
 }
+# models.create keyword arguments of each pair's (teacher, student)
+PAIR_KWARGS = {
+    "lm4x256-lm2x128": ({"num_layers": 4, "dim": 256, "num_heads": 4, "max_len": 128},
+                        {"num_layers": 2, "dim": 128, "num_heads": 2, "max_len": 128}),
+}
+LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd")
 XLA_CPU_OPTIONS = {
     "default": "",
@@ -138,6 +149,7 @@ class JaxCase:
     import numpy as np
     from flax import nnx
 
+    import kdjax.losses as kdl
     from kdjax import methods, models
     from kdjax.config import MethodConfig, OptimConfig
     from kdjax.engine import loop, sharding
@@ -147,23 +159,28 @@ class JaxCase:
     from kdjax.methods.base import InitInfo
 
     t_name, s_name, shape, classes = PAIRS[pair]
+    t_kw, s_kw = PAIR_KWARGS.get(pair, ({}, {}))
+    lm = t_name == "transformer_lm"
     self.case, self.pair, self.batch, self.dtype, self.xla_conv = case, pair, batch, dtype, xla_conv
+    self.tokens_per_example = shape[0] if lm else None
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    student = models.create(s_name, num_classes=classes, rngs=nnx.Rngs(seed), dtype=dt)
-    teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt)
+    student = models.create(s_name, num_classes=classes, rngs=nnx.Rngs(seed), dtype=dt, **s_kw)
+    teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt, **t_kw)
     s_info = loop._model_info(student, s_name, classes)
     t_info = loop._model_info(teacher, t_name, classes)
     online_teacher = case == "kd"
     mode = "teacher" if case == "student_only" else "offline"
+    # token-level KD: forward KL(teacher ‖ student) per position, T = 1 (GKD's β = 0)
+    kd_term, temp = ("forward_kl", 1.0) if lm else ("kd", TEMPERATURE)
     mcfg = MethodConfig(name="ce") if case == "student_only" else MethodConfig(
-        name="kd", temperature=TEMPERATURE, terms=(f"ce={CE_WEIGHT}", f"kd={KD_WEIGHT}"))
+        name=kd_term, temperature=temp, terms=(f"ce={CE_WEIGHT}", f"{kd_term}={KD_WEIGHT}"))
     method = methods.build(mcfg, s_info, t_info if mode == "offline" else None)
     tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
                            steps_per_epoch=782, total_steps=10**6)
 
     sg, sp, sr = split_model(student)
     tg, tp, tr = split_model(teacher)
-    x_abs = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+    x_abs = jax.ShapeDtypeStruct((2, *shape), jnp.int32 if lm else jnp.float32)
     s_out = jax.eval_shape(lambda p, r, x: apply_model(sg, p, r, x, train=False)[0], sp, sr, x_abs)
     t_out = jax.eval_shape(lambda p, r, x: apply_model(tg, p, r, x, train=False)[0], tp, tr, x_abs)
     key = jax.random.key(seed)
@@ -181,9 +198,18 @@ class JaxCase:
                     teachers=(ModelDef(tg, t_info, shape),) if online_teacher else (),
                     method=method, tx=tx, mode=mode, steps_per_epoch=782)
     rng = np.random.default_rng(seed)
-    host = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
-            "label": rng.integers(0, classes, batch).astype(np.int32)}
-    if case == "kd_cached":  # what the cache serves: float16 storage, float32 in the batch
+    if lm:
+      tokens = rng.integers(0, classes, (batch, shape[0] + 1)).astype(np.int32)
+      host = {"image": tokens[:, :-1], "label": tokens[:, 1:]}
+    else:
+      host = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
+              "label": rng.integers(0, classes, batch).astype(np.int32)}
+    if case == "kd_cached" and lm:  # a top-k cache: k log-probs + ids per position, never (B, L, V) logits
+      z = rng.normal(size=(batch, shape[0], classes)).astype(np.float32) * 3
+      lp, idx = kdl.teacher_topk(jnp.asarray(z), LM_TOP_K)
+      host["teacher_topk_logp"] = np.asarray(lp).astype(np.float16).astype(np.float32)
+      host["teacher_topk_idx"] = np.asarray(idx)
+    elif case == "kd_cached":  # what the cache serves: float16 storage, float32 in the batch
       host["teacher_logits"] = (rng.normal(size=(batch, classes)) * 3).astype(np.float16).astype(np.float32)
     self.batch_arrays = sharding.shard_batch(host, mesh)
     run = types.SimpleNamespace(state=state, teacher=tstate, mesh=mesh)
@@ -406,7 +432,9 @@ def main(argv=None) -> int:
     cases = []
     for c in a.cases:
       if c == "torch_eager_kd":
-        if _torch_available():
+        if pair in PAIR_KWARGS:
+          print(json.dumps({"case": c, "pair": pair, "skipped": "no PyTorch reference for this pair (conv pairs only)"}))
+        elif _torch_available():
           cases.append(TorchCase(pair, a.batch, a.torch_threads))
         else:
           print(json.dumps({"case": c, "pair": pair, "skipped": "torch is not installed (pip install kdjax[bench])"}))
@@ -432,6 +460,8 @@ def main(argv=None) -> int:
              "devices": case.devices, "backend": case.backend, "batch": a.batch,
              "dtype": case.dtype, "xla_cpu": a.xla_cpu, "xla_conv": case.xla_conv,
              "ynn_fusions": case.ynn_fusions, "onednn_custom_calls": case.onednn_custom_calls}
+      if getattr(case, "tokens_per_example", None):  # language models: an "image" is one sequence
+        row["tokens_per_sec"] = round(ips * case.tokens_per_example, 1)
       print(json.dumps(row), flush=True)
   return 0
 

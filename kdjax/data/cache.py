@@ -19,24 +19,34 @@ very input the teacher saw ("consistent" views, Beyer et al. 2022). With
 2022) caches soft labels of several crops per image the same way; Beyer et
 al. 2022 found a fixed teacher output per image overfits, which is why K > 1.
 
+Outputs. A classifier teacher gives ``(C,)`` logits per example; a language
+model gives ``(L, V)`` — one distribution per position (``view="tokens"``,
+usually K = 1). The cache stores whatever the teacher outputs per example
+(``output_shape`` in ``cache.json``).
+
 Storage (``directory/``):
   ``cache.json``   what the cache is for (teacher hash, view config, K,
-                   view seed, dataset, example count, storage format); written
-                   first. A cache whose teacher hash or view config differs
-                   from the run's is refused.
+                   view seed, dataset, example count, output shape, storage
+                   format); written first. A cache whose teacher hash or view
+                   config differs from the run's is refused.
   ``shard-SSSSS-of-NNNNN.npz``  examples ``[s·S, (s+1)·S)`` of the training
                    set (dataset order): ``ids`` (n,) and either ``logits``
-                   (n, K, C) float16/float32, or ``topk_logp`` (n, K, k)
-                   float16 log-probabilities with ``topk_idx`` (n, K, k) int32
-                   for large class counts. Each shard is written to a hidden
-                   temporary file and renamed (atomic); an interrupted build
-                   resumes by skipping finished shards. Process ``p`` of
+                   (n, K, *output_shape) float16/float32, or the top-k
+                   log-probabilities ``topk_logp`` (n, K, …, k) float16/float32
+                   with their class / token ids ``topk_idx`` (n, K, …, k)
+                   int32, for large class counts and vocabularies (k·L numbers
+                   per example instead of V·L). Each shard is written to a
+                   hidden temporary file and renamed (atomic); an interrupted
+                   build resumes by skipping finished shards. Process ``p`` of
                    ``P`` builds shards ``s ≡ p (mod P)``.
 
-Top-k reconstruction: the dense logits fed to the step are the stored
-log-probabilities on the top-k classes and ``log((1 − Σ p_topk) / (C − k))``
-on the others (the tail mass spread evenly), so ``softmax(z / T)`` is exact
-on the top-k classes up to the tail's share.
+Top-k caches reach the step as ``teacher_topk_logp`` / ``teacher_topk_idx``
+(k numbers per distribution on the host-to-device link, not V). There,
+token-level terms (``forward_kl``, ``reverse_kl``, ``gkd``, ``tvd``) use the
+exact top-k forms of their divergence (:func:`kdjax.losses.topk_buckets`:
+the k cached tokens plus the teacher's tail mass), and class-level terms (kd,
+dkd, dist) read :func:`kdjax.losses.topk_to_logits` — the top-k
+log-probabilities with the tail mass spread evenly over the other classes.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from kdjax.data import views as V
 from kdjax.data.loader import Loader
 from kdjax.data.tfds import ArrayDataset
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: output_shape (token-level caches), top-k in float32 or float16
 META_FILE = "cache.json"
 STREAM_CACHE = 3  # view-key stream of the per-epoch choice among the K views
 _STORAGE = ("float16", "float32")
@@ -66,10 +76,10 @@ class CacheSpec:
   Attributes:
     views: K, the number of cached views per example (≥ 1).
     view_seed: seed of the cached views (independent of the run's seed).
-    dtype: storage of full logits, ``float16`` (half the bytes) or ``float32``
-      (bit-exact).
+    dtype: storage of logits or top-k log-probabilities, ``float16`` (half
+      the bytes) or ``float32`` (bit-exact).
     top_k: 0 stores full logits; k > 0 stores the top-k log-probabilities and
-      their class indices (for large class counts or vocabularies).
+      their class / token ids (for large class counts or vocabularies).
     shard_size: examples per shard file (the unit of atomic writes / resume).
     batch_size: teacher batch size while building.
   """
@@ -143,63 +153,98 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_hash: str, num_classes: int) -> dict:
+def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_hash: str, num_classes: int,
+               output_shape: tuple[int, ...] | None = None) -> dict:
   """The ``cache.json`` content: everything a reader must agree with."""
   n_shards = -(-len(ds) // spec.shard_size)
+  shape = tuple(int(d) for d in (output_shape or (num_classes,)))
+  if shape[-1] != num_classes:
+    raise ValueError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
   return {
       "format": FORMAT_VERSION, "teacher_hash": teacher_hash, "view": view_fingerprint(view),
       "views": spec.views, "view_seed": spec.view_seed, "dtype": spec.dtype, "top_k": spec.top_k,
-      "num_classes": int(num_classes), "num_examples": len(ds), "dataset": f"{ds.name}/{ds.split}",
-      "shard_size": spec.shard_size, "num_shards": n_shards,
+      "num_classes": int(num_classes), "output_shape": list(shape), "num_examples": len(ds),
+      "dataset": f"{ds.name}/{ds.split}", "shard_size": spec.shard_size, "num_shards": n_shards,
   }
 
 
 def _same_key(a: Mapping, b: Mapping) -> list[str]:
-  keys = ("format", "teacher_hash", "view", "views", "view_seed", "dtype", "top_k", "num_classes", "num_examples",
-          "dataset", "shard_size")
+  keys = ("format", "teacher_hash", "view", "views", "view_seed", "dtype", "top_k", "num_classes", "output_shape",
+          "num_examples", "dataset", "shard_size")
   return [k for k in keys if a.get(k) != b.get(k)]
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+  z = z.astype(np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def _encode(logits: np.ndarray, spec: CacheSpec) -> dict[str, np.ndarray]:
-  """(n, K, C) float32 logits → stored arrays."""
+  """(n, K, …, C) float32 logits → stored arrays (top-k: log-probs at T = 1, by decreasing probability)."""
   if spec.top_k == 0:
     return {"logits": logits.astype(spec.dtype)}
-  z = logits.astype(np.float64)
-  logp = z - z.max(-1, keepdims=True)
-  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  logp = _log_softmax(logits)
   k = min(spec.top_k, logits.shape[-1])
   idx = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
-  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(np.float16), "topk_idx": idx.astype(np.int32)}
+  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(np.int32)}
 
 
-def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.ndarray], np.ndarray], *,
+def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """One predicted batch → stored arrays with a view axis of 1: ``(n, 1, …)``.
+
+  ``pred`` is dense logits ``(n, *out_shape)``, or — for top-k storage, when
+  the top-k is taken on the device (:func:`kdjax.losses.teacher_topk`) — a
+  pair ``(log-probs, ids)`` of shape ``(n, *out_shape[:-1], k)``.
+  """
+  if isinstance(pred, (tuple, list)):
+    if spec.top_k == 0:
+      raise ValueError("predict returned a top-k pair but cache.top_k=0 stores full logits")
+    lp, idx = (np.asarray(a) for a in pred)
+    k = min(spec.top_k, out_shape[-1])
+    if lp.shape[1:] != (*out_shape[:-1], k) or idx.shape != lp.shape:
+      raise ValueError(f"teacher top-k outputs {lp.shape}/{idx.shape} per batch; expected (n, {(*out_shape[:-1], k)})")
+    return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(np.int32)}
+  z = np.asarray(pred, np.float32)
+  if z.shape[1:] != out_shape:
+    raise ValueError(f"teacher outputs {z.shape[1:]} per example, the cache expects {out_shape} "
+                     f"(num_classes / output_shape)")
+  return _encode(z[:, None], spec)
+
+
+def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.ndarray], Any], *,
                 teacher_hash: str, num_classes: int, view: V.ViewConfig, spec: CacheSpec = CacheSpec(),
-                process_index: int = 0, process_count: int = 1, max_shards: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> dict:
-  """Compute and store the teacher's logits for every example under K views.
+                output_shape: tuple[int, ...] | None = None, process_index: int = 0, process_count: int = 1,
+                max_shards: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+  """Compute and store the teacher's outputs for every example under K views.
 
   Args:
     directory: cache directory (created).
     ds: the training set, in the order the loader reads it.
-    predict: teacher forward, ``(spec.batch_size, *input_shape)`` float32 →
-      ``(spec.batch_size, C)`` logits (always called with full batches, so a
-      jitted function compiles once).
+    predict: teacher forward on ``(spec.batch_size, *input_shape)`` views
+      (always full batches, so a jitted function compiles once) →
+      ``(spec.batch_size, *output_shape)`` logits, or, with ``spec.top_k``,
+      optionally the pair ``(top-k log-probs, ids)`` computed on the device
+      (so ``(B, L, V)`` logits never reach the host).
     teacher_hash: content hash of the teacher checkpoint (the cache key).
-    num_classes: C.
+    num_classes: C (the vocabulary size V for a language model).
     view: the training view config (must not mix examples).
     spec: K, storage and sharding.
+    output_shape: the teacher's output per example, ``(C,)`` (default) or
+      ``(L, V)`` for token-level caches.
     process_index / process_count: this process builds shards ≡ index mod count.
     max_shards: stop after writing this many new shards (chunked builds; an
       interruption leaves the same state).
     progress: called with (shards done, shards total).
 
   Returns:
-    ``{"written": new shards, "skipped": shards already present, "complete": bool}``.
+    ``{"written": new shards, "skipped": shards already present, "complete": bool, "num_shards": n}``.
   """
   check_view(view)
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  meta = cache_meta(ds, spec, view, teacher_hash, num_classes)
+  meta = cache_meta(ds, spec, view, teacher_hash, num_classes, output_shape)
+  out_shape = tuple(meta["output_shape"])
   meta_path = d / META_FILE
   if meta_path.exists():
     old = json.loads(meta_path.read_text())
@@ -224,7 +269,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
       break
     rows = np.arange(s * spec.shard_size, min((s + 1) * spec.shard_size, len(ds)))
     ids, images = ds.ids[rows], ds.images[rows]
-    out = np.empty((len(rows), spec.views, num_classes), np.float32)
+    stored: dict[str, np.ndarray] = {}  # encoded batch by batch: (n, K, …) — dense (B, L, V) never piles up
     for k in range(spec.views):
       x = view_images(view, images, ids, spec.view_seed, k)
       for lo in range(0, len(rows), b):
@@ -232,8 +277,12 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
         n = len(chunk)
         if n < b:  # pad to a full batch: one compiled shape
           chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, axis=0)])
-        out[lo:lo + n, k] = np.asarray(predict(chunk), np.float32)[:n]
-    _atomic_savez(path, ids=ids.astype(np.int64), **_encode(out, spec))
+        enc = _encode_prediction(predict(chunk), spec, out_shape)
+        for name, a in enc.items():
+          if name not in stored:
+            stored[name] = np.empty((len(rows), spec.views, *a.shape[2:]), a.dtype)
+          stored[name][lo:lo + n, k] = a[:n, 0]
+    _atomic_savez(path, ids=ids.astype(np.int64), **stored)
     written += 1
     if progress:
       progress(written + skipped, n_shards)
@@ -312,28 +361,52 @@ class TeacherCache:
       raise ValueError(f"teacher cache has no example id {int(ids[bad][0])}; was it built for this training set?")
     return self._rows[pos]
 
-  def logits(self, ids: np.ndarray, view_index: np.ndarray) -> np.ndarray:
-    """Dense float32 teacher logits ``(B, C)`` of view ``view_index[i]`` of ``ids[i]``."""
+  @property
+  def top_k(self) -> int:
+    return int(self.meta["top_k"])
+
+  def outputs(self, ids: np.ndarray, view_index: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch entries for view ``view_index[i]`` of ``ids[i]``.
+
+    Full-logit caches: ``teacher_logits`` float32 ``(B, *output_shape)``.
+    Top-k caches: ``teacher_topk_logp`` float32 and ``teacher_topk_idx``
+    int32, ``(B, *output_shape[:-1], k)`` (the step turns them into what each
+    term needs).
+    """
     r = self.rows(ids)
     k = np.asarray(view_index, np.int64)
     if "logits" in self.arrays:
-      return self.arrays["logits"][r, k].astype(np.float32)
-    logp = self.arrays["topk_logp"][r, k].astype(np.float64)
-    idx = self.arrays["topk_idx"][r, k]
+      return {"teacher_logits": self.arrays["logits"][r, k].astype(np.float32)}
+    return {"teacher_topk_logp": self.arrays["topk_logp"][r, k].astype(np.float32),
+            "teacher_topk_idx": self.arrays["topk_idx"][r, k].astype(np.int32)}
+
+  def logits(self, ids: np.ndarray, view_index: np.ndarray) -> np.ndarray:
+    """Dense float32 teacher logits ``(B, *output_shape)`` of view ``view_index[i]`` of ``ids[i]``.
+
+    Top-k caches: the log-probabilities with the tail mass spread evenly over
+    the other classes (NumPy twin of :func:`kdjax.losses.topk_to_logits`).
+    """
+    out = self.outputs(ids, view_index)
+    if "teacher_logits" in out:
+      return out["teacher_logits"]
+    logp = out["teacher_topk_logp"].astype(np.float64)
+    idx = out["teacher_topk_idx"]
     c, kk = self.num_classes, logp.shape[-1]
     if kk >= c:
-      out = np.empty((len(r), c))
+      dense = np.empty((*logp.shape[:-1], c))
     else:
       tail = np.clip(1.0 - np.exp(logp).sum(-1), 1e-12, None) / (c - kk)
-      out = np.repeat(np.log(tail)[:, None], c, axis=1)
-    np.put_along_axis(out, idx, logp, axis=-1)
-    return out.astype(np.float32)
+      dense = np.repeat(np.log(tail)[..., None], c, axis=-1)
+    np.put_along_axis(dense, idx, logp, axis=-1)
+    return dense.astype(np.float32)
 
 
 class CachedLoader(Loader):
   """A :class:`Loader` whose batches carry cached teacher logits.
 
-  Each batch adds ``teacher_logits`` float32 ``(B, C)`` and ``view_index``
+  Each batch adds the cached teacher outputs (``teacher_logits`` float32
+  ``(B, *output_shape)``, or ``teacher_topk_logp`` / ``teacher_topk_idx``
+  for a top-k cache; see :meth:`TeacherCache.outputs`) and ``view_index``
   int32 ``(B,)``; in ``view_mode="consistent"`` ``image`` is view
   ``view_index`` of each example (the input the teacher saw). Order,
   sharding over processes and ``state()``/``restore()`` are the Loader's.
@@ -360,7 +433,7 @@ class CachedLoader(Loader):
       image = view_images(c.view, images, ids, c.view_seed, k)
     else:  # the student's own fresh view; the teacher's is cached view k
       image = V.augment(c.view, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))
-    out = {"image": image, "teacher_logits": c.logits(ids, k), "view_index": k.astype(np.int32),
+    out = {"image": image, **c.outputs(ids, k), "view_index": k.astype(np.int32),
            "label": ds.labels[idx].astype(np.int32), "id": ids.astype(np.int32),
            "epoch": np.full(len(idx), epoch, np.int32)}
     if not self.drop_remainder:

@@ -10,6 +10,8 @@ pair with the same λ).
 
 Kinds (``ViewConfig.kind``):
   * ``"none"``: normalise only.
+  * ``"tokens"``: integer token ids ``(B, L)``, passed through unchanged
+    (no scaling, dtype kept) — language-model data.
   * ``"flip"``: random horizontal flip (last spatial axis).
   * ``"cifar"``: zero-pad 4 px, random 32x32 crop, random flip (RepDistiller /
     torchvision ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``), then
@@ -48,7 +50,7 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KINDS = ("none", "cifar", "imagenet", "flip", "jitter")
+KINDS = ("none", "tokens", "cifar", "imagenet", "flip", "jitter")
 STREAM_STUDENT, STREAM_TEACHER, STREAM_MIX = 0, 1, 2
 
 
@@ -74,6 +76,8 @@ class ViewConfig:
     if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
       raise ValueError(
           f"ViewConfig mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: must be >= 0")
+    if self.kind == "tokens" and self.mixes:
+      raise ValueError("ViewConfig kind='tokens' cannot mix token ids: set mixup_alpha and cutmix_alpha to 0")
     if (self.mean is None) != (self.std is None):
       raise ValueError("ViewConfig.mean and ViewConfig.std must be given together")
 
@@ -190,11 +194,19 @@ def _scale_norm(cfg: ViewConfig, x: np.ndarray, dtype) -> np.ndarray:
   return y
 
 
+def _tokens(x: np.ndarray) -> np.ndarray:
+  if not np.issubdtype(x.dtype, np.integer):
+    raise ValueError(f"view kind 'tokens' expects integer token ids, got {x.dtype} (use kind 'none' for signals)")
+  return x
+
+
 def normalize(cfg: ViewConfig, images) -> np.ndarray:
   """The eval-time transform: scale (+ mean/std); ImageNet: resize + centre crop."""
   if cfg.kind == "imagenet":
     return np.stack([_tf_eval_view(im, cfg) for im in images]).astype(np.float32)
   images = np.asarray(images)
+  if cfg.kind == "tokens":
+    return _tokens(images)
   return _scale_norm(cfg, images, images.dtype)
 
 
@@ -204,6 +216,8 @@ def augment(cfg: ViewConfig, images, keys: np.ndarray) -> np.ndarray:
   if cfg.kind == "imagenet":
     return np.stack([_tf_train_view(im, k, cfg) for im, k in zip(images, keys)]).astype(np.float32)
   images = np.asarray(images)
+  if cfg.kind == "tokens":
+    return _tokens(images)
   dtype = images.dtype
   if cfg.kind == "none":
     out = images

@@ -5,7 +5,8 @@
 shardings from the mesh (``jit_train_step``). Inside one compiled program:
 
 1. the frozen teacher(s) run in eval mode (``stop_gradient``; no BN updates) —
-   or their outputs come from the batch (``"teacher_logits"``, teacher cache);
+   or their outputs come from the batch (teacher cache: ``"teacher_logits"``,
+   or ``"teacher_topk_logp"``/``"teacher_topk_idx"`` for top-k storage);
 2. the student(s) run in train mode and the method's weighted loss is
    differentiated w.r.t. student params *and* adapter params;
 3. optax updates both; BN statistics, method state (CRD bank) and the EMA
@@ -27,10 +28,14 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, rng_key
+from kdjax.losses import topk_to_logits
+from kdjax.methods import logit as methods_logit
 from kdjax.methods.base import Context, Method
 from kdjax.models.base import ModelOutput
 
 Batch = dict[str, jax.Array]
+# Batch keys of a top-k teacher-output cache (``kdjax.data.cache.CachedLoader``).
+TOPK_LOGP, TOPK_IDX = "teacher_topk_logp", "teacher_topk_idx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,10 @@ def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, ba
   """Frozen teacher outputs for this batch (eval mode, stop-gradiented)."""
   if "teacher_logits" in batch:  # served by the teacher-output cache
     return [ModelOutput(batch["teacher_logits"].astype(jnp.float32), {})]
+  if TOPK_LOGP in batch:  # a top-k cache: dense view for class-level terms, exact top-k for token terms
+    lp, idx = batch[TOPK_LOGP].astype(jnp.float32), batch[TOPK_IDX]
+    dense = topk_to_logits(lp, idx, spec.students[0].info.num_classes)  # dropped by XLA when unused
+    return [ModelOutput(dense, {methods_logit.TOPK_LOGP: lp, methods_logit.TOPK_IDX: idx})]
   x = _teacher_input(batch)
   if spec.mode == "self_ema":
     ema_params, ema_rest = state.ema

@@ -31,6 +31,12 @@ from kdjax.losses.sequence import generalized_jsd
 from kdjax.losses.sequence import reverse_kl
 from kdjax.losses.sequence import sparse_kl
 from kdjax.losses.sequence import teacher_topk
+from kdjax.losses.sequence import topk_buckets
+from kdjax.losses.sequence import topk_forward_kl
+from kdjax.losses.sequence import topk_generalized_jsd
+from kdjax.losses.sequence import topk_reverse_kl
+from kdjax.losses.sequence import topk_to_logits
+from kdjax.losses.sequence import topk_tvd
 from kdjax.losses.sequence import tvd
 
 __all__ = [
@@ -64,5 +70,11 @@ __all__ = [
     "tvd",
     "sparse_kl",
     "teacher_topk",
+    "topk_to_logits",
+    "topk_buckets",
+    "topk_forward_kl",
+    "topk_reverse_kl",
+    "topk_generalized_jsd",
+    "topk_tvd",
     "chunked_token_loss",
 ]

@@ -296,6 +296,232 @@ def sparse_kl(student_logits: Array, teacher_topk_logprobs: Array,
 
 
 # --------------------------------------------------------------------------
+# Top-k teacher distributions (teacher-output caches for large vocabularies).
+#
+# A cache that keeps only the teacher's top-k log-probabilities a_j at token
+# ids i_j (j = 1..k, at T = 1) still knows the teacher's total tail mass
+# r = 1 − Σ_j exp(a_j). The losses below compare teacher and student on the
+# (k + 1)-bucket partition {i_1}, …, {i_k}, {every other token}: each bucket
+# probability is known exactly at T = 1, every divergence keeps its meaning
+# (non-negative, zero iff the two agree on the partition), and by the
+# data-processing inequality it is ≤ the full-vocabulary divergence, with
+# equality when the student spreads its tail mass like the teacher.
+#
+# At T ≠ 1 the tempered tail mass depends on how the teacher spreads r over
+# the other V − k tokens, which the cache does not store; kdjax assumes an even
+# spread (each gets log-prob u = log(r / (V − k))), the same assumption as
+# :func:`topk_to_logits`, so a dense method on the reconstructed logits and a
+# top-k loss see the same teacher at every temperature.
+
+_TAIL_FLOOR = 1e-12  # smallest teacher tail mass (float16 top-k can sum past 1)
+
+
+def _check_topk(teacher_topk_logprobs: Array, teacher_topk_indices: Array,
+                vocab_size: int) -> int:
+  lp_shape = jnp.shape(teacher_topk_logprobs)
+  if len(lp_shape) < 1:
+    raise ValueError("teacher_topk_logprobs must have shape (..., k), got a scalar.")
+  if jnp.shape(teacher_topk_indices) != lp_shape:
+    raise ValueError(
+        "teacher_topk_indices must have the shape of teacher_topk_logprobs "
+        f"{lp_shape}, got {jnp.shape(teacher_topk_indices)}.")
+  k = lp_shape[-1]
+  if not 1 <= k <= vocab_size:
+    raise ValueError(f"top-k size k={k} must lie in [1, vocab_size={vocab_size}].")
+  _checks.check_indices(teacher_topk_indices, vocab_size, "teacher_topk_indices")
+  return k
+
+
+def _teacher_tail_logmass(log_pt_k: Array) -> Array:
+  """log r = log(1 − Σ_j exp(a_j)), floored at log(_TAIL_FLOOR): ``(...,)``."""
+  mass = jnp.sum(jnp.exp(log_pt_k), axis=-1)
+  return jnp.log(jnp.maximum(1.0 - mass, _TAIL_FLOOR))
+
+
+def topk_to_logits(teacher_topk_logprobs: Array, teacher_topk_indices: Array,
+                   vocab_size: int) -> Array:
+  """Dense teacher log-probabilities from a top-k cache (tail spread evenly).
+
+  z_v = a_j where v = i_j, else u = log(r / (V − k)) with
+  r = 1 − Σ_j exp(a_j) the teacher's tail mass (floored at 1e-12). So
+  softmax(z) is exact on the top-k tokens and on the tail's total mass at
+  T = 1; softmax(z / T) assumes the tail is flat. With k = V it is the
+  stored log-probabilities, scattered back to vocabulary order.
+
+  Args:
+    teacher_topk_logprobs: ``(..., k)`` teacher log-probabilities at T = 1
+      (e.g. :func:`teacher_topk`), any float dtype.
+    teacher_topk_indices: ``(..., k)`` distinct int ids in ``[0, V)``.
+    vocab_size: V.
+
+  Returns:
+    float32 ``(..., V)`` log-probabilities.
+  """
+  k = _check_topk(teacher_topk_logprobs, teacher_topk_indices, vocab_size)
+  lp = _checks.as_f32(teacher_topk_logprobs)
+  idx = jnp.asarray(teacher_topk_indices, jnp.int32)
+  if k == vocab_size:
+    fill = jnp.zeros(lp.shape[:-1], jnp.float32)
+  else:
+    fill = _teacher_tail_logmass(lp) - math.log(vocab_size - k)
+  dense = jnp.broadcast_to(fill[..., None], lp.shape[:-1] + (vocab_size,))
+  return jnp.put_along_axis(dense, idx, lp, axis=-1, inplace=False)
+
+
+def topk_buckets(student_logits: Array, teacher_topk_logprobs: Array,
+                 teacher_topk_indices: Array, temperature: Any = 1.0
+                 ) -> tuple[Array, Array]:
+  """Student and teacher log-probabilities on the teacher's top-k partition.
+
+  Buckets are the k cached tokens plus one bucket for the rest of the
+  vocabulary (dropped when k = V). With p_S = softmax(s / T) over the full
+  vocabulary:
+
+    student: [log p_S(i_1), …, log p_S(i_k), log Σ_{v ∉ top-k} p_S(v)],
+    teacher: log_softmax([a_1 / T, …, a_k / T, log(V − k) + u / T]),
+
+  u = log(r / (V − k)) as in :func:`topk_to_logits`; at T = 1 the teacher
+  row is exactly [a_1, …, a_k, log r]. The student's tail is a masked
+  logsumexp (no 1 − Σ cancellation when it is confident).
+
+  Args:
+    student_logits: ``(..., V)``.
+    teacher_topk_logprobs: ``(..., k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(..., k)`` distinct int ids in ``[0, V)``.
+    temperature: T > 0, applied to both sides.
+
+  Returns:
+    ``(student_logp, teacher_logp)``, float32 ``(..., k + 1)`` (``(..., V)``
+    when k = V), each normalised over the last axis.
+  """
+  vocab = jnp.shape(student_logits)[-1]
+  k = _check_topk(teacher_topk_logprobs, teacher_topk_indices, vocab)
+  if jnp.shape(teacher_topk_logprobs)[:-1] != jnp.shape(student_logits)[:-1]:
+    raise ValueError(
+        f"teacher_topk_logprobs {jnp.shape(teacher_topk_logprobs)} and student_logits "
+        f"{jnp.shape(student_logits)} must agree on every axis but the last.")
+  t = jnp.asarray(temperature, jnp.float32)
+  idx = jnp.asarray(teacher_topk_indices, jnp.int32)
+  log_ps = _log_probs(student_logits, t)
+  s_top = jnp.take_along_axis(log_ps, idx, axis=-1)
+  a = _checks.as_f32(teacher_topk_logprobs)
+  if k == vocab:
+    return s_top, jax.nn.log_softmax(a / t, axis=-1)
+  rest = jnp.put_along_axis(log_ps, idx, -jnp.inf, axis=-1, inplace=False)
+  s_tail = jax.nn.logsumexp(rest, axis=-1, keepdims=True)
+  log_r = _teacher_tail_logmass(a)
+  u = log_r - math.log(vocab - k)
+  t_tail = (math.log(vocab - k) + u / t)[..., None]
+  teacher = jax.nn.log_softmax(jnp.concatenate([a / t, t_tail], axis=-1), axis=-1)
+  return jnp.concatenate([s_top, s_tail], axis=-1), teacher
+
+
+def _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices,
+               mask, temperature):
+  _checks.check_rank(student_logits, "student_logits", 3)
+  _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
+  _checks.check_mask(mask, jnp.shape(student_logits)[:2], "mask")
+  _checks.check_positive(temperature, "temperature")
+  return topk_buckets(student_logits, teacher_topk_logprobs,
+                      teacher_topk_indices, temperature)
+
+
+def topk_forward_kl(student_logits: Array, teacher_topk_logprobs: Array,
+                    teacher_topk_indices: Array, mask: Array | None = None,
+                    temperature: float = 1.0) -> Array:
+  """:func:`forward_kl` from a top-k teacher: KL(teacher ‖ student) on buckets.
+
+  ℓ_{b,l} = Σ_j P_T,j (log P_T,j − log P_S,j) over the k + 1 buckets of
+  :func:`topk_buckets` (the k cached tokens and the rest). Exact
+  :func:`forward_kl` when k = V; otherwise 0 ≤ ℓ ≤ the full forward KL at
+  T = 1 (data-processing inequality). Unlike :func:`sparse_kl` the teacher's
+  tail mass is kept, so the value is a divergence (never negative).
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 on both sides (no T² factor).
+
+  Returns:
+    float32 scalar.
+  """
+  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
+  return _masked_mean(_kl(lt, ls), mask)
+
+
+def topk_reverse_kl(student_logits: Array, teacher_topk_logprobs: Array,
+                    teacher_topk_indices: Array, mask: Array | None = None,
+                    temperature: float = 1.0) -> Array:
+  """:func:`reverse_kl` from a top-k teacher: KL(student ‖ teacher) on buckets.
+
+  ℓ_{b,l} = Σ_j P_S,j (log P_S,j − log P_T,j) over the buckets of
+  :func:`topk_buckets`. Exact when k = V; ≤ the full reverse KL at T = 1.
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 on both sides (no T² factor).
+
+  Returns:
+    float32 scalar.
+  """
+  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
+  return _masked_mean(_kl(ls, lt), mask)
+
+
+def topk_generalized_jsd(student_logits: Array, teacher_topk_logprobs: Array,
+                         teacher_topk_indices: Array, beta: float = 0.5,
+                         mask: Array | None = None,
+                         temperature: float = 1.0) -> Array:
+  """:func:`generalized_jsd` (GKD, TRL's β) from a top-k teacher, on buckets.
+
+  β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M), M = (1 − β)·P_S + β·P_T,
+  over the buckets of :func:`topk_buckets`; β = 0 is KL(teacher ‖ student),
+  β = 1 is KL(student ‖ teacher). Exact when k = V.
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
+    beta: β in [0, 1].
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 on both sides (no T² factor).
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_in_unit_interval(beta, "beta")
+  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
+  # the buckets are normalised log-probs, so log_softmax(· / 1) is the identity
+  return _masked_mean(_tok_generalized_jsd(ls, lt, beta, 1.0), mask)
+
+
+def topk_tvd(student_logits: Array, teacher_topk_logprobs: Array,
+             teacher_topk_indices: Array, mask: Array | None = None,
+             temperature: float = 1.0) -> Array:
+  """:func:`tvd` from a top-k teacher: ½ Σ_j |P_T,j − P_S,j| on buckets.
+
+  Exact when k = V; ≤ the full TVD at T = 1.
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 on both sides.
+
+  Returns:
+    float32 scalar.
+  """
+  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
+  return _masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1), mask)
+
+
+# --------------------------------------------------------------------------
 # Chunked evaluation.
 
 

@@ -118,7 +118,13 @@ def make_dist(name, weight, cfg, student, teacher):
   return (Term(name, weight, apply),)
 
 
-def _token_term(fn, **fixed):
+# Feature names under which the step passes a top-k teacher cache
+# (``kdjax.engine.step.teacher_outputs``); token terms then use the exact
+# top-k forms of their divergence instead of the dense reconstruction.
+TOPK_LOGP, TOPK_IDX = "topk_logp", "topk_idx"
+
+
+def _token_term(fn, topk_fn, **fixed):
   def make(name, weight, cfg, student, teacher):
     temp = opt(cfg.temperature, 1.0)
     kw = dict(fixed)
@@ -128,16 +134,20 @@ def _token_term(fn, **fixed):
     def apply(params, state, s_out, t_out, batch, ctx):
       s = s_out.logits
       mask = _token_mask(batch, jnp.shape(s)[:2])
+      if TOPK_LOGP in t_out.features:  # teacher-output cache with top-k storage
+        lp, idx = stop(t_out.features[TOPK_LOGP]), t_out.features[TOPK_IDX]
+        return topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw), state, {}
       return fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw), state, {}
 
     return (Term(name, weight, apply),)
 
   make.__doc__ = (f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
-                  "selects tokens; temperature default 1 (no T² factor).")
+                  "selects tokens; temperature default 1 (no T² factor). From a top-k teacher "
+                  f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition.")
   return make
 
 
-make_forward_kl = _token_term(kdl.forward_kl)
-make_reverse_kl = _token_term(kdl.reverse_kl)
-make_gkd = _token_term(kdl.generalized_jsd, beta=0.5)
-make_tvd = _token_term(kdl.tvd)
+make_forward_kl = _token_term(kdl.forward_kl, kdl.topk_forward_kl)
+make_reverse_kl = _token_term(kdl.reverse_kl, kdl.topk_reverse_kl)
+make_gkd = _token_term(kdl.generalized_jsd, kdl.topk_generalized_jsd, beta=0.5)
+make_tvd = _token_term(kdl.tvd, kdl.topk_tvd)
