@@ -386,3 +386,26 @@ def Loader_view_shift(images, ids, k, view_seed, shift):  # noqa: N802
   off = V.randint(keys, 1, 2 * shift + 1)
   padded = np.pad(images, ((0, 0), (shift, shift)))
   return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["kd", "dist"])
+def test_class_level_terms_read_a_topk_cache_as_its_dense_reconstruction(cfg, tmp_path, method):
+  """A top-k cache reaches the step as k log-probs + ids per example; class-level
+  terms see :func:`kdl.topk_to_logits` of them, which equals the reader's NumPy
+  reconstruction (top-k exact, tail mass spread evenly) fed as dense logits."""
+  d = tmp_path / "top4"
+  m_cfg = cfg.replace(method=MethodConfig(name=method, temperature=4.0))
+  build_teacher_cache(m_cfg, d, C.CacheSpec(views=K, dtype="float32", top_k=4, shard_size=SHARD))
+  run = engine.build(_with_cache(m_cfg, str(d)))
+  batch = run.loader.batch(0, 1)
+  assert batch["teacher_topk_logp"].shape == (50, 4) and "teacher_logits" not in batch
+  dense = run.loader.cache.logits(batch["id"], batch["view_index"])
+  assert np.ptp(np.sort(dense, -1)[:, :6], axis=-1).max() < 1e-5  # the 6 tail classes share one value
+  _, p_topk, m_topk = _one_step(_with_cache(m_cfg, str(d)), batch)
+  ref = {k: v for k, v in batch.items() if not k.startswith("teacher_topk")}
+  _, p_dense, m_dense = _one_step(_with_cache(m_cfg, str(d)), dict(ref, teacher_logits=dense))
+  term = f"loss/{method}"
+  assert m_dense[term] > 0
+  np.testing.assert_allclose(m_topk[term], m_dense[term], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(p_topk), jax.tree.leaves(p_dense)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
