@@ -178,5 +178,5 @@ def test_bank_sharded_on_explicit_mesh():
     loss, new = jax.jit(kdl.crd)(bank_sh, *args)
   assert new.student.sharding.spec == rows
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)  # a float32 sum over the bank: order-dependent ulps
-  for a, b in zip(new, want_bank):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for a, b in zip(new, want_bank):  # incl. the NCE normalisers Z (~3e3: float32 sums, 1-ulp-scale differences)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 
 import kdjax.losses as kdl
+from test_losses_sequence import B, L, V, _inputs, np_logp  # (2, 7, 13) logits, mask; NumPy log-softmax
 
-B, L, V, K = 3, 5, 17, 4
-
-
-def np_logp(z, T=1.0):
-  z = np.asarray(z, np.float64) / T
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+K = 4
 
 
 def np_topk(t, k):
-  lp = np_logp(t)
+  lp = np_logp(np.asarray(t, np.float64))
   idx = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
   return np.take_along_axis(lp, idx, -1), idx
 
@@ -34,7 +29,7 @@ def np_topk(t, k):
 def np_buckets(s, a, idx, T=1.0):
   """(k+1)-bucket probabilities, written per token with plain loops."""
   vocab, k = s.shape[-1], a.shape[-1]
-  ps_full = np.exp(np_logp(s, T))
+  ps_full = np.exp(np_logp(np.asarray(s, np.float64), T))
   ps = np.zeros(a.shape[:-1] + (k + (k < vocab),))
   pt = np.zeros_like(ps)
   for pos in np.ndindex(*a.shape[:-1]):
@@ -79,15 +74,6 @@ FULL = {
     "gjsd": lambda s, t, m: kdl.generalized_jsd(s, t, 0.3, m),
     "tvd": lambda s, t, m: kdl.tvd(s, t, m),
 }
-
-
-def _inputs(seed=0, scale=2.0):
-  rng = np.random.default_rng(seed)
-  s = (rng.normal(size=(B, L, V)) * scale).astype(np.float32)
-  t = (rng.normal(size=(B, L, V)) * scale).astype(np.float32)
-  mask = rng.random((B, L)) < 0.7
-  mask[0, 0] = True
-  return s, t, mask
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -407,8 +407,10 @@ def topk_buckets(student_logits: Array, teacher_topk_logprobs: Array,
   a = _checks.as_f32(teacher_topk_logprobs)
   if k == vocab:
     return s_top, jax.nn.log_softmax(a / t, axis=-1)
-  rest = jnp.put_along_axis(log_ps, idx, -jnp.inf, axis=-1, inplace=False)
-  s_tail = jax.nn.logsumexp(rest, axis=-1, keepdims=True)
+  # the student's tail: logsumexp over the tokens outside the top-k (a bool
+  # scatter, then one fused select + reduction over the vocabulary)
+  in_top = jnp.put_along_axis(jnp.zeros(log_ps.shape, bool), idx, True, axis=-1, inplace=False)
+  s_tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, log_ps), axis=-1, keepdims=True)
   log_r = _teacher_tail_logmass(a)
   u = log_r - math.log(vocab - k)
   t_tail = (math.log(vocab - k) + u / t)[..., None]
