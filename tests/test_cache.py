@@ -166,9 +166,8 @@ def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_pat
 
 def _read_all(d) -> dict:
   out = {}
-  for p in sorted(Path(d).glob("shard-*.npz")):
-    with np.load(p) as z:
-      out[p.name] = {k: z[k] for k in z.files}
+  for p in sorted(Path(d).glob("shard-*")):
+    out[p.name] = C.read_shard(p, mmap=False)
   return out
 
 
@@ -180,7 +179,8 @@ def test_interrupted_build_in_two_halves_equals_one_go(cfg, cache32, tmp_path):
   with pytest.raises(ValueError, match="incomplete .*re-run"):
     C.TeacherCache.open(d)
   # a crash mid-write leaves only a temp file, never a half shard
-  (d / ".shard-00002-of-00004.npz.tmp999.npz").write_bytes(b"garbage")
+  (d / ".shard-00002-of-00004.tmp999").mkdir()
+  (d / ".shard-00002-of-00004.tmp999" / "logits.npy").write_bytes(b"garbage")
   second = build_teacher_cache(cfg, d, spec)
   assert second == {"written": 2, "skipped": 2, "complete": True, "num_shards": 4}
   assert not list(d.glob(".*tmp*"))  # the interrupted write's leftovers are gone
@@ -341,11 +341,8 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert res_ca["test_accuracy"] == res_on["test_accuracy"]
   # … and the cached run really read the cache: doubled cached logits change the student
-  for p in d.glob("shard-*.npz"):
-    with np.load(p) as z:
-      arrays = {k: z[k] for k in z.files}
-    arrays["logits"] = arrays["logits"] * 2
-    np.savez_compressed(p, **arrays)
+  for p in d.glob("shard-*"):
+    np.save(p / "logits.npy", np.load(p / "logits.npy") * 2)
   engine.fit(cached.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca2"))))
   p_2x = _exported_params(tmp_path / "ca2")
   rounding = max(np.abs(a - b).max() for a, b in zip(p_ca, p_on))
@@ -409,3 +406,21 @@ def test_class_level_terms_read_a_topk_cache_as_its_dense_reconstruction(cfg, tm
   np.testing.assert_allclose(m_topk[term], m_dense[term], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(p_topk), jax.tree.leaves(p_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_shards_are_memory_mapped_and_a_corrupt_one_is_named(cfg, cache32, tmp_path):
+  """Reading maps the shard files (a cache larger than host memory works) and a
+  batch reads only its rows; a damaged shard is one clear error naming it."""
+  import shutil
+
+  cache = C.TeacherCache.open(cache32)
+  rows = cache.arrays["logits"]
+  assert isinstance(rows, C.ShardedRows) and all(isinstance(p, np.memmap) for p in rows.parts)
+  r, k = np.array([0, 1023, 1024, 3999]), np.array([0, 2, 1, 2])  # across shard boundaries
+  full = np.asarray(rows)
+  np.testing.assert_array_equal(rows.take(r, k), full[r, k])
+  d = tmp_path / "broken"
+  shutil.copytree(cache32, d)
+  (d / "shard-00001-of-00004" / "logits.npy").write_bytes(b"\x93NUMPY garbage")
+  with pytest.raises(ValueError, match=r"shard shard-00001-of-00004 is unreadable .*delete that shard directory"):
+    C.TeacherCache.open(d)

@@ -29,15 +29,17 @@ Storage (``directory/``):
                    view seed, dataset, example count, output shape, storage
                    format); written first. A cache whose teacher hash or view
                    config differs from the run's is refused.
-  ``shard-SSSSS-of-NNNNN.npz``  examples ``[s·S, (s+1)·S)`` of the training
-                   set (dataset order): ``ids`` (n,) and either ``logits``
+  ``shard-SSSSS-of-NNNNN/``  examples ``[s·S, (s+1)·S)`` of the training
+                   set (dataset order), one ``.npy`` file per array (read
+                   memory-mapped: a cache larger than host memory works, and
+                   a batch reads only its own rows): ``ids`` (n,) and either ``logits``
                    (n, K, *output_shape) float16/float32, or the top-k
                    log-probabilities ``topk_logp`` (n, K, …, k) float16/float32
                    with their class / token ids ``topk_idx`` (n, K, …, k)
                    int32, for large class counts and vocabularies (k·L numbers
                    per example instead of V·L). Each shard is written to a
-                   hidden temporary file and renamed (atomic); an interrupted
-                   build resumes by skipping finished shards. Process ``p`` of
+                   hidden temporary directory and renamed (atomic); an
+                   interrupted build resumes by skipping finished shards. Process ``p`` of
                    ``P`` builds shards ``s ≡ p (mod P)``.
 
 Top-k caches reach the step as ``teacher_topk_logp`` / ``teacher_topk_idx``
@@ -54,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -63,7 +66,7 @@ from kdjax.data import views as V
 from kdjax.data.loader import Loader
 from kdjax.data.tfds import ArrayDataset
 
-FORMAT_VERSION = 2  # 2: output_shape (token-level caches), top-k in float32 or float16
+FORMAT_VERSION = 2  # 2: output_shape (token-level caches), top-k in float32 or float16, .npy shard directories
 META_FILE = "cache.json"
 STREAM_CACHE = 3  # view-key stream of the per-epoch choice among the K views
 _STORAGE = ("float16", "float32")
@@ -138,7 +141,7 @@ def choose_views(seed: int, ids: np.ndarray, epoch: int, num_views: int) -> np.n
 
 
 def _shard_name(s: int, n: int) -> str:
-  return f"shard-{s:05d}-of-{n:05d}.npz"
+  return f"shard-{s:05d}-of-{n:05d}"
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -147,10 +150,52 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-  np.savez_compressed(tmp, **arrays)
+def _atomic_save_shard(path: Path, **arrays: np.ndarray) -> None:
+  """``path/NAME.npy`` for each array, all or nothing (a renamed temporary directory)."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  for name, a in arrays.items():
+    np.save(tmp / f"{name}.npy", a)
   os.replace(tmp, path)
+
+
+def read_shard(path: str | Path, mmap: bool = True) -> dict[str, np.ndarray]:
+  """The arrays of one shard directory (memory-mapped by default)."""
+  return {f.stem: np.load(f, mmap_mode="r" if mmap else None) for f in sorted(Path(path).glob("*.npy"))}
+
+
+class ShardedRows:
+  """One stored array across shards, indexed by global row: ``take(rows, views)``.
+
+  Shards stay memory-mapped, so reading a batch touches only its rows.
+  ``np.asarray`` materialises the whole array (tests, small caches).
+  """
+
+  def __init__(self, parts: list[np.ndarray]):
+    self.parts = parts
+    self.offsets = np.cumsum([0] + [len(p) for p in parts])
+    self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+    self.dtype = parts[0].dtype
+    self.nbytes = sum(p.nbytes for p in parts)
+
+  def take(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """``a[rows[i], views[i]]`` for each i: ``(len(rows), *shape[2:])``."""
+    rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+    shard = np.searchsorted(self.offsets, rows, side="right") - 1
+    out = np.empty((len(rows), *self.shape[2:]), self.dtype)
+    for s in np.unique(shard):
+      m = shard == s
+      out[m] = self.parts[s][rows[m] - self.offsets[s], views[m]]
+    return out
+
+  def __array__(self, dtype=None, copy=None):
+    a = np.concatenate([np.asarray(p) for p in self.parts])
+    return a if dtype is None else a.astype(dtype)
+
+
+def _take(a, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+  return a.take(rows, views) if isinstance(a, ShardedRows) else np.asarray(a)[rows, views]
 
 
 def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_hash: str, num_classes: int,
@@ -261,8 +306,11 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
   for s in range(process_index, n_shards, process_count):
     path = d / _shard_name(s, n_shards)
     for stale in d.glob(f".{path.name}.tmp*"):  # left by an interrupted write of this process's shard
-      stale.unlink(missing_ok=True)
-    if path.exists():
+      if stale.is_dir():
+        shutil.rmtree(stale, ignore_errors=True)
+      else:
+        stale.unlink(missing_ok=True)
+    if path.is_dir():
       skipped += 1
       continue
     if max_shards is not None and written >= max_shards:
@@ -282,11 +330,11 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
           if name not in stored:
             stored[name] = np.empty((len(rows), spec.views, *a.shape[2:]), a.dtype)
           stored[name][lo:lo + n, k] = a[:n, 0]
-    _atomic_savez(path, ids=ids.astype(np.int64), **stored)
+    _atomic_save_shard(path, ids=ids.astype(np.int64), **stored)
     written += 1
     if progress:
       progress(written + skipped, n_shards)
-  done = sum((d / _shard_name(s, n_shards)).exists() for s in range(n_shards))
+  done = sum((d / _shard_name(s, n_shards)).is_dir() for s in range(n_shards))
   return {"written": written, "skipped": skipped, "complete": done == n_shards, "num_shards": n_shards}
 
 
@@ -294,9 +342,14 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
 
 
 class TeacherCache:
-  """A finished cache held in host memory (``open`` checks it is the right one)."""
+  """A finished cache (``open`` checks it is the right one).
 
-  def __init__(self, meta: dict, ids: np.ndarray, arrays: dict[str, np.ndarray]):
+  ``arrays`` maps each stored name to an array indexed ``[row, view, …]``:
+  a :class:`ShardedRows` over memory-mapped shards when opened from disk,
+  or plain arrays.
+  """
+
+  def __init__(self, meta: dict, ids: np.ndarray, arrays: Mapping[str, Any]):
     self.meta = meta
     self.num_views = int(meta["views"])
     self.view_seed = int(meta["view_seed"])
@@ -339,18 +392,22 @@ class TeacherCache:
                        f"has {num_examples} (another split or transfer set?); {rebuild}")
     n = meta["num_shards"]
     paths = [d / _shard_name(s, n) for s in range(n)]
-    missing = [p.name for p in paths if not p.is_file()]
+    missing = [p.name for p in paths if not (p / "ids.npy").is_file()]
     if missing:
       raise ValueError(f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
                        f"{missing[0]}); re-run the same `kdjax cache` command to finish it")
     parts: dict[str, list[np.ndarray]] = {}
     for p in paths:
-      with np.load(p) as z:
-        for k in z.files:
-          parts.setdefault(k, []).append(z[k])
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    ids = arrays.pop("ids")
-    return cls(meta, ids, arrays)
+      try:
+        shard = read_shard(p)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"data.teacher_cache {str(d)!r}: shard {p.name} is unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete that shard directory and re-run "
+                         f"`kdjax cache` to rebuild it") from None
+      for k, a in shard.items():
+        parts.setdefault(k, []).append(a)
+    ids = np.concatenate([np.asarray(a) for a in parts.pop("ids")])
+    return cls(meta, ids, {k: ShardedRows(v) for k, v in parts.items()})
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
     """Cache rows of example ``ids`` (ValueError for ids the cache lacks)."""
@@ -376,9 +433,9 @@ class TeacherCache:
     r = self.rows(ids)
     k = np.asarray(view_index, np.int64)
     if "logits" in self.arrays:
-      return {"teacher_logits": self.arrays["logits"][r, k].astype(np.float32)}
-    return {"teacher_topk_logp": self.arrays["topk_logp"][r, k].astype(np.float32),
-            "teacher_topk_idx": self.arrays["topk_idx"][r, k].astype(np.int32)}
+      return {"teacher_logits": _take(self.arrays["logits"], r, k).astype(np.float32)}
+    return {"teacher_topk_logp": _take(self.arrays["topk_logp"], r, k).astype(np.float32),
+            "teacher_topk_idx": _take(self.arrays["topk_idx"], r, k).astype(np.int32)}
 
   def logits(self, ids: np.ndarray, view_index: np.ndarray) -> np.ndarray:
     """Dense float32 teacher logits ``(B, *output_shape)`` of view ``view_index[i]`` of ``ids[i]``.
