@@ -424,3 +424,17 @@ def test_shards_are_memory_mapped_and_a_corrupt_one_is_named(cfg, cache32, tmp_p
   (d / "shard-00001-of-00004" / "logits.npy").write_bytes(b"\x93NUMPY garbage")
   with pytest.raises(ValueError, match=r"shard shard-00001-of-00004 is unreadable .*delete that shard directory"):
     C.TeacherCache.open(d)
+
+
+def test_open_file_limit_is_raised_for_many_shards_or_named(monkeypatch):
+  import resource
+
+  calls = []
+  monkeypatch.setattr(resource, "getrlimit", lambda _: (512, 4096))
+  monkeypatch.setattr(resource, "setrlimit", lambda _, lim: calls.append(lim))
+  C._allow_open_files(100)
+  assert calls == []  # 100 + 256 spare fit under 512
+  C._allow_open_files(900)
+  assert calls == [(1156, 4096)]
+  with pytest.raises(ValueError, match=r"at most 4096 files; rebuild with a larger --cache.shard-size"):
+    C._allow_open_files(5000)

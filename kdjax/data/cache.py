@@ -194,6 +194,21 @@ class ShardedRows:
     return a if dtype is None else a.astype(dtype)
 
 
+def _allow_open_files(n: int, spare: int = 256) -> None:
+  """Raise this process's soft limit on open files to fit ``n`` memory-mapped shard files."""
+  try:
+    import resource
+  except ImportError:  # pragma: no cover - not POSIX
+    return
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  want = n + spare
+  if soft != resource.RLIM_INFINITY and soft < want:
+    if hard != resource.RLIM_INFINITY and hard < want:
+      raise ValueError(f"teacher cache: {n} shard files to map but this process may open at most {hard} files; "
+                       f"rebuild with a larger --cache.shard-size (fewer shards) or raise `ulimit -n`")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def _take(a, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
   return a.take(rows, views) if isinstance(a, ShardedRows) else np.asarray(a)[rows, views]
 
@@ -396,6 +411,7 @@ class TeacherCache:
     if missing:
       raise ValueError(f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
                        f"{missing[0]}); re-run the same `kdjax cache` command to finish it")
+    _allow_open_files(n * (len(list(paths[0].glob("*.npy"))) - 1))  # one mapping (a file descriptor) per array
     parts: dict[str, list[np.ndarray]] = {}
     for p in paths:
       try:
