@@ -234,17 +234,13 @@ def _same_key(a: Mapping, b: Mapping) -> list[str]:
   return [k for k in keys if a.get(k) != b.get(k)]
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-  z = z.astype(np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _encode(logits: np.ndarray, spec: CacheSpec) -> dict[str, np.ndarray]:
   """(n, K, …, C) float32 logits → stored arrays (top-k: log-probs at T = 1, by decreasing probability)."""
   if spec.top_k == 0:
     return {"logits": logits.astype(spec.dtype)}
-  logp = _log_softmax(logits)
+  z = logits.astype(np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   k = min(spec.top_k, logits.shape[-1])
   idx = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
   return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(np.int32)}
@@ -433,10 +429,6 @@ class TeacherCache:
     if bad.any():
       raise ValueError(f"teacher cache has no example id {int(ids[bad][0])}; was it built for this training set?")
     return self._rows[pos]
-
-  @property
-  def top_k(self) -> int:
-    return int(self.meta["top_k"])
 
   def outputs(self, ids: np.ndarray, view_index: np.ndarray) -> dict[str, np.ndarray]:
     """The batch entries for view ``view_index[i]`` of ``ids[i]``.
