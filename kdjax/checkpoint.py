@@ -243,22 +243,22 @@ def export_model(directory: str | Path, *, model_name: str, num_classes: int, dt
   ``model_state`` should hold only what inference needs (``nnx.BatchStat``);
   RNG streams are not part of a trained model.
 
-  Returns the msgpack path. Only process 0 writes.
+  Returns the msgpack path. Every process must call it (arrays split across
+  processes are gathered with a collective); only process 0 writes.
   """
   directory = Path(directory)
   path = directory / EXPORT_PARAMS
-  if jax.process_index() != 0:
-    return path
-  directory.mkdir(parents=True, exist_ok=True)
   from jax.experimental import multihost_utils
 
   def host(tree):
     tree = pure_dict(tree) if isinstance(tree, nnx.State) else tree
-    tree = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         if jax.process_count() > 1 else np.asarray(x), keys_to_data(tree))
-    return tree
 
   payload = {"params": host(params), "model_state": host(model_state)}
+  if jax.process_index() != 0:
+    return path
+  directory.mkdir(parents=True, exist_ok=True)
   blob = serialization.msgpack_serialize(payload)
   tmp = path.with_suffix(".tmp")
   tmp.write_bytes(blob)

@@ -46,6 +46,9 @@ class CliError(ValueError):
   """A user error: printed as one line, exit status 1."""
 
 
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an unexpected exception (a bug), reported with its traceback
+
+
 # ---------------------------------------------------------------------------
 # Experiments
 
@@ -446,9 +449,12 @@ def cmd_sweep(argv: list[str]) -> int:
     for i in progress(todo, total=len(todo), desc="sweep"):
       try:
         rc = cmd_train(list(argvs[i]), mode)
-      except Exception as e:  # one bad cell does not stop the sweep
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"kdjax: sweep cell {i} ({cfgs[i].run.workdir}) failed: {msg}", file=sys.stderr)
+      except Exception as e:  # noqa: BLE001 - one failed cell does not stop the sweep
+        if not is_bad_input(e):
+          import traceback
+
+          traceback.print_exc()
+        print(f"kdjax: sweep cell {i} ({cfgs[i].run.workdir}) failed: {one_line(e)}", file=sys.stderr)
         rc = 1
       if rc:
         failed.append(i)
@@ -627,11 +633,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   try:
     return COMMANDS[cmd](rest)
-  except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"kdjax: error: {msg}", file=sys.stderr)
+  except ValueError as e:
+    if not is_bad_input(e):
+      raise
+    print(f"kdjax: error: {one_line(e)}", file=sys.stderr)
     return 1
 
 
+def is_bad_input(e: BaseException) -> bool:
+  """A ``ValueError`` that kdjax (or an experiment file) raised itself.
+
+  kdjax reports bad input with a ``raise ValueError(...)`` statement in its
+  own code whose message names the field and the fix. Anything else — a
+  ``ValueError`` from inside NumPy or JAX, a ``KeyError``, a ``TypeError`` —
+  is a bug and keeps its traceback.
+  """
+  import linecache
+
+  if not isinstance(e, ValueError):
+    return False
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None:
+    return False
+  frame = tb.tb_frame
+  spec = frame.f_globals.get("__spec__")  # `python -m kdjax.cli` runs as __main__
+  module = spec.name if spec is not None else frame.f_globals.get("__name__", "")
+  ours = module == "kdjax" or module.startswith(("kdjax.", "kdjax_experiment_"))
+  return ours and linecache.getline(frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def one_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_main() -> None:
+  """Console entry point: bad input → one line, exit 1; a bug → its traceback, exit 70."""
+  try:
+    code = main()
+  except Exception:  # noqa: BLE001 - report any bug with its traceback and a distinct status
+    import traceback
+
+    traceback.print_exc()
+    print(f"kdjax: internal error (exit {INTERNAL_ERROR_EXIT}): the traceback above is a bug in kdjax or in "
+          f"the experiment file, not a problem with the command's input", file=sys.stderr)
+    code = INTERNAL_ERROR_EXIT
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run_main()

@@ -80,8 +80,10 @@ class ModelConfig:
   Attributes:
     name: registry name (``kdjax.models.available()``).
     dtype: computation dtype; params stay float32.
-    checkpoint: for a teacher, a teacher *workdir* (its latest checkpoint is
-      used) or a checkpoint step directory. Empty for students.
+    checkpoint: a finished run's workdir, its ``export/`` directory or its
+      ``model.msgpack``. A teacher is loaded from it; a student starts from
+      it (fine-tuning, or distilling into a pretrained student) instead of
+      its random initialisation.
   """
 
   name: str = "mlp"
@@ -287,6 +289,8 @@ class Experiment:
            "mode", f"unknown mode {self.mode!r}")
     if self.mode == "dml":
       _check(self.num_students >= 2, "num_students", f"DML needs ≥ 2 students, got {self.num_students}")
+      _check(not self.student.checkpoint, "student.checkpoint",
+             "mode=dml needs differently initialised students; unset it or use mode=offline")
     if self.mode == "born_again":
       _check(self.generations >= 1, "generations", f"must be ≥ 1, got {self.generations}")
     if self.mode == "multi_teacher":
@@ -325,20 +329,26 @@ def config_hash(cfg: Any, exclude: tuple[str, ...] = ("run.workdir", "run.quiet"
 
 
 def from_dict(d: dict) -> Experiment:
-  """Inverse of :func:`to_dict` (for ``config.json`` and teacher workdirs)."""
+  """Inverse of :func:`to_dict` (for ``config.json`` and teacher workdirs).
 
-  def build(cls, data):
+  Raises ``ValueError`` naming any key that is not a field: a typo in an old
+  ``config.json`` must not silently change a resumed run.
+  """
+
+  def build(cls, data, where=""):
     kwargs = {}
     hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+      raise ValueError(f"config has unknown field(s) {', '.join(where + k for k in unknown)}: written by another "
+                       f"kdjax version or edited by hand; fix or remove them (known: {', '.join(sorted(hints))})")
     for k, v in data.items():
-      if k not in hints:
-        continue
       f = hints[k]
       default = f.default if f.default is not dataclasses.MISSING else None
       if dataclasses.is_dataclass(default):
-        kwargs[k] = build(type(default), v)
+        kwargs[k] = build(type(default), v, f"{where}{k}.")
       elif k == "extra_teachers":
-        kwargs[k] = tuple(build(ModelConfig, x) for x in v)
+        kwargs[k] = tuple(build(ModelConfig, x, f"{where}{k}[{i}].") for i, x in enumerate(v))
       elif isinstance(v, list):
         kwargs[k] = tuple(v)
       else:

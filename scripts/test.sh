@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
 # kdjax test command: set up a virtualenv (if missing), install kdjax with its
-# test extras, and run the whole test suite. Extra arguments go to pytest.
-set -euo pipefail
+# test extras, and run the test suite:
+#   scripts/test.sh            everything (what CI runs): the quick and slow tiers spread over
+#                              $PYTEST_WORKERS workers (default 2), then the tests that start
+#                              several processes of their own (marker `procs`) one at a time
+#   scripts/test.sh --quick    the quick tier only (pytest -m "not slow")
+#   scripts/test.sh ARGS…      ARGS go to pytest in each phase (e.g. tests/test_losses_logits.py -x)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
+  "$PY" -m venv .venv || exit 1
+  .venv/bin/python -m pip install -q --upgrade pip || exit 1
 fi
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test]' || exit 1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+
+quick=0
+args=()
+for a in "$@"; do
+  if [ "$a" = "--quick" ]; then quick=1; else args+=("$a"); fi
+done
+
+# pytest exits 5 when a phase selects no test (e.g. ARGS name one quick file): not a failure.
+phase() { .venv/bin/python -m pytest -q "$@"; local rc=$?; [ "$rc" -eq 5 ] && rc=0; return "$rc"; }
+
+workers=(-n "${PYTEST_WORKERS:-2}")
+if [ "$quick" -eq 1 ]; then
+  phase "${workers[@]}" -m "not slow" ${args[@]+"${args[@]}"}
+  exit $?
+fi
+phase "${workers[@]}" -m "not procs" ${args[@]+"${args[@]}"}
+rc_threads=$?
+phase -p no:xdist -m procs ${args[@]+"${args[@]}"}
+rc_procs=$?
+[ "$rc_threads" -ne 0 ] && exit "$rc_threads"
+exit "$rc_procs"

@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU only, quiet TensorFlow, one TFDS dir per session."""
+"""Shared test set-up: CPU only, quiet TensorFlow, one TFDS data dir for the whole test run."""
 
 from __future__ import annotations
 
@@ -14,8 +14,16 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir where the embedded datasets get built (once per worker)."""
-  d = tmp_path_factory.mktemp("tfds")
+  """A TFDS data_dir where the embedded datasets get built once per test run.
+
+  pytest-xdist workers share it (their base temp dirs have one parent); kdjax
+  prepares each dataset under a file lock, so concurrent workers wait for the
+  first one instead of building it again.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  d = root / "tfds_shared"
+  d.mkdir(exist_ok=True)
   return str(d)
 
 
@@ -27,3 +35,11 @@ def bench():
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def pytest_collection_modifyitems(config, items):
+  """A test that starts several processes of its own is also a slow one."""
+  del config
+  for item in items:
+    if item.get_closest_marker("procs") is not None:
+      item.add_marker(pytest.mark.slow)

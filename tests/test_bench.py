@@ -1,4 +1,4 @@
-"""scripts/bench.py (issue 7, acceptance 4): ``--quick`` prints valid JSON
+"""scripts/bench.py: ``--quick`` prints valid JSON
 lines with every field, XLA's FLOP count matches the models' arithmetic, and
 the audited step neither recompiles nor keeps its donated input state."""
 
@@ -40,6 +40,7 @@ def _flops_mlp_forward() -> float:
   return 2 * (40 * 100 + 100 * 100 + 100 * 10)
 
 
+@pytest.mark.slow
 def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
   peak = [r for r in quick_rows if r["case"] == "matmul_peak"]
   assert len(peak) == 1 and peak[0]["gflops"] > 0
@@ -61,6 +62,7 @@ def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
     assert rows[c]["backend"] == jax.default_backend() and rows[c]["compile_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_xla_flop_counts_match_the_models(quick_rows):
   rows = {r["case"]: r for r in quick_rows}
   teacher_fwd = (rows["kd"]["gflop_per_image"] - rows["kd_cached"]["gflop_per_image"]) * 1e9
@@ -71,6 +73,7 @@ def test_xla_flop_counts_match_the_models(quick_rows):
   np.testing.assert_allclose(rows["kd_cached"]["gflop_per_image"], rows["student_only"]["gflop_per_image"], rtol=0.1)
 
 
+@pytest.mark.slow
 def test_engine_step_compiles_once_and_donates_its_state(bench):
   case = bench.JaxCase("kd", "cnn1d-mlp", 8, "float32")
   teacher_before = [np.asarray(x) for x in jax.tree.leaves(case.teacher)]

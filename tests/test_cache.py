@@ -1,4 +1,4 @@
-"""Teacher-output cache (issue 7): cached KD == online KD, resumable atomic
+"""Teacher-output cache: cached KD == online KD, resumable atomic
 builds, stale caches refused, and each student input is the cached view.
 
 One random (untrained) cnn1d teacher on MNIST-1D, an mlp student, K = 3
@@ -75,6 +75,18 @@ def teacher_fwd(teacher_dir):
   return lambda x: np.asarray(f(jnp.asarray(x)))
 
 
+def kd_loss_atol(logits: np.ndarray, temperature: float) -> float:
+  """Float32 tolerance of a KD-style loss computed by two different programs.
+
+  XLA:CPU rounds reductions differently per CPU (AVX2 vs AVX-512) and batch
+  position, and the two programs' logits may differ by a few ulp. The loss is
+  T²·mean_b Σ_c p_c (log p_c − log q_c) over C classes; each log-softmax
+  carries ~C ulp of max|z/T|, so |Δloss| ≲ T²·C·eps·max(1, max|z|/T).
+  """
+  eps, num_classes = float(np.finfo(np.float32).eps), logits.shape[-1]
+  return temperature**2 * num_classes * eps * max(1.0, float(np.abs(logits).max()) / temperature)
+
+
 def _with_cache(cfg: Experiment, d: str) -> Experiment:
   return cfg.replace(data=dataclasses.replace(cfg.data, teacher_cache=d))
 
@@ -88,7 +100,7 @@ def _one_step(cfg: Experiment, batch: dict) -> tuple[dict, dict, dict]:
   return before, jax.tree.map(np.asarray, state.params), {k: np.asarray(v) for k, v in metrics.items()}
 
 
-# ------------------------------------------------------------------ acceptance 1
+# ------------------------------------------------------------------ cached KD == online KD
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +119,7 @@ def _step_teacher_logits(cfg: Experiment, batch: dict) -> np.ndarray:
   return np.asarray(f(run.state, run.teacher, engine.shard_batch({"image": batch["image"]}, run.mesh)))
 
 
+@pytest.mark.slow
 def test_cached_kd_equals_online_with_float32(cfg, cache32, cached_batch, teacher_fwd):
   """Same view, float32 storage: the cache stores the teacher's logits
   exactly, and the cached step reads them exactly.
@@ -135,11 +148,12 @@ def test_cached_kd_equals_online_with_float32(cfg, cache32, cached_batch, teache
   np.testing.assert_allclose(z, z_step, rtol=0, atol=8 * 2.0**-23 * np.abs(z).max())
   # … so the step from the cache is the online step to float32 rounding
   _, p_ca, m_ca = _one_step(_with_cache(cfg, cache32), cached_batch)
-  np.testing.assert_allclose(m_ca["loss/kd"], m_on["loss/kd"], rtol=1e-6)
+  np.testing.assert_allclose(m_ca["loss/kd"], m_on["loss/kd"], rtol=0, atol=kd_loss_atol(z, 4.0))
   for a, b, c in zip(jax.tree.leaves(p_ca), jax.tree.leaves(p_on), jax.tree.leaves(b0)):
     np.testing.assert_allclose(a - c, b - c, rtol=1e-3, atol=1e-4 * np.abs(b - c).max())  # updates agree to 1e-4
 
 
+@pytest.mark.slow
 def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_path, teacher_fwd):
   d = tmp_path / "c16"
   build_teacher_cache(cfg, d, C.CacheSpec(views=K, dtype="float16", shard_size=SHARD))
@@ -161,7 +175,7 @@ def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_pat
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3 * np.abs(b).max())
 
 
-# ------------------------------------------------------------------ acceptance 2
+# ------------------------------------------------------------------ resumable builds, stale caches refused
 
 
 def _read_all(d) -> dict:
@@ -171,6 +185,7 @@ def _read_all(d) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_interrupted_build_in_two_halves_equals_one_go(cfg, cache32, tmp_path):
   d = tmp_path / "halves"
   spec = C.CacheSpec(views=K, dtype="float32", shard_size=SHARD)
@@ -192,6 +207,7 @@ def test_interrupted_build_in_two_halves_equals_one_go(cfg, cache32, tmp_path):
   assert json.loads((d / C.META_FILE).read_text()) == json.loads((Path(cache32) / C.META_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_cache_of_another_teacher_is_refused(cfg, cache32, other_teacher_dir):
   other = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=other_teacher_dir))
   with pytest.raises(ValueError, match=r"stale: built for teacher \w+ but the configured teacher is \w+"):
@@ -201,15 +217,17 @@ def test_cache_of_another_teacher_is_refused(cfg, cache32, other_teacher_dir):
     build_teacher_cache(other, cache32, C.CacheSpec(views=K, dtype="float32", shard_size=SHARD))
 
 
+@pytest.mark.slow
 def test_cache_of_another_view_config_is_refused(cfg, cache32):
   flip = cfg.replace(data=dataclasses.replace(cfg.data, view="none"))
   with pytest.raises(ValueError, match=r"stale: built for another view config \(differs in \['kind'\]"):
     engine.build(_with_cache(flip, cache32))
 
 
-# ------------------------------------------------------------------ acceptance 3
+# ------------------------------------------------------------------ student inputs are the cached views
 
 
+@pytest.mark.slow
 def test_epoch_inputs_are_the_views_whose_teacher_outputs_are_fed(cfg, cache32, teacher_fwd):
   from kdjax import data as kd_data
 
@@ -277,12 +295,14 @@ def test_topk_storage_reconstructs_log_probs():
     np.testing.assert_allclose(np.exp(out[row]).sum(), 1.0, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_float16_storage_halves_bytes(cfg, cache32, tmp_path):
   z = np.random.default_rng(1).normal(size=(3, 2, 10)).astype(np.float32)
   assert C._encode(z, C.CacheSpec(dtype="float16"))["logits"].dtype == np.float16
   np.testing.assert_array_equal(C._encode(z, C.CacheSpec(dtype="float32"))["logits"], z)
 
 
+@pytest.mark.slow
 def test_feature_methods_and_mixup_are_refused(cfg, cache32):
   with pytest.raises(ValueError, match="reads teacher \\*features\\*.*online teacher"):
     C.check_method(True, "offline", "fitnet")
@@ -297,6 +317,7 @@ def test_feature_methods_and_mixup_are_refused(cfg, cache32):
     C.CacheSpec(dtype="bf16")
 
 
+@pytest.mark.slow
 def test_cli_cache_command(cfg, teacher_dir, tmp_path, capsys):
   from kdjax import cli
 
@@ -314,6 +335,7 @@ def test_cli_cache_command(cfg, teacher_dir, tmp_path, capsys):
   assert "--cache.views expects int, got 'two'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_feature_method_with_cache_is_refused_by_build(cfg, cache32):
   with pytest.raises(ValueError, match="method 'pkt' reads teacher \\*features\\*"):
     engine.build(_with_cache(cfg.replace(method=MethodConfig(name="pkt")), cache32))
@@ -325,6 +347,7 @@ def _exported_params(workdir) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(export.load(workdir)["params"])]
 
 
+@pytest.mark.slow
 def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
   """K = 1, views off, float32 storage: a whole `fit` from the cache follows
   the online run (same student to float32 rounding of the teacher forward, same
@@ -349,6 +372,7 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
   assert max(np.abs(a - b).max() for a, b in zip(p_2x, p_on)) > max(100 * rounding, 1e-4)
 
 
+@pytest.mark.slow
 def test_processes_build_disjoint_shards_that_together_equal_one_build(tmp_path):
   """Process p of P writes shards ≡ p (mod P); the union is the 1-process cache."""
   from kdjax.data.tfds import ArrayDataset
@@ -385,6 +409,7 @@ def Loader_view_shift(images, ids, k, view_seed, shift):  # noqa: N802
   return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "dist"])
 def test_class_level_terms_read_a_topk_cache_as_its_dense_reconstruction(cfg, tmp_path, method):
   """A top-k cache reaches the step as k log-probs + ids per example; class-level
@@ -403,11 +428,14 @@ def test_class_level_terms_read_a_topk_cache_as_its_dense_reconstruction(cfg, tm
   _, p_dense, m_dense = _one_step(_with_cache(m_cfg, str(d)), dict(ref, teacher_logits=dense))
   term = f"loss/{method}"
   assert m_dense[term] > 0
-  np.testing.assert_allclose(m_topk[term], m_dense[term], rtol=1e-6)
+  # Two programs compute the same loss from logits that differ by a few ulp
+  # (device vs NumPy reconstruction): see kd_loss_atol.
+  np.testing.assert_allclose(m_topk[term], m_dense[term], rtol=0, atol=kd_loss_atol(dense, 4.0))
   for a, b in zip(jax.tree.leaves(p_topk), jax.tree.leaves(p_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_shards_are_memory_mapped_and_a_corrupt_one_is_named(cfg, cache32, tmp_path):
   """Reading maps the shard files (a cache larger than host memory works) and a
   batch reads only its rows; a damaged shard is one clear error naming it."""

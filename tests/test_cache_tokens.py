@@ -1,4 +1,4 @@
-"""Token-level teacher-output caches (issue 7): a language-model teacher's
+"""Token-level teacher-output caches: a language-model teacher's
 ``(L, V)`` outputs per example, stored in full or as top-k log-probs, fed to
 the token divergences (forward_kl, reverse_kl, gkd, tvd) through the real
 jitted step.
@@ -74,6 +74,7 @@ def _online(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if not k.startswith("teacher_") and k != "view_index"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", E.TOKEN_PRESETS)
 def test_topk_cache_with_k_equal_vocab_equals_online_step(method, ds, full_topk_cache):
   """k = V in float32: the cached step's loss and gradient (→ SGD update)
@@ -95,6 +96,7 @@ def test_topk_cache_with_k_equal_vocab_equals_online_step(method, ds, full_topk_
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 + 1e-4 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_float32_logit_cache_is_bit_identical_to_online(tmp_path, ds, fkl):
   """Full (L, V) logits in float32: same batch, same step, bit for bit."""
   _build(tmp_path / "dense", ds, fkl, 0, "float32")
@@ -107,6 +109,7 @@ def test_float32_logit_cache_is_bit_identical_to_online(tmp_path, ds, fkl):
   jax.tree.map(np.testing.assert_array_equal, p_ca, p_on)
 
 
+@pytest.mark.slow
 def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   """k = 8 of 64 in float16: the cached step's forward KL is the (k+1)-bucket
   KL(teacher ‖ student) computed here in NumPy from the online teacher's
@@ -142,6 +145,7 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   assert cache.arrays["topk_logp"].nbytes + cache.arrays["topk_idx"].nbytes < 0.4 * N * LEN * VOCAB * 2
 
 
+@pytest.mark.slow
 def test_token_cache_in_two_interrupted_halves_equals_one_go(tmp_path, ds, fkl):
   one = _build(tmp_path / "one", ds, fkl, 8, "float16")
   first = _build(tmp_path / "two", ds, fkl, 8, "float16", max_shards=1)
@@ -165,6 +169,7 @@ def test_token_cache_in_two_interrupted_halves_equals_one_go(tmp_path, ds, fkl):
                              np.asarray(host.arrays["topk_logp"], np.float32), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_token_cache_refuses_another_teacher_and_wrong_shapes(tmp_path, ds, fkl):
   _build(tmp_path / "c", ds, fkl, 4, "float16")
   with pytest.raises(ValueError, match=r"stale: built for teacher lm-teacher but the configured teacher is other"):
@@ -181,6 +186,7 @@ def test_token_cache_refuses_another_teacher_and_wrong_shapes(tmp_path, ds, fkl)
     views.ViewConfig(kind="tokens", mixup_alpha=1.0)
 
 
+@pytest.mark.slow
 def test_token_views_pass_ids_through(ds, full_topk_cache):
   """Over an epoch every example comes once, its student input is its own
   tokens (int32, unchanged) and its labels are the next tokens."""

@@ -1,4 +1,4 @@
-"""Checkpoints and fault tolerance (issue 6), end to end through ``kdjax.cli``.
+"""Checkpoints and fault tolerance, end to end through ``kdjax.cli``.
 
 Every training run here is the embedded mnist1d ``kd_labelled`` experiment
 (cnn1d teacher → mlp student), 24 steps of batch 64, a checkpoint every 4
@@ -31,6 +31,8 @@ from kdjax import checkpoint as ckpt
 from kdjax import cli
 from kdjax import config as cfg_lib
 from kdjax.engine import loop
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, EVERY, BATCH = 24, 4, 64
@@ -257,6 +259,7 @@ _EIGHT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.procs
 def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch):
   ref, k = reference("kd"), 10
   w81, w18 = tmp_path / "w81", tmp_path / "w18"

@@ -73,6 +73,7 @@ def _fmt(values, decimals):
 # ---------------------------------------------------------------- (a) sweep → report
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_workdir_per_cell(sweep):
   want = {f"name={m}/seed{s}" for m in ("kd", "dkd") for s in (0, 1)}
   got = {str(p.parent.relative_to(sweep)) for p in sweep.rglob("results.json")}
@@ -82,6 +83,7 @@ def test_sweep_writes_one_workdir_per_cell(sweep):
     assert r["method"] == d.split("/")[0].split("=")[1] and r["seed"] == int(d[-1]) and r["steps"] == STEPS
 
 
+@pytest.mark.slow
 def test_report_table_is_mean_std_of_the_runs(sweep, tmp_path, capsys):
   out = tmp_path / "rep" / "results.md"
   assert cli.main(["report", str(sweep), "--out", str(out)]) == 0
@@ -122,6 +124,7 @@ def test_report_table_is_mean_std_of_the_runs(sweep, tmp_path, capsys):
     assert f"({name})" in md
 
 
+@pytest.mark.slow
 def test_best_epoch_is_the_max_over_logged_evals(sweep):
   """best_test_accuracy (the 'best-epoch' column) = max of the eval rows in metrics.jsonl; last = the final one."""
   for p in sweep.rglob("results.json"):
@@ -133,6 +136,7 @@ def test_best_epoch_is_the_max_over_logged_evals(sweep):
     assert r["test_accuracy"] == evals[-1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_cells(sweep, teacher, tfds_dir, capsys):
   before = {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")}
   assert cli.main(["sweep", *_sweep_args(teacher, tfds_dir), "--workdir", str(sweep)]) == 0
@@ -143,6 +147,7 @@ def test_rerunning_a_sweep_skips_finished_cells(sweep, teacher, tfds_dir, capsys
 # ---------------------------------------------------------------- (b) slurm script and one cell locally
 
 
+@pytest.mark.slow
 def test_slurm_script_and_one_cell_through_the_same_entry_point(sweep, teacher, tfds_dir, tmp_path, monkeypatch):
   root = tmp_path / "slurm"
   assert cli.main(["sweep", *_sweep_args(teacher, tfds_dir), "--workdir", str(root), "--launcher", "slurm",
@@ -173,6 +178,7 @@ def test_slurm_script_and_one_cell_through_the_same_entry_point(sweep, teacher, 
   assert mine["test_accuracy"] == ref["test_accuracy"]  # … with the same result (deterministic)
 
 
+@pytest.mark.slow
 def test_cell_out_of_range_is_one_line(teacher, tfds_dir, tmp_path, capsys):
   rc = cli.main(["sweep", *_sweep_args(teacher, tfds_dir), "--workdir", str(tmp_path), "--cell", "4"])
   err = capsys.readouterr().err.strip().splitlines()
@@ -261,6 +267,7 @@ def test_bad_flag_or_value_is_one_line(args, needle, capsys, tmp_path):
   assert err[0].startswith("kdjax: error: ") and needle in err[0]
 
 
+@pytest.mark.slow
 def test_misspelt_flag_exit_status_in_a_real_process(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   p = subprocess.run([sys.executable, "-m", "kdjax.cli", "distill", "mnist1d_kd", "--workdir", str(tmp_path),
@@ -274,6 +281,7 @@ def test_misspelt_flag_exit_status_in_a_real_process(tmp_path):
 # ---------------------------------------------------------------- (d) results.json
 
 
+@pytest.mark.slow
 def test_results_json_fields(sweep, teacher):
   export = ckpt.resolve_export(teacher)
   want_teacher_hash = hashlib.sha256(Path(export).read_bytes()).hexdigest()[:16]
@@ -293,6 +301,7 @@ def test_results_json_fields(sweep, teacher):
   assert rs[0]["config_hash"] != rs[1]["config_hash"] and rs[0]["teacher_hash"] == rs[1]["teacher_hash"]
 
 
+@pytest.mark.slow
 def test_teacher_hash_changes_with_the_teacher_checkpoint(sweep, tfds_dir, tmp_path):
   other = _train_teacher(tmp_path / "teacher2", tfds_dir, seed=1)
   work = tmp_path / "kd"
@@ -306,6 +315,7 @@ def test_teacher_hash_changes_with_the_teacher_checkpoint(sweep, tfds_dir, tmp_p
   assert mine["teacher_test_accuracy"] != ref["teacher_test_accuracy"]  # a different teacher, measured as such
 
 
+@pytest.mark.slow
 def test_student_alone_has_no_teacher_fields(tfds_dir, tmp_path):
   """The table's "student" row: CE without a teacher checkpoint → no teacher hash or diagnostics."""
   work = tmp_path / "scratch"
@@ -317,6 +327,7 @@ def test_student_alone_has_no_teacher_fields(tfds_dir, tmp_path):
   assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 5 and r["group"] == "mlp scratch"
 
 
+@pytest.mark.procs
 def test_parallel_sweep_adds_a_seed_in_subprocesses(sweep, teacher, tfds_dir, tmp_path, capsys):
   """--parallel 2 on a copy of the sweep with --seeds 3: the 4 finished cells are skipped, the 2 new ones run
   as 2 concurrent `python -m kdjax.cli distill` processes."""

@@ -146,6 +146,7 @@ def test_conv_and_grads_match_numpy_and_ynn(h, cin, cout, k, s, p, groups):
 # ------------------------------------------------------------------ whole models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape", [("resnet8", (16, 16, 3)), ("wrn_16_2", (16, 16, 3))])
 def test_model_forward_features_bn_and_grads_match(name, shape):
   model = models.create(name, num_classes=10, rngs=nnx.Rngs(0))
@@ -176,6 +177,7 @@ def test_model_forward_features_bn_and_grads_match(name, shape):
 # ------------------------------------------------------------------ engine wiring
 
 
+@pytest.mark.slow
 def test_engine_step_uses_the_option(bench):
   """``loop.jit_train_step`` (what ``fit`` runs) compiles the KD step with the
   chosen kernels; both give the same loss to float32 rounding."""

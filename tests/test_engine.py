@@ -1,4 +1,4 @@
-"""kdjax.engine + kdjax.methods through the real jitted step (issue 5's acceptance checks).
+"""kdjax.engine + kdjax.methods through the real jitted step.
 
 1. every method preset trains: loss falls, adapters/method state update, the
    teacher is bit-identical; two-stage init steps train only what they should;
@@ -133,7 +133,11 @@ def _preset_setup(name):
   return E.setup(name, student=student, init_stage=name in TWO_STAGE), E.digits_batch(0)
 
 
-@pytest.mark.parametrize("name", methods.available())
+QUICK_PRESETS = ("kd", "crd", "fitnet", "dkd")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in methods.available()])
 def test_preset_trains_through_jitted_step(name):
   s, batch = _preset_setup(name)
   assert set(methods.available()) >= {"ce", "kd", "dkd", "dist", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt",
@@ -231,6 +235,7 @@ def _assert_same_run(ref: dict, other: dict, rtol=1e-5, atol=1e-5):
       np.testing.assert_allclose(mo[k], mr[k], rtol=rtol, atol=atol, err_msg=f"step {i} {k}")
 
 
+@pytest.mark.procs
 def test_eight_devices_equal_one_device(distributed_runs):
   dev, _ = distributed_runs
   assert dev["one"]["mesh_size"] == 1 and dev["eight"]["mesh_size"] == 8
@@ -243,12 +248,14 @@ def test_eight_devices_equal_one_device(distributed_runs):
   _assert_same_run(dev["one"], dev["eight"])
 
 
+@pytest.mark.procs
 def test_two_processes_equal_one_process(distributed_runs):
   dev, mh = distributed_runs
   assert mh["process_count"] == 2 and mh["local_rows"] == 8  # each fed half of the 16-row batch
   _assert_same_run(dev["one"], mh)
 
 
+@pytest.mark.procs
 def test_fsdp_teacher_equals_replicated(distributed_runs):
   dev, _ = distributed_runs
   assert dev["fsdp"]["mesh_size"] == 8
@@ -289,6 +296,7 @@ def test_dml_each_student_distils_from_the_other_stop_gradiented():
   assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(g["students"][0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["average", "per_teacher"])
 def test_multi_teacher_targets(how):
   teachers = (E.DIGITS_TEACHER, ("cnn_digits", {"widths": (4, 8, 8)}))
@@ -346,6 +354,7 @@ def _export_mlp(workdir: Path, num_classes: int) -> None:
                     params=params, model_state={})
 
 
+@pytest.mark.slow
 def test_born_again_teacher_hash_chain(tfds_dir, tmp_path):
   _export_mlp(tmp_path / "teacher", num_classes=10)  # an (untrained) generation-0 teacher
   teacher_hash = ckpt.load_export(tmp_path / "teacher")[2]

@@ -65,7 +65,8 @@ def test_table_has_every_cell_and_the_reference_recipe():
     ("vgg13-vgg8/dist", None), ("teachers/resnet32x4", 79.42), ("teachers/wrn_40_2", 75.61),
     ("students/resnet20", 69.06), ("students/vgg8", 70.36)])
 def test_published_numbers(name, published):
-  """Spot checks against the CRD / DKD / DIST tables (REFERENCES.md)."""
+  """Spot checks against the tables of CRD (Tian et al. 2020, ICLR), DKD (Zhao et al.
+  2022, CVPR) and DIST (Huang et al. 2022, NeurIPS)."""
   assert EXP.CONFIGS[name]().published == published
 
 
@@ -151,7 +152,7 @@ def _smoke_config(method: str, teacher_dir: str, data_dir: str, workdir: str):
       run=dataclasses.replace(cfg.run, workdir=workdir, quiet=True))
 
 
-@pytest.mark.parametrize("method", EXP.METHODS)
+@pytest.mark.parametrize("method", [m if m == "kd" else pytest.param(m, marks=pytest.mark.slow) for m in EXP.METHODS])
 def test_every_method_runs_two_steps_on_mock_cifar100(method, mock_teacher, tmp_path):
   cfg = _smoke_config(method, mock_teacher, str(tmp_path / "tfds"), str(tmp_path / "run"))
   with tfds.testing.mock_data(num_examples=16), warnings.catch_warnings():

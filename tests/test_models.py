@@ -265,7 +265,8 @@ def sample_input(model, seed=1, batch_size=2):
   return jax.random.normal(key, shape)
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", [n if n not in ("mobilenetv2", "wrn_16_1") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SMALL])
 def test_real_forward_train_and_eval(name):
   # Through the jitted functional path: one compile per mode is much faster
   # on CPU than op-by-op eager dispatch for the deeper nets.
@@ -382,6 +383,7 @@ def test_jit_functional_path_equals_eager(name):
     jax.tree.map(_assert_state_close, new_rest, eager_rest)
 
 
+@pytest.mark.slow
 def test_grad_through_functional_path_updates_bn_stats():
   # What a train step does: value_and_grad of a loss over the merged model in
   # train mode, inside jit, returning the updated BatchNorm statistics. (A
@@ -441,6 +443,7 @@ def test_dropout_rng_advances_through_functional_state():
   np.testing.assert_array_equal(e1.logits, e2.logits)  # eval: no dropout
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_f32_params():
   for name in ("resnet8", "cnn_digits", "transformer_lm", "mlp"):
     model = make(name, dtype=jnp.bfloat16)

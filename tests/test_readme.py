@@ -16,13 +16,6 @@ def _python_blocks() -> list[str]:
   return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_names_the_two_commands():
-  text = README.read_text()
-  assert "scripts/demo.sh" in text and "scripts/test.sh" in text
-  ci = (README.parent / ".ci" / "run").read_text()
-  assert "scripts/test.sh" in ci
-
-
 def test_library_example_runs_and_lowers_the_loss():
   blocks = _python_blocks()
   assert blocks, "README has no python example"

@@ -72,7 +72,7 @@ def test_collect_finds_runs_recursively_and_once(runs):
   steps, vals = r1.curve()
   np.testing.assert_array_equal(steps, [100, 200, 300])
   np.testing.assert_allclose(vals, [0.51, 0.820, 0.812])  # the re-logged step 100 row won
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(ValueError, match="no such workdir"):
     report.collect([runs / "nope"])
 
 

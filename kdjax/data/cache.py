@@ -522,8 +522,12 @@ def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> N
 def training_set(cfg) -> ArrayDataset:
   """The distillation training set of an ``Experiment`` (train + transfer split); ``fit`` and
   ``kdjax cache`` both read it through here, so example ids agree."""
-  from kdjax.data.tfds import concat, load_arrays
+  from kdjax.data.tfds import concat, is_streaming, load_arrays
 
+  if is_streaming(cfg.data.name):
+    raise ValueError(f"data.name={cfg.data.name!r} is too large to hold in memory, and `fit` reads its training set "
+                     f"into memory; stream it with kdjax.data.StreamLoader in your own loop, or pick an in-memory "
+                     f"dataset (mnist1d, digits, mnist, cifar100)")
   dl = dict(data_dir=cfg.data.data_dir, download=cfg.data.download)
   ds = load_arrays(cfg.data.name, cfg.data.train_split, **dl)
   if cfg.data.transfer_split:
@@ -532,7 +536,11 @@ def training_set(cfg) -> ArrayDataset:
 
 
 def experiment_view(cfg) -> V.ViewConfig:
-  return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha)
+  """The training and eval view of ``cfg.data`` (its kind, mixing and the dataset's raw scale)."""
+  from kdjax.data.tfds import raw_scale
+
+  return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
+                      scale=raw_scale(cfg.data.name))
 
 
 def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool,

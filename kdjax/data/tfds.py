@@ -12,6 +12,7 @@ stable across runs and processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -74,13 +75,32 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
     return builder
   if not (download or _is_embedded(builder)):
     raise _unavailable(name, data_dir)
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  except Exception as e:
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise _unavailable(name, data_dir, f" and preparing it failed ({type(e).__name__}: {first})") from None
+  with _prepare_lock(data_dir, name):  # several processes (hosts of one node, sweep cells) may ask at once
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    if builder.is_prepared():  # another process prepared it while this one waited
+      return builder
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception as e:
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      raise _unavailable(name, data_dir, f" and preparing it failed ({type(e).__name__}: {first})") from None
   return builder
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str, name: str):
+  """An exclusive OS file lock per (data_dir, dataset) held while preparing it."""
+  import fcntl
+
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(data_dir, ".kdjax-prepare-" + name.replace("/", "_").replace(":", "_") + ".lock")
+  with open(path, "a") as fh:
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass
@@ -201,6 +221,17 @@ def get_info(name: str, data_dir: str | None = None, image_size: int | None = No
   return DatasetSpec(name=name, num_classes=int(label.num_classes), image_shape=shape,
                      image_dtype=np.dtype(feats["image"].np_dtype).name, splits=splits,
                      train_split="train", eval_split=eval_split, streaming=is_streaming(name))
+
+
+def raw_scale(name: str) -> float | None:
+  """What a dataset's stored values are divided by to reach [0, 1].
+
+  ``None`` means the dtype's default (255 for uint8, 1 for floats); digits
+  stores 0..16 in uint8, so it returns 16.
+  """
+  base = name.split("/")[0].split(":")[0]
+  scale = _STATS.get(base, (None,))[0]
+  return scale if base == "digits" else None
 
 
 def default_view(name: str, kind: str | None = None, **overrides):

@@ -161,14 +161,19 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") 
   if not mcfg.checkpoint:
     raise ValueError(f"{role}.checkpoint is not set: the method needs a trained {role}; "
                      f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)")
-  meta, payload, digest = ckpt.load_export(mcfg.checkpoint)
+  return load_model(mcfg, num_classes, role=role)
+
+
+def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0) -> tuple[Any, str]:
+  """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
+  meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
                      f"{role}.name={mcfg.name!r}")
   if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset "
                      f"has {num_classes}")
-  model = _create(mcfg, num_classes, seed=0)
+  model = _create(mcfg, num_classes, seed=seed)
   try:
     ckpt.fill_model(model, payload)
   except ValueError as e:  # no model.json, or one that lies: the shapes decide
@@ -240,7 +245,10 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
 
   # Models. Students get distinct seeds (DML needs different initialisations).
   n_students = cfg.num_students if cfg.mode == "dml" else 1
-  students = [_create(cfg.student, num_classes, seed=cfg.run.seed * 1000 + i) for i in range(n_students)]
+  if cfg.student.checkpoint:  # start from a trained model (its RNG streams still come from the run's seed)
+    students = [load_model(cfg.student, num_classes, role="student", seed=cfg.run.seed * 1000)[0]]
+  else:
+    students = [_create(cfg.student, num_classes, seed=cfg.run.seed * 1000 + i) for i in range(n_students)]
   s_info = _model_info(students[0], cfg.student.name, num_classes)
 
   method_cfg = cfg.method if cfg.mode != "teacher" else dataclasses.replace(cfg.method, name="ce", terms=())
@@ -259,6 +267,9 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     t_info = s_info
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
+  if cfg.method.init_epochs > 0 and not method.stage_terms("init"):
+    raise ValueError(f"method.init_epochs={cfg.method.init_epochs}: method {method.name!r} has no init stage "
+                     f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0")
 
   teachers, hashes = [], []
   needs = method.needs_teacher or cfg.mode in ("multi_teacher",)
@@ -359,19 +370,15 @@ def evaluate(run: Run, state: TrainState, eval_fn) -> dict[str, float]:
   sums: dict[str, float] = {}
   s_pool, t_pool = [], []
   n_pool = 0
-  pc, pi = jax.process_count(), jax.process_index()
+  # Each process reads its own rows of every global eval batch; the global
+  # arrays assembled from them hold the whole batch.
   for b in kd_data.eval_batches(run.eval_ds, run.cfg.data.eval_batch_size, view=run.view):
-    b = {k: v for k, v in b.items() if k in ("image", "label", "mask")}
-    if "mask" not in b:
-      b["mask"] = np.ones(len(b["label"]), bool)
-    n = len(b["label"]) // pc
-    local = {k: v[pi * n:(pi + 1) * n] for k, v in b.items()}
-    gb = sharding.shard_batch(local, run.mesh)
+    gb = sharding.shard_batch({k: b[k] for k in ("image", "label", "mask")}, run.mesh)
     out, sp, tp = eval_fn(state, run.teacher, gb)
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + np.asarray(_to_host(v), np.float64)
     if n_pool < CKA_EXAMPLES and tp is not None:
-      m = b["mask"]
+      m = _to_host(gb["mask"])
       s_pool.append(_to_host(sp).reshape(len(m), -1)[m])
       t_pool.append(_to_host(tp).reshape(len(m), -1)[m])
       n_pool += int(m.sum())
@@ -574,6 +581,7 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
       writer.close()
 
   # Export the trained student (a later run can use it as its teacher).
+  student_bytes = sharding.param_bytes(state.params[0])
   rest0 = state.model_state[0]
   bstats = ckpt.batch_stats(rest0)
   export_path = ckpt.export_model(workdir / ckpt.EXPORT_DIR, model_name=cfg.student.name, num_classes=run.num_classes,
@@ -595,6 +603,8 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
       "cka": last_eval.get("cka"),
       "steps": final_step,
       "seconds": seconds,
+      "process_count": jax.process_count(),
+      "student_param_bytes": student_bytes,
       "resumed_from": resumed_from,
       "config_hash": h,
       "teacher_hash": run.teacher_hash,

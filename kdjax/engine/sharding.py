@@ -107,3 +107,15 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   """Assemble this process's slice of the global batch into global arrays."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def param_bytes(tree: Any) -> dict[str, int]:
+  """``{"total", "max_per_device"}``: the bytes of a pytree of global arrays,
+  and the most any one (local) device holds of it, read from the arrays'
+  addressable shards (so FSDP/tensor-parallel splits show up)."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  per: dict[Any, int] = {}
+  for x in leaves:
+    for s in x.addressable_shards:
+      per[s.device] = per.get(s.device, 0) + s.data.nbytes
+  return {"total": int(sum(x.nbytes for x in leaves)), "max_per_device": int(max(per.values(), default=0))}

@@ -1,8 +1,8 @@
 """Per-executable XLA:CPU compile options for kdjax's jitted steps.
 
 jaxlib 0.10.2 hands every convolution on the CPU backend to a YNNPACK library
-fusion (``"__ynn_fusion"`` in the compiled HLO). On the 2-core AVX-512 dev
-machine those kernels are slower than XLA's own (Eigen) convolutions: the
+fusion (``"__ynn_fusion"`` in the compiled HLO). On a 2-core AVX-512 EPYC
+those kernels are slower than XLA's own (Eigen) convolutions: the
 online KD step of resnet32x4→resnet8x4 (batch 64, float32) ran 76.6 vs
 93.6 img/s (+22 %), side by side in one process (``scripts/bench.py
 --xla-conv ynn,eigen_conv``, ``results/bench.md``); on a 2-core AVX2-only

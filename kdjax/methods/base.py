@@ -1,6 +1,6 @@
 """What a distillation method is: weighted loss terms with adapters and state.
 
-A *term* is data plus two pure functions (DESIGN.md, "Methods"):
+A *term* is data plus two pure functions:
 
 * ``init(key, student_out, teacher_out, info) -> (adapter_params, state)``
   builds the trainable adapter parameters (FitNet regressors, CRD embed heads,
@@ -8,7 +8,8 @@ A *term* is data plus two pure functions (DESIGN.md, "Methods"):
   from example model outputs (concrete or ``jax.ShapeDtypeStruct`` leaves).
 * ``apply(adapter_params, state, student_out, teacher_out, batch, ctx)
   -> (loss, new_state, aux)`` returns an *unweighted* float32 scalar loss, the
-  new method state and a dict of extra scalar metrics.
+  new method state and a dict of extra scalar metrics. A term that reads
+  labels leaves unlabelled examples (label −1) out of its loss itself.
 
 A *method* is a tuple of terms with weights; its loss is the weighted sum.
 Methods never touch the model or optimizer: the engine owns those.
@@ -93,8 +94,6 @@ class Term:
     needs_teacher: whether the term reads the teacher's output at all.
     needs_logits_only: True when only teacher *logits* are read (a teacher
       output cache can serve it).
-    supervised: True when the term uses labels (unlabelled examples, label
-      −1, are masked out of it).
     stage: ``"main"`` or ``"init"`` (RepDistiller's two-stage methods run the
       ``"init"`` terms alone for ``method.init_epochs`` first).
     params_from: name of another term whose adapter params (not state) this
@@ -111,7 +110,6 @@ class Term:
   teacher_features: tuple[str, ...] = ()
   needs_teacher: bool = True
   needs_logits_only: bool = True
-  supervised: bool = False
   stage: str = "main"
   params_from: str | None = None
 

@@ -72,7 +72,7 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
     return cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"),
                          _token_mask(batch, jnp.shape(labels))), state, {}
 
-  return (Term(name, weight, apply, needs_teacher=False, supervised=True),)
+  return (Term(name, weight, apply, needs_teacher=False),)
 
 
 def make_kd(name, weight, cfg, student, teacher):
@@ -105,7 +105,7 @@ def make_dkd(name, weight, cfg, student, teacher):
     factor = jnp.minimum(jnp.asarray(ctx.epoch, jnp.float32) / warm, 1.0) if warm > 0 else jnp.float32(1.0)
     return factor * loss, state, {"warmup": factor}
 
-  return (Term(name, weight, apply, supervised=True),)
+  return (Term(name, weight, apply),)
 
 
 def make_dist(name, weight, cfg, student, teacher):

@@ -42,8 +42,7 @@ def make_report(paths: Sequence[str | os.PathLike], out_md: str | os.PathLike, c
   relative path. Prints nothing.
 
   Raises:
-    FileNotFoundError: a path does not exist.
-    ValueError: no ``results.json`` under any path, or a malformed one.
+    ValueError: a path does not exist, no ``results.json`` under any path, or a malformed one.
   """
   paths = list(paths)
   records = collect(paths)

@@ -73,7 +73,7 @@ def _find_run_dirs(path: Path) -> list[Path]:
       raise ValueError(f"{str(path)!r} is a file but not a {RESULTS}; pass run directories (or their parents)")
     return [path.parent]
   if not path.is_dir():
-    raise FileNotFoundError(f"no such workdir: {str(path)!r}")
+    raise ValueError(f"no such workdir: {str(path)!r}")
   return sorted(p.parent for p in path.rglob(RESULTS))
 
 
