@@ -169,29 +169,23 @@ for _t, _s in PAIRS:
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_model(name: str, num_classes: int = 100, batch_size: int = 2):
-  """``(ModelInfo, ModelOutput of ShapeDtypeStructs)`` for a model, traced once (no compile)."""
-  import jax
+def abstract_model(name: str, num_classes: int = 100):
+  """A zoo model whose parameters are shapes only (``nnx.eval_shape``: nothing is allocated)."""
   from flax import nnx
 
   from kdjax import models
-  from kdjax.methods.base import ModelInfo
 
-  m = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(m)
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state, models.dummy_input(m, batch_size))
-  info = ModelInfo(name, num_classes, {k: tuple(v.shape[1:]) for k, v in out.features.items()})
-  return info, out
+  return nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
 
 
 def check_config(cfg: Experiment, num_classes: int = 100, num_examples: int = 50_000,
                  batch_size: int = 2) -> dict[str, Any]:
   """Validate a cell without data and without compiling anything.
 
-  Builds both models abstractly (``nnx.eval_shape``), reads their feature
-  shapes, builds the method (feature names, hint layers, adapters), runs its
-  ``init`` and each stage's loss under ``jax.eval_shape``. Raises the
-  method's ``ValueError`` on a mismatch.
+  Hands abstract models to the public core (:meth:`kdjax.Distiller.check`):
+  feature names and shapes, hint layers, adapters, method state and each
+  stage's step are traced under ``jax.eval_shape``. Raises the method's
+  ``ValueError`` on a mismatch.
 
   Returns:
     ``student`` / ``teacher`` (``ModelInfo``), ``terms`` (name → weight),
@@ -200,26 +194,20 @@ def check_config(cfg: Experiment, num_classes: int = 100, num_examples: int = 50
   """
   import jax
   import jax.numpy as jnp
+  import optax
 
-  from kdjax import methods
-  from kdjax.methods.base import Context, InitInfo
+  import kdjax
 
-  s_info, s_out = abstract_model(cfg.student.name, num_classes, batch_size)
-  t_info, t_out = abstract_model(cfg.teacher.name, num_classes, batch_size) if cfg.mode != "teacher" else (None, None)
+  teacher = abstract_model(cfg.teacher.name, num_classes) if cfg.mode != "teacher" else None
   mcfg = cfg.method if cfg.mode != "teacher" else dataclasses.replace(cfg.method, name="ce", terms=())
-  method = methods.build(mcfg, s_info, t_info)
-  method.validate(s_info, t_info)
-  info = InitInfo(student=s_info, teacher=t_info, num_examples=num_examples)
-  params, state = jax.eval_shape(lambda k: method.init(k, s_out, t_out, info), jax.random.key(0))
-  batch = {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32), "id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-           "image": jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)}
-  stages = tuple(st for st in ("init", "main") if method.stage_terms(st))
-  loss_shapes = {}
-  for st in stages:
-    ctx = Context(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.float32), key=jax.random.key(1))
-    total, _, _ = jax.eval_shape(lambda p, s, so, to, b, c, st=st: method.loss(p, s, so, to, b, c, stage=st),
-                                 params, state, s_out, t_out, batch, ctx)
-    loss_shapes[st] = tuple(total.shape)
-  return {"student": s_info, "teacher": t_info, "terms": {t.name: t.weight for t in method.terms},
-          "adapter_shapes": jax.tree.map(lambda x: tuple(x.shape), params), "stages": stages,
-          "loss_shape": loss_shapes}
+  d = kdjax.Distiller(abstract_model(cfg.student.name, num_classes), teacher, method=mcfg, optimizer=optax.sgd(0.1),
+                      num_examples=num_examples, mode="teacher" if cfg.mode == "teacher" else "offline")
+  sds = jax.ShapeDtypeStruct
+  batch = {"inputs": sds((batch_size, 32, 32, 3), jnp.float32), "label": sds((batch_size,), jnp.int32),
+           "id": sds((batch_size,), jnp.int32)}
+  r = d.check(batch, full_step=False)
+  spec = d.spec
+  return {"student": spec.students[0].info, "teacher": spec.teachers[0].info if spec.teachers else None,
+          "terms": {t.name: t.weight for t in spec.method.terms},
+          "adapter_shapes": jax.tree.map(lambda x: tuple(x.shape), r["state"].adapter_params[0]),
+          "stages": tuple(r["metrics"]), "loss_shape": {st: tuple(m["loss/total"].shape) for st, m in r["metrics"].items()}}

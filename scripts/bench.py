@@ -21,8 +21,8 @@ rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
 ``dtype``. A ``matmul_peak`` line gives the measured dense float32 GFLOP/s
 of the same device, so every figure reads as a fraction of the hardware.
 
-The kdjax cases run the engine's real step (``kdjax.engine.make_train_step``
-jitted by ``kdjax.engine.loop.jit_train_step``, state donated) on one batch
+The kdjax cases run the public core's real step (``kdjax.Distiller``'s jitted
+step, state donated) on one batch
 already on the device; cases are interleaved round by round so a load spike
 on a shared machine hits all of them alike.
 
@@ -149,14 +149,11 @@ class JaxCase:
     import numpy as np
     from flax import nnx
 
+    import kdjax
     import kdjax.losses as kdl
-    from kdjax import methods, models
-    from kdjax.config import MethodConfig, OptimConfig
-    from kdjax.engine import loop, sharding
+    from kdjax import models
+    from kdjax.config import OptimConfig
     from kdjax.engine.optim import make_optimizer
-    from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, split_model
-    from kdjax.engine.step import StepSpec
-    from kdjax.methods.base import InitInfo
 
     t_name, s_name, shape, classes = PAIRS[pair]
     t_kw, s_kw = PAIR_KWARGS.get(pair, ({}, {}))
@@ -166,43 +163,22 @@ class JaxCase:
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     student = models.create(s_name, num_classes=classes, rngs=nnx.Rngs(seed), dtype=dt, **s_kw)
     teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt, **t_kw)
-    s_info = loop._model_info(student, s_name, classes)
-    t_info = loop._model_info(teacher, t_name, classes)
-    online_teacher = case == "kd"
-    mode = "teacher" if case == "student_only" else "offline"
     # token-level KD: forward KL(teacher ‖ student) per position, T = 1 (GKD's β = 0)
     kd_term, temp = ("forward_kl", 1.0) if lm else ("kd", TEMPERATURE)
-    mcfg = MethodConfig(name="ce") if case == "student_only" else MethodConfig(
+    method = kdjax.MethodConfig(name="ce") if case == "student_only" else kdjax.MethodConfig(
         name=kd_term, temperature=temp, terms=(f"ce={CE_WEIGHT}", f"{kd_term}={KD_WEIGHT}"))
-    method = methods.build(mcfg, s_info, t_info if mode == "offline" else None)
     tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
                            steps_per_epoch=782, total_steps=10**6)
-
-    sg, sp, sr = split_model(student)
-    tg, tp, tr = split_model(teacher)
-    x_abs = jax.ShapeDtypeStruct((2, *shape), jnp.int32 if lm else jnp.float32)
-    s_out = jax.eval_shape(lambda p, r, x: apply_model(sg, p, r, x, train=False)[0], sp, sr, x_abs)
-    t_out = jax.eval_shape(lambda p, r, x: apply_model(tg, p, r, x, train=False)[0], tp, tr, x_abs)
-    key = jax.random.key(seed)
-    adapters, mstate = method.init(key, s_out, t_out if mode == "offline" else None,
-                                   InitInfo(student=s_info, teacher=t_info, num_examples=50000))
-    trainable = {"students": (sp,), "adapters": (adapters,)}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=(sp,), model_state=(sr,), opt_state=tx.init(trainable),
-                       adapter_params=(adapters,), method_state=(mstate,), key=jax.random.key_data(key))
-    mesh = sharding.make_mesh()
-    state = jax.device_put(state, sharding.replicated(mesh))
-    # The teacher is a jit argument; kd_cached/student_only pass an empty one.
-    tstate = TeacherState(params=(tp,), model_state=(tr,)) if online_teacher else TeacherState((), ())
-    tstate = jax.device_put(tstate, sharding.replicated(mesh))
-    spec = StepSpec(students=(ModelDef(sg, s_info, shape),),
-                    teachers=(ModelDef(tg, t_info, shape),) if online_teacher else (),
-                    method=method, tx=tx, mode=mode, steps_per_epoch=782)
+    # kd: the teacher runs in the step; kd_cached: its outputs ride in the batch (no teacher in the program)
+    distiller = kdjax.Distiller(student, teacher if case == "kd" else None, method=method, optimizer=tx,
+                                mode="teacher" if case == "student_only" else "offline", num_examples=50000,
+                                steps_per_epoch=782, xla_cpu_conv=xla_conv)
     rng = np.random.default_rng(seed)
     if lm:
       tokens = rng.integers(0, classes, (batch, shape[0] + 1)).astype(np.int32)
-      host = {"image": tokens[:, :-1], "label": tokens[:, 1:]}
+      host = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
     else:
-      host = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
+      host = {"inputs": rng.normal(size=(batch, *shape)).astype(np.float32),
               "label": rng.integers(0, classes, batch).astype(np.int32)}
     if case == "kd_cached" and lm:  # a top-k cache: k log-probs + ids per position, never (B, L, V) logits
       z = rng.normal(size=(batch, shape[0], classes)).astype(np.float32) * 3
@@ -211,9 +187,10 @@ class JaxCase:
       host["teacher_topk_idx"] = np.asarray(idx)
     elif case == "kd_cached":  # what the cache serves: float16 storage, float32 in the batch
       host["teacher_logits"] = (rng.normal(size=(batch, classes)) * 3).astype(np.float16).astype(np.float32)
-    self.batch_arrays = sharding.shard_batch(host, mesh)
-    run = types.SimpleNamespace(state=state, teacher=tstate, mesh=mesh)
-    jitted = loop.jit_train_step(spec, run, xla_cpu_conv=xla_conv)
+    state = distiller.init(jax.random.key(seed), host)
+    tstate = distiller.teacher_state
+    self.batch_arrays = distiller.global_batch(host)
+    jitted = distiller.jitted_step("main")
     t0 = time.perf_counter()
     self.compiled = jitted.lower(state, tstate, self.batch_arrays).compile()
     self.compile_seconds = time.perf_counter() - t0

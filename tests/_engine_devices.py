@@ -38,7 +38,7 @@ def main(out_path: str) -> None:
                  "bank_spec": tuple(state.method_state[0]["crd"].student.sharding.spec),
                  "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.teacher)]}
   # Teacher outputs: FSDP-sharded teacher vs the replicated one, same inputs.
-  x = np.concatenate([b["image"] for b in batches])
+  x = np.concatenate([b["inputs"] for b in batches])
   for name in ("eight", "fsdp"):
     s = setups[name]
     td = s.spec.teachers[0]

@@ -22,7 +22,7 @@ from kdjax import engine, models
 from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
 from kdjax.data import cache as C
 from kdjax.data import views as V
-from kdjax.engine.loop import build_teacher_cache, jit_train_step
+from kdjax.engine.teacher_cache import build_teacher_cache
 from kdjax.engine.state import apply_model, split_model
 
 K = 3
@@ -69,7 +69,7 @@ def cache32(cfg, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def teacher_fwd(teacher_dir):
-  model, _ = engine.loop.load_teacher(ModelConfig(name="cnn1d", checkpoint=teacher_dir), 10)
+  model, _ = engine.load_teacher(ModelConfig(name="cnn1d", checkpoint=teacher_dir), 10)
   g, p, r = split_model(model)
   f = jax.jit(lambda x: apply_model(g, p, r, x, train=False)[0].logits)
   return lambda x: np.asarray(f(jnp.asarray(x)))
@@ -94,9 +94,7 @@ def _with_cache(cfg: Experiment, d: str) -> Experiment:
 def _one_step(cfg: Experiment, batch: dict) -> tuple[dict, dict, dict]:
   run = engine.build(cfg)
   before = jax.tree.map(np.asarray, run.state.params)
-  step = jit_train_step(run.spec, run)
-  gb = engine.shard_batch(batch, run.mesh)
-  state, metrics = step(run.state, run.teacher, gb)
+  state, metrics = run.distiller.step(run.state, batch)
   return before, jax.tree.map(np.asarray, state.params), {k: np.asarray(v) for k, v in metrics.items()}
 
 
@@ -115,8 +113,9 @@ def _step_teacher_logits(cfg: Experiment, batch: dict) -> np.ndarray:
   from kdjax.engine import step as step_lib
 
   run = engine.build(cfg)
-  f = jax.jit(lambda st, te, b: step_lib.teacher_outputs(run.spec, st, te, b)[0].logits)
-  return np.asarray(f(run.state, run.teacher, engine.shard_batch({"image": batch["image"]}, run.mesh)))
+  d = run.distiller
+  f = jax.jit(lambda st, te, b: step_lib.teacher_outputs(d.spec, st, te, b)[0].logits)
+  return np.asarray(f(run.state, d.teacher_state, d.global_batch({"inputs": batch["inputs"]})))
 
 
 @pytest.mark.slow
@@ -144,7 +143,7 @@ def test_cached_kd_equals_online_with_float32(cfg, cache32, cached_batch, teache
   # (b) storage is exact: the cache holds the teacher's float32 output on the cached view …
   z = cached_batch["teacher_logits"]
   assert z.dtype == np.float32
-  np.testing.assert_allclose(z, teacher_fwd(cached_batch["image"]), rtol=0, atol=8 * 2.0**-23 * np.abs(z).max())
+  np.testing.assert_allclose(z, teacher_fwd(cached_batch["inputs"]), rtol=0, atol=8 * 2.0**-23 * np.abs(z).max())
   np.testing.assert_allclose(z, z_step, rtol=0, atol=8 * 2.0**-23 * np.abs(z).max())
   # … so the step from the cache is the online step to float32 rounding
   _, p_ca, m_ca = _one_step(_with_cache(cfg, cache32), cached_batch)
@@ -160,7 +159,7 @@ def test_cached_kd_matches_online_to_float16_rounding(cfg, cached_batch, tmp_pat
   cache = C.TeacherCache.open(d)
   ids, k = cached_batch["id"], cached_batch["view_index"]
   z16 = cache.logits(ids, k)
-  z32 = teacher_fwd(cached_batch["image"])
+  z32 = teacher_fwd(cached_batch["inputs"])
   # storage error = float16 rounding only (≤ half an ulp: relative 2⁻¹¹)
   np.testing.assert_allclose(z16, z32, rtol=2.0**-11 * 1.01, atol=1e-7)
   assert np.abs(z16 - z32).max() > 0  # it is rounded
@@ -244,9 +243,9 @@ def test_epoch_inputs_are_the_views_whose_teacher_outputs_are_fed(cfg, cache32, 
       # the input is exactly view k of the example, regenerated independently here:
       # the Loader's jitter view at "epoch" k with the cache's view seed
       expect = Loader_view(ds.images[rows], ds.ids[rows], k, cache.view_seed)
-      np.testing.assert_array_equal(b["image"], expect)
+      np.testing.assert_array_equal(b["inputs"], expect)
       # … and the fed teacher output is the teacher's output on that very input
-      np.testing.assert_allclose(b["teacher_logits"], teacher_fwd(b["image"]), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(b["teacher_logits"], teacher_fwd(b["inputs"]), rtol=1e-5, atol=1e-5)
       seen.append(b["id"])
       chosen.setdefault(epoch, []).append(k)
     assert sorted(np.concatenate(seen).tolist()) == sorted(ds.ids.tolist())  # one epoch = every example once

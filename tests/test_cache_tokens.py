@@ -19,7 +19,8 @@ import _engine_setup as E
 from kdjax.data import cache as C
 from kdjax.data import views
 from kdjax.data.tfds import ArrayDataset
-from kdjax.engine import loop, sharding
+from kdjax.engine import sharding
+from kdjax.engine.teacher_cache import teacher_predict_fn
 from kdjax.engine.state import apply_model
 
 VOCAB, LEN, N, BATCH = 64, 8, 48, 8
@@ -45,7 +46,7 @@ def fkl():
 
 
 def _teacher(s: E.Setup, top_k: int = 0):
-  return loop.teacher_predict_fn(s.spec.teachers[0].graphdef, s.teacher.params[0], s.teacher.model_state[0], top_k)
+  return teacher_predict_fn(s.spec.teachers[0].graphdef, s.teacher.params[0], s.teacher.model_state[0], top_k)
 
 
 def _teacher_logits(s: E.Setup, tokens: np.ndarray) -> np.ndarray:
@@ -120,7 +121,7 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   batch = C.CachedLoader(ds, cache, batch_size=BATCH, seed=2).batch(0, 1)
   assert batch["teacher_topk_idx"].shape == (BATCH, LEN, k)
   # the cached entries are the teacher's top-8 on exactly this batch's tokens
-  t = _teacher_logits(fkl, batch["image"])
+  t = _teacher_logits(fkl, batch["inputs"])
   lp_t = t - t.max(-1, keepdims=True)
   lp_t -= np.log(np.exp(lp_t).sum(-1, keepdims=True))
   idx = np.argsort(-lp_t, axis=-1, kind="stable")[..., :k]
@@ -130,7 +131,7 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   # NumPy bucket KL against the student's own logits
   sd = fkl.spec.students[0]
   z = np.asarray(apply_model(sd.graphdef, fkl.initial.params[0], fkl.initial.model_state[0],
-                             jnp.asarray(batch["image"]), train=True)[0].logits, np.float64)
+                             jnp.asarray(batch["inputs"]), train=True)[0].logits, np.float64)
   ls = z - z.max(-1, keepdims=True)
   ls -= np.log(np.exp(ls).sum(-1, keepdims=True))
   in_top = np.zeros(ls.shape, bool)
@@ -195,8 +196,8 @@ def test_token_views_pass_ids_through(ds, full_topk_cache):
   by_id = {int(i): r for r, i in enumerate(ds.ids)}
   for b in loader.epoch_batches(0):
     rows = [by_id[int(i)] for i in b["id"]]
-    assert b["image"].dtype == np.int32
-    np.testing.assert_array_equal(b["image"], ds.images[rows])
+    assert b["inputs"].dtype == np.int32
+    np.testing.assert_array_equal(b["inputs"], ds.images[rows])
     np.testing.assert_array_equal(b["label"], ds.labels[rows])
     seen += b["id"].tolist()
   assert sorted(seen) == sorted(ds.ids.tolist())

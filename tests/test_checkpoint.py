@@ -30,7 +30,8 @@ import pytest
 from kdjax import checkpoint as ckpt
 from kdjax import cli
 from kdjax import config as cfg_lib
-from kdjax.engine import loop
+from kdjax.engine import faults, loop
+from kdjax.engine.distiller import Distiller
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def tree_digest(d: Path) -> dict[str, str]:
 
 
 def _env(**kw) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != loop.FAULT_ENV}
+  env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **kw)
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -98,7 +99,7 @@ def _env(**kw) -> dict:
 
 @pytest.fixture(autouse=True)
 def _no_fault(monkeypatch):
-  monkeypatch.delenv(loop.FAULT_ENV, raising=False)
+  monkeypatch.delenv(faults.FAULT_ENV, raising=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -148,7 +149,7 @@ def reference(teacher, tmp_path_factory):
 def test_sigkill_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path):
   w, k = tmp_path / "run", KILL_AT[kind]
   proc = subprocess.run([sys.executable, "-m", "kdjax.cli", *argv(kind, w, teacher)], cwd=ROOT,
-                        env=_env(**{loop.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
+                        env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   on_disk = steps_on_disk(w)
   # Only complete saves are steps; one cut short by the kill is not.
@@ -166,15 +167,15 @@ def test_sigkill_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path)
 def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(kind, sig, teacher, reference, tmp_path, monkeypatch,
                                                             capsys):
   w, k = tmp_path / "run", TERM_AT[kind] if sig == "TERM" else STEPS - 1
-  monkeypatch.setenv(loop.FAULT_ENV, f"{k}:{sig}")
-  assert cli.main(argv(kind, w, teacher)) == loop.PREEMPTED_EXIT == 75
+  monkeypatch.setenv(faults.FAULT_ENV, f"{k}:{sig}")
+  assert cli.main(argv(kind, w, teacher)) == faults.PREEMPTED_EXIT == 75
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"kdjax: preempted at step {k}; checkpoint saved, re-run the same command to resume"]
   assert steps_on_disk(w)[-1] == k  # the step in progress was finished and saved
   step, _, meta = ckpt.read_checkpoint(w / "checkpoints")
   assert step == k and meta["step"] == k and meta["data"] == {"epoch": 0, "step_in_epoch": k, "seed": 0}
 
-  monkeypatch.delenv(loop.FAULT_ENV)
+  monkeypatch.delenv(faults.FAULT_ENV)
   assert cli.main(argv(kind, w, teacher)) == 0
   assert results(w)["resumed_from"] == [k]
   assert_bit_identical(reference(kind), w)
@@ -263,9 +264,9 @@ _EIGHT = textwrap.dedent("""
 def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch):
   ref, k = reference("kd"), 10
   w81, w18 = tmp_path / "w81", tmp_path / "w18"
-  monkeypatch.setenv(loop.FAULT_ENV, f"{k}:TERM")  # 1 device: stop at k (saved on 1 device)
+  monkeypatch.setenv(faults.FAULT_ENV, f"{k}:TERM")  # 1 device: stop at k (saved on 1 device)
   assert cli.main(argv("kd", w18, teacher)) == 75
-  monkeypatch.delenv(loop.FAULT_ENV)
+  monkeypatch.delenv(faults.FAULT_ENV)
   bad = argv("kd", tmp_path / "bad", teacher, "--data.batch_size", "100")
   proc = subprocess.run(
       [sys.executable, "-c", _EIGHT, json.dumps(bad), json.dumps(argv("kd", w81, teacher)),
@@ -298,8 +299,8 @@ def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch
 
 def _forbid_steps(monkeypatch):
   def boom(*a, **k):
-    raise AssertionError("a train step was built although the teacher does not fit")
-  monkeypatch.setattr(loop, "jit_train_step", boom)
+    raise AssertionError("a train state was built although the teacher does not fit")
+  monkeypatch.setattr(Distiller, "init", boom)
 
 
 def _make_export(directory: Path, model: str, num_classes: int, *, meta: bool = True) -> Path:
@@ -365,8 +366,8 @@ def test_swapped_teacher_or_foreign_checkpoint_refuses_to_resume(teacher, tmp_pa
 
 def test_nan_loss_stops_with_step_and_term_and_keeps_last_good(reference, teacher, tmp_path, monkeypatch, capsys):
   w = tmp_path / "run"
-  monkeypatch.setenv(loop.FAULT_ENV, "10:NAN:loss/kd")
-  assert cli.main(argv("kd", w, teacher)) == loop.NONFINITE_EXIT == 65
+  monkeypatch.setenv(faults.FAULT_ENV, "10:NAN:loss/kd")
+  assert cli.main(argv("kd", w, teacher)) == faults.NONFINITE_EXIT == 65
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["kdjax: non-finite loss at step 10 in loss/kd; last good checkpoint: step 8"]
   assert steps_on_disk(w) == [4, 8]  # step 12 (after the NaN) was never written
@@ -376,7 +377,7 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good(reference, teache
   assert not (w / "results.json").exists() and not (w / "export").exists()
   # The kept checkpoint is exactly the reference's step 8: resuming from it
   # reproduces the uninterrupted run bit for bit.
-  monkeypatch.delenv(loop.FAULT_ENV)
+  monkeypatch.delenv(faults.FAULT_ENV)
   assert cli.main(argv("kd", w, teacher)) == 0
   assert results(w)["resumed_from"] == [8]
   assert_bit_identical(reference("kd"), w)
@@ -384,7 +385,7 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good(reference, teache
 
 def test_nan_loss_with_stop_on_nan_off_runs_to_the_end(teacher, tmp_path, monkeypatch):
   w = tmp_path / "run"
-  monkeypatch.setenv(loop.FAULT_ENV, "10:NAN:loss/kd")
+  monkeypatch.setenv(faults.FAULT_ENV, "10:NAN:loss/kd")
   assert cli.main(argv("kd", w, teacher, "--run.no-stop_on_nan")) == 0
   res = results(w)
   final_step, _ = final_state(w)
@@ -397,12 +398,12 @@ def test_nan_loss_with_stop_on_nan_off_runs_to_the_end(teacher, tmp_path, monkey
 
 
 def test_fault_env_parsing():
-  assert loop.fault_from_env({}) is None
-  assert loop.fault_from_env({loop.FAULT_ENV: "7:term"}) == loop.Fault(7, "TERM")
-  assert loop.fault_from_env({loop.FAULT_ENV: "3:NAN:s1/loss/kd"}) == loop.Fault(3, "NAN", "s1/loss/kd")
+  assert faults.fault_from_env({}) is None
+  assert faults.fault_from_env({faults.FAULT_ENV: "7:term"}) == faults.Fault(7, "TERM")
+  assert faults.fault_from_env({faults.FAULT_ENV: "3:NAN:s1/loss/kd"}) == faults.Fault(3, "NAN", "s1/loss/kd")
   for bad in ("x:KILL", "0:KILL", "4:BOOM"):
-    with pytest.raises(ValueError, match=loop.FAULT_ENV):
-      loop.fault_from_env({loop.FAULT_ENV: bad})
+    with pytest.raises(ValueError, match=faults.FAULT_ENV):
+      faults.fault_from_env({faults.FAULT_ENV: bad})
 
 
 # ---------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def test_every_config_field_is_settable_from_the_cli():
 
 @pytest.mark.parametrize("args, needle", [
     (["--optim.lrr", "0.1"], "unknown flag --optim.lrr; did you mean --optim.lr?"),
-    (["--optim.lr", "-1"], "optim.lr: must be > 0, got -1.0"),
+    (["--optim.lr", "-1"], "optim.lr: must be > 0 and finite, got -1.0"),
     (["--optim.lr", "fast"], "fast"),
     (["--optim.name", "lion"], "lion"),
     (["--run.no-seed"], "unknown flag --run.no_seed"),

@@ -38,6 +38,7 @@ def _cfg(tfds_dir, tmp_path, **kw) -> Experiment:
   return base.replace(**kw)
 
 
+@pytest.mark.slow
 def test_student_starts_from_its_checkpoint(tfds_dir, tmp_path):
   want = _export(tmp_path / "pre", "mlp", seed=11)
   fresh = engine.build(_cfg(tfds_dir, tmp_path))
@@ -49,6 +50,7 @@ def test_student_starts_from_its_checkpoint(tfds_dir, tmp_path):
   assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want)))
 
 
+@pytest.mark.slow
 def test_student_checkpoint_of_another_architecture_is_one_line(tfds_dir, tmp_path):
   _export(tmp_path / "pre", "cnn1d", seed=0)
   with pytest.raises(ValueError, match=r"student.checkpoint .* holds a 'cnn1d' but the config asks for "
@@ -91,11 +93,11 @@ def test_digits_inputs_are_x_over_16(tfds_dir, tmp_path):
   raw = run.loader.ds.images
   assert raw.dtype == np.uint8 and raw.max() == 16
   np.testing.assert_array_equal(run.loader.ds.ids, np.arange(len(raw)))  # ids index the rows
-  x = run.loader.batch(0, 0)["image"]
+  x = run.loader.batch(0, 0)["inputs"]
   ids = run.loader.batch(0, 0)["id"]
   np.testing.assert_allclose(x, run.loader.ds.images[ids].astype(np.float32) / 16.0, rtol=0, atol=0)
   from kdjax import data as kd_data
 
   ev = next(kd_data.eval_batches(run.eval_ds, 359, view=run.view))
-  assert ev["image"].min() == 0.0 and ev["image"].max() == 1.0
+  assert ev["inputs"].min() == 0.0 and ev["inputs"].max() == 1.0
   assert dataclasses.asdict(run.view)["scale"] == 16.0

@@ -107,7 +107,7 @@ def test_mock_cifar100_shapes():
   assert ds.images.shape == (20, 32, 32, 3) and ds.images.dtype == np.uint8
   loader = kd.Loader(ds, 8, view=kd.default_view("cifar100"), process_index=0, process_count=1)
   b = next(iter(loader))
-  assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["inputs"].shape == (8, 32, 32, 3) and b["inputs"].dtype == np.float32
   assert b["label"].dtype == np.int32 and b["id"].dtype == np.int32
   assert kd.get_info("cifar100").num_classes == 100
 
@@ -122,11 +122,11 @@ def test_mock_imagenet_stream_shapes():
     ev = kd.StreamLoader("imagenet2012", "validation", 4, view=cfg, train=False,
                          process_index=0, process_count=1, download=True)
     e = next(iter(ev.epoch_batches(0)))
-  assert b1["image"].shape == (4, 64, 64, 3) and b1["image"].dtype == np.float32
-  assert b1["teacher_image"].shape == (4, 64, 64, 3) and b1["id"].dtype == np.int32
-  assert not np.allclose(b1["image"], b1["teacher_image"])
-  np.testing.assert_array_equal(b1["image"], b2["image"])  # reproducible
-  assert e["image"].shape == (4, 64, 64, 3)
+  assert b1["inputs"].shape == (4, 64, 64, 3) and b1["inputs"].dtype == np.float32
+  assert b1["teacher_inputs"].shape == (4, 64, 64, 3) and b1["id"].dtype == np.int32
+  assert not np.allclose(b1["inputs"], b1["teacher_inputs"])
+  np.testing.assert_array_equal(b1["inputs"], b2["inputs"])  # reproducible
+  assert e["inputs"].shape == (4, 64, 64, 3)
   assert kd.get_info("imagenet2012", image_size=64).image_shape == (64, 64, 3)
 
 
@@ -194,11 +194,11 @@ def test_stream_order_shards_and_restore(data_dir):
   ind = _stream(data_dir, view_mode="independent")
   b = next(iter(ind.epoch_batches(2)))
   raw = _tiny_stream_images()
-  for key, stream in (("image", V.STREAM_STUDENT), ("teacher_image", V.STREAM_TEACHER)):
+  for key, stream in (("inputs", V.STREAM_STUDENT), ("teacher_inputs", V.STREAM_TEACHER)):
     want = np.concatenate([V.augment(ind.view, [raw[i]], V.view_key(0, [i], 2, stream))
                            for i in b["id"]])
     np.testing.assert_allclose(b[key], want, atol=1e-5)
-  assert not np.allclose(b["image"], b["teacher_image"])
+  assert not np.allclose(b["inputs"], b["teacher_inputs"])
   # resume from a saved position: the same batches, views included
   it = iter(one)
   for _ in range(one.steps_per_epoch + 2):  # into epoch 1
@@ -211,7 +211,7 @@ def test_stream_order_shards_and_restore(data_dir):
   got = iter(again)
   for w in want:
     g = next(got)
-    for k in ("image", "id", "label", "epoch"):
+    for k in ("inputs", "id", "label", "epoch"):
       np.testing.assert_array_equal(g[k], w[k])
 
 
@@ -265,7 +265,7 @@ def test_two_processes_equal_one(view):
 def test_eval_batches_pad_and_mask():
   ds = _toy(n=10)
   bs = list(kd.eval_batches(ds, 4, view=kd.ViewConfig(kind="cifar"), process_index=0, process_count=1))
-  assert [b["image"].shape[0] for b in bs] == [4, 4, 4]
+  assert [b["inputs"].shape[0] for b in bs] == [4, 4, 4]
   assert bs[-1]["mask"].tolist() == [True, True, False, False]
   np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"]] for b in bs]), np.arange(10))
 
@@ -277,7 +277,7 @@ def test_to_global_single_process():
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   b = next(iter(kd.Loader(_toy(), 8, process_index=0, process_count=1)))
   g = kd.to_global(b, NamedSharding(mesh, P("data")))
-  np.testing.assert_array_equal(np.asarray(g["image"]), b["image"])
+  np.testing.assert_array_equal(np.asarray(g["inputs"]), b["inputs"])
 
 
 # ---------------------------------------------------------------- 5. views
@@ -285,24 +285,24 @@ def test_consistent_vs_independent_views():
   ds = _toy()
   cfg = kd.ViewConfig(kind="cifar")
   cons = next(iter(kd.Loader(ds, 8, seed=0, view=cfg, process_index=0, process_count=1)))
-  assert "teacher_image" not in cons  # the teacher uses "image"
+  assert "teacher_inputs" not in cons  # the teacher uses "inputs"
   ind = next(iter(kd.Loader(ds, 8, seed=0, view=cfg, view_mode="independent", process_index=0, process_count=1)))
-  np.testing.assert_array_equal(cons["image"], ind["image"])
-  assert not np.array_equal(ind["image"], ind["teacher_image"])
+  np.testing.assert_array_equal(cons["inputs"], ind["inputs"])
+  assert not np.array_equal(ind["inputs"], ind["teacher_inputs"])
   # reproducible from (seed, id, epoch)
   ids = ind["id"]
   again = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 0, V.STREAM_TEACHER))
-  np.testing.assert_array_equal(again, ind["teacher_image"])
+  np.testing.assert_array_equal(again, ind["teacher_inputs"])
   again = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 0, V.STREAM_STUDENT))
-  np.testing.assert_array_equal(again, ind["image"])
+  np.testing.assert_array_equal(again, ind["inputs"])
   # ... whatever batch or position the example lands in (epoch 0, another step)
   later = kd.Loader(ds, 8, seed=0, view=cfg, view_mode="independent", process_index=0,
                     process_count=1).batch(0, 3)
   np.testing.assert_array_equal(
-      later["teacher_image"], V.augment(cfg, ds.images[later["id"]],
+      later["teacher_inputs"], V.augment(cfg, ds.images[later["id"]],
                                         V.view_key(0, later["id"], 0, V.STREAM_TEACHER)))
   other_epoch = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 1, V.STREAM_STUDENT))
-  assert not np.array_equal(other_epoch, ind["image"])
+  assert not np.array_equal(other_epoch, ind["inputs"])
 
 
 def test_view_kinds_and_mixing():
@@ -336,9 +336,9 @@ def test_loader_mixup_pairs_and_beta_moments():
   b = loader.batch(0, 1)
   batch_ids = loader.global_indices(0, 1)[0]
   x = ds.images.astype(np.float64) / 255
-  assert "teacher_image" not in b
+  assert "teacher_inputs" not in b
   for i, lam in zip(b["id"], b["mix_lambda"]):
-    row = b["image"][b["id"] == i][0]
+    row = b["inputs"][b["id"] == i][0]
     ok = [j for j in batch_ids if np.allclose(row, lam * x[i] + (1 - lam) * x[j], atol=1e-6)]
     assert ok and ds.labels[ok[0]] == b["label_b"][b["id"] == i][0]
   # λ ~ Beta(α, α): mean 1/2, variance 1/(4(2α + 1)) (independent of the inverse-CDF code)

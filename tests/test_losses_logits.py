@@ -275,3 +275,20 @@ def test_label_range_not_checked_under_jit():
   assert np.isfinite(out)
   with pytest.raises(ValueError, match="labels"):
     jax.jit(kdl.dkd)(s, t, y[:-1])
+
+
+def test_per_example_outputs_are_the_terms_of_the_mean():
+  """``per_example=True`` gives each example's value (NumPy KD here), whose mean is the default scalar."""
+  s, t, y = _data(6)
+  per = np.asarray(kdl.kd(jnp.asarray(s), jnp.asarray(t), temperature=2.0, per_example=True))
+  lp = np.log(np_softmax(np.asarray(t, np.float64) / 2.0))
+  lq = np.log(np_softmax(np.asarray(s, np.float64) / 2.0))
+  np.testing.assert_allclose(per, 4.0 * np.sum(np.exp(lp) * (lp - lq), -1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(per.mean(), kdl.kd(jnp.asarray(s), jnp.asarray(t), temperature=2.0), rtol=1e-6)
+  per_dkd = np.asarray(kdl.dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), beta=2.0, per_example=True))
+  assert per_dkd.shape == (len(y),)
+  for i in range(len(y)):
+    one = kdl.dkd(jnp.asarray(s[i:i + 1]), jnp.asarray(t[i:i + 1]), jnp.asarray(y[i:i + 1]), beta=2.0)
+    np.testing.assert_allclose(per_dkd[i], one, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(per_dkd.mean(), kdl.dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), beta=2.0),
+                             rtol=1e-6)

@@ -61,7 +61,7 @@ def _ce_np(logits, labels):
   return lse - z[np.arange(len(labels)), np.maximum(labels, 0)]
 
 
-@pytest.mark.parametrize("name", [n if n in ("kd", "fitnet", "vid") else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in ("kd", "vid") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in IMAGE_PRESETS])
 def test_preset_loss_total_and_grads(name):
   m, params, state, s, t = _setup(name)

@@ -62,6 +62,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from kdjax import batch as B
 from kdjax.data import views as V
 from kdjax.data.loader import Loader
 from kdjax.data.tfds import ArrayDataset
@@ -472,7 +473,7 @@ class CachedLoader(Loader):
   Each batch adds the cached teacher outputs (``teacher_logits`` float32
   ``(B, *output_shape)``, or ``teacher_topk_logp`` / ``teacher_topk_idx``
   for a top-k cache; see :meth:`TeacherCache.outputs`) and ``view_index``
-  int32 ``(B,)``; in ``view_mode="consistent"`` ``image`` is view
+  int32 ``(B,)``; in ``view_mode="consistent"`` ``inputs`` is view
   ``view_index`` of each example (the input the teacher saw). Order,
   sharding over processes and ``state()``/``restore()`` are the Loader's.
   """
@@ -498,7 +499,7 @@ class CachedLoader(Loader):
       image = view_images(c.view, images, ids, c.view_seed, k)
     else:  # the student's own fresh view; the teacher's is cached view k
       image = V.augment(c.view, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))
-    out = {"image": image, **c.outputs(ids, k), "view_index": k.astype(np.int32),
+    out = {B.INPUTS: image, **c.outputs(ids, k), B.VIEW_INDEX: k.astype(np.int32),
            "label": ds.labels[idx].astype(np.int32), "id": ids.astype(np.int32),
            "epoch": np.full(len(idx), epoch, np.int32)}
     if not self.drop_remainder:

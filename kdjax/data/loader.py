@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from kdjax import batch as B
 from kdjax.data import views as V
 from kdjax.data.tfds import ArrayDataset
 
@@ -43,8 +44,8 @@ def _process(process_index, process_count) -> tuple[int, int]:
 class Loader:
   """Training batches (this process's slice of each global batch) as NumPy dicts.
 
-  Keys: ``image`` float32 (student view), ``label`` int32 (-1 = unlabelled),
-  ``id`` int32, ``epoch`` int32; ``teacher_image`` in ``view_mode="independent"``;
+  Keys (:mod:`kdjax.batch`): ``inputs`` float32 (student view), ``label`` int32 (-1 = unlabelled),
+  ``id`` int32, ``epoch`` int32; ``teacher_inputs`` in ``view_mode="independent"``;
   ``label_b`` int32 and ``mix_lambda`` float32 when mixing
   (``image = λ·x + (1−λ)·x_b``); ``mask`` bool when ``drop_remainder=False``
   (the last batch is padded by wrapping to the start of the epoch's order).
@@ -126,7 +127,7 @@ class Loader:
     ds, cfg = self.ds, self.view
     ids = ds.ids[idx]
     images = ds.images[idx]
-    out = {"image": V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))}
+    out = {B.INPUTS: V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))}
     teacher = None
     if self.view_mode == "independent":
       teacher = V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_TEACHER))
@@ -134,16 +135,16 @@ class Loader:
       q = np.random.default_rng([self.seed, int(epoch), int(step), _MIX_TAG]).permutation(self.batch_size)
       pidx = gidx[q[rows]]
       pids, pimages = ds.ids[pidx], ds.images[pidx]
-      w, lam = V.mix_weights(cfg, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), out["image"].shape[1:])
+      w, lam = V.mix_weights(cfg, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), out[B.INPUTS].shape[1:])
       xb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_STUDENT))
-      out["image"] = V.apply_mix(w, out["image"], xb)
+      out[B.INPUTS] = V.apply_mix(w, out[B.INPUTS], xb)
       if teacher is not None:
         tb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_TEACHER))
         teacher = V.apply_mix(w, teacher, tb)
       out["label_b"] = ds.labels[pidx].astype(np.int32)
       out["mix_lambda"] = lam
     if teacher is not None:
-      out["teacher_image"] = teacher
+      out[B.TEACHER_INPUTS] = teacher
     out["label"] = ds.labels[idx].astype(np.int32)
     out["id"] = ids.astype(np.int32)
     out["epoch"] = np.full(len(idx), epoch, np.int32)
@@ -190,7 +191,7 @@ def eval_batches(ds: ArrayDataset, batch_size: int, view: V.ViewConfig | None = 
     g = np.arange(start, start + batch_size)[pi * lb:(pi + 1) * lb]
     mask = g < n
     idx = np.where(mask, g, 0)
-    yield {"image": V.normalize(cfg, ds.images[idx]), "label": ds.labels[idx].astype(np.int32),
+    yield {B.INPUTS: V.normalize(cfg, ds.images[idx]), "label": ds.labels[idx].astype(np.int32),
            "id": ds.ids[idx].astype(np.int32), "mask": mask}
 
 

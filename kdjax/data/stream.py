@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from kdjax import batch as B
 from kdjax.data import views as V
 from kdjax.data.loader import _process
 from kdjax.data.tfds import get_builder
@@ -103,13 +104,13 @@ class StreamLoader:
       if self.train:
         k = tf.numpy_function(lambda i: keys(i, V.STREAM_STUDENT), [ex_id], tf.int64, stateful=False)
         k.set_shape([2])
-        out["image"] = V.tf_train_image(image, k, cfg)
+        out[B.INPUTS] = V.tf_train_image(image, k, cfg)
         if self.view_mode == "independent":
           kt = tf.numpy_function(lambda i: keys(i, V.STREAM_TEACHER), [ex_id], tf.int64, stateful=False)
           kt.set_shape([2])
-          out["teacher_image"] = V.tf_train_image(image, kt, cfg)
+          out[B.TEACHER_INPUTS] = V.tf_train_image(image, kt, cfg)
       else:
-        out["image"] = V.tf_eval_image(image, cfg)
+        out[B.INPUTS] = V.tf_eval_image(image, cfg)
       return out
 
     ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -127,10 +128,10 @@ class StreamLoader:
   def _mix(self, b, epoch, step):
     ids = b["id"]
     q = np.random.default_rng([self.seed, epoch, step, self.process_index, 0x6D6978]).permutation(len(ids))
-    w, lam = V.mix_weights(self.view, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), b["image"].shape[1:])
-    b["image"] = V.apply_mix(w, b["image"], b["image"][q])
-    if "teacher_image" in b:
-      b["teacher_image"] = V.apply_mix(w, b["teacher_image"], b["teacher_image"][q])
+    w, lam = V.mix_weights(self.view, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), b[B.INPUTS].shape[1:])
+    b[B.INPUTS] = V.apply_mix(w, b[B.INPUTS], b[B.INPUTS][q])
+    if B.TEACHER_INPUTS in b:
+      b[B.TEACHER_INPUTS] = V.apply_mix(w, b[B.TEACHER_INPUTS], b[B.TEACHER_INPUTS][q])
     b["label_b"], b["mix_lambda"] = b["label"][q], lam
     return b
 

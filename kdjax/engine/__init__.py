@@ -1,15 +1,27 @@
-"""The distillation engine: pure jitted steps over a mesh, and the ``fit`` loop."""
+"""The distillation engine: the public core (``Distiller``, ``train`` and its hooks) and ``fit(cfg)``.
 
-from kdjax.engine.loop import (NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteLoss, Preempted, build, build_teacher_cache,
-                               evaluate, fit, group_name)
+``distiller`` (one jitted step for any NNX student/teacher), ``hooks``
+(``train``, the thin loop, and its hooks), ``experiment`` (a ``Distiller``
+from an ``Experiment`` config), ``loop`` (``fit``: a config to a workdir of
+results), ``teacher_cache`` (``kdjax cache``), ``step`` (the pure train and
+eval steps), ``state``, ``sharding``, ``taps``, ``faults``, ``optim``.
+"""
+
+from kdjax.engine.distiller import Distiller, FunctionTeacher
+from kdjax.engine.experiment import build, load_teacher
+from kdjax.engine.faults import NONFINITE_EXIT, PREEMPTED_EXIT, Fault, NonFiniteLoss, Preempted, fault_from_env
+from kdjax.engine.hooks import Hook, Progress, train
+from kdjax.engine.loop import evaluate, fit, group_name
 from kdjax.engine.optim import make_optimizer, make_schedule
 from kdjax.engine.sharding import batch_sharding, make_mesh, param_shardings, replicated, shard_batch
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, split_model
 from kdjax.engine.step import StepSpec, make_eval_step, make_train_step
+from kdjax.engine.teacher_cache import build_teacher_cache, teacher_predict_fn
 
 __all__ = [
-    "NONFINITE_EXIT", "PREEMPTED_EXIT", "NonFiniteLoss", "Preempted", "build", "build_teacher_cache", "evaluate",
-    "fit", "group_name",
+    "Distiller", "FunctionTeacher", "Hook", "Progress", "train",
+    "NONFINITE_EXIT", "PREEMPTED_EXIT", "Fault", "NonFiniteLoss", "Preempted", "fault_from_env", "build",
+    "load_teacher", "build_teacher_cache", "teacher_predict_fn", "evaluate", "fit", "group_name",
     "make_optimizer", "make_schedule", "batch_sharding", "make_mesh", "param_shardings", "replicated", "shard_batch",
     "ModelDef", "TeacherState", "TrainState", "apply_model", "split_model", "StepSpec", "make_eval_step",
     "make_train_step",

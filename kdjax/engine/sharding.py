@@ -119,3 +119,22 @@ def param_bytes(tree: Any) -> dict[str, int]:
     for s in x.addressable_shards:
       per[s.device] = per.get(s.device, 0) + s.data.nbytes
   return {"total": int(sum(x.nbytes for x in leaves)), "max_per_device": int(max(per.values(), default=0))}
+
+
+def global_put(tree: Any, shardings: Any) -> Any:
+  """Place host values (identical on every process) as global arrays with ``shardings``."""
+  def one(x, s):
+    if not jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+      return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.device_put(x, s)
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as NumPy on every process (gathers what other processes hold)."""
+  if jax.process_count() > 1 and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

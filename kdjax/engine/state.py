@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.engine.taps import call_model, capture
 from kdjax.methods.base import ModelInfo
 from kdjax.models.base import ModelOutput
 
 PyTree = Any
 
 
+Taps = tuple[tuple[str, str], ...]  # (feature name, module path) pairs
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-  """Static half of a split model: its graph and description."""
+  """Static half of a split model: its graph, description and tapped layers."""
 
   graphdef: Any
   info: ModelInfo
   input_shape: tuple[int, ...]
+  taps: Taps = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionDef:
+  """A teacher given as a pure function ``fn(params, inputs) -> logits``."""
+
+  fn: Callable[[Any, jax.Array], jax.Array]
+  info: ModelInfo
 
 
 def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
@@ -31,12 +44,17 @@ def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
   return nnx.split(model, nnx.Param, ...)
 
 
-def apply_model(graphdef, params, rest, x, *, train: bool) -> tuple[ModelOutput, nnx.State]:
-  """Pure forward: returns the output and the updated non-param state."""
+def apply_model(graphdef, params, rest, x, *, train: bool, taps: Taps = ()) -> tuple[ModelOutput, nnx.State]:
+  """Pure forward: the output (tapped layers added to its features) and the updated non-param state."""
   # copy=True: the Variables inside ``params``/``rest`` were made at an outer
   # trace level (jit); mutating them (BatchNorm statistics) inside grad fails.
   model = nnx.merge(graphdef, params, rest, copy=True)
-  out = model(x, train=train)
+  if taps:
+    with capture(model, dict(taps)) as captured:
+      out = call_model(model, x, train=train)
+    out = out._replace(features={**out.features, **captured})
+  else:
+    out = call_model(model, x, train=train)
   _, _, new_rest = nnx.split(model, nnx.Param, ...)
   return out, new_rest
 

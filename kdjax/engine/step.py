@@ -2,11 +2,12 @@
 
 ``make_train_step(spec)`` returns ``train_step(state, teacher, batch) ->
 (state, metrics)``: a pure function of arrays that the loop jits once with
-shardings from the mesh (``jit_train_step``). Inside one compiled program:
+shardings from the mesh (``Distiller.jitted_step``). Inside one compiled program:
 
 1. the frozen teacher(s) run in eval mode (``stop_gradient``; no BN updates) —
-   or their outputs come from the batch (teacher cache: ``"teacher_logits"``,
-   or ``"teacher_topk_logp"``/``"teacher_topk_idx"`` for top-k storage);
+   or their outputs come from the batch (a teacher-output cache: dense
+   ``teacher_logits``, or ``teacher_topk_logp``/``teacher_topk_idx``; see
+   :mod:`kdjax.batch`);
 2. the student(s) run in train mode and the method's weighted loss is
    differentiated w.r.t. student params *and* adapter params;
 3. optax updates both; BN statistics, method state (CRD bank) and the EMA
@@ -27,15 +28,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, rng_key
+from kdjax import batch as B
+from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, rng_key
 from kdjax.losses import topk_to_logits
-from kdjax.methods import logit as methods_logit
 from kdjax.methods.base import Context, Method
 from kdjax.models.base import ModelOutput
 
 Batch = dict[str, jax.Array]
-# Batch keys of a top-k teacher-output cache (``kdjax.data.cache.CachedLoader``).
-TOPK_LOGP, TOPK_IDX = "teacher_topk_logp", "teacher_topk_idx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,7 @@ class StepSpec:
   """Static description of the step (hashable parts only close over jit)."""
 
   students: tuple[ModelDef, ...]
-  teachers: tuple[ModelDef, ...]
+  teachers: tuple[ModelDef | FunctionDef, ...]
   method: Method
   tx: optax.GradientTransformation
   mode: str
@@ -53,14 +52,6 @@ class StepSpec:
   teacher_weights: tuple[float, ...] = ()
   multi_teacher: str = "average"
   ema_decay: float = 0.999
-
-
-def _student_input(batch: Batch) -> jax.Array:
-  return batch["image"]
-
-
-def _teacher_input(batch: Batch) -> jax.Array:
-  return batch["teacher_image"] if "teacher_image" in batch else batch["image"]
 
 
 def _stop(out: ModelOutput) -> ModelOutput:
@@ -74,20 +65,24 @@ def _weights(spec: StepSpec, n: int) -> jax.Array:
 
 def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, batch: Batch) -> list[ModelOutput]:
   """Frozen teacher outputs for this batch (eval mode, stop-gradiented)."""
-  if "teacher_logits" in batch:  # served by the teacher-output cache
-    return [ModelOutput(batch["teacher_logits"].astype(jnp.float32), {})]
-  if TOPK_LOGP in batch:  # a top-k cache: dense view for class-level terms, exact top-k for token terms
-    lp, idx = batch[TOPK_LOGP].astype(jnp.float32), batch[TOPK_IDX]
+  if B.TEACHER_LOGITS in batch:  # served by the teacher-output cache
+    return [ModelOutput(batch[B.TEACHER_LOGITS].astype(jnp.float32), {})]
+  if B.TEACHER_TOPK_LOGP in batch:  # a top-k cache: dense view for class-level terms, exact top-k for token terms
+    lp, idx = batch[B.TEACHER_TOPK_LOGP].astype(jnp.float32), batch[B.TEACHER_TOPK_IDX]
     dense = topk_to_logits(lp, idx, spec.students[0].info.num_classes)  # dropped by XLA when unused
-    return [ModelOutput(dense, {methods_logit.TOPK_LOGP: lp, methods_logit.TOPK_IDX: idx})]
-  x = _teacher_input(batch)
+    return [ModelOutput(dense, {}, topk_logp=lp, topk_idx=idx)]
+  x = B.teacher_inputs(batch)
   if spec.mode == "self_ema":
     ema_params, ema_rest = state.ema
-    out, _ = apply_model(spec.students[0].graphdef, ema_params, ema_rest, x, train=False)
+    sd = spec.students[0]
+    out, _ = apply_model(sd.graphdef, ema_params, ema_rest, x, train=False, taps=sd.taps)
     return [_stop(out)]
   outs = []
   for td, p, r in zip(spec.teachers, teacher.params, teacher.model_state):
-    out, _ = apply_model(td.graphdef, p, r, x, train=False)
+    if isinstance(td, FunctionDef):
+      out = ModelOutput(td.fn(p, x), {})
+    else:
+      out, _ = apply_model(td.graphdef, p, r, x, train=False, taps=td.taps)
     outs.append(_stop(out))
   return outs
 
@@ -127,10 +122,10 @@ def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Batch, ctx: Context):
   """Total loss of one (micro-)batch and what it updates."""
-  x = _student_input(batch)
+  x = B.inputs(batch)
   outs, rests = [], []
   for i, sd in enumerate(spec.students):
-    out, rest = apply_model(sd.graphdef, trainable["students"][i], state.model_state[i], x, train=True)
+    out, rest = apply_model(sd.graphdef, trainable["students"][i], state.model_state[i], x, train=True, taps=sd.taps)
     outs.append(out)
     rests.append(rest)
   total = jnp.zeros((), jnp.float32)
@@ -161,13 +156,13 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
     new_mstate.append(mstate)
     prefix = f"s{i}/" if k > 1 else ""
     metrics.update({prefix + n: v for n, v in m.items()})
-    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch["label"])
+    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch[B.LABEL])
   metrics["loss/total"] = total
   return total, (tuple(rests), tuple(new_mstate), metrics)
 
 
 def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch], tuple[TrainState, dict]]:
-  """Build the pure step for ``spec`` (jit it with :func:`jit_train_step`)."""
+  """Build the pure step for ``spec`` (:meth:`kdjax.Distiller.jitted_step` jits it)."""
 
   def train_step(state: TrainState, teacher: TeacherState, batch: Batch):
     key = jax.random.fold_in(rng_key(state.key), state.step)
@@ -241,20 +236,21 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
   """
 
   def eval_step(state: TrainState, teacher: TeacherState, batch: Batch):
-    x = batch["image"]
+    x = B.inputs(batch)
     sd = spec.students[0]
-    s_out, _ = apply_model(sd.graphdef, state.params[0], state.model_state[0], x, train=False)
+    s_out, _ = apply_model(sd.graphdef, state.params[0], state.model_state[0], x, train=False, taps=sd.taps)
     t_out = None
     if spec.mode == "dml":
-      t_out, _ = apply_model(spec.students[1].graphdef, state.params[1], state.model_state[1], x, train=False)
+      s1 = spec.students[1]
+      t_out, _ = apply_model(s1.graphdef, state.params[1], state.model_state[1], x, train=False, taps=s1.taps)
     elif spec.mode != "teacher":
-      outs = teacher_outputs(spec, state, teacher, {"image": x})
+      outs = teacher_outputs(spec, state, teacher, {B.INPUTS: x})
       if outs:  # none for a student trained alone (method ce without a teacher checkpoint)
         t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
-    mask = batch.get("mask")
+    mask = batch.get(B.MASK)
     if mask is None:
       mask = jnp.ones(x.shape[0], bool)
-    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, batch["label"], mask)
+    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, batch[B.LABEL], mask)
     s_pool = s_out.features.get("pooled", s_out.logits)
     t_pool = None if t_out is None else t_out.features.get("pooled", t_out.logits)
     return sums, s_pool, t_pool

@@ -21,7 +21,7 @@ def _kl_from_logprobs(logp: Array, logq: Array) -> Array:
 
 
 def kd(student_logits: Array, teacher_logits: Array,
-       temperature: float = 4.0) -> Array:
+       temperature: float = 4.0, *, per_example: bool = False) -> Array:
   """Hinton knowledge distillation: temperature-softened KL, scaled by T².
 
   loss = T² · mean_b KL(softmax(t_b/T) ‖ softmax(s_b/T))
@@ -38,9 +38,12 @@ def kd(student_logits: Array, teacher_logits: Array,
     student_logits: ``(B, C)`` or ``(..., C)``.
     teacher_logits: same shape as ``student_logits``.
     temperature: softening temperature T > 0.
+    per_example: return T² · KL per leading index instead of their mean
+      (for masking and weighting, as optax's losses do).
 
   Returns:
-    float32 scalar; the mean is over all leading dimensions.
+    float32 scalar (the mean over all leading dimensions), or ``(...,)``
+    with ``per_example=True``.
   """
   _checks.check_min_rank(student_logits, "student_logits", 2)
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
@@ -49,7 +52,8 @@ def kd(student_logits: Array, teacher_logits: Array,
   t = jnp.asarray(temperature, jnp.float32)
   log_ps = jax.nn.log_softmax(_checks.as_f32(student_logits) / t, axis=-1)
   log_pt = jax.nn.log_softmax(_checks.as_f32(teacher_logits) / t, axis=-1)
-  return jnp.mean(_kl_from_logprobs(log_pt, log_ps)) * t**2
+  per = _kl_from_logprobs(log_pt, log_ps) * t**2
+  return per if per_example else jnp.mean(per)
 
 
 def _binary_and_nontarget(logits: Array, gt: Array):
@@ -74,7 +78,7 @@ def _binary_and_nontarget(logits: Array, gt: Array):
 
 def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
         alpha: float = 1.0, beta: float | Array = 8.0,
-        temperature: float = 4.0) -> Array:
+        temperature: float = 4.0, *, per_example: bool = False) -> Array:
   """Decoupled knowledge distillation: α·TCKD + β·NCKD, each scaled by T².
 
   With p = softmax(z/T), gt the label and p̂ the softmax over the
@@ -100,9 +104,11 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
     alpha: weight of the target-class term.
     beta: weight of the non-target term, scalar or ``(B,)``.
     temperature: softening temperature T > 0.
+    per_example: return ``(B,)`` values T²·(α·TCKD_b + β_b·NCKD_b) instead
+      of their mean (e.g. to leave out unlabelled examples).
 
   Returns:
-    float32 scalar.
+    float32 scalar, or ``(B,)`` with ``per_example=True``.
   """
   _checks.check_rank(student_logits, "student_logits", 2)
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
@@ -133,7 +139,8 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
   nckd = jnp.sum(nckd_terms, axis=-1)
   a = jnp.asarray(alpha, jnp.float32)
   b = jnp.asarray(beta, jnp.float32)
-  return jnp.mean(a * tckd + b * nckd) * t**2
+  per = (a * tckd + b * nckd) * t**2
+  return per if per_example else jnp.mean(per)
 
 
 def _safe_norm(x: Array, axis: int) -> Array:
@@ -176,9 +183,11 @@ def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
     beta: weight of the inter-class (per-row) term.
     gamma: weight of the intra-class (per-column) term.
     temperature: softening temperature T > 0.
+    per_example: return ``(B,)`` values T²·(α·TCKD_b + β_b·NCKD_b) instead
+      of their mean (e.g. to leave out unlabelled examples).
 
   Returns:
-    float32 scalar.
+    float32 scalar, or ``(B,)`` with ``per_example=True``.
   """
   _checks.check_rank(student_logits, "student_logits", 2)
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits",

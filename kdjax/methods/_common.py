@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from kdjax.config import MethodConfig
+from kdjax.methods.config import MethodConfig
 from kdjax.methods.base import ModelInfo
 
 _STAGE = re.compile(r"^stage(\d+)$")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import kdjax.losses as kdl
-from kdjax.config import MethodConfig
+from kdjax.methods.config import MethodConfig
 from kdjax.methods._common import opt, stop
 from kdjax.methods.base import ModelInfo, Term
 
@@ -98,8 +98,7 @@ def make_dkd(name, weight, cfg, student, teacher):
   def apply(params, state, s_out, t_out, batch, ctx):
     labels = jnp.asarray(batch["label"])
     s, t = s_out.logits, stop(t_out.logits)
-    per = jax.vmap(lambda a, b, y: kdl.dkd(a[None], b[None], y[None], alpha=alpha, beta=beta,
-                                            temperature=temp))(s, t, jnp.maximum(labels, 0))
+    per = kdl.dkd(s, t, jnp.maximum(labels, 0), alpha=alpha, beta=beta, temperature=temp, per_example=True)
     valid = (labels >= 0).astype(jnp.float32)
     loss = jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
     factor = jnp.minimum(jnp.asarray(ctx.epoch, jnp.float32) / warm, 1.0) if warm > 0 else jnp.float32(1.0)
@@ -118,11 +117,6 @@ def make_dist(name, weight, cfg, student, teacher):
   return (Term(name, weight, apply),)
 
 
-# Feature names under which the step passes a top-k teacher cache
-# (``kdjax.engine.step.teacher_outputs``); token terms then use the exact
-# top-k forms of their divergence instead of the dense reconstruction.
-TOPK_LOGP, TOPK_IDX = "topk_logp", "topk_idx"
-
 
 def _token_term(fn, topk_fn, **fixed):
   def make(name, weight, cfg, student, teacher):
@@ -134,8 +128,8 @@ def _token_term(fn, topk_fn, **fixed):
     def apply(params, state, s_out, t_out, batch, ctx):
       s = s_out.logits
       mask = _token_mask(batch, jnp.shape(s)[:2])
-      if TOPK_LOGP in t_out.features:  # teacher-output cache with top-k storage
-        lp, idx = stop(t_out.features[TOPK_LOGP]), t_out.features[TOPK_IDX]
+      if t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
+        lp, idx = stop(t_out.topk_logp), t_out.topk_idx
         return topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw), state, {}
       return fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw), state, {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 
-from kdjax.config import MethodConfig
+from kdjax.methods.config import MethodConfig
 from kdjax.methods import contrastive, feature, logit, relation
 from kdjax.methods.base import Method, ModelInfo, Term
 

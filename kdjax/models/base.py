@@ -21,7 +21,13 @@ class ModelOutput(NamedTuple):
       ``"stage1"`` … ``"stageN"`` (NHWC, after ReLU), ``"stageK_preact"``
       (before the last ReLU of stage K, where the architecture has one) and
       ``"pooled"`` ``(B, D)``, the embedding fed to the classifier.
+    topk_logp / topk_idx: a teacher read from a top-k output cache:
+      ``(..., k)`` log-probabilities at T = 1 of its k most likely classes or
+      tokens and their ids (``logits`` is then their dense reconstruction,
+      ``kdjax.losses.topk_to_logits``). None for a model that ran.
   """
 
   logits: jax.Array
   features: dict[str, jax.Array]
+  topk_logp: jax.Array | None = None
+  topk_idx: jax.Array | None = None

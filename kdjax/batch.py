@@ -1,0 +1,63 @@
+"""The batch contract: the keys every kdjax loader, cache, step and loss agrees on.
+
+A batch is a dict of arrays whose leading axis is the batch ``B``. Loaders
+yield this process's rows of the global batch as NumPy arrays;
+``Distiller.step`` assembles them into global ``jax.Array``s on the mesh.
+
+==================  ============================  ==========================================
+key                 shape, dtype                  meaning
+==================  ============================  ==========================================
+``inputs``          ``(B, ...)``                  student inputs: images ``(B, H, W, C)``,
+                                                  signals ``(B, L)``, token ids ``(B, L)`` int32
+``label``           ``(B,)`` / ``(B, L)`` int32   class or next-token target; −1 = unlabelled
+``mask``            ``(B,)`` / ``(B, L)`` bool    which examples / positions count
+``teacher_inputs``  like ``inputs``               optional: the teacher's own view
+``id``              ``(B,)`` int32                example id (views, CRD's memory bank)
+``epoch``           ``(B,)`` int32                the epoch the batch was drawn in
+``label_b``         ``(B,)`` int32                mixup/cutmix partner label
+``mix_lambda``      ``(B,)`` float32              weight of ``label`` (1 − λ for ``label_b``)
+``teacher_logits``  ``(B, C)`` / ``(B, L, V)``    cached teacher logits (dense)
+``teacher_topk_logp``  ``(B, [L,] k)``            cached top-k teacher log-probabilities
+``teacher_topk_idx``   ``(B, [L,] k)`` int32      their class / token ids
+``view_index``      ``(B,)`` int32                which cached view the inputs are
+==================  ============================  ==========================================
+
+Cached teacher outputs reach the methods as the declared fields of
+:class:`kdjax.models.ModelOutput` (``logits``, ``topk_logp``, ``topk_idx``),
+never as feature entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+INPUTS = "inputs"
+LABEL = "label"
+MASK = "mask"
+TEACHER_INPUTS = "teacher_inputs"
+ID = "id"
+EPOCH = "epoch"
+LABEL_B = "label_b"
+MIX_LAMBDA = "mix_lambda"
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_TOPK_LOGP = "teacher_topk_logp"
+TEACHER_TOPK_IDX = "teacher_topk_idx"
+VIEW_INDEX = "view_index"
+
+CACHED_TEACHER = (TEACHER_LOGITS, TEACHER_TOPK_LOGP, TEACHER_TOPK_IDX)
+
+
+def inputs(batch: Mapping[str, Any]) -> Any:
+  """The student inputs of ``batch`` (``ValueError`` naming the keys when missing)."""
+  if INPUTS not in batch:
+    raise ValueError(f"batch has no {INPUTS!r} entry (keys: {sorted(batch)}); see kdjax.batch for the contract")
+  return batch[INPUTS]
+
+
+def teacher_inputs(batch: Mapping[str, Any]) -> Any:
+  """The teacher's inputs: its own view when the batch has one, else the student's."""
+  return batch[TEACHER_INPUTS] if TEACHER_INPUTS in batch else inputs(batch)
+
+
+def has_cached_teacher(batch: Mapping[str, Any]) -> bool:
+  return any(k in batch for k in CACHED_TEACHER)

@@ -1,0 +1,181 @@
+"""From an ``Experiment`` config to a :class:`~kdjax.engine.distiller.Distiller` and its data.
+
+``build(cfg)`` creates the models (students from the registry, teachers from
+their exported checkpoints), the method and the optimizer, the training and
+eval data, and then calls the same public core a user would:
+``Distiller(...)`` and ``distiller.init(key, batch)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax import checkpoint as ckpt
+from kdjax.config import Experiment, ModelConfig
+from kdjax.engine import sharding
+from kdjax.engine.distiller import Distiller
+from kdjax.engine.optim import make_optimizer
+from kdjax.engine.state import TrainState
+from kdjax.methods.base import Method, ModelInfo
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TEACHER_MODES = ("offline", "born_again", "multi_teacher")
+
+
+def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
+  from kdjax import models
+
+  return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype])
+
+
+def model_info(model, name: str, num_classes: int) -> ModelInfo:
+  """A zoo model's description from its default input shape (no computation)."""
+  from kdjax import models
+
+  shapes = models.feature_shapes(model, batch_size=2)
+  return ModelInfo(name=name, num_classes=num_classes, feature_shapes={k: tuple(v[1:]) for k, v in shapes.items()})
+
+
+def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") -> tuple[Any, str]:
+  """Create ``mcfg.name`` and fill it from ``mcfg.checkpoint``; check it fits.
+
+  Raises ``ValueError`` (before anything is compiled) when the checkpoint's
+  architecture or class count differs from the config.
+  """
+  if not mcfg.checkpoint:
+    raise ValueError(f"{role}.checkpoint is not set: the method needs a trained {role}; "
+                     f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)")
+  return load_model(mcfg, num_classes, role=role)
+
+
+def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0) -> tuple[Any, str]:
+  """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
+  meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
+  if meta.get("model") and meta["model"] != mcfg.name:
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
+                     f"{role}.name={mcfg.name!r}")
+  if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset "
+                     f"has {num_classes}")
+  model = create_model(mcfg, num_classes, seed=seed)
+  try:
+    ckpt.fill_model(model, payload)
+  except ValueError as e:  # no model.json, or one that lies: the shapes decide
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
+                     f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run") from None
+  return model, digest
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything ``fit`` builds before the first step."""
+
+  cfg: Experiment
+  distiller: Distiller
+  state: TrainState
+  loader: Any
+  eval_ds: Any
+  view: Any
+  teacher_hash: str | None
+  total_steps: int
+  init_steps: int
+  schedule: Any
+  num_classes: int
+
+  @property
+  def mesh(self):
+    return self.distiller.mesh
+
+
+def _students(cfg: Experiment, num_classes: int) -> list[nnx.Module]:
+  """Students get distinct seeds (DML needs different initialisations)."""
+  if cfg.student.checkpoint:  # start from a trained model (its RNG streams still come from the run's seed)
+    return [load_model(cfg.student, num_classes, role="student", seed=cfg.run.seed * 1000)[0]]
+  n = cfg.num_students if cfg.mode == "dml" else 1
+  return [create_model(cfg.student, num_classes, seed=cfg.run.seed * 1000 + i) for i in range(n)]
+
+
+def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig], num_classes: int) -> Method:
+  """The method, built and validated against the (abstract) first teacher before any teacher is loaded."""
+  from kdjax import methods
+
+  method_cfg = cfg.method if cfg.mode != "teacher" else dataclasses.replace(cfg.method, name="ce", terms=())
+  t_info = None
+  if cfg.mode in TEACHER_MODES:
+    abstract = nnx.eval_shape(lambda: create_model(teacher_cfgs[0], num_classes, seed=0))
+    t_info = model_info(abstract, teacher_cfgs[0].name, num_classes)
+  elif cfg.mode in ("dml", "self_ema"):
+    t_info = s_info
+  method = methods.build(method_cfg, s_info, t_info)
+  method.validate(s_info, t_info)
+  if cfg.method.init_epochs > 0 and not method.stage_terms("init"):
+    raise ValueError(f"method.init_epochs={cfg.method.init_epochs}: method {method.name!r} has no init stage "
+                     f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0")
+  return method
+
+
+def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int):
+  teachers, hashes = [], []
+  needs = method.needs_teacher or cfg.mode == "multi_teacher"
+  for i, tcfg in enumerate(teacher_cfgs):
+    if not tcfg.checkpoint and not needs:
+      continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
+    m, h = load_teacher(tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]")
+    teachers.append(m)
+    hashes.append(h)
+  return teachers, ("+".join(hashes) if hashes else None)
+
+
+def _distiller_mode(cfg: Experiment, n_teachers: int, cached: bool) -> str:
+  if cfg.mode in ("born_again", "offline"):
+    return "offline" if (n_teachers or cached) else "teacher"  # no teacher: the student trains alone
+  return cfg.mode
+
+
+def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
+  """Data, models, method, optimizer and the initial (sharded) state, through :class:`Distiller`."""
+  from kdjax import data as kd_data
+
+  mesh = sharding.make_mesh(cfg.run.mesh_data, cfg.run.mesh_fsdp)
+  sharding.check_batch_size(cfg.data.batch_size, mesh)
+  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
+  num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
+  train_ds = kd_data.cache.training_set(cfg)
+  eval_ds = kd_data.load_arrays(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
+                                download=cfg.data.download)
+  view = kd_data.cache.experiment_view(cfg)
+  loader = kd_data.Loader(train_ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
+                          drop_remainder=True, view=view, view_mode=cfg.data.view_mode)
+  spe = loader.steps_per_epoch
+  init_steps = int(round(cfg.method.init_epochs * spe))
+  total_steps = init_steps + (cfg.optim.steps or int(math.ceil(cfg.optim.epochs * spe)))
+
+  students = _students(cfg, num_classes)
+  teacher_cfgs: list[ModelConfig] = []
+  if cfg.mode in TEACHER_MODES:
+    teacher_cfgs = [cfg.teacher] + (list(cfg.extra_teachers) if cfg.mode == "multi_teacher" else [])
+    if teacher_checkpoint:
+      teacher_cfgs[0] = dataclasses.replace(teacher_cfgs[0], checkpoint=teacher_checkpoint)
+  method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
+  teachers, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes)
+  if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
+    loader = kd_data.cache.loader_for_experiment(cfg, loader, teacher_hash=teacher_hash,
+                                                 needs_teacher_features=method.needs_teacher_features,
+                                                 method_name=method.name)
+  tx, schedule = make_optimizer(cfg.optim, spe, total_steps, init_steps)
+  distiller = Distiller(
+      students if cfg.mode == "dml" else students[0], teachers, method=method, optimizer=tx, mesh=mesh,
+      mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)), num_examples=len(train_ds),
+      steps_per_epoch=spe, grad_accum=cfg.optim.grad_accum, fsdp=cfg.run.mesh_fsdp > 1,
+      teacher_weights=cfg.method.teacher_weights, multi_teacher=cfg.method.multi_teacher,
+      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv)
+  state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
+  return Run(cfg=cfg, distiller=distiller, state=state, loader=loader, eval_ds=eval_ds, view=view,
+             teacher_hash=teacher_hash, total_steps=total_steps,
+             init_steps=init_steps if method.stage_terms("init") else 0, schedule=schedule, num_classes=num_classes)

@@ -1,0 +1,107 @@
+"""Any Flax NNX module as a distillation model: outputs, train/eval mode, layers tapped by path.
+
+kdjax's zoo models return ``ModelOutput(logits, features)``. Any other NNX
+module works too: :func:`call_model` accepts modules that return a bare
+logits array and modules whose ``__call__`` has no ``train`` argument (their
+dropout/BatchNorm mode is set with ``Module.train()`` / ``Module.eval()``),
+and :func:`capture` records the outputs of submodules named by their path
+(``"layers.1"``, ``"encoder.block3.conv2"``) during one forward pass,
+without editing the model: for the duration of the call each tapped
+submodule's class is given a ``__call__`` that records what the instance
+returns (other instances of the class are untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Iterator, Mapping
+
+import jax
+from flax import nnx
+
+from kdjax.models.base import ModelOutput
+
+
+def module_paths(model: nnx.Module) -> list[str]:
+  """Dotted paths of every submodule of ``model`` (``""`` is the model itself)."""
+  return sorted(".".join(str(p) for p in path) for path, _ in nnx.iter_modules(model) if path)
+
+
+def resolve(model: nnx.Module, path: str) -> nnx.Module:
+  """The submodule at dotted ``path``; ``ValueError`` listing the valid paths."""
+  node: Any = model
+  for part in path.split("."):
+    try:
+      node = node[int(part)] if part.isdigit() else getattr(node, part)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      node = None
+    if not isinstance(node, nnx.Module):
+      break
+  if not isinstance(node, nnx.Module):
+    valid = module_paths(model)
+    raise ValueError(f"no layer {path!r} in {type(model).__name__}; valid layer paths: {', '.join(valid)}")
+  return node
+
+
+@contextlib.contextmanager
+def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, jax.Array]]:
+  """Record, under feature name ``name``, the output of submodule ``taps[name]``.
+
+  Yields the dict the outputs land in (filled when the model runs inside the
+  ``with`` block). A submodule called several times keeps its last output.
+  """
+  found = {name: resolve(model, path) for name, path in taps.items()}
+  names_of: dict[int, list[str]] = {}
+  for name, sub in found.items():
+    names_of.setdefault(id(sub), []).append(name)
+  captured: dict[str, jax.Array] = {}
+  patched: dict[type, Any] = {}
+  for sub in found.values():
+    cls = type(sub)
+    if cls in patched:
+      continue
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def recording(self, *args, __original=original, **kwargs):
+      out = __original(self, *args, **kwargs)
+      for name in names_of.get(id(self), ()):
+        captured[name] = out.logits if isinstance(out, ModelOutput) else out
+      return out
+
+    patched[cls] = original
+    cls.__call__ = recording
+  try:
+    yield captured
+  finally:
+    for cls, original in patched.items():
+      cls.__call__ = original
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_train(cls: type) -> bool:
+  try:
+    params = inspect.signature(cls.__call__).parameters
+  except (TypeError, ValueError):
+    return False
+  return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def call_model(model: nnx.Module, x: jax.Array, *, train: bool) -> ModelOutput:
+  """``model(x)`` in train or eval mode, as a :class:`ModelOutput`."""
+  if _takes_train(type(model)):
+    out = model(x, train=train)
+  else:
+    if train:
+      model.train()
+    else:
+      model.eval()
+    out = model(x)
+  if isinstance(out, ModelOutput):
+    return out
+  if isinstance(out, jax.Array):
+    return ModelOutput(out, {})
+  raise TypeError(f"{type(model).__name__} returned {type(out).__name__}; a distillation model returns logits "
+                  f"(an array) or kdjax.models.ModelOutput(logits, features)")
