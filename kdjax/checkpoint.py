@@ -12,9 +12,14 @@ renames it only when complete, so a half-written save is never "latest"):
   config, its hash, the teacher hash, library versions
   (:func:`library_versions`) and the git commit (:func:`git_commit`).
 
-A run that restarts restores the newest checkpoint that reads back; one that
-does not (truncated, corrupt) is moved to ``checkpoints_corrupt/`` with a
-warning naming it (:meth:`Checkpointer.restore_latest`). A leftover of a save
+Every save records a digest of each array's exact bits (:func:`fingerprint`,
+in ``meta``). A run that restarts restores the newest checkpoint that
+verifies: one that cannot be read or whose restored arrays do not match their
+digest (a flipped bit, overwritten bytes) is moved to ``checkpoints_corrupt/``
+with one warning and the previous one is tried; one from another
+configuration or state layout is refused, and nothing is moved
+(:meth:`Checkpointer.restore_latest`). A full disk is one
+:class:`DiskFull` error. A leftover of a save
 cut short by SIGKILL is a temporary directory, never a step, and is removed.
 :func:`read_checkpoint` reads any checkpoint as NumPy, whatever mesh saved it.
 
@@ -26,6 +31,8 @@ is the first 16 hex digits of the file's SHA-256.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +41,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +113,91 @@ def git_commit() -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------
+# Integrity: a digest of every saved array, checked on restore.
+
+_GOLDEN, _M1, _M2 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The exact bits of ``x`` as a flat ``uint32`` vector (sub-word types zero-extended)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32).ravel()
+  size = x.dtype.itemsize
+  if size < 4:
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32).ravel()
+  return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()  # 8-byte types: two words each
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of ``uint32`` with full avalanche."""
+  h = (h ^ (h >> 16)) * jnp.uint32(_M1)
+  h = (h ^ (h >> 13)) * jnp.uint32(_M2)
+  return h ^ (h >> 16)
+
+
+@jax.jit
+def _digest_words(leaves: list[jax.Array]) -> list[jax.Array]:
+  out = []
+  for x in leaves:
+    w = _words(x)
+    i = jnp.arange(w.size, dtype=jnp.uint32)
+    # Two lanes, each a sum (mod 2^32, so any reduction order and any sharding
+    # give the same value) of a bijection of word i: changing one word always
+    # changes both lanes; several changes cancel with probability ~2^-64.
+    a = jnp.sum(_fmix(w ^ (i * jnp.uint32(_GOLDEN))), dtype=jnp.uint32)
+    b = jnp.sum(_fmix((w + i * jnp.uint32(_M2)) ^ jnp.uint32(_M1)), dtype=jnp.uint32)
+    out.append(jnp.stack([a, b]))
+  return out
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+  """``{path: 16 hex digits}``: a digest of the exact bits of every array in ``tree``.
+
+  Computed where the arrays live (one jitted pass, no host copy), so it is
+  the same for one device, a mesh or several hosts, and equal to a digest of
+  the bytes a checkpoint writes for that array. PRNG keys are digested as
+  their raw data.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(keys_to_data(tree))[0]
+  arrays = [jnp.asarray(x) for _, x in flat]
+  sums = _digest_words(arrays)
+  host = [np.asarray(d.addressable_data(0)) if isinstance(d, jax.Array) else np.asarray(d) for d in sums]
+  return {jax.tree_util.keystr(k): f"{int(h[0]):08x}{int(h[1]):08x}" for (k, _), h in zip(flat, host)}
+
+
+def _path_parts(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _layout(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  """``{path: (shape, dtype)}`` of arrays, array metadata or abstract arrays."""
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+  return {_path_parts(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def layout_difference(saved: Any, target: Any) -> str | None:
+  """None when ``saved`` (checkpoint metadata) has ``target``'s arrays, shapes and dtypes; else in words."""
+  s, t = _layout(saved), _layout(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+  if s == t:
+    return None
+  name = lambda p: "/".join(p)  # noqa: E731
+  missing, extra = sorted(set(t) - set(s)), sorted(set(s) - set(t))
+  shapes = [p for p in t if p in s and s[p] != t[p]]
+  parts = ([f"{len(missing)} arrays missing (e.g. {name(missing[0])})"] if missing else []) + \
+          ([f"{len(extra)} unexpected (e.g. {name(extra[0])})"] if extra else []) + \
+          ([f"{len(shapes)} of another shape or dtype (e.g. {name(shapes[0])}: saved {s[shapes[0]]}, "
+            f"now {t[shapes[0]]})"] if shapes else [])
+  return "; ".join(parts)
+
+
 class Checkpointer:
-  """Save/restore ``TrainState`` + JSON metadata under ``directory``."""
+  """Save/restore ``TrainState`` + JSON metadata under ``directory``.
+
+  Every save records :func:`fingerprint` of the state in the metadata
+  (``meta["digest"]``); :meth:`restore_latest` checks it.
+  """
 
   def __init__(self, directory: str | Path, *, save_every: int = 0, max_to_keep: int = 2, async_save: bool = True):
     self.directory = Path(directory).absolute()
@@ -122,27 +212,36 @@ class Checkpointer:
         # remove such leftovers when the run restarts.
         cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
     self._saved: set[int] = set(self.manager.all_steps())
     self._closed = False
 
+  @property
+  def corrupt_directory(self) -> Path:
+    """Where checkpoints that failed verification are moved (never deleted)."""
+    return self.directory.parent / f"{self.directory.name}_corrupt"
+
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    """Start an async save of ``state`` + ``meta`` at ``step``.
+    """Start an async save of ``state`` + ``meta`` (+ the state's digest) at ``step``.
 
     Without ``force`` only every ``save_every`` steps. A step already saved
     (or being saved) is skipped. The device→host copy happens before this
     returns, so ``state`` may be donated to the next step right away.
     Returns whether a save was started.
+
+    Raises:
+      DiskFull: the device holding ``directory`` has no space left (this or
+        the previous async save failed); earlier checkpoints stay usable.
     """
     if step in self._saved:
       return False
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
-    started = self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    meta = {**meta, "digest": fingerprint(state)}
+    with _disk_full_as_error(self.manager, self.directory):
+      started = self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
+          force=True)
     if started:
       self._saved.add(step)
     return started
@@ -150,51 +249,144 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Restore the newest *good* checkpoint onto ``abstract_state``'s shardings.
+  def restore_latest(self, abstract_state: Any,
+                     check_meta: Callable[[int, dict], None] | None = None) -> tuple[int, Any, dict] | None:
+    """Restore the newest checkpoint that verifies, onto ``abstract_state``'s shardings.
 
-    A checkpoint that fails to restore (truncated or corrupt files) is moved
-    aside to ``<directory>_corrupt/<step>`` with a warning naming it, and the
-    previous one is tried.
+    Each checkpoint, newest first: its metadata is read and handed to
+    ``check_meta(step, meta)``, then its array layout is compared with
+    ``abstract_state``; a mismatch in either raises ``ValueError`` (the
+    checkpoint belongs to another configuration; nothing is moved). Then the
+    state is restored and checked against the digest saved with it (or, for a
+    checkpoint saved without one, for finiteness). A checkpoint that cannot
+    be read or does not verify is moved to :attr:`corrupt_directory` with one
+    warning, and the previous one is tried. Returns ``(step, state, meta)``,
+    or None when no checkpoint verified.
     """
     target = keys_to_data(abstract_state)
     for step in reversed(self.all_steps()):
       try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        if not isinstance(restored["meta"], dict) or not restored["meta"]:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or not meta:
           raise ValueError("its metadata is empty")
-      except Exception as e:  # noqa: BLE001 - a restore that fails in any way means "not usable"
-        aside = self.directory.parent / f"{self.directory.name}_corrupt" / str(step)
-        n = 1
-        while aside.exists():  # never overwrite an earlier one
-          aside, n = aside.with_name(f"{step}.{n}"), n + 1
-        msg = (f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: "
-               f"{str(e).splitlines()[0][:200] if str(e) else ''}); moved it to {aside} and trying the previous one")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
-        if jax.process_index() == 0:
-          aside.parent.mkdir(parents=True, exist_ok=True)
-          shutil.move(str(self.directory / str(step)), str(aside))
-        self._saved.discard(step)
-        self.manager.reload()
+        saved_layout = self.manager.item_metadata(step)["state"]
+      except Exception as e:  # noqa: BLE001 - unreadable in any way means "not usable"
+        self._set_aside(step, _why(e), e)
         continue
-      # Outside the try: a bug here must surface, not get a good checkpoint moved aside.
-      state = data_to_keys(restored["state"], abstract_state)
-      _check_same_structure(state, abstract_state)
-      return step, state, dict(restored["meta"])
+      if check_meta is not None:
+        check_meta(step, meta)
+      diff = layout_difference(saved_layout, target)
+      if diff:
+        raise ValueError(f"checkpoint {self.directory / str(step)} holds another state layout than this run builds "
+                         f"({diff}); it belongs to another configuration: use a new workdir")
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      except Exception as e:  # noqa: BLE001
+        self._set_aside(step, _why(e), e)
+        continue
+      problem = _verify(restored["state"], meta.get("digest"))
+      if problem:
+        self._set_aside(step, problem)
+        continue
+      return step, data_to_keys(restored["state"], abstract_state), dict(meta)
     return None
 
+  def set_aside_steps(self) -> list[str]:
+    """Names of the checkpoints that were moved to :attr:`corrupt_directory` (by any run)."""
+    d = self.corrupt_directory
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+  def _set_aside(self, step: int, why: str, error: BaseException | None = None) -> None:
+    aside = self.corrupt_directory / str(step)
+    n = 1
+    while aside.exists():  # never overwrite an earlier one
+      aside, n = aside.with_name(f"{step}.{n}"), n + 1
+    msg = f"checkpoint {self.directory / str(step)} is damaged ({why}); moved it to {aside}, trying the previous one"
+    warnings.warn(msg, CheckpointWarning, stacklevel=3)
+    log.info("checkpoint %d set aside: %s", step, why, exc_info=error)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(aside))
+    self._saved.discard(step)
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with _disk_full_as_error(self.manager, self.directory):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Wait for saves in flight, then release the manager (idempotent)."""
     if self._closed:
       return
     self._closed = True
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+class CheckpointWarning(RuntimeWarning):
+  """A checkpoint failed verification and was moved aside."""
+
+
+class DiskFull(OSError):
+  """No space left where checkpoints are written; the earlier checkpoints are intact."""
+
+  def __init__(self, directory: Path, last_complete: int | None):
+    kept = (f"the checkpoint of step {last_complete} is intact" if last_complete is not None
+            else "no checkpoint was completed")
+    super().__init__(f"disk full: no space left on the device of {directory} while saving a checkpoint; {kept} — "
+                     f"free some space and re-run the same command to resume")
+    self.directory, self.last_complete = directory, last_complete
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(manager: ocp.CheckpointManager, directory: Path):
+  """Turn Orbax/TensorStore's many-line ENOSPC failures into one :class:`DiskFull`."""
+  try:
+    yield
+  except DiskFull:
+    raise
+  except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it is ENOSPC
+    if not _is_disk_full(e):
+      raise
+    log.info("disk full while saving", exc_info=True)
+    manager.reload()
+    steps = manager.all_steps()
+    raise DiskFull(directory, max(steps) if steps else None) from None
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+  while e is not None:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _why(e: BaseException) -> str:
+  """The innermost cause of ``e`` in one short line."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _verify(state: Any, digest: dict | None) -> str | None:
+  """Why a restored state is not what was saved, or None."""
+  if digest is None:  # saved without a digest: at least refuse what a training step cannot have produced
+    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
+           if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all())]
+    return f"non-finite values in {bad[0]}" if bad else None
+  now = fingerprint(state)
+  if set(now) != set(digest):
+    return "its digest does not list the same arrays"
+  wrong = [k for k in now if now[k] != digest[k]]
+  return f"{len(wrong)} arrays differ from the digest saved with them, e.g. {wrong[0]}" if wrong else None
+
+
+def _item_handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int, dict, dict]:
@@ -207,8 +399,7 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
   directory = Path(directory).absolute()
   if not directory.is_dir():
     raise ValueError(f"no checkpoint directory {str(directory)!r}")
-  mgr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                       "meta": ocp.JsonCheckpointHandler()},
+  mgr = ocp.CheckpointManager(directory, item_handlers=_item_handlers(),
                               options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
   try:
     steps = sorted(mgr.all_steps())
@@ -224,12 +415,6 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
   finally:
     mgr.close()
   return step, jax.tree.map(np.asarray, r["state"]), dict(r["meta"])
-
-
-def _check_same_structure(state, abstract) -> None:
-  a, b = jax.tree.structure(state), jax.tree.structure(abstract)
-  if a != b:
-    raise ValueError(f"restored tree structure differs from the target: {a} vs {b}")
 
 
 # ----------------------------------------------------------------------------
@@ -276,6 +461,11 @@ def resolve_export(path: str | Path, what: str = "teacher checkpoint") -> Path:
   for cand in (p, p / EXPORT_PARAMS, p / EXPORT_DIR / EXPORT_PARAMS):
     if cand.is_file():
       return cand
+  if p.parent.name == "checkpoints" and p.name.isdigit():
+    run = p.parent.parent
+    raise ValueError(f"{what} {str(p)!r} is a training checkpoint (step {p.name}) of the run {str(run)!r}, not an "
+                     f"exported model; pass that run's workdir once it has finished (it then holds "
+                     f"{EXPORT_DIR}/{EXPORT_PARAMS})")
   if (p / "checkpoints").is_dir():
     why = "its run has checkpoints but did not finish; re-run its command to resume and export it"
   elif p.exists():

@@ -18,6 +18,7 @@ field, a bad value or any other bad input prints one line and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -25,6 +26,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import shlex
@@ -33,6 +35,8 @@ import sys
 import time
 import types
 import typing
+import signal
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +50,7 @@ class CliError(ValueError):
   """A user error: printed as one line, exit status 1."""
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: Ctrl-C outside the training loop (inside it: 75 with a checkpoint)
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an unexpected exception (a bug), reported with its traceback
 
 
@@ -250,11 +255,16 @@ def build_config(argv: list[str], *, mode: str | None = None) -> Experiment:
   if mode == "teacher":
     teacher_cfg = getattr(mod, "teacher_config", None)
     cfg = teacher_cfg(cfg) if teacher_cfg else cfg.replace(mode="teacher", student=cfg.teacher)
-  return apply_overrides(cfg, rest)
+  cfg = apply_overrides(cfg, rest)
+  from kdjax.methods import registry
+
+  registry.check_names(cfg.method)
+  return cfg
 
 
 def cmd_train(argv: list[str], mode: str | None) -> int:
   from kdjax import engine
+  from kdjax.checkpoint import DiskFull
 
   args = list(argv)
   distributed = _pop_opt(args, "--distributed", is_bool=True)
@@ -270,6 +280,12 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
   except engine.NonFiniteLoss as e:
     print(f"kdjax: {e}", file=sys.stderr)
     return engine.NONFINITE_EXIT
+  except DiskFull as e:
+    print(f"kdjax: error: {e}", file=sys.stderr)
+    # The failed save's abandoned write tasks are logged by asyncio when collected at exit; the
+    # details are already in the run's kdjax.log.
+    logging.getLogger("asyncio").disabled = True
+    return 1
   if not cfg.run.quiet:
     keys = ("test_accuracy", "best_test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece")
     print(json.dumps({k: res.get(k) for k in keys}))
@@ -391,7 +407,9 @@ def cmd_sweep(argv: list[str]) -> int:
   does), ``--distributed`` (call ``jax.distributed.initialize()`` first),
   ``--train-teacher`` (cells train teachers). Every cell's config is built and
   validated before anything runs; a cell whose workdir already holds its
-  ``results.json`` is skipped, so re-running a sweep finishes it.
+  ``results.json`` is skipped, so re-running a sweep finishes it. SIGTERM or
+  SIGINT starts no further cell, lets the running ones save a checkpoint and
+  exits 75.
   """
   args = list(argv)
   if not args or args[0] in ("-h", "--help"):
@@ -439,16 +457,42 @@ def cmd_sweep(argv: list[str]) -> int:
   if distributed:
     raise CliError("--distributed runs one cell across hosts: combine it with --cell I (as the slurm script does)")
 
-  from kdjax.report.progress import progress
   todo = [i for i, c in enumerate(cfgs) if not _finished(c)]
   if len(todo) < len(cells):
     print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; "
           + ("running the rest" if todo else "nothing to run"))
+  run_cells = _run_serial if parallel == 1 else _run_parallel
+  failed, stopped = run_cells(todo, argvs, cfgs, mode, parallel)
+  if stopped:
+    print(f"sweep: stopped by a signal; the running cells saved a checkpoint. Re-run the same command to finish "
+          f"the sweep under {root}", file=sys.stderr)
+    return PREEMPTED_EXIT
+  print(f"sweep: {len(cells) - len(failed)}/{len(cells)} cells finished under {root}"
+        + (f"; failed: {', '.join(map(str, sorted(failed)))}" if failed else ""))
+  return 1 if failed else 0
+
+
+PREEMPTED_EXIT = 75  # as kdjax.engine.faults.PREEMPTED_EXIT (not imported: it pulls in JAX)
+
+
+def _run_serial(todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None,
+                parallel: int) -> tuple[list[int], bool]:
+  """Run cells one after another in this process; returns (failed cells, stopped by a signal).
+
+  SIGTERM/SIGINT during a cell's training stop it with a checkpoint (exit 75);
+  outside training (building, compiling, exporting) they interrupt at once.
+  Either way no further cell starts.
+  """
+  del parallel
+  from kdjax.report.progress import progress
+
   failed: list[int] = []
-  if parallel == 1:
+  with _signals_interrupt():
     for i in progress(todo, total=len(todo), desc="sweep"):
       try:
         rc = cmd_train(list(argvs[i]), mode)
+      except KeyboardInterrupt:
+        return failed, True
       except Exception as e:  # noqa: BLE001 - one failed cell does not stop the sweep
         if not is_bad_input(e):
           import traceback
@@ -456,29 +500,84 @@ def cmd_sweep(argv: list[str]) -> int:
           traceback.print_exc()
         print(f"kdjax: sweep cell {i} ({cfgs[i].run.workdir}) failed: {one_line(e)}", file=sys.stderr)
         rc = 1
+      if rc == PREEMPTED_EXIT:
+        return failed, True
       if rc:
         failed.append(i)
-  else:
-    cmd0 = [sys.executable, "-m", "kdjax.cli", "train-teacher" if teacher else "distill"]
-    running: list[tuple[int, subprocess.Popen]] = []
-    queue = list(todo)
-    bar = progress(None, total=len(todo), desc="sweep")  # updated by hand
-    while queue or running:
-      while queue and len(running) < parallel:
+  return failed, False
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+  """SIGTERM behaves like SIGINT (``KeyboardInterrupt``) while in this block."""
+  def interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt
+
+  old = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _run_parallel(todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None,
+                  parallel: int) -> tuple[list[int], bool]:
+  """Run cells as up to ``parallel`` child processes; returns (failed cells, stopped by a signal).
+
+  On SIGTERM/SIGINT no further cell starts, the signal is forwarded to the
+  running cells (each finishes its step and saves a checkpoint), and this
+  waits for all of them. Cells also get SIGTERM if this process dies.
+  """
+  del cfgs
+  from kdjax.report.progress import progress
+
+  cmd0 = [sys.executable, "-m", "kdjax", "train-teacher" if mode == "teacher" else "distill"]
+  running: list[tuple[int, subprocess.Popen]] = []
+  queue, failed, received, forwarded = list(todo), [], [], 0
+  old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+  bar = progress(None, total=len(todo), desc="sweep")  # updated by hand
+  try:
+    while running or (queue and not received):
+      while queue and not received and len(running) < parallel:
         i = queue.pop(0)
-        running.append((i, subprocess.Popen(cmd0 + argvs[i])))
+        running.append((i, subprocess.Popen(cmd0 + argvs[i], env={**os.environ, PARENT_ENV: str(os.getpid())})))
+      for sig in received[forwarded:]:
+        for _, p in running:
+          if p.poll() is None:
+            p.send_signal(sig)
+      forwarded = len(received)
       done = [(i, p) for i, p in running if p.poll() is not None]
       for i, p in done:
-        if p.returncode:
+        if p.returncode not in (0, PREEMPTED_EXIT, INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
           failed.append(i)
         running.remove((i, p))
         bar.update(1)
       if not done:
         time.sleep(0.2)
+  finally:
+    for p in [p for _, p in running if p.poll() is None]:
+      p.terminate()
+      p.wait()
     bar.close()
-  print(f"sweep: {len(cells) - len(failed)}/{len(cells)} cells finished under {root}"
-        + (f"; failed: {', '.join(map(str, sorted(failed)))}" if failed else ""))
-  return 1 if failed else 0
+    for s, h in old.items():
+      signal.signal(s, h)
+  return failed, bool(received)
+
+
+PARENT_ENV = "KDJAX_SWEEP_PID"
+
+
+def _follow_parent() -> None:
+  """In a sweep's cell process: get SIGTERM when the sweep process dies (Linux), so no cell is orphaned."""
+  parent = os.environ.pop(PARENT_ENV, None)
+  if parent is None or not sys.platform.startswith("linux"):
+    return
+  import ctypes
+
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+  if os.getppid() != int(parent):  # the sweep died before this line
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: Sequence[str], seeds: int, root: str,
@@ -669,10 +768,24 @@ def one_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+  """Warnings as one line each (kdjax's own as ``kdjax: warning: …``)."""
+  del lineno, line
+  ours = category.__module__.startswith("kdjax") or f"{os.sep}kdjax{os.sep}" in str(filename)
+  return f"kdjax: warning: {message}\n" if ours else f"{category.__name__}: {message}\n"
+
+
 def run_main() -> None:
-  """Console entry point: bad input → one line, exit 1; a bug → its traceback, exit 70."""
+  """Console entry point: bad input → one line, exit 1; a bug → its traceback, exit 70;
+  Ctrl-C before training starts (or after it ended) → one line, exit 130."""
+  warnings.formatwarning = _one_line_warning
   try:
+    _follow_parent()
     code = main()
+  except KeyboardInterrupt:
+    print("kdjax: interrupted (nothing after the last checkpoint was saved); re-run the same command to resume",
+          file=sys.stderr)
+    code = INTERRUPTED_EXIT
   except Exception:  # noqa: BLE001 - report any bug with its traceback and a distinct status
     import traceback
 

@@ -10,6 +10,7 @@ Validation lives in ``__post_init__`` and names the offending field.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import math
 import json
@@ -156,6 +157,9 @@ class RunConfig:
       used by fsdp.
     quiet: no progress bars.
     stop_on_nan: stop (keeping the last good checkpoint) on a NaN/Inf loss.
+    restart: train from step 0 although this workdir had checkpoints, all
+      of which failed verification (they stay in ``checkpoints_corrupt/``).
+      Without it such a workdir is refused: a run never silently starts over.
     xla_cpu_conv: convolution kernels on the CPU backend: ``"eigen"`` (XLA's
       own; faster on the CPUs measured, see ``kdjax.engine.xla_cpu``) or
       ``"ynn"`` (jaxlib's YNNPACK default). Ignored on GPU/TPU; excluded from
@@ -172,9 +176,11 @@ class RunConfig:
   mesh_fsdp: int = 1
   quiet: bool = False
   stop_on_nan: bool = True
+  restart: bool = False
   xla_cpu_conv: Literal["eigen", "ynn"] = "eigen"
 
   def __post_init__(self):
+    _check(bool(self.workdir.strip()), "run.workdir", "must name a directory, got an empty string")
     _check(self.xla_cpu_conv in ("eigen", "ynn"), "run.xla_cpu_conv",
            f"must be 'eigen' or 'ynn', got {self.xla_cpu_conv!r}")
     _check(self.eval_every >= 0, "run.eval_every", f"must be ≥ 0, got {self.eval_every}")
@@ -219,6 +225,8 @@ class Experiment:
   published: float | None = None
 
   def __post_init__(self):
+    for name, value in _float_fields(self):
+      _check(math.isfinite(value), name, f"must be a finite number, got {value}")
     _check(self.mode in ("teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"),
            "mode", f"unknown mode {self.mode!r}")
     if self.mode == "dml":
@@ -239,26 +247,59 @@ class Experiment:
     return dataclasses.replace(self, **kw)
 
 
+def _float_fields(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+  """``(dotted name, value)`` of every float (and tuple-of-float entry) in a config tree."""
+  out = []
+  for f in dataclasses.fields(cfg):
+    v, name = getattr(cfg, f.name), prefix + f.name
+    if dataclasses.is_dataclass(v):
+      out += _float_fields(v, name + ".")
+    elif isinstance(v, float):
+      out.append((name, v))
+    elif isinstance(v, tuple):
+      out += [(f"{name}[{i}]", x) for i, x in enumerate(v) if isinstance(x, float)]
+  return out
+
+
 def to_dict(cfg: Any) -> dict:
   """The config as plain JSON-able data."""
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def config_hash(cfg: Any, exclude: tuple[str, ...] = ("run.workdir", "run.quiet", "run.log_every",
-                                                     "run.xla_cpu_conv")) -> str:
-  """Stable short hash of everything that changes results.
+# Fields that do not change what a run computes: paths, verbosity, checkpoint
+# cadence, CPU kernel choice. A teacher's path is excluded because the content
+# hash of its file (checked on resume) is what matters.
+HASH_EXCLUDE = ("run.workdir", "run.quiet", "run.log_every", "run.xla_cpu_conv", "run.checkpoint_every",
+                "run.max_to_keep", "run.restart", "teacher.checkpoint", "extra_teachers.*.checkpoint")
 
-  Paths and verbosity are excluded so the same experiment in two workdirs has
-  one hash.
+
+def hashed_fields(d: dict) -> dict[str, Any]:
+  """A :func:`to_dict` config flattened to ``{"a.b.c": value}``, without :data:`HASH_EXCLUDE`."""
+  flat: dict[str, Any] = {}
+
+  def walk(node: Any, prefix: str) -> None:
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f"{prefix}{k}.")
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+      for i, v in enumerate(node):
+        walk(v, f"{prefix}{i}.")
+    else:
+      flat[prefix[:-1]] = node
+
+  walk(d, "")
+  excluded = lambda k: any(fnmatch.fnmatchcase(k, pat) for pat in HASH_EXCLUDE)  # noqa: E731
+  return {k: v for k, v in flat.items() if not excluded(k)}
+
+
+def config_hash(cfg: Any) -> str:
+  """Stable short hash of everything that changes results (:func:`hashed_fields`).
+
+  Paths, verbosity and checkpoint cadence are excluded, so the same
+  experiment in two workdirs has one hash and a run resumes after its
+  teacher file moved or its checkpoint interval changed.
   """
-  d = to_dict(cfg)
-  for path in exclude:
-    node = d
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
-  blob = json.dumps(d, sort_keys=True).encode()
+  blob = json.dumps(hashed_fields(to_dict(cfg)), sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -13,6 +13,11 @@ throughput of four cases and prints one JSON line per case:
                   V = 8192) and the exact top-k forward KL
   torch_eager_kd  the equivalent PyTorch eager loop (same architectures,
                   batch, KD loss, SGD), when torch is importable
+  generate        language-model pairs: greedy generation by the student,
+                  a quarter prompt and three quarters new tokens (L = max_len),
+                  with the KV cache (``generate_kv``, :mod:`kdjax.generate`)
+                  and by re-running the whole sequence for every token
+                  (``generate_recompute``), side by side: ``tokens_per_sec``
 
 Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
@@ -69,7 +74,7 @@ PAIR_KWARGS = {
                         {"num_layers": 2, "dim": 128, "num_heads": 2, "max_len": 128}),
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
-CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd")
+CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd", "generate")
 XLA_CPU_OPTIONS = {
     "default": "",
     # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
@@ -128,6 +133,70 @@ def parse_args(argv=None) -> argparse.Namespace:
   if a.batch < 1 or a.steps < 1 or a.rounds < 1 or a.warmup < 0:
     p.error("--batch, --steps, --rounds must be ≥ 1 and --warmup ≥ 0")
   return a
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def recompute_generate(model, prompts, lengths, key, sampling):
+  """The baseline :mod:`kdjax.generate` is measured against: every token re-runs the whole
+  sequence (one compiled full-length forward per token, no cache), greedy or sampled alike."""
+  import jax
+  import jax.numpy as jnp
+
+  from kdjax.generate import sample
+
+  b, p = prompts.shape
+  n = sampling.max_new_tokens
+  buf = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompts)
+
+  def body(i, carry):
+    buf, pos = carry
+    logits = model(buf).logits
+    last = jnp.take_along_axis(logits, (pos - 1)[:, None, None], axis=1)[:, 0]
+    tok = sample(jax.random.fold_in(key, i), last, sampling)
+    return buf.at[jnp.arange(b), pos].set(tok), pos + 1
+
+  buf, _ = jax.lax.fori_loop(0, n, body, (buf, lengths))
+  return buf
+
+
+def bench_generate(a, pair: str) -> None:
+  """``generate_kv`` (KV cache) vs ``generate_recompute`` tokens/s on the pair's student, side by side."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from kdjax import models
+  from kdjax.generate import Sampling, generate
+
+  _, student, shape, vocab = PAIRS[pair]
+  kw = dict(PAIR_KWARGS[pair][1])
+  model = models.create(student, num_classes=vocab, rngs=nnx.Rngs(0), **kw)
+  total = shape[0]
+  p = total // 4  # a quarter prompt, three quarters generated: L = max_len
+  sampling = Sampling(max_new_tokens=total - p, temperature=0.0)
+  prompts = jnp.asarray(np.random.default_rng(0).integers(1, vocab, (a.batch, p)), jnp.int32)
+  lengths = jnp.full((a.batch,), p, jnp.int32)
+  gd, state = nnx.split(model)
+  fns = {"generate_kv": jax.jit(lambda s, x, l, k: generate(nnx.merge(gd, s), x, l, k, sampling).tokens),
+         "generate_recompute": jax.jit(lambda s, x, l, k: recompute_generate(nnx.merge(gd, s), x, l, k, sampling))}
+  compile_s, rates = {}, {c: [] for c in fns}
+  for c, f in fns.items():
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(state, prompts, lengths, jax.random.key(0)))
+    compile_s[c] = time.perf_counter() - t0
+  for r in range(a.rounds):
+    for c, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(state, prompts, lengths, jax.random.key(r)))
+      rates[c].append(a.batch * sampling.max_new_tokens / (time.perf_counter() - t0))
+  for c in fns:
+    print(json.dumps({"case": c, "pair": pair, "model": "student", "tokens_per_sec": round(statistics.median(rates[c]), 1),
+                      "tokens_per_sec_best": round(max(rates[c]), 1), "first_call_seconds": round(compile_s[c], 3),
+                      "batch": a.batch, "prompt_len": p, "new_tokens": sampling.max_new_tokens,
+                      "devices": jax.device_count(), "backend": jax.default_backend()}), flush=True)
 
 
 # --------------------------------------------------------------------------- kdjax cases
@@ -408,7 +477,12 @@ def main(argv=None) -> int:
   for pair in a.pairs:
     cases = []
     for c in a.cases:
-      if c == "torch_eager_kd":
+      if c == "generate":
+        if pair in PAIR_KWARGS:
+          bench_generate(a, pair)
+        else:
+          print(json.dumps({"case": c, "pair": pair, "skipped": "generation: language-model pairs only"}))
+      elif c == "torch_eager_kd":
         if pair in PAIR_KWARGS:
           print(json.dumps({"case": c, "pair": pair, "skipped": "no PyTorch reference for this pair (conv pairs only)"}))
         elif _torch_available():

@@ -16,6 +16,14 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]' || exit 1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+# One persistent XLA cache for the whole run: the many tests and subprocesses that compile the same
+# tiny programs compile each once (results are unchanged; only compile time is saved).
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  cache_root="$(mktemp -d)"
+  trap 'rm -rf "$cache_root"' EXIT
+  export JAX_COMPILATION_CACHE_DIR="$cache_root/xla"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
+fi
 
 quick=0
 args=()

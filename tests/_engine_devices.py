@@ -45,8 +45,29 @@ def main(out_path: str) -> None:
     f = jax.jit(lambda p, r, x: apply_model(td.graphdef, p, r, x, train=False)[0])
     out = f(s.teacher.params[0], s.teacher.model_state[0], sharding.shard_batch({"x": x}, s.mesh)["x"])
     res[name]["teacher_out"] = E.host({"logits": out.logits, **out.features})
+  res["generate"] = generation(meshes)
   with open(out_path, "wb") as fh:
     pickle.dump(res, fh)
+
+
+def generation(meshes) -> dict:
+  """Greedy and sampled continuations of 8 prompts with the batch split over each mesh."""
+  from flax import nnx
+
+  from kdjax import models
+  from kdjax.generate import Generator, Sampling
+
+  lm = models.create("transformer_lm", num_classes=19, num_layers=2, dim=32, num_heads=4, max_len=24,
+                     rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  prompts, lengths = rng.integers(1, 19, (8, 6)).astype(np.int32), rng.integers(1, 7, 8).astype(np.int32)
+  out = {}
+  for name, mesh in meshes.items():
+    for kind, sampling in (("greedy", Sampling(10, temperature=0.0)), ("sampled", Sampling(10, top_k=5))):
+      g = Generator(lm, sampling, mesh=mesh)(prompts, lengths, jax.random.key(4))
+      out[f"{name}/{kind}"] = {"tokens": E.host(g.tokens), "logprobs": E.host(g.logprobs),
+                               "spec": tuple(g.tokens.sharding.spec)}
+  return out
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
   has_torch = bench._torch_available()
   expected = {"student_only", "kd", "kd_cached"} | ({"torch_eager_kd"} if has_torch else set())
   assert set(rows) == expected
-  # Without the bench extra the torch case says so in one line instead of vanishing.
+  # Without the bench extra the torch case says so in one line instead of vanishing; generation
+  # is for language models only.
+  assert skipped.pop("generate") == "generation: language-model pairs only"
   assert skipped == ({} if has_torch else {"torch_eager_kd": skipped.get("torch_eager_kd")})
   if not has_torch:
     assert "pip install" in skipped["torch_eager_kd"]
@@ -95,3 +97,17 @@ def test_bad_arguments_exit_with_a_message(bench, capsys):
   with pytest.raises(SystemExit):
     bench.parse_args(["--dtype", "float8"])
   assert "unknown --dtype 'float8'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_case_times_the_kv_cache_and_full_recompute_side_by_side(bench, monkeypatch, capsys):
+  tiny = {"num_layers": 1, "dim": 16, "num_heads": 2, "max_len": 16}
+  monkeypatch.setitem(bench.PAIRS, "tiny-lm", ("transformer_lm", "transformer_lm", (16,), 32))
+  monkeypatch.setitem(bench.PAIR_KWARGS, "tiny-lm", (tiny, tiny))
+  capsys.readouterr()
+  assert bench.main(["--pairs", "tiny-lm", "--cases", "generate", "--batch", "4", "--rounds", "1"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  gen = {r["case"]: r for r in rows if r["case"].startswith("generate")}
+  assert set(gen) == {"generate_kv", "generate_recompute"}
+  for r in gen.values():
+    assert r["tokens_per_sec"] > 0 and r["prompt_len"] == 4 and r["new_tokens"] == 12 and r["batch"] == 4

@@ -8,6 +8,7 @@ One random (untrained) cnn1d teacher on MNIST-1D, an mlp student, K = 3
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -362,9 +363,13 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
   for a, b in zip(p_ca, p_on):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert res_ca["test_accuracy"] == res_on["test_accuracy"]
-  # … and the cached run really read the cache: doubled cached logits change the student
+  # … and the cached run really read the cache: doubled cached logits (digests rewritten
+  # to match, as a rebuild would) change the student
   for p in d.glob("shard-*"):
     np.save(p / "logits.npy", np.load(p / "logits.npy") * 2)
+    digests = json.loads((p / C.DIGEST_FILE).read_text())
+    digests["logits.npy"] = hashlib.sha256((p / "logits.npy").read_bytes()).hexdigest()
+    (p / C.DIGEST_FILE).write_text(json.dumps(digests))
   engine.fit(cached.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "ca2"))))
   p_2x = _exported_params(tmp_path / "ca2")
   rounding = max(np.abs(a - b).max() for a, b in zip(p_ca, p_on))

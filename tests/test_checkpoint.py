@@ -32,6 +32,7 @@ from kdjax import cli
 from kdjax import config as cfg_lib
 from kdjax.engine import faults, loop
 from kdjax.engine.distiller import Distiller
+from kdjax.report.logging import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,9 @@ def results(workdir: Path) -> dict:
 
 
 def tree_digest(d: Path) -> dict[str, str]:
-  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+  """Every file's SHA-256, except the run lock (it names whoever last held it)."""
+  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+          if p.is_file() and p.name != ".lock"}
 
 
 def _env(**kw) -> dict:
@@ -146,7 +149,7 @@ def reference(teacher, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_sigkill_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path):
+def test_sigkill_then_rerun_is_bit_identical_with_the_same_metric_rows(kind, teacher, reference, tmp_path):
   w, k = tmp_path / "run", KILL_AT[kind]
   proc = subprocess.run([sys.executable, "-m", "kdjax.cli", *argv(kind, w, teacher)], cwd=ROOT,
                         env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
@@ -156,11 +159,16 @@ def test_sigkill_then_rerun_is_bit_identical(kind, teacher, reference, tmp_path)
   # At most the save of the last checkpoint step (in flight at the kill) is lost.
   assert max(on_disk, default=0) <= k and max(on_disk, default=0) >= k - k % EVERY - EVERY, (k, on_disk)
   assert not (w / "results.json").exists()
+  dead = json.loads((w / ".lock").read_text())["pid"]
 
-  assert cli.main(argv(kind, w, teacher)) == 0
+  assert cli.main(argv(kind, w, teacher)) == 0  # the lock of the killed run does not block
+  assert json.loads((w / ".lock").read_text())["pid"] == os.getpid() != dead
   assert results(w)["resumed_from"] == on_disk[-1:]
   assert not any(".orbax-checkpoint-tmp" in p.name for p in (w / "checkpoints").iterdir())
   assert_bit_identical(reference(kind), w)
+  # Rows logged after the checkpoint the run resumed from were dropped and logged again: the
+  # history is exactly the uninterrupted run's.
+  assert read_jsonl(w / "metrics.jsonl") == read_jsonl(reference(kind) / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("kind, sig", [(k, "TERM") for k in KINDS] + [("kd", "INT")])
@@ -201,9 +209,9 @@ def test_truncated_latest_checkpoint_resumes_from_previous(reference, teacher, t
   tmp_save.mkdir()
   (tmp_save / "partial").write_bytes(b"\0" * 10)
 
-  with pytest.warns(RuntimeWarning) as rec:
+  with pytest.warns(ckpt.CheckpointWarning) as rec:
     assert cli.main(argv("kd", w, teacher)) == 0
-  msgs = [str(r.message) for r in rec if "unreadable" in str(r.message)]
+  msgs = [str(r.message) for r in rec if "is damaged" in str(r.message)]
   assert len(msgs) == 1 and str(latest) in msgs[0], msgs
   assert results(w)["resumed_from"] == [STEPS - EVERY]
   assert (w / "checkpoints_corrupt" / str(STEPS) / "state").is_dir()  # moved aside, not deleted
@@ -212,7 +220,7 @@ def test_truncated_latest_checkpoint_resumes_from_previous(reference, teacher, t
 
 
 def test_checkpointer_restore_skips_unreadable_and_returns_none_when_all_are(tmp_path):
-  """Unit level: no good checkpoint → None (a fresh start), each bad one named."""
+  """Unit level: no good checkpoint → None (the caller decides), each bad one named and set aside."""
   import jax.numpy as jnp
 
   state = {"w": jnp.arange(6.0).reshape(2, 3), "key": jax.random.key(3)}
@@ -223,7 +231,7 @@ def test_checkpointer_restore_skips_unreadable_and_returns_none_when_all_are(tmp
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   c = ckpt.Checkpointer(tmp_path / "c", save_every=1)
   step, got, meta = c.restore_latest(abstract)
-  assert step == 2 and meta == {"step": 2}
+  assert step == 2 and meta["step"] == 2 and set(meta["digest"]) == {"['key']", "['w']"}
   np.testing.assert_array_equal(np.asarray(got["w"]), np.arange(6.0).reshape(2, 3))
   np.testing.assert_array_equal(jax.random.key_data(got["key"]), jax.random.key_data(jax.random.key(3)))
   for s in (1, 2):
@@ -233,8 +241,9 @@ def test_checkpointer_restore_skips_unreadable_and_returns_none_when_all_are(tmp
   with warnings.catch_warnings(record=True) as rec:
     warnings.simplefilter("always")
     assert c.restore_latest(abstract) is None
-  named = sorted(str(r.message).split(" is unreadable")[0] for r in rec if "unreadable" in str(r.message))
+  named = sorted(str(r.message).split(" is damaged")[0] for r in rec if "is damaged" in str(r.message))
   assert named == [f"checkpoint {tmp_path / 'c' / '1'}", f"checkpoint {tmp_path / 'c' / '2'}"]
+  assert c.set_aside_steps() == ["1", "2"] and c.all_steps() == []
   c.close()
 
 

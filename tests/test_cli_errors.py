@@ -38,7 +38,9 @@ def student_argv(workdir: Path, teacher: Path, *extra: str, config: str = "kd_la
 
 
 def digest(d: Path) -> dict[str, str]:
-  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+  """Every file's SHA-256, except the run lock (it names whoever last held it)."""
+  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+          if p.is_file() and p.name != ".lock"}
 
 
 # (id, argv builder (student workdir, teacher workdir, scratch root) → argv, what the line must say)
@@ -70,7 +72,7 @@ CASES = [
     ("unwritable_workdir", lambda s, t, r: student_argv(r / "a_file" / "run", t),
      "is not writable (Not a directory); choose another --run.workdir"),
     ("workdir_of_another_experiment", lambda s, t, r: student_argv(s, t, "--optim.lr", "0.02"),
-     "holds a different experiment"),
+     "holds another experiment (differs in optim.lr: 0.01 → 0.02)"),
     ("conflict_multi_teacher_without_extra", lambda s, t, r: student_argv(s, t, "--mode", "multi_teacher"),
      "extra_teachers: multi_teacher mode needs at least one extra teacher"),
     ("conflict_teacher_on_transfer_set",

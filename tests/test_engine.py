@@ -251,6 +251,17 @@ def test_eight_devices_equal_one_device(distributed_runs):
 
 
 @pytest.mark.procs
+def test_generation_split_over_eight_devices_equals_one_device(distributed_runs):
+  gen = distributed_runs[0]["generate"]
+  for kind in ("greedy", "sampled"):
+    one, eight = gen[f"one/{kind}"], gen[f"eight/{kind}"]
+    assert eight["spec"][0] in ("data", ("data", "fsdp"))  # the batch really was split
+    np.testing.assert_array_equal(eight["tokens"], one["tokens"])
+    np.testing.assert_allclose(eight["logprobs"], one["logprobs"], atol=1e-6)
+  assert not np.array_equal(gen["one/greedy"]["tokens"], gen["one/sampled"]["tokens"])
+
+
+@pytest.mark.procs
 def test_two_processes_equal_one_process(distributed_runs):
   dev, mh = distributed_runs
   assert mh["process_count"] == 2 and mh["local_rows"] == 8  # each fed half of the 16-row batch

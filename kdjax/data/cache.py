@@ -37,7 +37,10 @@ Storage (``directory/``):
                    log-probabilities ``topk_logp`` (n, K, …, k) float16/float32
                    with their class / token ids ``topk_idx`` (n, K, …, k)
                    int32, for large class counts and vocabularies (k·L numbers
-                   per example instead of V·L). Each shard is written to a
+                   per example instead of V·L), and ``digest.json``, the
+                   SHA-256 of each file: a file that does not match (a
+                   damaged disk, an overwritten shard) is refused, naming the
+                   shard, the first time any of its rows is read. Each shard is written to a
                    hidden temporary directory and renamed (atomic); an
                    interrupted build resumes by skipping finished shards. Process ``p`` of
                    ``P`` builds shards ``s ≡ p (mod P)``.
@@ -54,6 +57,7 @@ log-probabilities with the tail mass spread evenly over the other classes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -67,7 +71,8 @@ from kdjax.data import views as V
 from kdjax.data.loader import Loader
 from kdjax.data.tfds import ArrayDataset
 
-FORMAT_VERSION = 2  # 2: output_shape (token-level caches), top-k in float32 or float16, .npy shard directories
+FORMAT_VERSION = 3  # 2: output_shape, top-k storage, .npy shard directories; 3: per-shard digest.json
+DIGEST_FILE = "digest.json"
 META_FILE = "cache.json"
 STREAM_CACHE = 3  # view-key stream of the per-epoch choice among the K views
 _STORAGE = ("float16", "float32")
@@ -158,7 +163,25 @@ def _atomic_save_shard(path: Path, **arrays: np.ndarray) -> None:
   tmp.mkdir()
   for name, a in arrays.items():
     np.save(tmp / f"{name}.npy", a)
+  digests = {f"{name}.npy": _file_digest(tmp / f"{name}.npy") for name in arrays}
+  (tmp / DIGEST_FILE).write_text(json.dumps(digests, indent=2, sort_keys=True))
   os.replace(tmp, path)
+
+
+def _file_digest(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def verify_file(path: Path, digests: Mapping[str, str]) -> None:
+  """``ValueError`` naming the shard when ``path``'s bytes differ from the digest written with it."""
+  if digests.get(path.name) != _file_digest(path):
+    shard = path.parent
+    raise ValueError(f"data.teacher_cache: shard {shard.name} is damaged ({path.name} does not match its "
+                     f"{DIGEST_FILE}); delete {str(shard)!r} and re-run the same `kdjax cache` command to rebuild it")
 
 
 def read_shard(path: str | Path, mmap: bool = True) -> dict[str, np.ndarray]:
@@ -170,11 +193,14 @@ class ShardedRows:
   """One stored array across shards, indexed by global row: ``take(rows, views)``.
 
   Shards stay memory-mapped, so reading a batch touches only its rows.
-  ``np.asarray`` materialises the whole array (tests, small caches).
+  ``np.asarray`` materialises the whole array (tests, small caches). With
+  ``files`` (each part's path and its shard's digests) a shard's file is
+  checked against its digest the first time any of its rows is read.
   """
 
-  def __init__(self, parts: list[np.ndarray]):
+  def __init__(self, parts: list[np.ndarray], files: list[tuple[Path, Mapping[str, str]]] | None = None):
     self.parts = parts
+    self._unverified = dict(enumerate(files)) if files else {}
     self.offsets = np.cumsum([0] + [len(p) for p in parts])
     self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
     self.dtype = parts[0].dtype
@@ -186,11 +212,16 @@ class ShardedRows:
     shard = np.searchsorted(self.offsets, rows, side="right") - 1
     out = np.empty((len(rows), *self.shape[2:]), self.dtype)
     for s in np.unique(shard):
+      if s in self._unverified:
+        verify_file(*self._unverified[s])
+        del self._unverified[s]
       m = shard == s
       out[m] = self.parts[s][rows[m] - self.offsets[s], views[m]]
     return out
 
   def __array__(self, dtype=None, copy=None):
+    for s in list(self._unverified):
+      verify_file(*self._unverified.pop(s))
     a = np.concatenate([np.asarray(p) for p in self.parts])
     return a if dtype is None else a.astype(dtype)
 
@@ -410,17 +441,21 @@ class TeacherCache:
                        f"{missing[0]}); re-run the same `kdjax cache` command to finish it")
     _allow_open_files(n * (len(list(paths[0].glob("*.npy"))) - 1))  # one mapping (a file descriptor) per array
     parts: dict[str, list[np.ndarray]] = {}
+    files: dict[str, list[tuple[Path, dict]]] = {}
     for p in paths:
       try:
+        digests = json.loads((p / DIGEST_FILE).read_text())
         shard = read_shard(p)
       except (OSError, ValueError) as e:
         raise ValueError(f"data.teacher_cache {str(d)!r}: shard {p.name} is unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); delete that shard directory and re-run "
                          f"`kdjax cache` to rebuild it") from None
+      verify_file(p / "ids.npy", digests)  # read whole right below; the others when first used
       for k, a in shard.items():
         parts.setdefault(k, []).append(a)
+        files.setdefault(k, []).append((p / f"{k}.npy", digests))
     ids = np.concatenate([np.asarray(a) for a in parts.pop("ids")])
-    return cls(meta, ids, {k: ShardedRows(v) for k, v in parts.items()})
+    return cls(meta, ids, {k: ShardedRows(v, files[k]) for k, v in parts.items()})
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
     """Cache rows of example ``ids`` (ValueError for ids the cache lacks)."""

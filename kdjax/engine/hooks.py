@@ -143,17 +143,22 @@ class Checkpoint(Hook):
 
   ``meta(step)`` is the JSON metadata saved with the state (data position,
   provenance …). A ``guard`` (:class:`NonFiniteCheck`) is checked first, so
-  a state that a non-finite step produced is never written.
+  a state that a non-finite step produced is never written; then
+  ``before_save()`` runs (e.g. flush metric files, so what a checkpoint
+  resumes from is always on disk).
   """
 
-  def __init__(self, checkpointer, meta: Callable[[int], dict], guard: NonFiniteCheck | None = None):
-    self.checkpointer, self.meta, self.guard = checkpointer, meta, guard
+  def __init__(self, checkpointer, meta: Callable[[int], dict], guard: NonFiniteCheck | None = None,
+               before_save: Callable[[], None] | None = None):
+    self.checkpointer, self.meta, self.guard, self.before_save = checkpointer, meta, guard, before_save
     steps = checkpointer.all_steps()
     self.last_good: int | None = steps[-1] if steps else None
 
   def save(self, progress: Progress, force: bool = False) -> None:
     if self.guard is not None:
       self.guard.check()
+    if self.before_save is not None:
+      self.before_save()
     if self.checkpointer.save(progress.step, progress.state, self.meta(progress.step), force=force):
       self.last_good = progress.step
 

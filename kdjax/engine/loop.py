@@ -10,13 +10,12 @@ Re-running the same command with the same workdir continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
-import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -24,11 +23,14 @@ from kdjax import checkpoint as ckpt
 from kdjax import config as cfg_lib
 from kdjax.config import Experiment
 from kdjax.engine import hooks, sharding
+from kdjax.engine import workdir as wd
 from kdjax.engine.experiment import Run, build
 from kdjax.engine.faults import Fault, fault_from_env
 from kdjax.engine.state import TrainState
 
 log = logging.getLogger(__name__)
+
+LOG_FILE = "kdjax.log"  # library log records and tracebacks of a run
 
 
 @dataclasses.dataclass
@@ -46,62 +48,38 @@ class Record:
     return self.elapsed_before + time.perf_counter() - self.t0
 
 
-def _prepare_workdir(cfg: Experiment) -> Path:
-  workdir = Path(cfg.run.workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(f"run.workdir {str(workdir)!r} is not writable ({e.strerror}); choose another --run.workdir") from None
-  cfg_path = workdir / "config.json"
-  h = cfg_lib.config_hash(cfg)
-  if cfg_path.exists():
-    try:
-      old_hash = json.loads(cfg_path.read_text()).get("config_hash")
-    except (ValueError, AttributeError):
-      raise ValueError(f"run.workdir {str(workdir)!r} has an unreadable config.json; move it away (the checkpoints "
-                       f"carry the config too) or use a new --run.workdir") from None
-    if old_hash and old_hash != h:
-      raise ValueError(f"run.workdir {str(workdir)!r} holds a different experiment (config hash {old_hash}, this one "
-                       f"{h}); use a new --run.workdir to keep both")
-  return workdir
-
-
-def _write_json(path: Path, obj: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  os.replace(tmp, path)
-
-
 def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record: Record) -> TrainState:
-  """The latest good checkpoint's state (data position restored), or the fresh one."""
-  try:
-    restored = checkpointer.restore_latest(run.distiller.abstract_state)
-  except BaseException:
-    checkpointer.close()
-    raise
+  """The latest checkpoint that verifies (data position restored), or the fresh state.
+
+  Raises ``ValueError`` when the checkpoints belong to another experiment or
+  teacher (naming what differs; nothing is moved), and when every checkpoint
+  of this workdir failed verification unless ``run.restart`` is set.
+  """
+  def check_meta(step: int, meta: dict) -> None:
+    where = str(checkpointer.directory / str(step))
+    if isinstance(meta.get("config"), dict):
+      diff = wd.config_diff(meta["config"], provenance["config"])
+      if diff != "none":
+        raise ValueError(f"the checkpoint {where!r} belongs to another experiment (differs in {diff}); use a new "
+                         f"--run.workdir")
+    if meta.get("teacher_hash") != run.teacher_hash:
+      raise ValueError(f"the checkpoint {where!r} was trained with teacher {meta.get('teacher_hash')} but the "
+                       f"configured teacher is {run.teacher_hash}; use a new --run.workdir")
+
+  restored = checkpointer.restore_latest(run.distiller.abstract_state, check_meta)
   if restored is None:
+    aside = checkpointer.set_aside_steps()
+    if aside and not run.cfg.run.restart:
+      raise ValueError(f"no checkpoint in {str(checkpointer.directory)!r} verified (damaged ones are in "
+                       f"{str(checkpointer.corrupt_directory)!r}: {', '.join(aside)}); pass --run.restart to train "
+                       f"from step 0 in this workdir, or use a new --run.workdir")
     return run.state
   step0, state, meta = restored
-  where = str(checkpointer.directory / str(step0))
-  if meta.get("config_hash") != provenance["config_hash"]:
-    checkpointer.close()
-    raise ValueError(f"the checkpoint {where!r} belongs to another experiment (config hash "
-                     f"{meta.get('config_hash')}, this one {provenance['config_hash']}); use a new --run.workdir")
-  if meta.get("teacher_hash") != run.teacher_hash:
-    checkpointer.close()
-    raise ValueError(f"the checkpoint in {str(checkpointer.directory.parent)!r} was trained with teacher "
-                     f"{meta.get('teacher_hash')} but the configured teacher is {run.teacher_hash}; use a new "
-                     f"--run.workdir")
   run.loader.restore(meta["data"])
   record.elapsed_before = float(meta.get("seconds", 0.0))
   record.best, record.best_step = float(meta.get("best_test_accuracy", -1.0)), meta.get("best_step")
   record.resumed_from = [*meta.get("resumed_from", []), step0]
-  log.info("resuming from step %d (%s)", step0, where)
+  log.info("resuming from step %d (%s)", step0, checkpointer.directory / str(step0))
   return state
 
 
@@ -123,7 +101,7 @@ def _hooks(run: Run, checkpointer, record: Record, writer, provenance: dict, fau
             "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "process_count": jax.process_count(),
             **provenance}
 
-  saver = hooks.Checkpoint(checkpointer, meta, guard=guard)
+  saver = hooks.Checkpoint(checkpointer, meta, guard=guard, before_save=writer.flush if writer else None)
   guard.last_good = lambda: saver.last_good
 
   def log_train(p: hooks.Progress) -> None:
@@ -166,31 +144,69 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
   """
   if cfg.mode == "born_again":
     return _born_again(cfg)
-  from kdjax import report
-
   fault = fault if fault is not None else fault_from_env()
   # Everything that can reject the inputs (data, models, method, teacher) runs
   # before the workdir is looked at, so each bad input gets its own message.
   run = build(cfg, teacher_checkpoint=teacher_checkpoint)
-  workdir = _prepare_workdir(cfg)
+  workdir = wd.prepare(cfg.run.workdir)
+  with wd.lock(workdir), _library_log(workdir / LOG_FILE):
+    wd.check_config(workdir, cfg)
+    return _fit_locked(run, workdir, fault)
+
+
+def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
+  from kdjax import report
+
+  cfg = run.cfg
   provenance = {"config": cfg_lib.to_dict(cfg), "config_hash": cfg_lib.config_hash(cfg),
                 "teacher_hash": run.teacher_hash, "versions": ckpt.library_versions(), "git_commit": ckpt.git_commit()}
   checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=cfg.run.checkpoint_every,
                                    max_to_keep=cfg.run.max_to_keep)
-  record = Record()
-  state = _resume(checkpointer, run, provenance, record)
-  run.state = None  # donated below; never reuse
-  _write_json(workdir / "config.json", provenance)
-  record.t0 = time.perf_counter()
-  writer = report.MetricWriter(workdir, quiet=cfg.run.quiet) if jax.process_index() == 0 else None
+  record, writer = Record(), None
   try:
+    state = _resume(checkpointer, run, provenance, record)
+    run.state = None  # donated below; never reuse
+    wd.write_json(workdir / wd.CONFIG_FILE, provenance)
+    record.t0 = time.perf_counter()
+    if jax.process_index() == 0:
+      writer = report.MetricWriter(workdir, quiet=cfg.run.quiet, start_step=(record.resumed_from or [0])[-1])
     state = hooks.train(run.distiller, state, run.loader, steps=run.total_steps, init_steps=run.init_steps,
                         hooks=_hooks(run, checkpointer, record, writer, provenance, fault))
   finally:
-    checkpointer.close()
     if writer:
       writer.close()
+    checkpointer.close()
   return _finish(run, state, record, provenance, workdir)
+
+
+@contextlib.contextmanager
+def _library_log(path: Path):
+  """Send log records (Orbax, TensorStore, absl; kdjax's from INFO, with tracebacks) to ``path``, not stderr.
+
+  What a user must see is printed as one line (warnings, errors); the details
+  behind it stay in the run's log file.
+  """
+  handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+  root, ours = logging.getLogger(), logging.getLogger("kdjax")
+  streams = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+  mute, old_level, old_hook = (lambda record: False), ours.level, sys.unraisablehook
+  for h in streams:
+    h.addFilter(mute)
+  root.addHandler(handler)
+  ours.setLevel(logging.INFO)
+  # Orbax's abandoned read coroutines of a damaged checkpoint end as "unraisable" exceptions.
+  sys.unraisablehook = lambda u: log.info("%s: %r", u.err_msg or "exception ignored", u.object,
+                                          exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+  try:
+    yield
+  finally:
+    sys.unraisablehook = old_hook
+    ours.setLevel(old_level)
+    root.removeHandler(handler)
+    handler.close()
+    for h in streams:
+      h.removeFilter(mute)
 
 
 def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workdir: Path) -> dict:
@@ -227,7 +243,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
       "git_commit": provenance["git_commit"],
       "config": provenance["config"],
   }
-  _write_json(workdir / "results.json", results)
+  wd.write_json(workdir / "results.json", results)
   return results
 
 
@@ -256,5 +272,5 @@ def _born_again(cfg: Experiment) -> dict:
   final = dict(results[-1])
   final["generations"] = [{"test_accuracy": r["test_accuracy"], "teacher_hash": r["teacher_hash"]} for r in results]
   Path(cfg.run.workdir).mkdir(parents=True, exist_ok=True)
-  _write_json(Path(cfg.run.workdir) / "results.json", final)
+  wd.write_json(Path(cfg.run.workdir) / "results.json", final)
   return final

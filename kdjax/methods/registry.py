@@ -103,6 +103,16 @@ def _preset_terms(name: str, cfg: MethodConfig) -> list[tuple[str, float]]:
   return list(weights.items())
 
 
+def check_names(cfg: MethodConfig) -> None:
+  """``ValueError`` for an unknown preset or term name: what can be checked without the models."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _preset_terms(cfg.name, cfg)
+  bad = [t for t in cfg.term_weights() if t not in TERMS]
+  if bad:
+    raise ValueError(f"method.terms: unknown term {bad[0]!r}; available: {available_terms()}")
+
+
 def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> Method:
   """The :class:`Method` for ``cfg`` against these models.
 

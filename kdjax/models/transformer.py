@@ -9,7 +9,9 @@ the MLP output in train mode.
 
 ``create("transformer_lm", num_classes=vocab, num_layers=2, dim=64,
 num_heads=4, max_len=128)``. Input ``(B, L)`` integer tokens, L ≤ max_len;
-logits ``(B, L, V)``. Features:
+logits ``(B, L, V)``. Generation (:mod:`kdjax.generate`) uses
+``init_cache`` / ``decode``: a per-block key/value cache ``(B, S, H, D/H)``
+written at given positions. Features:
   ``embed``          (B, L, D)  token + position embedding
   ``block{i}``       (B, L, D)  residual stream after block i (0-based)
   ``pooled``         (B, L, D)  final LayerNorm output, the head's input
@@ -35,13 +37,30 @@ class CausalSelfAttention(nnx.Module):
     self.qkv = L.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(B, L, D)`` → q, k, v each ``(B, L, H, D/H)``."""
     b, l, d = x.shape
-    h = self.num_heads
-    q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3, h, d // h), 3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                       is_causal=True)
-    return self.proj(out.reshape(b, l, d))
+    qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v = self._qkv(x)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return self.proj(out.reshape(x.shape))
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Attend from ``x`` ``(B, T, D)`` at ``positions`` ``(B, T)`` to the cached positions ≤ each one.
+
+    The keys/values of ``x`` are first written into ``cache`` (``{"k", "v"}``,
+    ``(B, S, H, D/H)``) at ``positions``.
+    """
+    q, k, v = self._qkv(x)
+    rows = jnp.arange(x.shape[0])[:, None]
+    cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+             "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+    visible = jnp.arange(cache["k"].shape[1])[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+    out = jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=visible)
+    return self.proj(out.reshape(x.shape)), cache
 
 
 class Block(nnx.Module):
@@ -63,6 +82,11 @@ class Block(nnx.Module):
     x = x + self._drop(self.attn(self.ln1(x)), train)
     return x + self._drop(self.fc2(nnx.gelu(self.fc1(self.ln2(x)))), train)
 
+  def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    a, cache = self.attn.decode(self.ln1(x), positions, cache)
+    x = x + a
+    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x)))), cache
+
 
 class TransformerLM(nnx.Module):
   """Causal pre-LN Transformer LM; see the module docstring for the features."""
@@ -77,6 +101,7 @@ class TransformerLM(nnx.Module):
     self.num_classes = num_classes
     self.input_shape = (max_len,)
     self.max_len = max_len
+    self.dim, self.num_heads, self.compute_dtype = dim, num_heads, dtype
     self.tok = nnx.Embed(num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype,
                          param_dtype=L.PARAM_DTYPE, rngs=rngs)
     self.pos = nnx.Embed(max_len, dim, embedding_init=_EMBED_INIT, dtype=dtype,
@@ -105,3 +130,26 @@ class TransformerLM(nnx.Module):
     x = self.ln_f(x)
     feats["pooled"] = x
     return ModelOutput(self.head(x), feats)
+
+  def init_cache(self, batch_size: int, max_len: int | None = None) -> list[dict]:
+    """An empty key/value cache for :meth:`decode`: per block ``{"k", "v"}`` of ``(B, S, H, D/H)``."""
+    s = self.max_len if max_len is None else max_len
+    if s > self.max_len:
+      raise ValueError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} needs a model "
+                       f"created with max_len ≥ {s}")
+    shape = (batch_size, s, self.num_heads, self.dim // self.num_heads)
+    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+            for _ in self.blocks]
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """Logits ``(B, T, V)`` of ``tokens`` ``(B, T)`` at ``positions`` ``(B, T)``, reading and extending ``cache``.
+
+    Eval mode (no dropout). With ``positions = arange(T)`` and an empty cache
+    this equals ``self(tokens).logits``.
+    """
+    x = self.tok(tokens) + self.pos(positions)
+    new = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.decode(x, positions, c)
+      new.append(c)
+    return self.head(self.ln_f(x)), new

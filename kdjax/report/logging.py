@@ -10,11 +10,13 @@ Only process 0 should construct a ``MetricWriter`` in multi-host runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -44,15 +46,22 @@ def to_python_scalar(name: str, value: Any) -> float | str:
 class MetricWriter:
   """Appends metric rows to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
 
-  Rows are appended (a resumed run keeps its history; readers keep the last
-  row per ``(split, step)``). Non-finite values are written as JSON ``NaN`` /
-  ``Infinity``, which Python's ``json`` reads back.
+  Rows are appended: a resumed run keeps its history. A run resumed from
+  the checkpoint of step ``start_step`` first drops the rows logged after it
+  (they will be logged again), in ``metrics.jsonl`` and, through
+  TensorBoard's ``purge_step``, in the event files, so the history holds
+  exactly one row per logged step after any kill. :meth:`flush` makes the
+  rows durable (call it before each checkpoint). Non-finite values are
+  written as JSON ``NaN`` / ``Infinity``, which Python's ``json`` reads back.
+  A failed write (a full disk) is reported once as a warning and stops
+  logging; it never stops the run.
 
   Args:
     workdir: the run directory (created if missing).
     quiet: when False, eval rows are also echoed as one line on stderr
       (through ``tqdm.write``, so a progress bar stays intact).
     tensorboard: write TensorBoard event files (needs ``tensorboardX``).
+    start_step: the step the run continues from (None: keep every row).
 
   Usage::
 
@@ -60,17 +69,22 @@ class MetricWriter:
       w.write(step, "train", {"loss/total": loss})
   """
 
-  def __init__(self, workdir: str | os.PathLike, quiet: bool = False, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, quiet: bool = False, tensorboard: bool = True,
+               start_step: int | None = None):
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / "metrics.jsonl"
     self.quiet = quiet
+    if start_step is not None and self.path.exists():
+      _truncate_after(self.path, start_step)
     self._file = open(self.path, "a", encoding="utf-8")
+    self._failed = False
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # lazy: importing it costs ~1 s
 
-      self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
+      purge = start_step + 1 if start_step else None
+      self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=purge)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Log one row of scalars for ``split`` ("train" or "eval") at ``step``; returns the row."""
@@ -83,11 +97,14 @@ class MetricWriter:
       if k in ("step", "split"):
         raise ValueError(f"metric name {k!r} is reserved; rename the metric")
       row[k] = to_python_scalar(k, v)
-    self._file.write(json.dumps(row) + "\n")
-    if self._tb is not None:
-      for k, v in row.items():
-        if k not in ("step", "split") and isinstance(v, float):
-          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+    with self._guard():
+      if self._failed:
+        return row
+      self._file.write(json.dumps(row) + "\n")
+      if self._tb is not None:
+        for k, v in row.items():
+          if k not in ("step", "split") and isinstance(v, float):
+            self._tb.add_scalar(f"{split}/{k}", v, int(step))
     if split == "eval" and not self.quiet:
       self._echo(row)
     return row
@@ -103,24 +120,55 @@ class MetricWriter:
     tqdm.write(f"[eval step {row['step']}] " + " · ".join(parts), file=sys.stderr)
 
   def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-    if self._tb is not None:
-      self._tb.flush()
+    """Make every row written so far durable (file flushed and fsynced, event files flushed)."""
+    with self._guard():
+      if self._file is not None and not self._failed:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+      if self._tb is not None:
+        self._tb.flush()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    with self._guard():
+      if self._file is not None:
+        self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+    self._file = self._tb = None
+
+  @contextlib.contextmanager
+  def _guard(self):
+    """Turn the first failed write (``OSError``) into one warning; callers skip writing after it."""
+    try:
+      yield
+    except OSError as e:
+      if self._failed:
+        return
+      self._failed = True
+      warnings.warn(f"writing metrics under {self.workdir} failed ({e.strerror or e}); no further metrics are "
+                    f"logged by this run", RuntimeWarning, stacklevel=3)
 
   def __enter__(self) -> "MetricWriter":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+  """Drop the rows of ``path`` whose step is past ``step`` (and a torn last line); atomic."""
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except json.JSONDecodeError:
+      continue  # a line torn by a kill
+  if len(keep) != len(lines):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,0 +1,20 @@
+"""``python -m kdjax``: the ``kdjax`` command (``kdjax --help``).
+
+Importing the command pulls in JAX and TensorFlow Datasets (seconds); Ctrl-C
+during that import is reported as one line too.
+"""
+
+import sys
+
+
+def main() -> None:
+  try:
+    from kdjax import cli
+  except KeyboardInterrupt:
+    print("kdjax: interrupted before anything ran", file=sys.stderr)
+    sys.exit(130)
+  cli.run_main()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,128 @@
+"""A run's workdir: one run at a time (an OS lock), its config, and how two configs differ.
+
+The lock is ``fcntl.flock`` on ``workdir/.lock``, taken by process 0 before
+anything in the workdir is read or written and held until the run exits.
+The kernel drops it when the process ends in any way (``kill -9`` included),
+so a lock is never stale; the file only records who holds it (pid, host,
+start time) for the message a second run prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+
+from kdjax import config as cfg_lib
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+
+
+def prepare(path: str | os.PathLike) -> Path:
+  """Create ``path`` (and parents) and check it is writable; ``ValueError`` if not."""
+  workdir = Path(path)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test.{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"run.workdir {str(workdir)!r} is not writable ({e.strerror}); choose another --run.workdir") from None
+  return workdir
+
+
+@contextlib.contextmanager
+def lock(workdir: Path) -> Iterator[None]:
+  """Hold ``workdir``'s run lock (process 0 takes it; every process learns whether it got it).
+
+  Raises:
+    ValueError: another run holds it (the message names its pid, host and start).
+  """
+  fd, ok = None, True
+  if jax.process_index() == 0:
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      ok = False
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    ok = bool(multihost_utils.broadcast_one_to_all(ok))
+  if not ok:
+    holder = _read_holder(fd)
+    if fd is not None:
+      os.close(fd)
+    raise ValueError(f"run.workdir {str(workdir)!r} is in use by another kdjax run ({holder}); wait for it to "
+                     f"finish or use another --run.workdir")
+  try:
+    if fd is not None:
+      _write_holder(fd)
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
+def _write_holder(fd: int) -> None:
+  start = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": start}).encode(), 0)
+
+
+def _read_holder(fd: int | None) -> str:
+  try:
+    h = json.loads(os.pread(fd, 4096, 0)) if fd is not None else {}
+    return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return "holder unknown"
+
+
+def config_diff(old: dict, new: dict, limit: int = 4) -> str:
+  """The fields whose values differ between two config dicts, in words: ``"method.name: 'kd' → 'dkd'"``.
+
+  Fields excluded from :func:`kdjax.config.config_hash` (paths, verbosity,
+  checkpoint cadence) are not differences.
+  """
+  a, b = cfg_lib.hashed_fields(old), cfg_lib.hashed_fields(new)
+  keys = sorted(k for k in set(a) | set(b) if a.get(k, "(unset)") != b.get(k, "(unset)"))
+  shown = [f"{k}: {a.get(k, '(unset)')!r} → {b.get(k, '(unset)')!r}" for k in keys[:limit]]
+  return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") if keys else "none"
+
+
+def check_config(workdir: Path, cfg: Any) -> None:
+  """Refuse a workdir whose ``config.json`` holds another experiment (naming what differs)."""
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    return
+  try:
+    old = json.loads(path.read_text())
+    old_hash, old_cfg = old.get("config_hash"), old.get("config")
+  except (ValueError, AttributeError):
+    raise ValueError(f"run.workdir {str(workdir)!r} has an unreadable {CONFIG_FILE}; move it away (the checkpoints "
+                     f"carry the config too) or use a new --run.workdir") from None
+  if isinstance(old_cfg, dict):
+    diff = config_diff(old_cfg, cfg_lib.to_dict(cfg))
+    if diff != "none":
+      raise ValueError(f"run.workdir {str(workdir)!r} holds another experiment (differs in {diff}); use a new "
+                       f"--run.workdir to keep both")
+  elif old_hash and old_hash != cfg_lib.config_hash(cfg):
+    raise ValueError(f"run.workdir {str(workdir)!r} holds another experiment (config hash {old_hash}, this one "
+                     f"{cfg_lib.config_hash(cfg)}); use a new --run.workdir to keep both")
+
+
+def write_json(path: Path, obj: Any) -> None:
+  """Atomically write ``obj`` as JSON (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=str))
+  os.replace(tmp, path)

@@ -1,0 +1,205 @@
+"""Autoregressive generation with a KV cache: prefill, then one compiled decode loop.
+
+A model that generates implements two methods (the zoo's ``transformer_lm``
+does)::
+
+    cache = model.init_cache(batch_size, max_len)          # a pytree of arrays
+    logits, cache = model.decode(tokens, positions, cache)   # (B, T) ints → (B, T, V)
+
+``decode`` writes the keys/values of ``tokens`` at ``positions`` into the
+cache and lets each token attend to the cached positions ``≤`` its own, so
+one method serves both the prefill (``positions = arange(P)``) and each
+decode step (``positions = current length``).
+
+Prompts are right-padded ``(B, P)`` with their ``lengths``. Each sequence
+continues from its own length: the first new token is sampled from the
+prompt's last real position, written at position ``length``, and so on, so
+the padding of one prompt never shifts another's positions. A sequence stops
+at a stop token (kept in the output) or after ``max_new_tokens``; afterwards
+it emits ``pad_token`` with log-probability 0. The loop is a
+``lax.while_loop`` that ends when every sequence has stopped.
+
+Sampling (:func:`sample`): ``temperature == 0`` is greedy; otherwise the
+logits are divided by the temperature, restricted to the ``top_k`` most
+likely tokens and to the smallest set whose probability reaches ``top_p``
+(nucleus sampling, Holtzman et al. 2020), and sampled with an explicit key
+(one fold per step, so every token's randomness is reproducible). The
+log-probabilities returned are the model's own (temperature 1, unfiltered):
+what distillation losses and on-policy methods read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How tokens are drawn.
+
+  Attributes:
+    max_new_tokens: tokens generated per sequence at most.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k: keep only the k most likely tokens (0: all).
+    top_p: keep the smallest set of most likely tokens whose probability
+      reaches p (1: all).
+    stop_tokens: a sequence ends after emitting one of these.
+    pad_token: emitted after a sequence ended.
+  """
+
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_tokens: tuple[int, ...] = ()
+  pad_token: int = 0
+
+  def __post_init__(self):
+    checks = ((self.max_new_tokens >= 1, "max_new_tokens", "≥ 1"),
+              (0.0 <= self.temperature < math.inf, "temperature", "finite and ≥ 0 (0 = greedy)"),
+              (self.top_k >= 0, "top_k", "≥ 0 (0 = off)"),
+              (0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]"))
+    for ok, name, want in checks:
+      if not ok:
+        raise ValueError(f"sampling.{name} must be {want}, got {getattr(self, name)}")
+
+
+class Generated(NamedTuple):
+  """Generated continuations.
+
+  Attributes:
+    tokens: ``(B, N)`` int32, N = ``max_new_tokens``; ``pad_token`` after a
+      sequence ended.
+    logprobs: ``(B, N)`` float32, the model's log-probability (temperature 1)
+      of each generated token; 0 after the end.
+    lengths: ``(B,)`` int32, tokens generated per sequence (a stop token
+      included).
+  """
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+  """``(..., V)`` bool: the ``k`` largest logits (all tied with the k-th kept); all when ``k`` is 0 or ≥ V."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return jnp.ones(logits.shape, bool)
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return logits >= kth
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+  """``(..., V)`` bool: the smallest set of most likely tokens whose probability reaches ``p``.
+
+  A token is kept when the probability of the strictly more likely tokens is
+  below ``p``, so the most likely token is always kept (and ties with a kept
+  token are kept).
+  """
+  if p >= 1.0:
+    return jnp.ones(logits.shape, bool)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
+  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass strictly above each sorted entry
+  kept = before < p
+  threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+  return probs >= threshold
+
+
+def sample(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
+  """``(B, V)`` logits → ``(B,)`` int32 tokens drawn as :class:`Sampling` says."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  z = logits.astype(jnp.float32) / sampling.temperature
+  keep = top_k_mask(z, sampling.top_k) & top_p_mask(z, sampling.top_p)
+  z = jnp.where(keep, z, -jnp.inf)
+  return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+class _Loop(NamedTuple):
+  step: jax.Array       # () int32: tokens generated so far
+  last: jax.Array       # (B,) int32: the token to feed next
+  pos: jax.Array        # (B,) int32: where that token goes in the cache
+  done: jax.Array       # (B,) bool
+  tokens: jax.Array     # (B, N)
+  logprobs: jax.Array   # (B, N)
+  next_logits: jax.Array  # (B, V): the model's logits for the next token
+  cache: Any
+
+
+def generate(model: nnx.Module, prompts: jax.Array, lengths: jax.Array, key: jax.Array,
+             sampling: Sampling) -> Generated:
+  """Continue each right-padded prompt ``(B, P)`` of ``lengths`` ``(B,)``; traceable (jit it, or use :class:`Generator`).
+
+  The model must hold ``P + max_new_tokens`` positions (``max_len``).
+  """
+  b, p = prompts.shape
+  n = sampling.max_new_tokens
+  cache = model.init_cache(b, p + n)
+  logits, cache = model.decode(prompts, jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), cache)
+  last_logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+  stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+
+  def body(s: _Loop) -> _Loop:
+    tok = sample(jax.random.fold_in(key, s.step), s.next_logits, sampling)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(s.next_logits.astype(jnp.float32)), tok[:, None], axis=-1)[:, 0]
+    tok = jnp.where(s.done, sampling.pad_token, tok)
+    logp = jnp.where(s.done, 0.0, logp)
+    done = s.done | jnp.isin(tok, stops) | (s.step + 1 >= n)
+    step_logits, cache = model.decode(tok[:, None], s.pos[:, None], s.cache)
+    return _Loop(s.step + 1, tok, s.pos + 1, done, s.tokens.at[:, s.step].set(tok),
+                 s.logprobs.at[:, s.step].set(logp), step_logits[:, 0], cache)
+
+  init = _Loop(jnp.int32(0), jnp.zeros(b, jnp.int32), lengths.astype(jnp.int32), jnp.zeros(b, bool),
+               jnp.full((b, n), sampling.pad_token, jnp.int32), jnp.zeros((b, n), jnp.float32), last_logits, cache)
+  out = jax.lax.while_loop(lambda s: (s.step < n) & ~jnp.all(s.done), body, init)
+  return Generated(out.tokens, out.logprobs, _lengths(out.tokens, sampling, n))
+
+
+def _lengths(tokens: jax.Array, sampling: Sampling, n: int) -> jax.Array:
+  """Tokens generated per sequence: up to and including the first stop token, else all N."""
+  if not sampling.stop_tokens:
+    return jnp.full(tokens.shape[:1], n, jnp.int32)
+  is_stop = jnp.isin(tokens, jnp.asarray(sampling.stop_tokens, jnp.int32))
+  first = jnp.argmax(is_stop, axis=1)
+  return jnp.where(is_stop.any(axis=1), first + 1, n).astype(jnp.int32)
+
+
+class Generator:
+  """:func:`generate` compiled once for a model and a :class:`Sampling`, batch split over a mesh.
+
+  Usage::
+
+    gen = Generator(model, Sampling(max_new_tokens=16, temperature=0.0))
+    out = gen(prompts, lengths, jax.random.key(0))              # the model's current weights
+    out = gen(prompts, lengths, key, state=nnx.state(student))   # or any state of the same graph
+
+  With a ``mesh`` the prompts (and the cache) are split over its batch axes
+  (``data``, ``fsdp``) and the weights replicated; the global batch must
+  divide by their size.
+  """
+
+  def __init__(self, model: nnx.Module, sampling: Sampling, mesh: jax.sharding.Mesh | None = None):
+    from kdjax.engine import sharding
+
+    self.graphdef, self.state = nnx.split(model)
+    self.sampling, self.mesh = sampling, mesh
+
+    def fn(state, prompts, lengths, key):
+      return generate(nnx.merge(self.graphdef, state), prompts, lengths, key, sampling)
+
+    if mesh is None:
+      self._fn = jax.jit(fn)
+    else:
+      rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+      self._fn = jax.jit(fn, in_shardings=(rep, rows, rows, rep), out_shardings=Generated(rows, rows, rows))
+
+  def __call__(self, prompts, lengths, key: jax.Array, state: Any = None) -> Generated:
+    return self._fn(self.state if state is None else state, jnp.asarray(prompts, jnp.int32),
+                    jnp.asarray(lengths, jnp.int32), key)
