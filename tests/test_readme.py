@@ -49,3 +49,21 @@ def test_library_example_runs_and_its_kd_equals_an_independent_computation():
   fresh = np.asarray(ns["Net"](8, rngs=nnx.Rngs(1))(jnp.asarray(batch["inputs"])), np.float64)
   lf = log_softmax(fresh)
   assert 16.0 * np.mean(np.sum(np.exp(lp) * (lp - lf), -1)) > 2 * ref
+
+
+def test_generation_example_runs_with_the_names_it_assumes():
+  import jax
+  from flax import nnx
+
+  from kdjax import models
+  from kdjax.engine.sharding import make_mesh
+
+  block = next(b for b in _python_blocks() if "Generator(" in b)
+  lm = models.create("transformer_lm", num_classes=13, num_layers=1, dim=16, num_heads=2, max_len=40,
+                     rngs=nnx.Rngs(0))
+  ns = {"jax": jax, "lm": lm, "eos": 3, "mesh": make_mesh(), "prompts": np.ones((2, 5), np.int32),
+        "prompt_lengths": np.array([5, 2], np.int32)}
+  exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
+  out = ns["out"]
+  assert out.tokens.shape == out.logprobs.shape == (2, 32) and out.lengths.shape == (2,)
+  assert all(1 <= n <= 32 for n in np.asarray(out.lengths))

@@ -161,6 +161,18 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
   return total, (tuple(rests), tuple(new_mstate), metrics)
 
 
+def _entry_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Over the whole batch: the entries ``batch["mask"]`` selects (all when it has not the labels' shape),
+  and those also labelled (label ≥ 0). Examples for ``(B,)`` labels, tokens for ``(B, L)``."""
+  label = batch[B.LABEL]
+  mask = batch.get(B.MASK)
+  selected = jnp.ones(label.shape, bool) if mask is None or mask.shape != label.shape else mask > 0
+  labelled = selected & (label >= 0)
+  if batch.get("label_b") is not None:  # mixup: an example counts when both of its labels do
+    labelled = labelled & (batch["label_b"] >= 0)
+  return jnp.sum(selected).astype(jnp.float32), jnp.sum(labelled).astype(jnp.float32)
+
+
 def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch], tuple[TrainState, dict]]:
   """Build the pure step for ``spec`` (:meth:`kdjax.Distiller.jitted_step` jits it)."""
 
@@ -178,6 +190,7 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
       (_, (rests, mstates, metrics)), grads = grad_fn(trainable, state, t_outs, batch, ctx)
     else:
       a = spec.grad_accum
+      mask_total, labelled_total = _entry_totals(batch)
       # Micro-batch m holds examples m, m+A, m+2A, … so every device
       # contributes equally to every micro-batch (no resharding).
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
@@ -186,7 +199,8 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
         st, gsum, msum = carry
         mb, i = mb_and_i
         t_outs = teacher_outputs(spec, st, teacher, mb)
-        ctx = Context(step=st.step, epoch=epoch, key=jax.random.fold_in(key, i))
+        ctx = Context(step=st.step, epoch=epoch, key=jax.random.fold_in(key, i), accum=a, mask_total=mask_total,
+                      labelled_total=labelled_total)
         (_, (rests, mstates, metrics)), g = grad_fn(trainable, st, t_outs, mb, ctx)
         st = st.replace(model_state=rests, method_state=mstates)
         gsum = jax.tree.map(jnp.add, gsum, g)

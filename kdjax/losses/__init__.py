@@ -29,6 +29,7 @@ from kdjax.losses.sequence import chunked_token_loss
 from kdjax.losses.sequence import forward_kl
 from kdjax.losses.sequence import generalized_jsd
 from kdjax.losses.sequence import reverse_kl
+from kdjax.losses.sequence import skew_kl
 from kdjax.losses.sequence import sparse_kl
 from kdjax.losses.sequence import teacher_topk
 from kdjax.losses.sequence import topk_buckets
@@ -38,6 +39,8 @@ from kdjax.losses.sequence import topk_reverse_kl
 from kdjax.losses.sequence import topk_to_logits
 from kdjax.losses.sequence import topk_tvd
 from kdjax.losses.sequence import tvd
+from kdjax.losses.vocab import align_vocab
+from kdjax.losses.vocab import uld
 
 __all__ = [
     # logits
@@ -68,6 +71,7 @@ __all__ = [
     "reverse_kl",
     "generalized_jsd",
     "tvd",
+    "skew_kl",
     "sparse_kl",
     "teacher_topk",
     "topk_to_logits",
@@ -77,4 +81,7 @@ __all__ = [
     "topk_generalized_jsd",
     "topk_tvd",
     "chunked_token_loss",
+    # vocabularies
+    "align_vocab",
+    "uld",
 ]

@@ -104,11 +104,21 @@ def _tok_tvd(s: Array, t: Array, temperature: Any = 1.0) -> Array:
   return 0.5 * jnp.sum(jnp.abs(pt - ps), axis=-1)
 
 
+def _tok_skew_kl(s: Array, t: Array, alpha: Any = 0.1, temperature: Any = 1.0, reverse: bool = False) -> Array:
+  log_ps, log_pt = _log_probs(s, temperature), _log_probs(t, temperature)
+  if reverse:
+    log_ps, log_pt = log_pt, log_ps  # SRKL: the student's distribution is the one being skewed
+  a = jnp.asarray(alpha, jnp.float32)
+  log_mix = jnp.logaddexp(jnp.log(a) + log_pt, jnp.log1p(-a) + log_ps)
+  return _kl(log_pt, log_mix)
+
+
 _PER_TOKEN: dict[str, Callable[..., Array]] = {
     "forward_kl": _tok_forward_kl,
     "reverse_kl": _tok_reverse_kl,
     "generalized_jsd": _tok_generalized_jsd,
     "tvd": _tok_tvd,
+    "skew_kl": _tok_skew_kl,
 }
 
 
@@ -219,6 +229,40 @@ def tvd(student_logits: Array, teacher_logits: Array,
   _checks.check_positive(temperature, "temperature")
   return _masked_mean(_tok_tvd(student_logits, teacher_logits, temperature),
                       mask)
+
+
+def skew_kl(student_logits: Array, teacher_logits: Array, alpha: float = 0.1, mask: Array | None = None,
+            temperature: float = 1.0, reverse: bool = False) -> Array:
+  """Skew KL divergence of DistiLLM, masked mean over tokens.
+
+    skew forward KL:  ℓ = KL(p_T ‖ α·p_T + (1 − α)·p_S),
+    skew reverse KL:  ℓ = KL(p_S ‖ α·p_S + (1 − α)·p_T)   (``reverse=True``).
+
+  Mixing a little of the first distribution into the second keeps the
+  divergence bounded (≤ −log α) and its gradient stable when the student puts
+  almost no mass where the teacher does (early training, on-policy samples).
+  α = 0 recovers forward (reverse) KL.
+
+  Paper: Ko, Kim, Chen & Yun, "DistiLLM: Towards Streamlined Distillation for
+  Large Language Models", ICML 2024 (α = 0.1 there).
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_logits: ``(B, L, V)``.
+    alpha: skew α in [0, 1).
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 (no T² factor).
+    reverse: skew reverse KL instead of skew forward KL.
+
+  Returns:
+    float32 scalar.
+  """
+  _check_token_pair(student_logits, teacher_logits, mask)
+  _checks.check_positive(temperature, "temperature")
+  _checks.check_in_unit_interval(alpha, "alpha")
+  if _checks.concrete_value(alpha) is not None and float(alpha) >= 1.0:
+    raise ValueError(f"alpha must be < 1 (α = 1 compares a distribution with itself), got {alpha}")
+  return _masked_mean(_tok_skew_kl(student_logits, teacher_logits, alpha, temperature, reverse), mask)
 
 
 def teacher_topk(teacher_logits: Array, k: int,

@@ -36,11 +36,27 @@ class Context(NamedTuple):
     epoch: fractional epoch ``step / steps_per_epoch`` (float32 scalar); DKD's
       warm-up and other schedules read it.
     key: a PRNG key for this step and term (e.g. CRD negative sampling).
+    accum: micro-batches per optimizer step (gradient accumulation).
+    mask_total / labelled_total: over the *whole* global batch, the entries
+      that ``batch["mask"]`` selects and those that are also labelled
+      (label ≥ 0); None without accumulation. With them a term that averages
+      over entries scales its micro-batch mean by :meth:`share`, so the
+      accumulated loss is the mean over the whole batch's entries, whatever
+      the micro-batches hold.
   """
 
   step: jax.Array
   epoch: jax.Array
   key: jax.Array
+  accum: int = 1
+  mask_total: jax.Array | None = None
+  labelled_total: jax.Array | None = None
+
+  def share(self, count: jax.Array, total: jax.Array | None) -> jax.Array | float:
+    """``count · accum / total``: this micro-batch's weight when averaging over the whole batch (1 without accumulation)."""
+    if self.accum == 1 or total is None:
+      return 1.0
+    return jnp.asarray(count, jnp.float32) * self.accum / jnp.maximum(total, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,8 +69,12 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
     if not _labels_shape_ok(s_out.logits, labels):
       raise ValueError(f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
                        f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])")
-    return cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"),
-                         _token_mask(batch, jnp.shape(labels))), state, {}
+    mask = _token_mask(batch, jnp.shape(labels))
+    loss = cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"), mask)
+    labelled = (jnp.asarray(labels) >= 0) & (True if mask is None else jnp.asarray(mask) > 0)
+    if batch.get("label_b") is not None:
+      labelled = labelled & (jnp.asarray(batch["label_b"]) >= 0)
+    return loss * ctx.share(jnp.sum(labelled), ctx.labelled_total), state, {}
 
   return (Term(name, weight, apply, needs_teacher=False),)
 
@@ -130,8 +134,12 @@ def _token_term(fn, topk_fn, **fixed):
       mask = _token_mask(batch, jnp.shape(s)[:2])
       if t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
         lp, idx = stop(t_out.topk_logp), t_out.topk_idx
-        return topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw), state, {}
-      return fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw), state, {}
+        loss = topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw)
+      else:
+        loss = fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw)
+      tokens = jnp.sum(mask > 0) if mask is not None else s.shape[0] * s.shape[1]
+      # The mean over the whole batch's tokens, also under gradient accumulation.
+      return loss * ctx.share(tokens, ctx.mask_total), state, {}
 
     return (Term(name, weight, apply),)
 
