@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # kdjax test command: set up a virtualenv (if missing), install kdjax with its
 # test extras, and run the test suite:
-#   scripts/test.sh            everything (what CI runs): the quick and slow tiers spread over
-#                              $PYTEST_WORKERS workers (default 2), then the tests that start
-#                              several processes of their own (marker `procs`) one at a time
+#   scripts/test.sh            everything (what CI runs) over $PYTEST_WORKERS workers (default 2);
+#                              the tests that start several processes of their own (marker
+#                              `procs`) run one at a time on one worker
 #   scripts/test.sh --quick    the quick tier only (pytest -m "not slow")
-#   scripts/test.sh ARGS…      ARGS go to pytest in each phase (e.g. tests/test_losses_logits.py -x)
+#   scripts/test.sh ARGS…      ARGS go to pytest (e.g. tests/test_losses_logits.py -x)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -34,14 +34,11 @@ done
 # pytest exits 5 when a phase selects no test (e.g. ARGS name one quick file): not a failure.
 phase() { .venv/bin/python -m pytest -q "$@"; local rc=$?; [ "$rc" -eq 5 ] && rc=0; return "$rc"; }
 
-workers=(-n "${PYTEST_WORKERS:-2}")
+workers=(-n "${PYTEST_WORKERS:-2}" --dist loadgroup)
 if [ "$quick" -eq 1 ]; then
   phase "${workers[@]}" -m "not slow" ${args[@]+"${args[@]}"}
   exit $?
 fi
-phase "${workers[@]}" -m "not procs" ${args[@]+"${args[@]}"}
-rc_threads=$?
-phase -p no:xdist -m procs ${args[@]+"${args[@]}"}
-rc_procs=$?
-[ "$rc_threads" -ne 0 ] && exit "$rc_threads"
-exit "$rc_procs"
+# The tests that start processes of their own (marker `procs`) form one xdist group: they run one
+# after another on one worker while the other worker runs the rest.
+phase "${workers[@]}" ${args[@]+"${args[@]}"}

@@ -38,8 +38,12 @@ def bench():
 
 
 def pytest_collection_modifyitems(config, items):
-  """A test that starts several processes of its own is also a slow one."""
-  del config
+  """A test that starts several processes of its own is also a slow one, and all of them share one
+  pytest-xdist group: under ``--dist loadgroup`` they run one after another on one worker while the
+  other workers go on with the rest, so they never stack on each other."""
+  xdist = config.pluginmanager.hasplugin("xdist")
   for item in items:
     if item.get_closest_marker("procs") is not None:
       item.add_marker(pytest.mark.slow)
+      if xdist:
+        item.add_marker(pytest.mark.xdist_group("procs"))
