@@ -48,6 +48,7 @@ def _one_step(method: MethodConfig, accum: int, batch: dict, student_fn, teacher
 TOKEN_TERMS = ("forward_kl", "reverse_kl", "gkd", "tvd")
 
 
+@pytest.mark.slow
 def test_token_terms_accumulate_to_the_full_batch_update():
   """Every token divergence and the token CE in one method: accumulation over 4 micro-batches gives
   the full batch's losses (forward KL also checked against NumPy) and the same update."""
