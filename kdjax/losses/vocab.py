@@ -51,11 +51,8 @@ def _sorted_probs(logits: Array, temperature: float, size: int) -> Array:
 def _response_positions(mask: Array, n: int) -> tuple[Array, Array]:
   """For each row of ``mask`` ``(B, L)``: the positions of its first ``n`` set entries ``(B, n)``, and which exist."""
   m = mask.astype(bool)
-  rank = jnp.cumsum(m, axis=1) - 1  # index of each response token within its row
-  slot = jnp.where(m & (rank < n), rank, n)  # n: a dump slot for everything else
-  pos = jnp.zeros((m.shape[0], n + 1), jnp.int32).at[jnp.arange(m.shape[0])[:, None], slot].set(
-      jnp.broadcast_to(jnp.arange(m.shape[1], dtype=jnp.int32), m.shape))
-  return pos[:, :n], jnp.arange(n)[None, :] < m.sum(axis=1, keepdims=True)
+  pos = jnp.argsort(~m, axis=1, stable=True)[:, :n]  # set entries first, each group in position order
+  return pos.astype(jnp.int32), jnp.arange(n)[None, :] < m.sum(axis=1, keepdims=True)
 
 
 def uld(student_logits: Array, teacher_logits: Array, student_mask: Array, teacher_mask: Array,

@@ -71,9 +71,11 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
                        f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])")
     mask = _token_mask(batch, jnp.shape(labels))
     loss = cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"), mask)
-    labelled = (jnp.asarray(labels) >= 0) & (True if mask is None else jnp.asarray(mask) > 0)
+    labelled = jnp.asarray(labels) >= 0
+    if mask is not None:
+      labelled &= jnp.asarray(mask) > 0
     if batch.get("label_b") is not None:
-      labelled = labelled & (jnp.asarray(batch["label_b"]) >= 0)
+      labelled &= jnp.asarray(batch["label_b"]) >= 0
     return loss * ctx.share(jnp.sum(labelled), ctx.labelled_total), state, {}
 
   return (Term(name, weight, apply, needs_teacher=False),)
