@@ -264,8 +264,17 @@ def _session_processes(sid: int) -> list[int]:
   return out
 
 
+@pytest.fixture(scope="module")
+def seed1_reference(teacher, tmp_path_factory) -> Path:
+  """An uninterrupted run of the sweep's second cell (seed 1)."""
+  w = tmp_path_factory.mktemp("ref_seed1") / "run"
+  assert cli.main(argv("kd", w, teacher, "--run.seed", "1")) == 0
+  return w
+
+
 @pytest.mark.parametrize("parallel", [1, pytest.param(2, marks=pytest.mark.procs)])
-def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(parallel, reference, teacher, tmp_path):
+def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(parallel, reference, seed1_reference,
+                                                                             teacher, tmp_path):
   root = tmp_path / "sweep"
   args = ["sweep", "mnist1d_kd", "kd_labelled", "--seeds", "2", "--workdir", root, "--teacher.checkpoint",
           teacher, *COMMON, "--parallel", parallel]
@@ -283,7 +292,9 @@ def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(para
   assert not list(root.glob("base/*/results.json"))  # no cell ran to its end
   assert cli.main([*map(str, args[:-2]), "--parallel", "1"]) == 0
   assert sorted(p.parent.name for p in root.glob("base/*/results.json")) == ["seed0", "seed1"]
+  # Every cell ends where an uninterrupted run of its config ends.
   assert_bit_identical(reference("kd"), root / "base" / "seed0")
+  assert_bit_identical(seed1_reference, root / "base" / "seed1")
 
 
 def test_ctrl_c_before_training_is_one_line_and_exit_130(teacher, tmp_path):
