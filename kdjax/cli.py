@@ -9,6 +9,8 @@
     kdjax export        WORKDIR --out DIR
     kdjax cache         EXPERIMENT [CONFIG] --teacher.checkpoint DIR --cache.dir DIR [--cache.views K] …
     kdjax bench         [--quick] …
+    kdjax prepare       NAME… [--data_dir DIR]   (store TFDS datasets as ArrayRecord, once; downloadable
+                        ones need the network and `pip install 'kdjax[tfds]'`)
 
 EXPERIMENT is a path (``experiments/mnist1d_kd.py``) or a short name
 (``mnist1d_kd``); CONFIG picks one of its named configs. Every field of the
@@ -714,9 +716,22 @@ def cmd_cache(argv: list[str]) -> int:
   return 0
 
 
+def cmd_prepare(argv: list[str]) -> int:
+  """Download and store TFDS datasets as ArrayRecord in ``--data_dir`` (training then reads them without TensorFlow)."""
+  from kdjax import data
+
+  args = list(argv)
+  data_dir = _pop_opt(args, "--data_dir") or _pop_opt(args, "--data.data_dir")
+  if not args or any(a.startswith("-") for a in args):
+    raise CliError("usage: kdjax prepare NAME… [--data_dir DIR]  (e.g. kdjax prepare cifar100)")
+  for name in args:
+    print(f"{name}: prepared in {data.prepare(name, data_dir)}")
+  return 0
+
+
 COMMANDS = {"train-teacher": lambda a: cmd_train(a, "teacher"), "distill": lambda a: cmd_train(a, None),
             "sweep": cmd_sweep, "report": cmd_report, "export": cmd_export, "bench": cmd_bench,
-            "cache": cmd_cache}
+            "cache": cmd_cache, "prepare": cmd_prepare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

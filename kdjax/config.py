@@ -52,6 +52,10 @@ class DataConfig:
       the step reads the cached teacher logits of one of its K views per
       example and epoch instead of running the teacher (logit-based methods,
       ``mode="offline"``); ``None`` runs the teacher online.
+    image_size: side of the square ``imagenet`` view (default 224).
+    workers: Grain worker processes making training batches ahead; −1
+      sizes it for the machine (none for a dataset held in memory, up to 8
+      for one read from disk). Batches do not depend on it.
   """
 
   name: str = "mnist1d"
@@ -67,6 +71,8 @@ class DataConfig:
   cutmix_alpha: float = 0.0
   download: bool = False
   teacher_cache: str | None = None
+  workers: int = -1
+  image_size: int | None = None
 
   def __post_init__(self):
     _check(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
@@ -75,6 +81,9 @@ class DataConfig:
     _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be ≥ 0, got {self.cutmix_alpha}")
     _check(self.view_mode in ("consistent", "independent"), "data.view_mode",
            f"must be 'consistent' or 'independent', got {self.view_mode!r}")
+    _check(self.image_size is None or self.image_size > 0, "data.image_size",
+           f"must be positive, got {self.image_size}")
+    _check(self.workers >= -1, "data.workers", f"must be ≥ 0 (or −1: sized for the machine), got {self.workers}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +276,14 @@ def to_dict(cfg: Any) -> dict:
 
 
 # Fields that do not change what a run computes: paths, verbosity, checkpoint
-# cadence, CPU kernel choice. A teacher's path is excluded because the content
+# cadence, CPU kernel choice, input workers. A teacher's path is excluded because the content
 # hash of its file (checked on resume) is what matters.
 HASH_EXCLUDE = ("run.workdir", "run.quiet", "run.log_every", "run.xla_cpu_conv", "run.checkpoint_every",
-                "run.max_to_keep", "run.restart", "teacher.checkpoint", "extra_teachers.*.checkpoint")
+                "run.max_to_keep", "run.restart", "teacher.checkpoint", "extra_teachers.*.checkpoint", "data.workers")
+
+# Fields added after experiments had been hashed: they enter the hash only when set, so
+# existing workdirs keep their hash (and resume) while a run that sets one gets a new hash.
+HASH_WHEN_SET = {"data.image_size": None}
 
 
 def hashed_fields(d: dict) -> dict[str, Any]:
@@ -289,7 +302,8 @@ def hashed_fields(d: dict) -> dict[str, Any]:
 
   walk(d, "")
   excluded = lambda k: any(fnmatch.fnmatchcase(k, pat) for pat in HASH_EXCLUDE)  # noqa: E731
-  return {k: v for k, v in flat.items() if not excluded(k)}
+  at_default = lambda k, v: k in HASH_WHEN_SET and v == HASH_WHEN_SET[k]  # noqa: E731
+  return {k: v for k, v in flat.items() if not excluded(k) and not at_default(k, v)}
 
 
 def config_hash(cfg: Any) -> str:

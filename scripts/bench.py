@@ -18,6 +18,12 @@ throughput of four cases and prints one JSON line per case:
                   with the KV cache (``generate_kv``, :mod:`kdjax.generate`)
                   and by re-running the whole sequence for every token
                   (``generate_recompute``), side by side: ``tokens_per_sec``
+  input           (opt-in, ``--cases input``; no pair) the training input
+                  pipeline (:class:`kdjax.data.Loader` on Grain): examples/s
+                  of MNIST-1D (jitter view) and mock CIFAR-100 (cifar view),
+                  batch ``--batch``, with 0 and 2 worker processes side by
+                  side; and the cold start (a fresh process: import kdjax →
+                  first MNIST-1D batch, data already prepared)
 
 Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
@@ -75,6 +81,7 @@ PAIR_KWARGS = {
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd", "generate")
+EXTRA_CASES = ("input",)
 XLA_CPU_OPTIONS = {
     "default": "",
     # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
@@ -96,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--pairs", default="resnet32x4-resnet8x4",
                  help=f"comma-separated pairs, or 'all': {', '.join(PAIRS)}")
-  p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
+  p.add_argument("--cases", default=",".join(CASES),
+                 help="comma-separated subset of " + ", ".join(CASES + EXTRA_CASES))
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
@@ -128,11 +136,64 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"unknown --xla-conv {c!r}; choose from {', '.join(XLA_CONV_OPTIONS)}")
   a.cases = [c for c in a.cases.split(",") if c]
   for c in a.cases:
-    if c not in CASES:
-      p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    if c not in CASES + EXTRA_CASES:
+      p.error(f"unknown case {c!r}; choose from {', '.join(CASES + EXTRA_CASES)}")
   if a.batch < 1 or a.steps < 1 or a.rounds < 1 or a.warmup < 0:
     p.error("--batch, --steps, --rounds must be ≥ 1 and --warmup ≥ 0")
   return a
+
+
+# --------------------------------------------------------------------------- input pipeline
+COLD_START = """
+import sys, time
+t = time.perf_counter()
+from kdjax import data
+loader = data.make_loader("mnist1d", "train", 128, data_dir=sys.argv[1], process_index=0, process_count=1)
+next(iter(loader))
+print(time.perf_counter() - t)
+"""
+
+
+def bench_input(a) -> None:
+  """Loader examples/s with 0 and 2 Grain workers, interleaved rounds; then the cold start."""
+  import contextlib
+  import subprocess
+  import tempfile
+
+  import tensorflow_datasets as tfds
+
+  from kdjax import data
+
+  root = tempfile.mkdtemp(prefix="kdjax_bench_input_")
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS reports its preparation on stdout: keep JSON lines only
+    mnist1d = data.load_arrays("mnist1d", "train", root)
+    with tfds.testing.mock_data(num_examples=4 * a.batch * max(a.steps, 8)):
+      cifar = data.load_arrays("cifar100", "train", download=True)
+  sets = {"mnist1d": (mnist1d, data.ViewConfig(kind="jitter")), "cifar100_mock": (cifar, data.default_view("cifar100"))}
+  iters = {}
+  for name, (ds, view) in sets.items():
+    for workers in (0, 2):
+      loader = data.Loader(ds, a.batch, seed=0, view=view, process_index=0, process_count=1, worker_count=workers)
+      it = iter(loader)
+      for _ in range(max(a.warmup, 1) + workers):  # workers started and their buffers filled
+        next(it)
+      iters[(name, workers)] = it
+  rates = {k: [] for k in iters}
+  for _ in range(a.rounds):
+    for k, it in iters.items():
+      t = time.perf_counter()
+      for _ in range(a.steps):
+        next(it)
+      rates[k].append(a.steps * a.batch / (time.perf_counter() - t))
+  for (name, workers), r in rates.items():
+    iters[(name, workers)].close()
+    print(json.dumps({"case": "input", "dataset": name, "workers": workers, "batch": a.batch,
+                      "examples_per_sec": round(statistics.median(r), 1), "examples_per_sec_best": round(max(r), 1),
+                      "cpu_count": os.cpu_count()}), flush=True)
+  cold = [float(subprocess.run([sys.executable, "-c", COLD_START, root], capture_output=True, text=True,
+                               check=True).stdout.split()[-1]) for _ in range(a.rounds)]
+  print(json.dumps({"case": "input_cold_start", "dataset": "mnist1d", "seconds": round(statistics.median(cold), 2),
+                    "seconds_best": round(min(cold), 2)}), flush=True)
 
 
 # --------------------------------------------------------------------------- generation
@@ -474,9 +535,13 @@ def main(argv=None) -> int:
   peak = matmul_peak(256 if a.quick else 2048, 2 if a.quick else 5, 1 if a.quick else a.rounds)
   peak.update(xla_cpu=a.xla_cpu, load_avg_1min=round(os.getloadavg()[0], 2), cpu_count=os.cpu_count())
   print(json.dumps(peak), flush=True)
+  if "input" in a.cases:
+    bench_input(a)
   for pair in a.pairs:
     cases = []
     for c in a.cases:
+      if c == "input":
+        continue
       if c == "generate":
         if pair in PAIR_KWARGS:
           bench_generate(a, pair)

@@ -15,8 +15,8 @@
 # their checkpoints. The recipe is the reference one (240 epochs, SGD 0.9,
 # lr 0.05, ×0.1 at 150/180/210, wd 5e-4, batch 64); see
 # experiments/cifar100_crd_table.py. CIFAR-100 must be prepared in the TFDS
-# data dir (`tfds build cifar100`), or pass `-- --data.download` where the
-# machine has network.
+# data dir once (`pip install 'kdjax[tfds]'` then `kdjax prepare cifar100`,
+# on a machine with network).
 #
 # --launcher slurm writes one sbatch array script per step (DIR/*/sweep.sbatch)
 # and submits them with `sbatch --dependency=afterok:…` so the students start

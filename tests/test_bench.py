@@ -111,3 +111,21 @@ def test_generate_case_times_the_kv_cache_and_full_recompute_side_by_side(bench,
   assert set(gen) == {"generate_kv", "generate_recompute"}
   for r in gen.values():
     assert r["tokens_per_sec"] > 0 and r["prompt_len"] == 4 and r["new_tokens"] == 12 and r["batch"] == 4
+
+
+@pytest.mark.slow
+def test_input_case_reports_both_worker_counts_and_the_cold_start(bench):
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert bench.main(["--cases", "input", "--pairs", "cnn1d-mlp", "--batch", "32", "--steps", "2", "--rounds", "1",
+                       "--warmup", "1"]) == 0
+  rows = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+  got = {(r["dataset"], r["workers"]) for r in rows if r.get("case") == "input"}
+  assert got == {("mnist1d", 0), ("mnist1d", 2), ("cifar100_mock", 0), ("cifar100_mock", 2)}
+  assert all(r["examples_per_sec"] > 0 for r in rows if r.get("case") == "input")
+  cold = [r for r in rows if r.get("case") == "input_cold_start"]
+  assert len(cold) == 1 and cold[0]["seconds"] > 0
+  assert not [r for r in rows if r.get("case") in ("kd", "student_only")]  # only what was asked for

@@ -258,6 +258,14 @@ def test_epoch_inputs_are_the_views_whose_teacher_outputs_are_fed(cfg, cache32, 
   k_by_id0 = dict(zip(ids0.tolist(), k0.tolist()))
   k_by_id1 = dict(zip(ids1.tolist(), k1.tolist()))
   assert np.mean([k_by_id0[i] != k_by_id1[i] for i in k_by_id0]) > 0.4  # re-drawn per epoch
+  # the Grain pipeline with two worker processes (each reopens the memory-mapped cache) feeds these batches
+  it = iter(C.CachedLoader(ds, cache, batch_size=500, seed=7, worker_count=2))
+  for want in loader.epoch_batches(0):
+    got = next(it)
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  it.close()
 
 
 def Loader_view(images, ids, k, view_seed):  # noqa: N802 - reads as "the Loader's view"

@@ -171,6 +171,21 @@ def test_sigkill_then_rerun_is_bit_identical_with_the_same_metric_rows(kind, tea
   assert read_jsonl(w / "metrics.jsonl") == read_jsonl(reference(kind) / "metrics.jsonl")
 
 
+def test_sigkill_with_two_input_workers_resumes_bit_identical(teacher, reference, tmp_path):
+  """Grain worker processes make the batches ahead; the killed run's successor (workers again) continues with
+  exactly the next batch, and the result equals the reference run, made without workers."""
+  w, k, two = tmp_path / "run", KILL_AT["kd"], ("--data.workers", "2")
+  proc = subprocess.run([sys.executable, "-m", "kdjax.cli", *argv("kd", w, teacher, *two)], cwd=ROOT,
+                        env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  on_disk = steps_on_disk(w)
+  assert on_disk and max(on_disk) < STEPS
+  assert cli.main(argv("kd", w, teacher, *two)) == 0
+  assert results(w)["resumed_from"] == on_disk[-1:]
+  assert_bit_identical(reference("kd"), w)
+  assert read_jsonl(w / "metrics.jsonl") == read_jsonl(reference("kd") / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("kind, sig", [(k, "TERM") for k in KINDS] + [("kd", "INT")])
 def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(kind, sig, teacher, reference, tmp_path, monkeypatch,
                                                             capsys):

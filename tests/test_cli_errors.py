@@ -102,8 +102,9 @@ CASES = [
      "method.terms: weight of 'kd' must be finite, got 'nan'"),
     ("init_epochs_single_stage", lambda s, t, r: student_argv(s, t, "--method.init_epochs", "1"),
      "method.init_epochs=1.0: method 'kd' has no init stage"),
-    ("streaming_dataset_in_fit", lambda s, t, r: student_argv(s, t, "--data.name", "imagenet2012"),
-     "data.name='imagenet2012' is too large to hold in memory"),
+    ("unprepared_cifar100", lambda s, t, r: student_argv(s, t, "--data.name", "cifar100",
+                                                         "--data.data_dir", str(r / "empty_tfds")),
+     "dataset 'cifar100' is not prepared in data_dir"),
     ("student_checkpoint_missing", lambda s, t, r: student_argv(s, t, "--student.checkpoint", str(r / "nope")),
      "student checkpoint"),
 ]

@@ -23,23 +23,34 @@ def _toy(n=40, shape=(32, 32, 3)):
 
 
 # ---------------------------------------------------------------- 1. embedded datasets
-def test_mnist1d_tfds_load_equals_package(data_dir):
+def _read(name, split, data_dir):
+  """A prepared split read straight through TFDS's ArrayRecord data source (no kdjax code)."""
+  src = tfds.data_source(name, split=split, data_dir=data_dir)
+  rows = [src[i] for i in range(len(src))]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_mnist1d_prepared_as_array_record_equals_package(data_dir):
   from mnist1d.data import get_dataset_args, make_dataset
 
   ref = make_dataset(get_dataset_args())
   # small_transfer: the default train/test args, a 2000-example transfer split (fast).
-  tr = tfds.as_numpy(tfds.load("mnist1d/small_transfer", split="train", data_dir=data_dir, batch_size=-1))
-  te = tfds.as_numpy(tfds.load("mnist1d/small_transfer", split="test", data_dir=data_dir, batch_size=-1))
+  xt = kd.load_arrays("mnist1d/small_transfer", "transfer", data_dir)  # prepares the dataset
+  builder = tfds.builder("mnist1d/small_transfer", data_dir=data_dir)
+  assert builder.info.file_format.value == "array_record"
+  tr, te = (_read("mnist1d/small_transfer", s, data_dir) for s in ("train", "test"))
   np.testing.assert_array_equal(tr["image"], ref["x"].astype(np.float32))
   np.testing.assert_array_equal(tr["label"], ref["y"])
   np.testing.assert_array_equal(te["image"], ref["x_test"].astype(np.float32))
   np.testing.assert_array_equal(te["label"], ref["y_test"])
   assert tr["image"].dtype == np.float32 and tr["image"].shape == (4000, 40)
-  xt = kd.load_arrays("mnist1d/small_transfer", "transfer", data_dir)
+  got = kd.load_arrays("mnist1d/small_transfer", "train", data_dir)
+  np.testing.assert_array_equal(got.images, tr["image"])
+  np.testing.assert_array_equal(got.ids, np.arange(4000))
   assert xt.images.shape == (2000, 40) and (xt.labels == -1).all()
   seen = {r.tobytes() for r in np.concatenate([tr["image"], te["image"]])}
   assert not any(r.tobytes() in seen for r in xt.images)
-  # The default config (what plain tfds.load("mnist1d") builds) generates train/test
+  # The default config (what plain tfds.builder("mnist1d") builds) generates train/test
   # from exactly the package's default args; it differs from small_transfer only in
   # the transfer size (40k takes ~15 s to build, so the data above is small_transfer's).
   from kdjax.data.builders.mnist1d import Mnist1d, _args
@@ -60,10 +71,12 @@ def test_mnist1d_sizes_configurable(data_dir):
   from kdjax.data.builders.mnist1d import Mnist1dConfig
 
   cfg = Mnist1dConfig(name="custom_tiny", num_samples=500, transfer_size=300, transfer_seed=7)
-  builder = tfds.builder("mnist1d", config=cfg, data_dir=data_dir)
+  builder = tfds.builder("mnist1d", config=cfg, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
-  got = {s: tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1))
-         for s in ("train", "test", "transfer")}
+  got = {}
+  for s in ("train", "test", "transfer"):
+    src = builder.as_data_source(split=s)
+    got[s] = {k: np.stack([src[i][k] for i in range(len(src))]) for k in ("image", "label")}
   args = get_dataset_args()
   args.num_samples = 500
   ref = make_dataset(args)
@@ -74,11 +87,11 @@ def test_mnist1d_sizes_configurable(data_dir):
   assert (got["transfer"]["label"] == -1).all()
 
 
-def test_digits_tfds_load(data_dir):
-  tr = tfds.as_numpy(tfds.load("digits", split="train", data_dir=data_dir, batch_size=-1))
+def test_digits_prepared_and_normalised_by_16(data_dir):
   te = kd.load_arrays("digits", "test", data_dir)
+  tr = _read("digits", "train", data_dir)
   assert tr["image"].shape == (1438, 8, 8, 1) and tr["image"].dtype == np.uint8
-  assert len(te) == 359 and te.images.max() <= 16 and te.labels.dtype == np.int32
+  assert len(te) == 359 and te.images.max() == 16 and te.labels.dtype == np.int32
   from sklearn.datasets import load_digits
 
   from kdjax.data.builders.digits import split_indices
@@ -86,7 +99,8 @@ def test_digits_tfds_load(data_dir):
   ref = load_digits()
   np.testing.assert_array_equal(tr["image"][..., 0], ref.images[split_indices()["train"]].astype(np.uint8))
   x = V.normalize(kd.default_view("digits"), te.images)
-  assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+  assert x.dtype == np.float32 and x.min() == 0 and x.max() == 1  # x / 16, as documented
+  np.testing.assert_allclose(x, te.images / 16.0)
 
 
 def test_concat_offsets_ids(data_dir):
@@ -98,9 +112,14 @@ def test_concat_offsets_ids(data_dir):
   assert both.ids[4000] == 4000
   spec = kd.get_info("mnist1d", data_dir)
   assert spec.num_classes == 10 and spec.image_shape == (40,)
+  # the same rows read lazily from the record files
+  lazy = kd.concat([kd.RecordSource("mnist1d/small_transfer", s, data_dir) for s in ("train", "transfer")])
+  idx = np.array([5999, 3, 4000, 3999])
+  for got, want in zip(lazy.take(idx), both.take(idx)):
+    np.testing.assert_array_equal(got, want)
 
 
-# ---------------------------------------------------------------- 2. mocked TFDS datasets
+# ---------------------------------------------------------------- 2. mocked and streamed TFDS datasets
 def test_mock_cifar100_shapes():
   with tfds.testing.mock_data(num_examples=20):
     ds = kd.load_arrays("cifar100", "train", download=True)
@@ -112,16 +131,16 @@ def test_mock_cifar100_shapes():
   assert kd.get_info("cifar100").num_classes == 100
 
 
-def test_mock_imagenet_stream_shapes():
+def test_mock_imagenet_streams_record_by_record():
   cfg = kd.ViewConfig(kind="imagenet", image_size=64)
   with tfds.testing.mock_data(num_examples=8):
-    loader = kd.StreamLoader("imagenet2012", "train", 4, seed=0, view=cfg, view_mode="independent",
-                             process_index=0, process_count=1, download=True, shuffle=False)
-    b1 = next(iter(loader.epoch_batches(0)))
-    b2 = next(iter(loader.epoch_batches(0)))
-    ev = kd.StreamLoader("imagenet2012", "validation", 4, view=cfg, train=False,
-                         process_index=0, process_count=1, download=True)
-    e = next(iter(ev.epoch_batches(0)))
+    loader = kd.make_loader("imagenet2012", "train", 4, seed=0, view=cfg, view_mode="independent",
+                            process_index=0, process_count=1, download=True, shuffle=False)
+    assert isinstance(loader.ds, kd.RecordSource)
+    b1, b2 = loader.batch(0, 0), loader.batch(0, 0)
+    ev = kd.make_loader("imagenet2012", "validation", 4, view=cfg, process_index=0, process_count=1,
+                        download=True)
+    e = next(kd.eval_batches(ev.ds, 4, view=cfg, process_index=0, process_count=1))
   assert b1["inputs"].shape == (4, 64, 64, 3) and b1["inputs"].dtype == np.float32
   assert b1["teacher_inputs"].shape == (4, 64, 64, 3) and b1["id"].dtype == np.int32
   assert not np.allclose(b1["inputs"], b1["teacher_inputs"])
@@ -130,9 +149,9 @@ def test_mock_imagenet_stream_shapes():
   assert kd.get_info("imagenet2012", image_size=64).image_shape == (64, 64, 3)
 
 
-# A tiny on-disk image dataset (variable image sizes, like imagenet2012) for the
-# streaming loader: tfds.testing.mock_data ignores split slicing and gives no shard
-# lengths, so process sharding and ids can only be checked on real prepared files.
+# A tiny on-disk image dataset (variable image sizes, like imagenet2012), read
+# record by record: tfds.testing.mock_data gives no real files, so which records a
+# process reads can only be checked on prepared ones.
 from etils import epath  # noqa: E402
 
 from kdjax.data.builders._base import LocalBuilder  # noqa: E402
@@ -154,8 +173,10 @@ class KdjaxTinyStream(LocalBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
+    from PIL import Image  # TFDS encodes PIL images with Pillow (NumPy arrays would need TensorFlow)
+
     for i, image in enumerate(_tiny_stream_images()):
-      yield i, {"image": image, "label": i % 10}
+      yield i, {"image": Image.fromarray(image), "label": i % 10}
 
 
 def _tiny_stream_images():
@@ -163,56 +184,85 @@ def _tiny_stream_images():
   return [rng.integers(0, 256, (10 + i % 3, 12 + i % 2, 3), dtype=np.uint8) for i in range(N_STREAM)]
 
 
+class _Counting:
+  """A source that records which rows were read."""
+
+  def __init__(self, src):
+    self.src, self.ids, self.read = src, src.ids, []
+
+  def __len__(self):
+    return len(self.src)
+
+  def take(self, idx):
+    self.read.extend(np.asarray(idx).tolist())
+    return self.src.take(idx)
+
+
 def _stream(data_dir, **kw):
-  args = dict(batch_size=4, seed=0, data_dir=data_dir, shuffle_buffer=N_STREAM,
-              view=kd.ViewConfig(kind="imagenet", image_size=8), process_index=0,
+  args = dict(batch_size=4, seed=0, view=kd.ViewConfig(kind="imagenet", image_size=8), process_index=0,
               process_count=1)
-  return kd.StreamLoader("kdjax_tiny_stream", "train", **{**args, **kw})
+  return kd.Loader(kd.RecordSource("kdjax_tiny_stream", "train", data_dir), **{**args, **kw})
 
 
 def _ids(batches):
   return np.concatenate([b["id"] for b in batches])
 
 
-def test_stream_order_shards_and_restore(data_dir):
+def test_stream_order_shards_views_and_restore(data_dir):
   one = _stream(data_dir)
-  assert one.steps_per_epoch == N_STREAM // 4
+  assert one.steps_per_epoch == N_STREAM // 4 and one.worker_count == kd.default_workers(one.ds)
   e0 = _ids(one.epoch_batches(0))
   assert sorted(e0.tolist()) == list(range(N_STREAM))  # ids = index in the split
   np.testing.assert_array_equal(_ids(one.epoch_batches(0)), e0)  # order = f(seed, epoch)
   orders = [e0] + [_ids(one.epoch_batches(e)) for e in (1, 2, 3)]
   assert len({o.tobytes() for o in orders}) == 4  # every epoch its own order
   assert not np.array_equal(_ids(_stream(data_dir, seed=1).epoch_batches(0)), e0)
-  # two processes: disjoint, equal-sized shards that cover the split
-  parts = [_ids(_stream(data_dir, process_index=p, process_count=2).epoch_batches(0))
-           for p in range(2)]
-  assert len(parts[0]) == len(parts[1]) == N_STREAM // 2
-  assert not set(parts[0]) & set(parts[1])
-  assert set(parts[0]) | set(parts[1]) == set(range(N_STREAM))
-  # views in the pipeline = the eager views.augment of (seed, id, epoch, stream), which
-  # is what the teacher cache regenerates
-  ind = _stream(data_dir, view_mode="independent")
-  b = next(iter(ind.epoch_batches(2)))
+  # two processes read disjoint, equal-sized sets of records that cover the split
+  reads = []
+  for p in range(2):
+    loader = _stream(data_dir, process_index=p, process_count=2)
+    loader.ds = _Counting(loader.ds)
+    _ids(loader.epoch_batches(0))
+    reads.append(loader.ds.read)
+  assert len(reads[0]) == len(reads[1]) == N_STREAM // 2
+  assert not set(reads[0]) & set(reads[1]) and set(reads[0]) | set(reads[1]) == set(range(N_STREAM))
+  # each image is the decoded record; views = views.augment of (seed, id, epoch, stream)
   raw = _tiny_stream_images()
+  images, labels, _ = one.ds.take(np.array([5, 2]))
+  np.testing.assert_array_equal(images[0], raw[5])
+  assert labels.tolist() == [5, 2]
+  ind = _stream(data_dir, view_mode="independent")
+  b = ind.batch(2, 0)
   for key, stream in (("inputs", V.STREAM_STUDENT), ("teacher_inputs", V.STREAM_TEACHER)):
-    want = np.concatenate([V.augment(ind.view, [raw[i]], V.view_key(0, [i], 2, stream))
-                           for i in b["id"]])
-    np.testing.assert_allclose(b[key], want, atol=1e-5)
+    want = np.concatenate([V.augment(ind.view, [raw[i]], V.view_key(0, [i], 2, stream)) for i in b["id"]])
+    np.testing.assert_array_equal(b[key], want)
   assert not np.allclose(b["inputs"], b["teacher_inputs"])
-  # resume from a saved position: the same batches, views included
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_the_next_batches(data_dir, workers):
+  """Batches after a restore equal the uninterrupted run's, with 0 and 2 Grain workers."""
+  one = _stream(data_dir, worker_count=workers)
   it = iter(one)
   for _ in range(one.steps_per_epoch + 2):  # into epoch 1
     next(it)
-  state = json.loads(json.dumps(one.state()))
+  state = json.loads(json.dumps(one.state()))  # what a checkpoint stores
   assert state == {"epoch": 1, "step_in_epoch": 2, "seed": 0}
-  want = [next(it) for _ in range(2)]
-  again = _stream(data_dir)
+  want = [next(it) for _ in range(one.steps_per_epoch)]  # across the next epoch boundary
+  it.close()
+  again = _stream(data_dir, worker_count=workers)
   again.restore(state)
   got = iter(again)
   for w in want:
     g = next(got)
     for k in ("inputs", "id", "label", "epoch"):
       np.testing.assert_array_equal(g[k], w[k])
+  got.close()
+  # ... and whatever the worker count, the same stream
+  serial = _stream(data_dir, worker_count=0)
+  serial.restore(state)
+  np.testing.assert_array_equal(_ids(b for b, _ in zip(serial, range(len(want)))), _ids(want))
 
 
 # ---------------------------------------------------------------- 3. determinism / resume
@@ -354,7 +404,70 @@ def test_missing_dataset_one_line_error(tmp_path):
   with pytest.raises(kd.DatasetUnavailableError) as e:
     kd.load_arrays("cifar10", "train", str(tmp_path))
   msg = str(e.value)
-  assert "\n" not in msg and "cifar10" in msg and str(tmp_path) in msg and "download=True" in msg
+  assert "\n" not in msg and "cifar10" in msg and str(tmp_path) in msg and "kdjax prepare cifar10" in msg
   assert isinstance(e.value, ValueError) and time.perf_counter() - t < 30
   with pytest.raises(kd.DatasetUnavailableError):
     kd.load_arrays("no_such_dataset_xyz", "train", str(tmp_path))
+
+
+def test_downloadable_dataset_without_tensorflow_is_one_line(tmp_path):
+  import importlib.util
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here: preparing cifar100 would try the network")
+  with pytest.raises(kd.DatasetUnavailableError) as e:
+    kd.prepare("cifar100", str(tmp_path))
+  msg = str(e.value)
+  assert "\n" not in msg and "pip install 'kdjax[tfds]'" in msg and "kdjax prepare cifar100" in msg
+  assert not list(tmp_path.glob("cifar100/*/*.array_record*"))  # nothing half-written
+
+
+def test_the_default_install_requires_no_tensorflow():
+  from importlib.metadata import requires
+
+  reqs = requires("kdjax")
+  plain = [r for r in reqs if "extra ==" not in r]
+  assert any(r.startswith("grain") for r in plain) and any(r.startswith("array_record") for r in plain)
+  assert not [r for r in plain if r.startswith("tensorflow") and not r.startswith("tensorflow-datasets")]
+  assert [r for r in reqs if r.startswith("tensorflow-cpu") and 'extra == "tfds"' in r]
+
+
+# ---------------------------------------------------------------- 7. imagenet views (NumPy + Pillow)
+def test_inception_boxes_follow_their_ranges_and_keys():
+  keys = V.view_key(0, np.arange(2000), 0)
+  boxes = np.array([V.inception_box(k, 300, 400, 0.08) for k in keys])
+  top, left, h, w = boxes.T
+  assert (top >= 0).all() and (left >= 0).all() and (top + h <= 300).all() and (left + w <= 400).all()
+  area, aspect = h * w / (300 * 400), w / h
+  assert area.min() >= 0.08 * 0.97 and area.max() <= 1.0
+  assert aspect.min() >= 0.75 * 0.97 and aspect.max() <= 4 / 3 * 1.03
+  assert len({tuple(b) for b in boxes}) > 1900  # keyed: ~one box per example
+  assert (boxes == np.array([V.inception_box(k, 300, 400, 0.08) for k in keys])).all()
+
+
+def test_imagenet_views_resize_crop_and_normalise():
+  cfg = kd.ViewConfig(kind="imagenet", image_size=16, normalize=False)
+  flat = np.full((30, 50, 3), 200, np.uint8)
+  out = V.augment(cfg, [flat, flat[:20]], V.view_key(0, np.arange(2), 0))
+  assert out.shape == (2, 16, 16, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, 200 / 255, atol=1e-6)  # any crop of a flat image is flat
+  # eval: short side -> 16 / 0.875 = 18 px, then the centre 16x16; a horizontal ramp stays a
+  # ramp, mirrored neither way
+  ramp = np.tile(np.linspace(0, 255, 36).astype(np.uint8)[None, :, None], (18, 1, 3))
+  ev = V.normalize(cfg, [ramp])[0]
+  assert ev.shape == (16, 16, 3) and (np.diff(ev[8, :, 0]) > 0).all()
+  full = kd.ViewConfig(kind="imagenet", image_size=16)  # ImageNet mean/std
+  np.testing.assert_allclose(V.normalize(full, [ramp])[0], (ev - V.IMAGENET_MEAN) / V.IMAGENET_STD, atol=1e-5)
+
+
+def test_prepare_command_stores_an_embedded_dataset_and_refuses_bad_input(tmp_path, capsys):
+  from kdjax import cli
+
+  assert cli.main(["prepare", "digits", "--data_dir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "digits: prepared in" in out and list(tmp_path.glob("digits/*/digits-train.array_record-*"))
+  assert cli.main(["prepare", "--data_dir", str(tmp_path)]) == 1
+  assert "usage: kdjax prepare NAME" in capsys.readouterr().err
+  assert cli.main(["prepare", "no_such_dataset_xyz", "--data_dir", str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "unknown TFDS dataset 'no_such_dataset_xyz'" in err

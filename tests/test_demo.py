@@ -1,4 +1,4 @@
-"""scripts/demo.py end to end at toy length: table of 4 cells × 2 seeds + PNGs."""
+"""scripts/demo.py end to end at toy length, with TensorFlow unimportable: table of 4 cells × 2 seeds + PNGs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,39 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+NO_TENSORFLOW = """
+import sys
+from importlib.machinery import PathFinder
+
+
+class _PathFinderWithoutTensorFlow(PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split(".")[0] == "tensorflow":
+      return None  # as if it were not installed
+    return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_PathFinderWithoutTensorFlow if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+def no_tensorflow_env(tmp_path) -> dict:
+  """An environment whose Python processes (Grain's workers too) cannot import TensorFlow."""
+  d = tmp_path / "no_tensorflow"
+  d.mkdir()
+  (d / "sitecustomize.py").write_text(NO_TENSORFLOW)
+  path = os.pathsep.join([str(d), *filter(None, [os.environ.get("PYTHONPATH")])])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+  blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
+  assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr
+  return env
+
+
 def test_demo_prints_table_and_writes_plots(tmp_path):
   out = tmp_path / "res" / "demo.md"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = no_tensorflow_env(tmp_path)  # fresh data_dir below: datasets are prepared without TensorFlow too
+  env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--seeds", "2", "--steps", "30",
                          "--workdir", str(tmp_path / "wd"), "--out", str(out)],
                         capture_output=True, text=True, env=env, timeout=600)

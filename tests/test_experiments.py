@@ -205,7 +205,7 @@ def test_mnist_hinton_offline_is_one_line(tmp_path, capsys):
                  "--data.data_dir", str(tmp_path / "empty")])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and len(err) == 1, err
-  assert "'mnist' is not prepared" in err[0] and "tfds build mnist" in err[0] and "--data.download" in err[0]
+  assert "'mnist' is not prepared" in err[0] and "kdjax prepare mnist" in err[0] and "kdjax[tfds]" in err[0]
 
 
 # ---------------------------------------------------------------- scripts/reproduce_cifar100.sh

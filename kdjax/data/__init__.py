@@ -1,4 +1,5 @@
-"""kdjax.data: TFDS datasets as deterministic, resumable, process-sharded NumPy batches.
+"""kdjax.data: TFDS datasets (ArrayRecord, no TensorFlow) as deterministic, resumable,
+process-sharded NumPy batches on Grain.
 
 Importing this package registers the embedded TFDS datasets ``mnist1d`` and
 ``digits`` (built into ``data_dir`` on first use, no network).
@@ -6,25 +7,28 @@ Importing this package registers the embedded TFDS datasets ``mnist1d`` and
 
 from kdjax.data import builders  # noqa: F401  (registers mnist1d, digits)
 from kdjax.data import cache, views
-from kdjax.data.loader import Loader, eval_batches, to_global
-from kdjax.data.stream import StreamLoader, make_loader
+from kdjax.data.loader import Loader, default_workers, eval_batches, make_loader, to_global
 from kdjax.data.tfds import (
     ArrayDataset,
+    ConcatSource,
     DatasetSpec,
     DatasetUnavailableError,
+    RecordSource,
     concat,
     default_data_dir,
     default_view,
     get_builder,
     get_info,
     load_arrays,
+    open_split,
+    prepare,
 )
 from kdjax.data.cache import CachedLoader, CacheSpec, TeacherCache, build_cache
 from kdjax.data.views import ViewConfig
 
 __all__ = [
-    "ArrayDataset", "CachedLoader", "CacheSpec", "DatasetSpec", "DatasetUnavailableError", "Loader", "StreamLoader",
-    "TeacherCache", "ViewConfig", "build_cache", "cache",
-    "concat", "default_data_dir", "default_view", "eval_batches", "get_builder", "get_info",
-    "load_arrays", "make_loader", "to_global", "views",
+    "ArrayDataset", "CachedLoader", "CacheSpec", "ConcatSource", "DatasetSpec", "DatasetUnavailableError", "Loader",
+    "RecordSource", "TeacherCache", "ViewConfig", "build_cache", "cache", "concat", "default_data_dir",
+    "default_view", "default_workers", "eval_batches", "get_builder", "get_info", "load_arrays", "make_loader",
+    "open_split", "prepare", "to_global", "views",
 ]

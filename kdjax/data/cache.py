@@ -359,7 +359,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
     if max_shards is not None and written >= max_shards:
       break
     rows = np.arange(s * spec.shard_size, min((s + 1) * spec.shard_size, len(ds)))
-    ids, images = ds.ids[rows], ds.images[rows]
+    images, _, ids = ds.take(rows)
     stored: dict[str, np.ndarray] = {}  # encoded batch by batch: (n, K, …) — dense (B, L, V) never piles up
     for k in range(spec.views):
       x = view_images(view, images, ids, spec.view_seed, k)
@@ -402,6 +402,12 @@ class TeacherCache:
     self._sorted_ids = ids[order]
     self._rows = order
     self.arrays = arrays
+    self.directory: Path | None = None  # set by open(): Grain workers reopen the memory maps from it
+
+  def __reduce__(self):
+    if self.directory is None:
+      return super().__reduce__()
+    return (TeacherCache.open, (str(self.directory),))
 
   @classmethod
   def open(cls, directory: str | Path, *, teacher_hash: str | None = None, view: V.ViewConfig | None = None,
@@ -455,7 +461,9 @@ class TeacherCache:
         parts.setdefault(k, []).append(a)
         files.setdefault(k, []).append((p / f"{k}.npy", digests))
     ids = np.concatenate([np.asarray(a) for a in parts.pop("ids")])
-    return cls(meta, ids, {k: ShardedRows(v, files[k]) for k, v in parts.items()})
+    cache = cls(meta, ids, {k: ShardedRows(v, files[k]) for k, v in parts.items()})
+    cache.directory = d
+    return cache
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
     """Cache rows of example ``ids`` (ValueError for ids the cache lacks)."""
@@ -510,15 +518,17 @@ class CachedLoader(Loader):
   for a top-k cache; see :meth:`TeacherCache.outputs`) and ``view_index``
   int32 ``(B,)``; in ``view_mode="consistent"`` ``inputs`` is view
   ``view_index`` of each example (the input the teacher saw). Order,
-  sharding over processes and ``state()``/``restore()`` are the Loader's.
+  sharding over processes, the Grain pipeline and ``state()``/``restore()``
+  are the Loader's: the cache joins the pipeline by example id.
   """
 
-  def __init__(self, ds: ArrayDataset, cache: TeacherCache, batch_size: int, seed: int = 0, shuffle: bool = True,
+  def __init__(self, ds, cache: TeacherCache, batch_size: int, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = True, view_mode: str = "consistent", process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, worker_count: int | None = None):
     check_view(cache.view)
     super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=cache.view,
-                     view_mode=view_mode, process_index=process_index, process_count=process_count)
+                     view_mode=view_mode, process_index=process_index, process_count=process_count,
+                     worker_count=worker_count)
     self.cache = cache
     cache.rows(ds.ids)  # every example must be cached
 
@@ -528,14 +538,14 @@ class CachedLoader(Loader):
     rows = np.arange(lo, lo + self.local_batch_size)
     idx = gidx[rows]
     ds, c = self.ds, self.cache
-    ids, images = ds.ids[idx], ds.images[idx]
+    images, labels, ids = ds.take(idx)
     k = choose_views(self.seed, ids, epoch, c.num_views)
     if self.view_mode == "consistent":
       image = view_images(c.view, images, ids, c.view_seed, k)
     else:  # the student's own fresh view; the teacher's is cached view k
       image = V.augment(c.view, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))
     out = {B.INPUTS: image, **c.outputs(ids, k), B.VIEW_INDEX: k.astype(np.int32),
-           "label": ds.labels[idx].astype(np.int32), "id": ids.astype(np.int32),
+           "label": labels, "id": ids.astype(np.int32),
            "epoch": np.full(len(idx), epoch, np.int32)}
     if not self.drop_remainder:
       out["mask"] = gvalid[rows]
@@ -555,19 +565,16 @@ def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> N
 # --------------------------------------------------------------------------- experiments
 
 
-def training_set(cfg) -> ArrayDataset:
+def training_set(cfg):
   """The distillation training set of an ``Experiment`` (train + transfer split); ``fit`` and
-  ``kdjax cache`` both read it through here, so example ids agree."""
-  from kdjax.data.tfds import concat, is_streaming, load_arrays
+  ``kdjax cache`` both read it through here, so example ids agree.  Small datasets are held
+  in memory, ImageNet-sized ones read record by record (:func:`kdjax.data.open_split`)."""
+  from kdjax.data.tfds import concat, open_split
 
-  if is_streaming(cfg.data.name):
-    raise ValueError(f"data.name={cfg.data.name!r} is too large to hold in memory, and `fit` reads its training set "
-                     f"into memory; stream it with kdjax.data.StreamLoader in your own loop, or pick an in-memory "
-                     f"dataset (mnist1d, digits, mnist, cifar100)")
   dl = dict(data_dir=cfg.data.data_dir, download=cfg.data.download)
-  ds = load_arrays(cfg.data.name, cfg.data.train_split, **dl)
+  ds = open_split(cfg.data.name, cfg.data.train_split, **dl)
   if cfg.data.transfer_split:
-    ds = concat([ds, load_arrays(cfg.data.name, cfg.data.transfer_split, **dl)])
+    ds = concat([ds, open_split(cfg.data.name, cfg.data.transfer_split, **dl)])
   return ds
 
 
@@ -576,7 +583,7 @@ def experiment_view(cfg) -> V.ViewConfig:
   from kdjax.data.tfds import raw_scale
 
   return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
-                      scale=raw_scale(cfg.data.name))
+                      scale=raw_scale(cfg.data.name), image_size=cfg.data.image_size)
 
 
 def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool,
@@ -590,4 +597,5 @@ def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, need
                             num_examples=len(loader.ds))
   return CachedLoader(loader.ds, cache, batch_size=loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
                       drop_remainder=loader.drop_remainder, view_mode=loader.view_mode,
-                      process_index=loader.process_index, process_count=loader.process_count)
+                      process_index=loader.process_index, process_count=loader.process_count,
+                      worker_count=loader.worker_count)

@@ -1,4 +1,10 @@
-"""Deterministic, resumable, process-sharded batches from an in-memory dataset.
+"""Deterministic, resumable, process-sharded batches on a Grain pipeline.
+
+A dataset is any source with ``take(indices) -> (images, labels, ids)``,
+``ids`` and ``len``: an in-memory :class:`~kdjax.data.tfds.ArrayDataset` or a
+:class:`~kdjax.data.tfds.RecordSource` that reads ArrayRecord files by index
+(each process then reads only the records of its own rows, plus their mixing
+partners).
 
 Order: epoch ``e`` visits ``perm_e = default_rng([seed, e]).permutation(N)``
 (identity when ``shuffle=False``); global batch ``k`` is
@@ -12,13 +18,19 @@ Mixup/cutmix partner: row ``r`` of global batch ``(epoch, step)`` is mixed
 with row ``q[r]`` where ``q = default_rng([seed, epoch, step, 0x6D6978]).permutation(B)``
 (a process computes its partners' views itself: all processes hold the data).
 
-Iterating a ``Loader`` runs forever, epoch after epoch; ``state()`` is the
-position of the next batch and ``restore(state)`` returns to it.
+Iterating a ``Loader`` runs forever, epoch after epoch, through a Grain
+pipeline whose element ``k`` is global step ``k`` (epoch ``k // steps_per_epoch``)
+made by :meth:`Loader.batch`, with ``worker_count`` worker processes
+(``grain``'s ``mp_prefetch``) or, with 0, one prefetch thread.  Batches are a
+pure function of their index, so ``state()`` (the position of the next batch
+the caller takes) restored by ``restore(state)`` continues with exactly the
+batch an uninterrupted run would have seen, whatever the worker count.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -28,6 +40,16 @@ from kdjax.data import views as V
 from kdjax.data.tfds import ArrayDataset
 
 _MIX_TAG = 0x6D6978  # "mix"
+_UNBOUNDED = 1 << 50  # steps in the pipeline's index range (it is lazy)
+
+
+def default_workers(ds) -> int:
+  """Input worker processes sized for the machine: none for a split held in memory (its
+  vectorised views beat the cost of shipping batches between processes), else up to 8,
+  leaving a core for the training loop."""
+  if isinstance(ds, ArrayDataset):
+    return 0
+  return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -49,13 +71,16 @@ class Loader:
   ``label_b`` int32 and ``mix_lambda`` float32 when mixing
   (``image = λ·x + (1−λ)·x_b``); ``mask`` bool when ``drop_remainder=False``
   (the last batch is padded by wrapping to the start of the epoch's order).
+  ``worker_count``: Grain worker processes making batches ahead (``None``:
+  :func:`default_workers`).
   """
 
-  def __init__(self, ds: ArrayDataset, batch_size: int, seed: int = 0, shuffle: bool = True,
+  def __init__(self, ds, batch_size: int, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = True, view: V.ViewConfig | None = None,
                view_mode: str = "consistent", process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, worker_count: int | None = None):
     self.ds = ds
+    self.worker_count = default_workers(ds) if worker_count is None or worker_count < 0 else int(worker_count)
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
@@ -125,27 +150,25 @@ class Loader:
     rows = np.arange(lo, lo + self.local_batch_size)
     idx = gidx[rows]
     ds, cfg = self.ds, self.view
-    ids = ds.ids[idx]
-    images = ds.images[idx]
+    images, labels, ids = ds.take(idx)
     out = {B.INPUTS: V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))}
     teacher = None
     if self.view_mode == "independent":
       teacher = V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_TEACHER))
     if cfg.mixes:
       q = np.random.default_rng([self.seed, int(epoch), int(step), _MIX_TAG]).permutation(self.batch_size)
-      pidx = gidx[q[rows]]
-      pids, pimages = ds.ids[pidx], ds.images[pidx]
+      pimages, plabels, pids = ds.take(gidx[q[rows]])
       w, lam = V.mix_weights(cfg, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), out[B.INPUTS].shape[1:])
       xb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_STUDENT))
       out[B.INPUTS] = V.apply_mix(w, out[B.INPUTS], xb)
       if teacher is not None:
         tb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_TEACHER))
         teacher = V.apply_mix(w, teacher, tb)
-      out["label_b"] = ds.labels[pidx].astype(np.int32)
+      out["label_b"] = plabels
       out["mix_lambda"] = lam
     if teacher is not None:
       out[B.TEACHER_INPUTS] = teacher
-    out["label"] = ds.labels[idx].astype(np.int32)
+    out["label"] = labels
     out["id"] = ids.astype(np.int32)
     out["epoch"] = np.full(len(idx), epoch, np.int32)
     if not self.drop_remainder:
@@ -156,13 +179,32 @@ class Loader:
     for step in range(self.steps_per_epoch):
       yield self.batch(epoch, step)
 
+  def _global_step_batch(self, k: int) -> dict[str, np.ndarray]:
+    return self.batch(k // self.steps_per_epoch, k % self.steps_per_epoch)
+
+  def pipeline(self, start: int = 0):
+    """The Grain pipeline of this process's batches from global step ``start`` on (unbounded)."""
+    import grain
+
+    ds = grain.MapDataset.range(start, start + _UNBOUNDED).map(self._global_step_batch)
+    if self.worker_count:
+      _absl_flags_defaults()  # grain's workers read absl flags, which a program without absl never parses
+      return ds.to_iter_dataset().mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    while True:
-      self._normalise_position()
-      b = self.batch(self._epoch, self._step)
-      self._step += 1
-      self._normalise_position()
-      yield b
+    self._normalise_position()
+    it = iter(self.pipeline(self._epoch * self.steps_per_epoch + self._step))
+    try:
+      for b in it:
+        self._step += 1
+        self._normalise_position()
+        yield b
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()  # stops the worker processes now, not whenever the iterator is collected
 
   def __next__(self):  # convenience: next(loader)
     self._normalise_position()
@@ -172,7 +214,7 @@ class Loader:
     return b
 
 
-def eval_batches(ds: ArrayDataset, batch_size: int, view: V.ViewConfig | None = None,
+def eval_batches(ds, batch_size: int, view: V.ViewConfig | None = None,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Un-augmented (normalised) batches in dataset order, every batch the same shape.
@@ -191,8 +233,8 @@ def eval_batches(ds: ArrayDataset, batch_size: int, view: V.ViewConfig | None = 
     g = np.arange(start, start + batch_size)[pi * lb:(pi + 1) * lb]
     mask = g < n
     idx = np.where(mask, g, 0)
-    yield {B.INPUTS: V.normalize(cfg, ds.images[idx]), "label": ds.labels[idx].astype(np.int32),
-           "id": ds.ids[idx].astype(np.int32), "mask": mask}
+    images, labels, ids = ds.take(idx)
+    yield {B.INPUTS: V.normalize(cfg, images), "label": labels, "id": ids.astype(np.int32), "mask": mask}
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
@@ -208,3 +250,25 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
     s = sharding[k] if isinstance(sharding, Mapping) else sharding
     out[k] = jax.make_array_from_process_local_data(s, np.asarray(v))
   return out
+
+
+def _absl_flags_defaults() -> None:
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_loader(name: str, split: str, batch_size: int, seed: int = 0, data_dir: str | None = None,
+                view: V.ViewConfig | None = None, view_mode: str = "consistent", shuffle: bool = True,
+                drop_remainder: bool = True, process_index: int | None = None,
+                process_count: int | None = None, download: bool = False, worker_count: int | None = None) -> Loader:
+  """A :class:`Loader` over TFDS split ``name/split``: held in memory for small datasets, read
+  record by record (:class:`~kdjax.data.tfds.RecordSource`) for ImageNet-sized ones."""
+  from kdjax.data.tfds import default_view, open_split
+
+  view = view if view is not None else default_view(name)
+  ds = open_split(name, split, data_dir, download=download)
+  return Loader(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=view,
+                view_mode=view_mode, process_index=process_index, process_count=process_count,
+                worker_count=worker_count)

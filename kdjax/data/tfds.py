@@ -1,13 +1,22 @@
-"""Loading TFDS image-classification datasets into host memory, offline-safe.
+"""TFDS datasets stored as ArrayRecord and read by index, offline-safe, without TensorFlow.
 
 ``data_dir``: the argument, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
-Nothing is downloaded unless ``download=True``; the embedded datasets
-(``mnist1d``, ``digits``) are generated into ``data_dir`` on first use.
+Every dataset is prepared in TFDS's ``array_record`` file format and read with
+random access through ``builder.as_data_source`` (no TensorFlow at run time).
+The embedded datasets (``mnist1d``, ``digits``) are generated into
+``data_dir`` on first use; TFDS's downloadable datasets (``mnist``,
+``cifar100``, ``imagenet2012``) read their archives through TensorFlow, so
+preparing them needs the ``tfds`` extra (``pip install 'kdjax[tfds]'``) and
+``kdjax prepare NAME`` (or ``download=True``), once; training never imports
+TensorFlow.
 
-Example ids: the position of the example in the split as TFDS reads it with
-``shuffle_files=False`` (deterministic for a prepared dataset; for the
-embedded datasets equal to the generator's order), so ids are ``0..N-1`` and
-stable across runs and processes.
+Two ways to hold a split, both with ``take(indices) -> (images, labels, ids)``:
+:class:`ArrayDataset` (the whole split in host memory, for small datasets) and
+:class:`RecordSource` (records read and decoded on demand, nothing held whole;
+ImageNet-sized splits).
+
+Example ids: the record's index in the split, ``0..N-1`` (for the embedded
+datasets the generator's order), stable across runs and processes.
 """
 
 from __future__ import annotations
@@ -40,10 +49,25 @@ def _is_embedded(builder) -> bool:
 def _unavailable(name: str, data_dir: str, why: str = "") -> DatasetUnavailableError:
   manual = os.path.join(data_dir, "downloads", "manual")
   msg = (f"dataset {name!r} is not prepared in data_dir {data_dir!r}{why}; "
-         f"prepare it on a machine with network (`tfds build {name} --data_dir DIR`) and copy "
-         f"DIR/{name.split('/')[0]} into {data_dir!r} (or point --data_dir / TFDS_DATA_DIR at it), "
-         f"or pass download=True (CLI: --data.download); for manual-download datasets put the archives in {manual!r}")
+         f"prepare it once with `kdjax prepare {name} --data_dir DIR` (needs `pip install 'kdjax[tfds]'` and the "
+         f"network) and copy DIR/{name.split('/')[0]} into {data_dir!r} (or point --data_dir / TFDS_DATA_DIR at it); "
+         f"for manual-download datasets put the archives in {manual!r} first")
   return DatasetUnavailableError(" ".join(msg.split()))
+
+
+def _needs_tensorflow(name: str) -> DatasetUnavailableError:
+  return DatasetUnavailableError(
+      f"preparing {name!r} reads its downloaded files through TensorFlow, which this install lacks: "
+      f"`pip install 'kdjax[tfds]'`, then `kdjax prepare {name}` (once; training never needs TensorFlow)")
+
+
+def _has_tensorflow() -> bool:
+  import importlib.util
+
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):
+    return False
 
 
 def get_builder(name: str, data_dir: str | None = None, *, download: bool = False, prepare: bool = True):
@@ -63,7 +87,7 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
   try:
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, file_format=FILE_FORMAT)
     prepared = prepare and builder.is_prepared()
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -71,20 +95,52 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
         f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
   finally:
     absl_log.setLevel(level)
-  if not prepare or prepared:
+  if prepared:
+    return _check_format(builder, name)
+  if not prepare:
     return builder
   if not (download or _is_embedded(builder)):
     raise _unavailable(name, data_dir)
   with _prepare_lock(data_dir, name):  # several processes (hosts of one node, sweep cells) may ask at once
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, file_format=FILE_FORMAT)
     if builder.is_prepared():  # another process prepared it while this one waited
-      return builder
+      return _check_format(builder, name)
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception as e:
+      if not (_is_embedded(builder) or _has_tensorflow()):
+        raise _needs_tensorflow(name) from None
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise _unavailable(name, data_dir, f" and preparing it failed ({type(e).__name__}: {first})") from None
+  return builder
+
+
+FILE_FORMAT = "array_record"
+
+
+def prepare(name: str, data_dir: str | None = None) -> str:
+  """Download (needs the network) and store dataset ``name`` as ArrayRecord in ``data_dir``, once.
+
+  Embedded datasets are generated locally.  Downloadable TFDS datasets read
+  their archives through TensorFlow: without the ``tfds`` extra this is one
+  :class:`DatasetUnavailableError` line saying how to get it.  Returns the
+  prepared dataset's directory.
+  """
+  builder = get_builder(name, data_dir, prepare=False)
+  if not (builder.is_prepared() or _is_embedded(builder) or _has_tensorflow()):
+    raise _needs_tensorflow(name)
+  return str(get_builder(name, data_dir, download=True).data_dir)
+
+
+def _check_format(builder, name: str):
+  """A dataset prepared earlier as TFRecord cannot be read by index: say how to convert it."""
+  fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if fmt and str(fmt) != FILE_FORMAT:
+    raise DatasetUnavailableError(
+        f"dataset {name!r} in {builder.data_dir!r} is stored as {fmt}, and kdjax reads {FILE_FORMAT}: convert it "
+        f"with `tfds convert_format --dataset_version_dir {builder.data_dir} --out_file_format {FILE_FORMAT}` "
+        f"(needs `pip install 'kdjax[tfds]'`) or prepare it again with `kdjax prepare {name}`")
   return builder
 
 
@@ -107,6 +163,8 @@ def _prepare_lock(data_dir: str, name: str):
 class ArrayDataset:
   """A split held in host memory: ``images`` (N, ...), ``labels`` int32 (N,) (-1 = unlabelled), ``ids`` int64 (N,)."""
 
+  fixed_shape = True
+
   images: np.ndarray
   labels: np.ndarray
   ids: np.ndarray
@@ -124,51 +182,118 @@ class ArrayDataset:
   def __len__(self) -> int:
     return len(self.images)
 
+  def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``idx``: images (n, ...), labels int32 (n,), ids int64 (n,)."""
+    return self.images[idx], self.labels[idx], self.ids[idx]
+
+
+class RecordSource:
+  """A prepared split read by index from its ArrayRecord files (nothing held in memory whole).
+
+  ``take(idx)`` reads and decodes only records ``idx``: images as one array
+  (n, ...) when the dataset's image shape is fixed, else a list of (H, W, C)
+  arrays (ImageNet's JPEGs); labels int32 (-1 where the split has none); ids
+  = record indices.  Picklable, so Grain worker processes open their own
+  readers.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None, *, download: bool = False):
+    builder = get_builder(name, data_dir, download=download)
+    self.name, self.split = name, split
+    try:
+      self._source = builder.as_data_source(split=split)
+    except Exception as e:  # an unknown split or slice
+      raise DatasetUnavailableError(f"{name}: cannot read split {split!r}: {str(e).strip().splitlines()[0]}") from None
+    self.fixed_shape = all(d is not None for d in builder.info.features["image"].shape)
+    self.ids = np.arange(len(self._source), dtype=np.int64)
+    if not len(self.ids):
+      raise ValueError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def take(self, idx: np.ndarray):
+    idx = np.asarray(idx, np.int64)
+    records = _read_records(self._source, idx.tolist())
+    images = [np.asarray(r["image"]) for r in records]
+    labels = np.array([r.get("label", -1) for r in records], np.int32)
+    return (np.stack(images) if self.fixed_shape else images), labels, self.ids[idx]
+
+
+def _read_records(source, keys: list[int]) -> list:
+  try:
+    return source.__getitems__(keys)  # one batched read
+  except TypeError:  # tfds.testing.mock_data's source implements only __getitem__
+    return [source[k] for k in keys]
+
+
+class ConcatSource:
+  """Sources one after another; ids offset as :func:`concat` does."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+    ids, offset = [], 0
+    for s in self.sources:
+      ids.append(s.ids + offset)
+      if len(s):
+        offset = int(ids[-1].max()) + 1
+    self.ids = np.concatenate(ids)
+    self.name = "+".join(dict.fromkeys(s.name for s in self.sources))
+    self.split = "+".join(s.split for s in self.sources)
+    self.fixed_shape = all(getattr(s, "fixed_shape", True) for s in self.sources)
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def take(self, idx: np.ndarray):
+    idx = np.asarray(idx, np.int64)
+    which = np.searchsorted(self.starts, idx, side="right") - 1
+    images, labels = [None] * len(idx), np.empty(len(idx), np.int32)
+    for k in np.unique(which):
+      at = np.flatnonzero(which == k)
+      im, lab, _ = self.sources[k].take(idx[at] - self.starts[k])
+      labels[at] = lab
+      for j, a in enumerate(at):
+        images[a] = im[j]
+    return (np.stack(images) if self.fixed_shape else images), labels, self.ids[idx]
+
 
 def load_arrays(name: str, split: str, data_dir: str | None = None, *, download: bool = False) -> ArrayDataset:
   """Read a whole split into NumPy (for datasets that fit in host memory)."""
-  import tensorflow_datasets as tfds
-
-  builder = get_builder(name, data_dir, download=download)
-  # Chunked reads (batch_size=-1 aborts TF on tfds.testing.mock_data's generator datasets).
-  ds = builder.as_dataset(split=split, batch_size=4096, shuffle_files=False)
-  images, labels = [], []
-  for chunk in tfds.as_numpy(ds):
-    images.append(np.asarray(chunk["image"]))
-    if "label" in chunk:
-      labels.append(np.asarray(chunk["label"]))
-  if not images:
-    raise ValueError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
-  images = np.concatenate(images)
-  n = len(images)
-  labels = np.concatenate(labels) if labels else np.full(n, -1)
-  return ArrayDataset(images, labels, np.arange(n, dtype=np.int64), name=name, split=split)
+  src = RecordSource(name, split, data_dir, download=download)
+  if not src.fixed_shape:
+    raise ValueError(f"{name}/{split}: images of varying size cannot be held as one array; read it with "
+                     f"kdjax.data.RecordSource (kdjax.data.make_loader does)")
+  images, labels, ids = src.take(src.ids)
+  return ArrayDataset(images, labels, ids, name=name, split=split)
 
 
-def concat(datasets: Sequence[ArrayDataset]) -> ArrayDataset:
-  """Concatenate in-memory datasets (e.g. train + transfer).
+def open_split(name: str, split: str, data_dir: str | None = None, *, download: bool = False):
+  """The split as an :class:`ArrayDataset` (small datasets) or a :class:`RecordSource` (ImageNet-sized ones)."""
+  if is_streaming(name):
+    return RecordSource(name, split, data_dir, download=download)
+  return load_arrays(name, split, data_dir, download=download)
+
+
+def concat(datasets: Sequence) -> ArrayDataset | ConcatSource:
+  """Concatenate datasets (e.g. train + transfer).
 
   Ids stay unique: each dataset's ids are offset by (max id so far + 1), so
   the first keeps its ids and, for ``[train, transfer]`` with ids 0..N-1, the
-  transfer examples get ids N..N+M-1.
+  transfer examples get ids N..N+M-1.  In-memory datasets give an
+  :class:`ArrayDataset`; any :class:`RecordSource` among them a :class:`ConcatSource`.
   """
   if not datasets:
-    raise ValueError("concat needs at least one ArrayDataset")
+    raise ValueError("concat needs at least one dataset")
+  if not all(isinstance(d, ArrayDataset) for d in datasets):
+    return ConcatSource(datasets)
   shapes = {d.images.shape[1:] for d in datasets}
   if len(shapes) != 1:
     raise ValueError(f"concat: image shapes differ: {sorted(shapes)}")
-  ids, offset = [], 0
-  for d in datasets:
-    ids.append(d.ids + offset)
-    if len(d):
-      offset = int(ids[-1].max()) + 1
-  return ArrayDataset(
-      np.concatenate([d.images for d in datasets]),
-      np.concatenate([d.labels for d in datasets]),
-      np.concatenate(ids),
-      name="+".join(dict.fromkeys(d.name for d in datasets)),
-      split="+".join(d.split for d in datasets),
-  )
+  c = ConcatSource(datasets)
+  return ArrayDataset(np.concatenate([d.images for d in datasets]), np.concatenate([d.labels for d in datasets]),
+                      c.ids, name=c.name, split=c.split)
 
 
 # ----------------------------------------------------------------- info

@@ -19,9 +19,9 @@ Kinds (``ViewConfig.kind``):
   * ``"jitter"``: random integer translation by up to ``max_shift`` (2) px
     along every spatial axis with zero fill (Hinton et al.'s MNIST teacher).
   * ``"imagenet"``: Inception crop (area 8–100 %, aspect 3/4–4/3) resized to
-    ``image_size`` + flip, ImageNet mean/std; eval: resize the short side to
-    ``image_size / 0.875`` and centre-crop.  Runs TensorFlow image ops
-    per example (the same functions the streaming loader maps).
+    ``image_size`` (bilinear, Pillow) + flip, ImageNet mean/std; eval: resize
+    the short side to ``image_size / 0.875`` and centre-crop.  Per example
+    (images of any size, a list or an array).
 
 Layouts: ``(B, H, W, C)`` images, or ``(B, L)`` / ``(B, L, C)`` 1-D signals.
 
@@ -203,7 +203,7 @@ def _tokens(x: np.ndarray) -> np.ndarray:
 def normalize(cfg: ViewConfig, images) -> np.ndarray:
   """The eval-time transform: scale (+ mean/std); ImageNet: resize + centre crop."""
   if cfg.kind == "imagenet":
-    return np.stack([_tf_eval_view(im, cfg) for im in images]).astype(np.float32)
+    return np.stack([imagenet_eval_view(im, cfg) for im in images])
   images = np.asarray(images)
   if cfg.kind == "tokens":
     return _tokens(images)
@@ -214,7 +214,7 @@ def augment(cfg: ViewConfig, images, keys: np.ndarray) -> np.ndarray:
   """The training view of each image: a deterministic function of (image, key)."""
   keys = np.asarray(keys, np.uint64)
   if cfg.kind == "imagenet":
-    return np.stack([_tf_train_view(im, k, cfg) for im, k in zip(images, keys)]).astype(np.float32)
+    return np.stack([imagenet_train_view(im, k, cfg) for im, k in zip(images, keys)])
   images = np.asarray(images)
   if cfg.kind == "tokens":
     return _tokens(images)
@@ -283,56 +283,52 @@ def apply_mix(w: np.ndarray, x: np.ndarray, x_b: np.ndarray) -> np.ndarray:
   return (w * x + (1.0 - w) * x_b).astype(np.float32)
 
 
-# ----------------------------------------------------------------- imagenet (TF)
-def tf_seed(key) -> Any:
-  """uint64 key -> the int64 (2,) seed TF's stateless ops take."""
-  k = np.uint64(key)
-  return np.array([int(k >> np.uint64(32)), int(k & np.uint64(0xFFFFFFFF))], np.int64)
+# ----------------------------------------------------------------- imagenet (NumPy + Pillow)
+def inception_box(key, height: int, width: int, min_area: float = 0.08, attempts: int = 10) -> tuple[int, int, int, int]:
+  """The Inception crop (Szegedy et al. 2015) of one image: ``(top, left, h, w)``.
+
+  Attempt ``j`` draws an area fraction ~ U[min_area, 1], a log aspect ratio
+  ~ U[log 3/4, log 4/3] and, if the box fits, its offset; after ``attempts``
+  misses the whole image.  Every draw is a function of ``key``.
+  """
+  k = np.asarray([key], np.uint64)
+  lo, hi = np.log(3 / 4), np.log(4 / 3)
+  for j in range(attempts):
+    area = height * width * (min_area + (1.0 - min_area) * uniform(k, 4 * j + 1)[0])
+    ratio = np.exp(lo + (hi - lo) * uniform(k, 4 * j + 2)[0])
+    w, h = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(randint(k, 4 * j + 3, height - h + 1)[0]), int(randint(k, 4 * j + 4, width - w + 1)[0]), h, w
+  return 0, 0, height, width
 
 
-def tf_train_image(image, seed, cfg: ViewConfig):
-  """Inception crop + resize + flip + normalise (TF ops; used eagerly and in tf.data)."""
-  import tensorflow as tf
+def _resize(image: np.ndarray, height: int, width: int, box=None) -> np.ndarray:
+  """Bilinear resize of a (H, W, C) uint8 image (of ``box`` = (left, top, right, bottom) when given)."""
+  from PIL import Image
 
+  im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  out = np.asarray(im.resize((width, height), Image.BILINEAR, box=box))
+  return out.reshape(height, width, image.shape[-1])
+
+
+def imagenet_train_view(image, key, cfg: ViewConfig) -> np.ndarray:
+  """Inception crop resized to ``image_size`` squared, random flip, normalise: (s, s, C) float32."""
+  image = np.asarray(image)
   s = cfg.out_size
-  shape = tf.shape(image)
-  bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=bbox, seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(cfg.min_area, 1.0),
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, size)
-  crop = tf.image.resize(crop, [s, s], method="bilinear")
-  crop = tf.image.stateless_random_flip_left_right(crop, seed=seed + tf.constant([0, 1], tf.int64))
-  return _tf_norm(crop, cfg)
+  top, left, h, w = inception_box(key, image.shape[0], image.shape[1], cfg.min_area)
+  out = _resize(image, s, s, box=(left, top, left + w, top + h))
+  if uniform(np.asarray([key], np.uint64), 0)[0] < 0.5:
+    out = out[:, ::-1]
+  return _scale_norm(cfg, out, image.dtype)
 
 
-def tf_eval_image(image, cfg: ViewConfig):
-  import tensorflow as tf
-
+def imagenet_eval_view(image, cfg: ViewConfig) -> np.ndarray:
+  """Resize the short side to ``image_size / 0.875``, centre-crop ``image_size`` squared, normalise."""
+  image = np.asarray(image)
   s = cfg.out_size
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  short = tf.reduce_min(shape)
-  ratio = (s / 0.875) / short
-  new = tf.cast(tf.round(shape * ratio), tf.int32)
-  im = tf.image.resize(image, new, method="bilinear")
-  im = tf.image.resize_with_crop_or_pad(im, s, s)
-  return _tf_norm(im, cfg)
-
-
-def _tf_norm(x, cfg: ViewConfig):
-  import tensorflow as tf
-
-  scale, mean, std = cfg.stats(np.uint8)
-  x = tf.cast(x, tf.float32) / scale
-  if mean is not None:
-    x = (x - mean) / std
-  return x
-
-
-def _tf_train_view(image, key, cfg: ViewConfig) -> np.ndarray:
-  return tf_train_image(np.asarray(image), tf_seed(key), cfg).numpy()
-
-
-def _tf_eval_view(image, cfg: ViewConfig) -> np.ndarray:
-  return tf_eval_image(np.asarray(image), cfg).numpy()
+  height, width = image.shape[:2]
+  ratio = (s / 0.875) / min(height, width)
+  nh, nw = max(s, int(round(height * ratio))), max(s, int(round(width * ratio)))
+  out = _resize(image, nh, nw)
+  top, left = (nh - s) // 2, (nw - s) // 2
+  return _scale_norm(cfg, out[top:top + s, left:left + s], image.dtype)

@@ -147,11 +147,12 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
-  eval_ds = kd_data.load_arrays(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
-                                download=cfg.data.download)
+  eval_ds = kd_data.open_split(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
+                               download=cfg.data.download)
   view = kd_data.cache.experiment_view(cfg)
   loader = kd_data.Loader(train_ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
-                          drop_remainder=True, view=view, view_mode=cfg.data.view_mode)
+                          drop_remainder=True, view=view, view_mode=cfg.data.view_mode,
+                          worker_count=cfg.data.workers)
   spe = loader.steps_per_epoch
   init_steps = int(round(cfg.method.init_epochs * spe))
   total_steps = init_steps + (cfg.optim.steps or int(math.ceil(cfg.optim.epochs * spe)))

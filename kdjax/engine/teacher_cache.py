@@ -37,7 +37,8 @@ def build_teacher_cache(cfg: Experiment, directory: str | Path, spec: Any = None
   model, teacher_hash = load_teacher(cfg.teacher, num_classes)
   graphdef, params, rest = split_model(model)
   ds = C.training_set(cfg)
-  example = C.view_images(view, ds.images[:1], ds.ids[:1], 0, 0)
+  first, _, first_id = ds.take(np.arange(1))
+  example = C.view_images(view, first, first_id, 0, 0)
   return C.build_cache(directory, ds, teacher_predict_fn(graphdef, params, rest, spec.top_k, cfg.run.xla_cpu_conv),
                        teacher_hash=teacher_hash, num_classes=num_classes, view=view, spec=spec,
                        output_shape=_output_shape(graphdef, params, rest, example),

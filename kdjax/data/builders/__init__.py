@@ -1,8 +1,8 @@
 """Embedded TFDS datasets that need no network.
 
-Importing this package registers ``mnist1d`` and ``digits`` with TFDS, so
-``tfds.load("mnist1d")`` / ``tfds.load("digits")`` build them into ``data_dir``
-on first use (generated locally: nothing is downloaded).
+Importing this package registers ``mnist1d`` and ``digits`` with TFDS; kdjax
+prepares them into ``data_dir`` as ArrayRecord on first use (generated locally:
+nothing is downloaded, no TensorFlow), readable with ``tfds.data_source``.
 """
 
 from kdjax.data.builders.digits import Digits

@@ -25,8 +25,8 @@ def split_indices() -> dict[str, np.ndarray]:
 class Digits(LocalBuilder):
   """sklearn ``load_digits``: 10 classes, 8x8x1 uint8 in 0..16."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "From sklearn.datasets.load_digits."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "From sklearn.datasets.load_digits.", "1.1.0": "The same examples, stored as ArrayRecord."}
 
 
   def _info(self) -> tfds.core.DatasetInfo:

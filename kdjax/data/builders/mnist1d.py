@@ -73,8 +73,8 @@ def _row_set(x: np.ndarray) -> set:
 class Mnist1d(LocalBuilder):
   """MNIST-1D: 10-class 1-D signals of length 40, generated locally."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Generated with the mnist1d package."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Generated with the mnist1d package.", "1.1.0": "The same examples, stored as ArrayRecord."}
   BUILDER_CONFIGS = [
       Mnist1dConfig(
           name="default",
