@@ -471,3 +471,52 @@ def test_prepare_command_stores_an_embedded_dataset_and_refuses_bad_input(tmp_pa
   assert cli.main(["prepare", "no_such_dataset_xyz", "--data_dir", str(tmp_path)]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "unknown TFDS dataset 'no_such_dataset_xyz'" in err
+
+
+ORPHAN_SCRIPT = """
+import time
+import numpy as np
+from kdjax import data as kd
+if __name__ == "__main__":
+  ds = kd.ArrayDataset(np.zeros((64, 4), np.float32), np.zeros(64), np.arange(64))
+  it = iter(kd.Loader(ds, 8, process_index=0, process_count=1, worker_count=2))
+  next(it)
+  print("ready", flush=True)
+  time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_input_workers_die_with_a_killed_training_process(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  script = tmp_path / "train.py"
+  script.write_text(ORPHAN_SCRIPT)
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2  # the two Grain workers
+    time.sleep(1.0)
+    assert all(os.path.exists(f"/proc/{c}") for c in children)  # alive while their parent is
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(c) for c in children):
+      time.sleep(0.2)
+    assert not any(_alive(c) for c in children), "orphaned input workers"
+  finally:
+    proc.kill()
+
+
+def _alive(pid: str) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False

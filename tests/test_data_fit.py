@@ -1,12 +1,10 @@
-"""The engine on the Grain pipeline: a streamed (mock) ImageNet through `fit`, and batches that do
-not depend on the number of input workers."""
+"""The engine on the Grain pipeline: a streamed (mock) ImageNet through `fit`."""
 
 from __future__ import annotations
 
 import json
 import warnings
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -22,6 +20,7 @@ def _imagenet_cfg(tmp_path, **data) -> Experiment:
       optim=OptimConfig(steps=3, lr=0.01), run=RunConfig(workdir=str(tmp_path / "run"), quiet=True, eval_every=3))
 
 
+@pytest.mark.slow
 def test_mock_imagenet_streams_through_fit(tmp_path):
   cfg = _imagenet_cfg(tmp_path, workers=0)
   with tfds.testing.mock_data(num_examples=8), warnings.catch_warnings():

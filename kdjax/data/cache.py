@@ -212,9 +212,9 @@ class ShardedRows:
     shard = np.searchsorted(self.offsets, rows, side="right") - 1
     out = np.empty((len(rows), *self.shape[2:]), self.dtype)
     for s in np.unique(shard):
-      if s in self._unverified:
-        verify_file(*self._unverified[s])
-        del self._unverified[s]
+      unverified = self._unverified.pop(s, None)  # one atomic pop: a prefetch thread may read too
+      if unverified is not None:
+        verify_file(*unverified)
       m = shard == s
       out[m] = self.parts[s][rows[m] - self.offsets[s], views[m]]
     return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -187,11 +188,13 @@ class Loader:
     import grain
 
     ds = grain.MapDataset.range(start, start + _UNBOUNDED).map(self._global_step_batch)
-    if self.worker_count:
-      _absl_flags_defaults()  # grain's workers read absl flags, which a program without absl never parses
-      return ds.to_iter_dataset().mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    # One thread makes batches ahead (two in flight) in this process, or in each worker process.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if not self.worker_count:
+      return ds
+    _absl_flags_defaults()  # grain's workers read absl flags, which a program without absl never parses
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2),
+                          worker_init_fn=_die_with_parent)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     self._normalise_position()
@@ -250,6 +253,19 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
     s = sharding[k] if isinstance(sharding, Mapping) else sharding
     out[k] = jax.make_array_from_process_local_data(s, np.asarray(v))
   return out
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+  """Grain worker set-up: on Linux the kernel kills the worker when the training process dies, so a
+  SIGKILLed run leaves no orphaned input workers (elsewhere Grain's own shutdown is all there is)."""
+  del worker_index, worker_count
+  if sys.platform.startswith("linux"):
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the line above
+      os._exit(1)
 
 
 def _absl_flags_defaults() -> None:
