@@ -152,10 +152,13 @@ def test_eval_stats_three_batches_equal_one_shot():
     for k, v in stats_fn(s[b], t[b], labels[b], mask[b]).items():
       sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
   got = report.finalize_eval_stats(sums)
-  assert set(got) == {"test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
-                      "num_examples"}
+  assert set(got) == {"test_accuracy", "test_nll", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
+                      "num_examples"}  # no perplexity: these are per-example logits, not tokens
   m = mask
   np.testing.assert_allclose(got["num_examples"], 80)
+  z = s - s.max(-1, keepdims=True)
+  nll = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, labels[:, None], -1)[:, 0]
+  np.testing.assert_allclose(got["test_nll"], nll[m].mean(), rtol=1e-5)
   np.testing.assert_allclose(got["test_accuracy"], np.mean((s.argmax(-1) == labels)[m]), rtol=1e-6)
   np.testing.assert_allclose(got["teacher_test_accuracy"], np.mean((t.argmax(-1) == labels)[m]), rtol=1e-6)
   np.testing.assert_allclose(got["agreement"], np.mean((s.argmax(-1) == t.argmax(-1))[m]), rtol=1e-6)
@@ -171,7 +174,7 @@ def test_eval_stats_without_teacher_omit_teacher_keys():
   s = rand_logits(13, (16, 5))
   labels = np.arange(16) % 5
   got = report.finalize_eval_stats(jax.jit(lambda a, b: report.eval_batch_stats(a, None, b))(s, labels))
-  assert set(got) == {"test_accuracy", "ece", "num_examples"}
+  assert set(got) == {"test_accuracy", "test_nll", "ece", "num_examples"}
 
 
 def test_token_shapes_bf16_and_jit():

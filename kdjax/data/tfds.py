@@ -81,20 +81,13 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
   import kdjax.data.builders  # noqa: F401  (registration)
 
   data_dir = default_data_dir(data_dir)
-  # tfds logs "Variant folder … has no dataset_info.json" (absl) for a missing
-  # dataset; the one-line error below says it better.
-  absl_log = logging.getLogger("absl")
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)
   try:
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, file_format=FILE_FORMAT)
+    builder = _builder(name, data_dir)
     prepared = prepare and builder.is_prepared()
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DatasetUnavailableError(
         f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
-  finally:
-    absl_log.setLevel(level)
   if prepared:
     return _check_format(builder, name)
   if not prepare:
@@ -102,14 +95,16 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
   if not (download or _is_embedded(builder)):
     raise _unavailable(name, data_dir)
   with _prepare_lock(data_dir, name):  # several processes (hosts of one node, sweep cells) may ask at once
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, file_format=FILE_FORMAT)
+    builder = _builder(name, data_dir)
     if builder.is_prepared():  # another process prepared it while this one waited
       return _check_format(builder, name)
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception as e:
-      if not (_is_embedded(builder) or _has_tensorflow()):
+      if _is_embedded(builder):
+        raise  # generated locally: a failure is a bug, not missing data
+      if not _has_tensorflow():
         raise _needs_tensorflow(name) from None
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise _unavailable(name, data_dir, f" and preparing it failed ({type(e).__name__}: {first})") from None
@@ -117,6 +112,20 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
 
 
 FILE_FORMAT = "array_record"
+
+
+def _builder(name: str, data_dir: str):
+  """``tfds.builder`` without its absl warning "Variant folder … has no dataset_info.json" for a
+  dataset not prepared yet (kdjax says that better, or prepares it)."""
+  import tensorflow_datasets as tfds
+
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return tfds.builder(name, data_dir=data_dir, try_gcs=False, file_format=FILE_FORMAT)
+  finally:
+    absl_log.setLevel(level)
 
 
 def prepare(name: str, data_dir: str | None = None) -> str:
@@ -161,7 +170,8 @@ def _prepare_lock(data_dir: str, name: str):
 
 @dataclasses.dataclass
 class ArrayDataset:
-  """A split held in host memory: ``images`` (N, ...), ``labels`` int32 (N,) (-1 = unlabelled), ``ids`` int64 (N,)."""
+  """A split held in host memory: ``images`` (N, ...), ``labels`` int32 (N,) — or (N, L) next-token targets
+  for a token dataset — (-1 = unlabelled / not scored), ``ids`` int64 (N,)."""
 
   fixed_shape = True
 
@@ -204,7 +214,8 @@ class RecordSource:
       self._source = builder.as_data_source(split=split)
     except Exception as e:  # an unknown split or slice
       raise DatasetUnavailableError(f"{name}: cannot read split {split!r}: {str(e).strip().splitlines()[0]}") from None
-    self.fixed_shape = all(d is not None for d in builder.info.features["image"].shape)
+    self.input_key, self.label_key = _supervised_keys(builder)
+    self.fixed_shape = all(d is not None for d in builder.info.features[self.input_key].shape)
     self.ids = np.arange(len(self._source), dtype=np.int64)
     if not len(self.ids):
       raise ValueError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
@@ -215,9 +226,15 @@ class RecordSource:
   def take(self, idx: np.ndarray):
     idx = np.asarray(idx, np.int64)
     records = _read_records(self._source, idx.tolist())
-    images = [np.asarray(r["image"]) for r in records]
-    labels = np.array([r.get("label", -1) for r in records], np.int32)
+    images = [np.asarray(r[self.input_key]) for r in records]
+    labels = np.array([r.get(self.label_key, -1) for r in records], np.int32)
     return (np.stack(images) if self.fixed_shape else images), labels, self.ids[idx]
+
+
+def _supervised_keys(builder) -> tuple[str, str]:
+  """The (input, label) feature names: the builder's ``supervised_keys``, else ``("image", "label")``."""
+  keys = builder.info.supervised_keys
+  return (str(keys[0]), str(keys[1])) if keys and len(keys) == 2 else ("image", "label")
 
 
 def _read_records(source, keys: list[int]) -> list:
@@ -297,6 +314,7 @@ def concat(datasets: Sequence) -> ArrayDataset | ConcatSource:
 
 
 # ----------------------------------------------------------------- info
+TOKEN_DATASETS = ("arithmetic",)  # inputs are token ids: view kind "tokens"
 STREAMING = ("imagenet2012", "imagenet2012_subset", "imagenet_v2", "imagenet2012_real")
 _SPLITS = {
     "mnist1d": ("train", "test", "transfer"),
@@ -335,16 +353,18 @@ def get_info(name: str, data_dir: str | None = None, image_size: int | None = No
   builder = get_builder(name, data_dir, prepare=False)
   info = builder.info
   feats = info.features
-  label = feats["label"]
-  shape = tuple(feats["image"].shape)
+  x_key, y_key = _supervised_keys(builder)
+  vocab = (info.metadata or {}).get("vocab_size")  # token datasets: the classes are the vocabulary
+  num_classes = int(vocab) if vocab else int(feats[y_key].num_classes)
+  shape = tuple(feats[x_key].shape)
   if any(d is None for d in shape):
     s = image_size or 224
     shape = (s, s, shape[-1])
   base = name.split("/")[0].split(":")[0]
   splits = tuple(info.splits.keys()) if info.splits else _SPLITS.get(base, ("train", "test"))
   eval_split = "test" if "test" in splits else ("validation" if "validation" in splits else splits[-1])
-  return DatasetSpec(name=name, num_classes=int(label.num_classes), image_shape=shape,
-                     image_dtype=np.dtype(feats["image"].np_dtype).name, splits=splits,
+  return DatasetSpec(name=name, num_classes=num_classes, image_shape=shape,
+                     image_dtype=np.dtype(feats[x_key].np_dtype).name, splits=splits,
                      train_split="train", eval_split=eval_split, streaming=is_streaming(name))
 
 
@@ -365,7 +385,8 @@ def default_view(name: str, kind: str | None = None, **overrides):
 
   base = name.split("/")[0].split(":")[0]
   if kind is None:
-    kind = {"cifar10": "cifar", "cifar100": "cifar"}.get(base, "imagenet" if is_streaming(base) else "none")
+    kind = "tokens" if base in TOKEN_DATASETS else {"cifar10": "cifar", "cifar100": "cifar"}.get(
+        base, "imagenet" if is_streaming(base) else "none")
   kw = {}
   if base in _STATS and kind != "imagenet":
     scale, mean, std = _STATS[base]

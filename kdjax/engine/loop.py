@@ -221,6 +221,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
   results = {
       **{k: last.get(k) for k in ("test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
                                   "cka")},
+      **{k: last[k] for k in ("test_nll", "perplexity") if k in last},
       "best_test_accuracy": max(record.best, last.get("test_accuracy", 0.0)),
       "best_step": record.best_step,
       "steps": final_step,

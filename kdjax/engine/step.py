@@ -240,6 +240,17 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
   return train_step
 
 
+def eval_mask(mask, labels) -> jnp.ndarray:
+  """Which labels count: the batch's ``mask`` (``(B,)`` per example or ``labels.shape``), broadcast over
+  token positions, and only labelled entries (``labels >= 0``: a token dataset's prompt positions are −1)."""
+  labels = jnp.asarray(labels)
+  if mask is None:
+    return labels >= 0
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim))
+  return jnp.broadcast_to(mask, labels.shape) & (labels >= 0)
+
+
 def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
   """``eval_step(state, teacher, batch) -> (sums, student_pooled, teacher_pooled)``.
 
@@ -261,10 +272,11 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
       outs = teacher_outputs(spec, state, teacher, {B.INPUTS: x})
       if outs:  # none for a student trained alone (method ce without a teacher checkpoint)
         t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
-    mask = batch.get(B.MASK)
-    if mask is None:
-      mask = jnp.ones(x.shape[0], bool)
-    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, batch[B.LABEL], mask)
+    labels = batch[B.LABEL]
+    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, labels,
+                    eval_mask(batch.get(B.MASK), labels))
+    if "pooled" not in s_out.features and s_out.logits.ndim > 2:  # tokens: no one vector per example for CKA
+      return sums, None, None
     s_pool = s_out.features.get("pooled", s_out.logits)
     t_pool = None if t_out is None else t_out.features.get("pooled", t_out.logits)
     return sums, s_pool, t_pool

@@ -240,22 +240,30 @@ def eval_batch_stats(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray | 
                      temperature: float = 1.0) -> dict[str, jnp.ndarray]:
   """Additive per-batch sums for ``finalize_eval_stats`` (jit this; add the results on the host).
 
-  Keys: ``count``, ``correct``, ``ece_count``/``ece_conf``/``ece_correct``
-  (``(num_bins,)``) and, with a teacher, ``teacher_correct``, ``agree``,
-  ``kl_sum`` (KL(teacher ‖ student) at ``temperature``, summed over examples).
+  Keys: ``count``, ``correct``, ``nll_sum`` (−log p_student(label), summed),
+  ``ece_count``/``ece_conf``/``ece_correct`` (``(num_bins,)``) and, with a
+  teacher, ``teacher_correct``, ``agree``, ``kl_sum`` (KL(teacher ‖ student)
+  at ``temperature``, summed over examples); ``token_batches`` (1) when the
+  logits are per token (``(B, L, V)``), so the totals read as per-token
+  figures and a perplexity.
   """
   s = jnp.asarray(student_logits)
   m = _mask(mask, s.shape[:-1])
   labels = jnp.asarray(labels)
   s_pred = jnp.argmax(s, axis=-1)
   count, conf_sum, correct_sum = calibration_bins(s, labels, m, num_bins=num_bins)
+  logp = jax.nn.log_softmax(s.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
   out = {
       "count": jnp.sum(m),
       "correct": jnp.sum((s_pred == labels).astype(jnp.float32) * m),
+      "nll_sum": jnp.sum(nll * m),
       "ece_count": count,
       "ece_conf": conf_sum,
       "ece_correct": correct_sum,
   }
+  if s.ndim > 2:
+    out["token_batches"] = jnp.float32(1.0)
   if teacher_logits is not None:
     t = jnp.asarray(teacher_logits)
     _check_pair(s, t)
@@ -269,15 +277,21 @@ def eval_batch_stats(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray | 
 def finalize_eval_stats(sums: Mapping[str, Any]) -> dict[str, float]:
   """Whole-split metrics from summed ``eval_batch_stats`` (host, float64).
 
-  Returns ``test_accuracy``, ``ece``, ``num_examples`` and, when the sums
-  carry a teacher, ``teacher_test_accuracy``, ``agreement``,
-  ``teacher_student_kl``. Fractions are in [0, 1]; NaN when no example was
-  counted.
+  Returns ``test_accuracy``, ``test_nll`` (mean −log p(label), nats), ``ece``,
+  ``num_examples`` and, when the sums carry a teacher,
+  ``teacher_test_accuracy``, ``agreement``, ``teacher_student_kl``. For token
+  logits every figure is per counted token (``num_examples`` counts tokens)
+  and ``perplexity`` = exp(``test_nll``) is added. Fractions are in [0, 1];
+  NaN when nothing was counted.
   """
   s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
   n = float(s["count"])
   div = (lambda v: float(v) / n) if n > 0 else (lambda v: float("nan"))
   out = {"test_accuracy": div(s["correct"])}
+  if "nll_sum" in s:
+    out["test_nll"] = div(s["nll_sum"])
+    if float(s.get("token_batches", 0.0)) > 0:
+      out["perplexity"] = float(np.exp(out["test_nll"]))
   if "teacher_correct" in s:
     out["teacher_test_accuracy"] = div(s["teacher_correct"])
     out["agreement"] = div(s["agree"])

@@ -149,6 +149,7 @@ class Row:
   ece: Stat
   cka: Stat
   published: float | None = None
+  perplexity: Stat = Stat(None, None, 0)  # language models: per-token perplexity of the student
   experiment: str | None = None
   method: str | None = None
 
@@ -229,6 +230,7 @@ def summarize(records: Sequence[RunRecord]) -> list[Row]:
         ece=Stat.of(r.get("ece") for r in rs),
         cka=Stat.of(r.get("cka") for r in rs),
         published=published,
+        perplexity=Stat.of(r.get("perplexity") for r in rs),
         experiment=rs[0].get("experiment"),
         method=rs[0].get("method"),
     ))
@@ -258,8 +260,11 @@ def _md_escape(text: str) -> str:
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
-  """A Markdown table (one line per cell) followed by the footnote."""
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|:---|" + "---:|" * (len(COLUMNS) - 1)]
+  """A Markdown table (one line per cell) followed by the footnote; language-model runs add a
+  perplexity column (and their accuracies are per answer token)."""
+  lm = any(r.perplexity.n for r in rows)
+  columns = COLUMNS[:-2] + ("perplexity",) + COLUMNS[-2:] if lm else COLUMNS
+  lines = ["| " + " | ".join(columns) + " |", "|:---|" + "---:|" * (len(columns) - 1)]
   for r in rows:
     cells = [
         _md_escape(r.group),
@@ -268,15 +273,19 @@ def to_markdown(rows: Sequence[Row]) -> str:
         _cell(r.best_acc, r.n, 2),
         _cell(r.agreement, r.n, 3),
         _cell(r.kl, r.n, 3),
+        *([_cell(r.perplexity, r.n, 3)] if lm else []),
         _cell(r.ece, r.n, 3),
         "–" if r.published is None else f"{r.published:.2f}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n\n" + FOOTNOTE + "\n"
+  note = (" For language models accuracy, agreement, KL and ECE are per scored token and perplexity = "
+          "exp(mean token NLL).") if lm else ""
+  return "\n".join(lines) + "\n\n" + FOOTNOTE + note + "\n"
 
 
 _CSV_STATS = (("last_acc_pct", "last_acc"), ("best_acc_pct", "best_acc"), ("teacher_acc_pct", "teacher_acc"),
-              ("agreement", "agreement"), ("teacher_student_kl", "kl"), ("ece", "ece"), ("cka", "cka"))
+              ("agreement", "agreement"), ("teacher_student_kl", "kl"), ("ece", "ece"), ("cka", "cka"),
+              ("perplexity", "perplexity"))
 
 
 def _num(x: float | None) -> str:

@@ -1,0 +1,126 @@
+"""The embedded token dataset (addition with worked carries) and token-level evaluation with (B, L) masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import kdjax
+from kdjax import data as kd
+from kdjax import models
+from kdjax.data.builders import arithmetic as A
+
+
+@pytest.fixture(scope="module")
+def splits(tfds_dir):
+  return {s: kd.load_arrays("arithmetic", s, tfds_dir) for s in ("train", "test")}
+
+
+def _parse(text: str) -> tuple[int, int, str]:
+  """``<bos>a+b=answer<eos>`` (digits least significant first) → (a, b, answer text)."""
+  body = text.removeprefix("<bos>")
+  a, rest = body.split("+")
+  b, answer = rest.split("=")
+  return int(a[::-1]), int(b[::-1]), answer
+
+
+def test_every_example_is_a_correct_worked_sum(splits):
+  assert len(splits["train"]) == 30_000 and len(splits["test"]) == 1_000
+  for name, ds in splits.items():
+    assert ds.images.shape[1] == ds.labels.shape[1] == 20 and ds.images.dtype == np.int32
+    pairs = set()
+    for x, y in zip(ds.images[:300], ds.labels[:300]):
+      seq = np.concatenate([x, y[-1:]])  # inputs + the last target = the whole sequence
+      np.testing.assert_array_equal(y[y >= 0], seq[1:][y >= 0])  # targets are the next tokens
+      n_prompt = int(np.argmax(y >= 0)) + 1
+      assert (y[:n_prompt - 1] == -1).all() and (y[n_prompt - 1:] >= 0).all()  # only answers are scored
+      a, b, answer = _parse(A.decode(seq))
+      assert answer.endswith("<eos>") and len(answer) - len("<eos>") + 1 >= 8
+      digits = answer.removesuffix("<eos>")
+      carry, sums, carries = 0, [], []
+      for da, db in zip(str(a).zfill(4)[::-1], str(b).zfill(4)[::-1]):
+        s = int(da) + int(db) + carry
+        carry = s // 10
+        sums.append(s % 10)
+        carries.append(carry)
+      want = "".join(f"{s}{c}" for s, c in zip(sums, carries)) + str(carry)
+      assert digits == want and int(digits[0::2][::-1]) == a + b
+      assert A.answer_value(seq[n_prompt:]) == a + b
+      pairs.add((a, b))
+    splits[name].pairs = pairs
+  assert not splits["train"].pairs & splits["test"].pairs
+
+
+def test_info_view_and_tokenizer(tfds_dir):
+  spec = kd.get_info("arithmetic", tfds_dir)
+  assert spec.num_classes == len(A.VOCAB) == 15 and spec.image_shape == (20,) and spec.image_dtype == "int32"
+  assert kd.default_view("arithmetic").kind == "tokens"
+  assert A.decode(A.encode("12+34=")) == "12+34="
+  with pytest.raises(ValueError, match="no token for 'x'"):
+    A.encode("1x2")
+  assert A.answer_value(A.encode("3")) == 3 and A.answer_value(A.encode("31")) is None  # malformed: even length
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_token_evaluation_counts_answer_positions_of_real_examples_only(splits):
+  """Accuracy, NLL, perplexity, agreement and KL over answer tokens equal a NumPy computation; prompt
+  positions (target −1) and the padding rows of the last batch are excluded."""
+  ds = kd.ArrayDataset(splits["test"].images[:37], splits["test"].labels[:37], np.arange(37))
+  student = models.create("transformer_lm", num_classes=15, rngs=nnx.Rngs(0))
+  teacher = models.create("transformer_lm", num_classes=15, num_layers=1, rngs=nnx.Rngs(1))
+  d = kdjax.Distiller(student, teacher, method="forward_kl", optimizer=optax.adam(1e-3))
+  view = kd.ViewConfig(kind="tokens")
+  batches = list(kd.eval_batches(ds, 16, view=view, process_index=0, process_count=1))
+  state = d.init(jax.random.key(0), batches[0])
+  got = d.evaluate(state, batches)
+  trained = nnx.merge(d.spec.students[0].graphdef, state.params[0], state.model_state[0])
+  s = np.asarray(trained(jnp.asarray(ds.images)).logits, np.float64)
+  t = np.asarray(teacher(jnp.asarray(ds.images)).logits, np.float64)
+  y = ds.labels
+  m = y >= 0
+  ls, lt = _log_softmax(s), _log_softmax(t)
+  nll = -np.take_along_axis(ls, np.maximum(y, 0)[..., None], -1)[..., 0]
+  kl = (np.exp(lt) * (lt - ls)).sum(-1)
+  want = {"test_accuracy": (s.argmax(-1) == y)[m].mean(), "test_nll": nll[m].mean(),
+          "teacher_test_accuracy": (t.argmax(-1) == y)[m].mean(),
+          "agreement": (s.argmax(-1) == t.argmax(-1))[m].mean(), "teacher_student_kl": kl[m].mean()}
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=2e-5, atol=2e-6, err_msg=k)
+  np.testing.assert_allclose(got["perplexity"], np.exp(want["test_nll"]), rtol=2e-5)
+  assert got["num_examples"] == m.sum() == 37 * 10  # answer tokens of the 37 real rows
+
+
+@pytest.mark.slow
+def test_fit_on_the_token_dataset_evaluates_and_reports_perplexity(tfds_dir, tmp_path):
+  import json
+
+  from kdjax import engine, report
+  from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
+
+  base = Experiment(
+      name="arith", mode="teacher", student=ModelConfig(name="transformer_lm"), method=MethodConfig(name="ce"),
+      data=DataConfig(name="arithmetic", data_dir=tfds_dir, view="tokens", batch_size=32, eval_batch_size=250),
+      optim=OptimConfig(steps=12, lr=3e-3), run=RunConfig(workdir=str(tmp_path / "teacher"), quiet=True, eval_every=6))
+  teacher = engine.fit(base)
+  kd = engine.fit(base.replace(
+      mode="offline", method=MethodConfig(name="forward_kl"),
+      teacher=ModelConfig(name="transformer_lm", checkpoint=str(tmp_path / "teacher")),
+      run=RunConfig(workdir=str(tmp_path / "kd"), quiet=True, eval_every=6)))
+  for res in (teacher, kd):
+    assert res["steps"] == 12 and np.isfinite(res["perplexity"]) and 1.0 < res["perplexity"] < 15.0
+    np.testing.assert_allclose(res["perplexity"], np.exp(res["test_nll"]), rtol=1e-6)
+  assert 0.0 <= kd["agreement"] <= 1.0 and kd["teacher_student_kl"] >= 0.0
+  rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [6, 12]
+  assert all("perplexity" in r for r in rows if r["split"] == "eval")
+  md = report.make_report([str(tmp_path / "teacher"), str(tmp_path / "kd")], str(tmp_path / "table.md"))
+  header = md.splitlines()[0]
+  assert "perplexity" in header and "per scored token" in md
