@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -203,3 +204,37 @@ class Generator:
   def __call__(self, prompts, lengths, key: jax.Array, state: Any = None) -> Generated:
     return self._fn(self.state if state is None else state, jnp.asarray(prompts, jnp.int32),
                     jnp.asarray(lengths, jnp.int32), key)
+
+
+def prompts_and_answers(inputs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Split next-token rows into what generation starts from and what it must produce.
+
+  Args:
+    inputs: ``(B, L)`` token ids (a sequence without its last token).
+    targets: ``(B, L)`` next tokens, −1 where a target is a prompt token (the
+      batch contract of token datasets); rows with no scored target are
+      returned with an empty answer.
+
+  Returns:
+    ``prompts`` ``(B, P)`` right-padded with 0, ``lengths`` ``(B,)`` and
+    ``answers`` ``(B, N)``: row ``i``'s scored targets from its first one on,
+    padded with −1; ``P`` and ``N`` are the largest over the batch.
+  """
+  x, y = np.asarray(inputs), np.asarray(targets)
+  scored = y >= 0
+  first = np.where(scored.any(1), scored.argmax(1), y.shape[1])  # position whose target is the first answer token
+  lengths = (first + 1).clip(max=y.shape[1]).astype(np.int32)
+  p, n = int(lengths.max()), int(y.shape[1] - first.min())
+  cols = np.arange(p)
+  prompts = np.where(cols[None] < lengths[:, None], x[:, :p], 0).astype(np.int32)
+  take = first[:, None] + np.arange(n)[None]
+  answers = np.where(take < y.shape[1], np.take_along_axis(y, take.clip(max=y.shape[1] - 1), 1), -1)
+  return prompts, lengths, answers.astype(np.int32)
+
+
+def answers_match(tokens, answers) -> jax.Array:
+  """``(B,)`` bool: each generated row reproduces its answer token for token (−1 entries are not compared)."""
+  tokens, answers = jnp.asarray(tokens), jnp.asarray(answers)
+  n = min(tokens.shape[1], answers.shape[1])
+  extra = answers[:, n:]
+  return jnp.all((tokens[:, :n] == answers[:, :n]) | (answers[:, :n] < 0), axis=1) & jnp.all(extra < 0, axis=1)

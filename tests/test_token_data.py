@@ -115,5 +115,44 @@ def test_fit_on_the_token_dataset_evaluates_and_reports_perplexity(tfds_dir, tmp
   rows = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in rows if r["split"] == "eval"]
   assert [r["step"] for r in evals] == [4, 8] and evals[1]["perplexity"] < evals[0]["perplexity"]
+  assert 0.0 <= res["exact_match"] <= 1.0 and all("exact_match" in r for r in evals)
   md = report.make_report([str(tmp_path / "lm")], str(tmp_path / "table.md"))
-  assert "perplexity" in md.splitlines()[0] and "per scored token" in md
+  header = md.splitlines()[0]
+  assert "perplexity" in header and "exact match (%)" in header and "per scored token" in md
+
+
+def test_prompts_and_answers_split_rows_at_their_first_scored_target():
+  from kdjax import generate as G
+
+  inputs = np.array([[1, 5, 6, 7, 8], [1, 9, 4, 4, 0], [1, 2, 3, 3, 3]])
+  targets = np.array([[-1, -1, 7, 8, 2], [-1, 4, 4, 2, -1], [-1] * 5])
+  prompts, lengths, answers = G.prompts_and_answers(inputs, targets)
+  np.testing.assert_array_equal(lengths, [3, 2, 5])
+  np.testing.assert_array_equal(prompts, [[1, 5, 6, 0, 0], [1, 9, 0, 0, 0], [1, 2, 3, 3, 3]])
+  np.testing.assert_array_equal(answers, [[7, 8, 2, -1], [4, 4, 2, -1], [-1, -1, -1, -1]])
+  tokens = np.array([[7, 8, 2, 0], [4, 4, 3, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(G.answers_match(tokens, answers)), [True, False, True])
+
+
+@pytest.mark.slow
+def test_exact_match_of_greedy_answers_equals_a_token_by_token_decode(splits):
+  """The Distiller's exact match equals greedy decoding written out here (full recompute per token)."""
+  ds = kd.ArrayDataset(splits["test"].images[:24], splits["test"].labels[:24], np.arange(24))
+  student = models.create("transformer_lm", num_classes=15, rngs=nnx.Rngs(3))
+  d = kdjax.Distiller(student, None, method="ce", optimizer=optax.adam(1e-2), mode="teacher")
+  batches = list(kd.eval_batches(ds, 16, view=kd.ViewConfig(kind="tokens"), process_index=0, process_count=1))
+  state = d.init(jax.random.key(0), batches[0])
+  # make some answers right and some wrong: memorise the first batch's rows only
+  for _ in range(60):
+    state, _ = d.step(state, batches[0])
+  got = d.exact_match(state, batches)["exact_match"]
+  model = nnx.merge(d.spec.students[0].graphdef, state.params[0], state.model_state[0])
+  hits = 0
+  for x, y in zip(ds.images, ds.labels):
+    p = int(np.argmax(y >= 0)) + 1
+    seq, want = list(x[:p]), y[p - 1:]
+    for _ in range(len(want)):
+      logits = np.asarray(model(jnp.asarray([seq])).logits)[0, -1]
+      seq.append(int(logits.argmax()))
+    hits += seq[p:] == want.tolist()
+  assert 0 < hits < 24 and got == hits / 24

@@ -143,6 +143,7 @@ class Distiller:
     self.state_shardings: Any = None
     self._steps: dict[str, Callable] = {}
     self._eval: Callable | None = None
+    self._generators: dict = {}
 
   # ------------------------------------------------------------------ building
 
@@ -363,6 +364,55 @@ class Distiller:
       y = np.concatenate(t_pool)[:CKA_EXAMPLES]
       res["cka"] = float(report.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
     return res
+
+  def exact_match(self, state: TrainState, batches: Iterable[Mapping[str, Any]], *,
+                  teacher: bool = False) -> dict[str, float]:
+    """Exact match of greedy-generated answers over token ``batches`` (``inputs``, ``targets`` with −1 on
+    prompt positions, ``mask``), the generation-time counterpart of teacher-forced token accuracy.
+
+    Each row's prompt is its inputs up to its first scored target; the (first)
+    student continues it with the KV cache (:class:`kdjax.generate.Generator`,
+    temperature 0) for as many tokens as the longest answer, and the row
+    counts when every answer token (the stop token included) is reproduced.
+    Returns ``{"exact_match": fraction}`` (plus ``teacher_exact_match`` with
+    ``teacher=True`` and a teacher that generates), or ``{}`` when the student
+    cannot generate (no ``decode``).
+    """
+    from kdjax import generate as G
+
+    sd = self.spec.students[0]
+    student = nnx.merge(sd.graphdef, state.params[0], state.model_state[0])
+    models = {"exact_match": student}
+    if teacher and self.spec.teachers:
+      td = self.spec.teachers[0]
+      models["teacher_exact_match"] = nnx.merge(td.graphdef, self.teacher_state.params[0],
+                                                self.teacher_state.model_state[0])
+    models = {k: m for k, m in models.items() if hasattr(m, "decode") and hasattr(m, "init_cache")}
+    if not models:
+      return {}
+    hits, total = dict.fromkeys(models, 0.0), 0.0
+    for b in batches:
+      prompts, lengths, answers = G.prompts_and_answers(b[B.INPUTS], b[B.LABEL])
+      mask = np.asarray(b.get(B.MASK, np.ones(len(prompts), bool)), bool).reshape(len(prompts), -1).all(1)
+      if answers.shape[1] == 0:
+        continue
+      gb = self.global_batch({"prompts": prompts, "lengths": lengths, "answers": answers, "mask": mask})
+      total += float(sharding.to_host(jnp.sum(gb["mask"])))
+      for name, model in models.items():
+        gen = self._generator(name, model, answers.shape[1])
+        out = gen(gb["prompts"], gb["lengths"], jax.random.key(0), state=nnx.state(model))
+        hits[name] += float(sharding.to_host(jnp.sum(G.answers_match(out.tokens, gb["answers"]) & gb["mask"])))
+    return {k: (v / total if total else float("nan")) for k, v in hits.items()}
+
+  def _generator(self, name: str, model: nnx.Module, max_new_tokens: int):
+    """One compiled greedy :class:`~kdjax.generate.Generator` per (model role, answer length)."""
+    from kdjax import generate as G
+
+    key = (name, max_new_tokens)
+    if key not in self._generators:
+      self._generators[key] = G.Generator(model, G.Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+                                          mesh=self.mesh)
+    return self._generators[key]
 
   def export(self, state: TrainState, directory, *, model_name: str | None = None, dtype: str = "float32",
              extra: dict | None = None):

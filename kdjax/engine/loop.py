@@ -84,10 +84,16 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
 
 
 def evaluate(run: Run, state: TrainState) -> dict[str, float]:
-  """Diagnostics of ``state`` over the whole eval split (see :meth:`Distiller.evaluate`)."""
+  """Diagnostics of ``state`` over the whole eval split (see :meth:`Distiller.evaluate`); for token data
+  also the exact match of greedy-generated answers, the student's and the teacher's
+  (:meth:`Distiller.exact_match`)."""
   from kdjax import data as kd_data
 
-  return run.distiller.evaluate(state, kd_data.eval_batches(run.eval_ds, run.cfg.data.eval_batch_size, view=run.view))
+  batches = lambda: kd_data.eval_batches(run.eval_ds, run.cfg.data.eval_batch_size, view=run.view)  # noqa: E731
+  res = run.distiller.evaluate(state, batches())
+  if run.view.kind == "tokens":
+    res.update(run.distiller.exact_match(state, batches(), teacher=True))
+  return res
 
 
 def _hooks(run: Run, checkpointer, record: Record, writer, provenance: dict, fault: Fault | None) -> list[hooks.Hook]:
@@ -221,7 +227,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
   results = {
       **{k: last.get(k) for k in ("test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
                                   "cka")},
-      **{k: last[k] for k in ("test_nll", "perplexity") if k in last},
+      **{k: last[k] for k in ("test_nll", "perplexity", "exact_match", "teacher_exact_match") if k in last},
       "best_test_accuracy": max(record.best, last.get("test_accuracy", 0.0)),
       "best_step": record.best_step,
       "steps": final_step,

@@ -150,6 +150,7 @@ class Row:
   cka: Stat
   published: float | None = None
   perplexity: Stat = Stat(None, None, 0)  # language models: per-token perplexity of the student
+  exact_match: Stat = Stat(None, None, 0)  # language models: greedy answers reproduced exactly (%)
   experiment: str | None = None
   method: str | None = None
 
@@ -231,6 +232,7 @@ def summarize(records: Sequence[RunRecord]) -> list[Row]:
         cka=Stat.of(r.get("cka") for r in rs),
         published=published,
         perplexity=Stat.of(r.get("perplexity") for r in rs),
+        exact_match=Stat.of((r.get("exact_match") for r in rs), 100.0),
         experiment=rs[0].get("experiment"),
         method=rs[0].get("method"),
     ))
@@ -263,7 +265,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
   """A Markdown table (one line per cell) followed by the footnote; language-model runs add a
   perplexity column (and their accuracies are per answer token)."""
   lm = any(r.perplexity.n for r in rows)
-  columns = COLUMNS[:-2] + ("perplexity",) + COLUMNS[-2:] if lm else COLUMNS
+  columns = COLUMNS[:-2] + ("exact match (%)", "perplexity") + COLUMNS[-2:] if lm else COLUMNS
   lines = ["| " + " | ".join(columns) + " |", "|:---|" + "---:|" * (len(columns) - 1)]
   for r in rows:
     cells = [
@@ -273,19 +275,20 @@ def to_markdown(rows: Sequence[Row]) -> str:
         _cell(r.best_acc, r.n, 2),
         _cell(r.agreement, r.n, 3),
         _cell(r.kl, r.n, 3),
-        *([_cell(r.perplexity, r.n, 3)] if lm else []),
+        *([_cell(r.exact_match, r.n, 2), _cell(r.perplexity, r.n, 3)] if lm else []),
         _cell(r.ece, r.n, 3),
         "–" if r.published is None else f"{r.published:.2f}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
-  note = (" For language models accuracy, agreement, KL and ECE are per scored token and perplexity = "
-          "exp(mean token NLL).") if lm else ""
+  note = (" For language models accuracy, agreement, KL and ECE are per scored token (teacher-forced), "
+          "perplexity = exp(mean token NLL), and exact match counts greedy-generated answers reproduced token "
+          "for token.") if lm else ""
   return "\n".join(lines) + "\n\n" + FOOTNOTE + note + "\n"
 
 
 _CSV_STATS = (("last_acc_pct", "last_acc"), ("best_acc_pct", "best_acc"), ("teacher_acc_pct", "teacher_acc"),
               ("agreement", "agreement"), ("teacher_student_kl", "kl"), ("ece", "ece"), ("cka", "cka"),
-              ("perplexity", "perplexity"))
+              ("perplexity", "perplexity"), ("exact_match_pct", "exact_match"))
 
 
 def _num(x: float | None) -> str:
