@@ -795,6 +795,9 @@ def run_main() -> None:
   Ctrl-C before training starts (or after it ended) → one line, exit 130."""
   warnings.formatwarning = _one_line_warning
   try:
+    from kdjax.engine import faults
+
+    faults.record_sigint()
     _follow_parent()
     code = main()
   except KeyboardInterrupt:

@@ -390,3 +390,32 @@ def test_a_moved_teacher_or_another_checkpoint_interval_resumes(reference, teach
   assert cli.main(argv("kd", w, moved, "--run.checkpoint_every", "2")) == 0
   assert results(w)["resumed_from"] == [STEPS - EVERY]
   assert_bit_identical(ref, w)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_python_swallows_still_stops_before_the_first_step():
+  """A SIGINT landing in a ``__del__`` (or a GC callback) is printed as "Exception ignored" and lost to the
+  code that was running; kdjax remembers it and stops when training would start."""
+  import gc
+
+  from kdjax.engine import faults, hooks
+
+  old = signal.getsignal(signal.SIGINT)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    faults.record_sigint()
+
+    class InterruptedWhileCollected:
+      def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs here, inside __del__: its KeyboardInterrupt is swallowed
+
+    InterruptedWhileCollected()
+    gc.collect()
+    guard = hooks.Preemption()
+    with pytest.raises(KeyboardInterrupt):
+      guard.start(None)
+    assert not guard.old  # nothing was installed: the run stops before its first step
+  finally:
+    faults._sigint_seen = False
+    signal.signal(signal.SIGINT, old)

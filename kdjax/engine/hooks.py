@@ -191,6 +191,7 @@ class Preemption(Hook):
     self.flag = True
 
   def start(self, progress: Progress) -> None:
+    faults.raise_pending_sigint()  # a Ctrl-C during set-up that Python swallowed: stop before the first step
     signals = (signal.SIGINT,) if self.multihost else (signal.SIGTERM, signal.SIGINT)
     self.old = {s: signal.signal(s, self._on_signal) for s in signals}
 
