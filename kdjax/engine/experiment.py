@@ -87,6 +87,7 @@ class Run:
   init_steps: int
   schedule: Any
   num_classes: int
+  teacher_eval: dict = dataclasses.field(default_factory=dict)  # the frozen teacher's eval figures, made once
 
   @property
   def mesh(self):

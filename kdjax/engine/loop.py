@@ -92,7 +92,11 @@ def evaluate(run: Run, state: TrainState) -> dict[str, float]:
   batches = lambda: kd_data.eval_batches(run.eval_ds, run.cfg.data.eval_batch_size, view=run.view)  # noqa: E731
   res = run.distiller.evaluate(state, batches())
   if run.view.kind == "tokens":
-    res.update(run.distiller.exact_match(state, batches(), teacher=True))
+    first = not run.teacher_eval  # the teacher is frozen: generate its answers at the first evaluation only
+    em = run.distiller.exact_match(state, batches(), teacher=first)
+    if first:
+      run.teacher_eval.update({k: v for k, v in em.items() if k.startswith("teacher_")})
+    res.update(em, **run.teacher_eval)
   return res
 
 
