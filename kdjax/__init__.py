@@ -28,8 +28,10 @@ _EXPORTS = {
     "MethodConfig": "kdjax.methods.config",
     "ModelOutput": "kdjax.models.base",
     "Checkpointer": "kdjax.checkpoint",
+    "ResponseConfig": "kdjax.responses",
 }
-_MODULES = ("batch", "hooks", "losses", "models", "methods", "checkpoint", "engine", "data", "report", "export")
+_MODULES = ("batch", "hooks", "losses", "models", "methods", "checkpoint", "engine", "data", "report", "export",
+            "generate")
 
 __all__ = ["__version__", *_EXPORTS, *_MODULES]
 

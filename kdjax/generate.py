@@ -135,41 +135,48 @@ class _Loop(NamedTuple):
 
 
 def generate(model: nnx.Module, prompts: jax.Array, lengths: jax.Array, key: jax.Array,
-             sampling: Sampling) -> Generated:
+             sampling: Sampling, limits: jax.Array | None = None, cache_len: int | None = None) -> Generated:
   """Continue each right-padded prompt ``(B, P)`` of ``lengths`` ``(B,)``; traceable (jit it, or use :class:`Generator`).
 
-  The model must hold ``P + max_new_tokens`` positions (``max_len``).
+  ``limits`` ``(B,)`` optionally caps each row's new tokens below
+  ``max_new_tokens`` (the loop ends once every row is done). The KV cache
+  holds ``cache_len`` positions (default ``P + max_new_tokens``, which the
+  model's ``max_len`` must allow); a smaller one suits rows that must fit a
+  fixed length: a row's last token, whose successor is never asked for, may
+  then go unwritten.
   """
   b, p = prompts.shape
   n = sampling.max_new_tokens
-  cache = model.init_cache(b, p + n)
+  size = p + n if cache_len is None else cache_len
+  cache = model.init_cache(b, size)
   logits, cache = model.decode(prompts, jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), cache)
   last_logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+  cap = jnp.full((b,), n, jnp.int32) if limits is None else jnp.clip(limits, 1, n).astype(jnp.int32)
 
   def body(s: _Loop) -> _Loop:
     tok = sample(jax.random.fold_in(key, s.step), s.next_logits, sampling)
     logp = jnp.take_along_axis(jax.nn.log_softmax(s.next_logits.astype(jnp.float32)), tok[:, None], axis=-1)[:, 0]
     tok = jnp.where(s.done, sampling.pad_token, tok)
     logp = jnp.where(s.done, 0.0, logp)
-    done = s.done | jnp.isin(tok, stops) | (s.step + 1 >= n)
-    step_logits, cache = model.decode(tok[:, None], s.pos[:, None], s.cache)
+    done = s.done | jnp.isin(tok, stops) | (s.step + 1 >= cap)
+    step_logits, cache = model.decode(tok[:, None], jnp.minimum(s.pos, size - 1)[:, None], s.cache)
     return _Loop(s.step + 1, tok, s.pos + 1, done, s.tokens.at[:, s.step].set(tok),
                  s.logprobs.at[:, s.step].set(logp), step_logits[:, 0], cache)
 
   init = _Loop(jnp.int32(0), jnp.zeros(b, jnp.int32), lengths.astype(jnp.int32), jnp.zeros(b, bool),
                jnp.full((b, n), sampling.pad_token, jnp.int32), jnp.zeros((b, n), jnp.float32), last_logits, cache)
   out = jax.lax.while_loop(lambda s: (s.step < n) & ~jnp.all(s.done), body, init)
-  return Generated(out.tokens, out.logprobs, _lengths(out.tokens, sampling, n))
+  return Generated(out.tokens, out.logprobs, _lengths(out.tokens, sampling, cap))
 
 
-def _lengths(tokens: jax.Array, sampling: Sampling, n: int) -> jax.Array:
-  """Tokens generated per sequence: up to and including the first stop token, else all N."""
+def _lengths(tokens: jax.Array, sampling: Sampling, cap: jax.Array) -> jax.Array:
+  """Tokens generated per sequence: up to and including the first stop token, else its cap."""
   if not sampling.stop_tokens:
-    return jnp.full(tokens.shape[:1], n, jnp.int32)
+    return cap
   is_stop = jnp.isin(tokens, jnp.asarray(sampling.stop_tokens, jnp.int32))
   first = jnp.argmax(is_stop, axis=1)
-  return jnp.where(is_stop.any(axis=1), first + 1, n).astype(jnp.int32)
+  return jnp.minimum(jnp.where(is_stop.any(axis=1), first + 1, cap), cap).astype(jnp.int32)
 
 
 class Generator:

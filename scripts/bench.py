@@ -2,7 +2,7 @@
 """Benchmark of kdjax's jitted KD train step (also ``kdjax bench``).
 
 For each teacher→student pair it measures, after warm-up, the training
-throughput of four cases and prints one JSON line per case:
+throughput of these cases and prints one JSON line per case:
 
   student_only    plain CE training of the student (the floor)
   kd              online KD: frozen teacher forward inside the step
@@ -11,8 +11,15 @@ throughput of four cases and prints one JSON line per case:
                   for the language-model pair a top-k cache
                   (``teacher_topk_logp``/``teacher_topk_idx``, k = 64 of
                   V = 8192) and the exact top-k forward KL
+  on_policy       language-model pairs: on-policy distillation (GKD, λ = 1):
+                  the student samples half of every row (temperature 1)
+                  with the KV cache, the teacher scores it and the student
+                  is updated on reverse KL, all in the one jitted step;
+                  ``generated_tokens_per_sec`` counts the sampled tokens
   torch_eager_kd  the equivalent PyTorch eager loop (same architectures,
-                  batch, KD loss, SGD), when torch is importable
+                  batch, KD loss, SGD; for the language-model pair the same
+                  GPT blocks, CE + per-token forward KL), when torch is
+                  importable (``pip install 'kdjax[bench]'``)
   generate        language-model pairs: greedy generation by the student,
                   a quarter prompt and three quarters new tokens (L = max_len),
                   with the KV cache (``generate_kv``, :mod:`kdjax.generate`)
@@ -80,7 +87,7 @@ PAIR_KWARGS = {
                         {"num_layers": 2, "dim": 128, "num_heads": 2, "max_len": 128}),
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
-CASES = ("student_only", "kd", "kd_cached", "torch_eager_kd", "generate")
+CASES = ("student_only", "kd", "kd_cached", "on_policy", "torch_eager_kd", "generate")
 EXTRA_CASES = ("input",)
 XLA_CPU_OPTIONS = {
     "default": "",
@@ -297,16 +304,23 @@ class JaxCase:
     kd_term, temp = ("forward_kl", 1.0) if lm else ("kd", TEMPERATURE)
     method = kdjax.MethodConfig(name="ce") if case == "student_only" else kdjax.MethodConfig(
         name=kd_term, temperature=temp, terms=(f"ce={CE_WEIGHT}", f"{kd_term}={KD_WEIGHT}"))
+    responses = None
+    if case == "on_policy":  # GKD: every response sampled from the student (λ = 1), reverse KL scored by the teacher
+      method = kdjax.MethodConfig(name="reverse_kl")
+      responses = kdjax.ResponseConfig(student_fraction=1.0, temperature=1.0)
     tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
                            steps_per_epoch=782, total_steps=10**6)
     # kd: the teacher runs in the step; kd_cached: its outputs ride in the batch (no teacher in the program)
-    distiller = kdjax.Distiller(student, teacher if case == "kd" else None, method=method, optimizer=tx,
-                                mode="teacher" if case == "student_only" else "offline", num_examples=50000,
-                                steps_per_epoch=782, xla_cpu_conv=xla_conv)
+    distiller = kdjax.Distiller(student, teacher if case in ("kd", "on_policy") else None, method=method,
+                                optimizer=tx, mode="teacher" if case == "student_only" else "offline",
+                                num_examples=50000, steps_per_epoch=782, xla_cpu_conv=xla_conv, responses=responses)
     rng = np.random.default_rng(seed)
     if lm:
       tokens = rng.integers(0, classes, (batch, shape[0] + 1)).astype(np.int32)
       host = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
+      if case == "on_policy":  # half prompt, half response: the student generates L/2 tokens per row
+        host["label"] = np.where(np.arange(shape[0]) >= shape[0] // 2 - 1, host["label"], -1).astype(np.int32)
+        self.generated_per_example = shape[0] - shape[0] // 2 + 1
     else:
       host = {"inputs": rng.normal(size=(batch, *shape)).astype(np.float32),
               "label": rng.integers(0, classes, batch).astype(np.int32)}
@@ -433,6 +447,34 @@ def _torch_models():
   def mlp(classes=10):
     return nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, classes))
 
+  class Block(nn.Module):  # kdjax's transformer_lm block: pre-LN, causal attention, tanh-GELU MLP
+    def __init__(self, d, heads, ratio=4):
+      super().__init__()
+      self.heads = heads
+      self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
+      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.fc1, self.fc2 = nn.Linear(d, ratio * d), nn.Linear(ratio * d, d)
+
+    def forward(self, x):
+      b, n, d = x.shape
+      q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+      a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+      return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+
+  class TransformerLM(nn.Module):
+    def __init__(self, classes, num_layers, dim, num_heads, max_len):
+      super().__init__()
+      self.tok, self.pos = nn.Embedding(classes, dim), nn.Embedding(max_len, dim)
+      self.blocks = nn.ModuleList([Block(dim, num_heads) for _ in range(num_layers)])
+      self.ln_f, self.head = nn.LayerNorm(dim, eps=1e-5), nn.Linear(dim, classes, bias=False)
+
+    def forward(self, tokens):
+      x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))[None]
+      for blk in self.blocks:
+        x = blk(x)
+      return self.head(self.ln_f(x))
+
   return {
       "resnet32x4": lambda c: CifarResNet(32, (32, 64, 128, 256), c),
       "resnet8x4": lambda c: CifarResNet(8, (32, 64, 128, 256), c),
@@ -440,6 +482,7 @@ def _torch_models():
       "wrn_16_2": lambda c: WideResNet(16, 2, c),
       "cnn1d": lambda c: CNN1D(c),
       "mlp": mlp,
+      "transformer_lm": lambda c, **kw: TransformerLM(c, **kw),
   }, torch
 
 
@@ -454,15 +497,22 @@ class TorchCase:
       torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t_name, s_name, shape, classes = PAIRS[pair]
+    t_kw, s_kw = PAIR_KWARGS.get(pair, ({}, {}))
     self.case, self.pair, self.batch = "torch_eager_kd", pair, batch
-    self.teacher = zoo[t_name](classes).eval()
-    self.student = zoo[s_name](classes).train()
+    self.teacher = zoo[t_name](classes, **t_kw).eval()
+    self.student = zoo[s_name](classes, **s_kw).train()
+    self.lm = t_name == "transformer_lm"
+    self.tokens_per_example = shape[0] if self.lm else None
     for p in self.teacher.parameters():
       p.requires_grad_(False)
     self.opt = torch.optim.SGD(self.student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     x_shape = (batch, shape[2], shape[0], shape[1]) if len(shape) == 3 else (batch, *shape)
-    self.x = torch.randn(*x_shape)
-    self.y = torch.randint(0, classes, (batch,))
+    if self.lm:  # next-token rows like the kdjax case's
+      tokens = torch.randint(0, classes, (batch, shape[0] + 1))
+      self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+    else:
+      self.x = torch.randn(*x_shape)
+      self.y = torch.randint(0, classes, (batch,))
     self.torch, self.F = torch, F
     self.compile_seconds = 0.0
     self.gflop_per_image = None
@@ -475,7 +525,9 @@ class TorchCase:
     with torch.no_grad():
       t_logits = self.teacher(self.x)
     s_logits = self.student(self.x)
-    ce = F.cross_entropy(s_logits, self.y)
+    if self.lm:  # per-token forward KL at T = 1, mean over tokens (the kdjax case's forward_kl term)
+      s_logits, t_logits, t = s_logits.flatten(0, 1), t_logits.flatten(0, 1), 1.0
+    ce = F.cross_entropy(s_logits, self.y.flatten())
     kd = F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1), reduction="batchmean",
                   log_target=True) * t * t
     loss = CE_WEIGHT * ce + KD_WEIGHT * kd
@@ -547,10 +599,10 @@ def main(argv=None) -> int:
           bench_generate(a, pair)
         else:
           print(json.dumps({"case": c, "pair": pair, "skipped": "generation: language-model pairs only"}))
+      elif c == "on_policy" and pair not in PAIR_KWARGS:
+        print(json.dumps({"case": c, "pair": pair, "skipped": "on-policy distillation: language-model pairs only"}))
       elif c == "torch_eager_kd":
-        if pair in PAIR_KWARGS:
-          print(json.dumps({"case": c, "pair": pair, "skipped": "no PyTorch reference for this pair (conv pairs only)"}))
-        elif _torch_available():
+        if _torch_available():
           cases.append(TorchCase(pair, a.batch, a.torch_threads))
         else:
           print(json.dumps({"case": c, "pair": pair, "skipped": "torch is not installed (pip install kdjax[bench])"}))
@@ -578,6 +630,8 @@ def main(argv=None) -> int:
              "ynn_fusions": case.ynn_fusions, "onednn_custom_calls": case.onednn_custom_calls}
       if getattr(case, "tokens_per_example", None):  # language models: an "image" is one sequence
         row["tokens_per_sec"] = round(ips * case.tokens_per_example, 1)
+      if getattr(case, "generated_per_example", None):  # on-policy: sampled, scored and trained on per second
+        row["generated_tokens_per_sec"] = round(ips * case.generated_per_example, 1)
       print(json.dumps(row), flush=True)
   return 0
 

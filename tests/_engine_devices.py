@@ -46,6 +46,7 @@ def main(out_path: str) -> None:
     out = f(s.teacher.params[0], s.teacher.model_state[0], sharding.shard_batch({"x": x}, s.mesh)["x"])
     res[name]["teacher_out"] = E.host({"logits": out.logits, **out.features})
   res["generate"] = generation(meshes)
+  res["on_policy"] = on_policy(meshes)
   with open(out_path, "wb") as fh:
     pickle.dump(res, fh)
 
@@ -67,6 +68,34 @@ def generation(meshes) -> dict:
       g = Generator(lm, sampling, mesh=mesh)(prompts, lengths, jax.random.key(4))
       out[f"{name}/{kind}"] = {"tokens": E.host(g.tokens), "logprobs": E.host(g.logprobs),
                                "spec": tuple(g.tokens.sharding.spec)}
+  return out
+
+
+def on_policy(meshes) -> dict:
+  """Three on-policy GKD steps (half the rows sampled from the student inside the step) on each mesh."""
+  import optax
+  from flax import nnx
+
+  import kdjax
+  from kdjax import models
+
+  rng = np.random.default_rng(0)
+  seq = rng.integers(3, 19, (8, 13)).astype(np.int32)
+  label = np.where(np.arange(12) >= rng.integers(2, 6, (8, 1)), seq[:, 1:], -1).astype(np.int32)
+  batch = {"inputs": seq[:, :-1], "label": label}
+  out = {}
+  for name, mesh in meshes.items():
+    lm = lambda layers, seed: models.create("transformer_lm", num_classes=19, num_layers=layers, dim=32,  # noqa: E731
+                                            num_heads=4, max_len=16, rngs=nnx.Rngs(seed))
+    d = kdjax.Distiller(lm(1, 0), lm(2, 1), method="gkd", optimizer=optax.sgd(0.5), mesh=mesh,
+                        fsdp=name == "fsdp", responses=kdjax.ResponseConfig(student_fraction=0.5, stop_tokens=(2,)))
+    state = d.init(jax.random.key(0), batch)
+    rows = E.host(d.train_batch(state, batch))
+    hist = []
+    for _ in range(3):
+      state, m = d.step(state, batch)
+      hist.append(E.host(m))
+    out[name] = {"params": E.host(state.params), "rows": rows, "metrics": hist}
   return out
 
 

@@ -25,7 +25,7 @@ from kdjax.engine.step import StepSpec
 from kdjax.methods import MethodConfig
 from kdjax.methods.base import ModelInfo
 
-TOKEN_PRESETS = ("forward_kl", "reverse_kl", "gkd", "tvd")
+TOKEN_PRESETS = ("forward_kl", "reverse_kl", "gkd", "tvd", "skew_kl", "skew_reverse_kl")
 # Narrow student / default teacher: adapters have real work to do (C_s != C_t).
 DIGITS_STUDENT = ("cnn_digits", {"widths": (8, 16, 32)})
 DIGITS_TEACHER = ("cnn_digits", {})

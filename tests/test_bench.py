@@ -52,6 +52,7 @@ def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
   # Without the bench extra the torch case says so in one line instead of vanishing; generation
   # is for language models only.
   assert skipped.pop("generate") == "generation: language-model pairs only"
+  assert skipped.pop("on_policy") == "on-policy distillation: language-model pairs only"
   assert skipped == ({} if has_torch else {"torch_eager_kd": skipped.get("torch_eager_kd")})
   if not has_torch:
     assert "pip install" in skipped["torch_eager_kd"]
@@ -105,12 +106,17 @@ def test_generate_case_times_the_kv_cache_and_full_recompute_side_by_side(bench,
   monkeypatch.setitem(bench.PAIRS, "tiny-lm", ("transformer_lm", "transformer_lm", (16,), 32))
   monkeypatch.setitem(bench.PAIR_KWARGS, "tiny-lm", (tiny, tiny))
   capsys.readouterr()
-  assert bench.main(["--pairs", "tiny-lm", "--cases", "generate", "--batch", "4", "--rounds", "1"]) == 0
+  assert bench.main(["--pairs", "tiny-lm", "--cases", "generate,on_policy", "--batch", "4", "--rounds", "1",
+                     "--steps", "1", "--warmup", "0"]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
   gen = {r["case"]: r for r in rows if r["case"].startswith("generate")}
   assert set(gen) == {"generate_kv", "generate_recompute"}
   for r in gen.values():
     assert r["tokens_per_sec"] > 0 and r["prompt_len"] == 4 and r["new_tokens"] == 12 and r["batch"] == 4
+  # on-policy: half of each 16-token row sampled (9 tokens: the row's second half and its last target)
+  (op,) = [r for r in rows if r["case"] == "on_policy"]
+  np.testing.assert_allclose(op["generated_tokens_per_sec"], 9 * op["images_per_sec"], rtol=1e-3)
+  assert op["tokens_per_sec"] > 0
 
 
 @pytest.mark.slow

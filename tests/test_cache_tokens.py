@@ -142,8 +142,9 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   want = np.mean((pt * np.log(pt / ps)).sum(-1))
   _, m = _one_step(fkl, batch)
   np.testing.assert_allclose(m["loss/forward_kl"], want, rtol=1e-4)
-  # a top-8 cache is 8·(2 + 4) bytes per position instead of 64·2 for float16 logits
-  assert cache.arrays["topk_logp"].nbytes + cache.arrays["topk_idx"].nbytes < 0.4 * N * LEN * VOCAB * 2
+  # a top-8 cache is 8·(2 + 2) bytes per token (float16 log-probs, uint16 ids) instead of 64·2 for float16 logits
+  stored = cache.arrays["topk_logp"].nbytes + cache.arrays["topk_idx"].nbytes
+  assert stored == N * LEN * 32 == N * LEN * cache.meta["bytes_per_token"]
 
 
 @pytest.mark.slow
@@ -201,3 +202,24 @@ def test_token_views_pass_ids_through(ds, full_topk_cache):
     np.testing.assert_array_equal(b["label"], ds.labels[rows])
     seen += b["id"].tolist()
   assert sorted(seen) == sorted(ds.ids.tolist())
+
+
+@pytest.mark.parametrize("vocab, k, index_dtype, per_token", [(1000, 64, "uint16", 256), (70000, 4, "int32", 24)])
+def test_topk_token_cache_records_the_bytes_per_token_it_stores(tmp_path, vocab, k, index_dtype, per_token):
+  """float16 log-probs with uint16 ids while ids fit (V ≤ 65,536): k·4 bytes per token, 256 at k = 64."""
+  n, length = 8, 4
+  ds = ArrayDataset(np.zeros((n, length), np.int32), np.zeros((n, length), np.int32), np.arange(n), "toy", "train")
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(n, length, vocab)).astype(np.float32)
+  predict = lambda x: logits[:len(x)]  # noqa: E731  (one batch of 8 covers the split)
+  C.build_cache(tmp_path / "c", ds, predict, teacher_hash="t", num_classes=vocab, view=VIEW,
+                spec=C.CacheSpec(dtype="float16", top_k=k, shard_size=8, batch_size=8), output_shape=(length, vocab))
+  cache = C.TeacherCache.open(tmp_path / "c")
+  assert cache.meta["bytes_per_token"] == per_token and cache.meta["index_dtype"] == index_dtype
+  assert np.asarray(cache.arrays["topk_idx"]).dtype == np.dtype(index_dtype)
+  stored = sum(np.asarray(cache.arrays[a]).nbytes for a in ("topk_logp", "topk_idx"))
+  assert stored == n * length * per_token
+  out = cache.outputs(np.arange(n), np.zeros(n, np.int64))
+  want = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+  np.testing.assert_array_equal(out["teacher_topk_idx"], want)  # ids read back as int32, unchanged
+  assert out["teacher_topk_idx"].dtype == np.int32

@@ -215,6 +215,8 @@ def _leaf_value(path: str, typ, default):
   if origin is tuple:
     if args[0] is str:
       return ("ce=0.5", "kd=2.0"), ["ce=0.5", "kd=2.0"]
+    if args[0] is int:
+      return (2, 5), ["2", "5"]
     return (0.25, 0.75), ["0.25", "0.75"]
   base = next((a for a in args if a is not type(None)), typ) if args else typ
   if base is int:

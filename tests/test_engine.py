@@ -262,6 +262,20 @@ def test_generation_split_over_eight_devices_equals_one_device(distributed_runs)
 
 
 @pytest.mark.procs
+def test_on_policy_step_on_eight_devices_equals_one_device(distributed_runs):
+  """Sampling inside the step with the batch split over 8 devices (and FSDP) draws the same responses and
+  makes the same updates as on one device."""
+  runs = distributed_runs[0]["on_policy"]
+  one = runs["one"]
+  assert (one["rows"]["label"] != -1).any() and one["metrics"][0]["loss/gkd"] > 0
+  for name in ("eight", "fsdp"):
+    for k in ("inputs", "label"):
+      np.testing.assert_array_equal(runs[name]["rows"][k], one["rows"][k])
+    for a, b in zip(jax.tree.leaves(runs[name]["params"]), jax.tree.leaves(one["params"]), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.procs
 def test_two_processes_equal_one_process(distributed_runs):
   dev, mh = distributed_runs
   assert mh["process_count"] == 2 and mh["local_rows"] == 8  # each fed half of the 16-row batch

@@ -21,8 +21,8 @@ T_SHAPES = {"stem": (8, 8, 16), "stage1": (8, 8, 32), "stage2": (4, 4, 64), "sta
             "stage2_preact": (4, 4, 64), "pooled": (64,)}
 S_INFO = ModelInfo("fake_s", C, S_SHAPES)
 T_INFO = ModelInfo("fake_t", C, T_SHAPES)
-IMAGE_PRESETS = [p for p in methods.available() if p not in ("forward_kl", "reverse_kl", "gkd", "tvd")]
-TOKEN_PRESETS = ["forward_kl", "reverse_kl", "gkd", "tvd"]
+TOKEN_PRESETS = ["forward_kl", "reverse_kl", "gkd", "tvd", "skew_kl", "skew_reverse_kl"]
+IMAGE_PRESETS = [p for p in methods.available() if p not in TOKEN_PRESETS]
 
 
 def _out(key, shapes, num_classes=C, relu=True):
@@ -101,14 +101,17 @@ def test_token_presets(name):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   s = ModelOutput(jax.random.normal(k1, (2, 5, 7)), {})
   t = ModelOutput(jax.random.normal(k2, (2, 5, 7)), {})
-  labels = jax.random.randint(k3, (2, 5), 0, 7).at[0, 4].set(-1)
+  # a prompt position (label −1) inside the mask: token terms score it no more than CE does
+  labels = jax.random.randint(k3, (2, 5), 0, 7).at[0, 4].set(-1).at[1, 0].set(-1)
   mask = jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
   batch = {"label": labels, "mask": mask}
   params, state = m.init(jax.random.key(0), s, t, InitInfo(S_INFO, T_INFO, 4))
   total, _, metrics = jax.jit(lambda: m.loss(params, state, s, t, batch, _ctx()))()
   fn = {"forward_kl": kdl.forward_kl, "reverse_kl": kdl.reverse_kl, "gkd": kdl.generalized_jsd,
-        "tvd": kdl.tvd}[name]
-  np.testing.assert_allclose(metrics[f"loss/{name}"], fn(s.logits, t.logits, mask=mask), rtol=1e-5)
+        "tvd": kdl.tvd, "skew_kl": kdl.skew_kl,
+        "skew_reverse_kl": lambda s, t, mask: kdl.skew_kl(s, t, mask=mask, reverse=True)}[name]
+  scored = mask & (labels >= 0)
+  np.testing.assert_allclose(metrics[f"loss/{name}"], fn(s.logits, t.logits, mask=scored), rtol=1e-5)
   per = _ce_np(np.asarray(s.logits).reshape(-1, 7), np.asarray(labels).reshape(-1))
   valid = (np.asarray(labels).reshape(-1) >= 0) & np.asarray(mask).reshape(-1)
   np.testing.assert_allclose(metrics["loss/ce"], per[valid].mean(), rtol=1e-5)

@@ -29,7 +29,7 @@ VGG = ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
 IMAGENET = ["resnet18", "resnet34", "resnet50", "mobilenet_v1"]
 ALL = (CIFAR_RESNET + WRN + VGG + ["mobilenetv2", "shufflenetv1", "shufflenetv2"]
        + IMAGENET + ["mlp", "cnn1d", "mlp_1200", "mlp_800", "cnn_digits",
-                     "transformer_lm"])
+                     "transformer_lm", "lm_4x64", "lm_2x64", "lm_2x32", "lm_1x64", "lm_1x32"])
 
 
 def _stages(n: int, preact: bool = True, stem: bool = True) -> set[str]:
@@ -54,6 +54,8 @@ def expected_feature_names(name: str) -> set[str]:
     return _stages(2)
   if name == "transformer_lm":
     return {"embed", "block0", "block1", "pooled"}
+  if name.startswith("lm_"):
+    return {"embed", "pooled"} | {f"block{i}" for i in range(int(name[3]))}
   raise AssertionError(name)
 
 
@@ -120,6 +122,13 @@ EXACT = {
     # tok 256·64 + pos 128·64 + 2·(LN 128 + qkv 64·192+192 + proj 64·64+64
     #  + LN 128 + fc1 64·256+256 + fc2 256·64+64) + LN 128 + head 64·256
     "transformer_lm": 141_056,
+    # lm_{n}x{d}: tok 256·d + pos 64·d + LN_f 2d + head d·256 + n blocks of 12d² + 13d
+    # (LN 2d, qkv d·3d + 3d, proj d² + d, LN 2d, fc1 d·4d + 4d, fc2 4d·d + d)
+    "lm_4x64": 578 * 64 + 4 * (12 * 64**2 + 13 * 64),  # 236,928
+    "lm_2x64": 578 * 64 + 2 * (12 * 64**2 + 13 * 64),
+    "lm_2x32": 578 * 32 + 2 * (12 * 32**2 + 13 * 32),
+    "lm_1x64": 578 * 64 + (12 * 64**2 + 13 * 64),
+    "lm_1x32": 578 * 32 + (12 * 32**2 + 13 * 32),  # 31,200
 }
 
 
@@ -207,8 +216,8 @@ def test_output_and_feature_shapes(name):
   assert model.input_shape == km.spec(name).input_shape
   out = _abstract_forward(model, train=True)  # train mode (feature_shapes: eval)
   assert isinstance(out, ModelOutput)
-  if name == "transformer_lm":
-    assert out.logits.shape == (2, 128, model.num_classes)
+  if km.spec(name).family == "lm":
+    assert out.logits.shape == (2, *model.input_shape, model.num_classes)
   else:
     assert out.logits.shape == (2, model.num_classes)
   shapes = km.feature_shapes(model)

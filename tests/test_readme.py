@@ -67,3 +67,25 @@ def test_generation_example_runs_with_the_names_it_assumes():
   out = ns["out"]
   assert out.tokens.shape == out.logprobs.shape == (2, 32) and out.lengths.shape == (2,)
   assert all(1 <= n <= 32 for n in np.asarray(out.lengths))
+
+
+def test_on_policy_example_runs_with_the_names_it_assumes():
+  import jax
+  import optax
+  from flax import nnx
+
+  import kdjax
+  from kdjax import models
+
+  block = next(b for b in _python_blocks() if "ResponseConfig(" in b)
+  lm = lambda layers, seed: models.create("transformer_lm", num_classes=13, num_layers=layers, dim=16,  # noqa: E731
+                                          num_heads=2, max_len=16, rngs=nnx.Rngs(seed))
+  tokens = np.random.default_rng(0).integers(4, 13, (4, 9)).astype(np.int32)
+  label = np.where(np.arange(8) >= 3, tokens[:, 1:], -1).astype(np.int32)
+  ns = {"jax": jax, "optax": optax, "kdjax": kdjax, "student": lm(1, 0), "teacher": lm(2, 1), "eos": 3,
+        "batch": {"inputs": tokens[:, :-1], "label": label}}
+  exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
+  rows, metrics = ns["rows"], ns["metrics"]
+  np.testing.assert_array_equal(np.asarray(rows["inputs"])[:, :4], tokens[:, :4])  # prompts kept
+  assert (np.asarray(rows["label"])[:, :3] == -1).all() and (np.asarray(rows["label"])[:, 3] >= 0).all()
+  assert int(ns["state"].step) == 1 and np.isfinite(float(metrics["loss/total"]))

@@ -36,8 +36,10 @@ Storage (``directory/``):
                    (n, K, *output_shape) float16/float32, or the top-k
                    log-probabilities ``topk_logp`` (n, K, …, k) float16/float32
                    with their class / token ids ``topk_idx`` (n, K, …, k)
-                   int32, for large class counts and vocabularies (k·L numbers
-                   per example instead of V·L), and ``digest.json``, the
+                   uint16 (int32 above 65,536 classes), for large class counts
+                   and vocabularies (k·L numbers per example instead of V·L;
+                   ``cache.json`` records ``bytes_per_token``: 256 at k = 64
+                   in float16), and ``digest.json``, the
                    SHA-256 of each file: a file that does not match (a
                    damaged disk, an overwritten shard) is refused, naming the
                    shard, the first time any of its rows is read. Each shard is written to a
@@ -59,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -252,12 +255,26 @@ def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_ha
   shape = tuple(int(d) for d in (output_shape or (num_classes,)))
   if shape[-1] != num_classes:
     raise ValueError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
-  return {
+  index_dtype = index_dtype_for(num_classes)
+  k = min(spec.top_k, num_classes)
+  per_dist = (k * (np.dtype(spec.dtype).itemsize + np.dtype(index_dtype).itemsize) if spec.top_k
+              else num_classes * np.dtype(spec.dtype).itemsize)
+  meta = {
       "format": FORMAT_VERSION, "teacher_hash": teacher_hash, "view": view_fingerprint(view),
       "views": spec.views, "view_seed": spec.view_seed, "dtype": spec.dtype, "top_k": spec.top_k,
       "num_classes": int(num_classes), "output_shape": list(shape), "num_examples": len(ds),
       "dataset": f"{ds.name}/{ds.split}", "shard_size": spec.shard_size, "num_shards": n_shards,
+      "index_dtype": index_dtype if spec.top_k else None,
+      "bytes_per_example": int(per_dist * math.prod(shape[:-1])),
   }
+  if len(shape) > 1:  # (L, V): one distribution per token
+    meta["bytes_per_token"] = int(per_dist)
+  return meta
+
+
+def index_dtype_for(num_classes: int) -> str:
+  """Storage of top-k ids: ``uint16`` while every id fits (V ≤ 65,536), else ``int32``."""
+  return "uint16" if num_classes <= 65536 else "int32"
 
 
 def _same_key(a: Mapping, b: Mapping) -> list[str]:
@@ -266,7 +283,7 @@ def _same_key(a: Mapping, b: Mapping) -> list[str]:
   return [k for k in keys if a.get(k) != b.get(k)]
 
 
-def _encode(logits: np.ndarray, spec: CacheSpec) -> dict[str, np.ndarray]:
+def _encode(logits: np.ndarray, spec: CacheSpec, index_dtype: str = "int32") -> dict[str, np.ndarray]:
   """(n, K, …, C) float32 logits → stored arrays (top-k: log-probs at T = 1, by decreasing probability)."""
   if spec.top_k == 0:
     return {"logits": logits.astype(spec.dtype)}
@@ -275,10 +292,11 @@ def _encode(logits: np.ndarray, spec: CacheSpec) -> dict[str, np.ndarray]:
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   k = min(spec.top_k, logits.shape[-1])
   idx = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
-  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(np.int32)}
+  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(index_dtype)}
 
 
-def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...],
+                       index_dtype: str = "int32") -> dict[str, np.ndarray]:
   """One predicted batch → stored arrays with a view axis of 1: ``(n, 1, …)``.
 
   ``pred`` is dense logits ``(n, *out_shape)``, or — for top-k storage, when
@@ -292,12 +310,12 @@ def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...]) -
     k = min(spec.top_k, out_shape[-1])
     if lp.shape[1:] != (*out_shape[:-1], k) or idx.shape != lp.shape:
       raise ValueError(f"teacher top-k outputs {lp.shape}/{idx.shape} per batch; expected (n, {(*out_shape[:-1], k)})")
-    return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(np.int32)}
+    return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(index_dtype)}
   z = np.asarray(pred, np.float32)
   if z.shape[1:] != out_shape:
     raise ValueError(f"teacher outputs {z.shape[1:]} per example, the cache expects {out_shape} "
                      f"(num_classes / output_shape)")
-  return _encode(z[:, None], spec)
+  return _encode(z[:, None], spec, index_dtype)
 
 
 def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.ndarray], Any], *,
@@ -336,6 +354,10 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
   meta_path = d / META_FILE
   if meta_path.exists():
     old = json.loads(meta_path.read_text())
+    for k in ("index_dtype", "bytes_per_example", "bytes_per_token"):  # a cache begun by an older kdjax keeps its storage
+      if k not in old:
+        meta.pop(k, None)
+    meta["index_dtype"] = old.get("index_dtype", "int32" if spec.top_k else None)
     diff = _same_key(old, meta)
     if diff:
       raise ValueError(
@@ -368,7 +390,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
         n = len(chunk)
         if n < b:  # pad to a full batch: one compiled shape
           chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, axis=0)])
-        enc = _encode_prediction(predict(chunk), spec, out_shape)
+        enc = _encode_prediction(predict(chunk), spec, out_shape, meta["index_dtype"] or "int32")
         for name, a in enc.items():
           if name not in stored:
             stored[name] = np.empty((len(rows), spec.views, *a.shape[2:]), a.dtype)

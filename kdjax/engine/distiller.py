@@ -27,9 +27,10 @@ from flax import nnx
 
 from kdjax import batch as B
 from kdjax.engine import sharding, xla_cpu
+from kdjax.responses import ResponseConfig
 from kdjax.engine.taps import resolve
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, split_model
-from kdjax.engine.step import StepSpec, make_eval_step, make_train_step
+from kdjax.engine.step import StepSpec, make_eval_step, make_train_step, with_responses
 from kdjax.methods import MethodConfig
 from kdjax.methods import build as build_method
 from kdjax.methods.base import Context, InitInfo, Method, ModelInfo
@@ -115,6 +116,9 @@ class Distiller:
     teacher_weights / multi_teacher / ema_decay: multi-teacher weights and
       combination (``average`` or ``per_teacher``), EMA decay of ``self_ema``.
     xla_cpu_conv: CPU convolution kernels (``kdjax.engine.xla_cpu``).
+    responses: for language models, train on generated responses
+      (:class:`kdjax.ResponseConfig`): on-policy samples from the student
+      (GKD), the teacher's (SeqKD), or the data's (default).
   """
 
   def __init__(self, student: nnx.Module | Sequence[nnx.Module], teacher: Any = None, *,
@@ -123,7 +127,7 @@ class Distiller:
                taps: Mapping[str, str] | None = None, teacher_taps: Mapping[str, str] | None = None,
                num_examples: int = 0, steps_per_epoch: int = 1, grad_accum: int = 1, fsdp: bool | None = None,
                teacher_weights: Sequence[float] = (), multi_teacher: str = "average", ema_decay: float = 0.999,
-               xla_cpu_conv: str = "eigen"):
+               xla_cpu_conv: str = "eigen", responses: ResponseConfig | None = None):
     self.students = _as_tuple(student)
     self.teachers = _as_tuple(teacher)
     self.mode = _infer_mode(mode, self.students, self.teachers)
@@ -138,12 +142,15 @@ class Distiller:
     self.num_examples, self.steps_per_epoch, self.grad_accum = int(num_examples), int(steps_per_epoch), grad_accum
     self.teacher_weights, self.multi_teacher, self.ema_decay = tuple(teacher_weights), multi_teacher, ema_decay
     self.xla_cpu_conv = xla_cpu_conv
+    self.responses = responses if responses is not None and responses.active else None
+    self._check_responses()
     self.spec: StepSpec | None = None
     self.teacher_state: TeacherState | None = None
     self.state_shardings: Any = None
     self._steps: dict[str, Callable] = {}
     self._eval: Callable | None = None
     self._generators: dict = {}
+    self._responses_fn: Callable | None = None
 
   # ------------------------------------------------------------------ building
 
@@ -221,7 +228,7 @@ class Distiller:
     self.spec = StepSpec(students=tuple(s_defs), teachers=tuple(t_defs), method=method, tx=self.optimizer,
                          mode=self.mode, steps_per_epoch=self.steps_per_epoch, grad_accum=self.grad_accum,
                          teacher_weights=self.teacher_weights, multi_teacher=self.multi_teacher,
-                         ema_decay=self.ema_decay)
+                         ema_decay=self.ema_decay, responses=self.responses)
     return tuple(s_params), tuple(s_rests), TeacherState(params=tuple(t_params), model_state=tuple(t_rests))
 
   def _example_outputs(self, s_params, s_rests, teacher: TeacherState, x):
@@ -238,6 +245,25 @@ class Distiller:
     else:
       t_out = None
     return s_out, t_out
+
+  def _check_responses(self) -> None:
+    """Generated responses need a generating student and, for SeqKD, a generating NNX teacher."""
+    r = self.responses
+    if r is None:
+      return
+    if self.mode != "offline" or len(self.students) != 1:
+      raise ValueError(f"responses (on-policy / SeqKD) train one student from one teacher (mode='offline'), "
+                       f"not mode={self.mode!r}")
+    gens = lambda m: hasattr(m, "decode") and hasattr(m, "init_cache")  # noqa: E731
+    if not gens(self.students[0]):
+      raise ValueError(f"responses: the student ({type(self.students[0]).__name__}) cannot generate; it needs "
+                       "init_cache/decode (see kdjax.generate)")
+    if not self.teachers:
+      raise ValueError("responses: generated responses are scored by a teacher model; a teacher-output cache "
+                       "holds outputs for the data's responses only")
+    if r.needs_teacher and not gens(self.teachers[0]):
+      raise ValueError("responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with "
+                       "init_cache/decode)")
 
   def _initializer(self, x) -> tuple[Callable, tuple, tuple, TeacherState]:
     """``make(key, params, rests) -> TrainState`` and its unplaced inputs, for example inputs ``x``."""
@@ -324,6 +350,15 @@ class Distiller:
     placed = sharding.shard_batch(host, self.mesh) if host else {}
     return {k: placed.get(k, v) for k, v in batch.items()}
 
+  def train_batch(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The rows :meth:`step` would train on from ``state`` (global arrays): with ``responses``, the
+    prompts followed by the responses it samples at this step — to inspect on-policy samples."""
+    if self.spec is None:
+      raise ValueError("Distiller.train_batch before Distiller.init: call state = distiller.init(key, batch) first")
+    if self._responses_fn is None:
+      self._responses_fn = jax.jit(functools.partial(with_responses, self.spec))
+    return self._responses_fn(state, self.teacher_state, self.global_batch(batch))
+
   def step(self, state: TrainState, batch: Mapping[str, Any], *, stage: str = "main") -> tuple[TrainState, dict]:
     """One optimizer step; ``state`` is donated (do not reuse it).
 
@@ -333,6 +368,9 @@ class Distiller:
     if self.mode == "offline" and not self.spec.teachers and not B.has_cached_teacher(batch):
       raise ValueError("this Distiller has no teacher, so every batch must carry cached teacher outputs "
                        f"({', '.join(B.CACHED_TEACHER)}); got keys {sorted(batch)}")
+    if self.responses is not None and B.has_cached_teacher(batch):
+      raise ValueError("responses: this step generates new responses, but the batch carries cached teacher outputs "
+                       "for the data's responses; run the teacher online (drop the teacher cache)")
     return self.jitted_step(stage)(state, self.teacher_state, self.global_batch(batch))
 
   def evaluate(self, state: TrainState, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:

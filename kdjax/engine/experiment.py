@@ -176,7 +176,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
       mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)), num_examples=len(train_ds),
       steps_per_epoch=spe, grad_accum=cfg.optim.grad_accum, fsdp=cfg.run.mesh_fsdp > 1,
       teacher_weights=cfg.method.teacher_weights, multi_teacher=cfg.method.multi_teacher,
-      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv)
+      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv, responses=cfg.responses)
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
   return Run(cfg=cfg, distiller=distiller, state=state, loader=loader, eval_ds=eval_ds, view=view,
              teacher_hash=teacher_hash, total_steps=total_steps,

@@ -265,9 +265,19 @@ def group_name(cfg: Experiment) -> str:
   arrow = f"{cfg.teacher.name}→{cfg.student.name}"
   extra = f" {cfg.mode}" if cfg.mode != "offline" else ""
   data = f" +{cfg.data.transfer_split}" if cfg.data.transfer_split else ""
-  if cfg.method.name == "ce":
+  if cfg.method.name == "ce" and not cfg.responses.active:
     return f"{cfg.student.name} scratch{data}"
-  return f"{arrow} {cfg.method.name}{extra}{data}"
+  return f"{arrow} {cfg.method.name}{_response_words(cfg.responses)}{extra}{data}"
+
+
+def _response_words(r) -> str:
+  """`` on-policy λ=0.5``, `` seqkd`` or both, for runs that train on generated responses."""
+  words = []
+  if r.others == "teacher" and r.student_fraction < 1:
+    words.append("seqkd")
+  if r.student_fraction > 0:
+    words.append(f"on-policy λ={r.student_fraction:g}")
+  return "".join(" " + w for w in words)
 
 
 def _born_again(cfg: Experiment) -> dict:

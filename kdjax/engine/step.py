@@ -17,6 +17,12 @@ Modes (``spec.mode``): ``teacher`` (supervised), ``offline`` / ``born_again``
 (one teacher), ``multi_teacher`` (averaged logits or per-teacher losses),
 ``dml`` (k students; each distils from the others' stop-gradiented outputs),
 ``self_ema`` (the teacher is an EMA of the student).
+
+Language models can train on generated responses (``spec.responses``,
+:mod:`kdjax.responses`): before anything else, the step replaces a
+fraction of the rows' responses by samples from the current student
+(on-policy) and the others by the teacher's (SeqKD) or keeps the data's;
+teacher and student then both read the rewritten rows.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax import nnx
+
 from kdjax import batch as B
+from kdjax import responses as R
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, rng_key
 from kdjax.losses import topk_to_logits
 from kdjax.methods.base import Context, Method
@@ -52,6 +61,7 @@ class StepSpec:
   teacher_weights: tuple[float, ...] = ()
   multi_teacher: str = "average"
   ema_decay: float = 0.999
+  responses: R.ResponseConfig | None = None
 
 
 def _stop(out: ModelOutput) -> ModelOutput:
@@ -162,27 +172,54 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
 
 
 def _entry_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Over the whole batch: the entries ``batch["mask"]`` selects (all when it has not the labels' shape),
-  and those also labelled (label ≥ 0). Examples for ``(B,)`` labels, tokens for ``(B, L)``."""
+  """Over the whole batch: the entries ``batch["mask"]`` selects (a ``(B,)`` mask over all of an example's
+  tokens), and those also labelled (label ≥ 0). Examples for ``(B,)`` labels, tokens for ``(B, L)``."""
   label = batch[B.LABEL]
   mask = batch.get(B.MASK)
-  selected = jnp.ones(label.shape, bool) if mask is None or mask.shape != label.shape else mask > 0
+  if mask is None or mask.shape != label.shape[:mask.ndim]:
+    selected = jnp.ones(label.shape, bool)
+  else:
+    selected = jnp.broadcast_to((mask > 0).reshape(mask.shape + (1,) * (label.ndim - mask.ndim)), label.shape)
   labelled = selected & (label >= 0)
   if batch.get("label_b") is not None:  # mixup: an example counts when both of its labels do
     labelled = labelled & (batch["label_b"] >= 0)
   return jnp.sum(selected).astype(jnp.float32), jnp.sum(labelled).astype(jnp.float32)
 
 
+def step_key(state: TrainState) -> jax.Array:
+  """The step's key: the run's key folded with the step number (a resumed run draws the same)."""
+  return jax.random.fold_in(rng_key(state.key), state.step)
+
+
+def with_responses(spec: StepSpec, state: TrainState, teacher: TeacherState, batch: Batch) -> Batch:
+  """The batch the step trains on: responses generated as ``spec.responses`` says
+  (:func:`kdjax.responses.replace_responses`), or ``batch`` itself."""
+  if spec.responses is None or not spec.responses.active:
+    return batch
+  key = jax.random.fold_in(step_key(state), RESPONSE_KEY)
+  sd = spec.students[0]
+  student = nnx.merge(sd.graphdef, state.params[0], state.model_state[0])
+  t = None
+  if spec.responses.needs_teacher:
+    td = spec.teachers[0]
+    t = nnx.merge(td.graphdef, teacher.params[0], teacher.model_state[0])
+  return R.replace_responses(spec.responses, batch, key, student, t)
+
+
+RESPONSE_KEY = 0x5EED  # folded into the step key for sampling responses (independent of the methods' keys)
+
+
 def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch], tuple[TrainState, dict]]:
   """Build the pure step for ``spec`` (:meth:`kdjax.Distiller.jitted_step` jits it)."""
 
   def train_step(state: TrainState, teacher: TeacherState, batch: Batch):
-    key = jax.random.fold_in(rng_key(state.key), state.step)
+    key = step_key(state)
     epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
     grad_fn = jax.value_and_grad(
         lambda tr, st, tb, b, c: _micro_loss(spec, tr, st, tb, b, c), has_aux=True
     )
     trainable = state.trainable()
+    batch = with_responses(spec, state, teacher, batch)
 
     if spec.grad_accum == 1:
       t_outs = teacher_outputs(spec, state, teacher, batch)

@@ -29,7 +29,7 @@ from kdjax.losses.sequence import chunked_token_loss
 from kdjax.losses.sequence import forward_kl
 from kdjax.losses.sequence import generalized_jsd
 from kdjax.losses.sequence import reverse_kl
-from kdjax.losses.sequence import skew_kl
+from kdjax.losses.sequence import skew_kl, topk_skew_kl
 from kdjax.losses.sequence import sparse_kl
 from kdjax.losses.sequence import teacher_topk
 from kdjax.losses.sequence import topk_buckets
@@ -72,6 +72,7 @@ __all__ = [
     "generalized_jsd",
     "tvd",
     "skew_kl",
+    "topk_skew_kl",
     "sparse_kl",
     "teacher_topk",
     "topk_to_logits",

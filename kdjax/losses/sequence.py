@@ -571,6 +571,31 @@ def topk_tvd(student_logits: Array, teacher_topk_logprobs: Array,
   return _masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1), mask)
 
 
+def topk_skew_kl(student_logits: Array, teacher_topk_logprobs: Array,
+                 teacher_topk_indices: Array, alpha: float = 0.1, mask: Array | None = None,
+                 temperature: float = 1.0, reverse: bool = False) -> Array:
+  """:func:`skew_kl` (DistiLLM) from a top-k teacher, on the buckets of :func:`topk_buckets`.
+
+  KL(P_T ‖ α·P_T + (1 − α)·P_S) (or the skew reverse KL) over the k + 1
+  buckets; exact when k = V.
+
+  Args:
+    student_logits: ``(B, L, V)``.
+    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
+    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
+    alpha: skew α in [0, 1).
+    mask: optional ``(B, L)`` bool or 0/1.
+    temperature: T > 0 on both sides.
+    reverse: skew reverse KL.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_in_unit_interval(alpha, "alpha")
+  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
+  return _masked_mean(_tok_skew_kl(ls, lt, alpha, 1.0, reverse), mask)
+
+
 # --------------------------------------------------------------------------
 # Chunked evaluation.
 

@@ -34,6 +34,7 @@ class MethodConfig:
       linear warm-up of the DKD term.
     dist_beta / dist_gamma: DIST inter/intra weights.
     gkd_beta: generalized-JSD interpolation (TRL convention: 0 → KL(T‖S)).
+    skew_alpha: DistiLLM's skew α of ``skew_kl`` / ``skew_reverse_kl`` (0.1).
     hint_layer: feature name used by FitNet (both models).
     feat_dim: embedding width of CRD/CC heads.
     crd_negatives / crd_temperature / crd_momentum: CRD's K, τ and memory
@@ -55,6 +56,7 @@ class MethodConfig:
   dist_beta: float | None = None
   dist_gamma: float | None = None
   gkd_beta: float | None = None
+  skew_alpha: float | None = None
   hint_layer: str | None = None
   feat_dim: int | None = None
   crd_negatives: int | None = None
@@ -78,6 +80,8 @@ class MethodConfig:
       _check(math.isfinite(weight), "method.terms", f"weight of {name!r} must be finite, got {w!r}")
     if self.gkd_beta is not None:
       _check(0.0 <= self.gkd_beta <= 1.0, "method.gkd_beta", f"must be in [0, 1], got {self.gkd_beta}")
+    if self.skew_alpha is not None:
+      _check(0.0 <= self.skew_alpha < 1.0, "method.skew_alpha", f"must be in [0, 1), got {self.skew_alpha}")
     if self.crd_momentum is not None:
       _check(0.0 <= self.crd_momentum < 1.0, "method.crd_momentum", f"must be in [0, 1), got {self.crd_momentum}")
     _check(self.init_epochs >= 0, "method.init_epochs", f"must be ≥ 0, got {self.init_epochs}")

@@ -16,10 +16,18 @@ from kdjax.methods.base import ModelInfo, Term
 
 
 def _token_mask(batch, shape):
-  m = batch.get("mask")
-  if m is None or jnp.ndim(m) != len(shape):
-    return None
-  return m
+  """The ``(B, L)`` positions a token term scores: the batch's mask (per example or per token) and, when
+  the labels are per token, only labelled positions (a prompt's targets are −1); None = all."""
+  m, labels = batch.get("mask"), batch.get("label")
+  if m is not None and jnp.ndim(m) not in (1, len(shape)):
+    m = None
+  if labels is not None and jnp.shape(labels) == tuple(shape):
+    scored = jnp.asarray(labels) >= 0
+    if m is None:
+      return scored
+    m = jnp.asarray(m) > 0
+    return scored & m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
+  return m if m is not None and jnp.ndim(m) == len(shape) else None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_b: jax.Array | None = None,
@@ -130,6 +138,8 @@ def _token_term(fn, topk_fn, **fixed):
     kw = dict(fixed)
     if "beta" in kw:
       kw["beta"] = opt(cfg.gkd_beta, kw["beta"])
+    if "alpha" in kw:
+      kw["alpha"] = opt(cfg.skew_alpha, kw["alpha"])
 
     def apply(params, state, s_out, t_out, batch, ctx):
       s = s_out.logits
@@ -140,8 +150,8 @@ def _token_term(fn, topk_fn, **fixed):
       else:
         loss = fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw)
       tokens = jnp.sum(mask > 0) if mask is not None else s.shape[0] * s.shape[1]
-      # The mean over the whole batch's tokens, also under gradient accumulation.
-      return loss * ctx.share(tokens, ctx.mask_total), state, {}
+      # The mean over the whole batch's scored tokens (those the CE counts), also under gradient accumulation.
+      return loss * ctx.share(tokens, ctx.labelled_total if "label" in batch else ctx.mask_total), state, {}
 
     return (Term(name, weight, apply),)
 
@@ -155,3 +165,5 @@ make_forward_kl = _token_term(kdl.forward_kl, kdl.topk_forward_kl)
 make_reverse_kl = _token_term(kdl.reverse_kl, kdl.topk_reverse_kl)
 make_gkd = _token_term(kdl.generalized_jsd, kdl.topk_generalized_jsd, beta=0.5)
 make_tvd = _token_term(kdl.tvd, kdl.topk_tvd)
+make_skew_kl = _token_term(kdl.skew_kl, kdl.topk_skew_kl, alpha=0.1)
+make_skew_reverse_kl = _token_term(kdl.skew_kl, kdl.topk_skew_kl, alpha=0.1, reverse=True)

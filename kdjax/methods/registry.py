@@ -27,6 +27,8 @@ TERMS = {
     "reverse_kl": logit.make_reverse_kl,
     "gkd": logit.make_gkd,
     "tvd": logit.make_tvd,
+    "skew_kl": logit.make_skew_kl,
+    "skew_reverse_kl": logit.make_skew_reverse_kl,
     "hint": feature.make_hint,
     "hint_init": feature.make_hint_init,
     "at": feature.make_at,
@@ -66,6 +68,8 @@ PRESETS: dict[str, tuple[tuple[str, float], ...]] = {
     "reverse_kl": (("reverse_kl", 1.0),),
     "gkd": (("gkd", 1.0),),
     "tvd": (("tvd", 1.0),),
+    "skew_kl": (("skew_kl", 1.0),),
+    "skew_reverse_kl": (("skew_reverse_kl", 1.0),),
 }
 
 _NEEDS_INIT = ("ab", "fsp", "ft")

@@ -93,6 +93,11 @@ register("mlp_800", MLP, "mnist", (28, 28, 1), input_shape=(28, 28, 1),
 register("cnn_digits", DigitsCNN, "digits", (8, 8, 1), num_classes=10)
 register("transformer_lm", TransformerLM, "lm", (128,), num_layers=2, dim=64,
          num_heads=4, max_len=128, num_classes=256)
+# Named sizes lm_{layers}x{dim} (head width 16, 64 positions) for small token tasks such as
+# the embedded ``arithmetic`` dataset; the vocabulary comes from the data.
+for _l, _d in ((4, 64), (2, 64), (2, 32), (1, 64), (1, 32)):
+  register(f"lm_{_l}x{_d}", TransformerLM, "lm", (64,), num_layers=_l, dim=_d, num_heads=_d // 16,
+           max_len=64, num_classes=256)
 
 
 def available(family: str | None = None) -> list[str]:
