@@ -8,6 +8,9 @@ import sys
 
 
 def main() -> None:
+  from kdjax import _interrupt
+
+  _interrupt.record_sigint()  # before JAX is imported: a Ctrl-C it would swallow is still remembered
   try:
     from kdjax import cli
   except KeyboardInterrupt:

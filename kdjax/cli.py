@@ -795,9 +795,9 @@ def run_main() -> None:
   Ctrl-C before training starts (or after it ended) → one line, exit 130."""
   warnings.formatwarning = _one_line_warning
   try:
-    from kdjax.engine import faults
+    from kdjax import _interrupt
 
-    faults.record_sigint()
+    _interrupt.record_sigint()  # (again, for callers of run_main that skipped kdjax.__main__)
     _follow_parent()
     code = main()
   except KeyboardInterrupt:

@@ -16,6 +16,8 @@ each compile to a few seconds.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import pickle
 import re
 import socket
@@ -203,9 +205,7 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory):
-  d = tmp_path_factory.mktemp("engine_dist")
+def _make_distributed_runs(d: Path) -> None:
   env_py = sys.executable
   port = _free_port()
   procs = [subprocess.Popen([env_py, str(HERE / "_engine_devices.py"), str(d / "devices.pkl")],
@@ -218,6 +218,20 @@ def distributed_runs(tmp_path_factory):
     logs.append(out)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+  """The device and multi-process runs, made once per test session: pytest-xdist workers share the
+  directory, and a worker that finds another one making them waits for it instead of repeating them."""
+  base = tmp_path_factory.getbasetemp()
+  d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "engine_dist"
+  d.mkdir(exist_ok=True)
+  with open(d / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (d / "done").exists():
+      _make_distributed_runs(d)
+      (d / "done").touch()
   with open(d / "devices.pkl", "rb") as fh:
     dev = pickle.load(fh)
   with open(d / "multihost.pkl", "rb") as fh:

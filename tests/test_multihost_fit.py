@@ -11,6 +11,7 @@ whole test split, exports and reports — and equals the one-process run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -76,9 +77,7 @@ def _flat(tree, prefix=""):
   return {prefix: np.asarray(tree)}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tfds_dir):
-  root = tmp_path_factory.mktemp("multihost_fit")
+def _make_runs(root: Path, tfds_dir: str) -> None:
   from kdjax import data as kd_data
 
   for split in ("train", "test"):  # prepare once, before two processes would race to
@@ -107,7 +106,23 @@ def runs(tmp_path_factory, tfds_dir):
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-4000:]
-  return {"one": one, "two": two, "killed_steps": killed_steps, "root": root}
+  (root / "killed_steps.json").write_text(json.dumps(killed_steps))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tfds_dir):
+  """Made once per test session: pytest-xdist workers share the directory, and a worker that finds
+  another one making the runs waits for it instead of repeating them."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "multihost_fit"
+  root.mkdir(exist_ok=True)
+  with open(root / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "done").exists():
+      _make_runs(root, tfds_dir)
+      (root / "done").touch()
+  killed_steps = json.loads((root / "killed_steps.json").read_text())
+  return {"one": root / "one", "two": root / "two", "killed_steps": killed_steps, "root": root}
 
 
 def test_two_processes_resume_after_sigkill_and_equal_one_process(runs):

@@ -11,7 +11,8 @@ from flax import nnx
 
 import kdjax
 from kdjax import models
-from kdjax.responses import ResponseConfig, on_policy_rows
+from kdjax.engine.responses import on_policy_rows
+from kdjax.responses import ResponseConfig
 from kdjax.methods import MethodConfig
 
 V, L, BATCH, MAX_LEN, STOP = 15, 12, 8, 32, 2

@@ -398,6 +398,7 @@ def test_a_ctrl_c_that_python_swallows_still_stops_before_the_first_step():
   code that was running; kdjax remembers it and stops when training would start."""
   import gc
 
+  from kdjax import _interrupt
   from kdjax.engine import faults, hooks
 
   old = signal.getsignal(signal.SIGINT)
@@ -417,5 +418,5 @@ def test_a_ctrl_c_that_python_swallows_still_stops_before_the_first_step():
       guard.start(None)
     assert not guard.old  # nothing was installed: the run stops before its first step
   finally:
-    faults._sigint_seen = False
+    _interrupt._sigint_seen = False
     signal.signal(signal.SIGINT, old)

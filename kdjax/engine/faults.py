@@ -16,33 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kdjax._interrupt import raise_pending_sigint, record_sigint  # noqa: F401  (re-exported for the loop)
 from kdjax.engine.state import TrainState
 
 PREEMPTED_EXIT = 75
 NONFINITE_EXIT = 65
-
-
-_sigint_seen = False
-
-
-def _record_sigint(signum, frame) -> None:
-  global _sigint_seen
-  _sigint_seen = True
-  raise KeyboardInterrupt
-
-
-def record_sigint() -> None:
-  """Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered, so one that lands where Python
-  swallows the exception (a garbage-collection callback, a ``__del__``) still stops the run before its first
-  step (:func:`raise_pending_sigint`). Only when SIGINT has Python's default handler (not ignored)."""
-  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _record_sigint)
-
-
-def raise_pending_sigint() -> None:
-  """``KeyboardInterrupt`` if a Ctrl-C arrived (see :func:`record_sigint`) and was swallowed."""
-  if _sigint_seen:
-    raise KeyboardInterrupt
 
 
 class Preempted(Exception):

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from kdjax import batch as B
-from kdjax import responses as R
+from kdjax.engine import responses as R
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, rng_key
 from kdjax.losses import topk_to_logits
 from kdjax.methods.base import Context, Method
