@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
@@ -25,6 +26,28 @@ def tfds_dir(tmp_path_factory) -> str:
   d = root / "tfds_shared"
   d.mkdir(exist_ok=True)
   return str(d)
+
+
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory):
+  """``made_once(name, make) -> dir``: a directory that ``make(dir)`` fills once per test run.
+
+  pytest-xdist workers share it (like ``tfds_dir``); a worker that finds another one making it
+  waits on a file lock instead of repeating the work — for fixtures that launch runs of their own.
+  """
+
+  def get(name: str, make) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    d.mkdir(exist_ok=True)
+    with open(d / ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not (d / "done").exists():
+        make(d)
+        (d / "done").touch()
+    return d
+
+  return get
 
 
 @pytest.fixture(scope="session")

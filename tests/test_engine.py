@@ -16,8 +16,6 @@ each compile to a few seconds.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import pickle
 import re
 import socket
@@ -221,17 +219,8 @@ def _make_distributed_runs(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory):
-  """The device and multi-process runs, made once per test session: pytest-xdist workers share the
-  directory, and a worker that finds another one making them waits for it instead of repeating them."""
-  base = tmp_path_factory.getbasetemp()
-  d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "engine_dist"
-  d.mkdir(exist_ok=True)
-  with open(d / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (d / "done").exists():
-      _make_distributed_runs(d)
-      (d / "done").touch()
+def distributed_runs(made_once):
+  d = made_once("engine_dist", _make_distributed_runs)  # once per test run, shared by the xdist workers
   with open(d / "devices.pkl", "rb") as fh:
     dev = pickle.load(fh)
   with open(d / "multihost.pkl", "rb") as fh:

@@ -11,7 +11,6 @@ whole test split, exports and reports — and equals the one-process run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -110,17 +109,8 @@ def _make_runs(root: Path, tfds_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tfds_dir):
-  """Made once per test session: pytest-xdist workers share the directory, and a worker that finds
-  another one making the runs waits for it instead of repeating them."""
-  base = tmp_path_factory.getbasetemp()
-  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "multihost_fit"
-  root.mkdir(exist_ok=True)
-  with open(root / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / "done").exists():
-      _make_runs(root, tfds_dir)
-      (root / "done").touch()
+def runs(made_once, tfds_dir):
+  root = made_once("multihost_fit", lambda d: _make_runs(d, tfds_dir))  # once per test run, shared by the workers
   killed_steps = json.loads((root / "killed_steps.json").read_text())
   return {"one": root / "one", "two": root / "two", "killed_steps": killed_steps, "root": root}
 
