@@ -29,6 +29,7 @@ _EXPORTS = {
     "ModelOutput": "kdjax.models.base",
     "Checkpointer": "kdjax.checkpoint",
     "ResponseConfig": "kdjax.responses",
+    "Placement": "kdjax.placement",
 }
 _MODULES = ("batch", "hooks", "losses", "models", "methods", "checkpoint", "engine", "data", "report", "export",
             "generate")

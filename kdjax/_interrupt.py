@@ -10,6 +10,7 @@ step (:func:`raise_pending_sigint`).
 from __future__ import annotations
 
 import signal
+import sys
 
 _sigint_seen = False
 
@@ -26,6 +27,16 @@ def record_sigint() -> None:
   step (:func:`raise_pending_sigint`). Only when SIGINT has Python's default handler (not ignored)."""
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _record_sigint)
+    sys.unraisablehook = _quiet_swallowed_sigint(sys.unraisablehook)
+
+
+def _quiet_swallowed_sigint(previous):
+  """An unraisable-exception hook that drops the remembered Ctrl-C (it is re-raised before the first step,
+  so Python's "Exception ignored in …" traceback would only be noise) and passes everything else on."""
+  def hook(unraisable) -> None:
+    if not (_sigint_seen and unraisable.exc_type is KeyboardInterrupt):
+      previous(unraisable)
+  return hook
 
 
 def raise_pending_sigint() -> None:

@@ -20,6 +20,8 @@ key                 shape, dtype                  meaning
 ``teacher_topk_logp``  ``(B, [L,] k)``            cached top-k teacher log-probabilities
 ``teacher_topk_idx``   ``(B, [L,] k)`` int32      their class / token ids
 ``view_index``      ``(B,)`` int32                which cached view the inputs are
+``teacher_outputs``  tuple of ``ModelOutput``     the teacher(s)' outputs, computed ahead on
+                                                  their own devices (``split`` placement)
 ==================  ============================  ==========================================
 
 Cached teacher outputs reach the methods as the declared fields of
@@ -43,6 +45,7 @@ TEACHER_LOGITS = "teacher_logits"
 TEACHER_TOPK_LOGP = "teacher_topk_logp"
 TEACHER_TOPK_IDX = "teacher_topk_idx"
 VIEW_INDEX = "view_index"
+TEACHER_OUTPUTS = "teacher_outputs"
 
 CACHED_TEACHER = (TEACHER_LOGITS, TEACHER_TOPK_LOGP, TEACHER_TOPK_IDX)
 

@@ -8,20 +8,12 @@ Usage: python tests/_engine_multihost.py OUT.pkl PROCESS_ID PORT
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["KDJAX_NUM_PROCESSES"] = "2"
-os.environ["KDJAX_PROCESS_ID"] = sys.argv[2]
-os.environ["KDJAX_COORDINATOR"] = f"localhost:{sys.argv[3]}"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _procs as P  # noqa: E402
 
-import pickle  # noqa: E402
+P.join(sys.argv[2], sys.argv[3])
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kdjax.engine import distributed  # noqa: E402
-
-distributed.initialize()
 
 import _engine_setup as E  # noqa: E402
 from kdjax.engine import sharding  # noqa: E402
@@ -29,26 +21,14 @@ from kdjax.engine import sharding  # noqa: E402
 STEPS = 20
 
 
-def local_rows(batch: dict, mesh) -> dict:
-  """This process's rows of a global batch, in the order of its devices."""
-  n = len(batch["label"])
-  idx = sharding.batch_sharding(mesh).addressable_devices_indices_map((n,))
-  rows = np.concatenate([np.arange(n)[idx[d][0]] for d in sorted(idx, key=lambda d: idx[d][0].start or 0)])
-  return {k: v[rows] for k, v in batch.items()}
-
-
 def main(out_path: str) -> None:
   assert jax.process_count() == 2 and jax.device_count() == 2, (jax.process_count(), jax.devices())
   mesh = sharding.make_mesh()
   s = E.setup("crd+kd", mesh=mesh)
-  batches = [local_rows(E.digits_batch(i), mesh) for i in range(4)]
+  batches = [E.local_rows(E.digits_batch(i), mesh) for i in range(4)]
   state, hist = E.run_steps(s, batches, STEPS)
-  res = {"state": E.host(state), "metrics": hist, "process_count": jax.process_count(),
-         "local_rows": len(batches[0]["label"])}
-  if jax.process_index() == 0:
-    with open(out_path, "wb") as fh:
-      pickle.dump(res, fh)
-  jax.distributed.shutdown()
+  P.finish({"state": E.host(state), "metrics": hist, "process_count": jax.process_count(),
+            "local_rows": len(batches[0]["label"])}, out_path)
 
 
 if __name__ == "__main__":

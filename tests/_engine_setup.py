@@ -81,7 +81,8 @@ def setup(method: str | MethodConfig = "kd", *, mode: str = "offline", student=D
           teachers=(DIGITS_TEACHER,), num_students: int = 1, num_classes: int = 10, tx=None,
           mesh=None, fsdp: bool = False, grad_accum: int = 1, teacher_weights=(), multi_teacher="average",
           ema_decay: float = 0.9, student_dtype=jnp.float32, seed: int = 0, init_stage: bool = False,
-          num_examples: int = N_EXAMPLES, teacher_classes: int | None = None) -> Setup:
+          num_examples: int = N_EXAMPLES, teacher_classes: int | None = None, placement=None,
+          batch_rows: int = 2) -> Setup:
   """A tiny problem through the public core, :class:`kdjax.Distiller`."""
   mcfg = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
   if init_stage and mcfg.init_epochs <= 0:
@@ -96,8 +97,8 @@ def setup(method: str | MethodConfig = "kd", *, mode: str = "offline", student=D
                       optimizer=tx if tx is not None else optax.adam(3e-3), mesh=mesh,
                       mode="offline" if mode == "born_again" else mode, num_examples=num_examples,
                       steps_per_epoch=10, grad_accum=grad_accum, fsdp=fsdp, teacher_weights=tuple(teacher_weights),
-                      multi_teacher=multi_teacher, ema_decay=ema_decay)
-  x = models.dummy_input(students[0], 2)
+                      multi_teacher=multi_teacher, ema_decay=ema_decay, placement=placement)
+  x = models.dummy_input(students[0], batch_rows)
   state = d.init(jax.random.key(seed), {"inputs": np.zeros(x.shape, x.dtype)})
   initial = host(state)
   s_info = d.spec.students[0].info
@@ -142,3 +143,36 @@ def run_steps(s: Setup, batches, n: int, step=None, state=None):
     state, m = step(state, s.teacher, sharding.shard_batch(b, s.mesh))
     hist.append({k: float(sharding.to_host(v)) for k, v in m.items()})
   return state, hist
+
+
+def local_rows(batch: dict, mesh) -> dict:
+  """This process's rows of a global batch, in the order of its devices."""
+  n = len(batch["label"])
+  idx = sharding.batch_sharding(mesh).addressable_devices_indices_map((n,))
+  rows = np.concatenate([np.arange(n)[idx[d][0]] for d in sorted(idx, key=lambda d: idx[d][0].start or 0)])
+  return {k: v[rows] for k, v in batch.items()}
+
+
+class Record(kdjax.hooks.Hook):
+  """Every step's metrics, on the host (read after the step's dispatch, outside the transfer guard)."""
+
+  def __init__(self):
+    self.metrics = []
+
+  def after_step(self, progress):
+    self.metrics.append({k: float(sharding.to_host(v)) for k, v in progress.metrics.items()})
+
+
+def cycle(batches, start: int = 0):
+  """``batches`` over and over, from index ``start``."""
+  i = start
+  while True:
+    yield batches[i % len(batches)]
+    i += 1
+
+
+def train(s: Setup, batches, steps: int, state=None):
+  """``steps`` through :func:`kdjax.train` (the loop ``kdjax distill`` runs); returns (state, metrics per step)."""
+  rec = Record()
+  state = kdjax.train(s.distiller, s.state if state is None else state, batches, steps=steps, hooks=[rec])
+  return state, rec.metrics

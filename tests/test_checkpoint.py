@@ -504,3 +504,56 @@ def test_export_cli_and_predict_match_engine_eval(reference, tmp_path, capsys):
   _, state = final_state(w)
   for x, y in zip(jax.tree.leaves(state["params"][0]), jax.tree.leaves(params["params"]), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+_SPLIT = textwrap.dedent("""
+    import contextlib, io, json, os, sys
+    from kdjax import cli
+    import jax
+    assert jax.device_count() == 8, jax.devices()
+    runs, out = json.loads(sys.argv[1]), {}
+    for name, (args, fault) in runs.items():
+      if fault:
+        os.environ["KDJAX_FAULT_AT_STEP"] = fault
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        out[name] = [cli.main(args), err.getvalue()]
+      os.environ.pop("KDJAX_FAULT_AT_STEP", None)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.procs
+def test_split_placement_resumes_bit_exact_and_restores_colocated(reference, teacher, tmp_path):
+  """On 8 devices, a run with the teacher on 4 devices of its own (one batch ahead) stopped at step k and
+  re-run ends bit-identical to the uninterrupted split run (the data position saved is the trained one,
+  not the batch drawn ahead); the same checkpoint resumed with the teacher colocated ends where the
+  colocated run does, to float32 rounding."""
+  k = TERM_AT["kd"]
+  split = ["--placement.teacher_devices", "4"]
+  w = {n: tmp_path / n for n in ("ref", "resumed", "across")}
+  runs = {"ref": (argv("kd", w["ref"], teacher, *split), None),
+          "stop": (argv("kd", w["resumed"], teacher, *split), f"{k}:TERM"),
+          "resume": (argv("kd", w["resumed"], teacher, *split), None),
+          "stop_across": (argv("kd", w["across"], teacher, *split), f"{k}:TERM"),
+          "resume_across": (argv("kd", w["across"], teacher), None),
+          "bad": (argv("kd", tmp_path / "bad", teacher, "--placement.teacher_devices",
+                       "3"), None)}
+  proc = subprocess.run([sys.executable, "-c", _SPLIT, json.dumps({n: [list(map(str, a)), f] for n, (a, f) in
+                                                                  runs.items()})],
+                        cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
+                        text=True, timeout=500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  assert {n: rc for n, (rc, _) in out.items()} == {"ref": 0, "stop": 75, "resume": 0, "stop_across": 75,
+                                                   "resume_across": 0, "bad": 1}
+  assert out["bad"][1].strip().splitlines() == [
+      "kdjax: error: data.batch_size=64 does not split over the teacher's 3 data-parallel devices "
+      "(placement.teacher_devices=3 of 8); use a multiple of 3 or another placement.teacher_devices"]
+  assert results(w["resumed"])["resumed_from"] == [k]
+  assert_bit_identical(w["ref"], w["resumed"])
+  _, tr = final_state(reference("kd"))
+  for name in ("ref", "across"):
+    _, tw = final_state(w[name])
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(tr), jax.tree.leaves(tw), strict=True):
+      np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5, err_msg=f"{name} {jax.tree_util.keystr(path)}")

@@ -159,3 +159,20 @@ def test_in_process_a_library_valueerror_propagates(monkeypatch):
   monkeypatch.setattr("kdjax.engine.fit", broken_fit)
   with pytest.raises(ValueError, match="cannot reshape"):
     cli.main(["distill", "mnist1d_kd", "scratch", "--run.quiet", "--optim.steps", "1"])
+
+
+def test_a_swallowed_ctrl_c_prints_no_ignored_exception_traceback(monkeypatch):
+  """A Ctrl-C that lands in a garbage-collection callback is remembered (and re-raised before the first step);
+  Python's "Exception ignored in …" report of it is dropped, any other unraisable exception is reported."""
+  import types
+
+  from kdjax import _interrupt
+
+  reported = []
+  hook = _interrupt._quiet_swallowed_sigint(reported.append)
+  ctrl_c, other = types.SimpleNamespace(exc_type=KeyboardInterrupt), types.SimpleNamespace(exc_type=ValueError)
+  hook(ctrl_c)  # not remembered: a KeyboardInterrupt of someone else's making is reported
+  monkeypatch.setattr(_interrupt, "_sigint_seen", True)
+  hook(ctrl_c)
+  hook(other)
+  assert reported == [ctrl_c, other]

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -30,6 +27,7 @@ import optax
 import pytest
 
 import _engine_setup as E
+import _procs as P
 from kdjax import checkpoint as ckpt
 from kdjax import methods, models
 from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
@@ -197,25 +195,8 @@ def test_preset_trains_through_jitted_step(name):
 # 2, 3, 5. Device counts, processes, FSDP (subprocesses, launched together)
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    return sock.getsockname()[1]
-
-
 def _make_distributed_runs(d: Path) -> None:
-  env_py = sys.executable
-  port = _free_port()
-  procs = [subprocess.Popen([env_py, str(HERE / "_engine_devices.py"), str(d / "devices.pkl")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-  procs += [subprocess.Popen([env_py, str(HERE / "_engine_multihost.py"), str(d / "multihost.pkl"), str(i), str(port)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    out, _ = p.communicate(timeout=300)
-    logs.append(out)
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  P.run_together(["_engine_devices.py", d / "devices.pkl"], *P.two_processes("_engine_multihost.py", d / "multihost.pkl"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import _procs as P
 from kdjax import checkpoint as ckpt
 from kdjax import models
 from kdjax.engine.state import split_model
@@ -33,12 +33,6 @@ pytestmark = pytest.mark.procs
 STEPS = 30
 FLAGS = ["--optim.steps", str(STEPS), "--run.checkpoint_every", "10", "--run.eval_every", "15", "--run.log_every", "5",
          "--run.mesh_fsdp", "2", "--run.max_to_keep", "5", "--run.quiet"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -52,7 +46,7 @@ def _argv(workdir: Path, teacher: Path, tfds_dir: str) -> list[str]:
 
 
 def _two_processes(workdir: Path, teacher: Path, tfds_dir: str, fault: str | None = None) -> list[subprocess.Popen]:
-  port = _free_port()
+  port = P.free_port()
   procs = []
   for i in range(2):
     env = _env(KDJAX_COORDINATOR=f"localhost:{port}", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(i))

@@ -107,8 +107,11 @@ class Loader:
     return self.steps_per_epoch
 
   # -- position
-  def state(self) -> dict[str, int]:
-    return {"epoch": self._epoch, "step_in_epoch": self._step, "seed": self.seed}
+  def state(self, behind: int = 0) -> dict[str, int]:
+    """The position: the next batch to draw, or ``behind`` batches earlier (a loop holding that many drawn but
+    untrained batches records where training really is)."""
+    k = self._epoch * self.steps_per_epoch + self._step - behind
+    return {"epoch": k // self.steps_per_epoch, "step_in_epoch": k % self.steps_per_epoch, "seed": self.seed}
 
   def restore(self, state: Mapping[str, Any]) -> None:
     if int(state.get("seed", self.seed)) != self.seed:

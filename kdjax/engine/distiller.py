@@ -15,6 +15,7 @@ placed once on the mesh, never a constant folded into the program. The CLI's
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -27,10 +28,12 @@ from flax import nnx
 
 from kdjax import batch as B
 from kdjax.engine import sharding, xla_cpu
+from kdjax.engine import teacher_placement as TP
+from kdjax.placement import Placement
 from kdjax.responses import ResponseConfig
 from kdjax.engine.taps import resolve
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, split_model
-from kdjax.engine.step import StepSpec, make_eval_step, make_train_step, with_responses
+from kdjax.engine.step import StepSpec, make_eval_step, make_train_step, run_teachers, with_responses
 from kdjax.methods import MethodConfig
 from kdjax.methods import build as build_method
 from kdjax.methods.base import Context, InitInfo, Method, ModelInfo
@@ -101,7 +104,9 @@ class Distiller:
       a built :class:`kdjax.methods.Method`.
     optimizer: an optax transformation over the student and the method's
       adapters (FitNet regressors, CRD heads, …).
-    mesh: a ``("data", "fsdp")`` mesh (default: every device on ``data``).
+    mesh: a ``("data", "fsdp")`` mesh (default: every device on ``data``);
+      with ``placement.teacher_devices`` the devices it holds are partitioned
+      into the teacher's and the student's sub-meshes.
     mode: ``teacher``, ``offline``, ``multi_teacher``, ``dml``, ``self_ema``;
       inferred from the models when None.
     taps: feature name → module path of the *student* (e.g. ``{"stage2":
@@ -119,6 +124,10 @@ class Distiller:
     responses: for language models, train on generated responses
       (:class:`kdjax.ResponseConfig`): on-policy samples from the student
       (GKD), the teacher's (SeqKD), or the data's (default).
+    placement: where the teacher lives (:class:`kdjax.Placement`): with the
+      student (default), tensor-parallel over a ``model`` axis, or on its own
+      sub-mesh running one batch ahead (then :meth:`prefetch` dispatches its
+      forward for the next batch; :func:`kdjax.train` does so).
   """
 
   def __init__(self, student: nnx.Module | Sequence[nnx.Module], teacher: Any = None, *,
@@ -127,13 +136,15 @@ class Distiller:
                taps: Mapping[str, str] | None = None, teacher_taps: Mapping[str, str] | None = None,
                num_examples: int = 0, steps_per_epoch: int = 1, grad_accum: int = 1, fsdp: bool | None = None,
                teacher_weights: Sequence[float] = (), multi_teacher: str = "average", ema_decay: float = 0.999,
-               xla_cpu_conv: str = "eigen", responses: ResponseConfig | None = None):
+               xla_cpu_conv: str = "eigen", responses: ResponseConfig | None = None,
+               placement: Placement | None = None):
     self.students = _as_tuple(student)
     self.teachers = _as_tuple(teacher)
     self.mode = _infer_mode(mode, self.students, self.teachers)
     self.method_arg = method
     self.optimizer = optimizer
-    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.placement = placement if placement is not None else Placement()
+    self.mesh, self.teacher_mesh = _meshes(mesh, self.placement)
     self.fsdp = bool(self.mesh.shape.get("fsdp", 1) > 1) if fsdp is None else bool(fsdp)
     self.taps = tuple(sorted(dict(taps or {}).items()))
     self.teacher_taps = tuple(sorted(dict(teacher_taps or {}).items()))
@@ -144,6 +155,7 @@ class Distiller:
     self.xla_cpu_conv = xla_cpu_conv
     self.responses = responses if responses is not None and responses.active else None
     self._check_responses()
+    self._check_placement()
     self.spec: StepSpec | None = None
     self.teacher_state: TeacherState | None = None
     self.state_shardings: Any = None
@@ -151,6 +163,8 @@ class Distiller:
     self._eval: Callable | None = None
     self._generators: dict = {}
     self._responses_fn: Callable | None = None
+    self._teacher_fns: dict[bool, Callable] = {}
+    self._ahead: collections.deque = collections.deque()  # (batch, teacher outputs) dispatched ahead
 
   # ------------------------------------------------------------------ building
 
@@ -265,6 +279,55 @@ class Distiller:
       raise ValueError("responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with "
                        "init_cache/decode)")
 
+  def _check_placement(self) -> None:
+    p = self.placement
+    if p.kind == "colocated" and p.teacher_memory == "device":
+      return
+    if not self.teachers:
+      raise ValueError(f"placement={p} places a teacher model, but this run has none (mode={self.mode!r}); use "
+                       "the default placement")
+    if p.split and self.responses is not None:
+      raise ValueError("placement.teacher_devices: the teacher runs ahead on the data's batches on its own devices, "
+                       "but generated responses are scored inside the step; use 0 (placement.model may still shard "
+                       "the teacher)")
+    TP.check_memory_kind(self.teacher_mesh, p.teacher_memory)
+
+  @property
+  def runs_ahead(self) -> bool:
+    """Whether the teacher runs on its own devices, one batch ahead (``split`` placement)."""
+    return self.placement.split
+
+  def _place_teacher(self, teacher: TeacherState) -> None:
+    """Put the teachers' state where the placement says, and tell the step how to read it."""
+    p, mesh = self.placement, self.teacher_mesh
+    if p.kind == "colocated":
+      shard = sharding.param_shardings(teacher, mesh, fsdp=self.fsdp)
+      if p.teacher_memory != "device":
+        shard = jax.tree.map(lambda s: s.with_memory_kind(p.teacher_memory), shard)
+    else:
+      shard = TP.teacher_shardings(self.teachers, teacher, mesh, p)
+    self.teacher_state = sharding.global_put(teacher, shard)
+    self.spec = dataclasses.replace(
+        self.spec, teacher_host=shard if p.teacher_memory != "device" else None,
+        teacher_input=sharding.teacher_batch_sharding(mesh) if mesh.shape.get("model", 1) > 1 else None)
+
+  def check_batch_size(self, rows: int, name: str = "data.batch_size") -> None:
+    """A global batch of ``rows`` must split evenly over the student's devices (and the teacher's, ``split``)."""
+    if not self.placement.split:
+      return sharding.check_batch_size(rows, self.mesh, name)
+    t = self.teacher_mesh.size // self.teacher_mesh.shape.get("model", 1)
+    total = self.teacher_mesh.size + self.mesh.size
+    for n, whose in ((t, "teacher"), (self.mesh.size, "student")):
+      if rows % n:
+        raise ValueError(f"{name}={rows} does not split over the {whose}'s {n} data-parallel devices (placement."
+                         f"teacher_devices={self.placement.teacher_devices} of {total}); "
+                         f"use a multiple of {n} or another placement.teacher_devices")
+    sharding.check_batch_size(rows, self.mesh, name)
+
+  def teacher_param_bytes(self) -> dict[str, int]:
+    """``{"total", "max_per_device"}`` bytes of the teachers' state (see :func:`kdjax.engine.sharding.param_bytes`)."""
+    return sharding.param_bytes(self.teacher_state)
+
   def _initializer(self, x) -> tuple[Callable, tuple, tuple, TeacherState]:
     """``make(key, params, rests) -> TrainState`` and its unplaced inputs, for example inputs ``x``."""
     s_params, s_rests, teacher = self._build(x)
@@ -292,7 +355,7 @@ class Distiller:
     """
     x = B.inputs(batch)
     make, s_params, s_rests, teacher = self._initializer(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    self.teacher_state = sharding.global_put(teacher, sharding.param_shardings(teacher, self.mesh, fsdp=self.fsdp))
+    self._place_teacher(teacher)
     abstract = jax.eval_shape(make, key, s_params, s_rests)
     self.state_shardings = sharding.state_shardings(abstract, self.mesh, fsdp=self.fsdp)
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -337,12 +400,59 @@ class Distiller:
       if stage != "main" and not self.spec.method.stage_terms(stage):
         raise ValueError(f"method {self.spec.method.name!r} has no {stage!r} stage")
       spec = dataclasses.replace(self.spec, stage=stage)
-      t_shardings = jax.tree.map(lambda a: a.sharding, self.teacher_state)
+      t_shardings = jax.tree.map(lambda a: a.sharding, self._step_teacher())
       self._steps[stage] = jax.jit(
           make_train_step(spec), in_shardings=(self.state_shardings, t_shardings, sharding.batch_sharding(self.mesh)),
           out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,),
           compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
     return self._steps[stage]
+
+  def _step_teacher(self) -> TeacherState:
+    """What the step receives as its teacher argument: nothing when the teacher runs on its own devices."""
+    return TeacherState(params=(), model_state=()) if self.placement.split else self.teacher_state
+
+  def _teacher_fn(self, features: bool) -> Callable:
+    """The teachers' forward compiled on their sub-mesh: ``(teacher_state, x) -> tuple of ModelOutput``
+    (features only when asked: they cross to the student's devices)."""
+    if features not in self._teacher_fns:
+      spec, rows = self.spec, sharding.batch_sharding(self.teacher_mesh)
+
+      def forward(teacher, x):
+        return tuple(ModelOutput(o.logits, o.features if features else {}) for o in run_teachers(spec, teacher, x))
+
+      t_shardings = jax.tree.map(lambda a: a.sharding, self.teacher_state)
+      self._teacher_fns[features] = jax.jit(forward, in_shardings=(t_shardings, rows), out_shardings=rows,
+                                            compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
+    return self._teacher_fns[features]
+
+  def teacher_outputs(self, batch: Mapping[str, Any], *, features: bool | None = None) -> tuple[ModelOutput, ...]:
+    """``split`` placement: the teachers' outputs on ``batch`` (this process's rows), computed on the teacher's
+    sub-mesh and moved device to device onto the student's; asynchronous like any JAX call."""
+    if not self.placement.split:
+      raise ValueError("Distiller.teacher_outputs serves a teacher on its own devices (placement.teacher_devices > "
+                       "0); other placements run the teacher inside the step")
+    if features is None:
+      features = self.spec.method.needs_teacher_features
+    x = B.teacher_inputs(batch)
+    self.check_batch_size(x.shape[0] * (1 if isinstance(x, jax.Array) else jax.process_count()), "batch rows")
+    rows = sharding.batch_sharding(self.teacher_mesh)
+    x = TP.move_rows(x, rows) if isinstance(x, jax.Array) else sharding.shard_batch({"x": x}, self.teacher_mesh)["x"]
+    outs = self._teacher_fn(features)(self.teacher_state, x)
+    return TP.move_tree(outs, sharding.batch_sharding(self.mesh))
+
+  def prefetch(self, batch: Mapping[str, Any]) -> None:
+    """Dispatch the teacher's forward on ``batch`` now (``split`` placement; a no-op otherwise), so it runs on
+    the teacher's devices while the student trains on the previous batch. :meth:`step` on the same batch
+    object then uses these outputs. Keep at most a few batches ahead: each holds its outputs on device."""
+    if self.placement.split:
+      self._ahead.append((batch, self.teacher_outputs(batch)))
+
+  def _take_ahead(self, batch) -> tuple[ModelOutput, ...]:
+    while self._ahead:
+      b, outs = self._ahead.popleft()
+      if b is batch:
+        return outs
+    return self.teacher_outputs(batch)
 
   def global_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """This process's rows (NumPy) → global arrays split over the mesh; ``jax.Array``s pass through."""
@@ -371,7 +481,8 @@ class Distiller:
     if self.responses is not None and B.has_cached_teacher(batch):
       raise ValueError("responses: this step generates new responses, but the batch carries cached teacher outputs "
                        "for the data's responses; run the teacher online (drop the teacher cache)")
-    return self.jitted_step(stage)(state, self.teacher_state, self.global_batch(batch))
+    ahead = {B.TEACHER_OUTPUTS: self._take_ahead(batch)} if self.placement.split else {}
+    return self.jitted_step(stage)(state, self._step_teacher(), {**self.global_batch(batch), **ahead})
 
   def evaluate(self, state: TrainState, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Diagnostics over ``batches`` (this process's rows of each, with a ``mask``):
@@ -388,7 +499,9 @@ class Distiller:
       if B.MASK not in b:
         b[B.MASK] = np.ones(np.shape(b[B.LABEL]), bool)
       gb = self.global_batch(b)
-      out, sp, tp = self._eval(state, self.teacher_state, gb)
+      if self.placement.split and self.mode != "teacher":
+        gb[B.TEACHER_OUTPUTS] = self.teacher_outputs(b, features=True)
+      out, sp, tp = self._eval(state, self._step_teacher(), gb)
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + np.asarray(sharding.to_host(v), np.float64)
       if n_pool < CKA_EXAMPLES and tp is not None:
@@ -434,22 +547,26 @@ class Distiller:
       mask = np.asarray(b.get(B.MASK, np.ones(len(prompts), bool)), bool).reshape(len(prompts), -1).all(1)
       if answers.shape[1] == 0:
         continue
-      gb = self.global_batch({"prompts": prompts, "lengths": lengths, "answers": answers, "mask": mask})
+      rows = {"prompts": prompts, "lengths": lengths, "answers": answers, "mask": mask}
+      gb = self.global_batch(rows)
       total += float(sharding.to_host(jnp.sum(gb["mask"])))
       for name, model in models.items():
-        gen = self._generator(name, model, answers.shape[1])
+        on_teacher = name.startswith("teacher") and self.placement.split  # the teacher generates on its sub-mesh
+        gen = self._generator(name, model, answers.shape[1], self.teacher_mesh if on_teacher else self.mesh)
+        if on_teacher:
+          gb = sharding.shard_batch(rows, self.teacher_mesh)
         out = gen(gb["prompts"], gb["lengths"], jax.random.key(0), state=nnx.state(model))
         hits[name] += float(sharding.to_host(jnp.sum(G.answers_match(out.tokens, gb["answers"]) & gb["mask"])))
     return {k: (v / total if total else float("nan")) for k, v in hits.items()}
 
-  def _generator(self, name: str, model: nnx.Module, max_new_tokens: int):
+  def _generator(self, name: str, model: nnx.Module, max_new_tokens: int, mesh):
     """One compiled greedy :class:`~kdjax.generate.Generator` per (model role, answer length)."""
     from kdjax import generate as G
 
     key = (name, max_new_tokens)
     if key not in self._generators:
       self._generators[key] = G.Generator(model, G.Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
-                                          mesh=self.mesh)
+                                          mesh=mesh)
     return self._generators[key]
 
   def export(self, state: TrainState, directory, *, model_name: str | None = None, dtype: str = "float32",
@@ -465,3 +582,23 @@ class Distiller:
     return ckpt.export_model(directory, model_name=model_name or info.name, num_classes=info.num_classes,
                              dtype=dtype, params=state.params[0],
                              model_state=ckpt.batch_stats(state.model_state[0]), extra=extra)
+
+
+def _meshes(mesh: jax.sharding.Mesh | None, placement: Placement) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+  """``(student mesh, teacher mesh)`` for ``placement`` (the same mesh unless it is ``split``)."""
+  if placement.kind == "sharded":
+    mesh = mesh if mesh is not None else sharding.make_mesh(model=placement.model)
+    if mesh.shape.get("model", 1) != placement.model:
+      raise ValueError(f"placement.model={placement.model} but the mesh's 'model' axis has "
+                       f"{mesh.shape.get('model', 1)} devices; build it with kdjax.make_mesh(model={placement.model})")
+    return mesh, mesh
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  if not placement.split:
+    return mesh, mesh
+  teacher, student = TP.split_devices(list(mesh.devices.flat), placement.teacher_devices)
+  fsdp = mesh.shape.get("fsdp", 1)
+  if len(student) % fsdp:
+    raise ValueError(f"placement.teacher_devices={placement.teacher_devices} leaves {len(student)} student devices, "
+                     f"which run.mesh_fsdp={fsdp} does not divide")
+  return (sharding.make_mesh(0, fsdp, devices=student),
+          sharding.make_mesh(0, 1, devices=teacher, model=placement.model))

@@ -143,9 +143,12 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   """Data, models, method, optimizer and the initial (sharded) state, through :class:`Distiller`."""
   from kdjax import data as kd_data
 
-  mesh = sharding.make_mesh(cfg.run.mesh_data, cfg.run.mesh_fsdp)
-  sharding.check_batch_size(cfg.data.batch_size, mesh)
-  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
+  p = cfg.placement
+  mesh = sharding.make_mesh(0 if p.split else cfg.run.mesh_data, cfg.run.mesh_fsdp,
+                            model=p.model if p.kind == "sharded" else 1)
+  if not p.split:  # a split placement checks against its two sub-meshes once it has them
+    sharding.check_batch_size(cfg.data.batch_size, mesh)
+    sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
   eval_ds = kd_data.open_split(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
@@ -176,7 +179,10 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
       mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)), num_examples=len(train_ds),
       steps_per_epoch=spe, grad_accum=cfg.optim.grad_accum, fsdp=cfg.run.mesh_fsdp > 1,
       teacher_weights=cfg.method.teacher_weights, multi_teacher=cfg.method.multi_teacher,
-      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv, responses=cfg.responses)
+      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv, responses=cfg.responses,
+      placement=cfg.placement)
+  distiller.check_batch_size(cfg.data.batch_size)
+  distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
   return Run(cfg=cfg, distiller=distiller, state=state, loader=loader, eval_ds=eval_ds, view=view,
              teacher_hash=teacher_hash, total_steps=total_steps,

@@ -13,10 +13,12 @@ may add to, reorder or replace. ``kdjax distill`` runs exactly this loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 
 from kdjax.engine import faults
@@ -66,7 +68,10 @@ def train(distiller, state, batches: Iterable, *, steps: int, hooks: Sequence[Ho
     distiller: a :class:`kdjax.Distiller` (after ``init``).
     state: the state to continue from (it is donated).
     batches: any iterable of batches (this process's rows; see :mod:`kdjax.batch`),
-      positioned at the next batch to train on.
+      positioned at the next batch to train on. With a ``split`` placement
+      the loop draws one batch ahead (its teacher forward runs while the
+      student trains), so the iterator is one batch past the step the hooks
+      see; dispatching runs under ``jax.transfer_guard("disallow")``.
     steps: total optimizer steps (the loop starts at ``state.step``).
     hooks: called in order after every step.
     init_steps: the first ``init_steps`` steps run the method's init stage.
@@ -77,14 +82,25 @@ def train(distiller, state, batches: Iterable, *, steps: int, hooks: Sequence[Ho
       :class:`Checkpoint` hook saved the state first).
   """
   progress = Progress(state=state, step=int(state.step) if start_step is None else start_step, total_steps=steps)
+  ahead = getattr(distiller, "runs_ahead", False)
   try:
     for h in hooks:
       h.start(progress)
     it = iter(batches)
+    batch = None
     while progress.step < steps and progress.stop is None:
       stage = "init" if progress.step < init_steps else "main"
-      progress.state, progress.metrics = distiller.step(progress.state, next(it), stage=stage)
-      progress.step += 1
+      if batch is None:
+        batch = next(it)
+        if ahead:
+          distiller.prefetch(batch)
+      with _guard(ahead):
+        progress.state, progress.metrics = distiller.step(progress.state, batch, stage=stage)
+        progress.step += 1
+        batch = None
+        if ahead and progress.step < steps:  # the teacher starts on the next batch while the student trains
+          batch = next(it)
+          distiller.prefetch(batch)
       for h in hooks:
         h.after_step(progress)
     for h in hooks:
@@ -95,6 +111,11 @@ def train(distiller, state, batches: Iterable, *, steps: int, hooks: Sequence[Ho
   if progress.stop == "preempted":
     raise faults.Preempted(progress.step)
   return progress.state
+
+
+def _guard(ahead: bool):
+  """While dispatching a split placement's work, no implicit transfer may block on the host."""
+  return jax.transfer_guard("disallow") if ahead else contextlib.nullcontext()
 
 
 class Every(Hook):

@@ -106,7 +106,8 @@ def _hooks(run: Run, checkpointer, record: Record, writer, provenance: dict, fau
   guard = hooks.NonFiniteCheck(cfg.run.log_every, enabled=cfg.run.stop_on_nan)
 
   def meta(step: int) -> dict:
-    return {"data": run.loader.state(), "seconds": record.seconds(), "step": step,
+    drawn_ahead = int(run.distiller.runs_ahead and step < run.total_steps)  # see kdjax.train
+    return {"data": run.loader.state(behind=drawn_ahead), "seconds": record.seconds(), "step": step,
             "best_test_accuracy": record.best, "best_step": record.best_step, "resumed_from": record.resumed_from,
             "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "process_count": jax.process_count(),
             **provenance}
@@ -238,6 +239,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
       "seconds": record.seconds(),
       "process_count": jax.process_count(),
       "student_param_bytes": student_bytes,
+      "teacher_param_bytes": run.distiller.teacher_param_bytes(),
       "resumed_from": record.resumed_from,
       "config_hash": provenance["config_hash"],
       "teacher_hash": run.teacher_hash,

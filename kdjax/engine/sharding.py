@@ -1,8 +1,10 @@
 """Meshes and shardings: data parallelism (and optional FSDP) with jit.
 
 kdjax's distributed engine is ``jax.jit`` over a ``Mesh`` with axes
-``("data", "fsdp")``: the batch is sharded over both axes, parameters are
-replicated over ``data`` and (optionally) split over ``fsdp``. The same code
+``("data", "fsdp")``, plus ``"model"`` for a tensor-parallel teacher: the
+batch is sharded over every axis, the student's parameters are replicated
+over ``data`` and (optionally) split over ``fsdp``, a sharded teacher's over
+``model`` (:mod:`kdjax.engine.teacher_placement`). The same code
 runs on one CPU, eight forced host devices, a GPU or many hosts after
 ``jax.distributed.initialize()``; XLA inserts the collectives.
 """
@@ -17,34 +19,43 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "model")
 # Leaves smaller than this stay replicated under FSDP: splitting a BN scale
 # over devices costs more in collectives than it saves in memory.
 FSDP_MIN_SIZE = 2**14
 
 
-def make_mesh(data: int = 0, fsdp: int = 1, devices: Any = None) -> Mesh:
-  """A ``("data", "fsdp")`` mesh over all devices (of all processes).
+def make_mesh(data: int = 0, fsdp: int = 1, devices: Any = None, *, model: int = 1) -> Mesh:
+  """A ``("data", "fsdp")`` mesh over all devices (of all processes), ``("data", "fsdp", "model")`` with ``model > 1``.
 
   Args:
-    data: size of the data axis; 0 means ``device_count // fsdp``.
+    data: size of the data axis; 0 means ``device_count // (fsdp · model)``.
     fsdp: size of the parameter-sharding axis.
     devices: use these devices instead of all of them (e.g. one device of
       eight, to compare device counts in one process).
+    model: size of the teacher's tensor-parallel axis.
   """
   n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"run.mesh_fsdp={fsdp} must divide the device count {n}")
-  data = data or n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp} must equal the device count {n}")
-  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+  if model < 1 or n % (fsdp * model):  # fsdp alone divides n (checked above)
+    raise ValueError(f"placement.model={model} × run.mesh_fsdp={fsdp} must divide the device count {n}")
+  data = data or n // (fsdp * model)
+  if data * fsdp * model != n:
+    tp = f" × placement.model={model}" if model > 1 else ""
+    raise ValueError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp}{tp} must equal the device count {n}")
+  shape, names = ((data, fsdp, model), BATCH_AXES) if model > 1 else ((data, fsdp), BATCH_AXES[:2])
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every mesh axis."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
+def teacher_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The batch as a tensor-parallel teacher reads it: split over ``data``/``fsdp``, whole on each ``model`` group."""
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES[:2] if a in mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -106,7 +117,8 @@ def check_batch_size(global_batch: int, mesh: Mesh, name: str = "data.batch_size
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble this process's slice of the global batch into global arrays."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  with jax.transfer_guard_host_to_device("allow"):  # the intended upload, also inside a loop that guards the rest
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def param_bytes(tree: Any) -> dict[str, int]:

@@ -38,6 +38,7 @@ from flax import nnx
 
 from kdjax import batch as B
 from kdjax.engine import responses as R
+from kdjax.engine.teacher_placement import on_device
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, rng_key
 from kdjax.losses import topk_to_logits
 from kdjax.methods.base import Context, Method
@@ -62,6 +63,10 @@ class StepSpec:
   multi_teacher: str = "average"
   ema_decay: float = 0.999
   responses: R.ResponseConfig | None = None
+  # Teacher placement: the sharding a tensor-parallel teacher reads its inputs with, and the teacher
+  # state's shardings when its weights live in host memory (brought onto the device per forward).
+  teacher_input: Any = None
+  teacher_host: Any = None
 
 
 def _stop(out: ModelOutput) -> ModelOutput:
@@ -75,6 +80,8 @@ def _weights(spec: StepSpec, n: int) -> jax.Array:
 
 def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, batch: Batch) -> list[ModelOutput]:
   """Frozen teacher outputs for this batch (eval mode, stop-gradiented)."""
+  if B.TEACHER_OUTPUTS in batch:  # computed ahead on the teacher's own devices (split placement)
+    return [_stop(o) for o in batch[B.TEACHER_OUTPUTS]]
   if B.TEACHER_LOGITS in batch:  # served by the teacher-output cache
     return [ModelOutput(batch[B.TEACHER_LOGITS].astype(jnp.float32), {})]
   if B.TEACHER_TOPK_LOGP in batch:  # a top-k cache: dense view for class-level terms, exact top-k for token terms
@@ -87,6 +94,15 @@ def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, ba
     sd = spec.students[0]
     out, _ = apply_model(sd.graphdef, ema_params, ema_rest, x, train=False, taps=sd.taps)
     return [_stop(out)]
+  return run_teachers(spec, teacher, x)
+
+
+def run_teachers(spec: StepSpec, teacher: TeacherState, x: jax.Array) -> list[ModelOutput]:
+  """The teacher models' eval-mode outputs on ``x`` (stop-gradiented), as placed by ``spec``."""
+  if spec.teacher_input is not None:  # tensor-parallel teacher: whole rows on each model group
+    x = jax.lax.with_sharding_constraint(x, spec.teacher_input)
+  if spec.teacher_host is not None:  # weights held in host memory come in for this forward
+    teacher = on_device(teacher, spec.teacher_host)
   outs = []
   for td, p, r in zip(spec.teachers, teacher.params, teacher.model_state):
     if isinstance(td, FunctionDef):
@@ -306,7 +322,8 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
       s1 = spec.students[1]
       t_out, _ = apply_model(s1.graphdef, state.params[1], state.model_state[1], x, train=False, taps=s1.taps)
     elif spec.mode != "teacher":
-      outs = teacher_outputs(spec, state, teacher, {B.INPUTS: x})
+      ahead = {B.TEACHER_OUTPUTS: batch[B.TEACHER_OUTPUTS]} if B.TEACHER_OUTPUTS in batch else {}
+      outs = teacher_outputs(spec, state, teacher, {B.INPUTS: x, **ahead})
       if outs:  # none for a student trained alone (method ce without a teacher checkpoint)
         t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
     labels = batch[B.LABEL]

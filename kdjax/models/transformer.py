@@ -92,6 +92,17 @@ class TransformerLM(nnx.Module):
   """Causal pre-LN Transformer LM; see the module docstring for the features."""
 
   input_dtype = jnp.int32
+  # Tensor-parallel layout of a sharded teacher (kdjax.engine.teacher_placement): attention and MLP split
+  # the Megatron way (column-parallel qkv/fc1, row-parallel proj/fc2), embedding and head over the vocabulary.
+  PARTITION_RULES = (
+      (r"blocks\.\d+\.attn\.qkv\.kernel", ("embed", "heads")),
+      (r"blocks\.\d+\.attn\.qkv\.bias", ("heads",)),
+      (r"blocks\.\d+\.attn\.proj\.kernel", ("heads", "embed")),
+      (r"blocks\.\d+\.fc2\.kernel", ("mlp", "embed")),
+      (r"blocks\.\d+\.(attn\.proj|fc2)\.bias", ("embed",)),
+      (r"tok\.embedding", ("vocab", "embed")),
+      (r"head\.kernel", ("embed", "vocab")),
+  )
 
   def __init__(self, num_layers: int = 2, dim: int = 64, num_heads: int = 4,
                max_len: int = 128, mlp_ratio: int = 4, dropout: float = 0.0, *,
