@@ -63,6 +63,7 @@ def test_student_checkpoint_with_dml_is_refused():
     Experiment(mode="dml", student=ModelConfig(name="mlp", checkpoint="somewhere"))
 
 
+@pytest.mark.slow
 def test_init_epochs_on_a_single_stage_method_is_refused(tfds_dir, tmp_path):
   cfg = _cfg(tfds_dir, tmp_path, method=MethodConfig(name="ce", init_epochs=1.0))
   with pytest.raises(ValueError, match=r"method.init_epochs=1.0: method 'ce' has no init stage"):

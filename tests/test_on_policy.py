@@ -95,7 +95,8 @@ def _np_divergence(name: str, s: np.ndarray, t: np.ndarray) -> np.ndarray:
   raise AssertionError(name)
 
 
-@pytest.mark.parametrize("method", ["reverse_kl", "gkd", "skew_kl"])
+@pytest.mark.parametrize("method", ["reverse_kl", pytest.param("gkd", marks=pytest.mark.slow),
+                                    pytest.param("skew_kl", marks=pytest.mark.slow)])
 def test_on_policy_loss_at_lambda_one_equals_numpy_on_the_sampled_rows(method):
   d, state, batch = _distiller(method, ResponseConfig(student_fraction=1.0, temperature=1.0, stop_tokens=(STOP,)))
   rows = jax.tree.map(np.asarray, d.train_batch(state, batch))
@@ -150,6 +151,7 @@ def test_on_policy_rows_are_an_exact_fraction_of_the_batch():
   assert (a != b).any()
 
 
+@pytest.mark.slow
 def test_on_policy_update_is_the_same_with_gradient_accumulation():
   """Responses are sampled for the whole batch before it is split into micro-batches, and the loss is
   normalised by the batch's response tokens: accumulation over 4 micro-batches gives the same update."""
