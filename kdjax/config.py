@@ -93,12 +93,15 @@ class ModelConfig:
   """A model from ``kdjax.models`` by name.
 
   Attributes:
-    name: registry name (``kdjax.models.available()``).
+    name: registry name (``kdjax.models.available()``), or ``hf`` for a
+      teacher read from a Hugging Face checkpoint directory (``checkpoint``:
+      config.json + safetensors; Llama, Mistral, Qwen 2/3, GPT-2).
     dtype: computation dtype; params stay float32.
     checkpoint: a finished run's workdir, its ``export/`` directory or its
-      ``model.msgpack``. A teacher is loaded from it; a student starts from
-      it (fine-tuning, or distilling into a pretrained student) instead of
-      its random initialisation.
+      ``model.msgpack`` (or, with ``name="hf"``, a Hugging Face checkpoint
+      directory). A teacher is loaded from it; a student starts from it
+      (fine-tuning, or distilling into a pretrained student) instead of its
+      random initialisation.
   """
 
   name: str = "mlp"

@@ -9,6 +9,7 @@ eval data, and then calls the same public core a user would:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any
 
@@ -28,9 +29,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 TEACHER_MODES = ("offline", "born_again", "multi_teacher")
 
 
+HF = "hf"  # ModelConfig.name of a teacher read from a Hugging Face checkpoint directory
+
+
 def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
   from kdjax import models
 
+  if mcfg.name == HF:  # the architecture is the checkpoint's (config.json); weights come with load_model
+    from kdjax.models import decoder, pretrained
+
+    if not mcfg.checkpoint:
+      raise ValueError("teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
+                       "with config.json and safetensors>")
+    return decoder.Decoder(pretrained.read_config(mcfg.checkpoint), dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed))
   return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype])
 
 
@@ -56,6 +67,8 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") 
 
 def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0) -> tuple[Any, str]:
   """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
+  if mcfg.name == HF:
+    return _load_hf(mcfg, num_classes, role)
   meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
@@ -70,6 +83,22 @@ def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0)
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
                      f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run") from None
   return model, digest
+
+
+def _load_hf(mcfg: ModelConfig, num_classes: int, role: str) -> tuple[Any, str]:
+  """A Hugging Face teacher, and the content hash of its config and weights."""
+  from pathlib import Path
+
+  from kdjax.models import pretrained
+
+  if role == "student":
+    raise ValueError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
+  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype])
+  if model.num_classes < num_classes:
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {model.num_classes} tokens but the "
+                     f"dataset has {num_classes}; use a teacher with the dataset's tokenizer")
+  files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+  return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass

@@ -58,7 +58,7 @@ def logical_axes(model: nnx.Module) -> dict[str, Axes]:
         continue
       dotted = ".".join(str(p) for p in (*path, name))
       axes = next((a for r, a in rules if r.fullmatch(dotted)), None)
-      axes = axes if axes is not None else _type_axes(module, name, var.value.ndim)
+      axes = axes if axes is not None else _type_axes(module, name, len(var.shape))
       if axes is not None and any(RULES.get(a) for a in axes):
         out[dotted] = axes
   return out

@@ -30,6 +30,10 @@ Names and features (see each module's docstring for shapes):
 * Language model (``(B, L)`` int tokens): ``transformer_lm`` with ``embed``,
   ``block0`` … ``block{N-1}``, ``pooled`` (final LayerNorm, ``(B, L, D)``);
   logits ``(B, L, V)``.
+* Pretrained language models: ``from_pretrained(directory, dtype=..., mesh=...)``
+  reads a Hugging Face checkpoint (Llama, Mistral, Qwen 2/3, GPT-2) into a
+  :class:`Decoder` with the same features and generation interface;
+  ``load_tokenizer(directory)`` its tokenizer.
 
 Functional use (what the engine does)::
 
@@ -46,10 +50,12 @@ Functional use (what the engine does)::
 from kdjax.models.base import ModelOutput
 from kdjax.models.cifar_resnet import CifarResNet
 from kdjax.models.cnn1d import CNN1D
+from kdjax.models.decoder import Decoder, DecoderConfig
 from kdjax.models.imagenet_resnet import ImageNetResNet
 from kdjax.models.mlp import MLP
 from kdjax.models.mobilenet_v1 import MobileNetV1
 from kdjax.models.mobilenet_v2 import MobileNetV2
+from kdjax.models.pretrained import from_pretrained, load_tokenizer
 from kdjax.models.registry import (ModelSpec, available, count_params, create,
                                    dummy_input, feature_shapes, register, spec)
 from kdjax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -59,8 +65,8 @@ from kdjax.models.vgg import VGG
 from kdjax.models.wide_resnet import WideResNet
 
 __all__ = [
-    "CNN1D", "CifarResNet", "DigitsCNN", "ImageNetResNet", "MLP", "MobileNetV1",
+    "CNN1D", "CifarResNet", "Decoder", "DecoderConfig", "DigitsCNN", "ImageNetResNet", "MLP", "MobileNetV1",
     "MobileNetV2", "ModelOutput", "ModelSpec", "ShuffleNetV1", "ShuffleNetV2",
     "TransformerLM", "VGG", "WideResNet", "available", "count_params", "create",
-    "dummy_input", "feature_shapes", "register", "spec",
+    "dummy_input", "feature_shapes", "from_pretrained", "load_tokenizer", "register", "spec",
 ]

@@ -1,0 +1,243 @@
+"""Pretrained decoder-only language models in Flax NNX: the Llama and GPT-2 families.
+
+One :class:`Decoder` covers the layouts of today's small open models, set by
+a :class:`DecoderConfig` (built from a Hugging Face ``config.json`` by
+:func:`kdjax.models.pretrained.from_pretrained`):
+
+* Llama style (``llama``, ``mistral``, ``qwen2``, ``qwen3``): pre-RMSNorm
+  blocks, rotary position embedding (RoPE, halves rotated; ``default``,
+  ``linear`` and ``llama3`` frequency scaling), grouped-query attention
+  (``kv_heads`` ≤ ``heads``), optional q/k/v biases (Qwen 2) and per-head
+  RMSNorm of queries and keys (Qwen 3), SwiGLU MLP ``down(silu(gate(x)) ·
+  up(x))``, untied or tied head.
+* GPT-2 (``gpt2``): learned positions, pre-LayerNorm blocks, tanh-GELU MLP,
+  biases everywhere, head tied to the token embedding.
+
+Input ``(B, L)`` int tokens; ``ModelOutput(logits (B, L, V), features)`` with
+``embed``, ``block{i}`` (the residual stream after block i) and ``pooled``
+(the final norm's output). Generation (:mod:`kdjax.generate`) uses
+``init_cache`` / ``decode`` like the zoo transformer; ``PARTITION_RULES``
+split it tensor-parallel (:mod:`kdjax.engine.teacher_placement`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.models.base import ModelOutput
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a :class:`Decoder` (names follow Hugging Face's where they exist)."""
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  max_positions: int
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, float | str], ...] = ()  # (key, value) pairs of HF's rope parameters
+
+  @property
+  def gpt2(self) -> bool:
+    return self.family == "gpt2"
+
+
+class RMSNorm(nnx.Module):
+  """``w · x / √(mean(x²) + ε)``, computed in float32 (Zhang & Sennrich 2019, as Llama uses it)."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.scale, self.eps, self.dtype = nnx.Param(jnp.ones((dim,), jnp.float32)), eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
+  """Inverse frequencies ``(head_dim / 2,)`` of RoPE (Su et al. 2021) with the config's scaling:
+  ``linear`` divides them by ``factor``; ``llama3`` (Llama 3.1) divides the low ones by ``factor`` and
+  interpolates between ``low_freq_factor`` and ``high_freq_factor`` wavelengths."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  s = dict(cfg.rope_scaling)
+  kind = s.get("rope_type", "default")
+  if kind == "linear":
+    return inv / float(s["factor"])
+  if kind == "llama3":
+    factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  if kind != "default":
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate ``x`` ``(B, T, H, D)`` by angle ``position · inv_freq``, halves paired (``x[:D/2]`` with ``x[D/2:]``)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
+  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+  """Softmax attention of ``q`` ``(B, T, H, D)`` over ``k``/``v`` ``(B, S, K, D)`` (K divides H: grouped-query),
+  where ``visible`` ``(B, T, S)``; scores scaled by 1/√D, softmax in float32. Returns ``(B, T, H·D)``."""
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, h // kh, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+  s = jnp.where(visible[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * d)
+
+
+def _linear(i: int, o: int, bias: bool, dtype, rngs) -> nnx.Linear:
+  return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    self.cfg = cfg
+    self.q = _linear(e, h * d, cfg.qkv_bias, dtype, rngs)
+    self.k = _linear(e, kv * d, cfg.qkv_bias, dtype, rngs)
+    self.v = _linear(e, kv * d, cfg.qkv_bias, dtype, rngs)
+    self.o = _linear(h * d, e, cfg.out_bias, dtype, rngs)
+    self.q_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None):
+    cfg, (b, t, _) = self.cfg, x.shape
+    q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if inv_freq is not None:
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if cache is None:
+      visible = positions[:, None, :] <= positions[:, :, None]
+    else:  # write this step's keys/values at their positions, attend to every filled slot up to each query
+      rows = jnp.arange(b)[:, None]
+      cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+               "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+      k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+      visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+    return self.o(attend(q, k, v, visible)), cache
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    norm = (lambda: nnx.LayerNorm(e, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)) \
+        if cfg.gpt2 else (lambda: RMSNorm(e, cfg.norm_eps, dtype=dtype))
+    self.gpt2 = cfg.gpt2
+    self.attn_norm, self.attn, self.mlp_norm = norm(), Attention(cfg, dtype=dtype, rngs=rngs), norm()
+    self.gate = None if cfg.gpt2 else _linear(e, m, cfg.mlp_bias, dtype, rngs)
+    self.up = _linear(e, m, cfg.mlp_bias, dtype, rngs)
+    self.down = _linear(m, e, cfg.mlp_bias, dtype, rngs)
+
+  def __call__(self, x, positions, inv_freq, cache=None):
+    a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache)
+    x = x + a
+    h = self.mlp_norm(x)
+    h = jax.nn.gelu(self.up(h), approximate=True) if self.gpt2 else jax.nn.silu(self.gate(h)) * self.up(h)
+    return x + self.down(h), cache
+
+
+class Decoder(nnx.Module):
+  """A pretrained decoder-only LM (Llama family or GPT-2); see the module docstring."""
+
+  input_dtype = jnp.int32
+  PARTITION_RULES = (
+      (r"blocks\.\d+\.attn\.[qkv]\.kernel", ("embed", "heads")),
+      (r"blocks\.\d+\.attn\.[qkv]\.bias", ("heads",)),
+      (r"blocks\.\d+\.attn\.o\.kernel", ("heads", "embed")),
+      (r"blocks\.\d+\.down\.kernel", ("mlp", "embed")),
+      (r"blocks\.\d+\.(attn\.o|down)\.bias", ("embed",)),
+      (r"embed\.embedding", ("vocab", "embed")),
+      (r"pos\.embedding", (None, "embed")),
+      (r"head\.kernel", ("embed", "vocab")),
+  )
+
+  def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, name: str | None = None):
+    if cfg.family not in FAMILIES:
+      raise ValueError(f"decoder family {cfg.family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    self.cfg, self.compute_dtype = cfg, dtype
+    self.model_name = name or cfg.family
+    self.num_classes, self.max_len, self.input_shape = cfg.vocab_size, cfg.max_positions, (cfg.max_positions,)
+    emb = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
+    self.embed = emb(cfg.vocab_size)
+    self.pos = emb(cfg.max_positions) if cfg.gpt2 else None
+    self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = (nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                 if cfg.gpt2 else RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype))
+    self.head = None if cfg.tie_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+  def _inv_freq(self):
+    return None if self.cfg.gpt2 else rope_frequencies(self.cfg)
+
+  def _embed(self, tokens, positions):
+    x = self.embed(tokens)
+    return x + self.pos(positions) if self.pos is not None else x
+
+  def _logits(self, x):
+    return self.embed.attend(x) if self.head is None else self.head(x)
+
+  def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
+    del train  # no dropout: a pretrained teacher runs in eval mode
+    if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
+      raise ValueError(f"{self.model_name} expects (B, L) tokens with L ≤ {self.max_len}, got {tuple(tokens.shape)}")
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x, inv = self._embed(tokens, positions), self._inv_freq()
+    feats = {"embed": x}
+    for i, block in enumerate(self.blocks):
+      x, _ = block(x, positions, inv)
+      feats[f"block{i}"] = x
+    x = self.norm(x)
+    feats["pooled"] = x
+    return ModelOutput(self._logits(x), feats)
+
+  def init_cache(self, batch_size: int, max_len: int | None = None) -> list[dict]:
+    """An empty key/value cache: per block ``{"k", "v"}`` of ``(B, S, kv_heads, head_dim)``."""
+    s = self.max_len if max_len is None else max_len
+    if s > self.max_len:
+      raise ValueError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} is too long")
+    shape = (batch_size, s, self.cfg.num_kv_heads, self.cfg.head_dim)
+    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+            for _ in self.blocks]
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """Logits ``(B, T, V)`` of ``tokens`` at ``positions`` ``(B, T)``, reading and extending ``cache``."""
+    x, inv, new = self._embed(tokens, positions), self._inv_freq(), []
+    for block, c in zip(self.blocks, cache):
+      x, c = block(x, positions, inv, c)
+      new.append(c)
+    return self._logits(self.norm(x)), new

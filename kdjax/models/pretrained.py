@@ -1,0 +1,230 @@
+"""Hugging Face checkpoints → kdjax models: ``from_pretrained(directory)``.
+
+Reads a local directory as ``save_pretrained`` / ``huggingface-cli download``
+leave it — ``config.json`` and ``model.safetensors`` or several shards with
+``model.safetensors.index.json`` — builds the matching
+:class:`kdjax.models.decoder.Decoder` and fills it. Every tensor of the
+checkpoint must be used exactly once and every shape must match
+``config.json``; anything else is one line naming the tensor. With a
+``mesh`` each parameter goes straight into its shards, one tensor at a time
+(the model is never whole in host memory). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdjax.models.decoder import FAMILIES, Decoder, DecoderConfig
+
+_PREFIXES = ("model.", "transformer.")
+# Buffers some checkpoints carry that are not parameters (GPT-2's causal mask, rotary caches).
+_IGNORED = re.compile(r"(.*\.attn\.(masked_)?bias|.*rotary_emb\.inv_freq)$")
+
+
+def _missing(path: Path) -> ValueError:
+  return ValueError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); download it on a machine "
+                    f"with a network, e.g. `huggingface-cli download <org>/<model> --local-dir {path}`, and copy the "
+                    f"directory here")
+
+
+def read_config(path: str | Path) -> DecoderConfig:
+  """The :class:`DecoderConfig` of the checkpoint directory ``path`` (from its ``config.json``)."""
+  path = Path(path)
+  if not (path / "config.json").is_file():
+    raise _missing(path)
+  c = json.loads((path / "config.json").read_text())
+  family = c.get("model_type")
+  if family not in FAMILIES:
+    raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported (supported: "
+                     f"{', '.join(FAMILIES)})")
+  if family == "gpt2":
+    e = int(c["n_embd"])
+    return DecoderConfig(family, int(c["vocab_size"]), e, int(c["n_layer"]), int(c["n_head"]), int(c["n_head"]),
+                         e // int(c["n_head"]), int(c.get("n_inner") or 4 * e), int(c["n_positions"]),
+                         norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), qkv_bias=True, out_bias=True,
+                         mlp_bias=True, tie_embeddings=bool(c.get("tie_word_embeddings", True)))
+  rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
+  rope.setdefault("rope_type", rope.pop("type", "default"))
+  heads = int(c["num_attention_heads"])
+  return DecoderConfig(
+      family, int(c["vocab_size"]), int(c["hidden_size"]), int(c["num_hidden_layers"]), heads,
+      int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+      int(c["intermediate_size"]), int(c["max_position_embeddings"]), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+      qkv_bias=bool(c.get("attention_bias", family == "qwen2")), out_bias=bool(c.get("attention_bias", False)),
+      mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=family == "qwen3",
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_theta=theta,
+      rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if v is not None)))
+
+
+# ---------------------------------------------------------------- names and layouts
+
+def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+  """kdjax parameter path → (checkpoint tensor name without prefix, layout change to kdjax's)."""
+  t = lambda w: w.T  # noqa: E731  (torch Linear is (out, in); NNX kernels are (in, out))
+  same = lambda w: w  # noqa: E731
+  out: dict[str, tuple[str, Callable]] = {}
+  if cfg.gpt2:
+    e = cfg.hidden_size
+    part = lambda i: (lambda w: w[..., i * e:(i + 1) * e])  # noqa: E731  (c_attn packs q, k, v)
+    out.update({"embed.embedding": ("wte.weight", same), "pos.embedding": ("wpe.weight", same),
+                "norm.scale": ("ln_f.weight", same), "norm.bias": ("ln_f.bias", same)})
+    for i in range(cfg.num_layers):
+      b, h = f"blocks.{i}.", f"h.{i}."
+      for j, n in enumerate("qkv"):
+        out[f"{b}attn.{n}.kernel"] = (h + "attn.c_attn.weight", part(j))
+        out[f"{b}attn.{n}.bias"] = (h + "attn.c_attn.bias", part(j))
+      for mine, theirs in (("attn.o", "attn.c_proj"), ("up", "mlp.c_fc"), ("down", "mlp.c_proj")):
+        out[f"{b}{mine}.kernel"], out[f"{b}{mine}.bias"] = (h + theirs + ".weight", same), (h + theirs + ".bias", same)
+      for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        out[f"{b}{mine}.scale"], out[f"{b}{mine}.bias"] = (h + theirs + ".weight", same), (h + theirs + ".bias", same)
+    return out
+  out.update({"embed.embedding": ("embed_tokens.weight", same), "norm.scale": ("norm.weight", same)})
+  if not cfg.tie_embeddings:
+    out["head.kernel"] = ("lm_head.weight", t)
+  for i in range(cfg.num_layers):
+    b, h = f"blocks.{i}.", f"layers.{i}."
+    lin = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+           "attn.o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    bias = {"attn.q": cfg.qkv_bias, "attn.k": cfg.qkv_bias, "attn.v": cfg.qkv_bias, "attn.o": cfg.out_bias}
+    for mine, theirs in lin.items():
+      out[f"{b}{mine}.kernel"] = (f"{h}{theirs}.weight", t)
+      if bias.get(mine, cfg.mlp_bias):
+        out[f"{b}{mine}.bias"] = (f"{h}{theirs}.bias", same)
+    out[f"{b}attn_norm.scale"] = (h + "input_layernorm.weight", same)
+    out[f"{b}mlp_norm.scale"] = (h + "post_attention_layernorm.weight", same)
+    if cfg.qk_norm:
+      out[f"{b}attn.q_norm.scale"] = (h + "self_attn.q_norm.weight", same)
+      out[f"{b}attn.k_norm.scale"] = (h + "self_attn.k_norm.weight", same)
+  return out
+
+
+class _Tensors:
+  """The checkpoint's tensors by name (prefix stripped), opened lazily from their safetensors files."""
+
+  def __init__(self, path: Path):
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+      files = {n: path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (path / "model.safetensors").is_file():
+      with safe_open(path / "model.safetensors", "numpy") as f:
+        files = {n: path / "model.safetensors" for n in f.keys()}
+    else:
+      raise ValueError(f"{str(path)!r} has config.json but no model.safetensors(.index.json); kdjax reads "
+                       f"safetensors checkpoints (save with save_pretrained(..., safe_serialization=True))")
+    self.files, self.path = {}, path
+    for name, file in files.items():
+      short = next((name[len(p):] for p in _PREFIXES if name.startswith(p)), name)
+      if short == "lm_head.weight" or not _IGNORED.fullmatch(short):
+        self.files[short] = (name, file)
+    self._open: dict[Path, Any] = {}
+
+  def get(self, short: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    name, file = self.files[short]
+    if file not in self._open:
+      self._open[file] = safe_open(file, "numpy")
+    return self._open[file].get_tensor(name)
+
+  def shape(self, short: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    name, file = self.files[short]
+    if file not in self._open:
+      self._open[file] = safe_open(file, "numpy")
+    return tuple(self._open[file].get_slice(name).get_shape())
+
+
+def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                    model_axis: str = "model") -> Decoder:
+  """The model in the Hugging Face checkpoint directory ``path``, its weights loaded.
+
+  Args:
+    path: a local directory with ``config.json`` and safetensors weights.
+    dtype: compute dtype (parameters are held in float32).
+    mesh: place the parameters on this mesh, split over its ``model_axis``
+      by the model's ``PARTITION_RULES`` (replicated when the mesh has no
+      such axis), one tensor at a time.
+
+  Raises:
+    ValueError: no checkpoint there, an unsupported architecture, or a
+      tensor missing, unused or of the wrong shape (one line naming it).
+  """
+  path = Path(path)
+  cfg = read_config(path)
+  model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), name=path.name or cfg.family))
+  tensors = _Tensors(path)
+  names = _names(cfg)
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  used = {theirs for theirs, _ in names.values()}
+  extra = sorted(set(tensors.files) - used)
+  if extra:
+    raise ValueError(f"{path}: tensor {tensors.files[extra[0]][0]!r} is not used by a {cfg.family} model with this "
+                     f"config.json" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  specs = _specs(model, flat, mesh, model_axis)
+  for key, var in flat.items():
+    mine = ".".join(map(str, key))
+    if mine not in names:
+      raise ValueError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor (kdjax bug: name map incomplete)")
+    theirs, layout = names[mine]
+    if theirs not in tensors.files:
+      raise ValueError(f"{path}: tensor {theirs!r} is missing (a {cfg.family} model with {cfg.num_layers} layers "
+                       f"needs it)")
+    want, shape = tuple(var.shape), tensors.shape(theirs)
+    if layout(np.broadcast_to(np.zeros((), np.uint8), shape)).shape != want:  # a view: nothing is allocated
+      raise ValueError(f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
+                       f"config.json implies for {mine!r}")
+    flat[key] = var.replace(_place(lambda theirs=theirs, layout=layout: layout(tensors.get(theirs)).astype(np.float32),
+                                   want, specs.get(key), mesh))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _specs(model, flat, mesh, model_axis) -> dict:
+  if mesh is None:
+    return {}
+  from kdjax.engine import teacher_placement as TP
+
+  size = mesh.shape.get(model_axis, 1)
+  axes = TP.logical_axes(model) if size > 1 else {}
+  out = {}
+  for key, var in flat.items():
+    dotted = ".".join(map(str, key))
+    spec = TP._spec(dotted, tuple(var.shape), axes.get(dotted), size, f"mesh axis {model_axis!r}")
+    out[key] = jax.sharding.NamedSharding(mesh, spec)
+  return out
+
+
+def _place(read: Callable[[], np.ndarray], shape, sharding, mesh) -> jax.Array:
+  if mesh is None:
+    return jnp.asarray(read())
+  cache: dict[str, np.ndarray] = {}
+
+  def shard(idx):  # only this process's devices call it; the tensor is read once per process
+    if "x" not in cache:
+      cache["x"] = read()
+    return cache["x"][idx]
+
+  return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def load_tokenizer(path: str | Path):
+  """The checkpoint's tokenizer (``tokenizer.json``) with the ``tokenizers`` library."""
+  from tokenizers import Tokenizer
+
+  f = Path(path) / "tokenizer.json"
+  if not f.is_file():
+    raise ValueError(f"no tokenizer.json in {str(path)!r}; copy it from the model's download (huggingface-cli "
+                     f"download <org>/<model> tokenizer.json --local-dir {path})")
+  return Tokenizer.from_file(str(f))

@@ -1,0 +1,171 @@
+"""Hugging Face checkpoints: tiny random models made and saved by ``transformers`` itself (PyTorch, CPU),
+loaded by ``kdjax.models.from_pretrained``, agree with transformers logit for logit and token for token."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from safetensors.numpy import load_file, save_file
+
+import _procs as P
+from kdjax import generate as G
+from kdjax.models import pretrained
+
+VOCAB = 64
+
+
+def _configs() -> dict:
+  small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64)
+  llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+  return {
+      "llama": T.LlamaConfig(**small, num_key_value_heads=2, rope_parameters=llama3),  # GQA: 2 heads per kv head
+      "mistral": T.MistralConfig(**small, num_key_value_heads=2),
+      "qwen2": T.Qwen2Config(**small, num_key_value_heads=4, tie_word_embeddings=True),  # q/k/v biases, tied head
+      "qwen3": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),  # per-head q/k RMSNorm, 4 heads per kv
+      "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
+  }
+
+
+def _save(cfg, directory: Path, **kw) -> T.PreTrainedModel:
+  torch.manual_seed(0)
+  model = T.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():  # norms and biases away from their 1 / 0 initialisation, so a swapped one shows
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln_" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory, **kw)
+  return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for family, cfg in _configs().items():
+    kw = {"max_shard_size": "20KB"} if family == "llama" else {}  # llama: several files + an index
+    out[family] = (root / family, _save(cfg, root / family, **kw))
+  return out
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+def test_logits_equal_transformers(checkpoints, family):
+  path, ref_model = checkpoints[family]
+  if family == "llama":
+    assert len(list(path.glob("model-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
+  with torch.no_grad():
+    ref = ref_model(torch.tensor(TOKENS)).logits.numpy()
+  model = pretrained.from_pretrained(path)
+  out = model(jnp.asarray(TOKENS, jnp.int32))
+  np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+  assert {f"block{i}" for i in range(2)} | {"embed", "pooled"} <= set(out.features)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_greedy_generation_equals_transformers_generate(checkpoints, family):
+  path, ref_model = checkpoints[family]
+  prompts = np.random.default_rng(1).integers(3, VOCAB, (3, 5))
+  with torch.no_grad():
+    ref = ref_model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                             pad_token_id=0, eos_token_id=None).numpy()[:, 5:]
+  model = pretrained.from_pretrained(path)
+  got = G.Generator(model, G.Sampling(max_new_tokens=10, temperature=0.0))(prompts, np.full(3, 5), jax.random.key(0))
+  assert len(set(ref.reshape(-1).tolist())) > 3  # not a degenerate repetition
+  np.testing.assert_array_equal(np.asarray(got.tokens), ref)
+
+
+def _edit(src: Path, dst: Path, change) -> Path:
+  shutil.copytree(src, dst)
+  f = dst / "model.safetensors"
+  tensors = load_file(f)
+  change(tensors)
+  save_file(tensors, f, metadata={"format": "pt"})
+  return dst
+
+
+@pytest.mark.parametrize("case, change, words", [
+    ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+     "tensor 'layers.1.mlp.up_proj.weight' is missing"),
+    ("extra", lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
+     "tensor 'model.layers.0.mlp.extra.weight' is not used"),
+    ("shape", lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
+     "tensor 'layers.0.self_attn.k_proj.weight' has shape (8, 32)"),
+])
+def test_damaged_checkpoint_is_one_line_naming_the_tensor(checkpoints, tmp_path, case, change, words):
+  path = _edit(checkpoints["mistral"][0], tmp_path / case, change)
+  with pytest.raises(ValueError) as e:
+    pretrained.from_pretrained(path)
+  assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_directory_and_unknown_architecture_are_one_line(checkpoints, tmp_path):
+  with pytest.raises(ValueError, match=r"no Hugging Face checkpoint at .*huggingface-cli download"):
+    pretrained.from_pretrained(tmp_path / "nowhere")
+  d = shutil.copytree(checkpoints["gpt2"][0], tmp_path / "bert")
+  cfg = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+  with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
+    pretrained.from_pretrained(d)
+
+
+def _make_sharded(d: Path) -> None:
+  cfg = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  model = _save(cfg, d / "ckpt", max_shard_size="200KB")
+  with torch.no_grad():
+    ref = model(torch.tensor(TOKENS)).logits.numpy()
+  np.save(d / "ref.npy", ref)
+  P.run_together(["_pretrained_devices.py", d / "ckpt", d / "out.pkl"])
+
+
+@pytest.mark.procs
+def test_sharded_load_on_eight_devices(made_once):
+  d = made_once("pretrained_sharded", _make_sharded)
+  with open(d / "out.pkl", "rb") as fh:
+    out = pickle.load(fh)
+  ref = np.load(d / "ref.npy")
+  specs = out["specs"]
+  assert specs["blocks.0.attn.q.kernel"] == (None, "model") and specs["blocks.0.attn.o.kernel"] == ("model", None)
+  assert specs["blocks.0.down.kernel"] == ("model", None) and specs["embed.embedding"] == ("model", None)
+  assert specs["norm.scale"] == ()
+  assert out["max_per_device"] < 0.4 * out["total"]  # split 4 ways, small leaves whole
+  np.testing.assert_allclose(out["logits"], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_cli_distils_a_hugging_face_teacher_into_a_zoo_student(tmp_path, tfds_dir):
+  """``kdjax distill`` with ``--teacher.name hf``: a tiny Llama made by transformers with the arithmetic
+  dataset's tokenizer teaches the zoo's 1-layer student; the run trains, evaluates and records the teacher."""
+  from kdjax import cli
+  from kdjax.data.builders import arithmetic
+
+  hf = tmp_path / "teacher"
+  _save(T.LlamaConfig(vocab_size=len(arithmetic.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), hf)
+  w = tmp_path / "run"
+  args = ["distill", "arithmetic_gkd", "supervised_kd", "--workdir", str(w), "--teacher.name", "hf",
+          "--teacher.checkpoint", str(hf), "--data.data_dir", tfds_dir, "--optim.steps", "6", "--data.batch_size",
+          "32", "--data.eval_batch_size", "500", "--run.quiet", "--run.log_every", "1"]
+  assert cli.main(args) == 0
+  res = json.loads((w / "results.json").read_text())
+  assert res["teacher"] == "hf" and res["teacher_hash"] and res["steps"] == 6
+  assert 0 <= res["exact_match"] <= 1 and "teacher_exact_match" in res and res["perplexity"] > 1
+  rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+  kd = [r["loss/forward_kl"] for r in rows if "loss/forward_kl" in r]
+  assert len(kd) == 6 and kd[-1] < kd[0]  # the student moves toward the pretrained teacher
+  missing = [a if a != str(hf) else str(tmp_path / "nowhere") for a in args]
+  missing[missing.index(str(w))] = str(tmp_path / "run2")
+  assert cli.main(missing) == 1  # a missing checkpoint directory: one line, exit 1
