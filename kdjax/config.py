@@ -95,7 +95,7 @@ class ModelConfig:
   Attributes:
     name: registry name (``kdjax.models.available()``), or ``hf`` for a
       teacher read from a Hugging Face checkpoint directory (``checkpoint``:
-      config.json + safetensors; Llama, Mistral, Qwen 2/3, GPT-2).
+      config.json + safetensors; Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-2).
     dtype: computation dtype; params stay float32.
     checkpoint: a finished run's workdir, its ``export/`` directory or its
       ``model.msgpack`` (or, with ``name="hf"``, a Hugging Face checkpoint

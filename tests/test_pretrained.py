@@ -34,6 +34,18 @@ def _configs() -> dict:
       "qwen2": T.Qwen2Config(**small, num_key_value_heads=4, tie_word_embeddings=True),  # q/k/v biases, tied head
       "qwen3": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),  # per-head q/k RMSNorm, 4 heads per kv
       "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
+      # Sliding layers with a 4-token window (shorter than the 12 tokens compared) alternate with global ones.
+      "gemma2": T.Gemma2Config(**{**small, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8,
+                               query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=5.0,
+                               final_logit_softcapping=3.0,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+      "gemma3_text": T.Gemma3TextConfig(**{**small, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=8,
+                                        query_pre_attn_scalar=8, sliding_window=4,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                            "rope_theta": 1e6},
+                                                         "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 1e4}}),
   }
 
 
@@ -61,7 +73,7 @@ def checkpoints(tmp_path_factory):
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2"])
 def test_logits_equal_transformers(checkpoints, family):
   path, ref_model = checkpoints[family]
   if family == "llama":
@@ -71,10 +83,10 @@ def test_logits_equal_transformers(checkpoints, family):
   model = pretrained.from_pretrained(path)
   out = model(jnp.asarray(TOKENS, jnp.int32))
   np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
-  assert {f"block{i}" for i in range(2)} | {"embed", "pooled"} <= set(out.features)
+  assert {"block0", "block1", "embed", "pooled"} <= set(out.features)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "gpt2"])
 def test_greedy_generation_equals_transformers_generate(checkpoints, family):
   path, ref_model = checkpoints[family]
   prompts = np.random.default_rng(1).integers(3, VOCAB, (3, 5))

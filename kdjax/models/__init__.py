@@ -31,7 +31,7 @@ Names and features (see each module's docstring for shapes):
   ``block0`` … ``block{N-1}``, ``pooled`` (final LayerNorm, ``(B, L, D)``);
   logits ``(B, L, V)``.
 * Pretrained language models: ``from_pretrained(directory, dtype=..., mesh=...)``
-  reads a Hugging Face checkpoint (Llama, Mistral, Qwen 2/3, GPT-2) into a
+  reads a Hugging Face checkpoint (Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-2) into a
   :class:`Decoder` with the same features and generation interface;
   ``load_tokenizer(directory)`` its tokenizer.
 

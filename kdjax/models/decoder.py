@@ -10,6 +10,13 @@ a :class:`DecoderConfig` (built from a Hugging Face ``config.json`` by
   (``kv_heads`` ≤ ``heads``), optional q/k/v biases (Qwen 2) and per-head
   RMSNorm of queries and keys (Qwen 3), SwiGLU MLP ``down(silu(gate(x)) ·
   up(x))``, untied or tied head.
+* Gemma 2 / Gemma 3 (``gemma2``, ``gemma3_text``): as Llama, plus the token
+  embedding scaled by √hidden, RMSNorm weights as offsets ``(1 + w)``, a norm
+  after attention and around the MLP (four per block), tanh-GELU gating,
+  queries scaled by ``query_pre_attn_scalar^-½``, sliding-window layers
+  alternating with global ones, tanh soft-capping of attention scores and
+  final logits (Gemma 2), per-head q/k norms and a separate RoPE base for the
+  local layers (Gemma 3); tied head.
 * GPT-2 (``gpt2``): learned positions, pre-LayerNorm blocks, tanh-GELU MLP,
   biases everywhere, head tied to the token embedding.
 
@@ -31,7 +38,7 @@ from flax import nnx
 
 from kdjax.models.base import ModelOutput
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +62,40 @@ class DecoderConfig:
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, float | str], ...] = ()  # (key, value) pairs of HF's rope parameters
+  # Gemma: sliding-window layers ("sliding") alternate with global ones ("full"); 0: every layer global.
+  sliding_window: int = 0
+  layer_types: tuple[str, ...] = ()
+  local_rope_theta: float = 0.0  # RoPE base of the sliding layers (Gemma 3); 0: as the global layers
+  local_rope_scaling: tuple[tuple[str, float | str], ...] = ()
+  query_scale: float = 0.0  # attention scores × this (0: 1/√head_dim)
+  attn_softcap: float = 0.0  # s ↦ c·tanh(s/c) on attention scores (0: off)
+  final_softcap: float = 0.0  # the same on the logits
 
   @property
   def gpt2(self) -> bool:
     return self.family == "gpt2"
 
+  @property
+  def gemma(self) -> bool:
+    return self.family.startswith("gemma")
+
+  def sliding(self, layer: int) -> bool:
+    return bool(self.sliding_window) and bool(self.layer_types) and self.layer_types[layer] == "sliding"
+
 
 class RMSNorm(nnx.Module):
-  """``w · x / √(mean(x²) + ε)``, computed in float32 (Zhang & Sennrich 2019, as Llama uses it)."""
+  """``w · x / √(mean(x²) + ε)`` in float32 (Zhang & Sennrich 2019, as Llama uses it); with ``offset``
+  the weight is ``1 + w``, multiplied before the cast back (as Gemma uses it)."""
 
-  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-    del rngs
-    self.scale, self.eps, self.dtype = nnx.Param(jnp.ones((dim,), jnp.float32)), eps, dtype
+  def __init__(self, dim: int, eps: float, *, offset: bool = False, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32) if offset else jnp.ones((dim,), jnp.float32))
+    self.eps, self.offset, self.dtype = eps, offset, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y * (1.0 + self.scale[...])).astype(self.dtype)
     return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
@@ -106,14 +131,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma 2's soft-capping); ``cap = 0`` leaves ``x``."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float = 0.0,
+           cap: float = 0.0) -> jax.Array:
   """Softmax attention of ``q`` ``(B, T, H, D)`` over ``k``/``v`` ``(B, S, K, D)`` (K divides H: grouped-query),
-  where ``visible`` ``(B, T, S)``; scores scaled by 1/√D, softmax in float32. Returns ``(B, T, H·D)``."""
+  where ``visible`` ``(B, T, S)``; scores scaled by ``scale`` (default 1/√D) and soft-capped at ``cap``,
+  softmax in float32. Returns ``(B, T, H·D)``."""
   b, t, h, d = q.shape
   kh = k.shape[2]
   q = q.reshape(b, t, kh, h // kh, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-  s = jnp.where(visible[:, None, None], s, jnp.finfo(jnp.float32).min)
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (scale or 1.0 / math.sqrt(d))
+  s = jnp.where(visible[:, None, None], softcap(s, cap), jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * d)
 
@@ -123,15 +155,15 @@ def _linear(i: int, o: int, bias: bool, dtype, rngs) -> nnx.Linear:
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
     h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    self.cfg = cfg
+    self.cfg, self.window = cfg, cfg.sliding_window if cfg.sliding(layer) else 0
     self.q = _linear(e, h * d, cfg.qkv_bias, dtype, rngs)
     self.k = _linear(e, kv * d, cfg.qkv_bias, dtype, rngs)
     self.v = _linear(e, kv * d, cfg.qkv_bias, dtype, rngs)
     self.o = _linear(h * d, e, cfg.out_bias, dtype, rngs)
-    self.q_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
-    self.k_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+    self.q_norm = RMSNorm(d, cfg.norm_eps, offset=cfg.gemma, dtype=dtype) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(d, cfg.norm_eps, offset=cfg.gemma, dtype=dtype) if cfg.qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None):
     cfg, (b, t, _) = self.cfg, x.shape
@@ -143,33 +175,50 @@ class Attention(nnx.Module):
     if inv_freq is not None:
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if cache is None:
-      visible = positions[:, None, :] <= positions[:, :, None]
+      key_pos = positions[:, None, :]
     else:  # write this step's keys/values at their positions, attend to every filled slot up to each query
       rows = jnp.arange(b)[:, None]
       cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
                "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-      visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
-    return self.o(attend(q, k, v, visible)), cache
+      key_pos = jnp.arange(k.shape[1])[None, None, :]
+    visible = key_pos <= positions[:, :, None]
+    if self.window:  # a sliding layer sees the last `window` positions only
+      visible &= key_pos > positions[:, :, None] - self.window
+    return self.o(attend(q, k, v, visible, cfg.query_scale, cfg.attn_softcap)), cache
+
+
+def _norm(cfg: DecoderConfig, dtype, rngs) -> nnx.Module:
+  if cfg.gpt2:
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return RMSNorm(cfg.hidden_size, cfg.norm_eps, offset=cfg.gemma, dtype=dtype)
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
     e, m = cfg.hidden_size, cfg.intermediate_size
-    norm = (lambda: nnx.LayerNorm(e, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)) \
-        if cfg.gpt2 else (lambda: RMSNorm(e, cfg.norm_eps, dtype=dtype))
-    self.gpt2 = cfg.gpt2
-    self.attn_norm, self.attn, self.mlp_norm = norm(), Attention(cfg, dtype=dtype, rngs=rngs), norm()
+    self.gpt2, self.gemma, self.sliding = cfg.gpt2, cfg.gemma, cfg.sliding(layer)
+    self.attn_norm, self.mlp_norm = _norm(cfg, dtype, rngs), _norm(cfg, dtype, rngs)
+    self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+    # Gemma's sandwich: a norm on the attention output and on the MLP output too.
+    self.post_attn_norm = _norm(cfg, dtype, rngs) if cfg.gemma else None
+    self.post_mlp_norm = _norm(cfg, dtype, rngs) if cfg.gemma else None
     self.gate = None if cfg.gpt2 else _linear(e, m, cfg.mlp_bias, dtype, rngs)
     self.up = _linear(e, m, cfg.mlp_bias, dtype, rngs)
     self.down = _linear(m, e, cfg.mlp_bias, dtype, rngs)
 
-  def __call__(self, x, positions, inv_freq, cache=None):
+  def _mlp(self, h):
+    if self.gpt2:
+      return self.down(jax.nn.gelu(self.up(h), approximate=True))
+    act = (lambda z: jax.nn.gelu(z, approximate=True)) if self.gemma else jax.nn.silu
+    return self.down(act(self.gate(h)) * self.up(h))
+
+  def __call__(self, x, positions, rope, cache=None):
+    inv_freq = rope[1] if self.sliding else rope[0]
     a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache)
-    x = x + a
-    h = self.mlp_norm(x)
-    h = jax.nn.gelu(self.up(h), approximate=True) if self.gpt2 else jax.nn.silu(self.gate(h)) * self.up(h)
-    return x + self.down(h), cache
+    x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
+    h = self._mlp(self.mlp_norm(x))
+    return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), cache
 
 
 class Decoder(nnx.Module):
@@ -196,20 +245,27 @@ class Decoder(nnx.Module):
     emb = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
     self.embed = emb(cfg.vocab_size)
     self.pos = emb(cfg.max_positions) if cfg.gpt2 else None
-    self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.norm = (nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-                 if cfg.gpt2 else RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype))
+    self.blocks = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+    self.norm = _norm(cfg, dtype, rngs)
     self.head = None if cfg.tie_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
-  def _inv_freq(self):
-    return None if self.cfg.gpt2 else rope_frequencies(self.cfg)
+  def _inv_freq(self) -> tuple:
+    """RoPE inverse frequencies of the global and the sliding layers (None, None for GPT-2)."""
+    cfg = self.cfg
+    if cfg.gpt2:
+      return None, None
+    local = (dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=cfg.local_rope_scaling)
+             if cfg.local_rope_theta else cfg)
+    return rope_frequencies(cfg), rope_frequencies(local)
 
   def _embed(self, tokens, positions):
     x = self.embed(tokens)
+    if self.cfg.gemma:  # √hidden, rounded to the compute dtype first as Gemma does
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), x.dtype)
     return x + self.pos(positions) if self.pos is not None else x
 
   def _logits(self, x):
-    return self.embed.attend(x) if self.head is None else self.head(x)
+    return softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no dropout: a pretrained teacher runs in eval mode

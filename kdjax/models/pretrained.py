@@ -51,18 +51,38 @@ def read_config(path: str | Path) -> DecoderConfig:
                          e // int(c["n_head"]), int(c.get("n_inner") or 4 * e), int(c["n_positions"]),
                          norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), qkv_bias=True, out_bias=True,
                          mlp_bias=True, tie_embeddings=bool(c.get("tie_word_embeddings", True)))
-  rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-  theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
-  rope.setdefault("rope_type", rope.pop("type", "default"))
+  if c.get("use_bidirectional_attention"):
+    raise ValueError(f"{path / 'config.json'}: bidirectional attention is not supported (kdjax's decoders are causal)")
+  params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  full, local = (params.get("full_attention", {}), params.get("sliding_attention")) if "full_attention" in params \
+      else (params, None)
+  theta, scaling = _rope(full, c.get("rope_theta", 10000.0))
   heads = int(c["num_attention_heads"])
+  gemma = family.startswith("gemma")
+  extra = {}
+  if gemma:
+    kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in c.get("layer_types") or ())
+    extra = dict(sliding_window=int(c.get("sliding_window") or 0), layer_types=kinds,
+                 query_scale=float(c.get("query_pre_attn_scalar") or c.get("head_dim")) ** -0.5,
+                 attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+                 final_softcap=float(c.get("final_logit_softcapping") or 0.0))
+    if local is not None:
+      extra["local_rope_theta"], extra["local_rope_scaling"] = _rope(local, c.get("rope_local_base_freq", 10000.0))
   return DecoderConfig(
       family, int(c["vocab_size"]), int(c["hidden_size"]), int(c["num_hidden_layers"]), heads,
       int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or int(c["hidden_size"]) // heads),
       int(c["intermediate_size"]), int(c["max_position_embeddings"]), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
       qkv_bias=bool(c.get("attention_bias", family == "qwen2")), out_bias=bool(c.get("attention_bias", False)),
-      mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=family == "qwen3",
-      tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_theta=theta,
-      rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if v is not None)))
+      mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=family in ("qwen3", "gemma3_text"),
+      tie_embeddings=bool(c.get("tie_word_embeddings", gemma)), rope_theta=theta, rope_scaling=scaling, **extra)
+
+
+def _rope(params: dict, default_theta: float) -> tuple[float, tuple]:
+  """``(theta, scaling pairs)`` from one RoPE parameter dict (``rope_parameters`` or the older ``rope_scaling``)."""
+  p = dict(params)
+  theta = float(p.pop("rope_theta", default_theta))
+  p.setdefault("rope_type", p.pop("type", "default"))
+  return theta, tuple(sorted((k, v) for k, v in p.items() if v is not None))
 
 
 # ---------------------------------------------------------------- names and layouts
@@ -100,7 +120,12 @@ def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Callable[[np.ndarray], np
       if bias.get(mine, cfg.mlp_bias):
         out[f"{b}{mine}.bias"] = (f"{h}{theirs}.bias", same)
     out[f"{b}attn_norm.scale"] = (h + "input_layernorm.weight", same)
-    out[f"{b}mlp_norm.scale"] = (h + "post_attention_layernorm.weight", same)
+    if cfg.gemma:  # Gemma's post_attention_layernorm follows attention; pre_feedforward_layernorm precedes the MLP
+      out[f"{b}post_attn_norm.scale"] = (h + "post_attention_layernorm.weight", same)
+      out[f"{b}mlp_norm.scale"] = (h + "pre_feedforward_layernorm.weight", same)
+      out[f"{b}post_mlp_norm.scale"] = (h + "post_feedforward_layernorm.weight", same)
+    else:
+      out[f"{b}mlp_norm.scale"] = (h + "post_attention_layernorm.weight", same)
     if cfg.qk_norm:
       out[f"{b}attn.q_norm.scale"] = (h + "self_attn.q_norm.weight", same)
       out[f"{b}attn.k_norm.scale"] = (h + "self_attn.k_norm.weight", same)
