@@ -181,3 +181,21 @@ def test_cli_distils_a_hugging_face_teacher_into_a_zoo_student(tmp_path, tfds_di
   missing = [a if a != str(hf) else str(tmp_path / "nowhere") for a in args]
   missing[missing.index(str(w))] = str(tmp_path / "run2")
   assert cli.main(missing) == 1  # a missing checkpoint directory: one line, exit 1
+
+
+def test_tokenizer_loads_from_the_checkpoint_directory(checkpoints, tmp_path):
+  """A BPE tokenizer trained here with ``tokenizers`` and saved in the checkpoint directory: kdjax's loader
+  encodes as transformers' own fast tokenizer reading the same directory does."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  d = shutil.copytree(checkpoints["llama"][0], tmp_path / "llama")
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(["the teacher teaches the student", "students distil what teachers know"] * 20,
+                          trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+  tok.save(str(d / "tokenizer.json"))
+  text = "the student distils the teacher"
+  ids = pretrained.load_tokenizer(d).encode(text).ids
+  assert len(ids) > 3 and ids == T.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))(text)["input_ids"]
+  with pytest.raises(ValueError, match="no tokenizer.json in"):
+    pretrained.load_tokenizer(checkpoints["gpt2"][0])
