@@ -60,6 +60,7 @@ def bench():
   return mod
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
   """A test that starts several processes of its own is also a slow one, and all of them share one
   pytest-xdist group: under ``--dist loadgroup`` they run one after another on one worker while the
