@@ -11,7 +11,11 @@ key                 shape, dtype                  meaning
                                                   signals ``(B, L)``, token ids ``(B, L)`` int32
 ``label``           ``(B,)`` / ``(B, L)`` int32   class or next-token target; −1 = unlabelled
 ``mask``            ``(B,)`` / ``(B, L)`` bool    which examples / positions count
-``teacher_inputs``  like ``inputs``               optional: the teacher's own view
+``teacher_inputs``  like ``inputs``               optional: the teacher's own view, or for a
+                    / ``(B, L_t)`` int32          language model the same text in the teacher's
+                                                  tokenization (cross-tokenizer distillation)
+``teacher_mask``    ``(B, L_t)`` bool             with those: the teacher positions that predict
+                                                  a response token (what ``uld`` pairs)
 ``id``              ``(B,)`` int32                example id (views, CRD's memory bank)
 ``epoch``           ``(B,)`` int32                the epoch the batch was drawn in
 ``label_b``         ``(B,)`` int32                mixup/cutmix partner label
@@ -37,6 +41,7 @@ INPUTS = "inputs"
 LABEL = "label"
 MASK = "mask"
 TEACHER_INPUTS = "teacher_inputs"
+TEACHER_MASK = "teacher_mask"
 ID = "id"
 EPOCH = "epoch"
 LABEL_B = "label_b"

@@ -137,7 +137,7 @@ QUICK_PRESETS = ("kd", "fitnet", "dkd")
 
 
 @pytest.mark.parametrize("name", [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in methods.available()])
+                                  for n in methods.available() if n != "uld"])  # uld: test_cross_tokenizer
 def test_preset_trains_through_jitted_step(name):
   s, batch = _preset_setup(name)
   assert set(methods.available()) >= {"ce", "kd", "dkd", "dist", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt",

@@ -160,12 +160,12 @@ def test_sharded_load_on_eight_devices(made_once):
 @pytest.mark.slow
 def test_cli_distils_a_hugging_face_teacher_into_a_zoo_student(tmp_path, tfds_dir):
   """``kdjax distill`` with ``--teacher.name hf``: a tiny Llama made by transformers with the arithmetic
-  dataset's tokenizer teaches the zoo's 1-layer student; the run trains, evaluates and records the teacher."""
+  dataset's tokenizer, its vocabulary padded to 32, teaches the zoo's 1-layer student over the dataset's 15
+  tokens; the run trains, evaluates and records the teacher."""
   from kdjax import cli
-  from kdjax.data.builders import arithmetic
 
   hf = tmp_path / "teacher"
-  _save(T.LlamaConfig(vocab_size=len(arithmetic.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  _save(T.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), hf)
   w = tmp_path / "run"
   args = ["distill", "arithmetic_gkd", "supervised_kd", "--workdir", str(w), "--teacher.name", "hf",

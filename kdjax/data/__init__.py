@@ -6,7 +6,7 @@ Importing this package registers the embedded TFDS datasets ``mnist1d`` and
 """
 
 from kdjax.data import builders  # noqa: F401  (registers mnist1d, digits)
-from kdjax.data import cache, views
+from kdjax.data import cache, retokenize, views
 from kdjax.data.loader import Loader, default_workers, eval_batches, make_loader, to_global
 from kdjax.data.tfds import (
     ArrayDataset,
@@ -30,5 +30,5 @@ __all__ = [
     "ArrayDataset", "CachedLoader", "CacheSpec", "ConcatSource", "DatasetSpec", "DatasetUnavailableError", "Loader",
     "RecordSource", "TeacherCache", "ViewConfig", "build_cache", "cache", "concat", "default_data_dir",
     "default_view", "default_workers", "eval_batches", "get_builder", "get_info", "load_arrays", "make_loader",
-    "open_split", "prepare", "to_global", "views",
+    "open_split", "prepare", "retokenize", "to_global", "views",
 ]

@@ -73,14 +73,16 @@ class Loader:
   (``image = λ·x + (1−λ)·x_b``); ``mask`` bool when ``drop_remainder=False``
   (the last batch is padded by wrapping to the start of the epoch's order).
   ``worker_count``: Grain worker processes making batches ahead (``None``:
-  :func:`default_workers`).
+  :func:`default_workers`). ``transform``: a picklable ``batch → batch``
+  applied last to every batch, e.g. :class:`kdjax.data.retokenize.Retokenizer`.
   """
 
   def __init__(self, ds, batch_size: int, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = True, view: V.ViewConfig | None = None,
                view_mode: str = "consistent", process_index: int | None = None,
-               process_count: int | None = None, worker_count: int | None = None):
+               process_count: int | None = None, worker_count: int | None = None, transform=None):
     self.ds = ds
+    self.transform = transform
     self.worker_count = default_workers(ds) if worker_count is None or worker_count < 0 else int(worker_count)
     self.batch_size = int(batch_size)
     self.seed = int(seed)
@@ -177,7 +179,7 @@ class Loader:
     out["epoch"] = np.full(len(idx), epoch, np.int32)
     if not self.drop_remainder:
       out["mask"] = gvalid[rows]
-    return out
+    return out if self.transform is None else self.transform(out)
 
   def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
     for step in range(self.steps_per_epoch):

@@ -344,6 +344,16 @@ class DatasetSpec:
   streaming: bool
 
 
+def tokenizer(name: str):
+  """The ``tokenizers.Tokenizer`` of token dataset ``name`` (config suffix allowed: ``arithmetic/add6``)."""
+  base = name.split("/")[0]
+  if base == "arithmetic":
+    from kdjax.data.builders import arithmetic
+
+    return arithmetic.tokenizer()
+  raise ValueError(f"dataset {name!r} has no tokenizer kdjax knows (token datasets: {', '.join(TOKEN_DATASETS)})")
+
+
 def is_streaming(name: str) -> bool:
   return name.split("/")[0].split(":")[0] in STREAMING
 

@@ -157,6 +157,7 @@ class Distiller:
     self._check_responses()
     self._check_placement()
     self.spec: StepSpec | None = None
+    self.cross_tokenizer = False
     self.teacher_state: TeacherState | None = None
     self.state_shardings: Any = None
     self._steps: dict[str, Callable] = {}
@@ -239,6 +240,8 @@ class Distiller:
       t_info = None
     self._teacher_info = t_info
     method = self._method(s_info, t_info)
+    # A teacher of another tokenizer reads its own token rows: student-side figures compare it with nothing.
+    self.cross_tokenizer = method.any_vocab
     self.spec = StepSpec(students=tuple(s_defs), teachers=tuple(t_defs), method=method, tx=self.optimizer,
                          mode=self.mode, steps_per_epoch=self.steps_per_epoch, grad_accum=self.grad_accum,
                          teacher_weights=self.teacher_weights, multi_teacher=self.multi_teacher,
@@ -490,7 +493,8 @@ class Distiller:
     from kdjax import report
 
     if self._eval is None:
-      self._eval = jax.jit(make_eval_step(self.spec, report.eval_batch_stats),
+      spec = dataclasses.replace(self.spec, teachers=()) if self.cross_tokenizer else self.spec
+      self._eval = jax.jit(make_eval_step(spec, report.eval_batch_stats),
                            compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
     sums: dict[str, Any] = {}
     s_pool, t_pool, n_pool = [], [], 0
@@ -499,7 +503,7 @@ class Distiller:
       if B.MASK not in b:
         b[B.MASK] = np.ones(np.shape(b[B.LABEL]), bool)
       gb = self.global_batch(b)
-      if self.placement.split and self.mode != "teacher":
+      if self.placement.split and self.mode != "teacher" and not self.cross_tokenizer:
         gb[B.TEACHER_OUTPUTS] = self.teacher_outputs(b, features=True)
       out, sp, tp = self._eval(state, self._step_teacher(), gb)
       for k, v in out.items():
@@ -534,7 +538,7 @@ class Distiller:
     sd = self.spec.students[0]
     student = nnx.merge(sd.graphdef, state.params[0], state.model_state[0])
     models = {"exact_match": student}
-    if teacher and self.spec.teachers:
+    if teacher and self.spec.teachers and not self.cross_tokenizer:  # its prompts would need its own tokens
       td = self.spec.teachers[0]
       models["teacher_exact_match"] = nnx.merge(td.graphdef, self.teacher_state.params[0],
                                                 self.teacher_state.model_state[0])

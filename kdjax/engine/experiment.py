@@ -53,8 +53,13 @@ def model_info(model, name: str, num_classes: int) -> ModelInfo:
   return ModelInfo(name=name, num_classes=num_classes, feature_shapes={k: tuple(v[1:]) for k, v in shapes.items()})
 
 
-def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") -> tuple[Any, str]:
+def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher",
+                 own_vocab: bool = False) -> tuple[Any, str]:
   """Create ``mcfg.name`` and fill it from ``mcfg.checkpoint``; check it fits.
+
+  A Hugging Face teacher scores the dataset's ``num_classes`` tokens (its
+  padded vocabulary cut), or with ``own_vocab`` its whole vocabulary (a
+  teacher of another tokenizer, for cross-tokenizer methods).
 
   Raises ``ValueError`` (before anything is compiled) when the checkpoint's
   architecture or class count differs from the config.
@@ -62,13 +67,14 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher") 
   if not mcfg.checkpoint:
     raise ValueError(f"{role}.checkpoint is not set: the method needs a trained {role}; "
                      f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)")
-  return load_model(mcfg, num_classes, role=role)
+  return load_model(mcfg, num_classes, role=role, own_vocab=own_vocab)
 
 
-def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0) -> tuple[Any, str]:
+def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0,
+               own_vocab: bool = False) -> tuple[Any, str]:
   """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
   if mcfg.name == HF:
-    return _load_hf(mcfg, num_classes, role)
+    return _load_hf(mcfg, num_classes, role, own_vocab)
   meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
@@ -85,7 +91,7 @@ def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0)
   return model, digest
 
 
-def _load_hf(mcfg: ModelConfig, num_classes: int, role: str) -> tuple[Any, str]:
+def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool) -> tuple[Any, str]:
   """A Hugging Face teacher, and the content hash of its config and weights."""
   from pathlib import Path
 
@@ -93,10 +99,13 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str) -> tuple[Any, str]:
 
   if role == "student":
     raise ValueError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
-  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype])
-  if model.num_classes < num_classes:
-    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {model.num_classes} tokens but the "
-                     f"dataset has {num_classes}; use a teacher with the dataset's tokenizer")
+  vocab = pretrained.read_config(mcfg.checkpoint).vocab_size
+  if vocab < num_classes and not own_vocab:
+    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
+                     f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
+                     f"of another tokenizer")
+  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype],
+                                     vocab_size=None if own_vocab else num_classes)
   files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
   return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
 
@@ -156,10 +165,28 @@ def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, 
   for i, tcfg in enumerate(teacher_cfgs):
     if not tcfg.checkpoint and not needs:
       continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
-    m, h = load_teacher(tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]")
+    m, h = load_teacher(tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]",
+                        own_vocab=method.any_vocab)
     teachers.append(m)
     hashes.append(h)
   return teachers, ("+".join(hashes) if hashes else None)
+
+
+def _retokenizer(cfg: Experiment, loader):
+  """The data's token rows in a Hugging Face teacher's own tokenizer, for a cross-tokenizer method."""
+  from kdjax.data import retokenize, tfds
+  from kdjax.models import pretrained
+
+  if cfg.teacher.name != HF or cfg.mode != "offline":
+    raise ValueError(f"method {cfg.method.name!r} distils from a teacher of another tokenizer: use --teacher.name hf "
+                     f"--teacher.checkpoint <directory with tokenizer.json> (mode offline)")
+  if cfg.data.teacher_cache:
+    raise ValueError(f"method {cfg.method.name!r} runs the teacher on its own tokens; it cannot read a teacher "
+                     f"cache (drop --data.teacher_cache)")
+  ids = pretrained.special_token_ids(cfg.teacher.checkpoint)
+  return retokenize.Retokenizer(tfds.tokenizer(cfg.data.name), pretrained.load_tokenizer(cfg.teacher.checkpoint),
+                                length=int(loader.batch(0, 0)["inputs"].shape[1]), teacher_bos=ids.get("bos"),
+                                teacher_eos=ids.get("eos"), pad=ids.get("pad") or 0)
 
 
 def _distiller_mode(cfg: Experiment, n_teachers: int, cached: bool) -> str:
@@ -198,6 +225,8 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
       teacher_cfgs[0] = dataclasses.replace(teacher_cfgs[0], checkpoint=teacher_checkpoint)
   method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
   teachers, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes)
+  if method.any_vocab:  # the teacher reads the same text in its own tokenization
+    loader.transform = _retokenizer(cfg, loader)
   if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
     loader = kd_data.cache.loader_for_experiment(cfg, loader, teacher_hash=teacher_hash,
                                                  needs_teacher_features=method.needs_teacher_features,

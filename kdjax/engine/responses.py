@@ -88,6 +88,9 @@ def replace_responses(cfg: ResponseConfig, batch: dict, key: jax.Array, student:
     rewritten on the replaced rows; ``teacher_inputs`` follows ``inputs``.
   """
   x, y = batch[B.INPUTS], batch[B.LABEL]
+  if B.TEACHER_MASK in batch:
+    raise ValueError("responses: generated responses cannot be retokenized for a teacher of another tokenizer "
+                     "inside the step; cross-tokenizer distillation (method 'uld') trains on the data's responses")
   if x.ndim != 2 or y.shape != x.shape:
     raise ValueError(f"responses: token rows need inputs and labels of one (B, L) shape, got {x.shape} and {y.shape}")
   length = x.shape[1]

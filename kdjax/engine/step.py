@@ -40,8 +40,9 @@ from kdjax import batch as B
 from kdjax.engine import responses as R
 from kdjax.engine.teacher_placement import on_device
 from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, TrainState, apply_model, rng_key
-from kdjax.losses import topk_to_logits
+from kdjax.losses import topk_to_logits, uld_pairs
 from kdjax.methods.base import Context, Method
+from kdjax.methods.logit import scored_tokens
 from kdjax.models.base import ModelOutput
 
 Batch = dict[str, jax.Array]
@@ -202,6 +203,14 @@ def _entry_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(selected).astype(jnp.float32), jnp.sum(labelled).astype(jnp.float32)
 
 
+def _pair_total(batch: Batch) -> jax.Array | None:
+  """Over the whole batch: the student/teacher response-token pairs a cross-tokenizer term averages over."""
+  if B.TEACHER_MASK not in batch:
+    return None
+  label = batch[B.LABEL]
+  return uld_pairs(scored_tokens(batch, label.shape), batch[B.TEACHER_MASK])
+
+
 def step_key(state: TrainState) -> jax.Array:
   """The step's key: the run's key folded with the step number (a resumed run draws the same)."""
   return jax.random.fold_in(rng_key(state.key), state.step)
@@ -244,6 +253,7 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
     else:
       a = spec.grad_accum
       mask_total, labelled_total = _entry_totals(batch)
+      pair_total = _pair_total(batch)
       # Micro-batch m holds examples m, m+A, m+2A, … so every device
       # contributes equally to every micro-batch (no resharding).
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
@@ -253,7 +263,7 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
         mb, i = mb_and_i
         t_outs = teacher_outputs(spec, st, teacher, mb)
         ctx = Context(step=st.step, epoch=epoch, key=jax.random.fold_in(key, i), accum=a, mask_total=mask_total,
-                      labelled_total=labelled_total)
+                      labelled_total=labelled_total, pair_total=pair_total)
         (_, (rests, mstates, metrics)), g = grad_fn(trainable, st, t_outs, mb, ctx)
         st = st.replace(model_state=rests, method_state=mstates)
         gsum = jax.tree.map(jnp.add, gsum, g)

@@ -41,6 +41,7 @@ from kdjax.losses.sequence import topk_tvd
 from kdjax.losses.sequence import tvd
 from kdjax.losses.vocab import align_vocab
 from kdjax.losses.vocab import uld
+from kdjax.losses.vocab import uld_pairs
 
 __all__ = [
     # logits
@@ -85,4 +86,5 @@ __all__ = [
     # vocabularies
     "align_vocab",
     "uld",
+    "uld_pairs",
 ]

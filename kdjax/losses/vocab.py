@@ -55,6 +55,18 @@ def _response_positions(mask: Array, n: int) -> tuple[Array, Array]:
   return pos.astype(jnp.int32), jnp.arange(n)[None, :] < m.sum(axis=1, keepdims=True)
 
 
+def uld_pairs(student_mask: Array, teacher_mask: Array) -> Array:
+  """Student/teacher token pairs :func:`uld` averages over: Σ_b min(n_S(b), n_T(b)), float32 scalar.
+
+  ``n_S(b)`` / ``n_T(b)`` count the set entries of row b of the ``(B, L_s)`` /
+  ``(B, L_t)`` masks, each capped at ``min(L_s, L_t)``.
+  """
+  n = min(student_mask.shape[1], teacher_mask.shape[1])
+  ns = jnp.minimum(jnp.sum(student_mask.astype(bool), axis=1), n)
+  nt = jnp.minimum(jnp.sum(teacher_mask.astype(bool), axis=1), n)
+  return jnp.sum(jnp.minimum(ns, nt)).astype(jnp.float32)
+
+
 def uld(student_logits: Array, teacher_logits: Array, student_mask: Array, teacher_mask: Array,
         temperature: float = 1.0) -> Array:
   """Universal Logit Distillation: a distance between next-token distributions over different vocabularies.

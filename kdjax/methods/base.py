@@ -43,6 +43,8 @@ class Context(NamedTuple):
       over entries scales its micro-batch mean by :meth:`share`, so the
       accumulated loss is the mean over the whole batch's entries, whatever
       the micro-batches hold.
+    pair_total: the same for cross-tokenizer terms: the whole batch's
+      student/teacher response-token pairs (:func:`kdjax.losses.uld_pairs`).
   """
 
   step: jax.Array
@@ -51,6 +53,7 @@ class Context(NamedTuple):
   accum: int = 1
   mask_total: jax.Array | None = None
   labelled_total: jax.Array | None = None
+  pair_total: jax.Array | None = None
 
   def share(self, count: jax.Array, total: jax.Array | None) -> jax.Array | float:
     """``count · accum / total``: this micro-batch's weight when averaging over the whole batch (1 without accumulation)."""
@@ -116,6 +119,8 @@ class Term:
       term reads instead of owning its own, so an ``"init"`` term can train
       the adapters its ``"main"`` term uses (FitNet's regressor, FT's
       paraphraser). Its own ``init`` is not called for params.
+    any_vocab: the term compares teacher and student across vocabularies
+      (ULD), so their class counts need not match.
   """
 
   name: str
@@ -128,6 +133,7 @@ class Term:
   needs_logits_only: bool = True
   stage: str = "main"
   params_from: str | None = None
+  any_vocab: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +149,11 @@ class Method:
   @property
   def needs_teacher(self) -> bool:
     return any(t.needs_teacher for t in self.terms)
+
+  @property
+  def any_vocab(self) -> bool:
+    """Whether the method distils across tokenizers: its teacher reads ``teacher_inputs`` of its own."""
+    return any(t.any_vocab and t.needs_teacher for t in self.terms)
 
   @property
   def needs_teacher_features(self) -> bool:
@@ -169,10 +180,13 @@ class Method:
                 f"method {self.name!r} (term {t.name!r}) needs teacher feature {f!r}, "
                 f"but model {teacher.name!r} exposes {sorted(teacher.feature_shapes)}"
             )
-    if teacher is not None and self.needs_teacher and student.num_classes != teacher.num_classes:
+    same_vocab = any(t.needs_teacher and not t.any_vocab for t in self.terms)
+    if teacher is not None and same_vocab and student.num_classes != teacher.num_classes:
       raise ValueError(
           f"teacher {teacher.name!r} has {teacher.num_classes} classes but student "
-          f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r}"
+          f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r} (a language "
+          f"model teacher of the student's tokenizer with a padded vocabulary: load it with "
+          f"from_pretrained(..., vocab_size={student.num_classes}); another tokenizer: method 'uld')"
       )
 
   def init(self, key, student_out, teacher_out, info: InitInfo) -> tuple[dict, dict]:

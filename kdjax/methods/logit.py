@@ -1,4 +1,4 @@
-"""Terms on logits: supervised CE, KD, DKD, DIST and token-level divergences.
+"""Terms on logits: supervised CE, KD, DKD, DIST, token-level divergences and ULD.
 
 All of them read only logits (``needs_logits_only=True``), so a teacher
 output cache can serve them. The teacher side is always stop-gradiented.
@@ -28,6 +28,12 @@ def _token_mask(batch, shape):
     m = jnp.asarray(m) > 0
     return scored & m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
   return m if m is not None and jnp.ndim(m) == len(shape) else None
+
+
+def scored_tokens(batch, shape) -> jax.Array:
+  """``(B, L)`` bool: the positions a token term scores (all when the batch says nothing)."""
+  m = _token_mask(batch, shape)
+  return jnp.ones(shape, bool) if m is None else m.astype(bool)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_b: jax.Array | None = None,
@@ -167,3 +173,22 @@ make_gkd = _token_term(kdl.generalized_jsd, kdl.topk_generalized_jsd, beta=0.5)
 make_tvd = _token_term(kdl.tvd, kdl.topk_tvd)
 make_skew_kl = _token_term(kdl.skew_kl, kdl.topk_skew_kl, alpha=0.1)
 make_skew_reverse_kl = _token_term(kdl.skew_kl, kdl.topk_skew_kl, alpha=0.1, reverse=True)
+
+
+def make_uld(name, weight, cfg, student, teacher):
+  """Universal Logit Distillation across tokenizers (:func:`kdjax.losses.uld`): the student's scored
+  response tokens paired in order with the teacher's, which ``batch["teacher_inputs"]`` holds in the
+  teacher's tokenization and ``batch["teacher_mask"]`` marks. Temperature default 1."""
+  temp = opt(cfg.temperature, 1.0)
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    if "teacher_mask" not in batch:
+      raise ValueError(f"term {name!r} pairs response tokens across tokenizers: the batch needs 'teacher_inputs' "
+                       "and 'teacher_mask' (B, L_t) in the teacher's tokenization (kdjax.data.retokenize)")
+    s = s_out.logits
+    s_mask = scored_tokens(batch, jnp.shape(s)[:2])
+    t_mask = batch["teacher_mask"]
+    loss = kdl.uld(s, stop(t_out.logits), s_mask, t_mask, temperature=temp)
+    return loss * ctx.share(kdl.uld_pairs(s_mask, t_mask), ctx.pair_total), state, {}
+
+  return (Term(name, weight, apply, any_vocab=True),)

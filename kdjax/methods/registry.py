@@ -29,6 +29,7 @@ TERMS = {
     "tvd": logit.make_tvd,
     "skew_kl": logit.make_skew_kl,
     "skew_reverse_kl": logit.make_skew_reverse_kl,
+    "uld": logit.make_uld,
     "hint": feature.make_hint,
     "hint_init": feature.make_hint_init,
     "at": feature.make_at,
@@ -70,6 +71,7 @@ PRESETS: dict[str, tuple[tuple[str, float], ...]] = {
     "tvd": (("tvd", 1.0),),
     "skew_kl": (("skew_kl", 1.0),),
     "skew_reverse_kl": (("skew_reverse_kl", 1.0),),
+    "uld": (("ce", 1.0), ("uld", 1.0)),  # Boizard et al. 2024: CE + λ·ULD across tokenizers
 }
 
 _NEEDS_INIT = ("ab", "fsp", "ft")

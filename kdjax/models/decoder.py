@@ -70,6 +70,10 @@ class DecoderConfig:
   query_scale: float = 0.0  # attention scores × this (0: 1/√head_dim)
   attn_softcap: float = 0.0  # s ↦ c·tanh(s/c) on attention scores (0: off)
   final_softcap: float = 0.0  # the same on the logits
+  # Logits over the first output_vocab token ids only (0: all vocab_size). A checkpoint whose embedding
+  # is padded past its tokenizer (to a multiple of 64 or 128) then scores exactly a student's vocabulary
+  # of that tokenizer: the padding ids get no probability, are never generated and never cached.
+  output_vocab: int = 0
 
   @property
   def gpt2(self) -> bool:
@@ -241,7 +245,10 @@ class Decoder(nnx.Module):
       raise ValueError(f"decoder family {cfg.family!r} is not supported (supported: {', '.join(FAMILIES)})")
     self.cfg, self.compute_dtype = cfg, dtype
     self.model_name = name or cfg.family
-    self.num_classes, self.max_len, self.input_shape = cfg.vocab_size, cfg.max_positions, (cfg.max_positions,)
+    if not 0 <= cfg.output_vocab <= cfg.vocab_size:
+      raise ValueError(f"output_vocab={cfg.output_vocab} must lie in [1, vocab_size={cfg.vocab_size}] (0: all)")
+    self.num_classes = cfg.output_vocab or cfg.vocab_size
+    self.max_len, self.input_shape = cfg.max_positions, (cfg.max_positions,)
     emb = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
     self.embed = emb(cfg.vocab_size)
     self.pos = emb(cfg.max_positions) if cfg.gpt2 else None
@@ -265,7 +272,8 @@ class Decoder(nnx.Module):
     return x + self.pos(positions) if self.pos is not None else x
 
   def _logits(self, x):
-    return softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
+    z = softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
+    return z[..., :self.num_classes] if self.num_classes < self.cfg.vocab_size else z
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no dropout: a pretrained teacher runs in eval mode

@@ -12,6 +12,8 @@ checkpoint must be used exactly once and every shape must match
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -172,7 +174,7 @@ class _Tensors:
 
 
 def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    model_axis: str = "model") -> Decoder:
+                    model_axis: str = "model", vocab_size: int | None = None) -> Decoder:
   """The model in the Hugging Face checkpoint directory ``path``, its weights loaded.
 
   Args:
@@ -181,6 +183,10 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.M
     mesh: place the parameters on this mesh, split over its ``model_axis``
       by the model's ``PARTITION_RULES`` (replicated when the mesh has no
       such axis), one tensor at a time.
+    vocab_size: keep the logits of the first ``vocab_size`` token ids only
+      (default: all). For a student of the same tokenizer whose vocabulary
+      the checkpoint pads (embedding rows past the tokenizer's last id); the
+      weights are loaded whole.
 
   Raises:
     ValueError: no checkpoint there, an unsupported architecture, or a
@@ -188,6 +194,11 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.M
   """
   path = Path(path)
   cfg = read_config(path)
+  if vocab_size is not None:
+    if not 1 <= vocab_size <= cfg.vocab_size:
+      raise ValueError(f"{path}: vocab_size={vocab_size} must lie in [1, {cfg.vocab_size}] (the checkpoint's "
+                       f"vocabulary)")
+    cfg = dataclasses.replace(cfg, output_vocab=vocab_size)
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), name=path.name or cfg.family))
   tensors = _Tensors(path)
   names = _names(cfg)
@@ -242,6 +253,18 @@ def _place(read: Callable[[], np.ndarray], shape, sharding, mesh) -> jax.Array:
     return cache["x"][idx]
 
   return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def special_token_ids(path: str | Path) -> dict[str, int]:
+  """``{"bos", "eos", "pad"}`` → id, from the checkpoint's ``config.json`` (those it names; the first of a list)."""
+  raw = json.loads((Path(path) / "config.json").read_text())
+  out = {}
+  for name in ("bos", "eos", "pad"):
+    v = raw.get(f"{name}_token_id")
+    v = v[0] if isinstance(v, list) and v else v
+    if isinstance(v, int):
+      out[name] = v
+  return out
 
 
 def load_tokenizer(path: str | Path):

@@ -52,6 +52,18 @@ def decode(ids) -> str:
   return "".join(VOCAB[int(i)] for i in ids if int(i) != PAD)
 
 
+def tokenizer():
+  """:data:`VOCAB` as a ``tokenizers.Tokenizer`` (one token per character; ``<pad>``, ``<bos>``, ``<eos>``
+  special): encodes like :func:`encode`, and decodes ids to text for a teacher of another tokenizer."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+  tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(list(VOCAB[:3]))
+  return tok
+
+
 def digits(x: int, n: int) -> list[int]:
   """The ``n`` decimal digits of ``x``, least significant first."""
   return [(x // 10**i) % 10 for i in range(n)]
