@@ -199,3 +199,32 @@ def test_tokenizer_loads_from_the_checkpoint_directory(checkpoints, tmp_path):
   assert len(ids) > 3 and ids == T.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))(text)["input_ids"]
   with pytest.raises(ValueError, match="no tokenizer.json in"):
     pretrained.load_tokenizer(checkpoints["gpt2"][0])
+
+
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+  """Released checkpoints are stored in bfloat16: the weights arrive exactly (bf16 → float32 is exact), so the
+  logits equal transformers' float32 model loaded from the same files."""
+  cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  torch.manual_seed(0)
+  T.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+  ref = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+  assert next(ref.parameters()).dtype == torch.float32
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  with torch.no_grad():
+    want = ref(torch.as_tensor(tokens)).logits.numpy()
+  model = pretrained.from_pretrained(tmp_path)
+  np.testing.assert_array_equal(np.asarray(model.embed.embedding.get_value()),
+                                ref.model.embed_tokens.weight.detach().numpy())
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens)).logits), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [pretrained.Layout(), pretrained.Layout(transpose=True),
+                                    pretrained.Layout(part=(1, 4)), pretrained.Layout(part=(2, 4), transpose=True)])
+def test_each_shard_reads_only_its_slice_of_the_stored_tensor(layout):
+  """A shard of a parameter is the layout of its source slice: the same as slicing the whole parameter."""
+  stored = np.arange(6 * 12, dtype=np.float32).reshape(6, 12)
+  whole = layout(stored)
+  for idx in [(slice(None), slice(None)), (slice(0, 2), slice(None)), (slice(None), slice(1, 3)),
+              (slice(2, 4), slice(0, 1))]:
+    np.testing.assert_array_equal(layout.orient(stored[layout.source(idx, whole.shape)]), whole[idx])

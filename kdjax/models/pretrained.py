@@ -6,21 +6,21 @@ leave it — ``config.json`` and ``model.safetensors`` or several shards with
 :class:`kdjax.models.decoder.Decoder` and fills it. Every tensor of the
 checkpoint must be used exactly once and every shape must match
 ``config.json``; anything else is one line naming the tensor. With a
-``mesh`` each parameter goes straight into its shards, one tensor at a time
-(the model is never whole in host memory). Nothing is downloaded.
+``mesh`` each shard of each parameter is read from its own slice of the
+memory-mapped file (the model is never whole in host memory). float32,
+float16 and bfloat16 tensors are read. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -89,14 +89,41 @@ def _rope(params: dict, default_theta: float) -> tuple[float, tuple]:
 
 # ---------------------------------------------------------------- names and layouts
 
-def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a checkpoint tensor becomes a kdjax parameter: the columns ``part = (j, width)`` of its last axis
+  (GPT-2's packed q/k/v), then transposed or not (torch ``Linear`` is (out, in), NNX kernels (in, out))."""
+
+  transpose: bool = False
+  part: tuple[int, int] | None = None
+
+  def __call__(self, w):
+    if self.part is not None:
+      j, e = self.part
+      w = w[..., j * e:(j + 1) * e]
+    return self.orient(w)
+
+  def orient(self, w):
+    """A slice the :meth:`source` of some index picked, in kdjax's axis order."""
+    return w.T if self.transpose else w
+
+  def source(self, idx: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The checkpoint slices that hold ``param[idx]`` (``idx`` a tuple of slices of a param of ``shape``)."""
+    sl = tuple(slice(*i.indices(n)) for i, n in zip(idx, shape))
+    sl = sl[::-1] if self.transpose else sl
+    if self.part is not None:
+      j, e = self.part
+      sl = sl[:-1] + (slice(j * e + sl[-1].start, j * e + sl[-1].stop),)
+    return sl
+
+
+def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
   """kdjax parameter path → (checkpoint tensor name without prefix, layout change to kdjax's)."""
-  t = lambda w: w.T  # noqa: E731  (torch Linear is (out, in); NNX kernels are (in, out))
-  same = lambda w: w  # noqa: E731
-  out: dict[str, tuple[str, Callable]] = {}
+  t, same = Layout(transpose=True), Layout()
+  out: dict[str, tuple[str, Layout]] = {}
   if cfg.gpt2:
     e = cfg.hidden_size
-    part = lambda i: (lambda w: w[..., i * e:(i + 1) * e])  # noqa: E731  (c_attn packs q, k, v)
+    part = lambda i: Layout(part=(i, e))  # noqa: E731  (c_attn packs q, k, v)
     out.update({"embed.embedding": ("wte.weight", same), "pos.embedding": ("wpe.weight", same),
                 "norm.scale": ("ln_f.weight", same), "norm.bias": ("ln_f.bias", same)})
     for i in range(cfg.num_layers):
@@ -138,14 +165,11 @@ class _Tensors:
   """The checkpoint's tensors by name (prefix stripped), opened lazily from their safetensors files."""
 
   def __init__(self, path: Path):
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
       files = {n: path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
     elif (path / "model.safetensors").is_file():
-      with safe_open(path / "model.safetensors", "numpy") as f:
-        files = {n: path / "model.safetensors" for n in f.keys()}
+      files = {n: path / "model.safetensors" for n in _header(path / "model.safetensors")[0] if n != "__metadata__"}
     else:
       raise ValueError(f"{str(path)!r} has config.json but no model.safetensors(.index.json); kdjax reads "
                        f"safetensors checkpoints (save with save_pretrained(..., safe_serialization=True))")
@@ -154,23 +178,41 @@ class _Tensors:
       short = next((name[len(p):] for p in _PREFIXES if name.startswith(p)), name)
       if short == "lm_head.weight" or not _IGNORED.fullmatch(short):
         self.files[short] = (name, file)
-    self._open: dict[Path, Any] = {}
+    self._headers: dict[Path, tuple[dict, int]] = {}
 
-  def get(self, short: str) -> np.ndarray:
-    from safetensors import safe_open
-
+  def array(self, short: str) -> np.ndarray:
+    """The tensor as a read-only memory map: slicing it reads only the bytes of the slice."""
     name, file = self.files[short]
-    if file not in self._open:
-      self._open[file] = safe_open(file, "numpy")
-    return self._open[file].get_tensor(name)
+    if file not in self._headers:
+      self._headers[file] = _header(file)
+    header, start = self._headers[file]
+    if name not in header:
+      raise ValueError(f"{file}: the index names tensor {name!r} but the file does not hold it")
+    entry = header[name]
+    if entry["dtype"] not in _DTYPES:
+      raise ValueError(f"{file}: tensor {name!r} is stored as {entry['dtype']}; kdjax reads "
+                       f"{', '.join(sorted(_DTYPES))}")
+    lo, hi = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if hi - lo == 0:
+      return np.zeros(shape, _DTYPES[entry["dtype"]])
+    return np.memmap(file, _DTYPES[entry["dtype"]], "r", offset=start + lo, shape=shape)
 
   def shape(self, short: str) -> tuple[int, ...]:
-    from safetensors import safe_open
+    return tuple(self.array(short).shape)
 
-    name, file = self.files[short]
-    if file not in self._open:
-      self._open[file] = safe_open(file, "numpy")
-    return tuple(self._open[file].get_slice(name).get_shape())
+
+# safetensors dtype → NumPy (bfloat16 through ml_dtypes: the safetensors package's NumPy reader refuses it,
+# and nearly every released checkpoint is stored in it).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def _header(file: Path) -> tuple[dict, int]:
+  """A safetensors file's JSON header and where its data starts: an 8-byte little-endian header size, the
+  header (name → dtype, shape, data_offsets relative to the data), then the data."""
+  with open(file, "rb") as fh:
+    size = int.from_bytes(fh.read(8), "little")
+    return json.loads(fh.read(size)), 8 + size
 
 
 def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
@@ -222,8 +264,7 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.M
     if layout(np.broadcast_to(np.zeros((), np.uint8), shape)).shape != want:  # a view: nothing is allocated
       raise ValueError(f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
                        f"config.json implies for {mine!r}")
-    flat[key] = var.replace(_place(lambda theirs=theirs, layout=layout: layout(tensors.get(theirs)).astype(np.float32),
-                                   want, specs.get(key), mesh))
+    flat[key] = var.replace(_place(tensors.array(theirs), layout, want, specs.get(key), mesh))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -242,15 +283,14 @@ def _specs(model, flat, mesh, model_axis) -> dict:
   return out
 
 
-def _place(read: Callable[[], np.ndarray], shape, sharding, mesh) -> jax.Array:
+def _place(stored: np.ndarray, layout: Layout, shape, sharding, mesh) -> jax.Array:
+  """The parameter from its memory-mapped checkpoint tensor, as float32: whole without a mesh, else each of
+  this process's shards read from its own slice of the file."""
   if mesh is None:
-    return jnp.asarray(read())
-  cache: dict[str, np.ndarray] = {}
+    return jnp.asarray(np.asarray(layout(stored), np.float32))
 
-  def shard(idx):  # only this process's devices call it; the tensor is read once per process
-    if "x" not in cache:
-      cache["x"] = read()
-    return cache["x"][idx]
+  def shard(idx):
+    return np.asarray(layout.orient(stored[layout.source(idx, shape)]), np.float32)
 
   return jax.make_array_from_callback(shape, sharding, shard)
 
