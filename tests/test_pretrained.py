@@ -155,6 +155,10 @@ def test_sharded_load_on_eight_devices(made_once):
   assert specs["norm.scale"] == ()
   assert out["max_per_device"] < 0.4 * out["total"]  # split 4 ways, small leaves whole
   np.testing.assert_allclose(out["logits"], ref, atol=1e-4, rtol=0)
+  # As the CLI loads it for a split placement: only on the teacher's 4 devices, tensor-parallel 2 ways there.
+  assert out["split_devices"] == out["teacher_devices"] and len(out["teacher_devices"]) == 4
+  assert out["split_q_spec"] == (None, "model")
+  np.testing.assert_allclose(out["split_logits"], ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ class Distiller:
     self.method_arg = method
     self.optimizer = optimizer
     self.placement = placement if placement is not None else Placement()
-    self.mesh, self.teacher_mesh = _meshes(mesh, self.placement)
+    self.mesh, self.teacher_mesh = placement_meshes(mesh, self.placement)
     self.fsdp = bool(self.mesh.shape.get("fsdp", 1) > 1) if fsdp is None else bool(fsdp)
     self.taps = tuple(sorted(dict(taps or {}).items()))
     self.teacher_taps = tuple(sorted(dict(teacher_taps or {}).items()))
@@ -588,8 +588,10 @@ class Distiller:
                              model_state=ckpt.batch_stats(state.model_state[0]), extra=extra)
 
 
-def _meshes(mesh: jax.sharding.Mesh | None, placement: Placement) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
-  """``(student mesh, teacher mesh)`` for ``placement`` (the same mesh unless it is ``split``)."""
+def placement_meshes(mesh: jax.sharding.Mesh | None,
+                     placement: Placement) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+  """``(student mesh, teacher mesh)`` for ``placement`` (the same mesh unless it is ``split``); a teacher
+  loaded onto the teacher mesh (``from_pretrained(..., mesh=)``) is placed without moving."""
   if placement.kind == "sharded":
     mesh = mesh if mesh is not None else sharding.make_mesh(model=placement.model)
     if mesh.shape.get("model", 1) != placement.model:

@@ -20,7 +20,7 @@ from flax import nnx
 from kdjax import checkpoint as ckpt
 from kdjax.config import Experiment, ModelConfig
 from kdjax.engine import sharding
-from kdjax.engine.distiller import Distiller
+from kdjax.engine.distiller import Distiller, placement_meshes
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.state import TrainState
 from kdjax.methods.base import Method, ModelInfo
@@ -53,13 +53,14 @@ def model_info(model, name: str, num_classes: int) -> ModelInfo:
   return ModelInfo(name=name, num_classes=num_classes, feature_shapes={k: tuple(v[1:]) for k, v in shapes.items()})
 
 
-def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher",
-                 own_vocab: bool = False) -> tuple[Any, str]:
+def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher", own_vocab: bool = False,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
   """Create ``mcfg.name`` and fill it from ``mcfg.checkpoint``; check it fits.
 
   A Hugging Face teacher scores the dataset's ``num_classes`` tokens (its
   padded vocabulary cut), or with ``own_vocab`` its whole vocabulary (a
-  teacher of another tokenizer, for cross-tokenizer methods).
+  teacher of another tokenizer, for cross-tokenizer methods). With ``mesh``
+  its parameters are read straight into their shards on that (teacher) mesh.
 
   Raises ``ValueError`` (before anything is compiled) when the checkpoint's
   architecture or class count differs from the config.
@@ -67,14 +68,14 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher",
   if not mcfg.checkpoint:
     raise ValueError(f"{role}.checkpoint is not set: the method needs a trained {role}; "
                      f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)")
-  return load_model(mcfg, num_classes, role=role, own_vocab=own_vocab)
+  return load_model(mcfg, num_classes, role=role, own_vocab=own_vocab, mesh=mesh)
 
 
-def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0,
-               own_vocab: bool = False) -> tuple[Any, str]:
+def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0, own_vocab: bool = False,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
   """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
   if mcfg.name == HF:
-    return _load_hf(mcfg, num_classes, role, own_vocab)
+    return _load_hf(mcfg, num_classes, role, own_vocab, mesh)
   meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
@@ -91,7 +92,7 @@ def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0,
   return model, digest
 
 
-def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool) -> tuple[Any, str]:
+def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, mesh) -> tuple[Any, str]:
   """A Hugging Face teacher, and the content hash of its config and weights."""
   from pathlib import Path
 
@@ -104,7 +105,7 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool) ->
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
                      f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
                      f"of another tokenizer")
-  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype],
+  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype], mesh=mesh,
                                      vocab_size=None if own_vocab else num_classes)
   files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
   return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
@@ -159,14 +160,14 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
   return method
 
 
-def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int):
+def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int, mesh):
   teachers, hashes = [], []
   needs = method.needs_teacher or cfg.mode == "multi_teacher"
   for i, tcfg in enumerate(teacher_cfgs):
     if not tcfg.checkpoint and not needs:
       continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
     m, h = load_teacher(tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]",
-                        own_vocab=method.any_vocab)
+                        own_vocab=method.any_vocab, mesh=mesh)
     teachers.append(m)
     hashes.append(h)
   return teachers, ("+".join(hashes) if hashes else None)
@@ -224,7 +225,8 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     if teacher_checkpoint:
       teacher_cfgs[0] = dataclasses.replace(teacher_cfgs[0], checkpoint=teacher_checkpoint)
   method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
-  teachers, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes)
+  teacher_mesh = placement_meshes(mesh, p)[1]  # a Hugging Face teacher loads straight into its shards there
+  teachers, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes, teacher_mesh)
   if method.any_vocab:  # the teacher reads the same text in its own tokenization
     loader.transform = _retokenizer(cfg, loader)
   if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
