@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import _procs as P
@@ -221,6 +222,19 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
   np.testing.assert_array_equal(np.asarray(model.embed.embedding.get_value()),
                                 ref.model.embed_tokens.weight.detach().numpy())
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens)).logits), want, atol=1e-4, rtol=0)
+  # A bfloat16 teacher holds its weights in bfloat16: half the bytes, the logits of bfloat16 compute over
+  # float32-held weights, and within bfloat16 rounding of transformers' own bfloat16 model.
+  half = pretrained.from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  full = pretrained.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+  leaves = jax.tree.leaves(nnx.state(half))
+  assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+  assert sum(x.nbytes for x in leaves) * 2 == sum(x.nbytes for x in jax.tree.leaves(nnx.state(full)))
+  got = np.asarray(half(jnp.asarray(tokens)).logits, np.float32)
+  np.testing.assert_array_equal(got, np.asarray(full(jnp.asarray(tokens)).logits, np.float32))
+  with torch.no_grad():
+    ref_bf16 = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    want_bf16 = ref_bf16(torch.as_tensor(tokens)).logits.float().numpy()
+  np.testing.assert_allclose(got, want_bf16, atol=5e-2, rtol=0)
 
 
 @pytest.mark.parametrize("layout", [pretrained.Layout(), pretrained.Layout(transpose=True),

@@ -105,8 +105,9 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, me
     raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
                      f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
                      f"of another tokenizer")
-  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype], mesh=mesh,
-                                     vocab_size=None if own_vocab else num_classes)
+  # Frozen: its weights are held in its compute dtype (a bfloat16 teacher takes half the memory).
+  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype], param_dtype=_DTYPES[mcfg.dtype],
+                                     mesh=mesh, vocab_size=None if own_vocab else num_classes)
   files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
   return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
 

@@ -98,9 +98,10 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)  # parameters may be held in bfloat16
     if self.offset:
-      return (y * (1.0 + self.scale[...])).astype(self.dtype)
-    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+      return (y * (1.0 + w)).astype(self.dtype)
+    return w.astype(self.dtype) * y.astype(self.dtype)
 
 
 def rope_frequencies(cfg: DecoderConfig) -> jax.Array:

@@ -215,13 +215,18 @@ def _header(file: Path) -> tuple[dict, int]:
     return json.loads(fh.read(size)), 8 + size
 
 
-def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    model_axis: str = "model", vocab_size: int | None = None) -> Decoder:
+def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    mesh: jax.sharding.Mesh | None = None, model_axis: str = "model",
+                    vocab_size: int | None = None) -> Decoder:
   """The model in the Hugging Face checkpoint directory ``path``, its weights loaded.
 
   Args:
     path: a local directory with ``config.json`` and safetensors weights.
-    dtype: compute dtype (parameters are held in float32).
+    dtype: compute dtype.
+    param_dtype: the dtype parameters are held in: float32 (default), or
+      bfloat16 for a frozen teacher computing in bfloat16 — half the memory,
+      the same logits (matmuls read bfloat16 weights either way; norms
+      compute in float32), and a bfloat16 checkpoint's weights exactly.
     mesh: place the parameters on this mesh, split over its ``model_axis``
       by the model's ``PARTITION_RULES`` (replicated when the mesh has no
       such axis), one tensor at a time.
@@ -264,7 +269,7 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: jax.sharding.M
     if layout(np.broadcast_to(np.zeros((), np.uint8), shape)).shape != want:  # a view: nothing is allocated
       raise ValueError(f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
                        f"config.json implies for {mine!r}")
-    flat[key] = var.replace(_place(tensors.array(theirs), layout, want, specs.get(key), mesh))
+    flat[key] = var.replace(_place(tensors.array(theirs), layout, want, specs.get(key), mesh, param_dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -283,14 +288,15 @@ def _specs(model, flat, mesh, model_axis) -> dict:
   return out
 
 
-def _place(stored: np.ndarray, layout: Layout, shape, sharding, mesh) -> jax.Array:
-  """The parameter from its memory-mapped checkpoint tensor, as float32: whole without a mesh, else each of
-  this process's shards read from its own slice of the file."""
+def _place(stored: np.ndarray, layout: Layout, shape, sharding, mesh, dtype) -> jax.Array:
+  """The parameter from its memory-mapped checkpoint tensor, as ``dtype``: whole without a mesh, else each
+  of this process's shards read from its own slice of the file."""
+  dtype = np.dtype(dtype)
   if mesh is None:
-    return jnp.asarray(np.asarray(layout(stored), np.float32))
+    return jnp.asarray(np.asarray(layout(stored)).astype(dtype))
 
   def shard(idx):
-    return np.asarray(layout.orient(stored[layout.source(idx, shape)]), np.float32)
+    return np.asarray(layout.orient(stored[layout.source(idx, shape)])).astype(dtype)
 
   return jax.make_array_from_callback(shape, sharding, shard)
 
