@@ -89,3 +89,41 @@ def test_on_policy_example_runs_with_the_names_it_assumes():
   np.testing.assert_array_equal(np.asarray(rows["inputs"])[:, :4], tokens[:, :4])  # prompts kept
   assert (np.asarray(rows["label"])[:, :3] == -1).all() and (np.asarray(rows["label"])[:, 3] >= 0).all()
   assert int(ns["state"].step) == 1 and np.isfinite(float(metrics["loss/total"]))
+
+
+def test_cross_tokenizer_example_runs_with_the_names_it_assumes(tmp_path):
+  """The Hugging Face library example, on a Llama made here by transformers with a word-level tokenizer of
+  its own (another vocabulary than the student's characters): one ULD step trains."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import torch
+  import transformers as T
+  from flax import nnx
+  from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
+
+  import kdjax
+  from kdjax import models
+  from kdjax.data import ArrayDataset
+  from kdjax.data.builders import arithmetic as A
+
+  words = ["<unk>", "<s>", "</s>"] + [str(i) for i in range(100)] + ["+", "="]
+  tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d?|[+=]"), behavior="isolated")
+  tok.save(str(tmp_path / "tokenizer.json"))
+  torch.manual_seed(0)
+  T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, bos_token_id=1, eos_token_id=2,
+                                   max_position_embeddings=64)).save_pretrained(tmp_path)
+  rows = [A.example_tokens(a, b, 4) for a, b in [(1234, 5678), (5, 60), (9999, 9999), (42, 7)]]
+  x = np.asarray([(p + q)[:-1] for p, q in rows], np.int32)
+  y = np.asarray([[-1] * (len(p) - 1) + q for p, q in rows], np.int32)
+  block = next(b for b in _python_blocks() if "retokenize.Retokenizer(" in b)
+  ns = {"jax": jax, "jnp": jnp, "optax": optax, "kdjax": kdjax, "path": str(tmp_path),
+        "student_tokenizer": A.tokenizer(), "train_ds": ArrayDataset(x, y, np.arange(4)),
+        "student": models.create("lm_1x32", num_classes=len(A.VOCAB), rngs=nnx.Rngs(0))}
+  exec(compile(block.replace("batch_size=32", "batch_size=4"), "README.md", "exec"), ns)  # noqa: S102
+  batch = next(iter(ns["loader"]))
+  assert batch["teacher_inputs"].shape == (4, 64) and batch["teacher_mask"].sum() > 0
+  _, metrics = ns["distiller"].step(ns["state"], batch)
+  assert np.isfinite(float(metrics["loss/uld"])) and float(metrics["loss/uld"]) > 0
