@@ -31,7 +31,10 @@ def _configs() -> dict:
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
   return {
       "llama": T.LlamaConfig(**small, num_key_value_heads=2, rope_parameters=llama3),  # GQA: 2 heads per kv head
-      "mistral": T.MistralConfig(**small, num_key_value_heads=2),
+      # YaRN (factor 4 over an original 16-position context: the ramp falls inside the head's frequencies)
+      "mistral": T.MistralConfig(**small, num_key_value_heads=2,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 16}),
       "qwen2": T.Qwen2Config(**small, num_key_value_heads=4, tie_word_embeddings=True),  # q/k/v biases, tied head
       "qwen3": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),  # per-head q/k RMSNorm, 4 heads per kv
       "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
@@ -87,7 +90,7 @@ def test_logits_equal_transformers(checkpoints, family):
   assert {"block0", "block1", "embed", "pooled"} <= set(out.features)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt2"])
 def test_greedy_generation_equals_transformers_generate(checkpoints, family):
   path, ref_model = checkpoints[family]
   prompts = np.random.default_rng(1).integers(3, VOCAB, (3, 5))

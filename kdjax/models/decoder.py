@@ -104,10 +104,17 @@ class RMSNorm(nnx.Module):
     return w.astype(self.dtype) * y.astype(self.dtype)
 
 
+def layer_rope(cfg: DecoderConfig, sliding: bool) -> DecoderConfig:
+  """The config whose ``rope_theta`` / ``rope_scaling`` a layer uses: the local ones on Gemma 3's sliding layers."""
+  if sliding and cfg.local_rope_theta:
+    return dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=cfg.local_rope_scaling)
+  return cfg
+
+
 def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
   """Inverse frequencies ``(head_dim / 2,)`` of RoPE (Su et al. 2021) with the config's scaling:
   ``linear`` divides them by ``factor``; ``llama3`` (Llama 3.1) divides the low ones by ``factor`` and
-  interpolates between ``low_freq_factor`` and ``high_freq_factor`` wavelengths."""
+  interpolates between ``low_freq_factor`` and ``high_freq_factor`` wavelengths; ``yarn``: :func:`yarn`."""
   d = cfg.head_dim
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   s = dict(cfg.rope_scaling)
@@ -122,9 +129,46 @@ def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
     smooth = (old / wavelen - lo) / (hi - lo)
     medium = (wavelen >= old / hi) & (wavelen <= old / lo)
     return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  if kind == "yarn":
+    return yarn(inv, s, cfg)
   if kind != "default":
-    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
   return inv
+
+
+def yarn(inv: jax.Array, s: dict, cfg: DecoderConfig) -> jax.Array:
+  """YaRN's frequencies (Peng, Quesnelle, Fan & Shippole 2023, "YaRN: Efficient Context Window Extension"):
+  dimension i keeps its frequency (extrapolation) when it turns more than ``beta_fast`` times over the
+  original context L₀, is divided by ``factor`` (interpolation) below ``beta_slow`` turns, and blends
+  linearly between; the turn count r ↦ dimension is ``d · ln(L₀ / 2πr) / (2 ln θ)``, rounded outward.
+  The cos/sin gain is :func:`rope_score_gain`."""
+  d, theta = cfg.head_dim, cfg.rope_theta
+  old = float(s["original_max_position_embeddings"])
+  factor = float(s.get("factor") or cfg.max_positions / old)
+  dim_of = lambda turns: d * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+  lo, hi = dim_of(float(s.get("beta_fast") or 32)), dim_of(float(s.get("beta_slow") or 1))
+  if s.get("truncate", True):
+    lo, hi = math.floor(lo), math.ceil(hi)
+  lo, hi = max(lo, 0), min(hi, d - 1)
+  hi = hi + 0.001 if lo == hi else hi
+  keep = 1 - jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
+  return inv / factor * (1 - keep) + inv * keep
+
+
+def rope_score_gain(cfg: DecoderConfig) -> float:
+  """What RoPE scaling multiplies attention scores by: YaRN scales cos and sin (so q and k) by its
+  attention factor a = 0.1 · ln(factor) + 1 (or ``attention_factor``, or DeepSeek's mscale ratio), the
+  scores by a²; 1 for every other scaling."""
+  s = dict(cfg.rope_scaling)
+  if s.get("rope_type") != "yarn":
+    return 1.0
+  factor = float(s.get("factor") or cfg.max_positions / float(s["original_max_position_embeddings"]))
+  m = lambda scale, k=1.0: 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0  # noqa: E731
+  a = s.get("attention_factor")
+  if a is None:
+    ms, ms_all = s.get("mscale"), s.get("mscale_all_dim")
+    a = m(factor, float(ms)) / m(factor, float(ms_all)) if ms and ms_all else m(factor)
+  return float(a) ** 2
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -169,6 +213,8 @@ class Attention(nnx.Module):
     self.o = _linear(h * d, e, cfg.out_bias, dtype, rngs)
     self.q_norm = RMSNorm(d, cfg.norm_eps, offset=cfg.gemma, dtype=dtype) if cfg.qk_norm else None
     self.k_norm = RMSNorm(d, cfg.norm_eps, offset=cfg.gemma, dtype=dtype) if cfg.qk_norm else None
+    gain = 1.0 if cfg.gpt2 else rope_score_gain(layer_rope(cfg, cfg.sliding(layer)))
+    self.score_scale = (cfg.query_scale or 1.0 / math.sqrt(d)) * gain
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None):
     cfg, (b, t, _) = self.cfg, x.shape
@@ -190,7 +236,7 @@ class Attention(nnx.Module):
     visible = key_pos <= positions[:, :, None]
     if self.window:  # a sliding layer sees the last `window` positions only
       visible &= key_pos > positions[:, :, None] - self.window
-    return self.o(attend(q, k, v, visible, cfg.query_scale, cfg.attn_softcap)), cache
+    return self.o(attend(q, k, v, visible, self.score_scale, cfg.attn_softcap)), cache
 
 
 def _norm(cfg: DecoderConfig, dtype, rngs) -> nnx.Module:
@@ -262,9 +308,7 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     if cfg.gpt2:
       return None, None
-    local = (dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=cfg.local_rope_scaling)
-             if cfg.local_rope_theta else cfg)
-    return rope_frequencies(cfg), rope_frequencies(local)
+    return rope_frequencies(cfg), rope_frequencies(layer_rope(cfg, sliding=True))
 
   def _embed(self, tokens, positions):
     x = self.embed(tokens)
