@@ -42,8 +42,16 @@ LM_PLACEMENTS = {
 }
 
 
+_BUILT: dict = {}
+
+
 def digits(placement, mesh=None):
-  return E.setup("crd+kd", placement=placement, batch_rows=ROWS, mesh=mesh)
+  """The CRD+KD problem under ``placement``, built (and compiled) once per placement on the default mesh."""
+  if mesh is not None:
+    return E.setup("crd+kd", placement=placement, batch_rows=ROWS, mesh=mesh)
+  if placement not in _BUILT:
+    _BUILT[placement] = E.setup("crd+kd", placement=placement, batch_rows=ROWS)
+  return _BUILT[placement]
 
 
 def lm(placement):
@@ -56,7 +64,7 @@ def runs(make, placements, batches) -> dict:
   out = {}
   for name, p in placements.items():
     s = make(p)
-    state, metrics = E.train(s, E.cycle(batches), STEPS)
+    state, metrics = E.train(s, E.cycle(batches), STEPS, state=s.fresh())
     out[name] = {"state": E.host(state), "metrics": metrics, "teacher_bytes": s.distiller.teacher_param_bytes(),
                  "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.distiller.teacher_state)],
                  "teacher_shapes": [(x.shape, x.dtype.itemsize) for x in jax.tree.leaves(s.distiller.teacher_state)],
@@ -92,7 +100,10 @@ def dispatch_order(batches) -> dict:
       events.append(("await", progress.step - 1))
 
   d.teacher_outputs, d.step = traced_teacher, traced_step
-  kdjax.train(d, s.state, iter(batches), steps=len(batches), hooks=[Await()])
+  try:
+    kdjax.train(d, s.fresh(), iter(batches), steps=len(batches), hooks=[Await()])
+  finally:
+    del d.teacher_outputs, d.step  # the class's own methods again: the next user of this Distiller is not traced
   return {"events": events, "guard": guard}
 
 
@@ -102,7 +113,7 @@ def checkpoints(batches) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     for src, dst in (("split26", "sharded"), ("colocated", "split26"), ("split44", "split44"), ("sharded", "sharded")):
       s = digits(PLACEMENTS[src])
-      state, _ = E.train(s, E.cycle(batches), 10)
+      state, _ = E.train(s, E.cycle(batches), 10, state=s.fresh())
       c = ckpt.Checkpointer(f"{tmp}/{src}-{dst}", save_every=0, max_to_keep=1)
       c.save(10, state, {"step": 10}, force=True)
       c.close()
