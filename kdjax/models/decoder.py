@@ -273,7 +273,7 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """A pretrained decoder-only LM (Llama family or GPT-2); see the module docstring."""
+  """A pretrained decoder-only LM (Llama, Mistral, Qwen, Gemma or GPT-2 family); see the module docstring."""
 
   input_dtype = jnp.int32
   PARTITION_RULES = (
