@@ -40,41 +40,57 @@ STUDENT_STEPS = 1000  # batch 64
 
 def get_config() -> Experiment:
   """On-policy GKD with reverse KL (the default config)."""
-  return _student("gkd_rkl", MethodConfig(name="reverse_kl"), ResponseConfig(
-      student_fraction=1.0, temperature=1.0, stop_tokens=(EOS,), pad_token=PAD))
+  return _student(
+    "gkd_rkl",
+    MethodConfig(name="reverse_kl"),
+    ResponseConfig(student_fraction=1.0, temperature=1.0, stop_tokens=(EOS,), pad_token=PAD),
+  )
 
 
-def _student(name: str, method: MethodConfig, responses: ResponseConfig = ResponseConfig()) -> Experiment:
+def _student(name: str, method: MethodConfig, responses: ResponseConfig | None = None) -> Experiment:
+  responses = responses if responses is not None else ResponseConfig()
   return Experiment(
-      name=f"arithmetic_{name}",
-      mode="offline",
-      data=DataConfig(name="arithmetic", view="tokens", batch_size=64, eval_batch_size=500),
-      teacher=ModelConfig(name="lm_4x64", checkpoint=TEACHER_DIR),
-      student=ModelConfig(name="lm_1x32"),
-      method=method,
-      responses=responses,
-      optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="cosine", warmup_epochs=0.2,
-                        steps=STUDENT_STEPS, clip_norm=1.0),
-      run=RunConfig(workdir=f"workdirs/arithmetic/{name}", eval_every=250, log_every=50),
+    name=f"arithmetic_{name}",
+    mode="offline",
+    data=DataConfig(name="arithmetic", view="tokens", batch_size=64, eval_batch_size=500),
+    teacher=ModelConfig(name="lm_4x64", checkpoint=TEACHER_DIR),
+    student=ModelConfig(name="lm_1x32"),
+    method=method,
+    responses=responses,
+    optim=OptimConfig(
+      name="adamw", lr=3e-3, weight_decay=0.01, schedule="cosine", warmup_epochs=0.2, steps=STUDENT_STEPS, clip_norm=1.0
+    ),
+    run=RunConfig(workdir=f"workdirs/arithmetic/{name}", eval_every=250, log_every=50),
   )
 
 
 def teacher_config(cfg: Experiment) -> Experiment:
   """What ``kdjax train-teacher experiments/arithmetic_gkd.py`` trains: lm_4x64 on the data."""
   return cfg.replace(
-      name="arithmetic_teacher", mode="teacher", student=dataclasses.replace(cfg.teacher, checkpoint=None),
-      method=MethodConfig(name="ce"), responses=ResponseConfig(),
-      data=dataclasses.replace(cfg.data, batch_size=32), optim=dataclasses.replace(cfg.optim, steps=TEACHER_STEPS),
-      run=dataclasses.replace(cfg.run, workdir=TEACHER_DIR, eval_every=1000))
+    name="arithmetic_teacher",
+    mode="teacher",
+    student=dataclasses.replace(cfg.teacher, checkpoint=None),
+    method=MethodConfig(name="ce"),
+    responses=ResponseConfig(),
+    data=dataclasses.replace(cfg.data, batch_size=32),
+    optim=dataclasses.replace(cfg.optim, steps=TEACHER_STEPS),
+    run=dataclasses.replace(cfg.run, workdir=TEACHER_DIR, eval_every=1000),
+  )
 
 
 CONFIGS = {
-    "teacher": lambda: teacher_config(get_config()),
-    "scratch": lambda: _student("scratch", MethodConfig(name="ce")),
-    "supervised_kd": lambda: _student("supervised_kd", MethodConfig(name="forward_kl")),
-    "seqkd": lambda: _student("seqkd", MethodConfig(name="ce"), ResponseConfig(
-        others="teacher", teacher_temperature=0.0, stop_tokens=(EOS,), pad_token=PAD)),
-    "gkd_rkl": get_config,
-    "gkd_jsd": lambda: _student("gkd_jsd", MethodConfig(name="gkd", gkd_beta=0.5), ResponseConfig(
-        student_fraction=1.0, temperature=1.0, stop_tokens=(EOS,), pad_token=PAD)),
+  "teacher": lambda: teacher_config(get_config()),
+  "scratch": lambda: _student("scratch", MethodConfig(name="ce")),
+  "supervised_kd": lambda: _student("supervised_kd", MethodConfig(name="forward_kl")),
+  "seqkd": lambda: _student(
+    "seqkd",
+    MethodConfig(name="ce"),
+    ResponseConfig(others="teacher", teacher_temperature=0.0, stop_tokens=(EOS,), pad_token=PAD),
+  ),
+  "gkd_rkl": get_config,
+  "gkd_jsd": lambda: _student(
+    "gkd_jsd",
+    MethodConfig(name="gkd", gkd_beta=0.5),
+    ResponseConfig(student_fraction=1.0, temperature=1.0, stop_tokens=(EOS,), pad_token=PAD),
+  ),
 }

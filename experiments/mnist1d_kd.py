@@ -28,35 +28,46 @@ PUBLISHED_MLP = 68.0
 
 def get_config() -> Experiment:
   return Experiment(
-      name="mnist1d_kd",
-      mode="offline",
-      data=DataConfig(name="mnist1d", batch_size=100, eval_batch_size=1000, transfer_split="transfer"),
-      teacher=ModelConfig(name="cnn1d", checkpoint="workdirs/mnist1d/teacher"),
-      student=ModelConfig(name="mlp"),
-      method=MethodConfig(name="kd", temperature=4.0),
-      optim=OptimConfig(name="adam", lr=1e-2, steps=STEPS),
-      run=RunConfig(workdir="workdirs/mnist1d/kd", eval_every=500, log_every=100),
+    name="mnist1d_kd",
+    mode="offline",
+    data=DataConfig(name="mnist1d", batch_size=100, eval_batch_size=1000, transfer_split="transfer"),
+    teacher=ModelConfig(name="cnn1d", checkpoint="workdirs/mnist1d/teacher"),
+    student=ModelConfig(name="mlp"),
+    method=MethodConfig(name="kd", temperature=4.0),
+    optim=OptimConfig(name="adam", lr=1e-2, steps=STEPS),
+    run=RunConfig(workdir="workdirs/mnist1d/kd", eval_every=500, log_every=100),
   )
 
 
 def teacher_config(cfg: Experiment) -> Experiment:
   """What `kdjax train-teacher mnist1d_kd` trains: the CNN on labelled data."""
   return cfg.replace(
-      name="mnist1d_teacher", mode="teacher", student=dataclasses.replace(cfg.teacher, checkpoint=None),
-      method=MethodConfig(name="ce"), data=dataclasses.replace(cfg.data, transfer_split=None),
-      run=dataclasses.replace(cfg.run, workdir="workdirs/mnist1d/teacher"), published=PUBLISHED_CNN)
+    name="mnist1d_teacher",
+    mode="teacher",
+    student=dataclasses.replace(cfg.teacher, checkpoint=None),
+    method=MethodConfig(name="ce"),
+    data=dataclasses.replace(cfg.data, transfer_split=None),
+    run=dataclasses.replace(cfg.run, workdir="workdirs/mnist1d/teacher"),
+    published=PUBLISHED_CNN,
+  )
 
 
 def _kd_labelled() -> Experiment:
   c = get_config()
-  return c.replace(data=dataclasses.replace(c.data, transfer_split=None),
-                   run=dataclasses.replace(c.run, workdir="workdirs/mnist1d/kd_labelled"))
+  return c.replace(
+    data=dataclasses.replace(c.data, transfer_split=None),
+    run=dataclasses.replace(c.run, workdir="workdirs/mnist1d/kd_labelled"),
+  )
 
 
 def _scratch() -> Experiment:
   c = get_config()
-  return c.replace(method=MethodConfig(name="ce"), data=dataclasses.replace(c.data, transfer_split=None),
-                   run=dataclasses.replace(c.run, workdir="workdirs/mnist1d/scratch"), published=PUBLISHED_MLP)
+  return c.replace(
+    method=MethodConfig(name="ce"),
+    data=dataclasses.replace(c.data, transfer_split=None),
+    run=dataclasses.replace(c.run, workdir="workdirs/mnist1d/scratch"),
+    published=PUBLISHED_MLP,
+  )
 
 
 CONFIGS = {"kd": get_config, "kd_labelled": _kd_labelled, "scratch": _scratch}

@@ -43,31 +43,39 @@ def _optim() -> OptimConfig:
 
 def get_config() -> Experiment:
   return Experiment(
-      name="mnist_hinton",
-      mode="offline",
-      data=DataConfig(name="mnist", batch_size=128, eval_batch_size=1000, view="none"),
-      teacher=ModelConfig(name="mlp_1200", checkpoint="workdirs/mnist_hinton/teacher"),
-      student=ModelConfig(name="mlp_800"),
-      method=MethodConfig(name="kd", temperature=20.0),
-      optim=_optim(),
-      run=RunConfig(workdir="workdirs/mnist_hinton/kd", log_every=100),
-      published=_acc(PUBLISHED_ERRORS["kd"]),
+    name="mnist_hinton",
+    mode="offline",
+    data=DataConfig(name="mnist", batch_size=128, eval_batch_size=1000, view="none"),
+    teacher=ModelConfig(name="mlp_1200", checkpoint="workdirs/mnist_hinton/teacher"),
+    student=ModelConfig(name="mlp_800"),
+    method=MethodConfig(name="kd", temperature=20.0),
+    optim=_optim(),
+    run=RunConfig(workdir="workdirs/mnist_hinton/kd", log_every=100),
+    published=_acc(PUBLISHED_ERRORS["kd"]),
   )
 
 
 def teacher_config(cfg: Experiment) -> Experiment:
   """What ``kdjax train-teacher mnist_hinton`` trains: ``mlp_1200`` with dropout and ±2 px jitter."""
   return cfg.replace(
-      name="mnist_hinton_teacher", mode="teacher", student=dataclasses.replace(cfg.teacher, checkpoint=None),
-      method=MethodConfig(name="ce"), data=dataclasses.replace(cfg.data, view="jitter"),
-      run=dataclasses.replace(cfg.run, workdir="workdirs/mnist_hinton/teacher"),
-      published=_acc(PUBLISHED_ERRORS["teacher"]))
+    name="mnist_hinton_teacher",
+    mode="teacher",
+    student=dataclasses.replace(cfg.teacher, checkpoint=None),
+    method=MethodConfig(name="ce"),
+    data=dataclasses.replace(cfg.data, view="jitter"),
+    run=dataclasses.replace(cfg.run, workdir="workdirs/mnist_hinton/teacher"),
+    published=_acc(PUBLISHED_ERRORS["teacher"]),
+  )
 
 
 def _scratch() -> Experiment:
   c = get_config()
-  return c.replace(method=MethodConfig(name="ce"), teacher=dataclasses.replace(c.teacher, checkpoint=None), run=dataclasses.replace(c.run, workdir="workdirs/mnist_hinton/scratch"),
-                   published=_acc(PUBLISHED_ERRORS["scratch"]))
+  return c.replace(
+    method=MethodConfig(name="ce"),
+    teacher=dataclasses.replace(c.teacher, checkpoint=None),
+    run=dataclasses.replace(c.run, workdir="workdirs/mnist_hinton/scratch"),
+    published=_acc(PUBLISHED_ERRORS["scratch"]),
+  )
 
 
 CONFIGS = {"kd": get_config, "scratch": _scratch}

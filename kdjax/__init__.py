@@ -20,19 +20,30 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Distiller": "kdjax.engine.distiller",
-    "FunctionTeacher": "kdjax.engine.distiller",
-    "train": "kdjax.engine.hooks",
-    "TrainState": "kdjax.engine.state",
-    "make_mesh": "kdjax.engine.sharding",
-    "MethodConfig": "kdjax.methods.config",
-    "ModelOutput": "kdjax.models.base",
-    "Checkpointer": "kdjax.checkpoint",
-    "ResponseConfig": "kdjax.responses",
-    "Placement": "kdjax.placement",
+  "Distiller": "kdjax.engine.distiller",
+  "FunctionTeacher": "kdjax.engine.distiller",
+  "train": "kdjax.engine.hooks",
+  "TrainState": "kdjax.engine.state",
+  "make_mesh": "kdjax.engine.sharding",
+  "MethodConfig": "kdjax.methods.config",
+  "ModelOutput": "kdjax.models.base",
+  "Checkpointer": "kdjax.checkpoint",
+  "ResponseConfig": "kdjax.responses",
+  "Placement": "kdjax.placement",
 }
-_MODULES = ("batch", "hooks", "losses", "models", "methods", "checkpoint", "engine", "data", "report", "export",
-            "generate")
+_MODULES = (
+  "batch",
+  "hooks",
+  "losses",
+  "models",
+  "methods",
+  "checkpoint",
+  "engine",
+  "data",
+  "report",
+  "export",
+  "generate",
+)
 
 __all__ = ["__version__", *_EXPORTS, *_MODULES]
 

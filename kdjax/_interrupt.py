@@ -33,9 +33,11 @@ def record_sigint() -> None:
 def _quiet_swallowed_sigint(previous):
   """An unraisable-exception hook that drops the remembered Ctrl-C (it is re-raised before the first step,
   so Python's "Exception ignored in …" traceback would only be noise) and passes everything else on."""
+
   def hook(unraisable) -> None:
     if not (_sigint_seen and unraisable.exc_type is KeyboardInterrupt):
       previous(unraisable)
+
   return hook
 
 

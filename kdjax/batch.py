@@ -35,7 +35,8 @@ never as feature entries.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 INPUTS = "inputs"
 LABEL = "label"

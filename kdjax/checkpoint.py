@@ -41,7 +41,8 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,11 +75,13 @@ def _is_key(x) -> bool:
 
 def keys_to_data(tree: Any) -> Any:
   """Typed PRNG keys → raw uint32 data (Orbax stores plain arrays)."""
+
   def one(x):
     if isinstance(x, jax.ShapeDtypeStruct) and _is_key(x):
       shape = jax.eval_shape(jax.random.key_data, x)
       return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=x.sharding)
     return jax.random.key_data(x) if _is_key(x) else x
+
   return jax.tree.map(one, tree)
 
 
@@ -90,8 +93,9 @@ def _key_impl(ref):
 
 def data_to_keys(tree: Any, like: Any) -> Any:
   """Inverse of :func:`keys_to_data` using ``like`` (arrays or abstract) to know which were keys."""
-  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x,
-                      tree, like)
+  return jax.tree.map(
+    lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x, tree, like
+  )
 
 
 def library_versions() -> dict[str, str]:
@@ -100,14 +104,20 @@ def library_versions() -> dict[str, str]:
 
   import kdjax
 
-  return {"kdjax": kdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "unknown")}
+  return {
+    "kdjax": kdjax.__version__,
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "orbax": getattr(ocp, "__version__", "unknown"),
+  }
 
 
 def git_commit() -> str | None:
   try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                         text=True, timeout=5)
+    out = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+    )
     return out.stdout.strip() or None
   except Exception:  # noqa: BLE001 - not a git checkout, no git binary …
     return None
@@ -173,8 +183,10 @@ def _path_parts(path) -> tuple[str, ...]:
 def _layout(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
   """``{path: (shape, dtype)}`` of arrays, array metadata or abstract arrays."""
   is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
-  return {_path_parts(p): (tuple(x.shape), str(np.dtype(x.dtype)))
-          for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+  return {
+    _path_parts(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+    for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  }
 
 
 def layout_difference(saved: Any, target: Any) -> str | None:
@@ -185,10 +197,15 @@ def layout_difference(saved: Any, target: Any) -> str | None:
   name = lambda p: "/".join(p)  # noqa: E731
   missing, extra = sorted(set(t) - set(s)), sorted(set(s) - set(t))
   shapes = [p for p in t if p in s and s[p] != t[p]]
-  parts = ([f"{len(missing)} arrays missing (e.g. {name(missing[0])})"] if missing else []) + \
-          ([f"{len(extra)} unexpected (e.g. {name(extra[0])})"] if extra else []) + \
-          ([f"{len(shapes)} of another shape or dtype (e.g. {name(shapes[0])}: saved {s[shapes[0]]}, "
-            f"now {t[shapes[0]]})"] if shapes else [])
+  parts = (
+    ([f"{len(missing)} arrays missing (e.g. {name(missing[0])})"] if missing else [])
+    + ([f"{len(extra)} unexpected (e.g. {name(extra[0])})"] if extra else [])
+    + (
+      [f"{len(shapes)} of another shape or dtype (e.g. {name(shapes[0])}: saved {s[shapes[0]]}, now {t[shapes[0]]})"]
+      if shapes
+      else []
+    )
+  )
   return "; ".join(parts)
 
 
@@ -203,14 +220,14 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_interval_steps=max(save_every, 1),
-        enable_async_checkpointing=async_save,
-        create=True,
-        # Saves cut short (SIGKILL while an async save was in flight) leave a
-        # ``<step>.orbax-checkpoint-tmp-*`` directory that is never a step;
-        # remove such leftovers when the run restarts.
-        cleanup_tmp_directories=True,
+      max_to_keep=max_to_keep,
+      save_interval_steps=max(save_every, 1),
+      enable_async_checkpointing=async_save,
+      create=True,
+      # Saves cut short (SIGKILL while an async save was in flight) leave a
+      # ``<step>.orbax-checkpoint-tmp-*`` directory that is never a step;
+      # remove such leftovers when the run restarts.
+      cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
     self._saved: set[int] = set(self.manager.all_steps())
@@ -240,8 +257,10 @@ class Checkpointer:
     meta = {**meta, "digest": fingerprint(state)}
     with _disk_full_as_error(self.manager, self.directory):
       started = self.manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
-          force=True)
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
+        force=True,
+      )
     if started:
       self._saved.add(step)
     return started
@@ -249,8 +268,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any,
-                     check_meta: Callable[[int, dict], None] | None = None) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+    self, abstract_state: Any, check_meta: Callable[[int, dict], None] | None = None
+  ) -> tuple[int, Any, dict] | None:
     """Restore the newest checkpoint that verifies, onto ``abstract_state``'s shardings.
 
     Each checkpoint, newest first: its metadata is read and handed to
@@ -277,8 +297,10 @@ class Checkpointer:
         check_meta(step, meta)
       diff = layout_difference(saved_layout, target)
       if diff:
-        raise ValueError(f"checkpoint {self.directory / str(step)} holds another state layout than this run builds "
-                         f"({diff}); it belongs to another configuration: use a new workdir")
+        raise ValueError(
+          f"checkpoint {self.directory / str(step)} holds another state layout than this run builds "
+          f"({diff}); it belongs to another configuration: use a new workdir"
+        )
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
       except Exception as e:  # noqa: BLE001
@@ -333,10 +355,15 @@ class DiskFull(OSError):
   """No space left where checkpoints are written; the earlier checkpoints are intact."""
 
   def __init__(self, directory: Path, last_complete: int | None):
-    kept = (f"the checkpoint of step {last_complete} is intact" if last_complete is not None
-            else "no checkpoint was completed")
-    super().__init__(f"disk full: no space left on the device of {directory} while saving a checkpoint; {kept} — "
-                     f"free some space and re-run the same command to resume")
+    kept = (
+      f"the checkpoint of step {last_complete} is intact"
+      if last_complete is not None
+      else "no checkpoint was completed"
+    )
+    super().__init__(
+      f"disk full: no space left on the device of {directory} while saving a checkpoint; {kept} — "
+      f"free some space and re-run the same command to resume"
+    )
     self.directory, self.last_complete = directory, last_complete
 
 
@@ -375,8 +402,11 @@ def _why(e: BaseException) -> str:
 def _verify(state: Any, digest: dict | None) -> str | None:
   """Why a restored state is not what was saved, or None."""
   if digest is None:  # saved without a digest: at least refuse what a training step cannot have produced
-    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
-           if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all())]
+    bad = [
+      jax.tree_util.keystr(k)
+      for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
+      if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all())
+    ]
     return f"non-finite values in {bad[0]}" if bad else None
   now = fingerprint(state)
   if set(now) != set(digest):
@@ -399,18 +429,25 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
   directory = Path(directory).absolute()
   if not directory.is_dir():
     raise ValueError(f"no checkpoint directory {str(directory)!r}")
-  mgr = ocp.CheckpointManager(directory, item_handlers=_item_handlers(),
-                              options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+  mgr = ocp.CheckpointManager(
+    directory,
+    item_handlers=_item_handlers(),
+    options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+  )
   try:
     steps = sorted(mgr.all_steps())
     if not steps or (step is not None and step not in steps):
-      raise ValueError(f"{str(directory)!r} has no checkpoint {'' if step is None else f'at step {step} '}"
-                       f"(steps: {steps})")
+      raise ValueError(
+        f"{str(directory)!r} has no checkpoint {'' if step is None else f'at step {step} '}(steps: {steps})"
+      )
     step = steps[-1] if step is None else step
     # A target on one local device: readable whatever mesh saved it.
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                          mgr.item_metadata(step)["state"], is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+      mgr.item_metadata(step)["state"],
+      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
     r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   finally:
     mgr.close()
@@ -421,8 +458,16 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
 # Export: a standalone params file + model description.
 
 
-def export_model(directory: str | Path, *, model_name: str, num_classes: int, dtype: str, params: Any,
-                 model_state: Any, extra: dict | None = None) -> Path:
+def export_model(
+  directory: str | Path,
+  *,
+  model_name: str,
+  num_classes: int,
+  dtype: str,
+  params: Any,
+  model_state: Any,
+  extra: dict | None = None,
+) -> Path:
   """Write ``model.msgpack`` (params + BN stats) and ``model.json`` atomically.
 
   ``model_state`` should hold only what inference needs (``nnx.BatchStat``);
@@ -437,8 +482,12 @@ def export_model(directory: str | Path, *, model_name: str, num_classes: int, dt
 
   def host(tree):
     tree = pure_dict(tree) if isinstance(tree, nnx.State) else tree
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                        if jax.process_count() > 1 else np.asarray(x), keys_to_data(tree))
+    return jax.tree.map(
+      lambda x: (
+        np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else np.asarray(x)
+      ),
+      keys_to_data(tree),
+    )
 
   payload = {"params": host(params), "model_state": host(model_state)}
   if jax.process_index() != 0:
@@ -463,17 +512,22 @@ def resolve_export(path: str | Path, what: str = "teacher checkpoint") -> Path:
       return cand
   if p.parent.name == "checkpoints" and p.name.isdigit():
     run = p.parent.parent
-    raise ValueError(f"{what} {str(p)!r} is a training checkpoint (step {p.name}) of the run {str(run)!r}, not an "
-                     f"exported model; pass that run's workdir once it has finished (it then holds "
-                     f"{EXPORT_DIR}/{EXPORT_PARAMS})")
+    raise ValueError(
+      f"{what} {str(p)!r} is a training checkpoint (step {p.name}) of the run {str(run)!r}, not an "
+      f"exported model; pass that run's workdir once it has finished (it then holds "
+      f"{EXPORT_DIR}/{EXPORT_PARAMS})"
+    )
   if (p / "checkpoints").is_dir():
     why = "its run has checkpoints but did not finish; re-run its command to resume and export it"
   elif p.exists():
     why = f"it holds no {EXPORT_DIR}/{EXPORT_PARAMS}"
   else:
     why = "no such file or directory"
-  fix = ("train one with `kdjax train-teacher EXPERIMENT --workdir DIR` and pass --teacher.checkpoint DIR"
-         if what.startswith("teacher") else "pass the workdir of a finished run")
+  fix = (
+    "train one with `kdjax train-teacher EXPERIMENT --workdir DIR` and pass --teacher.checkpoint DIR"
+    if what.startswith("teacher")
+    else "pass the workdir of a finished run"
+  )
   raise ValueError(f"{what} {str(p)!r} not found ({why}); {fix}")
 
 
@@ -495,8 +549,10 @@ def load_export(path: str | Path, what: str = "teacher checkpoint") -> tuple[dic
     if not isinstance(payload, dict) or "params" not in payload:
       raise TypeError("no 'params' entry")
   except Exception as e:  # noqa: BLE001
-    raise ValueError(f"{what} {str(msgpack)!r} is corrupt or not a kdjax export ({type(e).__name__}); "
-                     f"re-export it from its run's workdir") from None
+    raise ValueError(
+      f"{what} {str(msgpack)!r} is corrupt or not a kdjax export ({type(e).__name__}); "
+      f"re-export it from its run's workdir"
+    ) from None
   return meta, payload, file_hash(msgpack)
 
 

@@ -41,7 +41,8 @@ import signal
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from kdjax.config import Experiment, ModelConfig
 
@@ -62,7 +63,13 @@ INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an unexpected exception (a bug), report
 
 def load_experiment(ref: str) -> types.ModuleType:
   """Import an experiment file by path or short name."""
-  cands = [Path(ref), Path(ref + ".py"), EXPERIMENTS_DIR / ref, EXPERIMENTS_DIR / (ref + ".py"), Path("experiments") / (ref + ".py")]
+  cands = [
+    Path(ref),
+    Path(ref + ".py"),
+    EXPERIMENTS_DIR / ref,
+    EXPERIMENTS_DIR / (ref + ".py"),
+    Path("experiments") / (ref + ".py"),
+  ]
   path = next((c for c in cands if c.is_file()), None)
   if path is None:
     known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")) if EXPERIMENTS_DIR.exists() else []
@@ -81,8 +88,10 @@ def base_config(mod: types.ModuleType, name: str | None) -> Experiment:
   configs = getattr(mod, "CONFIGS", None)
   if name:
     if not configs or name not in configs:
-      raise CliError(f"experiment {mod.__name__.removeprefix('kdjax_experiment_')!r} has no config {name!r}; "
-                     f"available: {', '.join(config_names(mod)) or '(only the default)'}")
+      raise CliError(
+        f"experiment {mod.__name__.removeprefix('kdjax_experiment_')!r} has no config {name!r}; "
+        f"available: {', '.join(config_names(mod)) or '(only the default)'}"
+      )
     c = configs[name]
     return c() if callable(c) else c
   if hasattr(mod, "get_config"):
@@ -272,6 +281,7 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
   distributed = _pop_opt(args, "--distributed", is_bool=True)
   if distributed:
     from kdjax.engine.distributed import initialize
+
     initialize()
   cfg = build_config(args, mode=mode)
   try:
@@ -294,8 +304,13 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
   return 0
 
 
-GRID_ALIASES = {"method": "method.name", "teacher": "teacher.name", "student": "student.name", "seed": "run.seed",
-                "lr": "optim.lr"}
+GRID_ALIASES = {
+  "method": "method.name",
+  "teacher": "teacher.name",
+  "student": "student.name",
+  "seed": "run.seed",
+  "lr": "optim.lr",
+}
 
 
 def _expand_configs(patterns: list[str], names: Sequence[str], exp: str) -> list[str]:
@@ -310,7 +325,9 @@ def _expand_configs(patterns: list[str], names: Sequence[str], exp: str) -> list
   return out
 
 
-def sweep_cells(grid: Sequence[str], seeds: int, config_names: Sequence[str] = (), exp: str = "") -> list[dict[str, str]]:
+def sweep_cells(
+  grid: Sequence[str], seeds: int, config_names: Sequence[str] = (), exp: str = ""
+) -> list[dict[str, str]]:
   """The Cartesian product of ``--grid key=v1,v2`` specs × seeds ``0 … seeds−1``.
 
   Keys are config field paths (``optim.lr``) or the aliases ``method``,
@@ -339,7 +356,7 @@ def sweep_cells(grid: Sequence[str], seeds: int, config_names: Sequence[str] = (
     raise CliError("--grid seed=… and --seeds N both set the seeds; use one of them")
   cells = []
   for combo in itertools.product(*[vals for _, vals in axes]):
-    for s in ([None] if seeded else range(seeds)):
+    for s in [None] if seeded else range(seeds):
       cell = {k: v for (k, _), v in zip(axes, combo)}
       if s is not None:
         cell["run.seed"] = str(s)
@@ -445,8 +462,10 @@ def cmd_sweep(argv: list[str]) -> int:
   if launcher == "slurm":
     extra = ["--train-teacher"] if teacher else []
     path = write_slurm_script(exp, name, rest + extra, grid, seeds, root, cells, nodes=nodes, sbatch=sbatch)
-    print(f"wrote {path} ({len(cells)} array tasks, cells listed in {Path(root) / 'cells.json'}); "
-          f"submit with: sbatch {path}")
+    print(
+      f"wrote {path} ({len(cells)} array tasks, cells listed in {Path(root) / 'cells.json'}); "
+      f"submit with: sbatch {path}"
+    )
     return 0
   if cell_index is not None:
     try:
@@ -461,24 +480,32 @@ def cmd_sweep(argv: list[str]) -> int:
 
   todo = [i for i, c in enumerate(cfgs) if not _finished(c)]
   if len(todo) < len(cells):
-    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; "
-          + ("running the rest" if todo else "nothing to run"))
+    print(
+      f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished under {root}; "
+      + ("running the rest" if todo else "nothing to run")
+    )
   run_cells = _run_serial if parallel == 1 else _run_parallel
   failed, stopped = run_cells(todo, argvs, cfgs, mode, parallel)
   if stopped:
-    print(f"sweep: stopped by a signal; the running cells saved a checkpoint. Re-run the same command to finish "
-          f"the sweep under {root}", file=sys.stderr)
+    print(
+      f"sweep: stopped by a signal; the running cells saved a checkpoint. Re-run the same command to finish "
+      f"the sweep under {root}",
+      file=sys.stderr,
+    )
     return PREEMPTED_EXIT
-  print(f"sweep: {len(cells) - len(failed)}/{len(cells)} cells finished under {root}"
-        + (f"; failed: {', '.join(map(str, sorted(failed)))}" if failed else ""))
+  print(
+    f"sweep: {len(cells) - len(failed)}/{len(cells)} cells finished under {root}"
+    + (f"; failed: {', '.join(map(str, sorted(failed)))}" if failed else "")
+  )
   return 1 if failed else 0
 
 
 PREEMPTED_EXIT = 75  # as kdjax.engine.faults.PREEMPTED_EXIT (not imported: it pulls in JAX)
 
 
-def _run_serial(todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None,
-                parallel: int) -> tuple[list[int], bool]:
+def _run_serial(
+  todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None, parallel: int
+) -> tuple[list[int], bool]:
   """Run cells one after another in this process; returns (failed cells, stopped by a signal).
 
   SIGTERM/SIGINT during a cell's training stop it with a checkpoint (exit 75);
@@ -512,6 +539,7 @@ def _run_serial(todo: list[int], argvs: list[list[str]], cfgs: list[Experiment],
 @contextlib.contextmanager
 def _signals_interrupt():
   """SIGTERM behaves like SIGINT (``KeyboardInterrupt``) while in this block."""
+
   def interrupt(signum, frame):
     del signum, frame
     raise KeyboardInterrupt
@@ -523,8 +551,9 @@ def _signals_interrupt():
     signal.signal(signal.SIGTERM, old)
 
 
-def _run_parallel(todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None,
-                  parallel: int) -> tuple[list[int], bool]:
+def _run_parallel(
+  todo: list[int], argvs: list[list[str]], cfgs: list[Experiment], mode: str | None, parallel: int
+) -> tuple[list[int], bool]:
   """Run cells as up to ``parallel`` child processes; returns (failed cells, stopped by a signal).
 
   On SIGTERM/SIGINT no further cell starts, the signal is forwarded to the
@@ -582,8 +611,17 @@ def _follow_parent() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: Sequence[str], seeds: int, root: str,
-                       cells: Sequence[dict[str, str]], nodes: int = 1, sbatch: Sequence[str] = ()) -> Path:
+def write_slurm_script(
+  exp: str,
+  name: str | None,
+  rest: list[str],
+  grid: Sequence[str],
+  seeds: int,
+  root: str,
+  cells: Sequence[dict[str, str]],
+  nodes: int = 1,
+  sbatch: Sequence[str] = (),
+) -> Path:
   """Write ``root/sweep.sbatch`` (an array job, one sweep cell per task) and ``root/cells.json``.
 
   Each task runs ``python -m kdjax.cli sweep … --cell $SLURM_ARRAY_TASK_ID
@@ -606,20 +644,20 @@ def write_slurm_script(exp: str, name: str | None, rest: list[str], grid: Sequen
   args = " ".join(shlex.quote(a) for a in [exp] + ([name] if name else []) + list(rest))
   q = shlex.quote
   lines = [
-      "#!/bin/bash",
-      f"#SBATCH --job-name=kdjax-{Path(exp).stem}",
-      f"#SBATCH --array=0-{len(cells) - 1}",
-      f"#SBATCH --nodes={nodes}",
-      "#SBATCH --ntasks-per-node=1",
-      f"#SBATCH --chdir={os.getcwd()}",
-      f"#SBATCH --output={root_path / 'slurm-%A_%a.out'}",
-      *extra,
-      "set -euo pipefail",
-      f"# {len(cells)} cells (listed in {root_path / 'cells.json'}); array task i runs cell i. srun starts one",
-      "# process per node; each calls jax.distributed.initialize(), which reads SLURM's environment",
-      "# (coordinator address, process count and id), so a multi-node cell is one multi-host JAX job.",
-      f"srun {q(sys.executable)} -m kdjax.cli sweep {args} {grid_flags} --seeds {seeds} --workdir {q(root)} "
-      f'--cell "$SLURM_ARRAY_TASK_ID" --distributed',
+    "#!/bin/bash",
+    f"#SBATCH --job-name=kdjax-{Path(exp).stem}",
+    f"#SBATCH --array=0-{len(cells) - 1}",
+    f"#SBATCH --nodes={nodes}",
+    "#SBATCH --ntasks-per-node=1",
+    f"#SBATCH --chdir={os.getcwd()}",
+    f"#SBATCH --output={root_path / 'slurm-%A_%a.out'}",
+    *extra,
+    "set -euo pipefail",
+    f"# {len(cells)} cells (listed in {root_path / 'cells.json'}); array task i runs cell i. srun starts one",
+    "# process per node; each calls jax.distributed.initialize(), which reads SLURM's environment",
+    "# (coordinator address, process count and id), so a multi-node cell is one multi-host JAX job.",
+    f"srun {q(sys.executable)} -m kdjax.cli sweep {args} {grid_flags} --seeds {seeds} --workdir {q(root)} "
+    f'--cell "$SLURM_ARRAY_TASK_ID" --distributed',
   ]
   path.write_text("\n".join(lines) + "\n")
   return path
@@ -648,8 +686,11 @@ def cmd_report(argv: list[str]) -> int:
   md = report.make_report(args, out, csv_path=csv_path, plots_dir=plots)
   print(md)
   out_p = Path(out)
-  print(f"wrote {out_p}, {Path(csv_path) if csv_path else out_p.with_suffix('.csv')} and "
-        f"{Path(plots) if plots else out_p.parent}/{out_p.stem}_{{curves,bars}}.png", file=sys.stderr)
+  print(
+    f"wrote {out_p}, {Path(csv_path) if csv_path else out_p.with_suffix('.csv')} and "
+    f"{Path(plots) if plots else out_p.parent}/{out_p.stem}_{{curves,bars}}.png",
+    file=sys.stderr,
+  )
   return 0
 
 
@@ -663,6 +704,7 @@ def cmd_export(argv: list[str]) -> int:
   src = ckpt.resolve_export(args[0], what="run to export")
   if out:
     import shutil
+
     Path(out).mkdir(parents=True, exist_ok=True)
     shutil.copy(src, Path(out) / ckpt.EXPORT_PARAMS)
     meta = src.parent / ckpt.EXPORT_META
@@ -693,8 +735,16 @@ def cmd_cache(argv: list[str]) -> int:
 
   args = list(argv)
   opts = {}
-  for name, conv in (("dir", str), ("views", int), ("view-seed", int), ("dtype", str), ("top-k", int),
-                     ("shard-size", int), ("batch-size", int), ("max-shards", int)):
+  for name, conv in (
+    ("dir", str),
+    ("views", int),
+    ("view-seed", int),
+    ("dtype", str),
+    ("top-k", int),
+    ("shard-size", int),
+    ("batch-size", int),
+    ("max-shards", int),
+  ):
     v = None
     for flag in (f"--cache.{name}", f"--cache.{name.replace('-', '_')}"):
       v = _pop_opt(args, flag, v)
@@ -711,8 +761,10 @@ def cmd_cache(argv: list[str]) -> int:
   spec = cache.CacheSpec(**{k.replace("-", "_"): v for k, v in opts.items()})
   res = engine.build_teacher_cache(cfg, directory, spec, max_shards=max_shards)
   state = "complete" if res["complete"] else "incomplete (other processes' shards, or re-run to resume)"
-  print(f"teacher cache {directory}: {res['written']} shards written, {res['skipped']} already there, "
-        f"{res['num_shards']} in all, {state}; distil with --data.teacher_cache {directory}")
+  print(
+    f"teacher cache {directory}: {res['written']} shards written, {res['skipped']} already there, "
+    f"{res['num_shards']} in all, {state}; distil with --data.teacher_cache {directory}"
+  )
   return 0
 
 
@@ -729,9 +781,16 @@ def cmd_prepare(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train-teacher": lambda a: cmd_train(a, "teacher"), "distill": lambda a: cmd_train(a, None),
-            "sweep": cmd_sweep, "report": cmd_report, "export": cmd_export, "bench": cmd_bench,
-            "cache": cmd_cache, "prepare": cmd_prepare}
+COMMANDS = {
+  "train-teacher": lambda a: cmd_train(a, "teacher"),
+  "distill": lambda a: cmd_train(a, None),
+  "sweep": cmd_sweep,
+  "report": cmd_report,
+  "export": cmd_export,
+  "bench": cmd_bench,
+  "cache": cmd_cache,
+  "prepare": cmd_prepare,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,8 +801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   cmd, rest = argv[0], argv[1:]
   if cmd not in COMMANDS:
     near = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
-    print(f"kdjax: unknown command {cmd!r}" + (f"; did you mean {near[0]!r}?" if near else "") +
-          f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+    print(
+      f"kdjax: unknown command {cmd!r}"
+      + (f"; did you mean {near[0]!r}?" if near else "")
+      + f" (commands: {', '.join(COMMANDS)})",
+      file=sys.stderr,
+    )
     return 1
   try:
     return COMMANDS[cmd](rest)
@@ -801,15 +864,20 @@ def run_main() -> None:
     _follow_parent()
     code = main()
   except KeyboardInterrupt:
-    print("kdjax: interrupted (nothing after the last checkpoint was saved); re-run the same command to resume",
-          file=sys.stderr)
+    print(
+      "kdjax: interrupted (nothing after the last checkpoint was saved); re-run the same command to resume",
+      file=sys.stderr,
+    )
     code = INTERRUPTED_EXIT
   except Exception:  # noqa: BLE001 - report any bug with its traceback and a distinct status
     import traceback
 
     traceback.print_exc()
-    print(f"kdjax: internal error (exit {INTERNAL_ERROR_EXIT}): the traceback above is a bug in kdjax or in "
-          f"the experiment file, not a problem with the command's input", file=sys.stderr)
+    print(
+      f"kdjax: internal error (exit {INTERNAL_ERROR_EXIT}): the traceback above is a bug in kdjax or in "
+      f"the experiment file, not a problem with the command's input",
+      file=sys.stderr,
+    )
     code = INTERNAL_ERROR_EXIT
   sys.exit(code)
 

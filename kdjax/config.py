@@ -81,10 +81,14 @@ class DataConfig:
     _check(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
     _check(self.mixup_alpha >= 0, "data.mixup_alpha", f"must be ≥ 0, got {self.mixup_alpha}")
     _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be ≥ 0, got {self.cutmix_alpha}")
-    _check(self.view_mode in ("consistent", "independent"), "data.view_mode",
-           f"must be 'consistent' or 'independent', got {self.view_mode!r}")
-    _check(self.image_size is None or self.image_size > 0, "data.image_size",
-           f"must be positive, got {self.image_size}")
+    _check(
+      self.view_mode in ("consistent", "independent"),
+      "data.view_mode",
+      f"must be 'consistent' or 'independent', got {self.view_mode!r}",
+    )
+    _check(
+      self.image_size is None or self.image_size > 0, "data.image_size", f"must be positive, got {self.image_size}"
+    )
     _check(self.workers >= -1, "data.workers", f"must be ≥ 0 (or −1: sized for the machine), got {self.workers}")
 
 
@@ -195,8 +199,9 @@ class RunConfig:
 
   def __post_init__(self):
     _check(bool(self.workdir.strip()), "run.workdir", "must name a directory, got an empty string")
-    _check(self.xla_cpu_conv in ("eigen", "ynn"), "run.xla_cpu_conv",
-           f"must be 'eigen' or 'ynn', got {self.xla_cpu_conv!r}")
+    _check(
+      self.xla_cpu_conv in ("eigen", "ynn"), "run.xla_cpu_conv", f"must be 'eigen' or 'ynn', got {self.xla_cpu_conv!r}"
+    )
     _check(self.eval_every >= 0, "run.eval_every", f"must be ≥ 0, got {self.eval_every}")
     _check(self.log_every > 0, "run.log_every", f"must be > 0, got {self.log_every}")
     _check(self.checkpoint_every >= 0, "run.checkpoint_every", f"must be ≥ 0, got {self.checkpoint_every}")
@@ -250,36 +255,60 @@ class Experiment:
   def __post_init__(self):
     for name, value in _float_fields(self):
       _check(math.isfinite(value), name, f"must be a finite number, got {value}")
-    _check(self.mode in ("teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"),
-           "mode", f"unknown mode {self.mode!r}")
+    _check(
+      self.mode in ("teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"),
+      "mode",
+      f"unknown mode {self.mode!r}",
+    )
     if self.mode == "dml":
       _check(self.num_students >= 2, "num_students", f"DML needs ≥ 2 students, got {self.num_students}")
-      _check(not self.student.checkpoint, "student.checkpoint",
-             "mode=dml needs differently initialised students; unset it or use mode=offline")
+      _check(
+        not self.student.checkpoint,
+        "student.checkpoint",
+        "mode=dml needs differently initialised students; unset it or use mode=offline",
+      )
     if self.mode == "born_again":
       _check(self.generations >= 1, "generations", f"must be ≥ 1, got {self.generations}")
     if self.mode == "multi_teacher":
       _check(len(self.extra_teachers) >= 1, "extra_teachers", "multi_teacher mode needs at least one extra teacher")
       n = 1 + len(self.extra_teachers)
-      _check(not self.method.teacher_weights or len(self.method.teacher_weights) == n,
-             "method.teacher_weights", f"needs {n} weights (one per teacher), got {len(self.method.teacher_weights)}")
+      _check(
+        not self.method.teacher_weights or len(self.method.teacher_weights) == n,
+        "method.teacher_weights",
+        f"needs {n} weights (one per teacher), got {len(self.method.teacher_weights)}",
+      )
     if self.responses.active:
-      _check(self.mode == "offline", "responses", f"generated responses need mode=offline (one teacher scores them), "
-             f"got mode={self.mode!r}")
-      _check(not self.data.teacher_cache, "data.teacher_cache", "a cache holds teacher outputs for the data's "
-             "responses only; generated responses need the teacher online (unset it)")
+      _check(
+        self.mode == "offline",
+        "responses",
+        f"generated responses need mode=offline (one teacher scores them), got mode={self.mode!r}",
+      )
+      _check(
+        not self.data.teacher_cache,
+        "data.teacher_cache",
+        "a cache holds teacher outputs for the data's "
+        "responses only; generated responses need the teacher online (unset it)",
+      )
     if self.placement != Placement():
-      _check(self.mode in ("offline", "born_again", "multi_teacher") and not self.data.teacher_cache, "placement",
-             f"places a teacher model; mode={self.mode!r}" + (" with data.teacher_cache" if self.data.teacher_cache
-                                                             else "") + " runs none (drop --placement.*)")
+      _check(
+        self.mode in ("offline", "born_again", "multi_teacher") and not self.data.teacher_cache,
+        "placement",
+        f"places a teacher model; mode={self.mode!r}"
+        + (" with data.teacher_cache" if self.data.teacher_cache else "")
+        + " runs none (drop --placement.*)",
+      )
     if self.placement.split:
-      _check(not self.responses.active, "placement.teacher_devices", "the teacher runs ahead on the data's batches "
-             "on its own devices, but generated responses are scored inside the step; use 0 (placement.model may "
-             "still shard the teacher)")
+      _check(
+        not self.responses.active,
+        "placement.teacher_devices",
+        "the teacher runs ahead on the data's batches "
+        "on its own devices, but generated responses are scored inside the step; use 0 (placement.model may "
+        "still shard the teacher)",
+      )
     if self.data.transfer_split and self.mode == "teacher":
       raise ValueError("data.transfer_split: the transfer set is unlabelled; it cannot train a teacher (mode=teacher)")
 
-  def replace(self, **kw) -> "Experiment":
+  def replace(self, **kw) -> Experiment:
     return dataclasses.replace(self, **kw)
 
 
@@ -306,13 +335,27 @@ def to_dict(cfg: Any) -> dict:
 # cadence, CPU kernel choice, input workers, where the teacher runs (speed and memory; results
 # only to float32 rounding). A teacher's path is excluded because the content
 # hash of its file (checked on resume) is what matters.
-HASH_EXCLUDE = ("run.workdir", "run.quiet", "run.log_every", "run.xla_cpu_conv", "run.checkpoint_every",
-                "run.max_to_keep", "run.restart", "placement.*", "teacher.checkpoint", "extra_teachers.*.checkpoint", "data.workers")
+HASH_EXCLUDE = (
+  "run.workdir",
+  "run.quiet",
+  "run.log_every",
+  "run.xla_cpu_conv",
+  "run.checkpoint_every",
+  "run.max_to_keep",
+  "run.restart",
+  "placement.*",
+  "teacher.checkpoint",
+  "extra_teachers.*.checkpoint",
+  "data.workers",
+)
 
 # Fields added after experiments had been hashed: they enter the hash only when set, so
 # existing workdirs keep their hash (and resume) while a run that sets one gets a new hash.
-HASH_WHEN_SET = {"data.image_size": None, "method.skew_alpha": None,
-                 **{f"responses.{k}": v for k, v in json.loads(json.dumps(dataclasses.asdict(ResponseConfig()))).items()}}
+HASH_WHEN_SET = {
+  "data.image_size": None,
+  "method.skew_alpha": None,
+  **{f"responses.{k}": v for k, v in json.loads(json.dumps(dataclasses.asdict(ResponseConfig()))).items()},
+}
 
 
 def hashed_fields(d: dict) -> dict[str, Any]:
@@ -358,8 +401,10 @@ def from_dict(d: dict) -> Experiment:
     hints = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(hints))
     if unknown:
-      raise ValueError(f"config has unknown field(s) {', '.join(where + k for k in unknown)}: written by another "
-                       f"kdjax version or edited by hand; fix or remove them (known: {', '.join(sorted(hints))})")
+      raise ValueError(
+        f"config has unknown field(s) {', '.join(where + k for k in unknown)}: written by another "
+        f"kdjax version or edited by hand; fix or remove them (known: {', '.join(sorted(hints))})"
+      )
     for k, v in data.items():
       f = hints[k]
       default = f.default if f.default is not dataclasses.MISSING else None

@@ -45,13 +45,21 @@ def load(path: str | Path) -> dict[str, Any]:
   meta, payload, digest = ckpt.load_export(path, what="exported model")
   missing = [k for k in ("model", "num_classes") if k not in meta]
   if missing:
-    raise ValueError(f"exported model {str(path)!r} has no {ckpt.EXPORT_META} entries {missing}; re-export it with "
-                     f"`kdjax export WORKDIR --out DIR`")
+    raise ValueError(
+      f"exported model {str(path)!r} has no {ckpt.EXPORT_META} entries {missing}; re-export it with "
+      f"`kdjax export WORKDIR --out DIR`"
+    )
   dtype = meta.get("dtype", "float32")
   if dtype not in _DTYPES:
     raise ValueError(f"exported model {str(path)!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-  return {"model": meta["model"], "num_classes": int(meta["num_classes"]), "dtype": dtype,
-          "params": payload["params"], "model_state": payload.get("model_state", {}), "hash": digest}
+  return {
+    "model": meta["model"],
+    "num_classes": int(meta["num_classes"]),
+    "dtype": dtype,
+    "params": payload["params"],
+    "model_state": payload.get("model_state", {}),
+    "hash": digest,
+  }
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,6 +107,8 @@ def predict(params: dict[str, Any], images: Any, *, batch_size: int = 1024) -> n
   images = np.asarray(images)
   p, r = _filled(params)
   forward = _template(params["model"], int(params["num_classes"]), params["dtype"])[2]
-  out = [np.asarray(forward(p, r, jnp.asarray(images[i:i + batch_size])), np.float32)
-         for i in range(0, len(images), batch_size)]
+  out = [
+    np.asarray(forward(p, r, jnp.asarray(images[i : i + batch_size])), np.float32)
+    for i in range(0, len(images), batch_size)
+  ]
   return np.concatenate(out) if out else np.zeros((0, int(params["num_classes"])), np.float32)

@@ -62,10 +62,12 @@ class Sampling:
   pad_token: int = 0
 
   def __post_init__(self):
-    checks = ((self.max_new_tokens >= 1, "max_new_tokens", "≥ 1"),
-              (0.0 <= self.temperature < math.inf, "temperature", "finite and ≥ 0 (0 = greedy)"),
-              (self.top_k >= 0, "top_k", "≥ 0 (0 = off)"),
-              (0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]"))
+    checks = (
+      (self.max_new_tokens >= 1, "max_new_tokens", "≥ 1"),
+      (0.0 <= self.temperature < math.inf, "temperature", "finite and ≥ 0 (0 = greedy)"),
+      (self.top_k >= 0, "top_k", "≥ 0 (0 = off)"),
+      (0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]"),
+    )
     for ok, name, want in checks:
       if not ok:
         raise ValueError(f"sampling.{name} must be {want}, got {getattr(self, name)}")
@@ -124,18 +126,25 @@ def sample(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 class _Loop(NamedTuple):
-  step: jax.Array       # () int32: tokens generated so far
-  last: jax.Array       # (B,) int32: the token to feed next
-  pos: jax.Array        # (B,) int32: where that token goes in the cache
-  done: jax.Array       # (B,) bool
-  tokens: jax.Array     # (B, N)
-  logprobs: jax.Array   # (B, N)
+  step: jax.Array  # () int32: tokens generated so far
+  last: jax.Array  # (B,) int32: the token to feed next
+  pos: jax.Array  # (B,) int32: where that token goes in the cache
+  done: jax.Array  # (B,) bool
+  tokens: jax.Array  # (B, N)
+  logprobs: jax.Array  # (B, N)
   next_logits: jax.Array  # (B, V): the model's logits for the next token
   cache: Any
 
 
-def generate(model: nnx.Module, prompts: jax.Array, lengths: jax.Array, key: jax.Array,
-             sampling: Sampling, limits: jax.Array | None = None, cache_len: int | None = None) -> Generated:
+def generate(
+  model: nnx.Module,
+  prompts: jax.Array,
+  lengths: jax.Array,
+  key: jax.Array,
+  sampling: Sampling,
+  limits: jax.Array | None = None,
+  cache_len: int | None = None,
+) -> Generated:
   """Continue each right-padded prompt ``(B, P)`` of ``lengths`` ``(B,)``; traceable (jit it, or use :class:`Generator`).
 
   ``limits`` ``(B,)`` optionally caps each row's new tokens below
@@ -161,11 +170,27 @@ def generate(model: nnx.Module, prompts: jax.Array, lengths: jax.Array, key: jax
     logp = jnp.where(s.done, 0.0, logp)
     done = s.done | jnp.isin(tok, stops) | (s.step + 1 >= cap)
     step_logits, cache = model.decode(tok[:, None], jnp.minimum(s.pos, size - 1)[:, None], s.cache)
-    return _Loop(s.step + 1, tok, s.pos + 1, done, s.tokens.at[:, s.step].set(tok),
-                 s.logprobs.at[:, s.step].set(logp), step_logits[:, 0], cache)
+    return _Loop(
+      s.step + 1,
+      tok,
+      s.pos + 1,
+      done,
+      s.tokens.at[:, s.step].set(tok),
+      s.logprobs.at[:, s.step].set(logp),
+      step_logits[:, 0],
+      cache,
+    )
 
-  init = _Loop(jnp.int32(0), jnp.zeros(b, jnp.int32), lengths.astype(jnp.int32), jnp.zeros(b, bool),
-               jnp.full((b, n), sampling.pad_token, jnp.int32), jnp.zeros((b, n), jnp.float32), last_logits, cache)
+  init = _Loop(
+    jnp.int32(0),
+    jnp.zeros(b, jnp.int32),
+    lengths.astype(jnp.int32),
+    jnp.zeros(b, bool),
+    jnp.full((b, n), sampling.pad_token, jnp.int32),
+    jnp.zeros((b, n), jnp.float32),
+    last_logits,
+    cache,
+  )
   out = jax.lax.while_loop(lambda s: (s.step < n) & ~jnp.all(s.done), body, init)
   return Generated(out.tokens, out.logprobs, _lengths(out.tokens, sampling, cap))
 
@@ -209,8 +234,9 @@ class Generator:
       self._fn = jax.jit(fn, in_shardings=(rep, rows, rows, rep), out_shardings=Generated(rows, rows, rows))
 
   def __call__(self, prompts, lengths, key: jax.Array, state: Any = None) -> Generated:
-    return self._fn(self.state if state is None else state, jnp.asarray(prompts, jnp.int32),
-                    jnp.asarray(lengths, jnp.int32), key)
+    return self._fn(
+      self.state if state is None else state, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32), key
+    )
 
 
 def prompts_and_answers(inputs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -47,11 +47,16 @@ class Placement:
   teacher_memory: Literal["device", "pinned_host"] = "device"
 
   def __post_init__(self):
-    checks = ((self.teacher_devices >= 0, "teacher_devices", "≥ 0 (0: the teacher shares the student's devices)"),
-              (self.model >= 1, "model", "≥ 1"),
-              (self.teacher_memory in MEMORIES, "teacher_memory", f"one of {MEMORIES}"),
-              (not self.teacher_devices or self.teacher_devices % self.model == 0, "model",
-               f"a divisor of placement.teacher_devices={self.teacher_devices}"))
+    checks = (
+      (self.teacher_devices >= 0, "teacher_devices", "≥ 0 (0: the teacher shares the student's devices)"),
+      (self.model >= 1, "model", "≥ 1"),
+      (self.teacher_memory in MEMORIES, "teacher_memory", f"one of {MEMORIES}"),
+      (
+        not self.teacher_devices or self.teacher_devices % self.model == 0,
+        "model",
+        f"a divisor of placement.teacher_devices={self.teacher_devices}",
+      ),
+    )
     for ok, name, want in checks:
       if not ok:
         raise ValueError(f"placement.{name} must be {want}, got {getattr(self, name)!r}")

@@ -56,11 +56,13 @@ class ResponseConfig:
   pad_token: int = 0
 
   def __post_init__(self):
-    checks = ((0.0 <= self.student_fraction <= 1.0, "student_fraction", "in [0, 1]"),
-              (self.others in ("data", "teacher"), "others", "'data' or 'teacher'"),
-              (0.0 <= self.temperature < math.inf, "temperature", "finite and ≥ 0 (0 = greedy)"),
-              (0.0 <= self.teacher_temperature < math.inf, "teacher_temperature", "finite and ≥ 0 (0 = greedy)"),
-              (self.max_new_tokens >= 0, "max_new_tokens", "≥ 0 (0 = the sequence length)"))
+    checks = (
+      (0.0 <= self.student_fraction <= 1.0, "student_fraction", "in [0, 1]"),
+      (self.others in ("data", "teacher"), "others", "'data' or 'teacher'"),
+      (0.0 <= self.temperature < math.inf, "temperature", "finite and ≥ 0 (0 = greedy)"),
+      (0.0 <= self.teacher_temperature < math.inf, "teacher_temperature", "finite and ≥ 0 (0 = greedy)"),
+      (self.max_new_tokens >= 0, "max_new_tokens", "≥ 0 (0 = the sequence length)"),
+    )
     for ok, name, want in checks:
       if not ok:
         raise ValueError(f"responses.{name} must be {want}, got {getattr(self, name)!r}")

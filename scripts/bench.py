@@ -71,31 +71,32 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 PAIRS = {
-    "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", (32, 32, 3), 100),
-    "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", (32, 32, 3), 100),
-    "cnn1d-mlp": ("cnn1d", "mlp", (40,), 10),
-    # token-level KD: a 4-layer d=256 teacher → 2-layer d=128 student, V = 8192, L = 128
-    "lm4x256-lm2x128": ("transformer_lm", "transformer_lm", (128,), 8192),
+  "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", (32, 32, 3), 100),
+  "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", (32, 32, 3), 100),
+  "cnn1d-mlp": ("cnn1d", "mlp", (40,), 10),
+  # token-level KD: a 4-layer d=256 teacher → 2-layer d=128 student, V = 8192, L = 128
+  "lm4x256-lm2x128": ("transformer_lm", "transformer_lm", (128,), 8192),
 }
 # models.create keyword arguments of each pair's (teacher, student)
 PAIR_KWARGS = {
-    "lm4x256-lm2x128": ({"num_layers": 4, "dim": 256, "num_heads": 4, "max_len": 128},
-                        {"num_layers": 2, "dim": 128, "num_heads": 2, "max_len": 128}),
+  "lm4x256-lm2x128": (
+    {"num_layers": 4, "dim": 256, "num_heads": 4, "max_len": 128},
+    {"num_layers": 2, "dim": 128, "num_heads": 2, "max_len": 128},
+  ),
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "on_policy", "torch_eager_kd", "generate")
 EXTRA_CASES = ("input",)
 XLA_CPU_OPTIONS = {
-    "default": "",
-    # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
-    "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
-    # library fusions of convolutions and dots (XNNPACK / YNNPACK)
-    "xnn": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,dot",
-    "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot",
+  "default": "",
+  # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
+  "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+  # library fusions of convolutions and dots (XNNPACK / YNNPACK)
+  "xnn": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,dot",
+  "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot",
 }
 # CPU convolution kernels (``RunConfig.xla_cpu_conv``, ``kdjax.engine.xla_cpu``): per-executable
 # compile options, so both compile side by side in ONE process. jaxlib 0.10.2 routes every
@@ -108,22 +109,31 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--pairs", default="resnet32x4-resnet8x4",
-                 help=f"comma-separated pairs, or 'all': {', '.join(PAIRS)}")
-  p.add_argument("--cases", default=",".join(CASES),
-                 help="comma-separated subset of " + ", ".join(CASES + EXTRA_CASES))
+  p.add_argument("--pairs", default="resnet32x4-resnet8x4", help=f"comma-separated pairs, or 'all': {', '.join(PAIRS)}")
+  p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES + EXTRA_CASES))
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--dtype", default="float32",
-                 help="computation dtype(s) of both models, comma-separated (float32, bfloat16; params stay "
-                      "float32); every dtype runs the kdjax cases side by side")
-  p.add_argument("--xla-cpu", default="default", choices=tuple(XLA_CPU_OPTIONS),
-                 help="XLA:CPU option set (set in XLA_FLAGS before JAX starts)")
-  p.add_argument("--xla-conv", default="eigen",
-                 help="comma-separated XLA:CPU convolution backends compiled side by side in one process: "
-                      + ", ".join(XLA_CONV_OPTIONS) + " (kdjax's run.xla_cpu_conv)")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    help="computation dtype(s) of both models, comma-separated (float32, bfloat16; params stay "
+    "float32); every dtype runs the kdjax cases side by side",
+  )
+  p.add_argument(
+    "--xla-cpu",
+    default="default",
+    choices=tuple(XLA_CPU_OPTIONS),
+    help="XLA:CPU option set (set in XLA_FLAGS before JAX starts)",
+  )
+  p.add_argument(
+    "--xla-conv",
+    default="eigen",
+    help="comma-separated XLA:CPU convolution backends compiled side by side in one process: "
+    + ", ".join(XLA_CONV_OPTIONS)
+    + " (kdjax's run.xla_cpu_conv)",
+  )
   p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
   p.add_argument("--quick", action="store_true", help="tiny sizes (cnn1d→mlp, batch 32, 2 steps): seconds")
   a = p.parse_args(argv)
@@ -194,13 +204,39 @@ def bench_input(a) -> None:
       rates[k].append(a.steps * a.batch / (time.perf_counter() - t))
   for (name, workers), r in rates.items():
     iters[(name, workers)].close()
-    print(json.dumps({"case": "input", "dataset": name, "workers": workers, "batch": a.batch,
-                      "examples_per_sec": round(statistics.median(r), 1), "examples_per_sec_best": round(max(r), 1),
-                      "cpu_count": os.cpu_count()}), flush=True)
-  cold = [float(subprocess.run([sys.executable, "-c", COLD_START, root], capture_output=True, text=True,
-                               check=True).stdout.split()[-1]) for _ in range(a.rounds)]
-  print(json.dumps({"case": "input_cold_start", "dataset": "mnist1d", "seconds": round(statistics.median(cold), 2),
-                    "seconds_best": round(min(cold), 2)}), flush=True)
+    print(
+      json.dumps(
+        {
+          "case": "input",
+          "dataset": name,
+          "workers": workers,
+          "batch": a.batch,
+          "examples_per_sec": round(statistics.median(r), 1),
+          "examples_per_sec_best": round(max(r), 1),
+          "cpu_count": os.cpu_count(),
+        }
+      ),
+      flush=True,
+    )
+  cold = [
+    float(
+      subprocess.run(
+        [sys.executable, "-c", COLD_START, root], capture_output=True, text=True, check=True
+      ).stdout.split()[-1]
+    )
+    for _ in range(a.rounds)
+  ]
+  print(
+    json.dumps(
+      {
+        "case": "input_cold_start",
+        "dataset": "mnist1d",
+        "seconds": round(statistics.median(cold), 2),
+        "seconds_best": round(min(cold), 2),
+      }
+    ),
+    flush=True,
+  )
 
 
 # --------------------------------------------------------------------------- generation
@@ -248,8 +284,10 @@ def bench_generate(a, pair: str) -> None:
   prompts = jnp.asarray(np.random.default_rng(0).integers(1, vocab, (a.batch, p)), jnp.int32)
   lengths = jnp.full((a.batch,), p, jnp.int32)
   gd, state = nnx.split(model)
-  fns = {"generate_kv": jax.jit(lambda s, x, l, k: generate(nnx.merge(gd, s), x, l, k, sampling).tokens),
-         "generate_recompute": jax.jit(lambda s, x, l, k: recompute_generate(nnx.merge(gd, s), x, l, k, sampling))}
+  fns = {
+    "generate_kv": jax.jit(lambda s, x, l, k: generate(nnx.merge(gd, s), x, l, k, sampling).tokens),
+    "generate_recompute": jax.jit(lambda s, x, l, k: recompute_generate(nnx.merge(gd, s), x, l, k, sampling)),
+  }
   compile_s, rates = {}, {c: [] for c in fns}
   for c, f in fns.items():
     t0 = time.perf_counter()
@@ -261,10 +299,24 @@ def bench_generate(a, pair: str) -> None:
       jax.block_until_ready(f(state, prompts, lengths, jax.random.key(r)))
       rates[c].append(a.batch * sampling.max_new_tokens / (time.perf_counter() - t0))
   for c in fns:
-    print(json.dumps({"case": c, "pair": pair, "model": "student", "tokens_per_sec": round(statistics.median(rates[c]), 1),
-                      "tokens_per_sec_best": round(max(rates[c]), 1), "first_call_seconds": round(compile_s[c], 3),
-                      "batch": a.batch, "prompt_len": p, "new_tokens": sampling.max_new_tokens,
-                      "devices": jax.device_count(), "backend": jax.default_backend()}), flush=True)
+    print(
+      json.dumps(
+        {
+          "case": c,
+          "pair": pair,
+          "model": "student",
+          "tokens_per_sec": round(statistics.median(rates[c]), 1),
+          "tokens_per_sec_best": round(max(rates[c]), 1),
+          "first_call_seconds": round(compile_s[c], 3),
+          "batch": a.batch,
+          "prompt_len": p,
+          "new_tokens": sampling.max_new_tokens,
+          "devices": jax.device_count(),
+          "backend": jax.default_backend(),
+        }
+      ),
+      flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- kdjax cases
@@ -302,18 +354,32 @@ class JaxCase:
     teacher = models.create(t_name, num_classes=classes, rngs=nnx.Rngs(seed + 1), dtype=dt, **t_kw)
     # token-level KD: forward KL(teacher ‖ student) per position, T = 1 (GKD's β = 0)
     kd_term, temp = ("forward_kl", 1.0) if lm else ("kd", TEMPERATURE)
-    method = kdjax.MethodConfig(name="ce") if case == "student_only" else kdjax.MethodConfig(
-        name=kd_term, temperature=temp, terms=(f"ce={CE_WEIGHT}", f"{kd_term}={KD_WEIGHT}"))
+    method = (
+      kdjax.MethodConfig(name="ce")
+      if case == "student_only"
+      else kdjax.MethodConfig(name=kd_term, temperature=temp, terms=(f"ce={CE_WEIGHT}", f"{kd_term}={KD_WEIGHT}"))
+    )
     responses = None
     if case == "on_policy":  # GKD: every response sampled from the student (λ = 1), reverse KL scored by the teacher
       method = kdjax.MethodConfig(name="reverse_kl")
       responses = kdjax.ResponseConfig(student_fraction=1.0, temperature=1.0)
-    tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
-                           steps_per_epoch=782, total_steps=10**6)
+    tx, _ = make_optimizer(
+      OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, steps=10**6),
+      steps_per_epoch=782,
+      total_steps=10**6,
+    )
     # kd: the teacher runs in the step; kd_cached: its outputs ride in the batch (no teacher in the program)
-    distiller = kdjax.Distiller(student, teacher if case in ("kd", "on_policy") else None, method=method,
-                                optimizer=tx, mode="teacher" if case == "student_only" else "offline",
-                                num_examples=50000, steps_per_epoch=782, xla_cpu_conv=xla_conv, responses=responses)
+    distiller = kdjax.Distiller(
+      student,
+      teacher if case in ("kd", "on_policy") else None,
+      method=method,
+      optimizer=tx,
+      mode="teacher" if case == "student_only" else "offline",
+      num_examples=50000,
+      steps_per_epoch=782,
+      xla_cpu_conv=xla_conv,
+      responses=responses,
+    )
     rng = np.random.default_rng(seed)
     if lm:
       tokens = rng.integers(0, classes, (batch, shape[0] + 1)).astype(np.int32)
@@ -322,8 +388,10 @@ class JaxCase:
         host["label"] = np.where(np.arange(shape[0]) >= shape[0] // 2 - 1, host["label"], -1).astype(np.int32)
         self.generated_per_example = shape[0] - shape[0] // 2 + 1
     else:
-      host = {"inputs": rng.normal(size=(batch, *shape)).astype(np.float32),
-              "label": rng.integers(0, classes, batch).astype(np.int32)}
+      host = {
+        "inputs": rng.normal(size=(batch, *shape)).astype(np.float32),
+        "label": rng.integers(0, classes, batch).astype(np.int32),
+      }
     if case == "kd_cached" and lm:  # a top-k cache: k log-probs + ids per position, never (B, L, V) logits
       z = rng.normal(size=(batch, shape[0], classes)).astype(np.float32) * 3
       lp, idx = kdl.teacher_topk(jnp.asarray(z), LM_TOP_K)
@@ -378,8 +446,11 @@ def _torch_models():
       self.bn1 = nn.BatchNorm2d(cout)
       self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
       self.bn2 = nn.BatchNorm2d(cout)
-      self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                   if stride != 1 or cin != cout else None)
+      self.down = (
+        nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        if stride != 1 or cin != cout
+        else None
+      )
 
     def forward(self, x):
       out = F.relu(self.bn1(self.conv1(x)))
@@ -476,13 +547,13 @@ def _torch_models():
       return self.head(self.ln_f(x))
 
   return {
-      "resnet32x4": lambda c: CifarResNet(32, (32, 64, 128, 256), c),
-      "resnet8x4": lambda c: CifarResNet(8, (32, 64, 128, 256), c),
-      "wrn_40_2": lambda c: WideResNet(40, 2, c),
-      "wrn_16_2": lambda c: WideResNet(16, 2, c),
-      "cnn1d": lambda c: CNN1D(c),
-      "mlp": mlp,
-      "transformer_lm": lambda c, **kw: TransformerLM(c, **kw),
+    "resnet32x4": lambda c: CifarResNet(32, (32, 64, 128, 256), c),
+    "resnet8x4": lambda c: CifarResNet(8, (32, 64, 128, 256), c),
+    "wrn_40_2": lambda c: WideResNet(40, 2, c),
+    "wrn_16_2": lambda c: WideResNet(16, 2, c),
+    "cnn1d": lambda c: CNN1D(c),
+    "mlp": mlp,
+    "transformer_lm": lambda c, **kw: TransformerLM(c, **kw),
   }, torch
 
 
@@ -528,8 +599,11 @@ class TorchCase:
     if self.lm:  # per-token forward KL at T = 1, mean over tokens (the kdjax case's forward_kl term)
       s_logits, t_logits, t = s_logits.flatten(0, 1), t_logits.flatten(0, 1), 1.0
     ce = F.cross_entropy(s_logits, self.y.flatten())
-    kd = F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1), reduction="batchmean",
-                  log_target=True) * t * t
+    kd = (
+      F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1), reduction="batchmean", log_target=True)
+      * t
+      * t
+    )
     loss = CE_WEIGHT * ce + KD_WEIGHT * kd
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -563,8 +637,14 @@ def matmul_peak(n: int, reps: int, rounds: int) -> dict:
       c = f(a, b)
     c.block_until_ready()
     best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
-  return {"case": "matmul_peak", "pair": None, "n": n, "gflops": round(best, 2), "devices": jax.device_count(),
-          "backend": jax.default_backend()}
+  return {
+    "case": "matmul_peak",
+    "pair": None,
+    "n": n,
+    "gflops": round(best, 2),
+    "devices": jax.device_count(),
+    "backend": jax.default_backend(),
+  }
 
 
 # --------------------------------------------------------------------------- main
@@ -614,20 +694,32 @@ def main(argv=None) -> int:
     for _ in range(a.rounds):
       for case in cases:
         rates[id(case)].append(a.steps * a.batch / case.run(a.steps))
-    flops_kd = {c.case: c.gflop_per_image for c in cases
-                if isinstance(c, JaxCase) and c.dtype == "float32" and c.xla_conv == a.xla_convs[0]}
+    flops_kd = {
+      c.case: c.gflop_per_image
+      for c in cases
+      if isinstance(c, JaxCase) and c.dtype == "float32" and c.xla_conv == a.xla_convs[0]
+    }
     for case in cases:
       ips = statistics.median(rates[id(case)])
       # torch runs the same computation as the kdjax online-KD step: count its work with XLA's figure.
       g = case.gflop_per_image if case.gflop_per_image is not None else flops_kd.get("kd")
-      row = {"case": case.case, "pair": pair, "images_per_sec": round(ips, 2),
-             "images_per_sec_best": round(max(rates[id(case)]), 2),
-             "compile_seconds": round(case.compile_seconds, 3),
-             "gflop_per_image": None if g is None else float(f"{g:.4g}"),
-             "achieved_gflops": None if g is None else float(f"{g * ips:.4g}"),
-             "devices": case.devices, "backend": case.backend, "batch": a.batch,
-             "dtype": case.dtype, "xla_cpu": a.xla_cpu, "xla_conv": case.xla_conv,
-             "ynn_fusions": case.ynn_fusions, "onednn_custom_calls": case.onednn_custom_calls}
+      row = {
+        "case": case.case,
+        "pair": pair,
+        "images_per_sec": round(ips, 2),
+        "images_per_sec_best": round(max(rates[id(case)]), 2),
+        "compile_seconds": round(case.compile_seconds, 3),
+        "gflop_per_image": None if g is None else float(f"{g:.4g}"),
+        "achieved_gflops": None if g is None else float(f"{g * ips:.4g}"),
+        "devices": case.devices,
+        "backend": case.backend,
+        "batch": a.batch,
+        "dtype": case.dtype,
+        "xla_cpu": a.xla_cpu,
+        "xla_conv": case.xla_conv,
+        "ynn_fusions": case.ynn_fusions,
+        "onednn_custom_calls": case.onednn_custom_calls,
+      }
       if getattr(case, "tokens_per_example", None):  # language models: an "image" is one sequence
         row["tokens_per_sec"] = round(ips * case.tokens_per_example, 1)
       if getattr(case, "generated_per_example", None):  # on-policy: sampled, scored and trained on per second

@@ -37,8 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=48, help="global batch (divisible by every sub-mesh tried)")
   p.add_argument("--steps", type=int, default=8, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="timing rounds (median reported)")
-  p.add_argument("--placements", default="colocated,sharded:2,sharded:4,split:2,split:4,split:4:2",
-                 help="comma-separated: colocated, sharded:M, split:K[:M]")
+  p.add_argument(
+    "--placements",
+    default="colocated,sharded:2,sharded:4,split:2,split:4,split:4:2",
+    help="comma-separated: colocated, sharded:M, split:K[:M]",
+  )
   return p.parse_args(argv)
 
 
@@ -64,8 +67,15 @@ def _models(a):
   from kdjax import models
 
   (tl, tw), (sl, sw) = _size(a.teacher), _size(a.student)
-  make = lambda l, w, seed: models.create("transformer_lm", num_classes=a.vocab, num_layers=l, dim=w,  # noqa: E731
-                                          num_heads=max(w // 64, 2), max_len=a.length, rngs=nnx.Rngs(seed))
+  make = lambda l, w, seed: models.create(
+    "transformer_lm",
+    num_classes=a.vocab,
+    num_layers=l,
+    dim=w,  # noqa: E731
+    num_heads=max(w // 64, 2),
+    max_len=a.length,
+    rngs=nnx.Rngs(seed),
+  )
   return make(tl, tw, 1), make(sl, sw, 0)
 
 
@@ -84,8 +94,7 @@ def _distiller(a, placement, mesh=None, rows=None):
   import kdjax
 
   teacher, student = _models(a)
-  d = kdjax.Distiller(student, teacher, method="forward_kl", optimizer=optax.adam(1e-3), mesh=mesh,
-                      placement=placement)
+  d = kdjax.Distiller(student, teacher, method="forward_kl", optimizer=optax.adam(1e-3), mesh=mesh, placement=placement)
   return d, d.init(jax.random.key(0), _batch(a, rows))
 
 
@@ -98,6 +107,7 @@ def _time(fn, steps: int, rounds: int) -> float:
     for _ in range(steps):
       out = fn()
     import jax
+
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / steps)
   return statistics.median(times)
@@ -135,10 +145,15 @@ def measure_one_device(a, rows: int) -> dict:
 
   t_all = _time(one, a.steps, a.rounds)
   scale = a.batch / rows
-  return {"teacher_flops": f_t * scale, "student_flops": max(f_all - f_t, 1.0) * scale, "teacher_s": t_t * scale,
-          "student_s": max(t_all - t_t, 1e-9) * scale, "step_s": t_all * scale,
-          "teacher_bytes": sharding.param_bytes(d.teacher_state)["total"],
-          "student_bytes": sharding.param_bytes(box["state"])["total"]}
+  return {
+    "teacher_flops": f_t * scale,
+    "student_flops": max(f_all - f_t, 1.0) * scale,
+    "teacher_s": t_t * scale,
+    "student_s": max(t_all - t_t, 1e-9) * scale,
+    "step_s": t_all * scale,
+    "teacher_bytes": sharding.param_bytes(d.teacher_state)["total"],
+    "student_bytes": sharding.param_bytes(box["state"])["total"],
+  }
 
 
 def measure_machine(a, n: int) -> dict:
@@ -174,6 +189,7 @@ def measure_placement(a, spec: str) -> dict:
   class Clock(kdjax.hooks.Hook):
     def after_step(self, progress):
       import jax
+
       jax.block_until_ready(progress.metrics)
       times.append(time.perf_counter())
 
@@ -184,15 +200,20 @@ def measure_placement(a, spec: str) -> dict:
   steps = 2 + a.steps * a.rounds
   kdjax.train(d, state, forever(), steps=steps, hooks=[Clock()])
   per = [(times[i + a.steps] - times[i]) / a.steps for i in range(1, len(times) - a.steps, a.steps)]
-  return {"measured_s": statistics.median(per), "teacher_bytes_per_device": d.teacher_param_bytes()["max_per_device"],
-          "teacher_devices": d.teacher_mesh.size if d.placement.split else 0, "student_devices": d.mesh.size}
+  return {
+    "measured_s": statistics.median(per),
+    "teacher_bytes_per_device": d.teacher_param_bytes()["max_per_device"],
+    "teacher_devices": d.teacher_mesh.size if d.placement.split else 0,
+    "student_devices": d.mesh.size,
+  }
 
 
 def main(argv=None) -> int:
   a = parse_args(argv)
   if a.cpu_devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={a.cpu_devices}").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.cpu_devices}"
+    ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
   import jax
@@ -202,30 +223,59 @@ def main(argv=None) -> int:
   n = jax.device_count()
   one, machine = measure_one_device(a, a.batch // n), measure_machine(a, n)
   (tl, tw) = _size(a.teacher)
-  w = C.Workload(teacher_flops=one["teacher_flops"], student_flops=one["student_flops"],
-                 teacher_bytes=one["teacher_bytes"], student_bytes=one["student_bytes"],
-                 output_bytes=a.batch * a.length * a.vocab * 4,
-                 tp_bytes=(2 * tl * tw + a.vocab) * a.batch * a.length * 4)
-  rates = C.Rates(teacher_flops_per_s=one["teacher_flops"] / one["teacher_s"],
-                  student_flops_per_s=one["student_flops"] / one["student_s"], parallelism=machine["parallelism"],
-                  link_bytes_per_s=machine["link_bytes_per_s"])
-  head = {"case": "placement_inputs", "devices": n, "backend": jax.default_backend(),
-          "device_kind": jax.devices()[0].device_kind, **{k: float(f"{v:.4g}") for k, v in {**one, **machine}.items()},
-          "teacher": a.teacher, "student": a.student, "vocab": a.vocab, "length": a.length, "batch": a.batch}
+  w = C.Workload(
+    teacher_flops=one["teacher_flops"],
+    student_flops=one["student_flops"],
+    teacher_bytes=one["teacher_bytes"],
+    student_bytes=one["student_bytes"],
+    output_bytes=a.batch * a.length * a.vocab * 4,
+    tp_bytes=(2 * tl * tw + a.vocab) * a.batch * a.length * 4,
+  )
+  rates = C.Rates(
+    teacher_flops_per_s=one["teacher_flops"] / one["teacher_s"],
+    student_flops_per_s=one["student_flops"] / one["student_s"],
+    parallelism=machine["parallelism"],
+    link_bytes_per_s=machine["link_bytes_per_s"],
+  )
+  head = {
+    "case": "placement_inputs",
+    "devices": n,
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    **{k: float(f"{v:.4g}") for k, v in {**one, **machine}.items()},
+    "teacher": a.teacher,
+    "student": a.student,
+    "vocab": a.vocab,
+    "length": a.length,
+    "batch": a.batch,
+  }
   print(json.dumps(head), flush=True)
   for spec in a.placements.split(","):
     p = _placement(spec)
     pred = C.predict(w, rates, n, teacher_devices=p.teacher_devices, model=p.model)
     got = measure_placement(a, spec)
-    print(json.dumps({"case": "placement", "placement": pred.placement, "predicted_s": round(pred.step_seconds, 5),
-                      "measured_s": round(got["measured_s"], 5),
-                      "measured_over_predicted": round(got["measured_s"] / pred.step_seconds, 3),
-                      "teacher_bytes_per_device_predicted": int(pred.teacher_bytes_per_device),
-                      "teacher_bytes_per_device_measured": got["teacher_bytes_per_device"],
-                      "tokens_per_sec": round(a.batch * a.length / got["measured_s"], 1)}), flush=True)
+    print(
+      json.dumps(
+        {
+          "case": "placement",
+          "placement": pred.placement,
+          "predicted_s": round(pred.step_seconds, 5),
+          "measured_s": round(got["measured_s"], 5),
+          "measured_over_predicted": round(got["measured_s"] / pred.step_seconds, 3),
+          "teacher_bytes_per_device_predicted": int(pred.teacher_bytes_per_device),
+          "teacher_bytes_per_device_measured": got["teacher_bytes_per_device"],
+          "tokens_per_sec": round(a.batch * a.length / got["measured_s"], 1),
+        }
+      ),
+      flush=True,
+    )
   best, _ = C.recommend(w, rates, n)
-  print(json.dumps({"case": "placement_recommendation", "placement": best.placement,
-                    "predicted_s": round(best.step_seconds, 5)}), flush=True)
+  print(
+    json.dumps(
+      {"case": "placement_recommendation", "placement": best.placement, "predicted_s": round(best.step_seconds, 5)}
+    ),
+    flush=True,
+  )
   return 0
 
 

@@ -27,16 +27,23 @@ def main(out_path: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   batches = [E.digits_batch(i) for i in range(4)]
   res = {}
-  meshes = {"one": sharding.make_mesh(devices=jax.devices()[:1]), "eight": sharding.make_mesh(),
-            "fsdp": sharding.make_mesh(4, 2)}
+  meshes = {
+    "one": sharding.make_mesh(devices=jax.devices()[:1]),
+    "eight": sharding.make_mesh(),
+    "fsdp": sharding.make_mesh(4, 2),
+  }
   setups = {}
   for name, mesh in meshes.items():
     s = E.setup("crd+kd", mesh=mesh, fsdp=name == "fsdp")
     setups[name] = s
     state, hist = E.run_steps(s, batches, STEPS)
-    res[name] = {"state": E.host(state), "metrics": hist, "mesh_size": mesh.size,
-                 "bank_spec": tuple(state.method_state[0]["crd"].student.sharding.spec),
-                 "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.teacher)]}
+    res[name] = {
+      "state": E.host(state),
+      "metrics": hist,
+      "mesh_size": mesh.size,
+      "bank_spec": tuple(state.method_state[0]["crd"].student.sharding.spec),
+      "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.teacher)],
+    }
   # Teacher outputs: FSDP-sharded teacher vs the replicated one, same inputs.
   x = np.concatenate([b["inputs"] for b in batches])
   for name in ("eight", "fsdp"):
@@ -58,16 +65,18 @@ def generation(meshes) -> dict:
   from kdjax import models
   from kdjax.generate import Generator, Sampling
 
-  lm = models.create("transformer_lm", num_classes=19, num_layers=2, dim=32, num_heads=4, max_len=24,
-                     rngs=nnx.Rngs(1))
+  lm = models.create("transformer_lm", num_classes=19, num_layers=2, dim=32, num_heads=4, max_len=24, rngs=nnx.Rngs(1))
   rng = np.random.default_rng(0)
   prompts, lengths = rng.integers(1, 19, (8, 6)).astype(np.int32), rng.integers(1, 7, 8).astype(np.int32)
   out = {}
   for name, mesh in meshes.items():
     for kind, sampling in (("greedy", Sampling(10, temperature=0.0)), ("sampled", Sampling(10, top_k=5))):
       g = Generator(lm, sampling, mesh=mesh)(prompts, lengths, jax.random.key(4))
-      out[f"{name}/{kind}"] = {"tokens": E.host(g.tokens), "logprobs": E.host(g.logprobs),
-                               "spec": tuple(g.tokens.sharding.spec)}
+      out[f"{name}/{kind}"] = {
+        "tokens": E.host(g.tokens),
+        "logprobs": E.host(g.logprobs),
+        "spec": tuple(g.tokens.sharding.spec),
+      }
   return out
 
 
@@ -85,10 +94,24 @@ def on_policy(meshes) -> dict:
   batch = {"inputs": seq[:, :-1], "label": label}
   out = {}
   for name, mesh in meshes.items():
-    lm = lambda layers, seed: models.create("transformer_lm", num_classes=19, num_layers=layers, dim=32,  # noqa: E731
-                                            num_heads=4, max_len=16, rngs=nnx.Rngs(seed))
-    d = kdjax.Distiller(lm(1, 0), lm(2, 1), method="gkd", optimizer=optax.sgd(0.5), mesh=mesh,
-                        fsdp=name == "fsdp", responses=kdjax.ResponseConfig(student_fraction=0.5, stop_tokens=(2,)))
+    lm = lambda layers, seed: models.create(
+      "transformer_lm",
+      num_classes=19,
+      num_layers=layers,
+      dim=32,  # noqa: E731
+      num_heads=4,
+      max_len=16,
+      rngs=nnx.Rngs(seed),
+    )
+    d = kdjax.Distiller(
+      lm(1, 0),
+      lm(2, 1),
+      method="gkd",
+      optimizer=optax.sgd(0.5),
+      mesh=mesh,
+      fsdp=name == "fsdp",
+      responses=kdjax.ResponseConfig(student_fraction=0.5, stop_tokens=(2,)),
+    )
     state = d.init(jax.random.key(0), batch)
     rows = E.host(d.train_batch(state, batch))
     hist = []

@@ -27,8 +27,15 @@ def main(out_path: str) -> None:
   s = E.setup("crd+kd", mesh=mesh)
   batches = [E.local_rows(E.digits_batch(i), mesh) for i in range(4)]
   state, hist = E.run_steps(s, batches, STEPS)
-  P.finish({"state": E.host(state), "metrics": hist, "process_count": jax.process_count(),
-            "local_rows": len(batches[0]["label"])}, out_path)
+  P.finish(
+    {
+      "state": E.host(state),
+      "metrics": hist,
+      "process_count": jax.process_count(),
+      "local_rows": len(batches[0]["label"]),
+    },
+    out_path,
+  )
 
 
 if __name__ == "__main__":

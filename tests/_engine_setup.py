@@ -77,12 +77,29 @@ def _create(name_kw, num_classes, seed, dtype=jnp.float32):
   return models.create(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
 
 
-def setup(method: str | MethodConfig = "kd", *, mode: str = "offline", student=DIGITS_STUDENT,
-          teachers=(DIGITS_TEACHER,), num_students: int = 1, num_classes: int = 10, tx=None,
-          mesh=None, fsdp: bool = False, grad_accum: int = 1, teacher_weights=(), multi_teacher="average",
-          ema_decay: float = 0.9, student_dtype=jnp.float32, seed: int = 0, init_stage: bool = False,
-          num_examples: int = N_EXAMPLES, teacher_classes: int | None = None, placement=None,
-          batch_rows: int = 2) -> Setup:
+def setup(
+  method: str | MethodConfig = "kd",
+  *,
+  mode: str = "offline",
+  student=DIGITS_STUDENT,
+  teachers=(DIGITS_TEACHER,),
+  num_students: int = 1,
+  num_classes: int = 10,
+  tx=None,
+  mesh=None,
+  fsdp: bool = False,
+  grad_accum: int = 1,
+  teacher_weights=(),
+  multi_teacher="average",
+  ema_decay: float = 0.9,
+  student_dtype=jnp.float32,
+  seed: int = 0,
+  init_stage: bool = False,
+  num_examples: int = N_EXAMPLES,
+  teacher_classes: int | None = None,
+  placement=None,
+  batch_rows: int = 2,
+) -> Setup:
   """A tiny problem through the public core, :class:`kdjax.Distiller`."""
   mcfg = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
   if init_stage and mcfg.init_epochs <= 0:
@@ -93,11 +110,22 @@ def setup(method: str | MethodConfig = "kd", *, mode: str = "offline", student=D
   t_models = []
   if mode in ("offline", "born_again", "multi_teacher"):
     t_models = [_create(t, teacher_classes or num_classes, 100 + i) for i, t in enumerate(teachers)]
-  d = kdjax.Distiller(students if mode == "dml" else students[0], t_models, method=mcfg,
-                      optimizer=tx if tx is not None else optax.adam(3e-3), mesh=mesh,
-                      mode="offline" if mode == "born_again" else mode, num_examples=num_examples,
-                      steps_per_epoch=10, grad_accum=grad_accum, fsdp=fsdp, teacher_weights=tuple(teacher_weights),
-                      multi_teacher=multi_teacher, ema_decay=ema_decay, placement=placement)
+  d = kdjax.Distiller(
+    students if mode == "dml" else students[0],
+    t_models,
+    method=mcfg,
+    optimizer=tx if tx is not None else optax.adam(3e-3),
+    mesh=mesh,
+    mode="offline" if mode == "born_again" else mode,
+    num_examples=num_examples,
+    steps_per_epoch=10,
+    grad_accum=grad_accum,
+    fsdp=fsdp,
+    teacher_weights=tuple(teacher_weights),
+    multi_teacher=multi_teacher,
+    ema_decay=ema_decay,
+    placement=placement,
+  )
   x = models.dummy_input(students[0], batch_rows)
   state = d.init(jax.random.key(seed), {"inputs": np.zeros(x.shape, x.dtype)})
   initial = host(state)

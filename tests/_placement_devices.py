@@ -29,16 +29,16 @@ LM_TEACHER = ("transformer_lm", {"num_layers": 1, "dim": 128, "num_heads": 4, "m
 VOCAB = 256  # big enough that the embedding and the head are split too
 
 PLACEMENTS = {
-    "colocated": kdjax.Placement(),
-    "sharded": kdjax.Placement(model=2),
-    "split26": kdjax.Placement(teacher_devices=2),
-    "split44": kdjax.Placement(teacher_devices=4),
-    "pinned": kdjax.Placement(teacher_memory="pinned_host"),
+  "colocated": kdjax.Placement(),
+  "sharded": kdjax.Placement(model=2),
+  "split26": kdjax.Placement(teacher_devices=2),
+  "split44": kdjax.Placement(teacher_devices=4),
+  "pinned": kdjax.Placement(teacher_memory="pinned_host"),
 }
 LM_PLACEMENTS = {
-    "colocated": kdjax.Placement(),
-    "sharded": kdjax.Placement(model=4),
-    "split_sharded": kdjax.Placement(teacher_devices=4, model=2),
+  "colocated": kdjax.Placement(),
+  "sharded": kdjax.Placement(model=4),
+  "split_sharded": kdjax.Placement(teacher_devices=4, model=2),
 }
 
 
@@ -56,8 +56,15 @@ def digits(placement, mesh=None):
 
 def lm(placement):
   # SGD: Adam's g/√v would blow the float32 rounding of near-zero gradient entries up to the step size.
-  return E.setup("kd", student=E.LM, teachers=(LM_TEACHER,), num_classes=VOCAB, placement=placement,
-                 batch_rows=ROWS, tx=optax.sgd(0.5))
+  return E.setup(
+    "kd",
+    student=E.LM,
+    teachers=(LM_TEACHER,),
+    num_classes=VOCAB,
+    placement=placement,
+    batch_rows=ROWS,
+    tx=optax.sgd(0.5),
+  )
 
 
 def runs(make, placements, batches) -> dict:
@@ -65,11 +72,16 @@ def runs(make, placements, batches) -> dict:
   for name, p in placements.items():
     s = make(p)
     state, metrics = E.train(s, E.cycle(batches), STEPS, state=s.fresh())
-    out[name] = {"state": E.host(state), "metrics": metrics, "teacher_bytes": s.distiller.teacher_param_bytes(),
-                 "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.distiller.teacher_state)],
-                 "teacher_shapes": [(x.shape, x.dtype.itemsize) for x in jax.tree.leaves(s.distiller.teacher_state)],
-                 "student_devices": s.distiller.mesh.size, "teacher_devices": s.distiller.teacher_mesh.size,
-                 "eval": s.distiller.evaluate(state, batches[:2])}
+    out[name] = {
+      "state": E.host(state),
+      "metrics": metrics,
+      "teacher_bytes": s.distiller.teacher_param_bytes(),
+      "teacher_specs": [tuple(x.sharding.spec) for x in jax.tree.leaves(s.distiller.teacher_state)],
+      "teacher_shapes": [(x.shape, x.dtype.itemsize) for x in jax.tree.leaves(s.distiller.teacher_state)],
+      "student_devices": s.distiller.mesh.size,
+      "teacher_devices": s.distiller.teacher_mesh.size,
+      "eval": s.distiller.evaluate(state, batches[:2]),
+    }
   return out
 
 
@@ -133,11 +145,12 @@ def _step_on(s, batch):
 def errors() -> dict:
   """One-line messages of bad placements."""
   cases = {
-      "teacher_devices_8": lambda: digits(kdjax.Placement(teacher_devices=8)),
-      "batch_rows": lambda: _step_on(E.setup("kd", placement=kdjax.Placement(teacher_devices=3)), E.digits_batch(0, 8)),
-      "model_layer": lambda: digits(kdjax.Placement(model=3),
-                                    mesh=sharding.make_mesh(devices=jax.devices()[:6], model=3)),
-      "model_devices": lambda: digits(kdjax.Placement(model=3)),
+    "teacher_devices_8": lambda: digits(kdjax.Placement(teacher_devices=8)),
+    "batch_rows": lambda: _step_on(E.setup("kd", placement=kdjax.Placement(teacher_devices=3)), E.digits_batch(0, 8)),
+    "model_layer": lambda: digits(
+      kdjax.Placement(model=3), mesh=sharding.make_mesh(devices=jax.devices()[:6], model=3)
+    ),
+    "model_devices": lambda: digits(kdjax.Placement(model=3)),
   }
   out = {}
   for name, make in cases.items():
@@ -153,9 +166,13 @@ def main(out_path: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   dig = [E.digits_batch(i, batch=ROWS) for i in range(4)]
   toks = [E.token_batch(i, batch=ROWS, vocab=VOCAB) for i in range(4)]
-  res = {"digits": runs(digits, PLACEMENTS, dig), "lm": runs(lm, LM_PLACEMENTS, toks),
-         "order": dispatch_order(dig[:4] + [E.digits_batch(i, batch=ROWS) for i in range(4, 6)]),
-         "checkpoints": checkpoints(dig), "errors": errors()}
+  res = {
+    "digits": runs(digits, PLACEMENTS, dig),
+    "lm": runs(lm, LM_PLACEMENTS, toks),
+    "order": dispatch_order(dig[:4] + [E.digits_batch(i, batch=ROWS) for i in range(4, 6)]),
+    "checkpoints": checkpoints(dig),
+    "errors": errors(),
+  }
   four = sharding.make_mesh(devices=jax.devices()[:4])  # the device count of the two-process run
   s = digits(kdjax.Placement(teacher_devices=2), mesh=four)
   state, metrics = E.train(s, E.cycle(dig), STEPS)

@@ -26,9 +26,16 @@ def main(out_path: str) -> None:
   s = E.setup("crd+kd", placement=kdjax.Placement(teacher_devices=2), batch_rows=ROWS // 2)
   batches = [E.local_rows(E.digits_batch(i, batch=ROWS), s.distiller.mesh) for i in range(4)]
   state, metrics = E.train(s, E.cycle(batches), 20)
-  P.finish({"state": E.host(state), "metrics": metrics, "local_rows": len(batches[0]["label"]),
-            "teacher_devices": [d.process_index for d in s.distiller.teacher_mesh.devices.flat],
-            "student_devices": [d.process_index for d in s.distiller.mesh.devices.flat]}, out_path)
+  P.finish(
+    {
+      "state": E.host(state),
+      "metrics": metrics,
+      "local_rows": len(batches[0]["label"]),
+      "teacher_devices": [d.process_index for d in s.distiller.teacher_mesh.devices.flat],
+      "student_devices": [d.process_index for d in s.distiller.mesh.devices.flat],
+    },
+    out_path,
+  )
 
 
 if __name__ == "__main__":

@@ -34,16 +34,23 @@ def main(path: str, out_path: str) -> None:
   specs = {".".join(map(str, k)): tuple(v[...].sharding.spec) for k, v in flat.items()}
   logits = jax.jit(lambda m, x: m(x).logits)(model, jnp.asarray(TOKENS, jnp.int32))
   _, teacher_mesh = placement_meshes(sharding.make_mesh(), Placement(teacher_devices=4, model=2))
-  split, _ = experiment.load_teacher(ModelConfig(name="hf", checkpoint=path),
-                                      pretrained.read_config(path).vocab_size, mesh=teacher_mesh)
+  split, _ = experiment.load_teacher(
+    ModelConfig(name="hf", checkpoint=path), pretrained.read_config(path).vocab_size, mesh=teacher_mesh
+  )
   arrays = [v[...] for v in jax.tree.leaves(nnx.state(split), is_leaf=lambda x: isinstance(x, nnx.Variable))]
   with open(out_path, "wb") as fh:
-    pickle.dump({"specs": specs, "logits": np.asarray(logits), **sharding.param_bytes(nnx.state(model)),
-                 "split_devices": sorted({d.id for a in arrays for d in a.sharding.device_set}),
-                 "teacher_devices": sorted(d.id for d in teacher_mesh.devices.flat),
-                 "split_q_spec": tuple(split.blocks[0].attn.q.kernel[...].sharding.spec),
-                 "split_logits": np.asarray(jax.jit(lambda m, x: m(x).logits)(split, jnp.asarray(TOKENS, jnp.int32)))},
-                fh)
+    pickle.dump(
+      {
+        "specs": specs,
+        "logits": np.asarray(logits),
+        **sharding.param_bytes(nnx.state(model)),
+        "split_devices": sorted({d.id for a in arrays for d in a.sharding.device_set}),
+        "teacher_devices": sorted(d.id for d in teacher_mesh.devices.flat),
+        "split_q_spec": tuple(split.blocks[0].attn.q.kernel[...].sharding.spec),
+        "split_logits": np.asarray(jax.jit(lambda m, x: m(x).logits)(split, jnp.asarray(TOKENS, jnp.int32))),
+      },
+      fh,
+    )
 
 
 if __name__ == "__main__":

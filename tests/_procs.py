@@ -18,8 +18,12 @@ def free_port() -> int:
 
 def run_together(*commands: list[str], timeout: float = 300) -> None:
   """Run ``python tests/<script> args…`` for each command at once; fail with the log tail of any that fails."""
-  procs = [subprocess.Popen([sys.executable, str(HERE / c[0]), *map(str, c[1:])], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for c in commands]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(HERE / c[0]), *map(str, c[1:])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for c in commands
+  ]
   logs = [p.communicate(timeout=timeout)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -39,8 +43,12 @@ def join(process_id: str, port: str, devices_per_process: int = 1) -> None:
   if devices_per_process > 1:
     flag = f"--xla_force_host_platform_device_count={devices_per_process}"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-  os.environ.update(JAX_PLATFORMS="cpu", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(process_id),
-                    KDJAX_COORDINATOR=f"localhost:{port}")
+  os.environ.update(
+    JAX_PLATFORMS="cpu",
+    KDJAX_NUM_PROCESSES="2",
+    KDJAX_PROCESS_ID=str(process_id),
+    KDJAX_COORDINATOR=f"localhost:{port}",
+  )
   from kdjax.engine import distributed
 
   distributed.initialize()

@@ -21,8 +21,9 @@ V, L, BATCH = 17, 12, 8
 
 
 def _lm(layers: int, dim: int, seed: int):
-  return models.create("transformer_lm", num_classes=V, num_layers=layers, dim=dim, num_heads=2, max_len=L,
-                       rngs=nnx.Rngs(seed))
+  return models.create(
+    "transformer_lm", num_classes=V, num_layers=layers, dim=dim, num_heads=2, max_len=L, rngs=nnx.Rngs(seed)
+  )
 
 
 def _token_batch() -> dict:
@@ -31,15 +32,21 @@ def _token_batch() -> dict:
   mask = np.zeros((BATCH, L), bool)
   # Micro-batch m (of 4) holds rows m and m+4: rows 0/4 get 1 token each, rows 3/7 all 12.
   for row, n in enumerate([1, 3, 6, 12, 1, 2, 5, 12]):
-    mask[row, L - n:] = True
+    mask[row, L - n :] = True
   labels = np.where(mask, np.roll(tokens, -1, axis=1), -1).astype(np.int32)
   return {"inputs": tokens, "label": labels, "mask": mask}
 
 
 def _one_step(method: MethodConfig, accum: int, batch: dict, student_fn, teacher_fn):
-  d = kdjax.Distiller(student_fn(), [teacher_fn()] if teacher_fn else [], method=method,
-                      optimizer=optax.sgd(0.5), grad_accum=accum, num_examples=BATCH,
-                      mode=None if teacher_fn else "teacher")
+  d = kdjax.Distiller(
+    student_fn(),
+    [teacher_fn()] if teacher_fn else [],
+    method=method,
+    optimizer=optax.sgd(0.5),
+    grad_accum=accum,
+    num_examples=BATCH,
+    mode=None if teacher_fn else "teacher",
+  )
   state = d.init(jax.random.key(0), batch)
   state, metrics = d.step(state, batch)
   return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}

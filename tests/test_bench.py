@@ -10,8 +10,16 @@ import jax
 import numpy as np
 import pytest
 
-FIELDS = ("case", "pair", "images_per_sec", "compile_seconds", "gflop_per_image", "achieved_gflops", "devices",
-          "backend")
+FIELDS = (
+  "case",
+  "pair",
+  "images_per_sec",
+  "compile_seconds",
+  "gflop_per_image",
+  "achieved_gflops",
+  "devices",
+  "backend",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +114,25 @@ def test_generate_case_times_the_kv_cache_and_full_recompute_side_by_side(bench,
   monkeypatch.setitem(bench.PAIRS, "tiny-lm", ("transformer_lm", "transformer_lm", (16,), 32))
   monkeypatch.setitem(bench.PAIR_KWARGS, "tiny-lm", (tiny, tiny))
   capsys.readouterr()
-  assert bench.main(["--pairs", "tiny-lm", "--cases", "generate,on_policy", "--batch", "4", "--rounds", "1",
-                     "--steps", "1", "--warmup", "0"]) == 0
+  assert (
+    bench.main(
+      [
+        "--pairs",
+        "tiny-lm",
+        "--cases",
+        "generate,on_policy",
+        "--batch",
+        "4",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+      ]
+    )
+    == 0
+  )
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
   gen = {r["case"]: r for r in rows if r["case"].startswith("generate")}
   assert set(gen) == {"generate_kv", "generate_recompute"}
@@ -126,8 +151,12 @@ def test_input_case_reports_both_worker_counts_and_the_cold_start(bench):
 
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert bench.main(["--cases", "input", "--pairs", "cnn1d-mlp", "--batch", "32", "--steps", "2", "--rounds", "1",
-                       "--warmup", "1"]) == 0
+    assert (
+      bench.main(
+        ["--cases", "input", "--pairs", "cnn1d-mlp", "--batch", "32", "--steps", "2", "--rounds", "1", "--warmup", "1"]
+      )
+      == 0
+    )
   rows = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
   got = {(r["dataset"], r["workers"]) for r in rows if r.get("case") == "input"}
   assert got == {("mnist1d", 0), ("mnist1d", 2), ("cifar100_mock", 0), ("cifar100_mock", 2)}

@@ -35,8 +35,9 @@ def teacher_dir(tmp_path_factory) -> str:
   d = tmp_path_factory.mktemp("teacher")
   m = models.create("cnn1d", num_classes=10, rngs=nnx.Rngs(3))
   _, params, rest = split_model(m)
-  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params,
-                    model_state=rest, extra={})
+  ckpt.export_model(
+    d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params, model_state=rest, extra={}
+  )
   return str(d)
 
 
@@ -45,19 +46,24 @@ def other_teacher_dir(tmp_path_factory) -> str:
   d = tmp_path_factory.mktemp("teacher2")
   m = models.create("cnn1d", num_classes=10, rngs=nnx.Rngs(4))
   _, params, rest = split_model(m)
-  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params,
-                    model_state=rest, extra={})
+  ckpt.export_model(
+    d / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=params, model_state=rest, extra={}
+  )
   return str(d)
 
 
 @pytest.fixture(scope="module")
 def cfg(tfds_dir, teacher_dir, tmp_path_factory) -> Experiment:
   return Experiment(
-      name="cache_test", mode="offline",
-      data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=500, view="jitter"),
-      teacher=ModelConfig(name="cnn1d", checkpoint=teacher_dir), student=ModelConfig(name="mlp"),
-      method=MethodConfig(name="kd", temperature=4.0), optim=OptimConfig(name="sgd", lr=0.1, steps=5),
-      run=RunConfig(workdir=str(tmp_path_factory.mktemp("run")), quiet=True))
+    name="cache_test",
+    mode="offline",
+    data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=500, view="jitter"),
+    teacher=ModelConfig(name="cnn1d", checkpoint=teacher_dir),
+    student=ModelConfig(name="mlp"),
+    method=MethodConfig(name="kd", temperature=4.0),
+    optim=OptimConfig(name="sgd", lr=0.1, steps=5),
+    run=RunConfig(workdir=str(tmp_path_factory.mktemp("run")), quiet=True),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +337,22 @@ def test_cli_cache_command(cfg, teacher_dir, tmp_path, capsys):
 
   d = tmp_path / "cli_cache"
   flags = ["--data.data_dir", cfg.data.data_dir, "--teacher.checkpoint", teacher_dir, "--data.view", "jitter"]
-  rc = cli.main(["cache", "mnist1d_kd", "kd_labelled", *flags, "--cache.dir", str(d), "--cache.views", "2",
-                 "--cache.shard-size", "2500", "--cache.batch-size", "500"])
+  rc = cli.main(
+    [
+      "cache",
+      "mnist1d_kd",
+      "kd_labelled",
+      *flags,
+      "--cache.dir",
+      str(d),
+      "--cache.views",
+      "2",
+      "--cache.shard-size",
+      "2500",
+      "--cache.batch-size",
+      "500",
+    ]
+  )
   out = capsys.readouterr().out
   assert rc == 0 and "2 shards written" in out and "complete" in out
   cache = C.TeacherCache.open(d)
@@ -360,8 +380,7 @@ def test_plain_logit_cache_fit_equals_online_fit(cfg, tmp_path):
   """K = 1, views off, float32 storage: a whole `fit` from the cache follows
   the online run (same student to float32 rounding of the teacher forward, same
   accuracy), and it really reads the cache."""
-  plain = cfg.replace(data=dataclasses.replace(cfg.data, view="none"),
-                      optim=dataclasses.replace(cfg.optim, steps=8))
+  plain = cfg.replace(data=dataclasses.replace(cfg.data, view="none"), optim=dataclasses.replace(cfg.optim, steps=8))
   d = tmp_path / "plain"
   build_teacher_cache(plain, d, C.CacheSpec(views=1, dtype="float32"))
   res_on = engine.fit(plain.replace(run=dataclasses.replace(plain.run, workdir=str(tmp_path / "on"))))
@@ -390,8 +409,9 @@ def test_processes_build_disjoint_shards_that_together_equal_one_build(tmp_path)
   from kdjax.data.tfds import ArrayDataset
 
   rng = np.random.default_rng(0)
-  ds = ArrayDataset(rng.normal(size=(50, 12)).astype(np.float32), rng.integers(0, 5, 50), np.arange(50) * 3,
-                    name="toy", split="train")
+  ds = ArrayDataset(
+    rng.normal(size=(50, 12)).astype(np.float32), rng.integers(0, 5, 50), np.arange(50) * 3, name="toy", split="train"
+  )
   w = rng.normal(size=(12, 5)).astype(np.float32)
   predict = lambda x: x @ w  # noqa: E731  (a linear "teacher" in NumPy)
   view = V.ViewConfig(kind="jitter", max_shift=1)
@@ -418,7 +438,7 @@ def Loader_view_shift(images, ids, k, view_seed, shift):  # noqa: N802
   keys = V.view_key(view_seed, ids, k, V.STREAM_STUDENT)
   off = V.randint(keys, 1, 2 * shift + 1)
   padded = np.pad(images, ((0, 0), (shift, shift)))
-  return np.stack([padded[i, o:o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
+  return np.stack([padded[i, o : o + images.shape[1]] for i, o in enumerate(off)]).astype(np.float32)
 
 
 @pytest.mark.slow

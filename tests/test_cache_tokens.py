@@ -55,8 +55,17 @@ def _teacher_logits(s: E.Setup, tokens: np.ndarray) -> np.ndarray:
 
 def _build(directory, ds, s, top_k, dtype, **kw):
   spec = C.CacheSpec(views=1, dtype=dtype, top_k=top_k, shard_size=kw.pop("shard_size", 16), batch_size=8)
-  return C.build_cache(directory, ds, _teacher(s, top_k), teacher_hash="lm-teacher", num_classes=VOCAB, view=VIEW,
-                       spec=spec, output_shape=(LEN, VOCAB), **kw)
+  return C.build_cache(
+    directory,
+    ds,
+    _teacher(s, top_k),
+    teacher_hash="lm-teacher",
+    num_classes=VOCAB,
+    view=VIEW,
+    spec=spec,
+    output_shape=(LEN, VOCAB),
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +139,12 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   np.testing.assert_array_equal(batch["teacher_topk_logp"], a.astype(np.float32))
   # NumPy bucket KL against the student's own logits
   sd = fkl.spec.students[0]
-  z = np.asarray(apply_model(sd.graphdef, fkl.initial.params[0], fkl.initial.model_state[0],
-                             jnp.asarray(batch["inputs"]), train=True)[0].logits, np.float64)
+  z = np.asarray(
+    apply_model(
+      sd.graphdef, fkl.initial.params[0], fkl.initial.model_state[0], jnp.asarray(batch["inputs"]), train=True
+    )[0].logits,
+    np.float64,
+  )
   ls = z - z.max(-1, keepdims=True)
   ls -= np.log(np.exp(ls).sum(-1, keepdims=True))
   in_top = np.zeros(ls.shape, bool)
@@ -163,12 +176,24 @@ def test_token_cache_in_two_interrupted_halves_equals_one_go(tmp_path, ds, fkl):
       np.testing.assert_array_equal(x[f], y[f])
   # top-k on the device == top-k of host logits (the same cache either way)
   dense_predict = _teacher(fkl, 0)
-  C.build_cache(tmp_path / "host", ds, dense_predict, teacher_hash="lm-teacher", num_classes=VOCAB, view=VIEW,
-                spec=C.CacheSpec(dtype="float16", top_k=8, shard_size=16, batch_size=8), output_shape=(LEN, VOCAB))
+  C.build_cache(
+    tmp_path / "host",
+    ds,
+    dense_predict,
+    teacher_hash="lm-teacher",
+    num_classes=VOCAB,
+    view=VIEW,
+    spec=C.CacheSpec(dtype="float16", top_k=8, shard_size=16, batch_size=8),
+    output_shape=(LEN, VOCAB),
+  )
   dev, host = C.TeacherCache.open(tmp_path / "one"), C.TeacherCache.open(tmp_path / "host")
   np.testing.assert_array_equal(np.asarray(dev.arrays["topk_idx"]), np.asarray(host.arrays["topk_idx"]))
-  np.testing.assert_allclose(np.asarray(dev.arrays["topk_logp"], np.float32),
-                             np.asarray(host.arrays["topk_logp"], np.float32), rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(
+    np.asarray(dev.arrays["topk_logp"], np.float32),
+    np.asarray(host.arrays["topk_logp"], np.float32),
+    rtol=2e-3,
+    atol=2e-3,
+  )
 
 
 @pytest.mark.slow
@@ -177,11 +202,26 @@ def test_token_cache_refuses_another_teacher_and_wrong_shapes(tmp_path, ds, fkl)
   with pytest.raises(ValueError, match=r"stale: built for teacher lm-teacher but the configured teacher is other"):
     C.TeacherCache.open(tmp_path / "c", teacher_hash="other")
   with pytest.raises(ValueError, match="teacher_hash"):
-    C.build_cache(tmp_path / "c", ds, _teacher(fkl, 4), teacher_hash="other", num_classes=VOCAB, view=VIEW,
-                  spec=C.CacheSpec(top_k=4, shard_size=16, batch_size=8), output_shape=(LEN, VOCAB))
+    C.build_cache(
+      tmp_path / "c",
+      ds,
+      _teacher(fkl, 4),
+      teacher_hash="other",
+      num_classes=VOCAB,
+      view=VIEW,
+      spec=C.CacheSpec(top_k=4, shard_size=16, batch_size=8),
+      output_shape=(LEN, VOCAB),
+    )
   with pytest.raises(ValueError, match=r"teacher outputs \(8, 64\) per example, the cache expects \(64,\)"):
-    C.build_cache(tmp_path / "d", ds, _teacher(fkl, 0), teacher_hash="t", num_classes=VOCAB, view=VIEW,
-                  spec=C.CacheSpec(shard_size=16, batch_size=8))
+    C.build_cache(
+      tmp_path / "d",
+      ds,
+      _teacher(fkl, 0),
+      teacher_hash="t",
+      num_classes=VOCAB,
+      view=VIEW,
+      spec=C.CacheSpec(shard_size=16, batch_size=8),
+    )
   with pytest.raises(ValueError, match="integer token ids"):
     views.augment(VIEW, np.zeros((2, 3), np.float32), np.zeros(2, np.uint64))
   with pytest.raises(ValueError, match="cannot mix token ids"):
@@ -211,9 +251,17 @@ def test_topk_token_cache_records_the_bytes_per_token_it_stores(tmp_path, vocab,
   ds = ArrayDataset(np.zeros((n, length), np.int32), np.zeros((n, length), np.int32), np.arange(n), "toy", "train")
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(n, length, vocab)).astype(np.float32)
-  predict = lambda x: logits[:len(x)]  # noqa: E731  (one batch of 8 covers the split)
-  C.build_cache(tmp_path / "c", ds, predict, teacher_hash="t", num_classes=vocab, view=VIEW,
-                spec=C.CacheSpec(dtype="float16", top_k=k, shard_size=8, batch_size=8), output_shape=(length, vocab))
+  predict = lambda x: logits[: len(x)]  # noqa: E731  (one batch of 8 covers the split)
+  C.build_cache(
+    tmp_path / "c",
+    ds,
+    predict,
+    teacher_hash="t",
+    num_classes=vocab,
+    view=VIEW,
+    spec=C.CacheSpec(dtype="float16", top_k=k, shard_size=8, batch_size=8),
+    output_shape=(length, vocab),
+  )
   cache = C.TeacherCache.open(tmp_path / "c")
   assert cache.meta["bytes_per_token"] == per_token and cache.meta["index_dtype"] == index_dtype
   assert np.asarray(cache.arrays["topk_idx"]).dtype == np.dtype(index_dtype)

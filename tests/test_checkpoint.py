@@ -38,24 +38,49 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, EVERY, BATCH = 24, 4, 64
-COMMON = ["--optim.steps", str(STEPS), "--run.checkpoint_every", str(EVERY), "--data.batch_size", str(BATCH),
-          "--run.log_every", "4", "--run.quiet"]
+COMMON = [
+  "--optim.steps",
+  str(STEPS),
+  "--run.checkpoint_every",
+  str(EVERY),
+  "--data.batch_size",
+  str(BATCH),
+  "--run.log_every",
+  "4",
+  "--run.quiet",
+]
 # CRD with a small head and few negatives: the memory bank is still updated
 # every step (the state that must survive the restart), at a fraction of the cost.
-KINDS = {"kd": [], "dml": ["--mode", "dml"],
-         "crd": ["--method.name", "crd", "--method.crd_negatives", "64", "--method.feat_dim", "16"]}
+KINDS = {
+  "kd": [],
+  "dml": ["--mode", "dml"],
+  "crd": ["--method.name", "crd", "--method.crd_negatives", "64", "--method.feat_dim", "16"],
+}
 
 # Where each interrupted run is stopped: drawn once from a seeded RNG. The CRD
 # kill lands on a checkpoint step, i.e. while that step's async save is in flight.
 _rng = np.random.default_rng(2026)
-KILL_AT = {"kd": int(_rng.integers(2, STEPS)), "dml": int(_rng.integers(2, STEPS)),
-           "crd": EVERY * int(_rng.integers(1, STEPS // EVERY))}
+KILL_AT = {
+  "kd": int(_rng.integers(2, STEPS)),
+  "dml": int(_rng.integers(2, STEPS)),
+  "crd": EVERY * int(_rng.integers(1, STEPS // EVERY)),
+}
 TERM_AT = {k: int(_rng.integers(1, STEPS)) for k in KINDS}
 
 
 def argv(kind: str, workdir: Path, teacher: Path, *extra: str) -> list[str]:
-  return ["distill", "mnist1d_kd", "kd_labelled", "--workdir", str(workdir), "--teacher.checkpoint", str(teacher),
-          *COMMON, *KINDS[kind], *extra]
+  return [
+    "distill",
+    "mnist1d_kd",
+    "kd_labelled",
+    "--workdir",
+    str(workdir),
+    "--teacher.checkpoint",
+    str(teacher),
+    *COMMON,
+    *KINDS[kind],
+    *extra,
+  ]
 
 
 def steps_on_disk(workdir: Path) -> list[int]:
@@ -88,14 +113,23 @@ def results(workdir: Path) -> dict:
 
 def tree_digest(d: Path) -> dict[str, str]:
   """Every file's SHA-256, except the run lock (it names whoever last held it)."""
-  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-          if p.is_file() and p.name != ".lock"}
+  return {
+    str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(d.rglob("*"))
+    if p.is_file() and p.name != ".lock"
+  }
 
 
 def _env(**kw) -> dict:
   env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **kw)
+  env.update(
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    **kw,
+  )
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
   return env
 
@@ -110,8 +144,11 @@ def compile_cache(tmp_path_factory):
   """A persistent XLA cache for this module's many identical compiles (each
   re-run recompiles the same step); subprocesses share it through the env."""
   d = str(tmp_path_factory.mktemp("xla_cache"))
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = {n: getattr(jax.config, n) for n in names}
   for n, v in zip(names, (d, 0.0, 0)):
     jax.config.update(n, v)
@@ -123,8 +160,22 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
   t = tmp_path_factory.mktemp("teacher")
-  assert cli.main(["train-teacher", "mnist1d_kd", "--workdir", str(t), "--optim.steps", "8",
-                   "--data.batch_size", str(BATCH), "--run.quiet"]) == 0
+  assert (
+    cli.main(
+      [
+        "train-teacher",
+        "mnist1d_kd",
+        "--workdir",
+        str(t),
+        "--optim.steps",
+        "8",
+        "--data.batch_size",
+        str(BATCH),
+        "--run.quiet",
+      ]
+    )
+    == 0
+  )
   return t
 
 
@@ -151,8 +202,14 @@ def reference(teacher, tmp_path_factory):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_sigkill_then_rerun_is_bit_identical_with_the_same_metric_rows(kind, teacher, reference, tmp_path):
   w, k = tmp_path / "run", KILL_AT[kind]
-  proc = subprocess.run([sys.executable, "-m", "kdjax.cli", *argv(kind, w, teacher)], cwd=ROOT,
-                        env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "kdjax.cli", *argv(kind, w, teacher)],
+    cwd=ROOT,
+    env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   on_disk = steps_on_disk(w)
   # Only complete saves are steps; one cut short by the kill is not.
@@ -175,8 +232,14 @@ def test_sigkill_with_two_input_workers_resumes_bit_identical(teacher, reference
   """Grain worker processes make the batches ahead; the killed run's successor (workers again) continues with
   exactly the next batch, and the result equals the reference run, made without workers."""
   w, k, two = tmp_path / "run", KILL_AT["kd"], ("--data.workers", "2")
-  proc = subprocess.run([sys.executable, "-m", "kdjax.cli", *argv("kd", w, teacher, *two)], cwd=ROOT,
-                        env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "kdjax.cli", *argv("kd", w, teacher, *two)],
+    cwd=ROOT,
+    env=_env(**{faults.FAULT_ENV: f"{k}:KILL"}),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   on_disk = steps_on_disk(w)
   assert on_disk and max(on_disk) < STEPS
@@ -187,8 +250,9 @@ def test_sigkill_with_two_input_workers_resumes_bit_identical(teacher, reference
 
 
 @pytest.mark.parametrize("kind, sig", [(k, "TERM") for k in KINDS] + [("kd", "INT")])
-def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(kind, sig, teacher, reference, tmp_path, monkeypatch,
-                                                            capsys):
+def test_sigterm_saves_exits_75_then_rerun_is_bit_identical(
+  kind, sig, teacher, reference, tmp_path, monkeypatch, capsys
+):
   w, k = tmp_path / "run", TERM_AT[kind] if sig == "TERM" else STEPS - 1
   monkeypatch.setenv(faults.FAULT_ENV, f"{k}:{sig}")
   assert cli.main(argv(kind, w, teacher)) == faults.PREEMPTED_EXIT == 75
@@ -218,7 +282,7 @@ def test_truncated_latest_checkpoint_resumes_from_previous(reference, teacher, t
   assert files
   for p in files:  # truncate every array/metadata file to half its length
     data = p.read_bytes()
-    p.write_bytes(data[:len(data) // 2])
+    p.write_bytes(data[: len(data) // 2])
   # An unfinished save (as a SIGKILL mid-save leaves it) must be ignored too.
   tmp_save = w / "checkpoints" / f"{STEPS + 4}.orbax-checkpoint-tmp-1234"
   tmp_save.mkdir()
@@ -293,16 +357,28 @@ def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch
   monkeypatch.delenv(faults.FAULT_ENV)
   bad = argv("kd", tmp_path / "bad", teacher, "--data.batch_size", "100")
   proc = subprocess.run(
-      [sys.executable, "-c", _EIGHT, json.dumps(bad), json.dumps(argv("kd", w81, teacher)),
-       json.dumps(argv("kd", w18, teacher)), f"{k}:TERM"],
-      cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True, text=True,
-      timeout=400)
+    [
+      sys.executable,
+      "-c",
+      _EIGHT,
+      json.dumps(bad),
+      json.dumps(argv("kd", w81, teacher)),
+      json.dumps(argv("kd", w18, teacher)),
+      f"{k}:TERM",
+    ],
+    cwd=ROOT,
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT ", 1)[1])
   # Batch size not divisible by the device count: one line, exit 1.
   assert out["bad_batch_rc"] == 1
   assert out["bad_batch_err"].strip().splitlines() == [
-      "kdjax: error: data.batch_size=100 is not divisible by the 8 devices of the mesh; use a multiple of 8"]
+    "kdjax: error: data.batch_size=100 is not divisible by the 8 devices of the mesh; use a multiple of 8"
+  ]
   assert out["save8_rc"] == 75 and out["resume8_rc"] == 0
   _, _, meta = ckpt.read_checkpoint(w81 / "checkpoints")
   assert meta["step"] == k and meta["mesh"] == {"data": 8, "fsdp": 1}
@@ -324,6 +400,7 @@ def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch
 def _forbid_steps(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("a train state was built although the teacher does not fit")
+
   monkeypatch.setattr(Distiller, "init", boom)
 
 
@@ -334,8 +411,14 @@ def _make_export(directory: Path, model: str, num_classes: int, *, meta: bool = 
 
   m = models.create(model, num_classes=num_classes, rngs=nnx.Rngs(0))
   _, params, rest = nnx.split(m, nnx.Param, ...)
-  ckpt.export_model(directory, model_name=model, num_classes=num_classes, dtype="float32", params=params,
-                    model_state=ckpt.batch_stats(rest))
+  ckpt.export_model(
+    directory,
+    model_name=model,
+    num_classes=num_classes,
+    dtype="float32",
+    params=params,
+    model_state=ckpt.batch_stats(rest),
+  )
   if not meta:
     (directory / ckpt.EXPORT_META).unlink()
   return directory
@@ -368,8 +451,11 @@ def test_swapped_teacher_or_foreign_checkpoint_refuses_to_resume(teacher, tmp_pa
   assert cli.main(argv("kd", w, t2, *short)) == 0
   _make_export(t2 / "export", "cnn1d", 10)  # retrained in place: same path, other weights
   before = tree_digest(w)
-  with pytest.raises(ValueError, match=r"was trained with teacher [0-9a-f]{16} but the configured teacher is "
-                                       r"[0-9a-f]{16}; use a new --run.workdir"):
+  with pytest.raises(
+    ValueError,
+    match=r"was trained with teacher [0-9a-f]{16} but the configured teacher is "
+    r"[0-9a-f]{16}; use a new --run.workdir",
+  ):
     loop.fit(cli.build_config(argv("kd", w, t2, *short)[1:]))
   assert tree_digest(w) == before
   # Checkpoints of another experiment (config.json gone) are not resumed either.
@@ -417,8 +503,9 @@ def test_nan_loss_with_stop_on_nan_off_runs_to_the_end(teacher, tmp_path, monkey
   # The poisoned step is in the log as non-finite, and nothing stopped the run.
   rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if any(k.startswith("loss/") for k in r)]
-  assert train and any(not np.isfinite(v) for r in train for k, v in r.items()
-                       if k.startswith("loss/") and isinstance(v, float))
+  assert train and any(
+    not np.isfinite(v) for r in train for k, v in r.items() if k.startswith("loss/") and isinstance(v, float)
+  )
 
 
 def test_fault_env_parsing():
@@ -441,8 +528,13 @@ def _versions() -> dict:
 
   import kdjax
 
-  return {"kdjax": kdjax.__version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "orbax": orbax.checkpoint.__version__}
+  return {
+    "kdjax": kdjax.__version__,
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "orbax": orbax.checkpoint.__version__,
+  }
 
 
 def test_metadata_in_every_checkpoint_config_and_results(reference, teacher):
@@ -468,9 +560,12 @@ def test_metadata_in_every_checkpoint_config_and_results(reference, teacher):
   else:
     assert sha is None
   # The same experiment in another workdir has the same hash; another lr does not.
-  assert cfg_lib.config_hash(cfg.replace(run=cfg.run.__class__(**{**cfg_lib.to_dict(cfg.run), "workdir": "/x"}))) \
-      == cfg_lib.config_hash(cfg)
-  assert cfg_lib.config_hash(cli.build_config(argv("kd", w, teacher, "--optim.lr", "0.02")[1:])) != cfg_lib.config_hash(cfg)
+  assert cfg_lib.config_hash(
+    cfg.replace(run=cfg.run.__class__(**{**cfg_lib.to_dict(cfg.run), "workdir": "/x"}))
+  ) == cfg_lib.config_hash(cfg)
+  assert cfg_lib.config_hash(cli.build_config(argv("kd", w, teacher, "--optim.lr", "0.02")[1:])) != cfg_lib.config_hash(
+    cfg
+  )
 
 
 def _numpy_mlp(params: dict, x: np.ndarray) -> np.ndarray:
@@ -532,24 +627,36 @@ def test_split_placement_resumes_bit_exact_and_restores_colocated(reference, tea
   k = TERM_AT["kd"]
   split = ["--placement.teacher_devices", "4"]
   w = {n: tmp_path / n for n in ("ref", "resumed", "across")}
-  runs = {"ref": (argv("kd", w["ref"], teacher, *split), None),
-          "stop": (argv("kd", w["resumed"], teacher, *split), f"{k}:TERM"),
-          "resume": (argv("kd", w["resumed"], teacher, *split), None),
-          "stop_across": (argv("kd", w["across"], teacher, *split), f"{k}:TERM"),
-          "resume_across": (argv("kd", w["across"], teacher), None),
-          "bad": (argv("kd", tmp_path / "bad", teacher, "--placement.teacher_devices",
-                       "3"), None)}
-  proc = subprocess.run([sys.executable, "-c", _SPLIT, json.dumps({n: [list(map(str, a)), f] for n, (a, f) in
-                                                                  runs.items()})],
-                        cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
-                        text=True, timeout=500)
+  runs = {
+    "ref": (argv("kd", w["ref"], teacher, *split), None),
+    "stop": (argv("kd", w["resumed"], teacher, *split), f"{k}:TERM"),
+    "resume": (argv("kd", w["resumed"], teacher, *split), None),
+    "stop_across": (argv("kd", w["across"], teacher, *split), f"{k}:TERM"),
+    "resume_across": (argv("kd", w["across"], teacher), None),
+    "bad": (argv("kd", tmp_path / "bad", teacher, "--placement.teacher_devices", "3"), None),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", _SPLIT, json.dumps({n: [list(map(str, a)), f] for n, (a, f) in runs.items()})],
+    cwd=ROOT,
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=500,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-  assert {n: rc for n, (rc, _) in out.items()} == {"ref": 0, "stop": 75, "resume": 0, "stop_across": 75,
-                                                   "resume_across": 0, "bad": 1}
+  assert {n: rc for n, (rc, _) in out.items()} == {
+    "ref": 0,
+    "stop": 75,
+    "resume": 0,
+    "stop_across": 75,
+    "resume_across": 0,
+    "bad": 1,
+  }
   assert out["bad"][1].strip().splitlines() == [
-      "kdjax: error: data.batch_size=64 does not split over the teacher's 3 data-parallel devices "
-      "(placement.teacher_devices=3 of 8); use a multiple of 3 or another placement.teacher_devices"]
+    "kdjax: error: data.batch_size=64 does not split over the teacher's 3 data-parallel devices "
+    "(placement.teacher_devices=3 of 8); use a multiple of 3 or another placement.teacher_devices"
+  ]
   assert results(w["resumed"])["resumed_from"] == [k]
   assert_bit_identical(w["ref"], w["resumed"])
   _, tr = final_state(reference("kd"))

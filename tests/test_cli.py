@@ -29,13 +29,36 @@ from kdjax import cli
 from kdjax.config import Experiment, config_hash, from_dict
 
 STEPS = 20
-RESULT_KEYS = ("test_accuracy", "best_test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl",
-               "ece", "steps", "seconds", "config_hash", "teacher_hash")
+RESULT_KEYS = (
+  "test_accuracy",
+  "best_test_accuracy",
+  "teacher_test_accuracy",
+  "agreement",
+  "teacher_student_kl",
+  "ece",
+  "steps",
+  "seconds",
+  "config_hash",
+  "teacher_hash",
+)
 
 
 def _train_teacher(workdir: Path, data_dir: str, seed: int) -> str:
-  rc = cli.main(["train-teacher", "mnist1d_kd", "--workdir", str(workdir), "--optim.steps", "30",
-                 "--run.seed", str(seed), "--run.quiet", "--data.data_dir", data_dir])
+  rc = cli.main(
+    [
+      "train-teacher",
+      "mnist1d_kd",
+      "--workdir",
+      str(workdir),
+      "--optim.steps",
+      "30",
+      "--run.seed",
+      str(seed),
+      "--run.quiet",
+      "--data.data_dir",
+      data_dir,
+    ]
+  )
   assert rc == 0
   return str(workdir)
 
@@ -46,8 +69,22 @@ def teacher(tmp_path_factory, tfds_dir) -> str:
 
 
 def _sweep_args(teacher: str, data_dir: str) -> list[str]:
-  return ["mnist1d_kd", "kd_labelled", "--grid", "method=kd,dkd", "--seeds", "2", "--teacher.checkpoint", teacher,
-          "--optim.steps", str(STEPS), "--run.eval_every", "10", "--data.data_dir", data_dir]
+  return [
+    "mnist1d_kd",
+    "kd_labelled",
+    "--grid",
+    "method=kd,dkd",
+    "--seeds",
+    "2",
+    "--teacher.checkpoint",
+    teacher,
+    "--optim.steps",
+    str(STEPS),
+    "--run.eval_every",
+    "10",
+    "--data.data_dir",
+    data_dir,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +187,23 @@ def test_rerunning_a_sweep_skips_finished_cells(sweep, teacher, tfds_dir, capsys
 @pytest.mark.slow
 def test_slurm_script_and_one_cell_through_the_same_entry_point(sweep, teacher, tfds_dir, tmp_path, monkeypatch):
   root = tmp_path / "slurm"
-  assert cli.main(["sweep", *_sweep_args(teacher, tfds_dir), "--workdir", str(root), "--launcher", "slurm",
-                   "--nodes", "2", "--sbatch", "gpus-per-node=8"]) == 0
+  assert (
+    cli.main(
+      [
+        "sweep",
+        *_sweep_args(teacher, tfds_dir),
+        "--workdir",
+        str(root),
+        "--launcher",
+        "slurm",
+        "--nodes",
+        "2",
+        "--sbatch",
+        "gpus-per-node=8",
+      ]
+    )
+    == 0
+  )
   script = (root / "sweep.sbatch").read_text()
   assert script.startswith("#!/bin/bash\n")
   assert "#SBATCH --array=0-3\n" in script  # 2 methods × 2 seeds
@@ -223,7 +275,9 @@ def _leaf_value(path: str, typ, default):
     v = (default or 0) + 3
     return v, [str(v)]
   if base is float:
-    v = 0.375 if path not in ("optim.decay_factor", "method.ema_decay", "method.crd_momentum", "method.gkd_beta") else 0.5
+    v = (
+      0.375 if path not in ("optim.decay_factor", "method.ema_decay", "method.crd_momentum", "method.gkd_beta") else 0.5
+    )
     return v, [repr(v)]
   v = f"x_{path.replace('.', '_')}"
   return v, [v]
@@ -255,13 +309,16 @@ def test_every_config_field_is_settable_from_the_cli():
     assert others == {p: _get(base, p) for p in paths if p != path}, f"setting {path} changed other fields"
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(
+  "args, needle",
+  [
     (["--optim.lrr", "0.1"], "unknown flag --optim.lrr; did you mean --optim.lr?"),
     (["--optim.lr", "-1"], "optim.lr: must be > 0 and finite, got -1.0"),
     (["--optim.lr", "fast"], "fast"),
     (["--optim.name", "lion"], "lion"),
     (["--run.no-seed"], "unknown flag --run.no_seed"),
-])
+  ],
+)
 def test_bad_flag_or_value_is_one_line(args, needle, capsys, tmp_path):
   rc = cli.main(["distill", "mnist1d_kd", "--workdir", str(tmp_path), *args])
   err = capsys.readouterr().err.strip().splitlines()
@@ -272,11 +329,27 @@ def test_bad_flag_or_value_is_one_line(args, needle, capsys, tmp_path):
 @pytest.mark.slow
 def test_misspelt_flag_exit_status_in_a_real_process(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  p = subprocess.run([sys.executable, "-m", "kdjax.cli", "distill", "mnist1d_kd", "--workdir", str(tmp_path),
-                      "--method.temprature", "4"], capture_output=True, text=True, env=env, timeout=120)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "kdjax.cli",
+      "distill",
+      "mnist1d_kd",
+      "--workdir",
+      str(tmp_path),
+      "--method.temprature",
+      "4",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
   assert p.returncode == 1
-  assert p.stderr.strip().splitlines() == ["kdjax: error: unknown flag --method.temprature; did you mean "
-                                           "--method.temperature?"]
+  assert p.stderr.strip().splitlines() == [
+    "kdjax: error: unknown flag --method.temprature; did you mean --method.temperature?"
+  ]
   assert "Traceback" not in p.stderr + p.stdout
 
 
@@ -307,8 +380,24 @@ def test_results_json_fields(sweep, teacher):
 def test_teacher_hash_changes_with_the_teacher_checkpoint(sweep, tfds_dir, tmp_path):
   other = _train_teacher(tmp_path / "teacher2", tfds_dir, seed=1)
   work = tmp_path / "kd"
-  rc = cli.main(["distill", "mnist1d_kd", "kd_labelled", "--workdir", str(work), "--teacher.checkpoint", other,
-                 "--optim.steps", str(STEPS), "--run.eval_every", "10", "--run.quiet", "--data.data_dir", tfds_dir])
+  rc = cli.main(
+    [
+      "distill",
+      "mnist1d_kd",
+      "kd_labelled",
+      "--workdir",
+      str(work),
+      "--teacher.checkpoint",
+      other,
+      "--optim.steps",
+      str(STEPS),
+      "--run.eval_every",
+      "10",
+      "--run.quiet",
+      "--data.data_dir",
+      tfds_dir,
+    ]
+  )
   assert rc == 0
   mine = json.loads((work / "results.json").read_text())
   ref = json.loads((sweep / "name=kd" / "seed0" / "results.json").read_text())
@@ -321,8 +410,22 @@ def test_teacher_hash_changes_with_the_teacher_checkpoint(sweep, tfds_dir, tmp_p
 def test_student_alone_has_no_teacher_fields(tfds_dir, tmp_path):
   """The table's "student" row: CE without a teacher checkpoint → no teacher hash or diagnostics."""
   work = tmp_path / "scratch"
-  rc = cli.main(["distill", "mnist1d_kd", "scratch", "--workdir", str(work), "--teacher.checkpoint", "None",
-                 "--optim.steps", "5", "--run.quiet", "--data.data_dir", tfds_dir])
+  rc = cli.main(
+    [
+      "distill",
+      "mnist1d_kd",
+      "scratch",
+      "--workdir",
+      str(work),
+      "--teacher.checkpoint",
+      "None",
+      "--optim.steps",
+      "5",
+      "--run.quiet",
+      "--data.data_dir",
+      tfds_dir,
+    ]
+  )
   assert rc == 0
   r = json.loads((work / "results.json").read_text())
   assert r["teacher_hash"] is None and r["agreement"] is None and r["teacher_test_accuracy"] is None

@@ -16,25 +16,29 @@ from flax import nnx
 
 from kdjax import checkpoint as ckpt
 from kdjax import engine, models
-from kdjax.config import (DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig, from_dict,
-                          to_dict)
+from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig, from_dict, to_dict
 from kdjax.engine.state import split_model
 
 
 def _export(d, name: str, seed: int) -> dict:
   m = models.create(name, num_classes=10, rngs=nnx.Rngs(seed))
   _, params, rest = split_model(m)
-  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name=name, num_classes=10, dtype="float32", params=params,
-                    model_state=rest, extra={})
+  ckpt.export_model(
+    d / ckpt.EXPORT_DIR, model_name=name, num_classes=10, dtype="float32", params=params, model_state=rest, extra={}
+  )
   return jax.tree.map(np.asarray, ckpt.pure_dict(params))
 
 
 def _cfg(tfds_dir, tmp_path, **kw) -> Experiment:
   base = Experiment(
-      name="fields", mode="teacher",
-      data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=500),
-      student=ModelConfig(name="mlp"), method=MethodConfig(name="ce"), optim=OptimConfig(steps=3),
-      run=RunConfig(workdir=str(tmp_path / "run"), quiet=True))
+    name="fields",
+    mode="teacher",
+    data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=500),
+    student=ModelConfig(name="mlp"),
+    method=MethodConfig(name="ce"),
+    optim=OptimConfig(steps=3),
+    run=RunConfig(workdir=str(tmp_path / "run"), quiet=True),
+  )
   return base.replace(**kw)
 
 
@@ -53,8 +57,11 @@ def test_student_starts_from_its_checkpoint(tfds_dir, tmp_path):
 @pytest.mark.slow
 def test_student_checkpoint_of_another_architecture_is_one_line(tfds_dir, tmp_path):
   _export(tmp_path / "pre", "cnn1d", seed=0)
-  with pytest.raises(ValueError, match=r"student.checkpoint .* holds a 'cnn1d' but the config asks for "
-                                       r"student.name='mlp'"):
+  with pytest.raises(
+    ValueError,
+    match=r"student.checkpoint .* holds a 'cnn1d' but the config asks for "
+    r"student.name='mlp'",
+  ):
     engine.build(_cfg(tfds_dir, tmp_path, student=ModelConfig(name="mlp", checkpoint=str(tmp_path / "pre"))))
 
 
@@ -71,8 +78,11 @@ def test_init_epochs_on_a_single_stage_method_is_refused(tfds_dir, tmp_path):
 
 
 def test_from_dict_round_trips_and_refuses_unknown_keys():
-  cfg = Experiment(extra_teachers=(ModelConfig(name="cnn1d"),), mode="multi_teacher",
-                   method=MethodConfig(name="dkd", terms=("kd=0.5",), teacher_weights=(1.0, 2.0)))
+  cfg = Experiment(
+    extra_teachers=(ModelConfig(name="cnn1d"),),
+    mode="multi_teacher",
+    method=MethodConfig(name="dkd", terms=("kd=0.5",), teacher_weights=(1.0, 2.0)),
+  )
   d = to_dict(cfg)
   assert from_dict(d) == cfg
   bad = dict(d, optim=dict(d["optim"], learning_rate=0.1))
@@ -87,9 +97,12 @@ def test_from_dict_round_trips_and_refuses_unknown_keys():
 
 def test_digits_inputs_are_x_over_16(tfds_dir, tmp_path):
   """digits stores 0..16 in uint8: training and eval inputs are x/16, spanning [0, 1]."""
-  cfg = _cfg(tfds_dir, tmp_path, data=DataConfig(name="digits", data_dir=tfds_dir, batch_size=64,
-                                                 eval_batch_size=359),
-             student=ModelConfig(name="cnn_digits"))
+  cfg = _cfg(
+    tfds_dir,
+    tmp_path,
+    data=DataConfig(name="digits", data_dir=tfds_dir, batch_size=64, eval_batch_size=359),
+    student=ModelConfig(name="cnn_digits"),
+  )
   run = engine.build(cfg)
   raw = run.loader.ds.images
   assert raw.dtype == np.uint8 and raw.max() == 16

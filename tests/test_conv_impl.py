@@ -45,8 +45,9 @@ def _compile(fn, *args, conv: str):
 
 def test_options_per_backend_and_value():
   opts = xla_cpu.compiler_options("eigen")
-  assert opts == {"xla_cpu_experimental_ynn_fusion_type":
-                  "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  assert opts == {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  }
   assert xla_cpu.compiler_options("ynn") is None
   assert xla_cpu.compiler_options("eigen", backend="gpu") is None
   with pytest.raises(ValueError, match=r"run.xla_cpu_conv .*'winograd'"):
@@ -90,22 +91,22 @@ def _np_conv(x, w, stride, pad, groups):
   y = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
   for i in range(k):
     for j in range(k):
-      tap = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      tap = xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
       for g in range(groups):
-        y[..., g * og:(g + 1) * og] += tap[..., g * cg:(g + 1) * cg] @ w[i, j, :, g * og:(g + 1) * og]
+        y[..., g * og : (g + 1) * og] += tap[..., g * cg : (g + 1) * cg] @ w[i, j, :, g * og : (g + 1) * og]
   return y
 
 
 # (H, C_in, C_out, kernel, stride, padding, groups): the zoo's convolution kinds,
 # big enough that jaxlib's cost model hands the "ynn" variant to YNNPACK
 CASES = [
-    (16, 32, 32, 3, 1, 1, 1),    # resnet / wrn 3×3
-    (16, 32, 64, 3, 2, 1, 1),    # strided 3×3 (stage entry)
-    (16, 32, 64, 1, 2, 0, 1),    # 1×1 downsample shortcut
-    (16, 32, 64, 1, 1, 0, 1),    # 1×1 pointwise (mobilenet, shufflenet)
-    (16, 32, 32, 3, 1, 1, 4),    # grouped 3×3 (shufflenet v1)
-    (16, 32, 32, 3, 2, 1, 32),   # depthwise 3×3, strided
-    (17, 3, 16, 7, 2, 3, 1),     # imagenet stem 7×7/2
+  (16, 32, 32, 3, 1, 1, 1),  # resnet / wrn 3×3
+  (16, 32, 64, 3, 2, 1, 1),  # strided 3×3 (stage entry)
+  (16, 32, 64, 1, 2, 0, 1),  # 1×1 downsample shortcut
+  (16, 32, 64, 1, 1, 0, 1),  # 1×1 pointwise (mobilenet, shufflenet)
+  (16, 32, 32, 3, 1, 1, 4),  # grouped 3×3 (shufflenet v1)
+  (16, 32, 32, 3, 2, 1, 32),  # depthwise 3×3, strided
+  (17, 3, 16, 7, 2, 3, 1),  # imagenet stem 7×7/2
 ]
 
 
@@ -118,8 +119,9 @@ def test_conv_and_grads_match_numpy_and_ynn(h, cin, cout, k, s, p, groups):
   gy = rng.standard_normal((4, ho, ho, cout)).astype(np.float32)
 
   def conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=DN,
-                                        feature_group_count=groups)
+    return jax.lax.conv_general_dilated(
+      x, w, (s, s), ((p, p), (p, p)), dimension_numbers=DN, feature_group_count=groups
+    )
 
   def fwd_and_grads(x, w):
     y, vjp = jax.vjp(conv, x, w)
@@ -138,8 +140,17 @@ def test_conv_and_grads_match_numpy_and_ynn(h, cin, cout, k, s, p, groups):
   # dW independently: dW[i, j] = tap_ij(x)^T gy (groups=1 only; grouped checked against ynn above)
   if groups == 1:
     xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).astype(np.float64)
-    dw = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (ho - 1) + 1:s],
-                                       gy) for j in range(k)]) for i in range(k)])
+    dw = np.stack(
+      [
+        np.stack(
+          [
+            np.einsum("bhwc,bhwo->co", xp[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (ho - 1) + 1 : s], gy)
+            for j in range(k)
+          ]
+        )
+        for i in range(k)
+      ]
+    )
     np.testing.assert_allclose(out["eigen"][2], dw, rtol=0, atol=1e-5 * np.abs(dw).max())
 
 
@@ -156,7 +167,7 @@ def test_model_forward_features_bn_and_grads_match(name, shape):
 
   def loss(params, rest, x):
     out, new_rest = apply_model(g, params, rest, x, train=True)
-    return jnp.mean(out.logits ** 2), (out, new_rest)
+    return jnp.mean(out.logits**2), (out, new_rest)
 
   f = jax.value_and_grad(loss, has_aux=True)
   exe = {c: _compile(f, params, rest, x, conv=c) for c in ("eigen", "ynn")}
@@ -167,8 +178,8 @@ def test_model_forward_features_bn_and_grads_match(name, shape):
   assert o_e.features.keys() == o_y.features.keys() and "pooled" in o_e.features
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(np.abs(b).max(), 1e-3))
   close(l_e, l_y)
-  jax.tree.map(close, o_e, o_y)   # logits and every feature map
-  jax.tree.map(close, r_e, r_y)   # BN running statistics after a train step
+  jax.tree.map(close, o_e, o_y)  # logits and every feature map
+  jax.tree.map(close, r_e, r_y)  # BN running statistics after a train step
   jax.tree.map(close, gr_e, gr_y)
   # same model object, same parameter layout (HWIO kernels) and count for both
   assert sum(a.size for a in jax.tree.leaves(gr_e)) == n_params

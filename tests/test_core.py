@@ -5,7 +5,6 @@ checkpoint/resume, and the CLI reproduced bit for bit through ``kdjax.Distiller`
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ import pytest
 from flax import nnx
 
 import kdjax
-import kdjax.losses as kdl
 from kdjax import checkpoint as ckpt
 
 
@@ -56,8 +54,15 @@ def _pair(seed=0):
 @pytest.mark.parametrize("method", ["fitnet", *(pytest.param(m, marks=pytest.mark.slow) for m in ("at", "crd+kd"))])
 def test_feature_methods_on_user_layers_named_by_path(method):
   student, teacher = _pair()
-  d = kdjax.Distiller(student, teacher, method=kdjax.MethodConfig(name=method, hint_layer="stage2"),
-                      optimizer=optax.adam(3e-3), taps=TAPS, teacher_taps=TAPS, num_examples=64)
+  d = kdjax.Distiller(
+    student,
+    teacher,
+    method=kdjax.MethodConfig(name=method, hint_layer="stage2"),
+    optimizer=optax.adam(3e-3),
+    taps=TAPS,
+    teacher_taps=TAPS,
+    num_examples=64,
+  )
   it = numpy_batches(0)
   state = d.init(jax.random.key(0), next(it))
   term = {"at": "loss/at", "fitnet": "loss/hint", "crd+kd": "loss/kd"}[method]
@@ -78,18 +83,28 @@ def test_feature_methods_on_user_layers_named_by_path(method):
   model = nnx.merge(d.spec.students[0].graphdef, state.params[0], state.model_state[0])
   from kdjax.engine.state import apply_model
 
-  out, _ = apply_model(d.spec.students[0].graphdef, state.params[0], state.model_state[0], x, train=False,
-                       taps=d.spec.students[0].taps)
+  out, _ = apply_model(
+    d.spec.students[0].graphdef, state.params[0], state.model_state[0], x, train=False, taps=d.spec.students[0].taps
+  )
   np.testing.assert_allclose(out.features["stage1"], model.blocks[0](x), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out.logits, model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_misspelt_layer_path_lists_the_valid_ones():
   student, teacher = _pair()
-  d = kdjax.Distiller(student, teacher, method="at", optimizer=optax.sgd(0.1),
-                      taps={"stage1": "blocks.0", "stage2": "block.1"}, teacher_taps=TAPS)
-  with pytest.raises(ValueError, match=r"no layer 'block.1' in ConvNet; valid layer paths: blocks, blocks.0, "
-                                       r"blocks.1, embed, head"):
+  d = kdjax.Distiller(
+    student,
+    teacher,
+    method="at",
+    optimizer=optax.sgd(0.1),
+    taps={"stage1": "blocks.0", "stage2": "block.1"},
+    teacher_taps=TAPS,
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"no layer 'block.1' in ConvNet; valid layer paths: blocks, blocks.0, "
+    r"blocks.1, embed, head",
+  ):
     d.init(jax.random.key(0), next(numpy_batches(0)))
 
 
@@ -101,13 +116,15 @@ def test_function_teacher_teaches_logit_methods_and_is_refused_for_feature_metho
     return nnx.merge(graphdef, p)(x)
 
   fn_teacher = kdjax.FunctionTeacher(apply_fn, params)
-  d = kdjax.Distiller(student, fn_teacher, method=kdjax.MethodConfig(name="kd", temperature=2.0),
-                      optimizer=optax.sgd(0.0))
+  d = kdjax.Distiller(
+    student, fn_teacher, method=kdjax.MethodConfig(name="kd", temperature=2.0), optimizer=optax.sgd(0.0)
+  )
   b = next(numpy_batches(0))
   state = d.init(jax.random.key(0), b)
   s_logits = np.asarray(student(jnp.asarray(b["inputs"])))
   t_logits = np.asarray(teacher(jnp.asarray(b["inputs"])))
   _, m = d.step(state, b)
+
   def log_softmax(z):
     z = z.astype(np.float64) / 2.0
     z = z - z.max(-1, keepdims=True)
@@ -151,8 +168,9 @@ def test_user_loop_checkpoints_and_resumes_bit_exact(tmp_path):
   assert run(12, resume_dir=True, stop_at=5) is None
   resumed = run(12, resume_dir=True)
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
-  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), straight,
-                       jax.tree.map(np.asarray, nnx.state(_pair()[0], nnx.Param)))
+  moved = jax.tree.map(
+    lambda a, b: np.abs(a - b).max(), straight, jax.tree.map(np.asarray, nnx.state(_pair()[0], nnx.Param))
+  )
   assert max(jax.tree.leaves(moved)) > 0
 
 
@@ -166,11 +184,36 @@ def test_cli_run_equals_the_same_run_through_the_public_core(tfds_dir, tmp_path)
   teacher_dir, run_dir = tmp_path / "teacher", tmp_path / "cli"
   m = kdjax.models.create("cnn1d", num_classes=10, rngs=nnx.Rngs(5))
   _, tp, tr = kdjax.engine.split_model(m)
-  ckpt.export_model(teacher_dir / ckpt.EXPORT_DIR, model_name="cnn1d", num_classes=10, dtype="float32", params=tp,
-                    model_state=tr, extra={})
-  assert cli.main(["distill", "mnist1d_kd", "kd_labelled", "--workdir", str(run_dir), "--teacher.checkpoint",
-                   str(teacher_dir), "--optim.steps", str(steps), "--data.batch_size", "50",
-                   "--data.data_dir", tfds_dir, "--run.quiet"]) == 0
+  ckpt.export_model(
+    teacher_dir / ckpt.EXPORT_DIR,
+    model_name="cnn1d",
+    num_classes=10,
+    dtype="float32",
+    params=tp,
+    model_state=tr,
+    extra={},
+  )
+  assert (
+    cli.main(
+      [
+        "distill",
+        "mnist1d_kd",
+        "kd_labelled",
+        "--workdir",
+        str(run_dir),
+        "--teacher.checkpoint",
+        str(teacher_dir),
+        "--optim.steps",
+        str(steps),
+        "--data.batch_size",
+        "50",
+        "--data.data_dir",
+        tfds_dir,
+        "--run.quiet",
+      ]
+    )
+    == 0
+  )
   via_cli = ckpt.load_export(run_dir)[1]["params"]
 
   # The same run, written as a user would: the zoo student at the run's seed, the exported teacher,
@@ -179,8 +222,14 @@ def test_cli_run_equals_the_same_run_through_the_public_core(tfds_dir, tmp_path)
   loader = data.Loader(train, batch_size=50, seed=0)
   student = kdjax.models.create("mlp", num_classes=10, rngs=nnx.Rngs(0))
   teacher, _ = engine.load_teacher(ModelConfig(name="cnn1d", checkpoint=str(teacher_dir)), 10)
-  d = kdjax.Distiller(student, teacher, method=kdjax.MethodConfig(name="kd", temperature=4.0),
-                      optimizer=optax.adam(1e-2), num_examples=len(train), steps_per_epoch=loader.steps_per_epoch)
+  d = kdjax.Distiller(
+    student,
+    teacher,
+    method=kdjax.MethodConfig(name="kd", temperature=4.0),
+    optimizer=optax.adam(1e-2),
+    num_examples=len(train),
+    steps_per_epoch=loader.steps_per_epoch,
+  )
   state = d.init(jax.random.key(0), loader.batch(0, 0))
   state = kdjax.train(d, state, loader, steps=steps)
   via_core = ckpt.pure_dict(state.params[0])

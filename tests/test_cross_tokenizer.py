@@ -20,8 +20,14 @@ from kdjax.data import retokenize
 from kdjax.data.builders import arithmetic as A
 from kdjax.models import pretrained
 
-LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64)
+LLAMA = dict(
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+)
 
 
 def _bpe():
@@ -75,18 +81,19 @@ def test_retokenized_rows_hold_the_same_prompt_and_response(length):
     prompt, answer = A.example_tokens(a, b, 4)
     want_prompt = [bos] + bpe.encode(_text(prompt)).ids
     want_answer = bpe.encode(_text(answer)).ids + [eos]
-    seq = (want_prompt + want_answer)[:length + 1]
-    assert out[B.TEACHER_INPUTS][i, :len(seq) - 1].tolist() == seq[:-1]
+    seq = (want_prompt + want_answer)[: length + 1]
+    assert out[B.TEACHER_INPUTS][i, : len(seq) - 1].tolist() == seq[:-1]
     predicted = [seq[p + 1] for p in np.flatnonzero(out[B.TEACHER_MASK][i])]
-    assert predicted == want_answer[:max(len(seq) - len(want_prompt), 0)]
+    assert predicted == want_answer[: max(len(seq) - len(want_prompt), 0)]
     if len(seq) > len(want_prompt):
       assert _text(answer).startswith(bpe.decode(predicted, skip_special_tokens=True).replace(" ", ""))
-    assert not out[B.TEACHER_MASK][i, :len(want_prompt) - 1].any()
+    assert not out[B.TEACHER_MASK][i, : len(want_prompt) - 1].any()
 
 
 def _np_uld(s_logits, t_logits, s_mask, t_mask):
   """ULD by its definition, in NumPy: i-th student response token with the i-th teacher one; Σ |sorted p_S −
   sorted p_T| (zero-padded), averaged over the pairs."""
+
   def probs(z):
     e = np.exp(z - z.max(-1, keepdims=True))
     return -np.sort(-(e / e.sum(-1, keepdims=True)), axis=-1)
@@ -106,8 +113,14 @@ def bpe_teacher(tmp_path_factory):
   d = tmp_path_factory.mktemp("bpe_teacher")
   bpe = _bpe()
   torch.manual_seed(0)
-  model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=bpe.get_vocab_size(), bos_token_id=bpe.token_to_id("<s>"),
-                                           eos_token_id=bpe.token_to_id("</s>"), **LLAMA)).eval()
+  model = T.LlamaForCausalLM(
+    T.LlamaConfig(
+      vocab_size=bpe.get_vocab_size(),
+      bos_token_id=bpe.token_to_id("<s>"),
+      eos_token_id=bpe.token_to_id("</s>"),
+      **LLAMA,
+    )
+  ).eval()
   model.save_pretrained(d)
   bpe.save(str(d / "tokenizer.json"))
   return d, model
@@ -123,8 +136,9 @@ def test_uld_step_loss_equals_numpy_on_transformers_logits(bpe_teacher):
   teacher = pretrained.from_pretrained(d)
   ids = pretrained.special_token_ids(d)
   x, y = _rows([(1234, 5678), (9999, 1), (7, 30), (5050, 5050)])
-  r = retokenize.Retokenizer(A.tokenizer(), pretrained.load_tokenizer(d), length=x.shape[1],
-                             teacher_bos=ids["bos"], teacher_eos=ids["eos"])
+  r = retokenize.Retokenizer(
+    A.tokenizer(), pretrained.load_tokenizer(d), length=x.shape[1], teacher_bos=ids["bos"], teacher_eos=ids["eos"]
+  )
   batch = r({B.INPUTS: x, B.LABEL: y, B.ID: np.arange(4, dtype=np.int32)})
   with torch.no_grad():
     t_logits = hf(torch.as_tensor(batch[B.TEACHER_INPUTS], dtype=torch.long)).logits.numpy()
@@ -151,7 +165,7 @@ def test_padded_vocabulary_is_cut_to_the_students(tmp_path):
   x, y = _rows([(1234, 5678), (42, 58)])
   cut = pretrained.from_pretrained(tmp_path, vocab_size=len(A.VOCAB))
   with torch.no_grad():
-    want = hf(torch.as_tensor(x, dtype=torch.long)).logits.numpy()[..., :len(A.VOCAB)]
+    want = hf(torch.as_tensor(x, dtype=torch.long)).logits.numpy()[..., : len(A.VOCAB)]
   np.testing.assert_allclose(np.asarray(cut(jnp.asarray(x)).logits), want, atol=1e-4)
   from kdjax import models
 
@@ -159,8 +173,9 @@ def test_padded_vocabulary_is_cut_to_the_students(tmp_path):
   batch = {B.INPUTS: x, B.LABEL: y}
   Distiller(student, cut, method="forward_kl", optimizer=optax.sgd(0.1)).init(jax.random.key(0), batch)
   with pytest.raises(ValueError, match=r"vocab_size=15\).*'uld'"):
-    Distiller(student, pretrained.from_pretrained(tmp_path), method="forward_kl",
-              optimizer=optax.sgd(0.1)).init(jax.random.key(0), batch)
+    Distiller(student, pretrained.from_pretrained(tmp_path), method="forward_kl", optimizer=optax.sgd(0.1)).init(
+      jax.random.key(0), batch
+    )
   with pytest.raises(ValueError, match=r"vocab_size=40 must lie in \[1, 32\]"):
     pretrained.from_pretrained(tmp_path, vocab_size=40)
 
@@ -176,8 +191,13 @@ def test_uld_without_teacher_rows_and_with_responses_are_one_line(bpe_teacher):
   with pytest.raises(ValueError, match="needs 'teacher_inputs' and 'teacher_mask'"):
     dist.step(dist.init(jax.random.key(0), plain), plain)
   r = retokenize.Retokenizer(A.tokenizer(), pretrained.load_tokenizer(d), length=x.shape[1])
-  on_policy = Distiller(student, pretrained.from_pretrained(d), method="uld", optimizer=optax.sgd(0.1),
-                        responses=ResponseConfig(student_fraction=1.0, stop_tokens=(A.EOS,)))
+  on_policy = Distiller(
+    student,
+    pretrained.from_pretrained(d),
+    method="uld",
+    optimizer=optax.sgd(0.1),
+    responses=ResponseConfig(student_fraction=1.0, stop_tokens=(A.EOS,)),
+  )
   with pytest.raises(ValueError, match="cannot be retokenized"):
     rows = r(plain)
     on_policy.step(on_policy.init(jax.random.key(0), rows), rows)
@@ -192,9 +212,30 @@ def test_cli_distils_across_tokenizers(bpe_teacher, tmp_path, tfds_dir):
 
   d, _ = bpe_teacher
   w = tmp_path / "run"
-  args = ["distill", "arithmetic_gkd", "supervised_kd", "--workdir", str(w), "--teacher.name", "hf",
-          "--teacher.checkpoint", str(d), "--method.name", "uld", "--data.data_dir", tfds_dir, "--optim.steps", "8",
-          "--data.batch_size", "32", "--data.eval_batch_size", "500", "--run.quiet", "--run.log_every", "1"]
+  args = [
+    "distill",
+    "arithmetic_gkd",
+    "supervised_kd",
+    "--workdir",
+    str(w),
+    "--teacher.name",
+    "hf",
+    "--teacher.checkpoint",
+    str(d),
+    "--method.name",
+    "uld",
+    "--data.data_dir",
+    tfds_dir,
+    "--optim.steps",
+    "8",
+    "--data.batch_size",
+    "32",
+    "--data.eval_batch_size",
+    "500",
+    "--run.quiet",
+    "--run.log_every",
+    "1",
+  ]
   assert cli.main(args) == 0
   res = json.loads((w / "results.json").read_text())
   assert res["teacher"] == "hf" and res["steps"] == 8 and 0 <= res["exact_match"] <= 1

@@ -18,8 +18,9 @@ def data_dir(tmp_path_factory):
 
 def _toy(n=40, shape=(32, 32, 3)):
   rng = np.random.default_rng(0)
-  return kd.ArrayDataset(rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 10,
-                         np.arange(n), name="toy", split="train")
+  return kd.ArrayDataset(
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 10, np.arange(n), name="toy", split="train"
+  )
 
 
 # ---------------------------------------------------------------- 1. embedded datasets
@@ -134,12 +135,21 @@ def test_mock_cifar100_shapes():
 def test_mock_imagenet_streams_record_by_record():
   cfg = kd.ViewConfig(kind="imagenet", image_size=64)
   with tfds.testing.mock_data(num_examples=8):
-    loader = kd.make_loader("imagenet2012", "train", 4, seed=0, view=cfg, view_mode="independent",
-                            process_index=0, process_count=1, download=True, shuffle=False)
+    loader = kd.make_loader(
+      "imagenet2012",
+      "train",
+      4,
+      seed=0,
+      view=cfg,
+      view_mode="independent",
+      process_index=0,
+      process_count=1,
+      download=True,
+      shuffle=False,
+    )
     assert isinstance(loader.ds, kd.RecordSource)
     b1, b2 = loader.batch(0, 0), loader.batch(0, 0)
-    ev = kd.make_loader("imagenet2012", "validation", 4, view=cfg, process_index=0, process_count=1,
-                        download=True)
+    ev = kd.make_loader("imagenet2012", "validation", 4, view=cfg, process_index=0, process_count=1, download=True)
     e = next(kd.eval_batches(ev.ds, 4, view=cfg, process_index=0, process_count=1))
   assert b1["inputs"].shape == (4, 64, 64, 3) and b1["inputs"].dtype == np.float32
   assert b1["teacher_inputs"].shape == (4, 64, 64, 3) and b1["id"].dtype == np.int32
@@ -165,9 +175,12 @@ class KdjaxTinyStream(LocalBuilder):
   pkg_dir_path = epath.Path(__file__).parent
 
   def _info(self):
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=10)}), disable_shuffling=True)
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=10)}
+      ),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
@@ -199,8 +212,7 @@ class _Counting:
 
 
 def _stream(data_dir, **kw):
-  args = dict(batch_size=4, seed=0, view=kd.ViewConfig(kind="imagenet", image_size=8), process_index=0,
-              process_count=1)
+  args = dict(batch_size=4, seed=0, view=kd.ViewConfig(kind="imagenet", image_size=8), process_index=0, process_count=1)
   return kd.Loader(kd.RecordSource("kdjax_tiny_stream", "train", data_dir), **{**args, **kw})
 
 
@@ -295,12 +307,15 @@ def test_same_seed_same_batches_epochs_differ_and_restore():
 
 
 # ---------------------------------------------------------------- 4. multi-process sharding
-@pytest.mark.parametrize("view", [kd.ViewConfig(kind="cifar"), kd.ViewConfig(kind="cifar", mixup_alpha=1.0, cutmix_alpha=1.0)])
+@pytest.mark.parametrize(
+  "view", [kd.ViewConfig(kind="cifar"), kd.ViewConfig(kind="cifar", mixup_alpha=1.0, cutmix_alpha=1.0)]
+)
 def test_two_processes_equal_one(view):
   ds = _toy()
   one = kd.Loader(ds, 8, seed=1, view=view, view_mode="independent", process_index=0, process_count=1)
-  two = [kd.Loader(ds, 8, seed=1, view=view, view_mode="independent", process_index=p, process_count=2)
-         for p in range(2)]
+  two = [
+    kd.Loader(ds, 8, seed=1, view=view, view_mode="independent", process_index=p, process_count=2) for p in range(2)
+  ]
   seen = [set(), set()]
   for step in range(one.steps_per_epoch):
     g = one.batch(2, step)
@@ -346,11 +361,10 @@ def test_consistent_vs_independent_views():
   again = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 0, V.STREAM_STUDENT))
   np.testing.assert_array_equal(again, ind["inputs"])
   # ... whatever batch or position the example lands in (epoch 0, another step)
-  later = kd.Loader(ds, 8, seed=0, view=cfg, view_mode="independent", process_index=0,
-                    process_count=1).batch(0, 3)
+  later = kd.Loader(ds, 8, seed=0, view=cfg, view_mode="independent", process_index=0, process_count=1).batch(0, 3)
   np.testing.assert_array_equal(
-      later["teacher_inputs"], V.augment(cfg, ds.images[later["id"]],
-                                        V.view_key(0, later["id"], 0, V.STREAM_TEACHER)))
+    later["teacher_inputs"], V.augment(cfg, ds.images[later["id"]], V.view_key(0, later["id"], 0, V.STREAM_TEACHER))
+  )
   other_epoch = V.augment(cfg, ds.images[ids], V.view_key(0, ids, 1, V.STREAM_STUDENT))
   assert not np.array_equal(other_epoch, ind["inputs"])
 
@@ -364,8 +378,13 @@ def test_view_kinds_and_mixing():
   # every crop is a zero-padded shift (maybe flipped) of the image
   for i in range(16):
     xi = np.pad(x[i], ((4, 4), (4, 4), (0, 0))).astype(np.float32) / 255
-    ok = any(np.allclose(crop[i], w[:, ::f], atol=1e-6) for dy in range(9) for dx in range(9)
-             for w in [xi[dy:dy + 32, dx:dx + 32]] for f in (1, -1))
+    ok = any(
+      np.allclose(crop[i], w[:, ::f], atol=1e-6)
+      for dy in range(9)
+      for dx in range(9)
+      for w in [xi[dy : dy + 32, dx : dx + 32]]
+      for f in (1, -1)
+    )
     assert ok
   j = V.augment(kd.ViewConfig(kind="jitter", normalize=False), np.ones((16, 40), np.float32), k)
   assert j.shape == (16, 40) and (j.sum(1) >= 36).all()
@@ -495,12 +514,14 @@ def test_input_workers_die_with_a_killed_training_process(tmp_path):
 
   script = tmp_path / "train.py"
   script.write_text(ORPHAN_SCRIPT)
-  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.Popen(
+    [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+  )
   try:
     assert proc.stdout.readline().strip() == "ready"
-    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
-                              text=True).stdout.split()
+    children = subprocess.run(
+      ["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True
+    ).stdout.split()
     assert len(children) == 2  # the two Grain workers
     time.sleep(1.0)
     assert all(os.path.exists(f"/proc/{c}") for c in children)  # alive while their parent is

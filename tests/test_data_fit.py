@@ -14,10 +14,23 @@ from kdjax.config import DataConfig, Experiment, ModelConfig, OptimConfig, RunCo
 
 def _imagenet_cfg(tmp_path, **data) -> Experiment:
   return Experiment(
-      name="mock_imagenet", mode="teacher", student=ModelConfig(name="resnet8"),
-      data=DataConfig(name="imagenet2012", data_dir=str(tmp_path / "tfds"), view="imagenet", image_size=32,
-                      batch_size=4, eval_batch_size=4, download=True, eval_split="validation", **data),
-      optim=OptimConfig(steps=2, lr=0.01), run=RunConfig(workdir=str(tmp_path / "run"), quiet=True, eval_every=2))
+    name="mock_imagenet",
+    mode="teacher",
+    student=ModelConfig(name="resnet8"),
+    data=DataConfig(
+      name="imagenet2012",
+      data_dir=str(tmp_path / "tfds"),
+      view="imagenet",
+      image_size=32,
+      batch_size=4,
+      eval_batch_size=4,
+      download=True,
+      eval_split="validation",
+      **data,
+    ),
+    optim=OptimConfig(steps=2, lr=0.01),
+    run=RunConfig(workdir=str(tmp_path / "run"), quiet=True, eval_every=2),
+  )
 
 
 @pytest.mark.slow

@@ -49,9 +49,24 @@ def test_demo_prints_table_and_writes_plots(tmp_path):
   out = tmp_path / "res" / "demo.md"
   env = no_tensorflow_env(tmp_path)  # fresh data_dir below: datasets are prepared without TensorFlow too
   env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--seeds", "2", "--steps", "30",
-                         "--workdir", str(tmp_path / "wd"), "--out", str(out)],
-                        capture_output=True, text=True, env=env, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "demo.py"),
+      "--seeds",
+      "2",
+      "--steps",
+      "30",
+      "--workdir",
+      str(tmp_path / "wd"),
+      "--out",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "seeds" not in line]
   cells = {r.split("|")[1].strip(): r for r in rows}
@@ -59,8 +74,9 @@ def test_demo_prints_table_and_writes_plots(tmp_path):
   for row in cells.values():
     assert row.split("|")[2].strip() == "2"  # two seeds per cell
   # The table's mean equals the mean of the runs' results.json.
-  accs = [json.loads((tmp_path / "wd" / "kd" / f"seed{s}" / "results.json").read_text())["test_accuracy"]
-          for s in range(2)]
+  accs = [
+    json.loads((tmp_path / "wd" / "kd" / f"seed{s}" / "results.json").read_text())["test_accuracy"] for s in range(2)
+  ]
   shown = float(cells["cnn1d→mlp kd +transfer"].split("|")[3].split("±")[0])
   np.testing.assert_allclose(shown, 100 * np.mean(accs), atol=0.006)
   assert out.exists() and out.read_text().startswith("# MNIST-1D")

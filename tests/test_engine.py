@@ -17,7 +17,6 @@ each compile to a few seconds.
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 
 import jax
@@ -79,15 +78,17 @@ def changed(a: dict, b: dict, part: str) -> dict[str, bool]:
 
 def logits_of(s: E.Setup, state_host, batch, i=0, train=True):
   sd = s.spec.students[i]
-  out, _ = apply_model(sd.graphdef, state_host.params[i], state_host.model_state[i], jnp.asarray(batch["inputs"]),
-                       train=train)
+  out, _ = apply_model(
+    sd.graphdef, state_host.params[i], state_host.model_state[i], jnp.asarray(batch["inputs"]), train=train
+  )
   return np.asarray(out.logits, np.float64)
 
 
 def teacher_logits(s: E.Setup, batch, i=0):
   td = s.spec.teachers[i]
-  out, _ = apply_model(td.graphdef, s.teacher.params[i], s.teacher.model_state[i], jnp.asarray(batch["inputs"]),
-                       train=False)
+  out, _ = apply_model(
+    td.graphdef, s.teacher.params[i], s.teacher.model_state[i], jnp.asarray(batch["inputs"]), train=False
+  )
   return np.asarray(out.logits, np.float64)
 
 
@@ -118,8 +119,14 @@ def frozen_objective(s: E.Setup, batch, trainables) -> list[float]:
 # 1. Every preset through the jitted step
 
 # Adapter subtrees (path fragments) each stage must train / must leave alone.
-MAIN_TRAINS = {"fitnet": ["['hint']"], "cc": ["['cc']"], "vid": ["['vid']"], "crd": ["['crd']"],
-               "crd+kd": ["['crd']"], "ft": ["['translator']"]}
+MAIN_TRAINS = {
+  "fitnet": ["['hint']"],
+  "cc": ["['cc']"],
+  "vid": ["['vid']"],
+  "crd": ["['crd']"],
+  "crd+kd": ["['crd']"],
+  "ft": ["['translator']"],
+}
 MAIN_FREEZES = {"ft": ["['paraphraser']"], "ab": ["['ab']"]}
 INIT_TRAINS = {"fitnet": ["['hint']"], "ab": ["['ab']"], "ft": ["['paraphraser']"]}
 
@@ -136,12 +143,32 @@ def _preset_setup(name):
 QUICK_PRESETS = ("kd", "fitnet", "dkd")
 
 
-@pytest.mark.parametrize("name", [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in methods.available() if n != "uld"])  # uld: test_cross_tokenizer
+@pytest.mark.parametrize(
+  "name",
+  [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow) for n in methods.available() if n != "uld"],
+)  # uld: test_cross_tokenizer
 def test_preset_trains_through_jitted_step(name):
   s, batch = _preset_setup(name)
-  assert set(methods.available()) >= {"ce", "kd", "dkd", "dist", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt",
-                                      "ab", "ft", "fsp", "nst", "crd", "crd+kd", *E.TOKEN_PRESETS}
+  assert set(methods.available()) >= {
+    "ce",
+    "kd",
+    "dkd",
+    "dist",
+    "fitnet",
+    "at",
+    "sp",
+    "cc",
+    "vid",
+    "rkd",
+    "pkt",
+    "ab",
+    "ft",
+    "fsp",
+    "nst",
+    "crd",
+    "crd+kd",
+    *E.TOKEN_PRESETS,
+  }
   teacher0 = flat(s.teacher)
   p0, a0, m0 = flat(s.initial.params), flat(s.initial.adapter_params), flat(s.initial.method_state)
   state = s.state
@@ -196,7 +223,9 @@ def test_preset_trains_through_jitted_step(name):
 
 
 def _make_distributed_runs(d: Path) -> None:
-  P.run_together(["_engine_devices.py", d / "devices.pkl"], *P.two_processes("_engine_multihost.py", d / "multihost.pkl"))
+  P.run_together(
+    ["_engine_devices.py", d / "devices.pkl"], *P.two_processes("_engine_multihost.py", d / "multihost.pkl")
+  )
 
 
 @pytest.fixture(scope="module")
@@ -350,10 +379,16 @@ def test_ema_self_distillation_follows_decay_exactly():
 
 
 def _mnist1d_cfg(tfds_dir, workdir, **kw) -> Experiment:
-  base = dict(name="engine_test", mode="offline",
-              data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=1000),
-              teacher=ModelConfig(name="mlp"), student=ModelConfig(name="mlp"), method=MethodConfig(name="kd"),
-              optim=OptimConfig(steps=3), run=RunConfig(workdir=str(workdir), quiet=True, log_every=100))
+  base = dict(
+    name="engine_test",
+    mode="offline",
+    data=DataConfig(name="mnist1d", data_dir=tfds_dir, batch_size=50, eval_batch_size=1000),
+    teacher=ModelConfig(name="mlp"),
+    student=ModelConfig(name="mlp"),
+    method=MethodConfig(name="kd"),
+    optim=OptimConfig(steps=3),
+    run=RunConfig(workdir=str(workdir), quiet=True, log_every=100),
+  )
   base.update(kw)
   return Experiment(**base)
 
@@ -361,16 +396,22 @@ def _mnist1d_cfg(tfds_dir, workdir, **kw) -> Experiment:
 def _export_mlp(workdir: Path, num_classes: int) -> None:
   """A teacher workdir holding an exported ``mlp`` (as ``fit`` leaves one)."""
   _, params, _ = split_model(models.create("mlp", num_classes=num_classes))
-  ckpt.export_model(workdir / ckpt.EXPORT_DIR, model_name="mlp", num_classes=num_classes, dtype="float32",
-                    params=params, model_state={})
+  ckpt.export_model(
+    workdir / ckpt.EXPORT_DIR, model_name="mlp", num_classes=num_classes, dtype="float32", params=params, model_state={}
+  )
 
 
 @pytest.mark.slow
 def test_born_again_teacher_hash_chain(tfds_dir, tmp_path):
   _export_mlp(tmp_path / "teacher", num_classes=10)  # an (untrained) generation-0 teacher
   teacher_hash = ckpt.load_export(tmp_path / "teacher")[2]
-  cfg = _mnist1d_cfg(tfds_dir, tmp_path / "ban", mode="born_again", generations=2,
-                     teacher=ModelConfig(name="mlp", checkpoint=str(tmp_path / "teacher")))
+  cfg = _mnist1d_cfg(
+    tfds_dir,
+    tmp_path / "ban",
+    mode="born_again",
+    generations=2,
+    teacher=ModelConfig(name="mlp", checkpoint=str(tmp_path / "teacher")),
+  )
   res = loop.fit(cfg)
   gens = res["generations"]
   assert len(gens) == 2
@@ -389,6 +430,7 @@ def test_born_again_teacher_hash_chain(tfds_dir, tmp_path):
 def _no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("the train state was built before the error")
+
   monkeypatch.setattr(Distiller, "init", boom)
 
 

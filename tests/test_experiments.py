@@ -26,25 +26,75 @@ from kdjax import cli, engine, models
 EXP = cli.load_experiment("cifar100_crd_table")
 
 # Channel widths of the CIFAR zoo (RepDistiller's architectures): stage2 and pooled features.
-STAGE2 = {"wrn_40_2": 64, "wrn_16_2": 64, "wrn_40_1": 32, "resnet56": 32, "resnet20": 32, "resnet110": 32,
-          "resnet32": 32, "resnet32x4": 128, "resnet8x4": 128, "vgg13": 256, "vgg8": 256}
-POOLED = {"wrn_40_2": 128, "wrn_16_2": 128, "wrn_40_1": 64, "resnet56": 64, "resnet20": 64, "resnet110": 64,
-          "resnet32": 64, "resnet32x4": 256, "resnet8x4": 256, "vgg13": 512, "vgg8": 512}
+STAGE2 = {
+  "wrn_40_2": 64,
+  "wrn_16_2": 64,
+  "wrn_40_1": 32,
+  "resnet56": 32,
+  "resnet20": 32,
+  "resnet110": 32,
+  "resnet32": 32,
+  "resnet32x4": 128,
+  "resnet8x4": 128,
+  "vgg13": 256,
+  "vgg8": 256,
+}
+POOLED = {
+  "wrn_40_2": 128,
+  "wrn_16_2": 128,
+  "wrn_40_1": 64,
+  "resnet56": 64,
+  "resnet20": 64,
+  "resnet110": 64,
+  "resnet32": 64,
+  "resnet32x4": 256,
+  "resnet8x4": 256,
+  "vgg13": 512,
+  "vgg8": 512,
+}
 
 
 # ---------------------------------------------------------------- configs
 
 
 def test_table_has_every_cell_and_the_reference_recipe():
-  methods = {"kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
-             "dkd", "dist"}
-  pairs = {("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
-           ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
+  methods = {
+    "kd",
+    "fitnet",
+    "at",
+    "sp",
+    "cc",
+    "vid",
+    "rkd",
+    "pkt",
+    "ab",
+    "ft",
+    "fsp",
+    "nst",
+    "crd",
+    "crd+kd",
+    "dkd",
+    "dist",
+  }
+  pairs = {
+    ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"),
+  }
   assert set(EXP.METHODS) == methods and set(EXP.PAIRS) == pairs
   cells = [n for n in EXP.CONFIGS if not n.startswith(("teachers/", "students/"))]
   assert len(cells) == 16 * 7 - 1  # FSP wrn_40_2 → wrn_40_1 is n/a (see test below)
   assert sorted(n for n in EXP.CONFIGS if n.startswith("teachers/")) == [
-      "teachers/resnet110", "teachers/resnet32x4", "teachers/resnet56", "teachers/vgg13", "teachers/wrn_40_2"]
+    "teachers/resnet110",
+    "teachers/resnet32x4",
+    "teachers/resnet56",
+    "teachers/vgg13",
+    "teachers/wrn_40_2",
+  ]
   assert len([n for n in EXP.CONFIGS if n.startswith("students/")]) == 6
   for name in cells:
     cfg = EXP.CONFIGS[name]()
@@ -58,12 +108,25 @@ def test_table_has_every_cell_and_the_reference_recipe():
     assert cfg.teacher.checkpoint == f"workdirs/cifar100/teachers/{cfg.teacher.name}"
 
 
-@pytest.mark.parametrize("name, published", [
-    ("wrn_40_2-wrn_16_2/crd", 75.48), ("wrn_40_2-wrn_40_1/crd+kd", 74.38), ("resnet56-resnet20/kd", 70.66),
-    ("resnet110-resnet20/fsp", 70.11), ("resnet110-resnet32/ab", 70.98), ("resnet32x4-resnet8x4/dkd", 76.32),
-    ("resnet32x4-resnet8x4/dist", 76.31), ("vgg13-vgg8/pkt", 72.88), ("resnet110-resnet20/dkd", None),
-    ("vgg13-vgg8/dist", None), ("teachers/resnet32x4", 79.42), ("teachers/wrn_40_2", 75.61),
-    ("students/resnet20", 69.06), ("students/vgg8", 70.36)])
+@pytest.mark.parametrize(
+  "name, published",
+  [
+    ("wrn_40_2-wrn_16_2/crd", 75.48),
+    ("wrn_40_2-wrn_40_1/crd+kd", 74.38),
+    ("resnet56-resnet20/kd", 70.66),
+    ("resnet110-resnet20/fsp", 70.11),
+    ("resnet110-resnet32/ab", 70.98),
+    ("resnet32x4-resnet8x4/dkd", 76.32),
+    ("resnet32x4-resnet8x4/dist", 76.31),
+    ("vgg13-vgg8/pkt", 72.88),
+    ("resnet110-resnet20/dkd", None),
+    ("vgg13-vgg8/dist", None),
+    ("teachers/resnet32x4", 79.42),
+    ("teachers/wrn_40_2", 75.61),
+    ("students/resnet20", 69.06),
+    ("students/vgg8", 70.36),
+  ],
+)
 def test_published_numbers(name, published):
   """Spot checks against the tables of CRD (Tian et al. 2020, ICLR), DKD (Zhao et al.
   2022, CVPR) and DIST (Huang et al. 2022, NeurIPS)."""
@@ -71,18 +134,33 @@ def test_published_numbers(name, published):
 
 
 def test_reference_weights_and_dkd_beta_per_pair():
-  want_beta = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("wrn_40_2", "wrn_16_2"): 6.0,
-               ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0, ("resnet32x4", "resnet8x4"): 8.0,
-               ("resnet110", "resnet20"): 8.0}
+  want_beta = {
+    ("resnet56", "resnet20"): 2.0,
+    ("resnet110", "resnet32"): 2.0,
+    ("wrn_40_2", "wrn_16_2"): 6.0,
+    ("wrn_40_2", "wrn_40_1"): 6.0,
+    ("vgg13", "vgg8"): 6.0,
+    ("resnet32x4", "resnet8x4"): 8.0,
+    ("resnet110", "resnet20"): 8.0,
+  }
   for (t, s), beta in want_beta.items():
     assert EXP.CONFIGS[f"{t}-{s}/dkd"]().method.dkd_beta == beta
   terms = {m: EXP.check_config(EXP.make_config("resnet32x4", "resnet8x4", m))["terms"] for m in EXP.METHODS}
   assert terms["kd"] == {"ce": 0.1, "kd": 0.9}
   assert terms["crd+kd"] == {"ce": 1.0, "kd": 1.0, "crd": 0.8}
   assert terms["dist"] == {"ce": 1.0, "dist": 2.0}
-  want_b = {"fitnet": ("hint", 100.0), "at": ("at", 1000.0), "sp": ("sp", 3000.0), "cc": ("cc", 0.02),
-            "vid": ("vid", 1.0), "rkd": ("rkd", 1.0), "pkt": ("pkt", 30000.0), "nst": ("nst", 50.0),
-            "crd": ("crd", 0.8), "ft": ("ft", 200.0)}
+  want_b = {
+    "fitnet": ("hint", 100.0),
+    "at": ("at", 1000.0),
+    "sp": ("sp", 3000.0),
+    "cc": ("cc", 0.02),
+    "vid": ("vid", 1.0),
+    "rkd": ("rkd", 1.0),
+    "pkt": ("pkt", 30000.0),
+    "nst": ("nst", 50.0),
+    "crd": ("crd", 0.8),
+    "ft": ("ft", 200.0),
+  }
   for m, (term, b) in want_b.items():
     assert terms[m][term] == b and terms[m]["ce"] == 1.0
 
@@ -136,8 +214,15 @@ def mock_teacher(tmp_path_factory):
   d = tmp_path_factory.mktemp("teacher8")
   m = models.create("resnet8", num_classes=100, rngs=nnx.Rngs(0))
   _, params, stats, _ = nnx.split(m, nnx.Param, nnx.BatchStat, ...)
-  ckpt.export_model(d / ckpt.EXPORT_DIR, model_name="resnet8", num_classes=100, dtype="float32", params=params,
-                    model_state=stats, extra={})
+  ckpt.export_model(
+    d / ckpt.EXPORT_DIR,
+    model_name="resnet8",
+    num_classes=100,
+    dtype="float32",
+    params=params,
+    model_state=stats,
+    extra={},
+  )
   return str(d)
 
 
@@ -146,11 +231,12 @@ def _smoke_config(method: str, teacher_dir: str, data_dir: str, workdir: str):
   two = method in EXP.TWO_STAGE
   # 16 mock examples / batch 8 = 2 steps per epoch: init_epochs 0.5 = 1 init-stage step, then 1 main step.
   return cfg.replace(
-      data=dataclasses.replace(cfg.data, batch_size=8, eval_batch_size=8, data_dir=data_dir, download=True),
-      teacher=dataclasses.replace(cfg.teacher, checkpoint=teacher_dir),
-      method=dataclasses.replace(cfg.method, init_epochs=0.5 if two else 0.0),
-      optim=dataclasses.replace(cfg.optim, steps=1 if two else 2, epochs=0.0),
-      run=dataclasses.replace(cfg.run, workdir=workdir, quiet=True))
+    data=dataclasses.replace(cfg.data, batch_size=8, eval_batch_size=8, data_dir=data_dir, download=True),
+    teacher=dataclasses.replace(cfg.teacher, checkpoint=teacher_dir),
+    method=dataclasses.replace(cfg.method, init_epochs=0.5 if two else 0.0),
+    optim=dataclasses.replace(cfg.optim, steps=1 if two else 2, epochs=0.0),
+    run=dataclasses.replace(cfg.run, workdir=workdir, quiet=True),
+  )
 
 
 @pytest.mark.parametrize("method", [m if m == "kd" else pytest.param(m, marks=pytest.mark.slow) for m in EXP.METHODS])
@@ -190,7 +276,12 @@ def test_mnist_hinton_configs():
   hin = cli.load_experiment("mnist_hinton")
   kd, scratch = hin.CONFIGS["kd"](), hin.CONFIGS["scratch"]()
   teacher = hin.teacher_config(kd)
-  assert (kd.student.name, kd.teacher.name, kd.method.name, kd.method.temperature) == ("mlp_800", "mlp_1200", "kd", 20.0)
+  assert (kd.student.name, kd.teacher.name, kd.method.name, kd.method.temperature) == (
+    "mlp_800",
+    "mlp_1200",
+    "kd",
+    20.0,
+  )
   assert (teacher.mode, teacher.student.name, teacher.data.view) == ("teacher", "mlp_1200", "jitter")
   assert (scratch.method.name, kd.data.view, kd.data.name) == ("ce", "none", "mnist")
   # 67 / 146 / 74 test errors of 10,000 (Hinton et al. 2015, §3).
@@ -201,8 +292,9 @@ def test_mnist_hinton_configs():
 
 
 def test_mnist_hinton_offline_is_one_line(tmp_path, capsys):
-  rc = cli.main(["train-teacher", "mnist_hinton", "--workdir", str(tmp_path / "t"),
-                 "--data.data_dir", str(tmp_path / "empty")])
+  rc = cli.main(
+    ["train-teacher", "mnist_hinton", "--workdir", str(tmp_path / "t"), "--data.data_dir", str(tmp_path / "empty")]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and len(err) == 1, err
   assert "'mnist' is not prepared" in err[0] and "kdjax prepare mnist" in err[0] and "kdjax[tfds]" in err[0]
@@ -215,8 +307,13 @@ def test_reproduce_script_parses_and_rejects_an_unknown_pair():
   """The full run (and --smoke) is for machines with time; here: syntax, and the pair list comes from the experiment."""
   script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_cifar100.sh"
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-  p = subprocess.run(["bash", str(script), "--smoke", "--pairs", "resnet56-resnet8"], capture_output=True, text=True,
-                     timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  p = subprocess.run(
+    ["bash", str(script), "--smoke", "--pairs", "resnet56-resnet8"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert p.returncode == 1
   want = " ".join(f"{t}-{s}" for t, s in EXP.PAIRS)
   assert p.stderr.strip().splitlines()[-1] == f"reproduce_cifar100.sh: unknown pair resnet56-resnet8; pairs: {want}"

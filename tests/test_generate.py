@@ -16,8 +16,9 @@ V, MAX_LEN, P, N = 23, 40, 7, 12
 
 @pytest.fixture(scope="module")
 def lm():
-  return models.create("transformer_lm", num_classes=V, num_layers=2, dim=32, num_heads=4, max_len=MAX_LEN,
-                       rngs=nnx.Rngs(3))
+  return models.create(
+    "transformer_lm", num_classes=V, num_layers=2, dim=32, num_heads=4, max_len=MAX_LEN, rngs=nnx.Rngs(3)
+  )
 
 
 def prompts_and_lengths(seed: int = 0, batch: int = 4):
@@ -36,7 +37,7 @@ def next_logits(lm, seq: list[int]) -> np.ndarray:
   """The model's logits after ``seq``, by running the whole sequence (padded to one compiled length:
   causal attention makes the padding invisible to the last real position)."""
   x = np.zeros((1, MAX_LEN), np.int32)
-  x[0, :len(seq)] = seq
+  x[0, : len(seq)] = seq
   return np.asarray(_forward(lm, jnp.asarray(x))[0, len(seq) - 1], np.float64)
 
 
@@ -59,7 +60,7 @@ def test_kv_cache_greedy_equals_full_recompute_token_for_token(lm):
   prompts, lengths = prompts_and_lengths()
   out = jax.jit(lambda p, l: generate(lm, p, l, jax.random.key(0), Sampling(N, temperature=0.0)))(prompts, lengths)
   for i in range(len(lengths)):
-    toks, logps = recompute(lm, prompts[i, :lengths[i]], N)
+    toks, logps = recompute(lm, prompts[i, : lengths[i]], N)
     assert np.asarray(out.tokens[i]).tolist() == toks
     # float32 logits over a 32-wide model, cached vs recomputed attention: ~1e-6 apart
     np.testing.assert_allclose(np.asarray(out.logprobs[i]), logps, atol=2e-5)
@@ -68,7 +69,7 @@ def test_kv_cache_greedy_equals_full_recompute_token_for_token(lm):
 
 def test_stop_tokens_end_each_sequence_and_pad_after(lm):
   prompts, lengths = prompts_and_lengths(1)
-  ref = [recompute(lm, prompts[i, :lengths[i]], N)[0] for i in range(len(lengths))]
+  ref = [recompute(lm, prompts[i, : lengths[i]], N)[0] for i in range(len(lengths))]
   stop = ref[1][3]  # sequence 1 stops at its 4th token; the others where this token first appears
   sampling = Sampling(N, temperature=0.0, stop_tokens=(stop,), pad_token=V - 1)
   out = generate(lm, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0), sampling)
@@ -95,7 +96,7 @@ def test_sampled_tokens_stay_inside_top_k_and_keys_reproduce(lm):
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert not np.array_equal(a.tokens, gen(prompts, lengths, jax.random.key(6)).tokens)
   for i in range(len(lengths)):
-    seq = list(prompts[i, :lengths[i]])
+    seq = list(prompts[i, : lengths[i]])
     for t in np.asarray(a.tokens[i]):
       assert t in np.argsort(-next_logits(lm, seq))[:3]
       seq.append(int(t))
@@ -139,8 +140,17 @@ def test_top_p_mask_matches_numpy(p):
   np.testing.assert_array_equal(np.asarray(top_p_mask(jnp.asarray(z), p)), _np_top_p(z, p))
 
 
-@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("inf")),
-                                         ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5)])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("max_new_tokens", 0),
+    ("temperature", -1.0),
+    ("temperature", float("inf")),
+    ("top_k", -2),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+  ],
+)
 def test_bad_sampling_is_one_line(field, value):
   with pytest.raises(ValueError, match=f"sampling.{field} must be"):
     Sampling(**{field: value})

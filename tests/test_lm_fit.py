@@ -23,15 +23,32 @@ COMMON = ["--data.batch_size", "32", "--data.eval_batch_size", "500", "--run.qui
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tfds_dir) -> Path:
   t = tmp_path_factory.mktemp("lm_teacher")
-  assert cli.main(["train-teacher", EXP, "--workdir", str(t), "--optim.steps", "6", "--data.data_dir", tfds_dir,
-                   *COMMON]) == 0
+  assert (
+    cli.main(["train-teacher", EXP, "--workdir", str(t), "--optim.steps", "6", "--data.data_dir", tfds_dir, *COMMON])
+    == 0
+  )
   return t
 
 
 def _argv(config: str, workdir: Path, teacher: Path, tfds_dir: str) -> list[str]:
-  return ["distill", EXP, config, "--workdir", str(workdir), "--teacher.checkpoint", str(teacher),
-          "--data.data_dir", tfds_dir, "--optim.steps", "8", "--run.checkpoint_every", "2", "--run.eval_every", "4",
-          *COMMON]
+  return [
+    "distill",
+    EXP,
+    config,
+    "--workdir",
+    str(workdir),
+    "--teacher.checkpoint",
+    str(teacher),
+    "--data.data_dir",
+    tfds_dir,
+    "--optim.steps",
+    "8",
+    "--run.checkpoint_every",
+    "2",
+    "--run.eval_every",
+    "4",
+    *COMMON,
+  ]
 
 
 def _final(workdir: Path):

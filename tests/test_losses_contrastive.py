@@ -68,16 +68,14 @@ def test_crd_init():
   assert not np.allclose(bank.student, bank.teacher)
   assert float(bank.z_student) < 0 and float(bank.z_teacher) < 0
   # rows have ~unit norm in expectation
-  np.testing.assert_allclose(jnp.mean(jnp.sum(bank.student**2, 1)), 1.0,
-                             rtol=0.05)
+  np.testing.assert_allclose(jnp.mean(jnp.sum(bank.student**2, 1)), 1.0, rtol=0.05)
 
 
 def test_crd_matches_numpy_two_steps():
   bank, vs, vt, ids, neg = _setup()
   state = (_f64(bank.student), _f64(bank.teacher), -1.0, -1.0)
   for step in range(2):  # step 0 sets Z, step 1 must reuse it
-    loss, bank = kdl.crd(bank, vs, vt, ids, neg, temperature=0.07,
-                         momentum=0.5)
+    loss, bank = kdl.crd(bank, vs, vt, ids, neg, temperature=0.07, momentum=0.5)
     want, *state = np_crd(*state, _f64(vs), _f64(vt), ids, neg, 0.07, 0.5)
     assert loss.dtype == jnp.float32 and loss.shape == ()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
@@ -110,8 +108,7 @@ def test_jit_grad_bf16():
   gs, gt = jax.grad(lambda s, t: f(bank, s, t)[0], argnums=(0, 1))(vs, vt)
   assert np.all(np.isfinite(gs)) and np.all(np.isfinite(gt))
   assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) > 0
-  loss16, _ = f(bank, jnp.asarray(vs, jnp.bfloat16),
-                jnp.asarray(vt, jnp.bfloat16))
+  loss16, _ = f(bank, jnp.asarray(vs, jnp.bfloat16), jnp.asarray(vt, jnp.bfloat16))
   assert loss16.dtype == jnp.float32
   np.testing.assert_allclose(loss16, loss, rtol=2e-2)
 
@@ -138,7 +135,9 @@ def test_loss_falls_when_student_moves_toward_teacher():
   assert float(lower) < losses[0]
 
 
-@pytest.mark.parametrize("change, arg", [
+@pytest.mark.parametrize(
+  "change, arg",
+  [
     (dict(vt=lambda x: x[:-1]), "teacher_embedding"),
     (dict(vs=lambda x: x[:, :-1]), "student_embedding"),
     (dict(vs=lambda x: x[0]), "student_embedding"),
@@ -148,7 +147,8 @@ def test_loss_falls_when_student_moves_toward_teacher():
     (dict(neg=lambda x: x[0]), "negative_ids"),
     (dict(T=lambda x: 0.0), "temperature"),
     (dict(mom=lambda x: 1.5), "momentum"),
-])
+  ],
+)
 def test_bad_input_raises(change, arg):
   bank, vs, vt, ids, neg = _setup()
   a = dict(vs=vs, vt=vt, ids=ids, neg=neg, T=0.07, mom=0.5)
@@ -163,6 +163,7 @@ def test_bank_sharded_on_explicit_mesh():
   # (shardings in the types; gathers/scatters need out_sharding) as a
   # bank sharded over many devices; checked against the unsharded call.
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
   mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
   bank, vs, vt, ids, neg = _setup(4)
   want_loss, want_bank = kdl.crd(bank, vs, vt, ids, neg)
@@ -171,8 +172,9 @@ def test_bank_sharded_on_explicit_mesh():
     return jax.device_put(x, NamedSharding(mesh, spec))
 
   rows = P("data", None)
-  bank_sh = kdl.CRDBank(put(bank.student, rows), put(bank.teacher, rows),
-                        put(bank.z_student, P()), put(bank.z_teacher, P()))
+  bank_sh = kdl.CRDBank(
+    put(bank.student, rows), put(bank.teacher, rows), put(bank.z_student, P()), put(bank.z_teacher, P())
+  )
   args = [put(vs, rows), put(vt, rows), put(ids, P("data")), put(neg, rows)]
   with jax.set_mesh(mesh):
     loss, new = jax.jit(kdl.crd)(bank_sh, *args)

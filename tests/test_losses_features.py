@@ -21,7 +21,7 @@ def np_pool(x, h, w):
   out = np.zeros((b, h, w, c))
   for i in range(h):
     for j in range(w):
-      out[:, i, j] = x[:, i * fh:(i + 1) * fh, j * fw:(j + 1) * fw].mean((1, 2))
+      out[:, i, j] = x[:, i * fh : (i + 1) * fh, j * fw : (j + 1) * fw].mean((1, 2))
   return out
 
 
@@ -43,8 +43,10 @@ def np_hint(s, t):
 
 def np_at(s, t, p=2):
   s, t = np_match(s, t)
+
   def at(f):
     return np_normalize((f**p).mean(-1).reshape(f.shape[0], -1))
+
   return ((at(s) - at(t)) ** 2).mean()
 
 
@@ -74,6 +76,7 @@ def np_fsp(sa, sb, ta, tb):
     for n in range(a.shape[0]):
       out[n] = a[n].reshape(hw, -1).T @ b[n].reshape(hw, -1) / hw
     return out
+
   return ((g(sa, sb) - g(ta, tb)) ** 2).mean()
 
 
@@ -108,50 +111,62 @@ def _arr(rng, *shape):
 def _inputs(seed=0):
   rng = np.random.default_rng(seed)
   return dict(
-      s=_arr(rng, B, 8, 8, 4),          # student map
-      t=_arr(rng, B, 4, 4, 6),          # teacher map: smaller, more channels
-      t_same=_arr(rng, B, 8, 8, 4),     # teacher map with the student's shape
-      sb=_arr(rng, B, 4, 4, 5),         # second student layer
-      tb=_arr(rng, B, 4, 4, 5),
-      ta=_arr(rng, B, 8, 8, 4),
-      log_scale=_arr(rng, 4),
+    s=_arr(rng, B, 8, 8, 4),  # student map
+    t=_arr(rng, B, 4, 4, 6),  # teacher map: smaller, more channels
+    t_same=_arr(rng, B, 8, 8, 4),  # teacher map with the student's shape
+    sb=_arr(rng, B, 4, 4, 5),  # second student layer
+    tb=_arr(rng, B, 4, 4, 5),
+    ta=_arr(rng, B, 8, 8, 4),
+    log_scale=_arr(rng, 4),
   )
 
 
 # name -> (kdjax fn of inputs dict, numpy ref of inputs dict, zero-case fn)
 CASES = {
-    "hint": (lambda d: kdl.hint(d["s"], d["t_same"]),
-             lambda d: np_hint(d["s"], d["t_same"]),
-             lambda d: kdl.hint(d["s"], d["s"])),
-    "hint_pooled": (lambda d: kdl.hint(d["s"], d["ta"][:, ::2, ::2]),
-                    lambda d: np_hint(np_pool(d["s"], 4, 4),
-                                      d["ta"][:, ::2, ::2]),
-                    None),
-    "at": (lambda d: kdl.attention_transfer(d["s"], d["t"]),
-           lambda d: np_at(d["s"], d["t"]),
-           lambda d: kdl.attention_transfer(d["s"], d["s"])),
-    "at_p4": (lambda d: kdl.attention_transfer(d["s"], d["t"], p=4),
-              lambda d: np_at(d["s"], d["t"], 4), None),
-    "sp": (lambda d: kdl.similarity_preserving(d["s"], d["t"]),
-           lambda d: np_sp(d["s"], d["t"]),
-           lambda d: kdl.similarity_preserving(d["s"], d["s"])),
-    "nst": (lambda d: kdl.nst(d["s"], d["t"]),
-            lambda d: np_nst(d["s"], d["t"]),
-            lambda d: kdl.nst(d["s"], d["s"])),
-    "fsp": (lambda d: kdl.fsp(d["s"], d["sb"], d["ta"], d["tb"]),
-            lambda d: np_fsp(d["s"], d["sb"], d["ta"], d["tb"]),
-            lambda d: kdl.fsp(d["s"], d["sb"], d["s"], d["sb"])),
-    "ft_p1": (lambda d: kdl.factor_transfer(d["s"], d["t_same"]),
-              lambda d: np_ft(d["s"], d["t_same"], 1),
-              lambda d: kdl.factor_transfer(d["s"], d["s"])),
-    "ft_p2": (lambda d: kdl.factor_transfer(d["s"], d["t_same"], p=2),
-              lambda d: np_ft(d["s"], d["t_same"], 2), None),
-    "ab": (lambda d: kdl.activation_boundary(d["s"], d["t_same"]),
-           lambda d: np_ab(d["s"], d["t_same"], 1.0), None),
-    "ab_m05": (lambda d: kdl.activation_boundary(d["s"], d["t_same"], 0.5),
-               lambda d: np_ab(d["s"], d["t_same"], 0.5), None),
-    "vid": (lambda d: kdl.vid(d["s"], d["t_same"], d["log_scale"]),
-            lambda d: np_vid(d["s"], d["t_same"], d["log_scale"]), None),
+  "hint": (
+    lambda d: kdl.hint(d["s"], d["t_same"]),
+    lambda d: np_hint(d["s"], d["t_same"]),
+    lambda d: kdl.hint(d["s"], d["s"]),
+  ),
+  "hint_pooled": (
+    lambda d: kdl.hint(d["s"], d["ta"][:, ::2, ::2]),
+    lambda d: np_hint(np_pool(d["s"], 4, 4), d["ta"][:, ::2, ::2]),
+    None,
+  ),
+  "at": (
+    lambda d: kdl.attention_transfer(d["s"], d["t"]),
+    lambda d: np_at(d["s"], d["t"]),
+    lambda d: kdl.attention_transfer(d["s"], d["s"]),
+  ),
+  "at_p4": (lambda d: kdl.attention_transfer(d["s"], d["t"], p=4), lambda d: np_at(d["s"], d["t"], 4), None),
+  "sp": (
+    lambda d: kdl.similarity_preserving(d["s"], d["t"]),
+    lambda d: np_sp(d["s"], d["t"]),
+    lambda d: kdl.similarity_preserving(d["s"], d["s"]),
+  ),
+  "nst": (lambda d: kdl.nst(d["s"], d["t"]), lambda d: np_nst(d["s"], d["t"]), lambda d: kdl.nst(d["s"], d["s"])),
+  "fsp": (
+    lambda d: kdl.fsp(d["s"], d["sb"], d["ta"], d["tb"]),
+    lambda d: np_fsp(d["s"], d["sb"], d["ta"], d["tb"]),
+    lambda d: kdl.fsp(d["s"], d["sb"], d["s"], d["sb"]),
+  ),
+  "ft_p1": (
+    lambda d: kdl.factor_transfer(d["s"], d["t_same"]),
+    lambda d: np_ft(d["s"], d["t_same"], 1),
+    lambda d: kdl.factor_transfer(d["s"], d["s"]),
+  ),
+  "ft_p2": (lambda d: kdl.factor_transfer(d["s"], d["t_same"], p=2), lambda d: np_ft(d["s"], d["t_same"], 2), None),
+  "ab": (lambda d: kdl.activation_boundary(d["s"], d["t_same"]), lambda d: np_ab(d["s"], d["t_same"], 1.0), None),
+  "ab_m05": (
+    lambda d: kdl.activation_boundary(d["s"], d["t_same"], 0.5),
+    lambda d: np_ab(d["s"], d["t_same"], 0.5),
+    None,
+  ),
+  "vid": (
+    lambda d: kdl.vid(d["s"], d["t_same"], d["log_scale"]),
+    lambda d: np_vid(d["s"], d["t_same"], d["log_scale"]),
+    None,
+  ),
 }
 
 
@@ -206,42 +221,35 @@ def test_pool_to_match():
 def test_sp_any_rank_and_vmap():
   rng = np.random.default_rng(4)
   s, t = _arr(rng, B, 7), _arr(rng, B, 3, 5)
-  np.testing.assert_allclose(kdl.similarity_preserving(s, t),
-                             np_sp(s.astype(np.float64), t.astype(np.float64)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    kdl.similarity_preserving(s, t), np_sp(s.astype(np.float64), t.astype(np.float64)), rtol=1e-5
+  )
   # vmap over a leading "layer" axis == per-layer loop
   ss, ts = _arr(rng, 2, B, 4, 4, 3), _arr(rng, 2, B, 2, 2, 5)
   got = jax.vmap(kdl.attention_transfer)(ss, ts)
   for i in range(2):
-    np.testing.assert_allclose(got[i], np_at(ss[i].astype(np.float64),
-                                             ts[i].astype(np.float64)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(got[i], np_at(ss[i].astype(np.float64), ts[i].astype(np.float64)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("call, arg", [
+@pytest.mark.parametrize(
+  "call, arg",
+  [
     (lambda d: kdl.hint(d["s"], d["t_same"][:-1]), "teacher_feature"),
     (lambda d: kdl.hint(d["s"], d["t_same"][..., :3]), "teacher_feature"),
     (lambda d: kdl.attention_transfer(d["s"][0], d["t"]), "student_feature"),
     (lambda d: kdl.attention_transfer(d["s"], d["t"][:-1]), "teacher_feature"),
-    (lambda d: kdl.attention_transfer(d["s"], d["t"][:, :3, :3]),
-     "student_feature"),  # 8 is not a multiple of 3
-    (lambda d: kdl.similarity_preserving(d["s"], d["t"][:-1]),
-     "teacher_feature"),
-    (lambda d: kdl.similarity_preserving(d["s"][0, 0, 0, 0], d["t"]),
-     "student_feature"),
+    (lambda d: kdl.attention_transfer(d["s"], d["t"][:, :3, :3]), "student_feature"),  # 8 is not a multiple of 3
+    (lambda d: kdl.similarity_preserving(d["s"], d["t"][:-1]), "teacher_feature"),
+    (lambda d: kdl.similarity_preserving(d["s"][0, 0, 0, 0], d["t"]), "student_feature"),
     (lambda d: kdl.nst(d["s"], d["t"][:-1]), "teacher_feature"),
-    (lambda d: kdl.fsp(d["s"], d["sb"], d["ta"][..., :2], d["tb"]),
-     "teacher_feature_a"),
-    (lambda d: kdl.fsp(d["s"], d["sb"][:-1], d["ta"], d["tb"]),
-     "student_feature_b"),
-    (lambda d: kdl.factor_transfer(d["s"], d["t_same"][:-1]),
-     "teacher_factor"),
-    (lambda d: kdl.activation_boundary(d["s"], d["t_same"][:-1]),
-     "teacher_preact"),
+    (lambda d: kdl.fsp(d["s"], d["sb"], d["ta"][..., :2], d["tb"]), "teacher_feature_a"),
+    (lambda d: kdl.fsp(d["s"], d["sb"][:-1], d["ta"], d["tb"]), "student_feature_b"),
+    (lambda d: kdl.factor_transfer(d["s"], d["t_same"][:-1]), "teacher_factor"),
+    (lambda d: kdl.activation_boundary(d["s"], d["t_same"][:-1]), "teacher_preact"),
     (lambda d: kdl.vid(d["s"], d["t_same"], d["log_scale"][:3]), "log_scale"),
-    (lambda d: kdl.vid(d["s"], d["t_same"][:-1], d["log_scale"]),
-     "teacher_feature"),
-])
+    (lambda d: kdl.vid(d["s"], d["t_same"][:-1], d["log_scale"]), "teacher_feature"),
+  ],
+)
 def test_bad_input_raises(call, arg):
   d = {k: jnp.asarray(v) for k, v in _inputs().items()}
   with pytest.raises(ValueError, match=arg):

@@ -47,8 +47,7 @@ def np_dkd(s, t, y, alpha, beta, T):
 def np_pearson_mean(a, b, eps=1e-8):
   a = a - a.mean(1, keepdims=True)
   b = b - b.mean(1, keepdims=True)
-  r = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-                        + eps)
+  r = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + eps)
   return r.mean()
 
 
@@ -72,20 +71,18 @@ def _data(seed=0, scale=2.0):
 
 # Each case: (name, kdjax call, numpy reference) with the same arguments.
 CASES = {
-    "kd_T4": (lambda s, t, y: kdl.kd(s, t, temperature=4.0),
-              lambda s, t, y: np_kd(s, t, 4.0)),
-    "kd_T1": (lambda s, t, y: kdl.kd(s, t, temperature=1.0),
-              lambda s, t, y: np_kd(s, t, 1.0)),
-    "dkd": (lambda s, t, y: kdl.dkd(s, t, y),
-            lambda s, t, y: np_dkd(s, t, y, 1.0, 8.0, 4.0)),
-    "dkd_a2_b05_T1": (
-        lambda s, t, y: kdl.dkd(s, t, y, alpha=2.0, beta=0.5, temperature=1.),
-        lambda s, t, y: np_dkd(s, t, y, 2.0, 0.5, 1.0)),
-    "dist": (lambda s, t, y: kdl.dist(s, t),
-             lambda s, t, y: np_dist(s, t, 1.0, 1.0, 1.0)),
-    "dist_T4_b2_g05": (
-        lambda s, t, y: kdl.dist(s, t, beta=2.0, gamma=0.5, temperature=4.0),
-        lambda s, t, y: np_dist(s, t, 2.0, 0.5, 4.0)),
+  "kd_T4": (lambda s, t, y: kdl.kd(s, t, temperature=4.0), lambda s, t, y: np_kd(s, t, 4.0)),
+  "kd_T1": (lambda s, t, y: kdl.kd(s, t, temperature=1.0), lambda s, t, y: np_kd(s, t, 1.0)),
+  "dkd": (lambda s, t, y: kdl.dkd(s, t, y), lambda s, t, y: np_dkd(s, t, y, 1.0, 8.0, 4.0)),
+  "dkd_a2_b05_T1": (
+    lambda s, t, y: kdl.dkd(s, t, y, alpha=2.0, beta=0.5, temperature=1.0),
+    lambda s, t, y: np_dkd(s, t, y, 2.0, 0.5, 1.0),
+  ),
+  "dist": (lambda s, t, y: kdl.dist(s, t), lambda s, t, y: np_dist(s, t, 1.0, 1.0, 1.0)),
+  "dist_T4_b2_g05": (
+    lambda s, t, y: kdl.dist(s, t, beta=2.0, gamma=0.5, temperature=4.0),
+    lambda s, t, y: np_dist(s, t, 2.0, 0.5, 4.0),
+  ),
 }
 
 
@@ -111,8 +108,7 @@ def test_properties(name):
   assert float(eager) >= 0.0
   # (DIST is only ~0: the eps = 1e-8 in the Pearson denominator leaves
   # T²·eps/var, which is ~1e-4 for T = 4 softmax columns.)
-  np.testing.assert_allclose(fn(t, t, y), 0.0,
-                             atol=1e-3 if name.startswith("dist") else 1e-5)
+  np.testing.assert_allclose(fn(t, t, y), 0.0, atol=1e-3 if name.startswith("dist") else 1e-5)
   # finite gradient
   g = jax.grad(fn)(s, t, y)
   assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
@@ -169,10 +165,8 @@ def np_kd_logspace(s, t, T):
 # p_t,gt = 1 in float32, log(1 − p_t,gt) ≈ −2e4, and the gt logit is far
 # above the non-target ones. Row 1 is the case that used to give NaN
 # gradients (exp of the unmasked gt entry of the non-target log-softmax).
-EXTREME_S = np.array([[0.0, 0.0, 0.0, 0.0], [1e4, -1e4, 0.0, 5.0],
-                      [-1e4, 1e4, 1e4, 0.0]], np.float32)
-EXTREME_T = np.array([[1e4, 0.0, 0.0, -1e4], [1e4, -1e4, -1e4, -1e4],
-                      [0.0, 1e4, -1e4, 0.0]], np.float32)
+EXTREME_S = np.array([[0.0, 0.0, 0.0, 0.0], [1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 1e4, 0.0]], np.float32)
+EXTREME_T = np.array([[1e4, 0.0, 0.0, -1e4], [1e4, -1e4, -1e4, -1e4], [0.0, 1e4, -1e4, 0.0]], np.float32)
 EXTREME_Y = np.array([0, 0, 2], np.int32)
 
 
@@ -181,10 +175,8 @@ def test_extreme_confident_teacher_matches_logspace_numpy(T):
   s, t, y = EXTREME_S, EXTREME_T, EXTREME_Y
   f64 = lambda x: x.astype(np.float64)
   for fn, want in [
-      (lambda s: kdl.dkd(s, t, y, temperature=T),
-       np_dkd_logspace(f64(s), f64(t), y, 1.0, 8.0, T)),
-      (lambda s: kdl.kd(s, t, temperature=T),
-       np_kd_logspace(f64(s), f64(t), T)),
+    (lambda s: kdl.dkd(s, t, y, temperature=T), np_dkd_logspace(f64(s), f64(t), y, 1.0, 8.0, T)),
+    (lambda s: kdl.kd(s, t, temperature=T), np_kd_logspace(f64(s), f64(t), T)),
   ]:
     val, g = jax.value_and_grad(fn)(jnp.asarray(s))
     np.testing.assert_allclose(float(val), want, rtol=1e-5)
@@ -240,14 +232,15 @@ def test_dkd_vmap_over_beta():
   betas = jnp.array([0.5, 2.0, 8.0])
   got = jax.vmap(lambda b: kdl.dkd(s, t, y, beta=b))(betas)
   for i, b in enumerate([0.5, 2.0, 8.0]):
-    np.testing.assert_allclose(
-        got[i], np_dkd(*_data(6)[:2], _data(6)[2], 1.0, b, 4.0), rtol=1e-5)
+    np.testing.assert_allclose(got[i], np_dkd(*_data(6)[:2], _data(6)[2], 1.0, b, 4.0), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("call, arg", [
+@pytest.mark.parametrize(
+  "call, arg",
+  [
     (lambda s, t, y: kdl.kd(s, t[:-1]), "teacher_logits"),
     (lambda s, t, y: kdl.kd(s[0], t[0]), "student_logits"),
     (lambda s, t, y: kdl.kd(s, t, temperature=0.0), "temperature"),
@@ -261,7 +254,8 @@ def test_dkd_vmap_over_beta():
     (lambda s, t, y: kdl.dist(s[None], t[None]), "student_logits"),
     (lambda s, t, y: kdl.dist(s, t[:-1]), "teacher_logits"),
     (lambda s, t, y: kdl.dist(s, t, temperature=0), "temperature"),
-])
+  ],
+)
 def test_bad_input_raises(call, arg):
   s, t, y = map(jnp.asarray, _data())
   with pytest.raises(ValueError, match=arg):
@@ -288,7 +282,8 @@ def test_per_example_outputs_are_the_terms_of_the_mean():
   per_dkd = np.asarray(kdl.dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), beta=2.0, per_example=True))
   assert per_dkd.shape == (len(y),)
   for i in range(len(y)):
-    one = kdl.dkd(jnp.asarray(s[i:i + 1]), jnp.asarray(t[i:i + 1]), jnp.asarray(y[i:i + 1]), beta=2.0)
+    one = kdl.dkd(jnp.asarray(s[i : i + 1]), jnp.asarray(t[i : i + 1]), jnp.asarray(y[i : i + 1]), beta=2.0)
     np.testing.assert_allclose(per_dkd[i], one, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(per_dkd.mean(), kdl.dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), beta=2.0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    per_dkd.mean(), kdl.dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), beta=2.0), rtol=1e-6
+  )

@@ -49,6 +49,7 @@ def np_pkt(s, t, eps=1e-7):
     e = e / (np.linalg.norm(e, axis=1, keepdims=True) + eps)
     k = (e @ e.T + 1) / 2
     return k / k.sum(1, keepdims=True)
+
   ps, pt = probs(s), probs(t)
   return (pt * np.log((pt + eps) / (ps + eps))).mean()
 
@@ -63,19 +64,19 @@ def np_cc(s, t):
 
 def _inputs(seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.normal(size=(B, 6)).astype(np.float32),
-          rng.normal(size=(B, 9)).astype(np.float32),
-          rng.normal(size=(B, 6)).astype(np.float32))
+  return (
+    rng.normal(size=(B, 6)).astype(np.float32),
+    rng.normal(size=(B, 9)).astype(np.float32),
+    rng.normal(size=(B, 6)).astype(np.float32),
+  )
 
 
 # name -> (kdjax fn(s, t_wide, t_same), numpy ref, zero when s == t)
 CASES = {
-    "rkd": (lambda s, t, u: kdl.rkd(s, t), lambda s, t, u: np_rkd(s, t)),
-    "rkd_weights": (lambda s, t, u: kdl.rkd(s, t, 1.0, 2.0),
-                    lambda s, t, u: np_rkd(s, t, 1.0, 2.0)),
-    "pkt": (lambda s, t, u: kdl.pkt(s, t), lambda s, t, u: np_pkt(s, t)),
-    "cc": (lambda s, t, u: kdl.correlation_congruence(s, u),
-           lambda s, t, u: np_cc(s, u)),
+  "rkd": (lambda s, t, u: kdl.rkd(s, t), lambda s, t, u: np_rkd(s, t)),
+  "rkd_weights": (lambda s, t, u: kdl.rkd(s, t, 1.0, 2.0), lambda s, t, u: np_rkd(s, t, 1.0, 2.0)),
+  "pkt": (lambda s, t, u: kdl.pkt(s, t), lambda s, t, u: np_pkt(s, t)),
+  "cc": (lambda s, t, u: kdl.correlation_congruence(s, u), lambda s, t, u: np_cc(s, u)),
 }
 
 
@@ -111,8 +112,7 @@ def test_rkd_gradient_safe_with_duplicate_rows():
   s = s.at[1].set(s[0])  # a zero off-diagonal distance as well
   # it still counts in the mean distance (as in the reference, whose clamped
   # d[d > 0] keeps it at 1e-6)
-  np.testing.assert_allclose(kdl.rkd(s, t), np_rkd(np.asarray(s, np.float64),
-                                                   np.asarray(t, np.float64)), rtol=1e-5)
+  np.testing.assert_allclose(kdl.rkd(s, t), np_rkd(np.asarray(s, np.float64), np.asarray(t, np.float64)), rtol=1e-5)
   gs, gt = jax.grad(kdl.rkd, argnums=(0, 1))(s, t)
   assert np.all(np.isfinite(gs))
   np.testing.assert_array_equal(gt, 0.0)  # teacher under stop_gradient
@@ -124,21 +124,20 @@ def test_pkt_vmap():
   t = rng.normal(size=(2, B, 7)).astype(np.float32)
   got = jax.vmap(kdl.pkt)(s, t)
   for i in range(2):
-    np.testing.assert_allclose(got[i], np_pkt(s[i].astype(np.float64),
-                                              t[i].astype(np.float64)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(got[i], np_pkt(s[i].astype(np.float64), t[i].astype(np.float64)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("call, arg", [
+@pytest.mark.parametrize(
+  "call, arg",
+  [
     (lambda s, t, u: kdl.rkd(s, t[:-1]), "teacher_embedding"),
     (lambda s, t, u: kdl.rkd(s[0], t), "student_embedding"),
     (lambda s, t, u: kdl.pkt(s, t[:-1]), "teacher_embedding"),
     (lambda s, t, u: kdl.correlation_congruence(s, t), "teacher_embedding"),
-    (lambda s, t, u: kdl.correlation_congruence(s, u[:-1]),
-     "teacher_embedding"),
-    (lambda s, t, u: kdl.correlation_congruence(s[:, :, None], u),
-     "student_embedding"),
-])
+    (lambda s, t, u: kdl.correlation_congruence(s, u[:-1]), "teacher_embedding"),
+    (lambda s, t, u: kdl.correlation_congruence(s[:, :, None], u), "student_embedding"),
+  ],
+)
 def test_bad_input_raises(call, arg):
   s, t, u = map(jnp.asarray, _inputs())
   with pytest.raises(ValueError, match=arg):

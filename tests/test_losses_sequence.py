@@ -46,8 +46,7 @@ def np_gjsd(s, t, beta, mask=None, T=1.0):
     per = (ps * np.log(ps / pt)).sum(-1)
   else:
     m = (1 - beta) * ps + beta * pt
-    per = (beta * (pt * np.log(pt / m)).sum(-1)
-           + (1 - beta) * (ps * np.log(ps / m)).sum(-1))
+    per = beta * (pt * np.log(pt / m)).sum(-1) + (1 - beta) * (ps * np.log(ps / m)).sum(-1)
   return np_masked_mean(per, mask)
 
 
@@ -79,29 +78,24 @@ def _inputs(seed=0, scale=2.0):
 
 
 MASKS = {
-    "none": lambda m: None,
-    "bool": lambda m: m,
-    "float": lambda m: m.astype(np.float32),
+  "none": lambda m: None,
+  "bool": lambda m: m,
+  "float": lambda m: m.astype(np.float32),
 }
 
 # name -> (kdjax fn(s, t, mask), numpy ref(s, t, mask))
 CASES = {
-    "forward_kl": (lambda s, t, m: kdl.forward_kl(s, t, m),
-                   lambda s, t, m: np_fkl(s, t, m)),
-    "forward_kl_T2": (lambda s, t, m: kdl.forward_kl(s, t, m, 2.0),
-                      lambda s, t, m: np_fkl(s, t, m, 2.0)),
-    "reverse_kl": (lambda s, t, m: kdl.reverse_kl(s, t, m),
-                   lambda s, t, m: np_rkl(s, t, m)),
-    "gjsd_0.5": (lambda s, t, m: kdl.generalized_jsd(s, t, 0.5, m),
-                 lambda s, t, m: np_gjsd(s, t, 0.5, m)),
-    "gjsd_0.1_T2": (
-        lambda s, t, m: kdl.generalized_jsd(s, t, 0.1, m, temperature=2.0),
-        lambda s, t, m: np_gjsd(s, t, 0.1, m, 2.0)),
-    "gjsd_0": (lambda s, t, m: kdl.generalized_jsd(s, t, 0.0, m),
-               lambda s, t, m: np_gjsd(s, t, 0.0, m)),
-    "gjsd_1": (lambda s, t, m: kdl.generalized_jsd(s, t, 1.0, m),
-               lambda s, t, m: np_gjsd(s, t, 1.0, m)),
-    "tvd": (lambda s, t, m: kdl.tvd(s, t, m), lambda s, t, m: np_tvd(s, t, m)),
+  "forward_kl": (lambda s, t, m: kdl.forward_kl(s, t, m), lambda s, t, m: np_fkl(s, t, m)),
+  "forward_kl_T2": (lambda s, t, m: kdl.forward_kl(s, t, m, 2.0), lambda s, t, m: np_fkl(s, t, m, 2.0)),
+  "reverse_kl": (lambda s, t, m: kdl.reverse_kl(s, t, m), lambda s, t, m: np_rkl(s, t, m)),
+  "gjsd_0.5": (lambda s, t, m: kdl.generalized_jsd(s, t, 0.5, m), lambda s, t, m: np_gjsd(s, t, 0.5, m)),
+  "gjsd_0.1_T2": (
+    lambda s, t, m: kdl.generalized_jsd(s, t, 0.1, m, temperature=2.0),
+    lambda s, t, m: np_gjsd(s, t, 0.1, m, 2.0),
+  ),
+  "gjsd_0": (lambda s, t, m: kdl.generalized_jsd(s, t, 0.0, m), lambda s, t, m: np_gjsd(s, t, 0.0, m)),
+  "gjsd_1": (lambda s, t, m: kdl.generalized_jsd(s, t, 1.0, m), lambda s, t, m: np_gjsd(s, t, 1.0, m)),
+  "tvd": (lambda s, t, m: kdl.tvd(s, t, m), lambda s, t, m: np_tvd(s, t, m)),
 }
 
 
@@ -138,22 +132,18 @@ def test_properties(name):
 def test_gjsd_endpoints_and_traced_beta():
   s, t, mask = map(jnp.asarray, _inputs(2))
   fkl, rkl = kdl.forward_kl(s, t, mask), kdl.reverse_kl(s, t, mask)
-  np.testing.assert_allclose(kdl.generalized_jsd(s, t, 0.0, mask), fkl,
-                             rtol=1e-6)
-  np.testing.assert_allclose(kdl.generalized_jsd(s, t, 1.0, mask), rkl,
-                             rtol=1e-6)
+  np.testing.assert_allclose(kdl.generalized_jsd(s, t, 0.0, mask), fkl, rtol=1e-6)
+  np.testing.assert_allclose(kdl.generalized_jsd(s, t, 1.0, mask), rkl, rtol=1e-6)
   # traced beta (e.g. a schedule): same endpoints, same interior values
   f = jax.jit(lambda b: kdl.generalized_jsd(s, t, b, mask))
   np.testing.assert_allclose(f(0.0), fkl, rtol=1e-5)
   np.testing.assert_allclose(f(1.0), rkl, rtol=1e-5)
-  np.testing.assert_allclose(f(0.3), kdl.generalized_jsd(s, t, 0.3, mask),
-                             rtol=1e-5)
+  np.testing.assert_allclose(f(0.3), kdl.generalized_jsd(s, t, 0.3, mask), rtol=1e-5)
   # the symmetric JSD (beta = 0.5) is bounded by log 2
   assert 0.0 < float(kdl.generalized_jsd(s, t, 0.5, mask)) <= np.log(2.0)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "gjsd_0.5",
-                                  "gjsd_0.1_T2", "tvd"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "gjsd_0.5", "gjsd_0.1_T2", "tvd"])
 def test_extreme_logits_finite(name):
   fn, _ = CASES[name]
   rng = np.random.default_rng(3)
@@ -177,28 +167,30 @@ def test_sparse_kl_and_teacher_topk():
   full = np_logp(t.astype(np.float64))
   want_idx = np.argsort(-full, axis=-1)[..., :4]
   np.testing.assert_array_equal(idx, want_idx)
-  np.testing.assert_allclose(lp, np.take_along_axis(full, want_idx, -1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(lp, np.take_along_axis(full, want_idx, -1), rtol=1e-5)
   got = kdl.sparse_kl(jnp.asarray(s), lp, idx, jnp.asarray(mask))
-  want = np_sparse_kl(s.astype(np.float64), np.asarray(lp, np.float64),
-                      np.asarray(idx), mask)
+  want = np_sparse_kl(s.astype(np.float64), np.asarray(lp, np.float64), np.asarray(idx), mask)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # with k = V it is the full forward KL
   lp_all, idx_all = kdl.teacher_topk(jnp.asarray(t), V)
   np.testing.assert_allclose(
-      kdl.sparse_kl(jnp.asarray(s), lp_all, idx_all, jnp.asarray(mask)),
-      kdl.forward_kl(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask)),
-      rtol=1e-5)
+    kdl.sparse_kl(jnp.asarray(s), lp_all, idx_all, jnp.asarray(mask)),
+    kdl.forward_kl(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask)),
+    rtol=1e-5,
+  )
   g = jax.grad(kdl.sparse_kl)(jnp.asarray(s, jnp.bfloat16), lp, idx)
   assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
-@pytest.mark.parametrize("name, kw", [
+@pytest.mark.parametrize(
+  "name, kw",
+  [
     ("forward_kl", {}),
     ("reverse_kl", {"temperature": 2.0}),
     ("generalized_jsd", {"beta": 0.3}),
     ("tvd", {}),
-])
+  ],
+)
 def test_chunked_equals_unchunked(name, kw):
   s, t, mask = map(jnp.asarray, _inputs(5))
   plain = getattr(kdl, name)
@@ -207,8 +199,7 @@ def test_chunked_equals_unchunked(name, kw):
     got = kdl.chunked_token_loss(name, s, t, mask, chunk_size=chunk, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5)
   g_want = jax.grad(lambda s: plain(s, t, mask=mask, **kw))(s)
-  g_got = jax.jit(jax.grad(lambda s: kdl.chunked_token_loss(
-      name, s, t, mask, chunk_size=3, **kw)))(s)
+  g_got = jax.jit(jax.grad(lambda s: kdl.chunked_token_loss(name, s, t, mask, chunk_size=3, **kw)))(s)
   np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-7)
 
 
@@ -218,12 +209,11 @@ def test_chunked_from_hidden_states_and_callable():
   w = jnp.asarray(rng.normal(size=(5, V)), jnp.float32)
   _, t, mask = map(jnp.asarray, _inputs(6))
   want = kdl.forward_kl(hidden @ w, t, mask)
-  got = kdl.chunked_token_loss("forward_kl", None, t, mask, chunk_size=2,
-                               student_hidden=hidden, unembedding=w)
+  got = kdl.chunked_token_loss("forward_kl", None, t, mask, chunk_size=2, student_hidden=hidden, unembedding=w)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  gw = jax.grad(lambda w: kdl.chunked_token_loss(
-      "forward_kl", None, t, mask, chunk_size=2, student_hidden=hidden,
-      unembedding=w))(w)
+  gw = jax.grad(
+    lambda w: kdl.chunked_token_loss("forward_kl", None, t, mask, chunk_size=2, student_hidden=hidden, unembedding=w)
+  )(w)
   gw_want = jax.grad(lambda w: kdl.forward_kl(hidden @ w, t, mask))(w)
   np.testing.assert_allclose(gw, gw_want, rtol=1e-4, atol=1e-6)
   # a user per-token function: (B, c, V), (B, c, V) -> (B, c)
@@ -235,8 +225,7 @@ def test_chunked_from_hidden_states_and_callable():
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # padded positions of the last chunk (L = 7, chunk 3) never count
   ones = lambda s, t: jnp.ones(s.shape[:2])
-  np.testing.assert_allclose(
-      kdl.chunked_token_loss(ones, s, t, None, chunk_size=3), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(kdl.chunked_token_loss(ones, s, t, None, chunk_size=3), 1.0, rtol=1e-6)
 
 
 def test_chunked_memory_does_not_grow_with_length():
@@ -250,9 +239,7 @@ def test_chunked_memory_does_not_grow_with_length():
     w = jax.ShapeDtypeStruct((d, v), jnp.float32)
     t = jax.ShapeDtypeStruct((1, length, v), jnp.float32)
     if chunked:
-      f = lambda h, w, t: kdl.chunked_token_loss(
-          "forward_kl", None, t, chunk_size=16, student_hidden=h,
-          unembedding=w)
+      f = lambda h, w, t: kdl.chunked_token_loss("forward_kl", None, t, chunk_size=16, student_hidden=h, unembedding=w)
     else:
       f = lambda h, w, t: kdl.forward_kl(h @ w, t)
     g = jax.jit(jax.grad(f, argnums=(0, 1)))
@@ -275,28 +262,25 @@ def test_all_masked_is_zero_not_nan():
   assert float(kdl.chunked_token_loss("tvd", s, t, zero, chunk_size=3)) == 0.0
 
 
-@pytest.mark.parametrize("call, arg", [
+@pytest.mark.parametrize(
+  "call, arg",
+  [
     (lambda s, t, m: kdl.forward_kl(s[0], t[0]), "student_logits"),
     (lambda s, t, m: kdl.reverse_kl(s, t[:1]), "teacher_logits"),
     (lambda s, t, m: kdl.tvd(s, t, m[:, :-1]), "mask"),
     (lambda s, t, m: kdl.forward_kl(s, t, m[None]), "mask"),
     (lambda s, t, m: kdl.forward_kl(s, t, temperature=0.0), "temperature"),
     (lambda s, t, m: kdl.generalized_jsd(s, t, 1.5), "beta"),
-    (lambda s, t, m: kdl.generalized_jsd(s, t, temperature=-2.), "temperature"),
-    (lambda s, t, m: kdl.chunked_token_loss("forward_kl", s, t, m[:, :3]),
-     "mask"),
-    (lambda s, t, m: kdl.chunked_token_loss("forward_kl", s, t,
-                                            temperature=0.0), "temperature"),
+    (lambda s, t, m: kdl.generalized_jsd(s, t, temperature=-2.0), "temperature"),
+    (lambda s, t, m: kdl.chunked_token_loss("forward_kl", s, t, m[:, :3]), "mask"),
+    (lambda s, t, m: kdl.chunked_token_loss("forward_kl", s, t, temperature=0.0), "temperature"),
     (lambda s, t, m: kdl.chunked_token_loss("nope", s, t), "loss"),
-    (lambda s, t, m: kdl.chunked_token_loss("tvd", s, t, chunk_size=0),
-     "chunk_size"),
-    (lambda s, t, m: kdl.sparse_kl(s, *kdl.teacher_topk(t[:1], 3)),
-     "teacher_topk_logprobs"),
-    (lambda s, t, m: kdl.sparse_kl(
-        s, t[..., :3], jnp.full((B, L, 3), V, jnp.int32)),
-     "teacher_topk_indices"),
+    (lambda s, t, m: kdl.chunked_token_loss("tvd", s, t, chunk_size=0), "chunk_size"),
+    (lambda s, t, m: kdl.sparse_kl(s, *kdl.teacher_topk(t[:1], 3)), "teacher_topk_logprobs"),
+    (lambda s, t, m: kdl.sparse_kl(s, t[..., :3], jnp.full((B, L, 3), V, jnp.int32)), "teacher_topk_indices"),
     (lambda s, t, m: kdl.teacher_topk(t, V + 1), "k"),
-])
+  ],
+)
 def test_bad_input_raises(call, arg):
   s, t, mask = map(jnp.asarray, _inputs())
   with pytest.raises(ValueError, match=arg):

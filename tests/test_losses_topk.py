@@ -63,16 +63,16 @@ def masked_mean(x, mask):
 
 
 TOPK = {
-    "forward_kl": lambda s, a, i, m, T: kdl.topk_forward_kl(s, a, i, m, temperature=T),
-    "reverse_kl": lambda s, a, i, m, T: kdl.topk_reverse_kl(s, a, i, m, temperature=T),
-    "gjsd": lambda s, a, i, m, T: kdl.topk_generalized_jsd(s, a, i, beta=0.3, mask=m, temperature=T),
-    "tvd": lambda s, a, i, m, T: kdl.topk_tvd(s, a, i, m, temperature=T),
+  "forward_kl": lambda s, a, i, m, T: kdl.topk_forward_kl(s, a, i, m, temperature=T),
+  "reverse_kl": lambda s, a, i, m, T: kdl.topk_reverse_kl(s, a, i, m, temperature=T),
+  "gjsd": lambda s, a, i, m, T: kdl.topk_generalized_jsd(s, a, i, beta=0.3, mask=m, temperature=T),
+  "tvd": lambda s, a, i, m, T: kdl.topk_tvd(s, a, i, m, temperature=T),
 }
 FULL = {
-    "forward_kl": lambda s, t, m: kdl.forward_kl(s, t, m),
-    "reverse_kl": lambda s, t, m: kdl.reverse_kl(s, t, m),
-    "gjsd": lambda s, t, m: kdl.generalized_jsd(s, t, 0.3, m),
-    "tvd": lambda s, t, m: kdl.tvd(s, t, m),
+  "forward_kl": lambda s, t, m: kdl.forward_kl(s, t, m),
+  "reverse_kl": lambda s, t, m: kdl.reverse_kl(s, t, m),
+  "gjsd": lambda s, t, m: kdl.generalized_jsd(s, t, 0.3, m),
+  "tvd": lambda s, t, m: kdl.tvd(s, t, m),
 }
 
 
@@ -81,8 +81,9 @@ FULL = {
 def test_topk_losses_match_numpy_buckets(name, temperature):
   s, t, mask = _inputs()
   a, idx = np_topk(t, K)
-  got = TOPK[name](jnp.asarray(s), jnp.asarray(a, jnp.float32), jnp.asarray(idx, jnp.int32), jnp.asarray(mask),
-                   temperature)
+  got = TOPK[name](
+    jnp.asarray(s), jnp.asarray(a, jnp.float32), jnp.asarray(idx, jnp.int32), jnp.asarray(mask), temperature
+  )
   assert got.dtype == jnp.float32 and got.shape == ()
   ps, pt = np_buckets(s, a.astype(np.float32).astype(np.float64), idx, temperature)
   want = masked_mean(np_div("gjsd" if name == "gjsd" else name, ps, pt, beta=0.3), mask)
@@ -95,8 +96,9 @@ def test_topk_with_k_equal_vocab_is_the_full_loss(name):
   s, t, mask = _inputs(1)
   a, idx = kdl.teacher_topk(jnp.asarray(t), V)
   got = TOPK[name](jnp.asarray(s), a, idx, jnp.asarray(mask), 1.0)
-  np.testing.assert_allclose(float(got), float(FULL[name](jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask))),
-                             rtol=2e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    float(got), float(FULL[name](jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask))), rtol=2e-6, atol=1e-7
+  )
 
 
 @pytest.mark.parametrize("name", sorted(TOPK))
@@ -107,8 +109,12 @@ def test_data_processing_inequality_and_its_equality_case(name):
   s = (rng.normal(size=(B, L, V)) * 2).astype(np.float32)
   t = (rng.normal(size=(B, L, V)) * 2).astype(np.float32)
   a, idx = kdl.teacher_topk(jnp.asarray(t), K)
-  per = lambda fn, *x: np.asarray([[float(fn(*(y[b:b + 1, l:l + 1] for y in x))) for l in range(L)]  # noqa: E731
-                                   for b in range(B)])
+  per = lambda fn, *x: np.asarray(
+    [
+      [float(fn(*(y[b : b + 1, l : l + 1] for y in x))) for l in range(L)]  # noqa: E731
+      for b in range(B)
+    ]
+  )
   coarse = per(lambda s_, a_, i_: TOPK[name](s_, a_, i_, None, 1.0), jnp.asarray(s), a, idx)
   full = per(lambda s_, t_: FULL[name](s_, t_, None), jnp.asarray(s), jnp.asarray(t))
   assert np.all(coarse >= -1e-7) and np.all(coarse <= full + 1e-6)
@@ -143,8 +149,9 @@ def test_topk_to_logits_is_the_teacher_the_buckets_see(temperature):
   s = jnp.zeros((B, L, V))
   _, lt = kdl.topk_buckets(s, a, idx, temperature)
   pd = np.exp(np_logp(dense, temperature))
-  coarse = np.concatenate([np.take_along_axis(pd, np.asarray(idx), -1), np.where(in_top, 0, pd).sum(-1, keepdims=True)],
-                          -1)
+  coarse = np.concatenate(
+    [np.take_along_axis(pd, np.asarray(idx), -1), np.where(in_top, 0, pd).sum(-1, keepdims=True)], -1
+  )
   np.testing.assert_allclose(np.exp(np.asarray(lt)), coarse, rtol=1e-5, atol=1e-7)
   # … and equals NumPy's reconstruction in the cache reader
   from kdjax.data import cache as C
@@ -173,8 +180,9 @@ def test_gradients_finite_for_confident_students_and_float16_teachers():
   # masked-out tokens get no gradient; jit == eager
   g = jax.grad(lambda x: kdl.topk_forward_kl(x, a, idx, jnp.asarray(mask)))(jnp.asarray(s))
   assert np.all(np.asarray(g)[~mask] == 0) and np.abs(np.asarray(g)[mask]).max() > 0
-  np.testing.assert_allclose(jax.jit(kdl.topk_tvd)(jnp.asarray(s), a, idx), kdl.topk_tvd(jnp.asarray(s), a, idx),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(kdl.topk_tvd)(jnp.asarray(s), a, idx), kdl.topk_tvd(jnp.asarray(s), a, idx), rtol=1e-6
+  )
 
 
 def test_topk_bad_inputs_name_the_argument():

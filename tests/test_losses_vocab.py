@@ -75,8 +75,8 @@ def _np_uld(s, t, ms, mt, temp=1.0) -> float:
 
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 def test_uld_matches_numpy_across_vocabularies_and_lengths(temp):
-  s = _logits(7, (B, 9, 13))   # student: 9 positions, 13 tokens
-  t = _logits(8, (B, 6, 21))   # teacher: 6 positions, 21 tokens
+  s = _logits(7, (B, 9, 13))  # student: 9 positions, 13 tokens
+  t = _logits(8, (B, 6, 21))  # teacher: 6 positions, 21 tokens
   ms, mt = _mask(9, (B, 9)), _mask(10, (B, 6))
   ms[2] = False  # an example with no student response: no pairs from it
   got = float(kdl.uld(s, t, ms, mt, temperature=temp))

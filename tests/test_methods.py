@@ -15,10 +15,22 @@ from kdjax.methods.base import Context, InitInfo, ModelInfo
 from kdjax.models.base import ModelOutput
 
 B, C, N = 8, 10, 20
-S_SHAPES = {"stem": (8, 8, 16), "stage1": (8, 8, 16), "stage2": (4, 4, 32), "stage1_preact": (8, 8, 16),
-            "stage2_preact": (4, 4, 32), "pooled": (32,)}
-T_SHAPES = {"stem": (8, 8, 16), "stage1": (8, 8, 32), "stage2": (4, 4, 64), "stage1_preact": (8, 8, 32),
-            "stage2_preact": (4, 4, 64), "pooled": (64,)}
+S_SHAPES = {
+  "stem": (8, 8, 16),
+  "stage1": (8, 8, 16),
+  "stage2": (4, 4, 32),
+  "stage1_preact": (8, 8, 16),
+  "stage2_preact": (4, 4, 32),
+  "pooled": (32,),
+}
+T_SHAPES = {
+  "stem": (8, 8, 16),
+  "stage1": (8, 8, 32),
+  "stage2": (4, 4, 64),
+  "stage1_preact": (8, 8, 32),
+  "stage2_preact": (4, 4, 64),
+  "pooled": (64,),
+}
 S_INFO = ModelInfo("fake_s", C, S_SHAPES)
 T_INFO = ModelInfo("fake_t", C, T_SHAPES)
 TOKEN_PRESETS = ["forward_kl", "reverse_kl", "gkd", "tvd", "skew_kl", "skew_reverse_kl"]
@@ -61,8 +73,9 @@ def _ce_np(logits, labels):
   return lse - z[np.arange(len(labels)), np.maximum(labels, 0)]
 
 
-@pytest.mark.parametrize("name", [n if n in ("kd", "vid") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in IMAGE_PRESETS])
+@pytest.mark.parametrize(
+  "name", [n if n in ("kd", "vid") else pytest.param(n, marks=pytest.mark.slow) for n in IMAGE_PRESETS]
+)
 def test_preset_loss_total_and_grads(name):
   m, params, state, s, t = _setup(name)
   batch = _batch(jax.random.key(3))
@@ -107,9 +120,14 @@ def test_token_presets(name):
   batch = {"label": labels, "mask": mask}
   params, state = m.init(jax.random.key(0), s, t, InitInfo(S_INFO, T_INFO, 4))
   total, _, metrics = jax.jit(lambda: m.loss(params, state, s, t, batch, _ctx()))()
-  fn = {"forward_kl": kdl.forward_kl, "reverse_kl": kdl.reverse_kl, "gkd": kdl.generalized_jsd,
-        "tvd": kdl.tvd, "skew_kl": kdl.skew_kl,
-        "skew_reverse_kl": lambda s, t, mask: kdl.skew_kl(s, t, mask=mask, reverse=True)}[name]
+  fn = {
+    "forward_kl": kdl.forward_kl,
+    "reverse_kl": kdl.reverse_kl,
+    "gkd": kdl.generalized_jsd,
+    "tvd": kdl.tvd,
+    "skew_kl": kdl.skew_kl,
+    "skew_reverse_kl": lambda s, t, mask: kdl.skew_kl(s, t, mask=mask, reverse=True),
+  }[name]
   scored = mask & (labels >= 0)
   np.testing.assert_allclose(metrics[f"loss/{name}"], fn(s.logits, t.logits, mask=scored), rtol=1e-5)
   per = _ce_np(np.asarray(s.logits).reshape(-1, 7), np.asarray(labels).reshape(-1))

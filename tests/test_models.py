@@ -22,14 +22,40 @@ from kdjax.models import ModelOutput
 # ---------------------------------------------------------------------------
 # Names and families
 
-CIFAR_RESNET = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
-                "resnet56", "resnet110", "resnet8x4", "resnet32x4"]
+CIFAR_RESNET = [
+  "resnet8",
+  "resnet14",
+  "resnet20",
+  "resnet32",
+  "resnet44",
+  "resnet56",
+  "resnet110",
+  "resnet8x4",
+  "resnet32x4",
+]
 WRN = ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
 VGG = ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
 IMAGENET = ["resnet18", "resnet34", "resnet50", "mobilenet_v1"]
-ALL = (CIFAR_RESNET + WRN + VGG + ["mobilenetv2", "shufflenetv1", "shufflenetv2"]
-       + IMAGENET + ["mlp", "cnn1d", "mlp_1200", "mlp_800", "cnn_digits",
-                     "transformer_lm", "lm_4x64", "lm_2x64", "lm_2x32", "lm_1x64", "lm_1x32"])
+ALL = (
+  CIFAR_RESNET
+  + WRN
+  + VGG
+  + ["mobilenetv2", "shufflenetv1", "shufflenetv2"]
+  + IMAGENET
+  + [
+    "mlp",
+    "cnn1d",
+    "mlp_1200",
+    "mlp_800",
+    "cnn_digits",
+    "transformer_lm",
+    "lm_4x64",
+    "lm_2x64",
+    "lm_2x32",
+    "lm_1x64",
+    "lm_1x32",
+  ]
+)
 
 
 def _stages(n: int, preact: bool = True, stem: bool = True) -> set[str]:
@@ -68,8 +94,7 @@ def abstract(name: str, **overrides) -> nnx.Module:
 def test_available_lists_every_model():
   assert km.available() == ALL
   assert km.available("imagenet") == IMAGENET
-  assert set(km.available("cifar")) == set(CIFAR_RESNET + WRN + VGG) | {
-      "mobilenetv2", "shufflenetv1", "shufflenetv2"}
+  assert set(km.available("cifar")) == set(CIFAR_RESNET + WRN + VGG) | {"mobilenetv2", "shufflenetv1", "shufflenetv2"}
 
 
 # ---------------------------------------------------------------------------
@@ -78,10 +103,20 @@ def test_available_lists_every_model():
 
 # Published, in millions, at 100 classes (CRD/RepDistiller) — two decimals.
 PUBLISHED_CIFAR_M = {
-    "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74,
-    "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_1": 0.57,
-    "wrn_40_2": 2.26, "vgg8": 3.96, "vgg13": 9.46, "mobilenetv2": 0.81,
-    "shufflenetv1": 0.95, "shufflenetv2": 1.36,
+  "resnet20": 0.28,
+  "resnet32": 0.47,
+  "resnet56": 0.86,
+  "resnet110": 1.74,
+  "resnet8x4": 1.23,
+  "resnet32x4": 7.43,
+  "wrn_16_2": 0.70,
+  "wrn_40_1": 0.57,
+  "wrn_40_2": 2.26,
+  "vgg8": 3.96,
+  "vgg13": 9.46,
+  "mobilenetv2": 0.81,
+  "shufflenetv1": 0.95,
+  "shufflenetv2": 1.36,
 }
 
 # Exact counts of the builds here (regression pins). Each agrees with the
@@ -99,36 +134,52 @@ PUBLISHED_CIFAR_M = {
 #   total                                                  = 278,324
 # vgg8 = 3,965,028 is 0.13 % over the published 3.96M (which rounds down).
 EXACT = {
-    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324,
-    "resnet32": 472_756, "resnet44": 667_188, "resnet56": 861_620,
-    "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
-    "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156, "vgg8": 3_965_028, "vgg11": 9_277_284,
-    "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
-    "mobilenetv2": 812_836, "shufflenetv1": 949_258, "shufflenetv2": 1_356_104,
-    # torchvision at 1000 classes
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
-    "mobilenet_v1": 4_231_976,  # published "4.2M"
-    # MNIST-1D paper: 40·100+100 + 100·100+100 + 100·10+10
-    "mlp": 15_210,
-    # 1·25·5+25 + 2·(25·25·3+25) + 125·10+10 = 150 + 3,800 + 1,260
-    "cnn1d": 5_210,
-    # 784·1200+1200 + 1200·1200+1200 + 1200·10+10
-    "mlp_1200": 2_395_210,
-    # 784·800+800 + 800·800+800 + 800·10+10
-    "mlp_800": 1_276_810,
-    # 9·16+16 + 9·16·32+32 + 9·32·64+64 + 64·10+10
-    "cnn_digits": 23_946,
-    # tok 256·64 + pos 128·64 + 2·(LN 128 + qkv 64·192+192 + proj 64·64+64
-    #  + LN 128 + fc1 64·256+256 + fc2 256·64+64) + LN 128 + head 64·256
-    "transformer_lm": 141_056,
-    # lm_{n}x{d}: tok 256·d + pos 64·d + LN_f 2d + head d·256 + n blocks of 12d² + 13d
-    # (LN 2d, qkv d·3d + 3d, proj d² + d, LN 2d, fc1 d·4d + 4d, fc2 4d·d + d)
-    "lm_4x64": 578 * 64 + 4 * (12 * 64**2 + 13 * 64),  # 236,928
-    "lm_2x64": 578 * 64 + 2 * (12 * 64**2 + 13 * 64),
-    "lm_2x32": 578 * 32 + 2 * (12 * 32**2 + 13 * 32),
-    "lm_1x64": 578 * 64 + (12 * 64**2 + 13 * 64),
-    "lm_1x32": 578 * 32 + (12 * 32**2 + 13 * 32),  # 31,200
+  "resnet8": 83_892,
+  "resnet14": 181_108,
+  "resnet20": 278_324,
+  "resnet32": 472_756,
+  "resnet44": 667_188,
+  "resnet56": 861_620,
+  "resnet110": 1_736_564,
+  "resnet8x4": 1_233_540,
+  "resnet32x4": 7_433_860,
+  "wrn_16_1": 180_916,
+  "wrn_16_2": 703_284,
+  "wrn_40_1": 569_780,
+  "wrn_40_2": 2_255_156,
+  "vgg8": 3_965_028,
+  "vgg11": 9_277_284,
+  "vgg13": 9_462_180,
+  "vgg16": 14_774_436,
+  "vgg19": 20_086_692,
+  "mobilenetv2": 812_836,
+  "shufflenetv1": 949_258,
+  "shufflenetv2": 1_356_104,
+  # torchvision at 1000 classes
+  "resnet18": 11_689_512,
+  "resnet34": 21_797_672,
+  "resnet50": 25_557_032,
+  "mobilenet_v1": 4_231_976,  # published "4.2M"
+  # MNIST-1D paper: 40·100+100 + 100·100+100 + 100·10+10
+  "mlp": 15_210,
+  # 1·25·5+25 + 2·(25·25·3+25) + 125·10+10 = 150 + 3,800 + 1,260
+  "cnn1d": 5_210,
+  # 784·1200+1200 + 1200·1200+1200 + 1200·10+10
+  "mlp_1200": 2_395_210,
+  # 784·800+800 + 800·800+800 + 800·10+10
+  "mlp_800": 1_276_810,
+  # 9·16+16 + 9·16·32+32 + 9·32·64+64 + 64·10+10
+  "cnn_digits": 23_946,
+  # tok 256·64 + pos 128·64 + 2·(LN 128 + qkv 64·192+192 + proj 64·64+64
+  #  + LN 128 + fc1 64·256+256 + fc2 256·64+64) + LN 128 + head 64·256
+  "transformer_lm": 141_056,
+  # lm_{n}x{d}: tok 256·d + pos 64·d + LN_f 2d + head d·256 + n blocks of 12d² + 13d
+  # (LN 2d, qkv d·3d + 3d, proj d² + d, LN 2d, fc1 d·4d + 4d, fc2 4d·d + d)
+  "lm_4x64": 578 * 64 + 4 * (12 * 64**2 + 13 * 64),  # 236,928
+  "lm_2x64": 578 * 64 + 2 * (12 * 64**2 + 13 * 64),
+  "lm_2x32": 578 * 32 + 2 * (12 * 32**2 + 13 * 32),
+  "lm_1x64": 578 * 64 + (12 * 64**2 + 13 * 64),
+  "lm_1x32": 578 * 32 + (12 * 32**2 + 13 * 32),  # 31,200
 }
 
 
@@ -150,8 +201,11 @@ def test_imagenet_counts_match_published():
   # et al.) is printed to 0.1M; the exact 4,231,976 is 0.76 % above 4.2M and
   # inside its rounding interval [4.15M, 4.25M).
   for name, (published, half_unit) in {
-      "resnet18": (11.69e6, 0.005e6), "resnet34": (21.80e6, 0.005e6),
-      "resnet50": (25.56e6, 0.005e6), "mobilenet_v1": (4.2e6, 0.05e6)}.items():
+    "resnet18": (11.69e6, 0.005e6),
+    "resnet34": (21.80e6, 0.005e6),
+    "resnet50": (25.56e6, 0.005e6),
+    "mobilenet_v1": (4.2e6, 0.05e6),
+  }.items():
     n = km.count_params(abstract(name))
     assert abs(n - published) <= max(0.005 * published, half_unit), (name, n)
 
@@ -167,36 +221,51 @@ def test_count_params_excludes_batch_stats():
 # Shapes of every model, abstractly
 
 EXPECTED_SHAPES = {
-    "resnet20": {"stem": (2, 32, 32, 16), "stage1": (2, 32, 32, 16),
-                 "stage2": (2, 16, 16, 32), "stage3": (2, 8, 8, 64),
-                 "pooled": (2, 64)},
-    "resnet32x4": {"stem": (2, 32, 32, 32), "stage1": (2, 32, 32, 64),
-                   "stage3": (2, 8, 8, 256), "pooled": (2, 256)},
-    "wrn_40_2": {"stem": (2, 32, 32, 16), "stage1": (2, 32, 32, 32),
-                 "stage2": (2, 16, 16, 64), "stage3": (2, 8, 8, 128),
-                 "pooled": (2, 128)},
-    "vgg13": {"stem": (2, 32, 32, 64), "stage1": (2, 16, 16, 128),
-              "stage2": (2, 8, 8, 256), "stage3": (2, 4, 4, 512),
-              "stage4": (2, 4, 4, 512), "pooled": (2, 512)},
-    "mobilenetv2": {"stem": (2, 16, 16, 16), "stage1": (2, 16, 16, 12),
-                    "stage2": (2, 8, 8, 16), "stage3": (2, 4, 4, 48),
-                    "stage4": (2, 2, 2, 160), "pooled": (2, 1280)},
-    "shufflenetv1": {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 240),
-                     "stage3": (2, 4, 4, 960), "pooled": (2, 960)},
-    "shufflenetv2": {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 116),
-                     "stage3": (2, 4, 4, 464), "pooled": (2, 1024)},
-    "resnet50": {"stem": (2, 56, 56, 64), "stage1": (2, 56, 56, 256),
-                 "stage4": (2, 7, 7, 2048), "pooled": (2, 2048)},
-    "mobilenet_v1": {"stem": (2, 112, 112, 32), "stage1": (2, 56, 56, 128),
-                     "stage4": (2, 7, 7, 1024), "pooled": (2, 1024)},
-    # MNIST-1D CNN: 40 → 19 → 10 → 5 with those paddings; 5 × 25 = 125.
-    "cnn1d": {"stem": (2, 19, 25), "stage1": (2, 10, 25), "stage2": (2, 5, 25),
-              "pooled": (2, 125)},
-    "mlp": {"stage1": (2, 100), "stage2": (2, 100), "pooled": (2, 100)},
-    "cnn_digits": {"stem": (2, 8, 8, 16), "stage2": (2, 4, 4, 64),
-                   "pooled": (2, 64)},
-    "transformer_lm": {"embed": (2, 128, 64), "block1": (2, 128, 64),
-                       "pooled": (2, 128, 64)},
+  "resnet20": {
+    "stem": (2, 32, 32, 16),
+    "stage1": (2, 32, 32, 16),
+    "stage2": (2, 16, 16, 32),
+    "stage3": (2, 8, 8, 64),
+    "pooled": (2, 64),
+  },
+  "resnet32x4": {"stem": (2, 32, 32, 32), "stage1": (2, 32, 32, 64), "stage3": (2, 8, 8, 256), "pooled": (2, 256)},
+  "wrn_40_2": {
+    "stem": (2, 32, 32, 16),
+    "stage1": (2, 32, 32, 32),
+    "stage2": (2, 16, 16, 64),
+    "stage3": (2, 8, 8, 128),
+    "pooled": (2, 128),
+  },
+  "vgg13": {
+    "stem": (2, 32, 32, 64),
+    "stage1": (2, 16, 16, 128),
+    "stage2": (2, 8, 8, 256),
+    "stage3": (2, 4, 4, 512),
+    "stage4": (2, 4, 4, 512),
+    "pooled": (2, 512),
+  },
+  "mobilenetv2": {
+    "stem": (2, 16, 16, 16),
+    "stage1": (2, 16, 16, 12),
+    "stage2": (2, 8, 8, 16),
+    "stage3": (2, 4, 4, 48),
+    "stage4": (2, 2, 2, 160),
+    "pooled": (2, 1280),
+  },
+  "shufflenetv1": {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 240), "stage3": (2, 4, 4, 960), "pooled": (2, 960)},
+  "shufflenetv2": {"stem": (2, 32, 32, 24), "stage1": (2, 16, 16, 116), "stage3": (2, 4, 4, 464), "pooled": (2, 1024)},
+  "resnet50": {"stem": (2, 56, 56, 64), "stage1": (2, 56, 56, 256), "stage4": (2, 7, 7, 2048), "pooled": (2, 2048)},
+  "mobilenet_v1": {
+    "stem": (2, 112, 112, 32),
+    "stage1": (2, 56, 56, 128),
+    "stage4": (2, 7, 7, 1024),
+    "pooled": (2, 1024),
+  },
+  # MNIST-1D CNN: 40 → 19 → 10 → 5 with those paddings; 5 × 25 = 125.
+  "cnn1d": {"stem": (2, 19, 25), "stage1": (2, 10, 25), "stage2": (2, 5, 25), "pooled": (2, 125)},
+  "mlp": {"stage1": (2, 100), "stage2": (2, 100), "pooled": (2, 100)},
+  "cnn_digits": {"stem": (2, 8, 8, 16), "stage2": (2, 4, 4, 64), "pooled": (2, 64)},
+  "transformer_lm": {"embed": (2, 128, 64), "block1": (2, 128, 64), "pooled": (2, 128, 64)},
 }
 
 
@@ -226,7 +295,7 @@ def test_output_and_feature_shapes(name):
   for k, v in shapes.items():
     assert v[0] == 2
     if k.endswith("_preact"):
-      assert v == shapes[k[:-len("_preact")]]
+      assert v == shapes[k[: -len("_preact")]]
   for k, v in EXPECTED_SHAPES.get(name, {}).items():
     assert shapes[k] == v, (k, shapes[k], v)
 
@@ -234,9 +303,9 @@ def test_output_and_feature_shapes(name):
 def test_num_classes_and_overrides():
   m = abstract("resnet8", num_classes=10)
   assert _abstract_forward(m).logits.shape == (2, 10)
-  lm = nnx.eval_shape(lambda: km.create("transformer_lm", num_classes=50,
-                                        num_layers=3, dim=32, num_heads=2,
-                                        max_len=16, rngs=nnx.Rngs(0)))
+  lm = nnx.eval_shape(
+    lambda: km.create("transformer_lm", num_classes=50, num_layers=3, dim=32, num_heads=2, max_len=16, rngs=nnx.Rngs(0))
+  )
   assert lm.input_shape == (16,)
   out = _abstract_forward(lm)
   assert out.logits.shape == (2, 16, 50)
@@ -247,16 +316,14 @@ def test_num_classes_and_overrides():
 def test_cifar_models_accept_other_spatial_sizes():
   m = abstract("resnet8")
   graphdef, state = nnx.split(m)
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x),
-                       state, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
   assert out.features["stage3"].shape == (2, 16, 16, 64)
 
 
 # ---------------------------------------------------------------------------
 # Real forwards on small models
 
-SMALL = ["resnet8", "wrn_16_1", "mobilenetv2", "mlp", "cnn1d", "mlp_800",
-         "cnn_digits", "transformer_lm"]
+SMALL = ["resnet8", "wrn_16_1", "mobilenetv2", "mlp", "cnn1d", "mlp_800", "cnn_digits", "transformer_lm"]
 TINY_LM = dict(num_layers=2, dim=32, num_heads=4, max_len=16)
 
 
@@ -274,8 +341,9 @@ def sample_input(model, seed=1, batch_size=2):
   return jax.random.normal(key, shape)
 
 
-@pytest.mark.parametrize("name", [n if n not in ("mobilenetv2", "wrn_16_1") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in SMALL])
+@pytest.mark.parametrize(
+  "name", [n if n not in ("mobilenetv2", "wrn_16_1") else pytest.param(n, marks=pytest.mark.slow) for n in SMALL]
+)
 def test_real_forward_train_and_eval(name):
   # Through the jitted functional path: one compile per mode is much faster
   # on CPU than op-by-op eager dispatch for the deeper nets.
@@ -296,8 +364,7 @@ def test_preact_relu_consistency():
     out = make(name)(sample_input(make(name)))
     for k, v in out.features.items():
       if k.endswith("_preact"):
-        np.testing.assert_allclose(out.features[k[:-7]], jax.nn.relu(v),
-                                   err_msg=f"{name}:{k}")
+        np.testing.assert_allclose(out.features[k[:-7]], jax.nn.relu(v), err_msg=f"{name}:{k}")
 
 
 def test_mnist1d_models_accept_trailing_channel():
@@ -317,12 +384,12 @@ def test_mnist_mlps_accept_flat_and_image_inputs():
 def test_cnn1d_flatten_is_channel_major_like_pytorch():
   m = make("cnn1d")
   f = m(sample_input(m)).features
-  np.testing.assert_array_equal(f["pooled"].reshape(2, 25, 5),
-                                np.swapaxes(f["stage2"], 1, 2))
+  np.testing.assert_array_equal(f["pooled"].reshape(2, 25, 5), np.swapaxes(f["stage2"], 1, 2))
 
 
 # ---------------------------------------------------------------------------
 # BatchNorm statistics, dropout, and the functional (split/merge/jit) path
+
 
 def _batch_stats(model):
   return jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
@@ -339,8 +406,7 @@ def test_batchnorm_stats_update_in_train_mode_only():
   jax.tree.map(np.testing.assert_array_equal, before, _batch_stats(model))
   call(model, x, True)
   after = _batch_stats(model)
-  changed = jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.any(u != v)),
-                                         before, after))
+  changed = jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.any(u != v)), before, after))
   assert changed and all(changed)
   call(model, x, False)  # eval after train still leaves the stats alone
   jax.tree.map(np.testing.assert_array_equal, after, _batch_stats(model))
@@ -352,9 +418,7 @@ def test_batchnorm_momentum_is_pytorch_default():
   x = sample_input(model)
   conv_out = model.conv1(x)
   model(x, train=True)
-  np.testing.assert_allclose(model.bn1.mean[...],
-                             0.1 * np.mean(conv_out, axis=(0, 1, 2)),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.bn1.mean[...], 0.1 * np.mean(conv_out, axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
   assert model.bn1.epsilon == 1e-5
 
 
@@ -387,8 +451,7 @@ def test_jit_functional_path_equals_eager(name):
     eager = eager_model(x, train=train)
     np.testing.assert_allclose(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
     for k in eager.features:
-      np.testing.assert_allclose(out.features[k], eager.features[k],
-                                 rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(out.features[k], eager.features[k], rtol=1e-5, atol=1e-5)
     _, _, eager_rest = nnx.split(eager_model, nnx.Param, ...)
     jax.tree.map(_assert_state_close, new_rest, eager_rest)
 
@@ -412,8 +475,7 @@ def test_grad_through_functional_path_updates_bn_stats():
   (value, new_rest), grads = f(params, rest)
   eager = make("resnet8", num_classes=5)
   nnx.jit(lambda m: m(x, train=True))(eager)  # NNX's own stateful path (statistics updated in place)
-  jax.tree.map(_assert_state_close, nnx.state(new_rest, nnx.BatchStat),
-               nnx.state(eager, nnx.BatchStat))
+  jax.tree.map(_assert_state_close, nnx.state(new_rest, nnx.BatchStat), nnx.state(eager, nnx.BatchStat))
   # the gradient agrees with a central finite difference along a random direction
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(4), len(leaves))
@@ -422,7 +484,9 @@ def test_grad_through_functional_path_updates_bn_stats():
   d = jax.tree.unflatten(treedef, [v / norm for v in d])  # a unit direction
   # (a) the functional-path gradient equals NNX's own gradient of the module
   ref_model = make("resnet8", num_classes=5)
-  ref_grads = nnx.jit(nnx.grad(lambda m: jnp.mean(jnp.tanh(m(x, train=True).logits) ** 2)))(ref_model)  # w.r.t. nnx.Param
+  ref_grads = nnx.jit(nnx.grad(lambda m: jnp.mean(jnp.tanh(m(x, train=True).logits) ** 2)))(
+    ref_model
+  )  # w.r.t. nnx.Param
   assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(ref_grads)) > 10
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
@@ -433,8 +497,7 @@ def test_grad_through_functional_path_updates_bn_stats():
   fval = jax.jit(lambda p: loss(p, rest)[0])
   plus = fval(jax.tree.map(lambda p, v: p + eps * v, params, d))
   minus = fval(jax.tree.map(lambda p, v: p - eps * v, params, d))
-  directional = sum(float(jnp.vdot(g, v)) for g, v in zip(jax.tree.leaves(grads),
-                                                           jax.tree.leaves(d)))
+  directional = sum(float(jnp.vdot(g, v)) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d)))
   np.testing.assert_allclose((plus - minus) / (2 * eps), directional, rtol=5e-2)
   assert np.isfinite(value) and abs(directional) > 0
 
@@ -469,6 +532,7 @@ def test_bf16_compute_keeps_f32_params():
 # ---------------------------------------------------------------------------
 # The language model is causal
 
+
 def test_transformer_lm_is_causal():
   model = make("transformer_lm", num_classes=50)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
@@ -477,7 +541,7 @@ def test_transformer_lm_is_causal():
   logits = nnx.jit(lambda m, x: m(x).logits)(model, jnp.concatenate([tokens, *changed]))  # one call, 4 variants
   base, outs = logits[:2], logits[2:].reshape(len(positions), 2, 16, 50)
   for t, out in zip(positions, outs):
-    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-6)
+    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6)
     assert not np.allclose(out[:, t + 1], base[:, t + 1])
 
 
@@ -491,6 +555,7 @@ def test_transformer_lm_accepts_shorter_sequences():
 # ---------------------------------------------------------------------------
 # Errors
 
+
 def test_unknown_model_name_lists_available():
   with pytest.raises(ValueError, match="unknown model 'resnet21'") as e:
     km.create("resnet21", num_classes=10)
@@ -503,31 +568,29 @@ def test_unknown_override_is_named():
     km.create("transformer_lm", num_layer=3)
 
 
-@pytest.mark.parametrize("name,shape,message", [
-    ("resnet20", (2, 3, 32, 32),
-     "resnet20 expects input (B, 32, 32, 3) NHWC, got (2, 3, 32, 32)"),
-    ("resnet20", (32, 32, 3),
-     "resnet20 expects input (B, 32, 32, 3) NHWC, got (32, 32, 3)"),
-    ("resnet50", (2, 224, 224, 1),
-     "resnet50 expects input (B, 224, 224, 3) NHWC, got (2, 224, 224, 1)"),
-    ("cnn_digits", (2, 8, 8),
-     "cnn_digits expects input (B, 8, 8, 1) NHWC, got (2, 8, 8)"),
+@pytest.mark.parametrize(
+  "name,shape,message",
+  [
+    ("resnet20", (2, 3, 32, 32), "resnet20 expects input (B, 32, 32, 3) NHWC, got (2, 3, 32, 32)"),
+    ("resnet20", (32, 32, 3), "resnet20 expects input (B, 32, 32, 3) NHWC, got (32, 32, 3)"),
+    ("resnet50", (2, 224, 224, 1), "resnet50 expects input (B, 224, 224, 3) NHWC, got (2, 224, 224, 1)"),
+    ("cnn_digits", (2, 8, 8), "cnn_digits expects input (B, 8, 8, 1) NHWC, got (2, 8, 8)"),
     ("mlp", (2, 41), "mlp expects input (B, 40), got (2, 41)"),
-    ("mlp_1200", (2, 28, 28, 3),
-     "mlp_1200 expects input (B, 784) or (B, 28, 28, 1), got (2, 28, 28, 3)"),
-    ("cnn1d", (2, 40, 2),
-     "cnn1d expects input (B, 40) or (B, 40, 1), got (2, 40, 2)"),
-    ("transformer_lm", (2, 200),
-     "transformer_lm expects input (B, L) integer tokens with L <= 128, "
-     "got (2, 200) int32"),
-])
+    ("mlp_1200", (2, 28, 28, 3), "mlp_1200 expects input (B, 784) or (B, 28, 28, 1), got (2, 28, 28, 3)"),
+    ("cnn1d", (2, 40, 2), "cnn1d expects input (B, 40) or (B, 40, 1), got (2, 40, 2)"),
+    (
+      "transformer_lm",
+      (2, 200),
+      "transformer_lm expects input (B, L) integer tokens with L <= 128, got (2, 200) int32",
+    ),
+  ],
+)
 def test_wrong_input_shape_is_one_line_error(name, shape, message):
   model = abstract(name)
   graphdef, state = nnx.split(model)
   dtype = getattr(model, "input_dtype", jnp.float32)
   with pytest.raises(ValueError) as e:
-    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
-                   jax.ShapeDtypeStruct(shape, dtype))
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct(shape, dtype))
   assert str(e.value) == message
   assert "\n" not in str(e.value)
 

@@ -31,8 +31,21 @@ from kdjax.engine.state import split_model
 pytestmark = pytest.mark.procs
 
 STEPS = 30
-FLAGS = ["--optim.steps", str(STEPS), "--run.checkpoint_every", "10", "--run.eval_every", "15", "--run.log_every", "5",
-         "--run.mesh_fsdp", "2", "--run.max_to_keep", "5", "--run.quiet"]
+FLAGS = [
+  "--optim.steps",
+  str(STEPS),
+  "--run.checkpoint_every",
+  "10",
+  "--run.eval_every",
+  "15",
+  "--run.log_every",
+  "5",
+  "--run.mesh_fsdp",
+  "2",
+  "--run.max_to_keep",
+  "5",
+  "--run.quiet",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -41,8 +54,20 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _argv(workdir: Path, teacher: Path, tfds_dir: str) -> list[str]:
-  return [sys.executable, "-m", "kdjax.cli", "distill", "digits_kd", "--workdir", str(workdir),
-          "--teacher.checkpoint", str(teacher), "--data.data_dir", tfds_dir, *FLAGS]
+  return [
+    sys.executable,
+    "-m",
+    "kdjax.cli",
+    "distill",
+    "digits_kd",
+    "--workdir",
+    str(workdir),
+    "--teacher.checkpoint",
+    str(teacher),
+    "--data.data_dir",
+    tfds_dir,
+    *FLAGS,
+  ]
 
 
 def _two_processes(workdir: Path, teacher: Path, tfds_dir: str, fault: str | None = None) -> list[subprocess.Popen]:
@@ -52,8 +77,15 @@ def _two_processes(workdir: Path, teacher: Path, tfds_dir: str, fault: str | Non
     env = _env(KDJAX_COORDINATOR=f"localhost:{port}", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(i))
     if fault and i == 1:
       env["KDJAX_FAULT_AT_STEP"] = fault
-    procs.append(subprocess.Popen(_argv(workdir, teacher, tfds_dir) + ["--distributed"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(
+      subprocess.Popen(
+        _argv(workdir, teacher, tfds_dir) + ["--distributed"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   return procs
 
 
@@ -78,12 +110,24 @@ def _make_runs(root: Path, tfds_dir: str) -> None:
   teacher = root / "teacher"
   m = models.create("cnn_digits", num_classes=10, rngs=nnx.Rngs(5))
   _, params, rest = split_model(m)
-  ckpt.export_model(teacher / ckpt.EXPORT_DIR, model_name="cnn_digits", num_classes=10, dtype="float32",
-                    params=params, model_state=ckpt.batch_stats(rest), extra={})
+  ckpt.export_model(
+    teacher / ckpt.EXPORT_DIR,
+    model_name="cnn_digits",
+    num_classes=10,
+    dtype="float32",
+    params=params,
+    model_state=ckpt.batch_stats(rest),
+    extra={},
+  )
 
   one = root / "one"
-  r = subprocess.run(_argv(one, teacher, tfds_dir), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    _argv(one, teacher, tfds_dir),
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
   two = root / "two"
@@ -115,8 +159,15 @@ def test_two_processes_resume_after_sigkill_and_equal_one_process(runs):
   r1 = json.loads((one / "results.json").read_text())
   r2 = json.loads((two / "results.json").read_text())
   assert r2["resumed_from"] and r2["steps"] == r1["steps"] == STEPS
-  for k in ("test_accuracy", "best_test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
-            "cka"):
+  for k in (
+    "test_accuracy",
+    "best_test_accuracy",
+    "teacher_test_accuracy",
+    "agreement",
+    "teacher_student_kl",
+    "ece",
+    "cka",
+  ):
     np.testing.assert_allclose(r2[k], r1[k], rtol=1e-5, atol=1e-6, err_msg=k)
   p1, p2 = _flat(_params(one)), _flat(_params(two))
   assert p1.keys() == p2.keys()

@@ -19,10 +19,12 @@ V, L, BATCH, MAX_LEN, STOP = 15, 12, 8, 32, 2
 
 
 def _models():
-  teacher = models.create("transformer_lm", num_classes=V, num_layers=2, dim=32, num_heads=4, max_len=MAX_LEN,
-                          rngs=nnx.Rngs(1))
-  student = models.create("transformer_lm", num_classes=V, num_layers=1, dim=16, num_heads=2, max_len=MAX_LEN,
-                          rngs=nnx.Rngs(2))
+  teacher = models.create(
+    "transformer_lm", num_classes=V, num_layers=2, dim=32, num_heads=4, max_len=MAX_LEN, rngs=nnx.Rngs(1)
+  )
+  student = models.create(
+    "transformer_lm", num_classes=V, num_layers=1, dim=16, num_heads=2, max_len=MAX_LEN, rngs=nnx.Rngs(2)
+  )
   return student, teacher
 
 
@@ -36,14 +38,15 @@ def _rows(seed: int = 0) -> dict:
     end = min(L + 1, p + rng.integers(2, 5))
     seq[i, end - 1] = STOP
     seq[i, end:] = 0
-    labels[i, p - 1:end - 1] = seq[i, p:end]
+    labels[i, p - 1 : end - 1] = seq[i, p:end]
   return {"inputs": seq[:, :L], "label": labels, "plen": plen}
 
 
 def _distiller(method: str, responses: ResponseConfig, **kw) -> tuple[kdjax.Distiller, object, dict]:
   student, teacher = _models()
-  d = kdjax.Distiller(student, teacher, method=MethodConfig(name=method, **kw), optimizer=optax.sgd(0.1),
-                      responses=responses)
+  d = kdjax.Distiller(
+    student, teacher, method=MethodConfig(name=method, **kw), optimizer=optax.sgd(0.1), responses=responses
+  )
   rows = _rows()
   batch = {"inputs": rows["inputs"], "label": rows["label"]}
   return d, d.init(jax.random.key(0), batch), batch
@@ -57,11 +60,11 @@ def _greedy(model, prompt: np.ndarray, room: int) -> list[int]:
   seq = list(prompt)
   for _ in range(room):
     x = np.zeros((1, MAX_LEN), np.int32)
-    x[0, :len(seq)] = seq
+    x[0, : len(seq)] = seq
     seq.append(int(np.argmax(np.asarray(_forward(model, jnp.asarray(x)))[0, len(seq) - 1])))
     if seq[-1] == STOP:
       break
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 def _row_response(inputs: np.ndarray, labels: np.ndarray) -> tuple[int, list[int]]:
@@ -70,7 +73,7 @@ def _row_response(inputs: np.ndarray, labels: np.ndarray) -> tuple[int, list[int
   p = scored[0] + 1
   assert np.all(scored == np.arange(p - 1, p - 1 + len(scored))), "a response is one contiguous span"
   response = labels[scored].tolist()
-  np.testing.assert_array_equal(inputs[p:p + len(response) - 1], response[:-1])  # labels are the next inputs
+  np.testing.assert_array_equal(inputs[p : p + len(response) - 1], response[:-1])  # labels are the next inputs
   return p, response
 
 
@@ -95,8 +98,9 @@ def _np_divergence(name: str, s: np.ndarray, t: np.ndarray) -> np.ndarray:
   raise AssertionError(name)
 
 
-@pytest.mark.parametrize("method", ["reverse_kl", pytest.param("gkd", marks=pytest.mark.slow),
-                                    pytest.param("skew_kl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "method", ["reverse_kl", pytest.param("gkd", marks=pytest.mark.slow), pytest.param("skew_kl", marks=pytest.mark.slow)]
+)
 def test_on_policy_loss_at_lambda_one_equals_numpy_on_the_sampled_rows(method):
   d, state, batch = _distiller(method, ResponseConfig(student_fraction=1.0, temperature=1.0, stop_tokens=(STOP,)))
   rows = jax.tree.map(np.asarray, d.train_batch(state, batch))
@@ -119,8 +123,7 @@ def test_on_policy_loss_at_lambda_one_equals_numpy_on_the_sampled_rows(method):
 
 
 def test_greedy_on_policy_rows_are_the_students_continuations_and_lambda_picks_exactly_that_many():
-  d, state, batch = _distiller("reverse_kl", ResponseConfig(student_fraction=0.5, temperature=0.0,
-                                                              stop_tokens=(STOP,)))
+  d, state, batch = _distiller("reverse_kl", ResponseConfig(student_fraction=0.5, temperature=0.0, stop_tokens=(STOP,)))
   student, _ = _models()
   rows = jax.tree.map(np.asarray, d.train_batch(state, batch))
   on_policy = 0
@@ -159,8 +162,9 @@ def test_on_policy_update_is_the_same_with_gradient_accumulation():
   params = []
   for accum in (1, 4):
     student, teacher = _models()
-    d = kdjax.Distiller(student, teacher, method=MethodConfig(name="gkd"), optimizer=optax.sgd(0.5),
-                        responses=cfg, grad_accum=accum)
+    d = kdjax.Distiller(
+      student, teacher, method=MethodConfig(name="gkd"), optimizer=optax.sgd(0.5), responses=cfg, grad_accum=accum
+    )
     rows = _rows()
     batch = {"inputs": rows["inputs"], "label": rows["label"]}
     state = d.init(jax.random.key(0), batch)
@@ -182,7 +186,8 @@ def test_bad_response_settings_are_one_clear_error():
   mlp = models.create("mlp", num_classes=V, input_shape=(L,), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="cannot generate"):
     kdjax.Distiller(mlp, teacher, method="kd", optimizer=optax.sgd(0.1), responses=on).init(
-        jax.random.key(0), {"inputs": np.zeros((BATCH, L), np.float32), "label": np.zeros(BATCH, np.int32)})
+      jax.random.key(0), {"inputs": np.zeros((BATCH, L), np.float32), "label": np.zeros(BATCH, np.int32)}
+    )
   d = kdjax.Distiller(student, teacher, method="reverse_kl", optimizer=optax.sgd(0.1), responses=on)
   state = d.init(jax.random.key(0), batch)
   cached = dict(batch, teacher_logits=np.zeros((BATCH, L, V), np.float32))

@@ -23,8 +23,11 @@ STEPS = 20
 
 
 def _make(d: Path) -> None:
-  P.run_together(["_placement_devices.py", d / "devices.pkl"],
-                 *P.two_processes("_placement_multihost.py", d / "multihost.pkl"), timeout=600)
+  P.run_together(
+    ["_placement_devices.py", d / "devices.pkl"],
+    *P.two_processes("_placement_multihost.py", d / "multihost.pkl"),
+    timeout=600,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,10 @@ def test_sharded_teacher_bytes_per_device(runs):
     assert r["teacher_bytes"]["max_per_device"] == whole + parted // model, (task, name)
     if task == "lm":  # every big layer is split: what stays whole is norms, biases, positions
       assert whole < 0.03 * r["teacher_bytes"]["total"], whole
-  assert runs[0]["lm"]["colocated"]["teacher_bytes"]["max_per_device"] == runs[0]["lm"]["colocated"]["teacher_bytes"]["total"]
+  assert (
+    runs[0]["lm"]["colocated"]["teacher_bytes"]["max_per_device"]
+    == runs[0]["lm"]["colocated"]["teacher_bytes"]["total"]
+  )
 
 
 @pytest.mark.procs
@@ -134,22 +140,27 @@ def test_two_processes_split_equal_one_process(runs):
 @pytest.mark.procs
 def test_bad_placements_fail_with_one_line(runs):
   errs = runs[0]["errors"]
-  expect = {"teacher_devices_8": ("placement.teacher_devices=8", "use 1 to 7"),
-            "batch_rows": ("batch rows=8", "teacher's 3", "teacher_devices=3 of 8"),
-            "model_layer": ("placement.model=3", "conv3.kernel"),
-            "model_devices": ("placement.model=3", "device count 8")}
+  expect = {
+    "teacher_devices_8": ("placement.teacher_devices=8", "use 1 to 7"),
+    "batch_rows": ("batch rows=8", "teacher's 3", "teacher_devices=3 of 8"),
+    "model_layer": ("placement.model=3", "conv3.kernel"),
+    "model_devices": ("placement.model=3", "device count 8"),
+  }
   for name, words in expect.items():
     assert errs[name] is not None and "\n" not in errs[name], (name, errs[name])
     for w in words:
       assert w in errs[name], (name, errs[name])
 
 
-@pytest.mark.parametrize("kw, words", [
+@pytest.mark.parametrize(
+  "kw, words",
+  [
     ({"teacher_devices": -1}, "placement.teacher_devices must be ≥ 0"),
     ({"model": 0}, "placement.model must be ≥ 1"),
     ({"teacher_devices": 3, "model": 2}, "a divisor of placement.teacher_devices=3"),
     ({"teacher_memory": "disk"}, "placement.teacher_memory must be one of"),
-])
+  ],
+)
 def test_placement_fields_are_checked(kw, words):
   with pytest.raises(ValueError, match=words):
     kdjax.Placement(**kw)
@@ -166,8 +177,12 @@ def test_experiment_rejects_placements_without_a_teacher_model():
   with pytest.raises(ValueError, match="placement: places a teacher model; mode='teacher'"):
     Experiment(mode="teacher", placement=split)
   with pytest.raises(ValueError, match="placement.teacher_devices: the teacher runs ahead"):
-    Experiment(mode="offline", placement=split, method=MethodConfig(name="reverse_kl"),
-               responses=kdjax.ResponseConfig(student_fraction=1.0))
+    Experiment(
+      mode="offline",
+      placement=split,
+      method=MethodConfig(name="reverse_kl"),
+      responses=kdjax.ResponseConfig(student_fraction=1.0),
+    )
 
 
 def test_pinned_host_memory_missing_is_one_line():
@@ -185,8 +200,9 @@ def test_pinned_host_memory_missing_is_one_line():
 def _work(**kw):
   from kdjax.engine import placement_cost as C
 
-  base = dict(teacher_flops=6e9, student_flops=2e9, teacher_bytes=8e9, student_bytes=1e9, output_bytes=4e8,
-              tp_bytes=2e8)
+  base = dict(
+    teacher_flops=6e9, student_flops=2e9, teacher_bytes=8e9, student_bytes=1e9, output_bytes=4e8, tp_bytes=2e8
+  )
   return C.Workload(**{**base, **kw})
 
 
@@ -220,7 +236,9 @@ def test_cost_model_recommends_what_fits_then_what_is_fastest():
   w = _work(output_bytes=0.0, tp_bytes=0.0)
   best, preds = C.recommend(w, _rates(), 8)
   assert best.placement == "colocated"  # with ideal devices, nothing beats all devices doing everything
-  assert len(preds) == len(C.candidates(8)) == 4 + sum(len([d for d in range(1, k + 1) if k % d == 0]) for k in range(1, 8))
+  assert (
+    len(preds) == len(C.candidates(8)) == 4 + sum(len([d for d in range(1, k + 1) if k % d == 0]) for k in range(1, 8))
+  )
   # 8 GB teacher + 1 GB student on 4 GB devices: the teacher must be split at least 4 ways (8/4 + 1 ≤ 4 colocated,
   # or 8/2 = 4 on teacher devices of a split).
   best, preds = C.recommend(w, _rates(device_memory=4e9), 8)

@@ -25,31 +25,61 @@ VOCAB = 64
 
 
 def _configs() -> dict:
-  small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=64)
-  llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+  small = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+  )
+  llama3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+  }
   return {
-      "llama": T.LlamaConfig(**small, num_key_value_heads=2, rope_parameters=llama3),  # GQA: 2 heads per kv head
-      # YaRN (factor 4 over an original 16-position context: the ramp falls inside the head's frequencies)
-      "mistral": T.MistralConfig(**small, num_key_value_heads=2,
-                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                                  "original_max_position_embeddings": 16}),
-      "qwen2": T.Qwen2Config(**small, num_key_value_heads=4, tie_word_embeddings=True),  # q/k/v biases, tied head
-      "qwen3": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),  # per-head q/k RMSNorm, 4 heads per kv
-      "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
-      # Sliding layers with a 4-token window (shorter than the 12 tokens compared) alternate with global ones.
-      "gemma2": T.Gemma2Config(**{**small, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8,
-                               query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=5.0,
-                               final_logit_softcapping=3.0,
-                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-      "gemma3_text": T.Gemma3TextConfig(**{**small, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=8,
-                                        query_pre_attn_scalar=8, sliding_window=4,
-                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                            "rope_theta": 1e6},
-                                                         "sliding_attention": {"rope_type": "default",
-                                                                               "rope_theta": 1e4}}),
+    "llama": T.LlamaConfig(**small, num_key_value_heads=2, rope_parameters=llama3),  # GQA: 2 heads per kv head
+    # YaRN (factor 4 over an original 16-position context: the ramp falls inside the head's frequencies)
+    "mistral": T.MistralConfig(
+      **small,
+      num_key_value_heads=2,
+      rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+      },
+    ),
+    "qwen2": T.Qwen2Config(**small, num_key_value_heads=4, tie_word_embeddings=True),  # q/k/v biases, tied head
+    "qwen3": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=16),  # per-head q/k RMSNorm, 4 heads per kv
+    "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
+    # Sliding layers with a 4-token window (shorter than the 12 tokens compared) alternate with global ones.
+    "gemma2": T.Gemma2Config(
+      **{**small, "num_hidden_layers": 3},
+      num_key_value_heads=2,
+      head_dim=8,
+      query_pre_attn_scalar=16,
+      sliding_window=4,
+      attn_logit_softcapping=5.0,
+      final_logit_softcapping=3.0,
+      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "gemma3_text": T.Gemma3TextConfig(
+      **{**small, "num_hidden_layers": 3},
+      num_key_value_heads=1,
+      head_dim=8,
+      query_pre_attn_scalar=8,
+      sliding_window=4,
+      layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+      rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+      },
+    ),
   }
 
 
@@ -95,8 +125,9 @@ def test_greedy_generation_equals_transformers_generate(checkpoints, family):
   path, ref_model = checkpoints[family]
   prompts = np.random.default_rng(1).integers(3, VOCAB, (3, 5))
   with torch.no_grad():
-    ref = ref_model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=10, min_new_tokens=10,
-                             pad_token_id=0, eos_token_id=None).numpy()[:, 5:]
+    ref = ref_model.generate(
+      torch.tensor(prompts), do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0, eos_token_id=None
+    ).numpy()[:, 5:]
   model = pretrained.from_pretrained(path)
   got = G.Generator(model, G.Sampling(max_new_tokens=10, temperature=0.0))(prompts, np.full(3, 5), jax.random.key(0))
   assert len(set(ref.reshape(-1).tolist())) > 3  # not a degenerate repetition
@@ -112,14 +143,26 @@ def _edit(src: Path, dst: Path, change) -> Path:
   return dst
 
 
-@pytest.mark.parametrize("case, change, words", [
-    ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-     "tensor 'layers.1.mlp.up_proj.weight' is missing"),
-    ("extra", lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
-     "tensor 'model.layers.0.mlp.extra.weight' is not used"),
-    ("shape", lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
-     "tensor 'layers.0.self_attn.k_proj.weight' has shape (8, 32)"),
-])
+@pytest.mark.parametrize(
+  "case, change, words",
+  [
+    (
+      "missing",
+      lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+      "tensor 'layers.1.mlp.up_proj.weight' is missing",
+    ),
+    (
+      "extra",
+      lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
+      "tensor 'model.layers.0.mlp.extra.weight' is not used",
+    ),
+    (
+      "shape",
+      lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
+      "tensor 'layers.0.self_attn.k_proj.weight' has shape (8, 32)",
+    ),
+  ],
+)
 def test_damaged_checkpoint_is_one_line_naming_the_tensor(checkpoints, tmp_path, case, change, words):
   path = _edit(checkpoints["mistral"][0], tmp_path / case, change)
   with pytest.raises(ValueError) as e:
@@ -138,8 +181,15 @@ def test_missing_directory_and_unknown_architecture_are_one_line(checkpoints, tm
 
 
 def _make_sharded(d: Path) -> None:
-  cfg = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  cfg = T.LlamaConfig(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+  )
   model = _save(cfg, d / "ckpt", max_shard_size="200KB")
   with torch.no_grad():
     ref = model(torch.tensor(TOKENS)).logits.numpy()
@@ -173,12 +223,41 @@ def test_cli_distils_a_hugging_face_teacher_into_a_zoo_student(tmp_path, tfds_di
   from kdjax import cli
 
   hf = tmp_path / "teacher"
-  _save(T.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), hf)
+  _save(
+    T.LlamaConfig(
+      vocab_size=32,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+    ),
+    hf,
+  )
   w = tmp_path / "run"
-  args = ["distill", "arithmetic_gkd", "supervised_kd", "--workdir", str(w), "--teacher.name", "hf",
-          "--teacher.checkpoint", str(hf), "--data.data_dir", tfds_dir, "--optim.steps", "6", "--data.batch_size",
-          "32", "--data.eval_batch_size", "500", "--run.quiet", "--run.log_every", "1"]
+  args = [
+    "distill",
+    "arithmetic_gkd",
+    "supervised_kd",
+    "--workdir",
+    str(w),
+    "--teacher.name",
+    "hf",
+    "--teacher.checkpoint",
+    str(hf),
+    "--data.data_dir",
+    tfds_dir,
+    "--optim.steps",
+    "6",
+    "--data.batch_size",
+    "32",
+    "--data.eval_batch_size",
+    "500",
+    "--run.quiet",
+    "--run.log_every",
+    "1",
+  ]
   assert cli.main(args) == 0
   res = json.loads((w / "results.json").read_text())
   assert res["teacher"] == "hf" and res["teacher_hash"] and res["steps"] == 6
@@ -199,8 +278,10 @@ def test_tokenizer_loads_from_the_checkpoint_directory(checkpoints, tmp_path):
   d = shutil.copytree(checkpoints["llama"][0], tmp_path / "llama")
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(["the teacher teaches the student", "students distil what teachers know"] * 20,
-                          trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+  tok.train_from_iterator(
+    ["the teacher teaches the student", "students distil what teachers know"] * 20,
+    trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]),
+  )
   tok.save(str(d / "tokenizer.json"))
   text = "the student distils the teacher"
   ids = pretrained.load_tokenizer(d).encode(text).ids
@@ -212,8 +293,15 @@ def test_tokenizer_loads_from_the_checkpoint_directory(checkpoints, tmp_path):
 def test_bfloat16_checkpoint_loads_exactly(tmp_path):
   """Released checkpoints are stored in bfloat16: the weights arrive exactly (bf16 → float32 is exact), so the
   logits equal transformers' float32 model loaded from the same files."""
-  cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  cfg = T.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+  )
   torch.manual_seed(0)
   T.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
   ref = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -222,8 +310,9 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
   with torch.no_grad():
     want = ref(torch.as_tensor(tokens)).logits.numpy()
   model = pretrained.from_pretrained(tmp_path)
-  np.testing.assert_array_equal(np.asarray(model.embed.embedding.get_value()),
-                                ref.model.embed_tokens.weight.detach().numpy())
+  np.testing.assert_array_equal(
+    np.asarray(model.embed.embedding.get_value()), ref.model.embed_tokens.weight.detach().numpy()
+  )
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens)).logits), want, atol=1e-4, rtol=0)
   # A bfloat16 teacher holds its weights in bfloat16: half the bytes, the logits of bfloat16 compute over
   # float32-held weights, and within bfloat16 rounding of transformers' own bfloat16 model.
@@ -240,12 +329,23 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
   np.testing.assert_allclose(got, want_bf16, atol=5e-2, rtol=0)
 
 
-@pytest.mark.parametrize("layout", [pretrained.Layout(), pretrained.Layout(transpose=True),
-                                    pretrained.Layout(part=(1, 4)), pretrained.Layout(part=(2, 4), transpose=True)])
+@pytest.mark.parametrize(
+  "layout",
+  [
+    pretrained.Layout(),
+    pretrained.Layout(transpose=True),
+    pretrained.Layout(part=(1, 4)),
+    pretrained.Layout(part=(2, 4), transpose=True),
+  ],
+)
 def test_each_shard_reads_only_its_slice_of_the_stored_tensor(layout):
   """A shard of a parameter is the layout of its source slice: the same as slicing the whole parameter."""
   stored = np.arange(6 * 12, dtype=np.float32).reshape(6, 12)
   whole = layout(stored)
-  for idx in [(slice(None), slice(None)), (slice(0, 2), slice(None)), (slice(None), slice(1, 3)),
-              (slice(2, 4), slice(0, 1))]:
+  for idx in [
+    (slice(None), slice(None)),
+    (slice(0, 2), slice(None)),
+    (slice(None), slice(1, 3)),
+    (slice(2, 4), slice(0, 1)),
+  ]:
     np.testing.assert_array_equal(layout.orient(stored[layout.source(idx, whole.shape)]), whole[idx])

@@ -59,10 +59,15 @@ def test_generation_example_runs_with_the_names_it_assumes():
   from kdjax.engine.sharding import make_mesh
 
   block = next(b for b in _python_blocks() if "Generator(" in b)
-  lm = models.create("transformer_lm", num_classes=13, num_layers=1, dim=16, num_heads=2, max_len=40,
-                     rngs=nnx.Rngs(0))
-  ns = {"jax": jax, "lm": lm, "eos": 3, "mesh": make_mesh(), "prompts": np.ones((2, 5), np.int32),
-        "prompt_lengths": np.array([5, 2], np.int32)}
+  lm = models.create("transformer_lm", num_classes=13, num_layers=1, dim=16, num_heads=2, max_len=40, rngs=nnx.Rngs(0))
+  ns = {
+    "jax": jax,
+    "lm": lm,
+    "eos": 3,
+    "mesh": make_mesh(),
+    "prompts": np.ones((2, 5), np.int32),
+    "prompt_lengths": np.array([5, 2], np.int32),
+  }
   exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
   out = ns["out"]
   assert out.tokens.shape == out.logprobs.shape == (2, 32) and out.lengths.shape == (2,)
@@ -78,12 +83,26 @@ def test_on_policy_example_runs_with_the_names_it_assumes():
   from kdjax import models
 
   block = next(b for b in _python_blocks() if "ResponseConfig(" in b)
-  lm = lambda layers, seed: models.create("transformer_lm", num_classes=13, num_layers=layers, dim=16,  # noqa: E731
-                                          num_heads=2, max_len=16, rngs=nnx.Rngs(seed))
+  lm = lambda layers, seed: models.create(
+    "transformer_lm",
+    num_classes=13,
+    num_layers=layers,
+    dim=16,  # noqa: E731
+    num_heads=2,
+    max_len=16,
+    rngs=nnx.Rngs(seed),
+  )
   tokens = np.random.default_rng(0).integers(4, 13, (4, 9)).astype(np.int32)
   label = np.where(np.arange(8) >= 3, tokens[:, 1:], -1).astype(np.int32)
-  ns = {"jax": jax, "optax": optax, "kdjax": kdjax, "student": lm(1, 0), "teacher": lm(2, 1), "eos": 3,
-        "batch": {"inputs": tokens[:, :-1], "label": label}}
+  ns = {
+    "jax": jax,
+    "optax": optax,
+    "kdjax": kdjax,
+    "student": lm(1, 0),
+    "teacher": lm(2, 1),
+    "eos": 3,
+    "batch": {"inputs": tokens[:, :-1], "label": label},
+  }
   exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
   rows, metrics = ns["rows"], ns["metrics"]
   np.testing.assert_array_equal(np.asarray(rows["inputs"])[:, :4], tokens[:, :4])  # prompts kept
@@ -112,16 +131,32 @@ def test_cross_tokenizer_example_runs_with_the_names_it_assumes(tmp_path):
   tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d?|[+=]"), behavior="isolated")
   tok.save(str(tmp_path / "tokenizer.json"))
   torch.manual_seed(0)
-  T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, bos_token_id=1, eos_token_id=2,
-                                   max_position_embeddings=64)).save_pretrained(tmp_path)
+  T.LlamaForCausalLM(
+    T.LlamaConfig(
+      vocab_size=len(words),
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      bos_token_id=1,
+      eos_token_id=2,
+      max_position_embeddings=64,
+    )
+  ).save_pretrained(tmp_path)
   rows = [A.example_tokens(a, b, 4) for a, b in [(1234, 5678), (5, 60), (9999, 9999), (42, 7)]]
   x = np.asarray([(p + q)[:-1] for p, q in rows], np.int32)
   y = np.asarray([[-1] * (len(p) - 1) + q for p, q in rows], np.int32)
   block = next(b for b in _python_blocks() if "retokenize.Retokenizer(" in b)
-  ns = {"jax": jax, "jnp": jnp, "optax": optax, "kdjax": kdjax, "path": str(tmp_path),
-        "student_tokenizer": A.tokenizer(), "train_ds": ArrayDataset(x, y, np.arange(4)),
-        "student": models.create("lm_1x32", num_classes=len(A.VOCAB), rngs=nnx.Rngs(0))}
+  ns = {
+    "jax": jax,
+    "jnp": jnp,
+    "optax": optax,
+    "kdjax": kdjax,
+    "path": str(tmp_path),
+    "student_tokenizer": A.tokenizer(),
+    "train_ds": ArrayDataset(x, y, np.arange(4)),
+    "student": models.create("lm_1x32", num_classes=len(A.VOCAB), rngs=nnx.Rngs(0)),
+  }
   exec(compile(block.replace("batch_size=32", "batch_size=4"), "README.md", "exec"), ns)  # noqa: S102
   batch = next(iter(ns["loader"]))
   assert batch["teacher_inputs"].shape == (4, 64) and batch["teacher_mask"].sum() > 0

@@ -25,8 +25,20 @@ import pytest
 from kdjax import checkpoint as ckpt
 from kdjax import cli
 from kdjax.report.logging import MetricWriter, read_jsonl
-from test_checkpoint import (COMMON, EVERY, STEPS, _env, _no_fault, argv, assert_bit_identical,  # noqa: F401
-                             compile_cache, reference, results, steps_on_disk, teacher)
+from test_checkpoint import (  # noqa: F401  (fixtures, re-bound by name as test arguments)
+  COMMON,
+  EVERY,
+  STEPS,
+  _env,
+  _no_fault,
+  argv,
+  assert_bit_identical,
+  compile_cache,
+  reference,
+  results,
+  steps_on_disk,
+  teacher,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +47,20 @@ NOISE = ("oneDNN custom operations", "All log messages before absl::InitializeLo
 
 
 def kdjax(args: list[str], **env) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "kdjax", *map(str, args)], env=_env(**env), capture_output=True,
-                        text=True, timeout=TIMEOUT)
+  return subprocess.run(
+    [sys.executable, "-m", "kdjax", *map(str, args)], env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT
+  )
 
 
 def start(args: list[str], **kw) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "kdjax", *map(str, args)], env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **kw)
+  return subprocess.Popen(
+    [sys.executable, "-m", "kdjax", *map(str, args)],
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kw,
+  )
 
 
 def said(stderr: str) -> list[str]:
@@ -50,7 +69,9 @@ def said(stderr: str) -> list[str]:
 
 
 def digest(d: Path) -> dict[str, str]:
-  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+  }
 
 
 def resumable_copy(ref: Path, w: Path) -> Path:
@@ -69,7 +90,7 @@ def damage(step_dir: Path, how: str) -> Path:
   if how == "flip":
     data[mid] ^= 0x10
   else:
-    data[mid:mid + 64] = np.random.default_rng(7).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    data[mid : mid + 64] = np.random.default_rng(7).integers(0, 256, 64, dtype=np.uint8).tobytes()
   path.write_bytes(bytes(data))
   return path
 
@@ -149,8 +170,25 @@ def test_when_no_checkpoint_verifies_the_run_refuses_until_restart_is_asked(refe
 def test_damaged_teacher_cache_shard_is_named_and_nothing_trains(teacher, tmp_path):
   d = tmp_path / "cache"
   flags = ["--teacher.checkpoint", teacher, "--data.view", "jitter"]
-  assert cli.main(["cache", "mnist1d_kd", "kd_labelled", *map(str, flags), "--cache.dir", str(d), "--cache.views",
-                   "2", "--cache.shard-size", "1000", "--cache.batch-size", "500"]) == 0
+  assert (
+    cli.main(
+      [
+        "cache",
+        "mnist1d_kd",
+        "kd_labelled",
+        *map(str, flags),
+        "--cache.dir",
+        str(d),
+        "--cache.views",
+        "2",
+        "--cache.shard-size",
+        "1000",
+        "--cache.batch-size",
+        "500",
+      ]
+    )
+    == 0
+  )
   logits = d / "shard-00002-of-00004" / "logits.npy"
   data = bytearray(logits.read_bytes())
   data[-40:] = np.full(10, 3.0e4, np.float32).tobytes()  # plausible values, header intact
@@ -228,8 +266,10 @@ def test_metric_writer_drops_rows_past_the_resumed_step_and_a_torn_line(tmp_path
   with MetricWriter(tmp_path, tensorboard=False, start_step=4) as m:
     m.write(6, "train", {"loss": 60.0})
   assert read_jsonl(tmp_path / "metrics.jsonl") == [
-      {"step": 2, "split": "train", "loss": 2.0}, {"step": 4, "split": "train", "loss": 4.0},
-      {"step": 6, "split": "train", "loss": 60.0}]
+    {"step": 2, "split": "train", "loss": 2.0},
+    {"step": 4, "split": "train", "loss": 4.0},
+    {"step": 6, "split": "train", "loss": 60.0},
+  ]
 
 
 def test_metric_writer_warns_once_and_keeps_going_when_writes_fail(tmp_path, monkeypatch):
@@ -273,11 +313,24 @@ def seed1_reference(teacher, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("parallel", [1, pytest.param(2, marks=pytest.mark.procs)])
-def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(parallel, reference, seed1_reference,
-                                                                             teacher, tmp_path):
+def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(
+  parallel, reference, seed1_reference, teacher, tmp_path
+):
   root = tmp_path / "sweep"
-  args = ["sweep", "mnist1d_kd", "kd_labelled", "--seeds", "2", "--workdir", root, "--teacher.checkpoint",
-          teacher, *COMMON, "--parallel", parallel]
+  args = [
+    "sweep",
+    "mnist1d_kd",
+    "kd_labelled",
+    "--seeds",
+    "2",
+    "--workdir",
+    root,
+    "--teacher.checkpoint",
+    teacher,
+    *COMMON,
+    "--parallel",
+    parallel,
+  ]
   sweep = start(args, start_new_session=True)
   deadline = time.time() + TIMEOUT
   while not any(p.name.isdigit() for p in root.glob("base/*/checkpoints/*")):
@@ -299,10 +352,17 @@ def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(para
 
 def test_ctrl_c_before_training_is_one_line_and_exit_130(teacher, tmp_path):
   # SIGINT as a terminal delivers it (a shell's background job would inherit it ignored).
-  interactive = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); " \
-                "runpy.run_module('kdjax', run_name='__main__')"
-  p = subprocess.Popen([sys.executable, "-c", interactive, *map(str, argv("kd", tmp_path / "run", teacher))],
-                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  interactive = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('kdjax', run_name='__main__')"
+  )
+  p = subprocess.Popen(
+    [sys.executable, "-c", interactive, *map(str, argv("kd", tmp_path / "run", teacher))],
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   time.sleep(1.5)  # still importing / building: no training step has run
   p.send_signal(signal.SIGINT)
   _, err = p.communicate(timeout=TIMEOUT)
@@ -330,8 +390,18 @@ def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(reference, teac
     pytest.skip("needs unshare(1) to mount a private tmpfs")
   w = tmp_path / "run"
   (w / "checkpoints").mkdir(parents=True)
-  cmd = [unshare, "-m" if os.geteuid() == 0 else "-rm", "sh", "-c", _FULL_DISK, "sh",
-         sys.executable, "-m", "kdjax", *map(str, argv("kd", w, teacher, "--run.max_to_keep", "10"))]
+  cmd = [
+    unshare,
+    "-m" if os.geteuid() == 0 else "-rm",
+    "sh",
+    "-c",
+    _FULL_DISK,
+    "sh",
+    sys.executable,
+    "-m",
+    "kdjax",
+    *map(str, argv("kd", w, teacher, "--run.max_to_keep", "10")),
+  ]
   r = subprocess.run(cmd, env=_env(W=str(w)), capture_output=True, text=True, timeout=2 * TIMEOUT)
   if r.returncode == 99 or not Path(f"{w}.rc").exists():
     pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[-300:]}")
@@ -349,13 +419,13 @@ def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(reference, teac
 # 7. Edge inputs: refused with one line at config time, nothing written.
 
 EDGE = [
-    (["--run.workdir", ""], "run.workdir: must name a directory"),
-    (["--optim.lr", "inf"], "optim.lr: must be > 0 and finite"),
-    (["--method.temperature", "inf"], "method.temperature: must be > 0 and finite"),
-    (["--method.terms", "kd=nan"], "method.terms: weight of 'kd' must be finite"),
-    (["--method.dkd_alpha", "nan"], "method.dkd_alpha: must be a finite number"),
-    (["--data.mixup_alpha", "inf"], "data.mixup_alpha: must be a finite number"),
-    (["--method.name", "dkdd"], "method.name: unknown method 'dkdd'"),
+  (["--run.workdir", ""], "run.workdir: must name a directory"),
+  (["--optim.lr", "inf"], "optim.lr: must be > 0 and finite"),
+  (["--method.temperature", "inf"], "method.temperature: must be > 0 and finite"),
+  (["--method.terms", "kd=nan"], "method.terms: weight of 'kd' must be finite"),
+  (["--method.dkd_alpha", "nan"], "method.dkd_alpha: must be a finite number"),
+  (["--data.mixup_alpha", "inf"], "data.mixup_alpha: must be a finite number"),
+  (["--method.name", "dkdd"], "method.name: unknown method 'dkdd'"),
 ]
 
 
@@ -365,7 +435,7 @@ def test_edge_inputs_are_one_line_at_config_time(extra, message, teacher, tmp_pa
   w = tmp_path / "run"
   args = [*argv("kd", w, teacher), *extra]
   if extra[0] == "--run.workdir":
-    args = [a for a in args[:args.index("--workdir")] + args[args.index("--workdir") + 2:]]
+    args = [a for a in args[: args.index("--workdir")] + args[args.index("--workdir") + 2 :]]
   assert cli.main(args) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0], err

@@ -16,20 +16,48 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # two cells × three seeds; accuracies are fractions as the engine writes them
 CELLS = {
-    "cnn1d→mlp kd T=4": dict(last=[0.801, 0.812, 0.795], best=[0.815, 0.820, 0.799], agree=[0.90, 0.91, 0.88],
-                             kl=[0.21, 0.19, 0.25], ece=[0.031, 0.045, 0.038], published=74.92),
-    "mlp scratch": dict(last=[0.702, 0.688, 0.710], best=[0.712, 0.701, 0.716], agree=[None, None, None],
-                        kl=[None, None, None], ece=[0.052, 0.061, 0.049], published=None),
+  "cnn1d→mlp kd T=4": dict(
+    last=[0.801, 0.812, 0.795],
+    best=[0.815, 0.820, 0.799],
+    agree=[0.90, 0.91, 0.88],
+    kl=[0.21, 0.19, 0.25],
+    ece=[0.031, 0.045, 0.038],
+    published=74.92,
+  ),
+  "mlp scratch": dict(
+    last=[0.702, 0.688, 0.710],
+    best=[0.712, 0.701, 0.716],
+    agree=[None, None, None],
+    kl=[None, None, None],
+    ece=[0.052, 0.061, 0.049],
+    published=None,
+  ),
 }
 
 
 def _write_run(d: Path, group: str, seed: int, c: dict, i: int, teacher: bool = True) -> None:
   d.mkdir(parents=True)
-  res = {"test_accuracy": c["last"][i], "best_test_accuracy": c["best"][i], "best_step": 200,
-         "teacher_test_accuracy": 0.9 if teacher else None, "agreement": c["agree"][i],
-         "teacher_student_kl": c["kl"][i], "ece": c["ece"][i], "cka": 0.8, "steps": 300, "seconds": 12.0,
-         "config_hash": "abc", "teacher_hash": "def", "group": group, "seed": seed, "method": "kd",
-         "teacher": "cnn1d", "student": "mlp", "experiment": "mnist1d_kd", "published": c["published"]}
+  res = {
+    "test_accuracy": c["last"][i],
+    "best_test_accuracy": c["best"][i],
+    "best_step": 200,
+    "teacher_test_accuracy": 0.9 if teacher else None,
+    "agreement": c["agree"][i],
+    "teacher_student_kl": c["kl"][i],
+    "ece": c["ece"][i],
+    "cka": 0.8,
+    "steps": 300,
+    "seconds": 12.0,
+    "config_hash": "abc",
+    "teacher_hash": "def",
+    "group": group,
+    "seed": seed,
+    "method": "kd",
+    "teacher": "cnn1d",
+    "student": "mlp",
+    "experiment": "mnist1d_kd",
+    "published": c["published"],
+  }
   (d / "results.json").write_text(json.dumps(res))
   # eval curve: steps 100, 200, 300 ending at the last-epoch accuracy; seed-dependent
   curve = {100: 0.5 + 0.01 * seed, 200: c["best"][i], 300: c["last"][i]}
@@ -80,14 +108,31 @@ def test_markdown_mean_std_matches_numpy(runs):
   rows = report.summarize(report.collect([runs]))
   assert [r.group for r in rows] == list(CELLS)
   md = report.to_markdown(rows)
-  assert md.splitlines()[0] == ("| cell | seeds | last-epoch acc. (%) | best-epoch acc. (%) | agreement | KL(T‖S) | "
-                                "ECE | published |")
+  assert md.splitlines()[0] == (
+    "| cell | seeds | last-epoch acc. (%) | best-epoch acc. (%) | agreement | KL(T‖S) | ECE | published |"
+  )
   table = _md_rows(md)
   kd, sc = CELLS["cnn1d→mlp kd T=4"], CELLS["mlp scratch"]
-  assert table["cnn1d→mlp kd T=4"] == ["cnn1d→mlp kd T=4", "3", _fmt(kd["last"], 100), _fmt(kd["best"], 100),
-                                       _fmt(kd["agree"], 1, 3), _fmt(kd["kl"], 1, 3), _fmt(kd["ece"], 1, 3), "74.92"]
-  assert table["mlp scratch"] == ["mlp scratch", "3", _fmt(sc["last"], 100), _fmt(sc["best"], 100), "n/a", "n/a",
-                                  _fmt(sc["ece"], 1, 3), "–"]
+  assert table["cnn1d→mlp kd T=4"] == [
+    "cnn1d→mlp kd T=4",
+    "3",
+    _fmt(kd["last"], 100),
+    _fmt(kd["best"], 100),
+    _fmt(kd["agree"], 1, 3),
+    _fmt(kd["kl"], 1, 3),
+    _fmt(kd["ece"], 1, 3),
+    "74.92",
+  ]
+  assert table["mlp scratch"] == [
+    "mlp scratch",
+    "3",
+    _fmt(sc["last"], 100),
+    _fmt(sc["best"], 100),
+    "n/a",
+    "n/a",
+    _fmt(sc["ece"], 1, 3),
+    "–",
+  ]
   # last and best really are different columns here
   assert _fmt(kd["last"], 100) != _fmt(kd["best"], 100)
   assert "last = final evaluation" in md
@@ -121,8 +166,11 @@ def test_runs_differing_in_a_setting_are_separate_cells(tmp_path):
       d = tmp_path / f"lr{lr}" / f"seed{seed}"
       _write_run(d, "cnn1d→mlp kd", seed, dict(c, last=[v + shift for v in c["last"]]), i)
       res = json.loads((d / "results.json").read_text())
-      res["config"] = {"optim": {"lr": lr, "name": "adam"}, "run": {"seed": seed, "workdir": str(d)},
-                       "teacher": {"name": "cnn1d", "checkpoint": f"teachers/seed{seed}"}}
+      res["config"] = {
+        "optim": {"lr": lr, "name": "adam"},
+        "run": {"seed": seed, "workdir": str(d)},
+        "teacher": {"name": "cnn1d", "checkpoint": f"teachers/seed{seed}"},
+      }
       (d / "results.json").write_text(json.dumps(res))
       accs.setdefault(lr, []).append(res["test_accuracy"])
   table = _md_rows(report.to_markdown(report.summarize(report.collect([tmp_path]))))
@@ -157,8 +205,9 @@ def test_curve_stats_mean_std_over_seeds(runs):
   kd = CELLS["cnn1d→mlp kd T=4"]
   np.testing.assert_array_equal(steps, [100, 200, 300])
   np.testing.assert_allclose(mean, [0.51, np.mean(kd["best"]), np.mean(kd["last"])])
-  np.testing.assert_allclose(std, [np.std([0.5, 0.51, 0.52], ddof=1), np.std(kd["best"], ddof=1),
-                                   np.std(kd["last"], ddof=1)])
+  np.testing.assert_allclose(
+    std, [np.std([0.5, 0.51, 0.52], ddof=1), np.std(kd["best"], ddof=1), np.std(kd["last"], ddof=1)]
+  )
 
 
 def test_make_report_writes_md_csv_pngs(runs, tmp_path):
@@ -191,8 +240,10 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
     with pytest.raises(ValueError, match="split"):
       w.write(30, "test", {"x": 1.0})
   rows = report.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-  assert rows == [{"step": 10, "split": "train", "loss/total": 1.5, "lr": 0.1, "epoch": 1.0},
-                  {"step": 20, "split": "eval", "test_accuracy": 0.75, "ece": pytest.approx(0.05)}]
+  assert rows == [
+    {"step": 10, "split": "train", "loss/total": 1.5, "lr": 0.1, "epoch": 1.0},
+    {"step": 20, "split": "eval", "test_accuracy": 0.75, "ece": pytest.approx(0.05)},
+  ]
   assert all(type(v) is float for r in rows for k, v in r.items() if k not in ("step", "split"))
   events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
   assert len(events) == 1

@@ -64,10 +64,10 @@ def test_accuracy_and_agreement_vs_numpy():
 def test_kl_teacher_student_vs_numpy(temp):
   s, t = rand_logits(4, (64, 10)), rand_logits(5, (64, 10))
   mask = np.arange(64) % 3 != 0
-  np.testing.assert_allclose(report.kl_teacher_student(s, t, temperature=temp), np_kl_ts(s, t, temp).mean(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(report.kl_teacher_student(s, t, mask, temperature=temp),
-                             np_kl_ts(s, t, temp)[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(report.kl_teacher_student(s, t, temperature=temp), np_kl_ts(s, t, temp).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    report.kl_teacher_student(s, t, mask, temperature=temp), np_kl_ts(s, t, temp)[mask].mean(), rtol=1e-5
+  )
   # direction: KL(teacher ‖ student) ≠ KL(student ‖ teacher) in general
   assert abs(float(report.kl_teacher_student(s, t)) - float(report.kl_teacher_student(t, s))) > 1e-3
   assert abs(float(report.kl_teacher_student(s, s))) < 1e-6
@@ -77,6 +77,7 @@ def test_ece_hand_constructed_bins():
   """10 classes, 10 bins. Four examples at confidence 0.95 (bin (0.9, 1]) with 3
   correct; two at 0.55 (bin (0.5, 0.6]) both correct; one masked example that
   would land in bin (0.3, 0.4]. ECE = 4/6·|0.75−0.95| + 2/6·|1−0.55| = 0.2833…"""
+
   def logits_with(conf, pred):
     p = np.full(10, (1 - conf) / 9)
     p[pred] = conf
@@ -104,8 +105,12 @@ def test_ece_hand_constructed_bins():
 def test_ece_vs_numpy_random(num_bins):
   logits = rand_logits(6, (500, 10), scale=2.0)
   labels = np.random.default_rng(7).integers(0, 10, 500)
-  np.testing.assert_allclose(report.expected_calibration_error(logits, labels, num_bins=num_bins),
-                             np_ece(logits, labels, num_bins), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    report.expected_calibration_error(logits, labels, num_bins=num_bins),
+    np_ece(logits, labels, num_bins),
+    rtol=1e-4,
+    atol=1e-6,
+  )
 
 
 def test_linear_cka_properties_and_numpy():
@@ -133,7 +138,7 @@ def test_cka_stats_accumulate_over_batches():
   rng = np.random.default_rng(9)
   x = rng.normal(size=(90, 6)) + 5.0
   y = x[:, :4] ** 2 + rng.normal(size=(90, 4))
-  parts = [report.cka_stats(x[i:i + 30], y[i:i + 30]) for i in (0, 30, 60)]
+  parts = [report.cka_stats(x[i : i + 30], y[i : i + 30]) for i in (0, 30, 60)]
   summed = {k: sum(np.asarray(p[k], np.float64) for p in parts) for k in parts[0]}
   np.testing.assert_allclose(report.cka_from_stats(summed), np_cka(x, y), rtol=1e-4)
 
@@ -152,8 +157,15 @@ def test_eval_stats_three_batches_equal_one_shot():
     for k, v in stats_fn(s[b], t[b], labels[b], mask[b]).items():
       sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
   got = report.finalize_eval_stats(sums)
-  assert set(got) == {"test_accuracy", "test_nll", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
-                      "num_examples"}  # no perplexity: these are per-example logits, not tokens
+  assert set(got) == {
+    "test_accuracy",
+    "test_nll",
+    "teacher_test_accuracy",
+    "agreement",
+    "teacher_student_kl",
+    "ece",
+    "num_examples",
+  }  # no perplexity: these are per-example logits, not tokens
   m = mask
   np.testing.assert_allclose(got["num_examples"], 80)
   z = s - s.max(-1, keepdims=True)
@@ -187,8 +199,9 @@ def test_token_shapes_bf16_and_jit():
   assert kl.dtype == jnp.float32
   np.testing.assert_allclose(kl, np_kl_ts(s32, t32)[mask].mean(), rtol=1e-4)
   np.testing.assert_allclose(jax.jit(report.kl_teacher_student)(s, t, mask), kl, rtol=1e-6)
-  np.testing.assert_allclose(jax.jit(report.expected_calibration_error)(s, labels, mask),
-                             np_ece(s32[mask], labels[mask], 15), rtol=1e-4)
+  np.testing.assert_allclose(
+    jax.jit(report.expected_calibration_error)(s, labels, mask), np_ece(s32[mask], labels[mask], 15), rtol=1e-4
+  )
   np.testing.assert_allclose(report.agreement(s, t, mask), np.mean((s32.argmax(-1) == t32.argmax(-1))[mask]))
 
 

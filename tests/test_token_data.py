@@ -37,7 +37,7 @@ def test_every_example_is_a_correct_worked_sum(splits):
       seq = np.concatenate([x, y[-1:]])  # inputs + the last target = the whole sequence
       np.testing.assert_array_equal(y[y >= 0], seq[1:][y >= 0])  # targets are the next tokens
       n_prompt = int(np.argmax(y >= 0)) + 1
-      assert (y[:n_prompt - 1] == -1).all() and (y[n_prompt - 1:] >= 0).all()  # only answers are scored
+      assert (y[: n_prompt - 1] == -1).all() and (y[n_prompt - 1 :] >= 0).all()  # only answers are scored
       a, b, answer = _parse(A.decode(seq))
       assert answer.endswith("<eos>") and len(answer) - len("<eos>") + 1 >= 8
       digits = answer.removesuffix("<eos>")
@@ -89,9 +89,13 @@ def test_token_evaluation_counts_answer_positions_of_real_examples_only(splits):
   ls, lt = _log_softmax(s), _log_softmax(t)
   nll = -np.take_along_axis(ls, np.maximum(y, 0)[..., None], -1)[..., 0]
   kl = (np.exp(lt) * (lt - ls)).sum(-1)
-  want = {"test_accuracy": (s.argmax(-1) == y)[m].mean(), "test_nll": nll[m].mean(),
-          "teacher_test_accuracy": (t.argmax(-1) == y)[m].mean(),
-          "agreement": (s.argmax(-1) == t.argmax(-1))[m].mean(), "teacher_student_kl": kl[m].mean()}
+  want = {
+    "test_accuracy": (s.argmax(-1) == y)[m].mean(),
+    "test_nll": nll[m].mean(),
+    "teacher_test_accuracy": (t.argmax(-1) == y)[m].mean(),
+    "agreement": (s.argmax(-1) == t.argmax(-1))[m].mean(),
+    "teacher_student_kl": kl[m].mean(),
+  }
   for k, v in want.items():
     np.testing.assert_allclose(got[k], v, rtol=2e-5, atol=2e-6, err_msg=k)
   np.testing.assert_allclose(got["perplexity"], np.exp(want["test_nll"]), rtol=2e-5)
@@ -106,9 +110,14 @@ def test_fit_on_the_token_dataset_evaluates_and_reports_perplexity(tfds_dir, tmp
   from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
 
   cfg = Experiment(
-      name="arith", mode="teacher", student=ModelConfig(name="transformer_lm"), method=MethodConfig(name="ce"),
-      data=DataConfig(name="arithmetic", data_dir=tfds_dir, view="tokens", batch_size=32, eval_batch_size=250),
-      optim=OptimConfig(steps=8, lr=3e-3), run=RunConfig(workdir=str(tmp_path / "lm"), quiet=True, eval_every=4))
+    name="arith",
+    mode="teacher",
+    student=ModelConfig(name="transformer_lm"),
+    method=MethodConfig(name="ce"),
+    data=DataConfig(name="arithmetic", data_dir=tfds_dir, view="tokens", batch_size=32, eval_batch_size=250),
+    optim=OptimConfig(steps=8, lr=3e-3),
+    run=RunConfig(workdir=str(tmp_path / "lm"), quiet=True, eval_every=4),
+  )
   res = engine.fit(cfg)
   assert res["steps"] == 8 and 1.0 < res["perplexity"] < 15.0  # 15 tokens: uniform guessing is 15
   np.testing.assert_allclose(res["perplexity"], np.exp(res["test_nll"]), rtol=1e-6)
@@ -158,5 +167,5 @@ def test_exact_match_of_greedy_answers_equals_a_token_by_token_decode(splits):
     logits = np.asarray(forward(jnp.asarray(seq[:, :length])))
     nxt = logits[np.arange(n), np.minimum(p + t - 1, length - 1)].argmax(-1)
     seq[live, (p + t)[live]] = nxt[live]
-  hits = sum(seq[i, p[i]:].tolist() == y[i, p[i] - 1:].tolist() for i in range(n))
+  hits = sum(seq[i, p[i] :].tolist() == y[i, p[i] - 1 :].tolist() for i in range(n))
   assert 0 < hits < 24 and got == hits / 24

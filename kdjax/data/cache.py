@@ -65,7 +65,8 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -124,13 +125,15 @@ def view_fingerprint(view: V.ViewConfig) -> dict:
 def check_view(view: V.ViewConfig) -> None:
   if view.mixes:
     raise ValueError(
-        f"teacher cache with mixup_alpha={view.mixup_alpha}, cutmix_alpha={view.cutmix_alpha}: a mixed input pairs "
-        f"two examples per batch, so its teacher output cannot be cached per example; set both to 0 or drop "
-        f"--data.teacher_cache (online teacher)")
+      f"teacher cache with mixup_alpha={view.mixup_alpha}, cutmix_alpha={view.cutmix_alpha}: a mixed input pairs "
+      f"two examples per batch, so its teacher output cannot be cached per example; set both to 0 or drop "
+      f"--data.teacher_cache (online teacher)"
+    )
 
 
-def view_images(view: V.ViewConfig, images: np.ndarray, ids: np.ndarray, view_seed: int,
-                view_index: np.ndarray | int) -> np.ndarray:
+def view_images(
+  view: V.ViewConfig, images: np.ndarray, ids: np.ndarray, view_seed: int, view_index: np.ndarray | int
+) -> np.ndarray:
   """View ``view_index`` of each example: ``(B, ...)`` raw → ``(B, ...)`` float32.
 
   Equal to the :class:`Loader`'s student view at epoch ``view_index`` with
@@ -183,8 +186,10 @@ def verify_file(path: Path, digests: Mapping[str, str]) -> None:
   """``ValueError`` naming the shard when ``path``'s bytes differ from the digest written with it."""
   if digests.get(path.name) != _file_digest(path):
     shard = path.parent
-    raise ValueError(f"data.teacher_cache: shard {shard.name} is damaged ({path.name} does not match its "
-                     f"{DIGEST_FILE}); delete {str(shard)!r} and re-run the same `kdjax cache` command to rebuild it")
+    raise ValueError(
+      f"data.teacher_cache: shard {shard.name} is damaged ({path.name} does not match its "
+      f"{DIGEST_FILE}); delete {str(shard)!r} and re-run the same `kdjax cache` command to rebuild it"
+    )
 
 
 def read_shard(path: str | Path, mmap: bool = True) -> dict[str, np.ndarray]:
@@ -239,8 +244,10 @@ def _allow_open_files(n: int, spare: int = 256) -> None:
   want = n + spare
   if soft != resource.RLIM_INFINITY and soft < want:
     if hard != resource.RLIM_INFINITY and hard < want:
-      raise ValueError(f"teacher cache: {n} shard files to map but this process may open at most {hard} files; "
-                       f"rebuild with a larger --cache.shard-size (fewer shards) or raise `ulimit -n`")
+      raise ValueError(
+        f"teacher cache: {n} shard files to map but this process may open at most {hard} files; "
+        f"rebuild with a larger --cache.shard-size (fewer shards) or raise `ulimit -n`"
+      )
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
@@ -248,8 +255,14 @@ def _take(a, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
   return a.take(rows, views) if isinstance(a, ShardedRows) else np.asarray(a)[rows, views]
 
 
-def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_hash: str, num_classes: int,
-               output_shape: tuple[int, ...] | None = None) -> dict:
+def cache_meta(
+  ds: ArrayDataset,
+  spec: CacheSpec,
+  view: V.ViewConfig,
+  teacher_hash: str,
+  num_classes: int,
+  output_shape: tuple[int, ...] | None = None,
+) -> dict:
   """The ``cache.json`` content: everything a reader must agree with."""
   n_shards = -(-len(ds) // spec.shard_size)
   shape = tuple(int(d) for d in (output_shape or (num_classes,)))
@@ -257,15 +270,27 @@ def cache_meta(ds: ArrayDataset, spec: CacheSpec, view: V.ViewConfig, teacher_ha
     raise ValueError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
   index_dtype = index_dtype_for(num_classes)
   k = min(spec.top_k, num_classes)
-  per_dist = (k * (np.dtype(spec.dtype).itemsize + np.dtype(index_dtype).itemsize) if spec.top_k
-              else num_classes * np.dtype(spec.dtype).itemsize)
+  per_dist = (
+    k * (np.dtype(spec.dtype).itemsize + np.dtype(index_dtype).itemsize)
+    if spec.top_k
+    else num_classes * np.dtype(spec.dtype).itemsize
+  )
   meta = {
-      "format": FORMAT_VERSION, "teacher_hash": teacher_hash, "view": view_fingerprint(view),
-      "views": spec.views, "view_seed": spec.view_seed, "dtype": spec.dtype, "top_k": spec.top_k,
-      "num_classes": int(num_classes), "output_shape": list(shape), "num_examples": len(ds),
-      "dataset": f"{ds.name}/{ds.split}", "shard_size": spec.shard_size, "num_shards": n_shards,
-      "index_dtype": index_dtype if spec.top_k else None,
-      "bytes_per_example": int(per_dist * math.prod(shape[:-1])),
+    "format": FORMAT_VERSION,
+    "teacher_hash": teacher_hash,
+    "view": view_fingerprint(view),
+    "views": spec.views,
+    "view_seed": spec.view_seed,
+    "dtype": spec.dtype,
+    "top_k": spec.top_k,
+    "num_classes": int(num_classes),
+    "output_shape": list(shape),
+    "num_examples": len(ds),
+    "dataset": f"{ds.name}/{ds.split}",
+    "shard_size": spec.shard_size,
+    "num_shards": n_shards,
+    "index_dtype": index_dtype if spec.top_k else None,
+    "bytes_per_example": int(per_dist * math.prod(shape[:-1])),
   }
   if len(shape) > 1:  # (L, V): one distribution per token
     meta["bytes_per_token"] = int(per_dist)
@@ -278,8 +303,20 @@ def index_dtype_for(num_classes: int) -> str:
 
 
 def _same_key(a: Mapping, b: Mapping) -> list[str]:
-  keys = ("format", "teacher_hash", "view", "views", "view_seed", "dtype", "top_k", "num_classes", "output_shape",
-          "num_examples", "dataset", "shard_size")
+  keys = (
+    "format",
+    "teacher_hash",
+    "view",
+    "views",
+    "view_seed",
+    "dtype",
+    "top_k",
+    "num_classes",
+    "output_shape",
+    "num_examples",
+    "dataset",
+    "shard_size",
+  )
   return [k for k in keys if a.get(k) != b.get(k)]
 
 
@@ -295,8 +332,9 @@ def _encode(logits: np.ndarray, spec: CacheSpec, index_dtype: str = "int32") -> 
   return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(index_dtype)}
 
 
-def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...],
-                       index_dtype: str = "int32") -> dict[str, np.ndarray]:
+def _encode_prediction(
+  pred: Any, spec: CacheSpec, out_shape: tuple[int, ...], index_dtype: str = "int32"
+) -> dict[str, np.ndarray]:
   """One predicted batch → stored arrays with a view axis of 1: ``(n, 1, …)``.
 
   ``pred`` is dense logits ``(n, *out_shape)``, or — for top-k storage, when
@@ -313,15 +351,27 @@ def _encode_prediction(pred: Any, spec: CacheSpec, out_shape: tuple[int, ...],
     return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(index_dtype)}
   z = np.asarray(pred, np.float32)
   if z.shape[1:] != out_shape:
-    raise ValueError(f"teacher outputs {z.shape[1:]} per example, the cache expects {out_shape} "
-                     f"(num_classes / output_shape)")
+    raise ValueError(
+      f"teacher outputs {z.shape[1:]} per example, the cache expects {out_shape} (num_classes / output_shape)"
+    )
   return _encode(z[:, None], spec, index_dtype)
 
 
-def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.ndarray], Any], *,
-                teacher_hash: str, num_classes: int, view: V.ViewConfig, spec: CacheSpec = CacheSpec(),
-                output_shape: tuple[int, ...] | None = None, process_index: int = 0, process_count: int = 1,
-                max_shards: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+def build_cache(
+  directory: str | Path,
+  ds: ArrayDataset,
+  predict: Callable[[np.ndarray], Any],
+  *,
+  teacher_hash: str,
+  num_classes: int,
+  view: V.ViewConfig,
+  spec: CacheSpec = CacheSpec(),
+  output_shape: tuple[int, ...] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  max_shards: int | None = None,
+  progress: Callable[[int, int], None] | None = None,
+) -> dict:
   """Compute and store the teacher's outputs for every example under K views.
 
   Args:
@@ -354,15 +404,20 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
   meta_path = d / META_FILE
   if meta_path.exists():
     old = json.loads(meta_path.read_text())
-    for k in ("index_dtype", "bytes_per_example", "bytes_per_token"):  # a cache begun by an older kdjax keeps its storage
+    for k in (
+      "index_dtype",
+      "bytes_per_example",
+      "bytes_per_token",
+    ):  # a cache begun by an older kdjax keeps its storage
       if k not in old:
         meta.pop(k, None)
     meta["index_dtype"] = old.get("index_dtype", "int32" if spec.top_k else None)
     diff = _same_key(old, meta)
     if diff:
       raise ValueError(
-          f"teacher cache {str(d)!r} holds a different cache ({', '.join(f'{k}: {old.get(k)!r} ≠ {meta[k]!r}' for k in diff[:3])}); "
-          f"delete it or choose another cache directory")
+        f"teacher cache {str(d)!r} holds a different cache ({', '.join(f'{k}: {old.get(k)!r} ≠ {meta[k]!r}' for k in diff[:3])}); "
+        f"delete it or choose another cache directory"
+      )
   elif process_index == 0:
     _atomic_write_json(meta_path, meta)
   n_shards = meta["num_shards"]
@@ -386,7 +441,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
     for k in range(spec.views):
       x = view_images(view, images, ids, spec.view_seed, k)
       for lo in range(0, len(rows), b):
-        chunk = x[lo:lo + b]
+        chunk = x[lo : lo + b]
         n = len(chunk)
         if n < b:  # pad to a full batch: one compiled shape
           chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, axis=0)])
@@ -394,7 +449,7 @@ def build_cache(directory: str | Path, ds: ArrayDataset, predict: Callable[[np.n
         for name, a in enc.items():
           if name not in stored:
             stored[name] = np.empty((len(rows), spec.views, *a.shape[2:]), a.dtype)
-          stored[name][lo:lo + n, k] = a[:n, 0]
+          stored[name][lo : lo + n, k] = a[:n, 0]
     _atomic_save_shard(path, ids=ids.astype(np.int64), **stored)
     written += 1
     if progress:
@@ -432,8 +487,14 @@ class TeacherCache:
     return (TeacherCache.open, (str(self.directory),))
 
   @classmethod
-  def open(cls, directory: str | Path, *, teacher_hash: str | None = None, view: V.ViewConfig | None = None,
-           num_examples: int | None = None) -> "TeacherCache":
+  def open(
+    cls,
+    directory: str | Path,
+    *,
+    teacher_hash: str | None = None,
+    view: V.ViewConfig | None = None,
+    num_examples: int | None = None,
+  ) -> TeacherCache:
     """Load ``directory``; refuse it when it is for another teacher or view config.
 
     Raises:
@@ -443,30 +504,41 @@ class TeacherCache:
     d = Path(directory)
     meta_path = d / META_FILE
     if not meta_path.is_file():
-      raise ValueError(f"data.teacher_cache {str(d)!r} holds no {META_FILE}; build it with "
-                       f"`kdjax cache EXPERIMENT --teacher.checkpoint … --cache.dir {d}`")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} holds no {META_FILE}; build it with "
+        f"`kdjax cache EXPERIMENT --teacher.checkpoint … --cache.dir {d}`"
+      )
     meta = json.loads(meta_path.read_text())
-    rebuild = f"rebuild it with `kdjax cache … --cache.dir <new dir>` or drop --data.teacher_cache"
+    rebuild = "rebuild it with `kdjax cache … --cache.dir <new dir>` or drop --data.teacher_cache"
     if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"data.teacher_cache {str(d)!r} has format {meta.get('format')}, this kdjax reads "
-                       f"{FORMAT_VERSION}; {rebuild}")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} has format {meta.get('format')}, this kdjax reads {FORMAT_VERSION}; {rebuild}"
+      )
     if teacher_hash is not None and meta["teacher_hash"] != teacher_hash:
-      raise ValueError(f"data.teacher_cache {str(d)!r} is stale: built for teacher {meta['teacher_hash']} but the "
-                       f"configured teacher is {teacher_hash}; {rebuild}")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} is stale: built for teacher {meta['teacher_hash']} but the "
+        f"configured teacher is {teacher_hash}; {rebuild}"
+      )
     if view is not None and meta["view"] != view_fingerprint(view):
       diff = {k: v for k, v in view_fingerprint(view).items() if meta["view"].get(k) != v}
-      raise ValueError(f"data.teacher_cache {str(d)!r} is stale: built for another view config (differs in "
-                       f"{sorted(diff)}: cache {[meta['view'].get(k) for k in sorted(diff)]}, run "
-                       f"{[diff[k] for k in sorted(diff)]}); {rebuild}")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} is stale: built for another view config (differs in "
+        f"{sorted(diff)}: cache {[meta['view'].get(k) for k in sorted(diff)]}, run "
+        f"{[diff[k] for k in sorted(diff)]}); {rebuild}"
+      )
     if num_examples is not None and meta["num_examples"] != num_examples:
-      raise ValueError(f"data.teacher_cache {str(d)!r} holds {meta['num_examples']} examples but the training set "
-                       f"has {num_examples} (another split or transfer set?); {rebuild}")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} holds {meta['num_examples']} examples but the training set "
+        f"has {num_examples} (another split or transfer set?); {rebuild}"
+      )
     n = meta["num_shards"]
     paths = [d / _shard_name(s, n) for s in range(n)]
     missing = [p.name for p in paths if not (p / "ids.npy").is_file()]
     if missing:
-      raise ValueError(f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
-                       f"{missing[0]}); re-run the same `kdjax cache` command to finish it")
+      raise ValueError(
+        f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
+        f"{missing[0]}); re-run the same `kdjax cache` command to finish it"
+      )
     _allow_open_files(n * (len(list(paths[0].glob("*.npy"))) - 1))  # one mapping (a file descriptor) per array
     parts: dict[str, list[np.ndarray]] = {}
     files: dict[str, list[tuple[Path, dict]]] = {}
@@ -475,9 +547,11 @@ class TeacherCache:
         digests = json.loads((p / DIGEST_FILE).read_text())
         shard = read_shard(p)
       except (OSError, ValueError) as e:
-        raise ValueError(f"data.teacher_cache {str(d)!r}: shard {p.name} is unreadable ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); delete that shard directory and re-run "
-                         f"`kdjax cache` to rebuild it") from None
+        raise ValueError(
+          f"data.teacher_cache {str(d)!r}: shard {p.name} is unreadable ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}); delete that shard directory and re-run "
+          f"`kdjax cache` to rebuild it"
+        ) from None
       verify_file(p / "ids.npy", digests)  # read whole right below; the others when first used
       for k, a in shard.items():
         parts.setdefault(k, []).append(a)
@@ -508,8 +582,10 @@ class TeacherCache:
     k = np.asarray(view_index, np.int64)
     if "logits" in self.arrays:
       return {"teacher_logits": _take(self.arrays["logits"], r, k).astype(np.float32)}
-    return {"teacher_topk_logp": _take(self.arrays["topk_logp"], r, k).astype(np.float32),
-            "teacher_topk_idx": _take(self.arrays["topk_idx"], r, k).astype(np.int32)}
+    return {
+      "teacher_topk_logp": _take(self.arrays["topk_logp"], r, k).astype(np.float32),
+      "teacher_topk_idx": _take(self.arrays["topk_idx"], r, k).astype(np.int32),
+    }
 
   def logits(self, ids: np.ndarray, view_index: np.ndarray) -> np.ndarray:
     """Dense float32 teacher logits ``(B, *output_shape)`` of view ``view_index[i]`` of ``ids[i]``.
@@ -544,13 +620,32 @@ class CachedLoader(Loader):
   are the Loader's: the cache joins the pipeline by example id.
   """
 
-  def __init__(self, ds, cache: TeacherCache, batch_size: int, seed: int = 0, shuffle: bool = True,
-               drop_remainder: bool = True, view_mode: str = "consistent", process_index: int | None = None,
-               process_count: int | None = None, worker_count: int | None = None):
+  def __init__(
+    self,
+    ds,
+    cache: TeacherCache,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    view_mode: str = "consistent",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int | None = None,
+  ):
     check_view(cache.view)
-    super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=cache.view,
-                     view_mode=view_mode, process_index=process_index, process_count=process_count,
-                     worker_count=worker_count)
+    super().__init__(
+      ds,
+      batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      drop_remainder=drop_remainder,
+      view=cache.view,
+      view_mode=view_mode,
+      process_index=process_index,
+      process_count=process_count,
+      worker_count=worker_count,
+    )
     self.cache = cache
     cache.rows(ds.ids)  # every example must be cached
 
@@ -566,9 +661,14 @@ class CachedLoader(Loader):
       image = view_images(c.view, images, ids, c.view_seed, k)
     else:  # the student's own fresh view; the teacher's is cached view k
       image = V.augment(c.view, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))
-    out = {B.INPUTS: image, **c.outputs(ids, k), B.VIEW_INDEX: k.astype(np.int32),
-           "label": labels, "id": ids.astype(np.int32),
-           "epoch": np.full(len(idx), epoch, np.int32)}
+    out = {
+      B.INPUTS: image,
+      **c.outputs(ids, k),
+      B.VIEW_INDEX: k.astype(np.int32),
+      "label": labels,
+      "id": ids.astype(np.int32),
+      "epoch": np.full(len(idx), epoch, np.int32),
+    }
     if not self.drop_remainder:
       out["mask"] = gvalid[rows]
     return out
@@ -577,11 +677,14 @@ class CachedLoader(Loader):
 def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> None:
   """Refuse a cache for methods/modes that need more than teacher logits."""
   if needs_teacher_features:
-    raise ValueError(f"data.teacher_cache: method {method_name!r} reads teacher *features*, which the cache does not "
-                     f"store (it holds logits only); drop --data.teacher_cache to run the online teacher")
+    raise ValueError(
+      f"data.teacher_cache: method {method_name!r} reads teacher *features*, which the cache does not "
+      f"store (it holds logits only); drop --data.teacher_cache to run the online teacher"
+    )
   if mode != "offline":
-    raise ValueError(f"data.teacher_cache works with mode='offline' (one frozen teacher), got mode={mode!r}; "
-                     f"drop --data.teacher_cache")
+    raise ValueError(
+      f"data.teacher_cache works with mode='offline' (one frozen teacher), got mode={mode!r}; drop --data.teacher_cache"
+    )
 
 
 # --------------------------------------------------------------------------- experiments
@@ -604,20 +707,36 @@ def experiment_view(cfg) -> V.ViewConfig:
   """The training and eval view of ``cfg.data`` (its kind, mixing and the dataset's raw scale)."""
   from kdjax.data.tfds import raw_scale
 
-  return V.ViewConfig(kind=cfg.data.view, mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
-                      scale=raw_scale(cfg.data.name), image_size=cfg.data.image_size)
+  return V.ViewConfig(
+    kind=cfg.data.view,
+    mixup_alpha=cfg.data.mixup_alpha,
+    cutmix_alpha=cfg.data.cutmix_alpha,
+    scale=raw_scale(cfg.data.name),
+    image_size=cfg.data.image_size,
+  )
 
 
-def loader_for_experiment(cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool,
-                          method_name: str) -> CachedLoader:
+def loader_for_experiment(
+  cfg, loader: Loader, *, teacher_hash: str | None, needs_teacher_features: bool, method_name: str
+) -> CachedLoader:
   """The ``fit`` loader with ``cfg.data.teacher_cache`` checked and attached."""
   check_method(needs_teacher_features, cfg.mode, method_name)
   if teacher_hash is None:
-    raise ValueError("data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this "
-                     "teacher's outputs")
-  cache = TeacherCache.open(cfg.data.teacher_cache, teacher_hash=teacher_hash, view=experiment_view(cfg),
-                            num_examples=len(loader.ds))
-  return CachedLoader(loader.ds, cache, batch_size=loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
-                      drop_remainder=loader.drop_remainder, view_mode=loader.view_mode,
-                      process_index=loader.process_index, process_count=loader.process_count,
-                      worker_count=loader.worker_count)
+    raise ValueError(
+      "data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this teacher's outputs"
+    )
+  cache = TeacherCache.open(
+    cfg.data.teacher_cache, teacher_hash=teacher_hash, view=experiment_view(cfg), num_examples=len(loader.ds)
+  )
+  return CachedLoader(
+    loader.ds,
+    cache,
+    batch_size=loader.batch_size,
+    seed=loader.seed,
+    shuffle=loader.shuffle,
+    drop_remainder=loader.drop_remainder,
+    view_mode=loader.view_mode,
+    process_index=loader.process_index,
+    process_count=loader.process_count,
+    worker_count=loader.worker_count,
+  )

@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -77,10 +78,20 @@ class Loader:
   applied last to every batch, e.g. :class:`kdjax.data.retokenize.Retokenizer`.
   """
 
-  def __init__(self, ds, batch_size: int, seed: int = 0, shuffle: bool = True,
-               drop_remainder: bool = True, view: V.ViewConfig | None = None,
-               view_mode: str = "consistent", process_index: int | None = None,
-               process_count: int | None = None, worker_count: int | None = None, transform=None):
+  def __init__(
+    self,
+    ds,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    view: V.ViewConfig | None = None,
+    view_mode: str = "consistent",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int | None = None,
+    transform=None,
+  ):
     self.ds = ds
     self.transform = transform
     self.worker_count = default_workers(ds) if worker_count is None or worker_count < 0 else int(worker_count)
@@ -141,10 +152,10 @@ class Loader:
   def global_indices(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     o = self.order(epoch)
     b = self.batch_size
-    idx = o[step * b:(step + 1) * b]
+    idx = o[step * b : (step + 1) * b]
     valid = np.ones(b, bool)
     if len(idx) < b:
-      valid[len(idx):] = False
+      valid[len(idx) :] = False
       idx = np.concatenate([idx, np.resize(o, b - len(idx))])
     return idx, valid
 
@@ -198,8 +209,10 @@ class Loader:
     if not self.worker_count:
       return ds
     _absl_flags_defaults()  # grain's workers read absl flags, which a program without absl never parses
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2),
-                          worker_init_fn=_die_with_parent)
+    return ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2),
+      worker_init_fn=_die_with_parent,
+    )
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     self._normalise_position()
@@ -222,9 +235,13 @@ class Loader:
     return b
 
 
-def eval_batches(ds, batch_size: int, view: V.ViewConfig | None = None,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  ds,
+  batch_size: int,
+  view: V.ViewConfig | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Un-augmented (normalised) batches in dataset order, every batch the same shape.
 
   The last global batch is padded by repeating example 0; ``mask`` (bool, always
@@ -238,7 +255,7 @@ def eval_batches(ds, batch_size: int, view: V.ViewConfig | None = None,
   lb = batch_size // pc
   n = len(ds)
   for start in range(0, n, batch_size):
-    g = np.arange(start, start + batch_size)[pi * lb:(pi + 1) * lb]
+    g = np.arange(start, start + batch_size)[pi * lb : (pi + 1) * lb]
     mask = g < n
     idx = np.where(mask, g, 0)
     images, labels, ids = ds.take(idx)
@@ -280,16 +297,36 @@ def _absl_flags_defaults() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_loader(name: str, split: str, batch_size: int, seed: int = 0, data_dir: str | None = None,
-                view: V.ViewConfig | None = None, view_mode: str = "consistent", shuffle: bool = True,
-                drop_remainder: bool = True, process_index: int | None = None,
-                process_count: int | None = None, download: bool = False, worker_count: int | None = None) -> Loader:
+def make_loader(
+  name: str,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  data_dir: str | None = None,
+  view: V.ViewConfig | None = None,
+  view_mode: str = "consistent",
+  shuffle: bool = True,
+  drop_remainder: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  download: bool = False,
+  worker_count: int | None = None,
+) -> Loader:
   """A :class:`Loader` over TFDS split ``name/split``: held in memory for small datasets, read
   record by record (:class:`~kdjax.data.tfds.RecordSource`) for ImageNet-sized ones."""
   from kdjax.data.tfds import default_view, open_split
 
   view = view if view is not None else default_view(name)
   ds = open_split(name, split, data_dir, download=download)
-  return Loader(ds, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, view=view,
-                view_mode=view_mode, process_index=process_index, process_count=process_count,
-                worker_count=worker_count)
+  return Loader(
+    ds,
+    batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    drop_remainder=drop_remainder,
+    view=view,
+    view_mode=view_mode,
+    process_index=process_index,
+    process_count=process_count,
+    worker_count=worker_count,
+  )

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -68,21 +69,22 @@ class Retokenizer:
     """One student row ``(L,)`` → ``(teacher_inputs (L_t,) int32, teacher_mask (L_t,) bool)``."""
     scored = np.flatnonzero(np.asarray(targets) >= 0)
     first = int(scored[0]) if scored.size else len(inputs)
-    prompt = np.asarray(inputs)[:first + 1]
-    response = np.asarray(targets)[first:int(scored[-1]) + 1] if scored.size else np.zeros(0, np.int64)
+    prompt = np.asarray(inputs)[: first + 1]
+    response = np.asarray(targets)[first : int(scored[-1]) + 1] if scored.size else np.zeros(0, np.int64)
     head = ([self.teacher_bos] if self.teacher_bos is not None else []) + self._encode(self._text(prompt))
     tail = self._encode(self._text(response))
     if self.teacher_eos is not None and response.size and int(response[-1]) in self._student_specials:
       tail.append(self.teacher_eos)
-    seq = (head + tail)[:self.length + 1]
+    seq = (head + tail)[: self.length + 1]
     ids = np.full(self.length, self.pad, np.int32)
-    ids[:len(seq) - 1] = seq[:-1]
+    ids[: len(seq) - 1] = seq[:-1]
     mask = np.zeros(self.length, bool)
-    mask[max(len(head) - 1, 0):len(seq) - 1] = True  # position i predicts token i + 1
+    mask[max(len(head) - 1, 0) : len(seq) - 1] = True  # position i predicts token i + 1
     return ids, mask
 
   def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` with ``teacher_inputs`` and ``teacher_mask`` added (host side, NumPy)."""
     rows = [self.row(x, y) for x, y in zip(batch[B.INPUTS], batch[B.LABEL])]
-    return dict(batch, **{B.TEACHER_INPUTS: np.stack([r[0] for r in rows]),
-                          B.TEACHER_MASK: np.stack([r[1] for r in rows])})
+    return dict(
+      batch, **{B.TEACHER_INPUTS: np.stack([r[0] for r in rows]), B.TEACHER_MASK: np.stack([r[1] for r in rows])}
+    )

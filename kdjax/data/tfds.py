@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,17 +48,20 @@ def _is_embedded(builder) -> bool:
 
 def _unavailable(name: str, data_dir: str, why: str = "") -> DatasetUnavailableError:
   manual = os.path.join(data_dir, "downloads", "manual")
-  msg = (f"dataset {name!r} is not prepared in data_dir {data_dir!r}{why}; "
-         f"prepare it once with `kdjax prepare {name} --data_dir DIR` (needs `pip install 'kdjax[tfds]'` and the "
-         f"network) and copy DIR/{name.split('/')[0]} into {data_dir!r} (or point --data_dir / TFDS_DATA_DIR at it); "
-         f"for manual-download datasets put the archives in {manual!r} first")
+  msg = (
+    f"dataset {name!r} is not prepared in data_dir {data_dir!r}{why}; "
+    f"prepare it once with `kdjax prepare {name} --data_dir DIR` (needs `pip install 'kdjax[tfds]'` and the "
+    f"network) and copy DIR/{name.split('/')[0]} into {data_dir!r} (or point --data_dir / TFDS_DATA_DIR at it); "
+    f"for manual-download datasets put the archives in {manual!r} first"
+  )
   return DatasetUnavailableError(" ".join(msg.split()))
 
 
 def _needs_tensorflow(name: str) -> DatasetUnavailableError:
   return DatasetUnavailableError(
-      f"preparing {name!r} reads its downloaded files through TensorFlow, which this install lacks: "
-      f"`pip install 'kdjax[tfds]'`, then `kdjax prepare {name}` (once; training never needs TensorFlow)")
+    f"preparing {name!r} reads its downloaded files through TensorFlow, which this install lacks: "
+    f"`pip install 'kdjax[tfds]'`, then `kdjax prepare {name}` (once; training never needs TensorFlow)"
+  )
 
 
 def _has_tensorflow() -> bool:
@@ -86,8 +89,7 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
     prepared = prepare and builder.is_prepared()
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DatasetUnavailableError(
-        f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
+    raise DatasetUnavailableError(f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
   if prepared:
     return _check_format(builder, name)
   if not prepare:
@@ -99,8 +101,7 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
     if builder.is_prepared():  # another process prepared it while this one waited
       return _check_format(builder, name)
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception as e:
       if _is_embedded(builder):
         raise  # generated locally: a failure is a bug, not missing data
@@ -147,9 +148,10 @@ def _check_format(builder, name: str):
   fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
   if fmt and str(fmt) != FILE_FORMAT:
     raise DatasetUnavailableError(
-        f"dataset {name!r} in {builder.data_dir!r} is stored as {fmt}, and kdjax reads {FILE_FORMAT}: convert it "
-        f"with `tfds convert_format --dataset_version_dir {builder.data_dir} --out_file_format {FILE_FORMAT}` "
-        f"(needs `pip install 'kdjax[tfds]'`) or prepare it again with `kdjax prepare {name}`")
+      f"dataset {name!r} in {builder.data_dir!r} is stored as {fmt}, and kdjax reads {FILE_FORMAT}: convert it "
+      f"with `tfds convert_format --dataset_version_dir {builder.data_dir} --out_file_format {FILE_FORMAT}` "
+      f"(needs `pip install 'kdjax[tfds]'`) or prepare it again with `kdjax prepare {name}`"
+    )
   return builder
 
 
@@ -186,8 +188,9 @@ class ArrayDataset:
     self.ids = np.asarray(self.ids, np.int64)
     n = len(self.images)
     if len(self.labels) != n or len(self.ids) != n:
-      raise ValueError(f"ArrayDataset {self.name}/{self.split}: {n} images, "
-                       f"{len(self.labels)} labels, {len(self.ids)} ids")
+      raise ValueError(
+        f"ArrayDataset {self.name}/{self.split}: {n} images, {len(self.labels)} labels, {len(self.ids)} ids"
+      )
 
   def __len__(self) -> int:
     return len(self.images)
@@ -280,8 +283,10 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, *, download:
   """Read a whole split into NumPy (for datasets that fit in host memory)."""
   src = RecordSource(name, split, data_dir, download=download)
   if not src.fixed_shape:
-    raise ValueError(f"{name}/{split}: images of varying size cannot be held as one array; read it with "
-                     f"kdjax.data.RecordSource (kdjax.data.make_loader does)")
+    raise ValueError(
+      f"{name}/{split}: images of varying size cannot be held as one array; read it with "
+      f"kdjax.data.RecordSource (kdjax.data.make_loader does)"
+    )
   images, labels, ids = src.take(src.ids)
   return ArrayDataset(images, labels, ids, name=name, split=split)
 
@@ -309,24 +314,29 @@ def concat(datasets: Sequence) -> ArrayDataset | ConcatSource:
   if len(shapes) != 1:
     raise ValueError(f"concat: image shapes differ: {sorted(shapes)}")
   c = ConcatSource(datasets)
-  return ArrayDataset(np.concatenate([d.images for d in datasets]), np.concatenate([d.labels for d in datasets]),
-                      c.ids, name=c.name, split=c.split)
+  return ArrayDataset(
+    np.concatenate([d.images for d in datasets]),
+    np.concatenate([d.labels for d in datasets]),
+    c.ids,
+    name=c.name,
+    split=c.split,
+  )
 
 
 # ----------------------------------------------------------------- info
 TOKEN_DATASETS = ("arithmetic",)  # inputs are token ids: view kind "tokens"
 STREAMING = ("imagenet2012", "imagenet2012_subset", "imagenet_v2", "imagenet2012_real")
 _SPLITS = {
-    "mnist1d": ("train", "test", "transfer"),
-    "imagenet2012": ("train", "validation"),
+  "mnist1d": ("train", "test", "transfer"),
+  "imagenet2012": ("train", "validation"),
 }
 _STATS = {  # name -> (scale, mean, std) for default_view
-    "cifar10": (255.0, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": (255.0, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": (255.0, (0.1307,), (0.3081,)),
-    "fashion_mnist": (255.0, (0.2860,), (0.3530,)),
-    "digits": (16.0, None, None),
-    "mnist1d": (1.0, None, None),
+  "cifar10": (255.0, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  "cifar100": (255.0, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  "mnist": (255.0, (0.1307,), (0.3081,)),
+  "fashion_mnist": (255.0, (0.2860,), (0.3530,)),
+  "digits": (16.0, None, None),
+  "mnist1d": (1.0, None, None),
 }
 
 
@@ -373,9 +383,16 @@ def get_info(name: str, data_dir: str | None = None, image_size: int | None = No
   base = name.split("/")[0].split(":")[0]
   splits = tuple(info.splits.keys()) if info.splits else _SPLITS.get(base, ("train", "test"))
   eval_split = "test" if "test" in splits else ("validation" if "validation" in splits else splits[-1])
-  return DatasetSpec(name=name, num_classes=num_classes, image_shape=shape,
-                     image_dtype=np.dtype(feats[x_key].np_dtype).name, splits=splits,
-                     train_split="train", eval_split=eval_split, streaming=is_streaming(name))
+  return DatasetSpec(
+    name=name,
+    num_classes=num_classes,
+    image_shape=shape,
+    image_dtype=np.dtype(feats[x_key].np_dtype).name,
+    splits=splits,
+    train_split="train",
+    eval_split=eval_split,
+    streaming=is_streaming(name),
+  )
 
 
 def raw_scale(name: str) -> float | None:
@@ -395,8 +412,11 @@ def default_view(name: str, kind: str | None = None, **overrides):
 
   base = name.split("/")[0].split(":")[0]
   if kind is None:
-    kind = "tokens" if base in TOKEN_DATASETS else {"cifar10": "cifar", "cifar100": "cifar"}.get(
-        base, "imagenet" if is_streaming(base) else "none")
+    kind = (
+      "tokens"
+      if base in TOKEN_DATASETS
+      else {"cifar10": "cifar", "cifar100": "cifar"}.get(base, "imagenet" if is_streaming(base) else "none")
+    )
   kw = {}
   if base in _STATS and kind != "imagenet":
     scale, mean, std = _STATS[base]

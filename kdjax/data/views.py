@@ -74,8 +74,7 @@ class ViewConfig:
     if self.kind not in KINDS:
       raise ValueError(f"ViewConfig.kind={self.kind!r}; expected one of {KINDS}")
     if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-      raise ValueError(
-          f"ViewConfig mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: must be >= 0")
+      raise ValueError(f"ViewConfig mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: must be >= 0")
     if self.kind == "tokens" and self.mixes:
       raise ValueError("ViewConfig kind='tokens' cannot mix token ids: set mixup_alpha and cutmix_alpha to 0")
     if (self.mean is None) != (self.std is None):
@@ -284,7 +283,9 @@ def apply_mix(w: np.ndarray, x: np.ndarray, x_b: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- imagenet (NumPy + Pillow)
-def inception_box(key, height: int, width: int, min_area: float = 0.08, attempts: int = 10) -> tuple[int, int, int, int]:
+def inception_box(
+  key, height: int, width: int, min_area: float = 0.08, attempts: int = 10
+) -> tuple[int, int, int, int]:
   """The Inception crop (Szegedy et al. 2015) of one image: ``(top, left, h, w)``.
 
   Attempt ``j`` draws an area fraction ~ U[min_area, 1], a log aspect ratio
@@ -331,4 +332,4 @@ def imagenet_eval_view(image, cfg: ViewConfig) -> np.ndarray:
   nh, nw = max(s, int(round(height * ratio))), max(s, int(round(width * ratio)))
   out = _resize(image, nh, nw)
   top, left = (nh - s) // 2, (nw - s) // 2
-  return _scale_norm(cfg, out[top:top + s, left:left + s], image.dtype)
+  return _scale_norm(cfg, out[top : top + s, left : left + s], image.dtype)

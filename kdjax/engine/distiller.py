@@ -18,7 +18,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +79,9 @@ def _as_tuple(x) -> tuple:
 
 def _infer_mode(mode: str | None, students: tuple, teachers: tuple) -> str:
   if mode is None:
-    mode = "dml" if len(students) > 1 else ("multi_teacher" if len(teachers) > 1 else
-                                             "offline" if teachers else "teacher")
+    mode = (
+      "dml" if len(students) > 1 else ("multi_teacher" if len(teachers) > 1 else "offline" if teachers else "teacher")
+    )
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
   if mode == "dml" and len(students) < 2:
@@ -130,14 +132,28 @@ class Distiller:
       forward for the next batch; :func:`kdjax.train` does so).
   """
 
-  def __init__(self, student: nnx.Module | Sequence[nnx.Module], teacher: Any = None, *,
-               method: str | MethodConfig | Method = "kd", optimizer: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh | None = None, mode: str | None = None,
-               taps: Mapping[str, str] | None = None, teacher_taps: Mapping[str, str] | None = None,
-               num_examples: int = 0, steps_per_epoch: int = 1, grad_accum: int = 1, fsdp: bool | None = None,
-               teacher_weights: Sequence[float] = (), multi_teacher: str = "average", ema_decay: float = 0.999,
-               xla_cpu_conv: str = "eigen", responses: ResponseConfig | None = None,
-               placement: Placement | None = None):
+  def __init__(
+    self,
+    student: nnx.Module | Sequence[nnx.Module],
+    teacher: Any = None,
+    *,
+    method: str | MethodConfig | Method = "kd",
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: str | None = None,
+    taps: Mapping[str, str] | None = None,
+    teacher_taps: Mapping[str, str] | None = None,
+    num_examples: int = 0,
+    steps_per_epoch: int = 1,
+    grad_accum: int = 1,
+    fsdp: bool | None = None,
+    teacher_weights: Sequence[float] = (),
+    multi_teacher: str = "average",
+    ema_decay: float = 0.999,
+    xla_cpu_conv: str = "eigen",
+    responses: ResponseConfig | None = None,
+    placement: Placement | None = None,
+  ):
     self.students = _as_tuple(student)
     self.teachers = _as_tuple(teacher)
     self.mode = _infer_mode(mode, self.students, self.teachers)
@@ -176,8 +192,11 @@ class Distiller:
 
   def _describe(self, graphdef, params, rest, x, name: str, taps) -> ModelInfo:
     out = abstract_output(graphdef, params, rest, x, taps)
-    return ModelInfo(name=name, num_classes=int(out.logits.shape[-1]),
-                     feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()})
+    return ModelInfo(
+      name=name,
+      num_classes=int(out.logits.shape[-1]),
+      feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
+    )
 
   def _teacher_def(self, t, x) -> tuple[ModelDef | FunctionDef, Any, Any]:
     if isinstance(t, FunctionTeacher):
@@ -198,8 +217,10 @@ class Distiller:
     function_teacher = any(isinstance(t, FunctionTeacher) for t in self.teachers)
     logits_only = function_teacher or (self.mode == "offline" and not self.teachers)
     what = "a function returning logits only" if function_teacher else "known only by its cached outputs"
-    refusal = ("method {!r} reads teacher features, but the teacher is " + what + "; use an NNX teacher (its "
-               "layers can be tapped by path with teacher_taps=...) or a logit method")
+    refusal = (
+      "method {!r} reads teacher features, but the teacher is " + what + "; use an NNX teacher (its "
+      "layers can be tapped by path with teacher_taps=...) or a logit method"
+    )
     try:
       method = m if isinstance(m, Method) else build_method(m, s_info, t_info)
     except ValueError:
@@ -242,10 +263,19 @@ class Distiller:
     method = self._method(s_info, t_info)
     # A teacher of another tokenizer reads its own token rows: student-side figures compare it with nothing.
     self.cross_tokenizer = method.any_vocab
-    self.spec = StepSpec(students=tuple(s_defs), teachers=tuple(t_defs), method=method, tx=self.optimizer,
-                         mode=self.mode, steps_per_epoch=self.steps_per_epoch, grad_accum=self.grad_accum,
-                         teacher_weights=self.teacher_weights, multi_teacher=self.multi_teacher,
-                         ema_decay=self.ema_decay, responses=self.responses)
+    self.spec = StepSpec(
+      students=tuple(s_defs),
+      teachers=tuple(t_defs),
+      method=method,
+      tx=self.optimizer,
+      mode=self.mode,
+      steps_per_epoch=self.steps_per_epoch,
+      grad_accum=self.grad_accum,
+      teacher_weights=self.teacher_weights,
+      multi_teacher=self.multi_teacher,
+      ema_decay=self.ema_decay,
+      responses=self.responses,
+    )
     return tuple(s_params), tuple(s_rests), TeacherState(params=tuple(t_params), model_state=tuple(t_rests))
 
   def _example_outputs(self, s_params, s_rests, teacher: TeacherState, x):
@@ -257,7 +287,11 @@ class Distiller:
         t_out = jax.eval_shape(lambda p, x: ModelOutput(td.fn(p, x), {}), teacher.params[0], x)
       else:
         t_out = abstract_output(td.graphdef, teacher.params[0], teacher.model_state[0], x, td.taps)
-    elif self.mode in ("dml", "self_ema", "offline"):  # offline without a teacher: cached logits, shaped like the student's
+    elif self.mode in (
+      "dml",
+      "self_ema",
+      "offline",
+    ):  # offline without a teacher: cached logits, shaped like the student's
       t_out = s_out if self.mode != "offline" else ModelOutput(s_out.logits, {})
     else:
       t_out = None
@@ -269,30 +303,39 @@ class Distiller:
     if r is None:
       return
     if self.mode != "offline" or len(self.students) != 1:
-      raise ValueError(f"responses (on-policy / SeqKD) train one student from one teacher (mode='offline'), "
-                       f"not mode={self.mode!r}")
+      raise ValueError(
+        f"responses (on-policy / SeqKD) train one student from one teacher (mode='offline'), not mode={self.mode!r}"
+      )
     gens = lambda m: hasattr(m, "decode") and hasattr(m, "init_cache")  # noqa: E731
     if not gens(self.students[0]):
-      raise ValueError(f"responses: the student ({type(self.students[0]).__name__}) cannot generate; it needs "
-                       "init_cache/decode (see kdjax.generate)")
+      raise ValueError(
+        f"responses: the student ({type(self.students[0]).__name__}) cannot generate; it needs "
+        "init_cache/decode (see kdjax.generate)"
+      )
     if not self.teachers:
-      raise ValueError("responses: generated responses are scored by a teacher model; a teacher-output cache "
-                       "holds outputs for the data's responses only")
+      raise ValueError(
+        "responses: generated responses are scored by a teacher model; a teacher-output cache "
+        "holds outputs for the data's responses only"
+      )
     if r.needs_teacher and not gens(self.teachers[0]):
-      raise ValueError("responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with "
-                       "init_cache/decode)")
+      raise ValueError(
+        "responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with init_cache/decode)"
+      )
 
   def _check_placement(self) -> None:
     p = self.placement
     if p.kind == "colocated" and p.teacher_memory == "device":
       return
     if not self.teachers:
-      raise ValueError(f"placement={p} places a teacher model, but this run has none (mode={self.mode!r}); use "
-                       "the default placement")
+      raise ValueError(
+        f"placement={p} places a teacher model, but this run has none (mode={self.mode!r}); use the default placement"
+      )
     if p.split and self.responses is not None:
-      raise ValueError("placement.teacher_devices: the teacher runs ahead on the data's batches on its own devices, "
-                       "but generated responses are scored inside the step; use 0 (placement.model may still shard "
-                       "the teacher)")
+      raise ValueError(
+        "placement.teacher_devices: the teacher runs ahead on the data's batches on its own devices, "
+        "but generated responses are scored inside the step; use 0 (placement.model may still shard "
+        "the teacher)"
+      )
     TP.check_memory_kind(self.teacher_mesh, p.teacher_memory)
 
   @property
@@ -311,8 +354,10 @@ class Distiller:
       shard = TP.teacher_shardings(self.teachers, teacher, mesh, p)
     self.teacher_state = sharding.global_put(teacher, shard)
     self.spec = dataclasses.replace(
-        self.spec, teacher_host=shard if p.teacher_memory != "device" else None,
-        teacher_input=sharding.teacher_batch_sharding(mesh) if mesh.shape.get("model", 1) > 1 else None)
+      self.spec,
+      teacher_host=shard if p.teacher_memory != "device" else None,
+      teacher_input=sharding.teacher_batch_sharding(mesh) if mesh.shape.get("model", 1) > 1 else None,
+    )
 
   def check_batch_size(self, rows: int, name: str = "data.batch_size") -> None:
     """A global batch of ``rows`` must split evenly over the student's devices (and the teacher's, ``split``)."""
@@ -322,9 +367,11 @@ class Distiller:
     total = self.teacher_mesh.size + self.mesh.size
     for n, whose in ((t, "teacher"), (self.mesh.size, "student")):
       if rows % n:
-        raise ValueError(f"{name}={rows} does not split over the {whose}'s {n} data-parallel devices (placement."
-                         f"teacher_devices={self.placement.teacher_devices} of {total}); "
-                         f"use a multiple of {n} or another placement.teacher_devices")
+        raise ValueError(
+          f"{name}={rows} does not split over the {whose}'s {n} data-parallel devices (placement."
+          f"teacher_devices={self.placement.teacher_devices} of {total}); "
+          f"use a multiple of {n} or another placement.teacher_devices"
+        )
     sharding.check_batch_size(rows, self.mesh, name)
 
   def teacher_param_bytes(self) -> dict[str, int]:
@@ -342,10 +389,16 @@ class Distiller:
       pieces = [method.init(jax.random.fold_in(jax.random.fold_in(key, 7), i), s_out, t_out, info) for i in range(n)]
       adapters, mstates = tuple(a for a, _ in pieces), tuple(s for _, s in pieces)
       trainable = {"students": params, "adapters": adapters}
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rests, opt_state=tx.init(trainable),
-                        adapter_params=adapters, method_state=mstates,
-                        key=jax.random.key_data(jax.random.fold_in(key, 1)),
-                        ema=(params[0], rests[0]) if ema else ())
+      return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=rests,
+        opt_state=tx.init(trainable),
+        adapter_params=adapters,
+        method_state=mstates,
+        key=jax.random.key_data(jax.random.fold_in(key, 1)),
+        ema=(params[0], rests[0]) if ema else (),
+      )
 
     return make, s_params, s_rests, teacher
 
@@ -361,8 +414,9 @@ class Distiller:
     self._place_teacher(teacher)
     abstract = jax.eval_shape(make, key, s_params, s_rests)
     self.state_shardings = sharding.state_shardings(abstract, self.mesh, fsdp=self.fsdp)
-    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                       abstract, self.state_shardings)
+    self.abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings
+    )
     placed = sharding.global_put((s_params, s_rests), (self.state_shardings.params, self.state_shardings.model_state))
     return jax.jit(make, out_shardings=self.state_shardings)(key, *placed)
 
@@ -381,15 +435,25 @@ class Distiller:
     state = jax.eval_shape(make, jax.random.key(0), s_params, s_rests)
     stages = [st for st in ("init", "main") if self.spec.method.stage_terms(st)]
     if full_step:
-      metrics = {st: jax.eval_shape(make_train_step(dataclasses.replace(self.spec, stage=st)), state, teacher,
-                                    batch)[1] for st in stages}
+      metrics = {
+        st: jax.eval_shape(make_train_step(dataclasses.replace(self.spec, stage=st)), state, teacher, batch)[1]
+        for st in stages
+      }
     else:
       s_out, t_out = self._example_outputs(s_params, s_rests, teacher, x)
       ctx = Context(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.float32), key=jax.random.key(1))
       loss = self.spec.method.loss
-      metrics = {st: jax.eval_shape(lambda p, m, so, to, b, st=st: loss(p, m, so, to, b, ctx, stage=st)[2],
-                                    state.adapter_params[0], state.method_state[0], s_out, t_out, batch)
-                 for st in stages}
+      metrics = {
+        st: jax.eval_shape(
+          lambda p, m, so, to, b, st=st: loss(p, m, so, to, b, ctx, stage=st)[2],
+          state.adapter_params[0],
+          state.method_state[0],
+          s_out,
+          t_out,
+          batch,
+        )
+        for st in stages
+      }
     return {"state": state, "metrics": metrics}
 
   # ------------------------------------------------------------------ running
@@ -405,9 +469,12 @@ class Distiller:
       spec = dataclasses.replace(self.spec, stage=stage)
       t_shardings = jax.tree.map(lambda a: a.sharding, self._step_teacher())
       self._steps[stage] = jax.jit(
-          make_train_step(spec), in_shardings=(self.state_shardings, t_shardings, sharding.batch_sharding(self.mesh)),
-          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,),
-          compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
+        make_train_step(spec),
+        in_shardings=(self.state_shardings, t_shardings, sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+        donate_argnums=(0,),
+        compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv),
+      )
     return self._steps[stage]
 
   def _step_teacher(self) -> TeacherState:
@@ -424,16 +491,22 @@ class Distiller:
         return tuple(ModelOutput(o.logits, o.features if features else {}) for o in run_teachers(spec, teacher, x))
 
       t_shardings = jax.tree.map(lambda a: a.sharding, self.teacher_state)
-      self._teacher_fns[features] = jax.jit(forward, in_shardings=(t_shardings, rows), out_shardings=rows,
-                                            compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
+      self._teacher_fns[features] = jax.jit(
+        forward,
+        in_shardings=(t_shardings, rows),
+        out_shardings=rows,
+        compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv),
+      )
     return self._teacher_fns[features]
 
   def teacher_outputs(self, batch: Mapping[str, Any], *, features: bool | None = None) -> tuple[ModelOutput, ...]:
     """``split`` placement: the teachers' outputs on ``batch`` (this process's rows), computed on the teacher's
     sub-mesh and moved device to device onto the student's; asynchronous like any JAX call."""
     if not self.placement.split:
-      raise ValueError("Distiller.teacher_outputs serves a teacher on its own devices (placement.teacher_devices > "
-                       "0); other placements run the teacher inside the step")
+      raise ValueError(
+        "Distiller.teacher_outputs serves a teacher on its own devices (placement.teacher_devices > "
+        "0); other placements run the teacher inside the step"
+      )
     if features is None:
       features = self.spec.method.needs_teacher_features
     x = B.teacher_inputs(batch)
@@ -479,11 +552,15 @@ class Distiller:
     pre-training, AB/FT/FSP initialisation).
     """
     if self.mode == "offline" and not self.spec.teachers and not B.has_cached_teacher(batch):
-      raise ValueError("this Distiller has no teacher, so every batch must carry cached teacher outputs "
-                       f"({', '.join(B.CACHED_TEACHER)}); got keys {sorted(batch)}")
+      raise ValueError(
+        "this Distiller has no teacher, so every batch must carry cached teacher outputs "
+        f"({', '.join(B.CACHED_TEACHER)}); got keys {sorted(batch)}"
+      )
     if self.responses is not None and B.has_cached_teacher(batch):
-      raise ValueError("responses: this step generates new responses, but the batch carries cached teacher outputs "
-                       "for the data's responses; run the teacher online (drop the teacher cache)")
+      raise ValueError(
+        "responses: this step generates new responses, but the batch carries cached teacher outputs "
+        "for the data's responses; run the teacher online (drop the teacher cache)"
+      )
     ahead = {B.TEACHER_OUTPUTS: self._take_ahead(batch)} if self.placement.split else {}
     return self.jitted_step(stage)(state, self._step_teacher(), {**self.global_batch(batch), **ahead})
 
@@ -494,8 +571,9 @@ class Distiller:
 
     if self._eval is None:
       spec = dataclasses.replace(self.spec, teachers=()) if self.cross_tokenizer else self.spec
-      self._eval = jax.jit(make_eval_step(spec, report.eval_batch_stats),
-                           compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv))
+      self._eval = jax.jit(
+        make_eval_step(spec, report.eval_batch_stats), compiler_options=xla_cpu.compiler_options(self.xla_cpu_conv)
+      )
     sums: dict[str, Any] = {}
     s_pool, t_pool, n_pool = [], [], 0
     for b in batches:
@@ -520,8 +598,9 @@ class Distiller:
       res["cka"] = float(report.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
     return res
 
-  def exact_match(self, state: TrainState, batches: Iterable[Mapping[str, Any]], *,
-                  teacher: bool = False) -> dict[str, float]:
+  def exact_match(
+    self, state: TrainState, batches: Iterable[Mapping[str, Any]], *, teacher: bool = False
+  ) -> dict[str, float]:
     """Exact match of greedy-generated answers over token ``batches`` (``inputs``, ``targets`` with −1 on
     prompt positions, ``mask``), the generation-time counterpart of teacher-forced token accuracy.
 
@@ -540,8 +619,9 @@ class Distiller:
     models = {"exact_match": student}
     if teacher and self.spec.teachers and not self.cross_tokenizer:  # its prompts would need its own tokens
       td = self.spec.teachers[0]
-      models["teacher_exact_match"] = nnx.merge(td.graphdef, self.teacher_state.params[0],
-                                                self.teacher_state.model_state[0])
+      models["teacher_exact_match"] = nnx.merge(
+        td.graphdef, self.teacher_state.params[0], self.teacher_state.model_state[0]
+      )
     models = {k: m for k, m in models.items() if hasattr(m, "decode") and hasattr(m, "init_cache")}
     if not models:
       return {}
@@ -569,12 +649,18 @@ class Distiller:
 
     key = (name, max_new_tokens)
     if key not in self._generators:
-      self._generators[key] = G.Generator(model, G.Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
-                                          mesh=mesh)
+      self._generators[key] = G.Generator(model, G.Sampling(max_new_tokens=max_new_tokens, temperature=0.0), mesh=mesh)
     return self._generators[key]
 
-  def export(self, state: TrainState, directory, *, model_name: str | None = None, dtype: str = "float32",
-             extra: dict | None = None):
+  def export(
+    self,
+    state: TrainState,
+    directory,
+    *,
+    model_name: str | None = None,
+    dtype: str = "float32",
+    extra: dict | None = None,
+  ):
     """Write the (first) student's params and BatchNorm statistics (``kdjax.export.load`` reads them).
 
     Every process must call it (parameters split across processes are
@@ -583,20 +669,29 @@ class Distiller:
     from kdjax import checkpoint as ckpt
 
     info = self.spec.students[0].info
-    return ckpt.export_model(directory, model_name=model_name or info.name, num_classes=info.num_classes,
-                             dtype=dtype, params=state.params[0],
-                             model_state=ckpt.batch_stats(state.model_state[0]), extra=extra)
+    return ckpt.export_model(
+      directory,
+      model_name=model_name or info.name,
+      num_classes=info.num_classes,
+      dtype=dtype,
+      params=state.params[0],
+      model_state=ckpt.batch_stats(state.model_state[0]),
+      extra=extra,
+    )
 
 
-def placement_meshes(mesh: jax.sharding.Mesh | None,
-                     placement: Placement) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+def placement_meshes(
+  mesh: jax.sharding.Mesh | None, placement: Placement
+) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
   """``(student mesh, teacher mesh)`` for ``placement`` (the same mesh unless it is ``split``); a teacher
   loaded onto the teacher mesh (``from_pretrained(..., mesh=)``) is placed without moving."""
   if placement.kind == "sharded":
     mesh = mesh if mesh is not None else sharding.make_mesh(model=placement.model)
     if mesh.shape.get("model", 1) != placement.model:
-      raise ValueError(f"placement.model={placement.model} but the mesh's 'model' axis has "
-                       f"{mesh.shape.get('model', 1)} devices; build it with kdjax.make_mesh(model={placement.model})")
+      raise ValueError(
+        f"placement.model={placement.model} but the mesh's 'model' axis has "
+        f"{mesh.shape.get('model', 1)} devices; build it with kdjax.make_mesh(model={placement.model})"
+      )
     return mesh, mesh
   mesh = mesh if mesh is not None else sharding.make_mesh()
   if not placement.split:
@@ -604,7 +699,11 @@ def placement_meshes(mesh: jax.sharding.Mesh | None,
   teacher, student = TP.split_devices(list(mesh.devices.flat), placement.teacher_devices)
   fsdp = mesh.shape.get("fsdp", 1)
   if len(student) % fsdp:
-    raise ValueError(f"placement.teacher_devices={placement.teacher_devices} leaves {len(student)} student devices, "
-                     f"which run.mesh_fsdp={fsdp} does not divide")
-  return (sharding.make_mesh(0, fsdp, devices=student),
-          sharding.make_mesh(0, 1, devices=teacher, model=placement.model))
+    raise ValueError(
+      f"placement.teacher_devices={placement.teacher_devices} leaves {len(student)} student devices, "
+      f"which run.mesh_fsdp={fsdp} does not divide"
+    )
+  return (
+    sharding.make_mesh(0, fsdp, devices=student),
+    sharding.make_mesh(0, 1, devices=teacher, model=placement.model),
+  )

@@ -20,7 +20,10 @@ def initialize() -> None:
     # backend here: that would initialise it before the distributed client.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coord:
-    jax.distributed.initialize(coordinator_address=coord, num_processes=int(os.environ["KDJAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["KDJAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+      coordinator_address=coord,
+      num_processes=int(os.environ["KDJAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["KDJAX_PROCESS_ID"]),
+    )
   else:
     jax.distributed.initialize()

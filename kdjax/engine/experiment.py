@@ -39,8 +39,10 @@ def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
     from kdjax.models import decoder, pretrained
 
     if not mcfg.checkpoint:
-      raise ValueError("teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
-                       "with config.json and safetensors>")
+      raise ValueError(
+        "teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
+        "with config.json and safetensors>"
+      )
     return decoder.Decoder(pretrained.read_config(mcfg.checkpoint), dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed))
   return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype])
 
@@ -53,8 +55,14 @@ def model_info(model, name: str, num_classes: int) -> ModelInfo:
   return ModelInfo(name=name, num_classes=num_classes, feature_shapes={k: tuple(v[1:]) for k, v in shapes.items()})
 
 
-def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher", own_vocab: bool = False,
-                 mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
+def load_teacher(
+  mcfg: ModelConfig,
+  num_classes: int,
+  *,
+  role: str = "teacher",
+  own_vocab: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[Any, str]:
   """Create ``mcfg.name`` and fill it from ``mcfg.checkpoint``; check it fits.
 
   A Hugging Face teacher scores the dataset's ``num_classes`` tokens (its
@@ -66,29 +74,43 @@ def load_teacher(mcfg: ModelConfig, num_classes: int, *, role: str = "teacher", 
   architecture or class count differs from the config.
   """
   if not mcfg.checkpoint:
-    raise ValueError(f"{role}.checkpoint is not set: the method needs a trained {role}; "
-                     f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)")
+    raise ValueError(
+      f"{role}.checkpoint is not set: the method needs a trained {role}; "
+      f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)"
+    )
   return load_model(mcfg, num_classes, role=role, own_vocab=own_vocab, mesh=mesh)
 
 
-def load_model(mcfg: ModelConfig, num_classes: int, *, role: str, seed: int = 0, own_vocab: bool = False,
-               mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
+def load_model(
+  mcfg: ModelConfig,
+  num_classes: int,
+  *,
+  role: str,
+  seed: int = 0,
+  own_vocab: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[Any, str]:
   """``mcfg.name`` filled from the export at ``mcfg.checkpoint``, and that export's content hash."""
   if mcfg.name == HF:
     return _load_hf(mcfg, num_classes, role, own_vocab, mesh)
   meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
-    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
-                     f"{role}.name={mcfg.name!r}")
+    raise ValueError(
+      f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
+      f"{role}.name={mcfg.name!r}"
+    )
   if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
-    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset "
-                     f"has {num_classes}")
+    raise ValueError(
+      f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset has {num_classes}"
+    )
   model = create_model(mcfg, num_classes, seed=seed)
   try:
     ckpt.fill_model(model, payload)
   except ValueError as e:  # no model.json, or one that lies: the shapes decide
-    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
-                     f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run") from None
+    raise ValueError(
+      f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
+      f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run"
+    ) from None
   return model, digest
 
 
@@ -102,12 +124,19 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, me
     raise ValueError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
   vocab = pretrained.read_config(mcfg.checkpoint).vocab_size
   if vocab < num_classes and not own_vocab:
-    raise ValueError(f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
-                     f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
-                     f"of another tokenizer")
+    raise ValueError(
+      f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
+      f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
+      f"of another tokenizer"
+    )
   # Frozen: its weights are held in its compute dtype (a bfloat16 teacher takes half the memory).
-  model = pretrained.from_pretrained(mcfg.checkpoint, dtype=_DTYPES[mcfg.dtype], param_dtype=_DTYPES[mcfg.dtype],
-                                     mesh=mesh, vocab_size=None if own_vocab else num_classes)
+  model = pretrained.from_pretrained(
+    mcfg.checkpoint,
+    dtype=_DTYPES[mcfg.dtype],
+    param_dtype=_DTYPES[mcfg.dtype],
+    mesh=mesh,
+    vocab_size=None if own_vocab else num_classes,
+  )
   files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
   return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
 
@@ -156,8 +185,10 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
   if cfg.method.init_epochs > 0 and not method.stage_terms("init"):
-    raise ValueError(f"method.init_epochs={cfg.method.init_epochs}: method {method.name!r} has no init stage "
-                     f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0")
+    raise ValueError(
+      f"method.init_epochs={cfg.method.init_epochs}: method {method.name!r} has no init stage "
+      f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0"
+    )
   return method
 
 
@@ -167,8 +198,9 @@ def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, 
   for i, tcfg in enumerate(teacher_cfgs):
     if not tcfg.checkpoint and not needs:
       continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
-    m, h = load_teacher(tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]",
-                        own_vocab=method.any_vocab, mesh=mesh)
+    m, h = load_teacher(
+      tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]", own_vocab=method.any_vocab, mesh=mesh
+    )
     teachers.append(m)
     hashes.append(h)
   return teachers, ("+".join(hashes) if hashes else None)
@@ -180,15 +212,24 @@ def _retokenizer(cfg: Experiment, loader):
   from kdjax.models import pretrained
 
   if cfg.teacher.name != HF or cfg.mode != "offline":
-    raise ValueError(f"method {cfg.method.name!r} distils from a teacher of another tokenizer: use --teacher.name hf "
-                     f"--teacher.checkpoint <directory with tokenizer.json> (mode offline)")
+    raise ValueError(
+      f"method {cfg.method.name!r} distils from a teacher of another tokenizer: use --teacher.name hf "
+      f"--teacher.checkpoint <directory with tokenizer.json> (mode offline)"
+    )
   if cfg.data.teacher_cache:
-    raise ValueError(f"method {cfg.method.name!r} runs the teacher on its own tokens; it cannot read a teacher "
-                     f"cache (drop --data.teacher_cache)")
+    raise ValueError(
+      f"method {cfg.method.name!r} runs the teacher on its own tokens; it cannot read a teacher "
+      f"cache (drop --data.teacher_cache)"
+    )
   ids = pretrained.special_token_ids(cfg.teacher.checkpoint)
-  return retokenize.Retokenizer(tfds.tokenizer(cfg.data.name), pretrained.load_tokenizer(cfg.teacher.checkpoint),
-                                length=int(loader.batch(0, 0)["inputs"].shape[1]), teacher_bos=ids.get("bos"),
-                                teacher_eos=ids.get("eos"), pad=ids.get("pad") or 0)
+  return retokenize.Retokenizer(
+    tfds.tokenizer(cfg.data.name),
+    pretrained.load_tokenizer(cfg.teacher.checkpoint),
+    length=int(loader.batch(0, 0)["inputs"].shape[1]),
+    teacher_bos=ids.get("bos"),
+    teacher_eos=ids.get("eos"),
+    pad=ids.get("pad") or 0,
+  )
 
 
 def _distiller_mode(cfg: Experiment, n_teachers: int, cached: bool) -> str:
@@ -202,19 +243,28 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   from kdjax import data as kd_data
 
   p = cfg.placement
-  mesh = sharding.make_mesh(0 if p.split else cfg.run.mesh_data, cfg.run.mesh_fsdp,
-                            model=p.model if p.kind == "sharded" else 1)
+  mesh = sharding.make_mesh(
+    0 if p.split else cfg.run.mesh_data, cfg.run.mesh_fsdp, model=p.model if p.kind == "sharded" else 1
+  )
   if not p.split:  # a split placement checks against its two sub-meshes once it has them
     sharding.check_batch_size(cfg.data.batch_size, mesh)
     sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
-  eval_ds = kd_data.open_split(cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir,
-                               download=cfg.data.download)
+  eval_ds = kd_data.open_split(
+    cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir, download=cfg.data.download
+  )
   view = kd_data.cache.experiment_view(cfg)
-  loader = kd_data.Loader(train_ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
-                          drop_remainder=True, view=view, view_mode=cfg.data.view_mode,
-                          worker_count=cfg.data.workers)
+  loader = kd_data.Loader(
+    train_ds,
+    batch_size=cfg.data.batch_size,
+    seed=cfg.run.seed,
+    shuffle=True,
+    drop_remainder=True,
+    view=view,
+    view_mode=cfg.data.view_mode,
+    worker_count=cfg.data.workers,
+  )
   spe = loader.steps_per_epoch
   init_steps = int(round(cfg.method.init_epochs * spe))
   total_steps = init_steps + (cfg.optim.steps or int(math.ceil(cfg.optim.epochs * spe)))
@@ -231,20 +281,45 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   if method.any_vocab:  # the teacher reads the same text in its own tokenization
     loader.transform = _retokenizer(cfg, loader)
   if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
-    loader = kd_data.cache.loader_for_experiment(cfg, loader, teacher_hash=teacher_hash,
-                                                 needs_teacher_features=method.needs_teacher_features,
-                                                 method_name=method.name)
+    loader = kd_data.cache.loader_for_experiment(
+      cfg,
+      loader,
+      teacher_hash=teacher_hash,
+      needs_teacher_features=method.needs_teacher_features,
+      method_name=method.name,
+    )
   tx, schedule = make_optimizer(cfg.optim, spe, total_steps, init_steps)
   distiller = Distiller(
-      students if cfg.mode == "dml" else students[0], teachers, method=method, optimizer=tx, mesh=mesh,
-      mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)), num_examples=len(train_ds),
-      steps_per_epoch=spe, grad_accum=cfg.optim.grad_accum, fsdp=cfg.run.mesh_fsdp > 1,
-      teacher_weights=cfg.method.teacher_weights, multi_teacher=cfg.method.multi_teacher,
-      ema_decay=cfg.method.ema_decay, xla_cpu_conv=cfg.run.xla_cpu_conv, responses=cfg.responses,
-      placement=cfg.placement)
+    students if cfg.mode == "dml" else students[0],
+    teachers,
+    method=method,
+    optimizer=tx,
+    mesh=mesh,
+    mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)),
+    num_examples=len(train_ds),
+    steps_per_epoch=spe,
+    grad_accum=cfg.optim.grad_accum,
+    fsdp=cfg.run.mesh_fsdp > 1,
+    teacher_weights=cfg.method.teacher_weights,
+    multi_teacher=cfg.method.multi_teacher,
+    ema_decay=cfg.method.ema_decay,
+    xla_cpu_conv=cfg.run.xla_cpu_conv,
+    responses=cfg.responses,
+    placement=cfg.placement,
+  )
   distiller.check_batch_size(cfg.data.batch_size)
   distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
-  return Run(cfg=cfg, distiller=distiller, state=state, loader=loader, eval_ds=eval_ds, view=view,
-             teacher_hash=teacher_hash, total_steps=total_steps,
-             init_steps=init_steps if method.stage_terms("init") else 0, schedule=schedule, num_classes=num_classes)
+  return Run(
+    cfg=cfg,
+    distiller=distiller,
+    state=state,
+    loader=loader,
+    eval_ds=eval_ds,
+    view=view,
+    teacher_hash=teacher_hash,
+    total_steps=total_steps,
+    init_steps=init_steps if method.stage_terms("init") else 0,
+    schedule=schedule,
+    num_classes=num_classes,
+  )

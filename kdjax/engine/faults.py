@@ -63,8 +63,10 @@ class Fault:
 
   def __post_init__(self):
     if self.step < 1 or self.action not in _FAULT_ACTIONS:
-      raise ValueError(f"{FAULT_ENV}: step={self.step}, action={self.action!r}; expected a step ≥ 1 and one of "
-                       f"{'|'.join(_FAULT_ACTIONS)}, e.g. {FAULT_ENV}=12:TERM")
+      raise ValueError(
+        f"{FAULT_ENV}: step={self.step}, action={self.action!r}; expected a step ≥ 1 and one of "
+        f"{'|'.join(_FAULT_ACTIONS)}, e.g. {FAULT_ENV}=12:TERM"
+      )
 
 
 def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
@@ -76,8 +78,9 @@ def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
   try:
     step = int(parts[0])
   except ValueError:
-    raise ValueError(f"{FAULT_ENV}={spec!r}: expected N:{'|'.join(_FAULT_ACTIONS)}[:loss term], "
-                     f"e.g. {FAULT_ENV}=12:TERM") from None
+    raise ValueError(
+      f"{FAULT_ENV}={spec!r}: expected N:{'|'.join(_FAULT_ACTIONS)}[:loss term], e.g. {FAULT_ENV}=12:TERM"
+    ) from None
   return Fault(step, parts[1].upper() if len(parts) > 1 else "KILL", parts[2] if len(parts) > 2 else None)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -60,8 +61,16 @@ class Hook:
     pass
 
 
-def train(distiller, state, batches: Iterable, *, steps: int, hooks: Sequence[Hook] = (), init_steps: int = 0,
-          start_step: int | None = None):
+def train(
+  distiller,
+  state,
+  batches: Iterable,
+  *,
+  steps: int,
+  hooks: Sequence[Hook] = (),
+  init_steps: int = 0,
+  start_step: int | None = None,
+):
   """Run ``distiller.step`` until ``steps`` optimizer steps are done; returns the final state.
 
   Args:
@@ -169,8 +178,13 @@ class Checkpoint(Hook):
   resumes from is always on disk).
   """
 
-  def __init__(self, checkpointer, meta: Callable[[int], dict], guard: NonFiniteCheck | None = None,
-               before_save: Callable[[], None] | None = None):
+  def __init__(
+    self,
+    checkpointer,
+    meta: Callable[[int], dict],
+    guard: NonFiniteCheck | None = None,
+    before_save: Callable[[], None] | None = None,
+  ):
     self.checkpointer, self.meta, self.guard, self.before_save = checkpointer, meta, guard, before_save
     steps = checkpointer.all_steps()
     self.last_good: int | None = steps[-1] if steps else None

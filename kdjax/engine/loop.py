@@ -55,24 +55,30 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
   teacher (naming what differs; nothing is moved), and when every checkpoint
   of this workdir failed verification unless ``run.restart`` is set.
   """
+
   def check_meta(step: int, meta: dict) -> None:
     where = str(checkpointer.directory / str(step))
     if isinstance(meta.get("config"), dict):
       diff = wd.config_diff(meta["config"], provenance["config"])
       if diff != "none":
-        raise ValueError(f"the checkpoint {where!r} belongs to another experiment (differs in {diff}); use a new "
-                         f"--run.workdir")
+        raise ValueError(
+          f"the checkpoint {where!r} belongs to another experiment (differs in {diff}); use a new --run.workdir"
+        )
     if meta.get("teacher_hash") != run.teacher_hash:
-      raise ValueError(f"the checkpoint {where!r} was trained with teacher {meta.get('teacher_hash')} but the "
-                       f"configured teacher is {run.teacher_hash}; use a new --run.workdir")
+      raise ValueError(
+        f"the checkpoint {where!r} was trained with teacher {meta.get('teacher_hash')} but the "
+        f"configured teacher is {run.teacher_hash}; use a new --run.workdir"
+      )
 
   restored = checkpointer.restore_latest(run.distiller.abstract_state, check_meta)
   if restored is None:
     aside = checkpointer.set_aside_steps()
     if aside and not run.cfg.run.restart:
-      raise ValueError(f"no checkpoint in {str(checkpointer.directory)!r} verified (damaged ones are in "
-                       f"{str(checkpointer.corrupt_directory)!r}: {', '.join(aside)}); pass --run.restart to train "
-                       f"from step 0 in this workdir, or use a new --run.workdir")
+      raise ValueError(
+        f"no checkpoint in {str(checkpointer.directory)!r} verified (damaged ones are in "
+        f"{str(checkpointer.corrupt_directory)!r}: {', '.join(aside)}); pass --run.restart to train "
+        f"from step 0 in this workdir, or use a new --run.workdir"
+      )
     return run.state
   step0, state, meta = restored
   run.loader.restore(meta["data"])
@@ -107,10 +113,17 @@ def _hooks(run: Run, checkpointer, record: Record, writer, provenance: dict, fau
 
   def meta(step: int) -> dict:
     drawn_ahead = int(run.distiller.runs_ahead and step < run.total_steps)  # see kdjax.train
-    return {"data": run.loader.state(behind=drawn_ahead), "seconds": record.seconds(), "step": step,
-            "best_test_accuracy": record.best, "best_step": record.best_step, "resumed_from": record.resumed_from,
-            "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "process_count": jax.process_count(),
-            **provenance}
+    return {
+      "data": run.loader.state(behind=drawn_ahead),
+      "seconds": record.seconds(),
+      "step": step,
+      "best_test_accuracy": record.best,
+      "best_step": record.best_step,
+      "resumed_from": record.resumed_from,
+      "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
+      "process_count": jax.process_count(),
+      **provenance,
+    }
 
   saver = hooks.Checkpoint(checkpointer, meta, guard=guard, before_save=writer.flush if writer else None)
   guard.last_good = lambda: saver.last_good
@@ -130,9 +143,13 @@ def _hooks(run: Run, checkpointer, record: Record, writer, provenance: dict, fau
       writer.write(p.step, "eval", {**record.last_eval, "epoch": p.step / spe})
 
   out: list[hooks.Hook] = [hooks.InjectFault(fault, "poison")] if fault else []
-  out += [guard, hooks.ProgressBar(f"train {cfg.name}", quiet=cfg.run.quiet or jax.process_index() != 0),
-          hooks.Every(cfg.run.log_every, log_train, at_end=False), hooks.Every(cfg.run.eval_every or spe, log_eval),
-          saver]
+  out += [
+    guard,
+    hooks.ProgressBar(f"train {cfg.name}", quiet=cfg.run.quiet or jax.process_index() != 0),
+    hooks.Every(cfg.run.log_every, log_train, at_end=False),
+    hooks.Every(cfg.run.eval_every or spe, log_eval),
+    saver,
+  ]
   out += [hooks.InjectFault(fault, "signal")] if fault else []
   return out + [hooks.Preemption(multihost=jax.process_count() > 1)]
 
@@ -169,10 +186,16 @@ def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
   from kdjax import report
 
   cfg = run.cfg
-  provenance = {"config": cfg_lib.to_dict(cfg), "config_hash": cfg_lib.config_hash(cfg),
-                "teacher_hash": run.teacher_hash, "versions": ckpt.library_versions(), "git_commit": ckpt.git_commit()}
-  checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=cfg.run.checkpoint_every,
-                                   max_to_keep=cfg.run.max_to_keep)
+  provenance = {
+    "config": cfg_lib.to_dict(cfg),
+    "config_hash": cfg_lib.config_hash(cfg),
+    "teacher_hash": run.teacher_hash,
+    "versions": ckpt.library_versions(),
+    "git_commit": ckpt.git_commit(),
+  }
+  checkpointer = ckpt.Checkpointer(
+    workdir / "checkpoints", save_every=cfg.run.checkpoint_every, max_to_keep=cfg.run.max_to_keep
+  )
   record, writer = Record(), None
   try:
     state = _resume(checkpointer, run, provenance, record)
@@ -181,8 +204,14 @@ def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
     record.t0 = time.perf_counter()
     if jax.process_index() == 0:
       writer = report.MetricWriter(workdir, quiet=cfg.run.quiet, start_step=(record.resumed_from or [0])[-1])
-    state = hooks.train(run.distiller, state, run.loader, steps=run.total_steps, init_steps=run.init_steps,
-                        hooks=_hooks(run, checkpointer, record, writer, provenance, fault))
+    state = hooks.train(
+      run.distiller,
+      state,
+      run.loader,
+      steps=run.total_steps,
+      init_steps=run.init_steps,
+      hooks=_hooks(run, checkpointer, record, writer, provenance, fault),
+    )
   finally:
     if writer:
       writer.close()
@@ -200,15 +229,18 @@ def _library_log(path: Path):
   handler = logging.FileHandler(path, encoding="utf-8", delay=True)
   handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
   root, ours = logging.getLogger(), logging.getLogger("kdjax")
-  streams = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+  streams = [
+    h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+  ]
   mute, old_level, old_hook = (lambda record: False), ours.level, sys.unraisablehook
   for h in streams:
     h.addFilter(mute)
   root.addHandler(handler)
   ours.setLevel(logging.INFO)
   # Orbax's abandoned read coroutines of a damaged checkpoint end as "unraisable" exceptions.
-  sys.unraisablehook = lambda u: log.info("%s: %r", u.err_msg or "exception ignored", u.object,
-                                          exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+  sys.unraisablehook = lambda u: log.info(
+    "%s: %r", u.err_msg or "exception ignored", u.object, exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+  )
   try:
     yield
   finally:
@@ -225,36 +257,48 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
   cfg, final_step = run.cfg, int(state.step)
   student_bytes = sharding.param_bytes(state.params[0])
   export_path = run.distiller.export(
-      state, workdir / ckpt.EXPORT_DIR, model_name=cfg.student.name, dtype=cfg.student.dtype,
-      extra={"config_hash": provenance["config_hash"], "experiment": cfg.name, "teacher_hash": run.teacher_hash,
-             "steps": final_step, "versions": provenance["versions"], "git_commit": provenance["git_commit"]})
-  last = record.last_eval or evaluate(run, state)
-  results = {
-      **{k: last.get(k) for k in ("test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece",
-                                  "cka")},
-      **{k: last[k] for k in ("test_nll", "perplexity", "exact_match", "teacher_exact_match") if k in last},
-      "best_test_accuracy": max(record.best, last.get("test_accuracy", 0.0)),
-      "best_step": record.best_step,
-      "steps": final_step,
-      "seconds": record.seconds(),
-      "process_count": jax.process_count(),
-      "student_param_bytes": student_bytes,
-      "teacher_param_bytes": run.distiller.teacher_param_bytes(),
-      "resumed_from": record.resumed_from,
+    state,
+    workdir / ckpt.EXPORT_DIR,
+    model_name=cfg.student.name,
+    dtype=cfg.student.dtype,
+    extra={
       "config_hash": provenance["config_hash"],
-      "teacher_hash": run.teacher_hash,
-      "student_hash": ckpt.file_hash(export_path) if export_path.exists() else None,
-      "group": group_name(cfg),
-      "seed": cfg.run.seed,
-      "method": cfg.method.name if cfg.mode != "teacher" else "teacher",
-      "mode": cfg.mode,
-      "teacher": cfg.teacher.name if run.teacher_hash else None,
-      "student": cfg.student.name,
       "experiment": cfg.name,
-      "published": cfg.published,
+      "teacher_hash": run.teacher_hash,
+      "steps": final_step,
       "versions": provenance["versions"],
       "git_commit": provenance["git_commit"],
-      "config": provenance["config"],
+    },
+  )
+  last = record.last_eval or evaluate(run, state)
+  results = {
+    **{
+      k: last.get(k)
+      for k in ("test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece", "cka")
+    },
+    **{k: last[k] for k in ("test_nll", "perplexity", "exact_match", "teacher_exact_match") if k in last},
+    "best_test_accuracy": max(record.best, last.get("test_accuracy", 0.0)),
+    "best_step": record.best_step,
+    "steps": final_step,
+    "seconds": record.seconds(),
+    "process_count": jax.process_count(),
+    "student_param_bytes": student_bytes,
+    "teacher_param_bytes": run.distiller.teacher_param_bytes(),
+    "resumed_from": record.resumed_from,
+    "config_hash": provenance["config_hash"],
+    "teacher_hash": run.teacher_hash,
+    "student_hash": ckpt.file_hash(export_path) if export_path.exists() else None,
+    "group": group_name(cfg),
+    "seed": cfg.run.seed,
+    "method": cfg.method.name if cfg.mode != "teacher" else "teacher",
+    "mode": cfg.mode,
+    "teacher": cfg.teacher.name if run.teacher_hash else None,
+    "student": cfg.student.name,
+    "experiment": cfg.name,
+    "published": cfg.published,
+    "versions": provenance["versions"],
+    "git_commit": provenance["git_commit"],
+    "config": provenance["config"],
   }
   wd.write_json(workdir / "results.json", results)
   return results
@@ -287,8 +331,11 @@ def _born_again(cfg: Experiment) -> dict:
   teacher = cfg.teacher.checkpoint
   results = []
   for g in range(1, cfg.generations + 1):
-    gcfg = cfg.replace(mode="offline", teacher=dataclasses.replace(cfg.teacher, name=cfg.teacher.name if g == 1 else cfg.student.name),
-                       run=dataclasses.replace(cfg.run, workdir=str(Path(cfg.run.workdir) / f"gen{g}")))
+    gcfg = cfg.replace(
+      mode="offline",
+      teacher=dataclasses.replace(cfg.teacher, name=cfg.teacher.name if g == 1 else cfg.student.name),
+      run=dataclasses.replace(cfg.run, workdir=str(Path(cfg.run.workdir) / f"gen{g}")),
+    )
     res = fit(gcfg, teacher_checkpoint=teacher)
     results.append(res)
     teacher = str(Path(gcfg.run.workdir))

@@ -31,8 +31,9 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int, init
   return main
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, total_steps: int,
-                   init_steps: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: OptimConfig, steps_per_epoch: int, total_steps: int, init_steps: int = 0
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation for the student (and adapters).
 
   SGD follows PyTorch semantics (as RepDistiller): weight decay is added to

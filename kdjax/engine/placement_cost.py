@@ -116,6 +116,8 @@ def candidates(devices: int) -> list[tuple[int, int]]:
 
 def recommend(w: Workload, rates: Rates, devices: int) -> tuple[Prediction, list[Prediction]]:
   """The fastest placement that fits (the simplest among equals), and every prediction, fastest first."""
-  preds = sorted((predict(w, rates, devices, teacher_devices=k, model=m) for k, m in candidates(devices)),
-                 key=lambda p: (not p.fits, round(p.step_seconds, 12), p.teacher_devices, p.model))
+  preds = sorted(
+    (predict(w, rates, devices, teacher_devices=k, model=m) for k, m in candidates(devices)),
+    key=lambda p: (not p.fits, round(p.step_seconds, 12), p.teacher_devices, p.model),
+  )
   return preds[0], preds

@@ -18,9 +18,12 @@ from kdjax.responses import ResponseConfig
 
 def sampling(cfg: ResponseConfig, length: int, teacher: bool) -> G.Sampling:
   """How the student (or, for SeqKD, the teacher) draws a response for rows of ``length`` tokens."""
-  return G.Sampling(max_new_tokens=cfg.max_new_tokens or length,
-                    temperature=cfg.teacher_temperature if teacher else cfg.temperature,
-                    stop_tokens=cfg.stop_tokens, pad_token=cfg.pad_token)
+  return G.Sampling(
+    max_new_tokens=cfg.max_new_tokens or length,
+    temperature=cfg.teacher_temperature if teacher else cfg.temperature,
+    stop_tokens=cfg.stop_tokens,
+    pad_token=cfg.pad_token,
+  )
 
 
 def prompt_lengths(labels: jax.Array) -> jax.Array:
@@ -33,8 +36,7 @@ def prompt_lengths(labels: jax.Array) -> jax.Array:
   return jnp.where(scored.any(axis=1), first + 1, labels.shape[1] + 1).astype(jnp.int32)
 
 
-def with_response(inputs: jax.Array, plen: jax.Array, gen: G.Generated, pad_token: int
-                  ) -> tuple[jax.Array, jax.Array]:
+def with_response(inputs: jax.Array, plen: jax.Array, gen: G.Generated, pad_token: int) -> tuple[jax.Array, jax.Array]:
   """Rows ``(B, L)`` made of each prompt (its first ``plen`` inputs) followed by its generated response.
 
   Returns ``(inputs, labels)``: the new sequence without its last token and
@@ -71,8 +73,9 @@ def _generate(model: nnx.Module, inputs, plen, key, sampling: G.Sampling) -> G.G
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def replace_responses(cfg: ResponseConfig, batch: dict, key: jax.Array, student: nnx.Module,
-                      teacher: nnx.Module | None = None) -> dict:
+def replace_responses(
+  cfg: ResponseConfig, batch: dict, key: jax.Array, student: nnx.Module, teacher: nnx.Module | None = None
+) -> dict:
   """``batch`` with its token rows' responses drawn as ``cfg`` says (traceable; call inside the step).
 
   Args:
@@ -89,8 +92,10 @@ def replace_responses(cfg: ResponseConfig, batch: dict, key: jax.Array, student:
   """
   x, y = batch[B.INPUTS], batch[B.LABEL]
   if B.TEACHER_MASK in batch:
-    raise ValueError("responses: generated responses cannot be retokenized for a teacher of another tokenizer "
-                     "inside the step; cross-tokenizer distillation (method 'uld') trains on the data's responses")
+    raise ValueError(
+      "responses: generated responses cannot be retokenized for a teacher of another tokenizer "
+      "inside the step; cross-tokenizer distillation (method 'uld') trains on the data's responses"
+    )
   if x.ndim != 2 or y.shape != x.shape:
     raise ValueError(f"responses: token rows need inputs and labels of one (B, L) shape, got {x.shape} and {y.shape}")
   length = x.shape[1]

@@ -135,12 +135,14 @@ def param_bytes(tree: Any) -> dict[str, int]:
 
 def global_put(tree: Any, shardings: Any) -> Any:
   """Place host values (identical on every process) as global arrays with ``shardings``."""
+
   def one(x, s):
     if not jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
       x = np.asarray(x)
     if isinstance(x, np.ndarray):
       return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
     return jax.device_put(x, s)
+
   return jax.tree.map(one, tree, shardings)
 
 
@@ -148,5 +150,6 @@ def to_host(x: jax.Array) -> np.ndarray:
   """A global array as NumPy on every process (gathers what other processes hold)."""
   if jax.process_count() > 1 and not x.is_fully_replicated:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

@@ -28,7 +28,8 @@ teacher and student then both read the rewritten rows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +194,7 @@ def _entry_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
   tokens), and those also labelled (label ≥ 0). Examples for ``(B,)`` labels, tokens for ``(B, L)``."""
   label = batch[B.LABEL]
   mask = batch.get(B.MASK)
-  if mask is None or mask.shape != label.shape[:mask.ndim]:
+  if mask is None or mask.shape != label.shape[: mask.ndim]:
     selected = jnp.ones(label.shape, bool)
   else:
     selected = jnp.broadcast_to((mask > 0).reshape(mask.shape + (1,) * (label.ndim - mask.ndim)), label.shape)
@@ -240,9 +241,7 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
   def train_step(state: TrainState, teacher: TeacherState, batch: Batch):
     key = step_key(state)
     epoch = state.step.astype(jnp.float32) / spec.steps_per_epoch
-    grad_fn = jax.value_and_grad(
-        lambda tr, st, tb, b, c: _micro_loss(spec, tr, st, tb, b, c), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(lambda tr, st, tb, b, c: _micro_loss(spec, tr, st, tb, b, c), has_aux=True)
     trainable = state.trainable()
     batch = with_responses(spec, state, teacher, batch)
 
@@ -262,8 +261,15 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
         st, gsum, msum = carry
         mb, i = mb_and_i
         t_outs = teacher_outputs(spec, st, teacher, mb)
-        ctx = Context(step=st.step, epoch=epoch, key=jax.random.fold_in(key, i), accum=a, mask_total=mask_total,
-                      labelled_total=labelled_total, pair_total=pair_total)
+        ctx = Context(
+          step=st.step,
+          epoch=epoch,
+          key=jax.random.fold_in(key, i),
+          accum=a,
+          mask_total=mask_total,
+          labelled_total=labelled_total,
+          pair_total=pair_total,
+        )
         (_, (rests, mstates, metrics)), g = grad_fn(trainable, st, t_outs, mb, ctx)
         st = st.replace(model_state=rests, method_state=mstates)
         gsum = jax.tree.map(jnp.add, gsum, g)
@@ -273,8 +279,10 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
       zeros_g = jax.tree.map(jnp.zeros_like, trainable)
       first = jax.tree.map(lambda x: x[0], micro)
       metric_shape = jax.eval_shape(
-          lambda: grad_fn(trainable, state, teacher_outputs(spec, state, teacher, first), first,
-                          Context(state.step, epoch, key))[0][1][2])
+        lambda: grad_fn(
+          trainable, state, teacher_outputs(spec, state, teacher, first), first, Context(state.step, epoch, key)
+        )[0][1][2]
+      )
       zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
       (st, gsum, msum), _ = jax.lax.scan(body, (state, zeros_g, zeros_m), (micro, jnp.arange(a)))
       rests, mstates = st.model_state, st.method_state
@@ -290,13 +298,13 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
       ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema[0], trainable["students"][0])
       ema = (ema_params, rests[0])
     new_state = state.replace(
-        step=state.step + 1,
-        params=trainable["students"],
-        adapter_params=trainable["adapters"],
-        opt_state=opt_state,
-        model_state=rests,
-        method_state=mstates,
-        ema=ema,
+      step=state.step + 1,
+      params=trainable["students"],
+      adapter_params=trainable["adapters"],
+      opt_state=opt_state,
+      model_state=rests,
+      method_state=mstates,
+      ema=ema,
     )
     return new_state, metrics
 
@@ -337,8 +345,7 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
       if outs:  # none for a student trained alone (method ce without a teacher checkpoint)
         t_out = _average_outputs(outs, _weights(spec, len(outs))) if len(outs) > 1 else outs[0]
     labels = batch[B.LABEL]
-    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, labels,
-                    eval_mask(batch.get(B.MASK), labels))
+    sums = stats_fn(s_out.logits, None if t_out is None else t_out.logits, labels, eval_mask(batch.get(B.MASK), labels))
     if "pooled" not in s_out.features and s_out.logits.ndim > 2:  # tokens: no one vector per example for CKA
       return sums, None, None
     s_pool = s_out.features.get("pooled", s_out.logits)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import jax
 from flax import nnx
@@ -80,7 +81,7 @@ def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, ja
       cls.__call__ = original
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_train(cls: type) -> bool:
   try:
     params = inspect.signature(cls.__call__).parameters
@@ -103,5 +104,7 @@ def call_model(model: nnx.Module, x: jax.Array, *, train: bool) -> ModelOutput:
     return out
   if isinstance(out, jax.Array):
     return ModelOutput(out, {})
-  raise TypeError(f"{type(model).__name__} returned {type(out).__name__}; a distillation model returns logits "
-                  f"(an array) or kdjax.models.ModelOutput(logits, features)")
+  raise TypeError(
+    f"{type(model).__name__} returned {type(out).__name__}; a distillation model returns logits "
+    f"(an array) or kdjax.models.ModelOutput(logits, features)"
+  )

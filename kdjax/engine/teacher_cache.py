@@ -18,8 +18,9 @@ from kdjax.engine.experiment import load_teacher
 from kdjax.engine.state import apply_model, split_model
 
 
-def build_teacher_cache(cfg: Experiment, directory: str | Path, spec: Any = None, *,
-                        max_shards: int | None = None, progress: Any = None) -> dict:
+def build_teacher_cache(
+  cfg: Experiment, directory: str | Path, spec: Any = None, *, max_shards: int | None = None, progress: Any = None
+) -> dict:
   """``kdjax cache``: the teacher of ``cfg`` over its training set, K views each.
 
   ``spec`` is a :class:`kdjax.data.cache.CacheSpec` (default: one view, float16).
@@ -39,11 +40,20 @@ def build_teacher_cache(cfg: Experiment, directory: str | Path, spec: Any = None
   ds = C.training_set(cfg)
   first, _, first_id = ds.take(np.arange(1))
   example = C.view_images(view, first, first_id, 0, 0)
-  return C.build_cache(directory, ds, teacher_predict_fn(graphdef, params, rest, spec.top_k, cfg.run.xla_cpu_conv),
-                       teacher_hash=teacher_hash, num_classes=num_classes, view=view, spec=spec,
-                       output_shape=_output_shape(graphdef, params, rest, example),
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       max_shards=max_shards, progress=progress)
+  return C.build_cache(
+    directory,
+    ds,
+    teacher_predict_fn(graphdef, params, rest, spec.top_k, cfg.run.xla_cpu_conv),
+    teacher_hash=teacher_hash,
+    num_classes=num_classes,
+    view=view,
+    spec=spec,
+    output_shape=_output_shape(graphdef, params, rest, example),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    max_shards=max_shards,
+    progress=progress,
+  )
 
 
 def teacher_predict_fn(graphdef, params, rest, top_k: int = 0, xla_cpu_conv: str = "eigen"):

@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,10 @@ def _spec(dotted: str, shape: tuple[int, ...], axes: Axes | None, size: int, fie
   for i, ax in enumerate(spec):
     if ax and shape[i] % size:
       fits = max(d for d in range(1, size) if shape[i] % d == 0)
-      raise ValueError(f"{field}={size} does not divide teacher layer {dotted!r} (dimension {i} of shape {shape}); "
-                       f"use a {field} that divides {shape[i]} (e.g. {fits})")
+      raise ValueError(
+        f"{field}={size} does not divide teacher layer {dotted!r} (dimension {i} of shape {shape}); "
+        f"use a {field} that divides {shape[i]} (e.g. {fits})"
+      )
   return P(*spec)
 
 
@@ -119,8 +122,10 @@ def check_memory_kind(mesh: Mesh, kind: str) -> None:
     return
   kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
   if kind not in kinds:
-    raise ValueError(f"placement.teacher_memory={kind!r} is not supported on this backend "
-                     f"({mesh.devices.flat[0].platform}: memories {sorted(kinds)}); use placement.teacher_memory='device'")
+    raise ValueError(
+      f"placement.teacher_memory={kind!r} is not supported on this backend "
+      f"({mesh.devices.flat[0].platform}: memories {sorted(kinds)}); use placement.teacher_memory='device'"
+    )
 
 
 def teacher_shardings(teachers: Sequence[Any], state: Any, mesh: Mesh, placement: Placement) -> Any:
@@ -130,20 +135,25 @@ def teacher_shardings(teachers: Sequence[Any], state: Any, mesh: Mesh, placement
   kind = None if placement.teacher_memory == "device" else placement.teacher_memory
   params = tuple(teacher_specs(t, p, size) for t, p in zip(teachers, state.params))
   named = lambda spec: NamedSharding(mesh, spec, memory_kind=kind)  # noqa: E731
-  return state.replace(params=jax.tree.map(named, params, is_leaf=lambda s: isinstance(s, P)),
-                       model_state=jax.tree.map(lambda _: named(P()), state.model_state))
+  return state.replace(
+    params=jax.tree.map(named, params, is_leaf=lambda s: isinstance(s, P)),
+    model_state=jax.tree.map(lambda _: named(P()), state.model_state),
+  )
 
 
 def on_device(tree: Any, shardings: Any) -> Any:
   """Inside jit: bring leaves held in host memory onto the device (a no-op for device memory)."""
+
   def one(x, s):
     if s.memory_kind in (None, "device"):
       return x
     return jax.device_put(x, s.with_memory_kind("device"))
+
   return jax.tree.map(one, tree, shardings)
 
 
 # ---------------------------------------------------------------- split placement
+
 
 def split_devices(devices: Sequence[jax.Device], n_teacher: int) -> tuple[list, list]:
   """``(teacher devices, student devices)``: the first ``n_teacher / P`` devices of each of the P processes
@@ -153,11 +163,14 @@ def split_devices(devices: Sequence[jax.Device], n_teacher: int) -> tuple[list, 
     by_process.setdefault(d.process_index, []).append(d)
   n, procs = len(devices), len(by_process)
   if not 0 < n_teacher < n:
-    raise ValueError(f"placement.teacher_devices={n_teacher} must leave devices to the student: use 1 to {n - 1} "
-                     f"of the {n} devices")
+    raise ValueError(
+      f"placement.teacher_devices={n_teacher} must leave devices to the student: use 1 to {n - 1} of the {n} devices"
+    )
   if n_teacher % procs:
-    raise ValueError(f"placement.teacher_devices={n_teacher} must be a multiple of the {procs} processes (each "
-                     f"process gives the teacher the same number of its devices)")
+    raise ValueError(
+      f"placement.teacher_devices={n_teacher} must be a multiple of the {procs} processes (each "
+      f"process gives the teacher the same number of its devices)"
+    )
   k = n_teacher // procs
   teacher = [d for p in sorted(by_process) for d in by_process[p][:k]]
   student = [d for p in sorted(by_process) for d in by_process[p][k:]]
@@ -186,8 +199,10 @@ def move_rows(x: jax.Array, dst: NamedSharding) -> jax.Array:
         continue
       parts.append(jax.device_put(d if (a >= lo and b <= hi) else _rows(d, max(lo, a) - a, min(hi, b) - a), dev))
     if sum(p.shape[0] if p.ndim else 1 for p in parts) != hi - lo:
-      raise ValueError(f"rows {lo}:{hi} needed on {dev} are not held by this process's teacher devices; "
-                       "both sub-meshes must split each process's rows over its own devices")
+      raise ValueError(
+        f"rows {lo}:{hi} needed on {dev} are not held by this process's teacher devices; "
+        "both sub-meshes must split each process's rows over its own devices"
+      )
     pieces.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
   return jax.make_array_from_single_device_arrays(x.shape, dst, pieces)
 

@@ -38,7 +38,7 @@ def check_conv_backend(conv: str) -> str:
   return conv
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _supported(key: tuple[tuple[str, str], ...]) -> bool:
   """Whether this jaxlib compiles a trivial program with these options."""
   try:

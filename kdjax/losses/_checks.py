@@ -26,8 +26,7 @@ def concrete_value(x: Any) -> np.ndarray | None:
     return None
   try:
     return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return None
 
 
@@ -37,16 +36,13 @@ def check_rank(x: Any, name: str, ranks: int | Sequence[int]) -> None:
   ndim = jnp.ndim(x)
   if ndim not in allowed:
     want = " or ".join(str(r) for r in allowed)
-    raise ValueError(
-        f"{name} must have rank {want}, got shape {jnp.shape(x)} "
-        f"(rank {ndim}).")
+    raise ValueError(f"{name} must have rank {want}, got shape {jnp.shape(x)} (rank {ndim}).")
 
 
 def check_min_rank(x: Any, name: str, min_rank: int) -> None:
   """Raises if ``x.ndim < min_rank``."""
   if jnp.ndim(x) < min_rank:
-    raise ValueError(
-        f"{name} must have rank >= {min_rank}, got shape {jnp.shape(x)}.")
+    raise ValueError(f"{name} must have rank >= {min_rank}, got shape {jnp.shape(x)}.")
 
 
 def check_same_batch(a: Any, b: Any, name_a: str, name_b: str) -> None:
@@ -54,8 +50,9 @@ def check_same_batch(a: Any, b: Any, name_a: str, name_b: str) -> None:
   sa, sb = jnp.shape(a), jnp.shape(b)
   if not sa or not sb or sa[0] != sb[0]:
     raise ValueError(
-        f"{name_a} and {name_b} must have the same batch size (leading "
-        f"dimension), got {name_a}.shape={sa} and {name_b}.shape={sb}.")
+      f"{name_a} and {name_b} must have the same batch size (leading "
+      f"dimension), got {name_a}.shape={sa} and {name_b}.shape={sb}."
+    )
 
 
 def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
@@ -66,16 +63,14 @@ def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
     if sa and sb and sa[0] != sb[0]:
       check_same_batch(a, b, name_a, name_b)
     raise ValueError(
-        f"{name_a} and {name_b} must have the same shape, got "
-        f"{name_a}.shape={sa} and {name_b}.shape={sb}.")
+      f"{name_a} and {name_b} must have the same shape, got {name_a}.shape={sa} and {name_b}.shape={sb}."
+    )
 
 
 def check_dim(x: Any, axis: int, size: int, name: str, what: str) -> None:
   """Raises if ``x.shape[axis] != size``."""
   if jnp.shape(x)[axis] != size:
-    raise ValueError(
-        f"{name} must have {what} = {size} along axis {axis}, got shape "
-        f"{jnp.shape(x)}.")
+    raise ValueError(f"{name} must have {what} = {size} along axis {axis}, got shape {jnp.shape(x)}.")
 
 
 def check_positive(value: Any, name: str) -> None:
@@ -99,34 +94,26 @@ def check_in_unit_interval(value: Any, name: str) -> None:
     raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
 
 
-def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int,
-                 name: str = "labels") -> None:
+def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int, name: str = "labels") -> None:
   """Checks integer class labels: shape ``batch_shape``, values in range."""
   if jnp.shape(labels) != tuple(batch_shape):
     raise ValueError(
-        f"{name} must have shape {tuple(batch_shape)} (one class index per "
-        f"example), got {jnp.shape(labels)}.")
+      f"{name} must have shape {tuple(batch_shape)} (one class index per example), got {jnp.shape(labels)}."
+    )
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-    raise ValueError(
-        f"{name} must be integer class indices, got dtype "
-        f"{jnp.result_type(labels)}.")
+    raise ValueError(f"{name} must be integer class indices, got dtype {jnp.result_type(labels)}.")
   v = concrete_value(labels)
   if v is not None and v.size and (v.min() < 0 or v.max() >= num_classes):
-    raise ValueError(
-        f"{name} must lie in [0, {num_classes}), got values in "
-        f"[{v.min()}, {v.max()}].")
+    raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{v.min()}, {v.max()}].")
 
 
 def check_indices(idx: Any, size: int, name: str) -> None:
   """Checks concrete integer indices lie in ``[0, size)``."""
   if not jnp.issubdtype(jnp.result_type(idx), jnp.integer):
-    raise ValueError(
-        f"{name} must be integer indices, got dtype {jnp.result_type(idx)}.")
+    raise ValueError(f"{name} must be integer indices, got dtype {jnp.result_type(idx)}.")
   v = concrete_value(idx)
   if v is not None and v.size and (v.min() < 0 or v.max() >= size):
-    raise ValueError(
-        f"{name} must lie in [0, {size}), got values in "
-        f"[{v.min()}, {v.max()}].")
+    raise ValueError(f"{name} must lie in [0, {size}), got values in [{v.min()}, {v.max()}].")
 
 
 def check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> None:
@@ -134,6 +121,4 @@ def check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> None:
   if mask is None:
     return
   if jnp.shape(mask) != tuple(shape):
-    raise ValueError(
-        f"{name} must have shape {tuple(shape)} (batch, length), got "
-        f"{jnp.shape(mask)}.")
+    raise ValueError(f"{name} must have shape {tuple(shape)} (batch, length), got {jnp.shape(mask)}.")

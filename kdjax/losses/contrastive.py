@@ -66,22 +66,20 @@ def crd_init(key: Array, num_examples: int, feature_dim: int) -> CRDBank:
   ks, kt = jax.random.split(key)
   shape = (num_examples, feature_dim)
   return CRDBank(
-      student=jax.random.uniform(ks, shape, jnp.float32, -stdv, stdv),
-      teacher=jax.random.uniform(kt, shape, jnp.float32, -stdv, stdv),
-      z_student=jnp.asarray(-1.0, jnp.float32),
-      z_teacher=jnp.asarray(-1.0, jnp.float32),
+    student=jax.random.uniform(ks, shape, jnp.float32, -stdv, stdv),
+    teacher=jax.random.uniform(kt, shape, jnp.float32, -stdv, stdv),
+    z_student=jnp.asarray(-1.0, jnp.float32),
+    z_teacher=jnp.asarray(-1.0, jnp.float32),
   )
 
 
-def crd_negatives(key: Array, batch_size: int, num_examples: int,
-                  num_negatives: int) -> Array:
+def crd_negatives(key: Array, batch_size: int, num_examples: int, num_negatives: int) -> Array:
   """Uniformly sampled negative ids ``(B, K)`` (RepDistiller's sampler).
 
   The reference draws from a uniform AliasMethod over all N examples, so a
   negative may coincide with the positive; this does the same.
   """
-  return jax.random.randint(key, (batch_size, num_negatives), 0,
-                            num_examples, dtype=jnp.int32)
+  return jax.random.randint(key, (batch_size, num_negatives), 0, num_examples, dtype=jnp.int32)
 
 
 def _spec(x: Array) -> tuple:
@@ -136,9 +134,15 @@ def _nce_loss(log_x: Array, num_examples: int) -> Array:
   return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / bsz
 
 
-def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
-        example_ids: Array, negative_ids: Array, temperature: float = 0.07,
-        momentum: float = 0.5) -> tuple[Array, CRDBank]:
+def crd(
+  bank: CRDBank,
+  student_embedding: Array,
+  teacher_embedding: Array,
+  example_ids: Array,
+  negative_ids: Array,
+  temperature: float = 0.07,
+  momentum: float = 0.5,
+) -> tuple[Array, CRDBank]:
   """Contrastive representation distillation: two-way NCE with a memory bank.
 
   Embeddings are expected to be already projected and L2-normalised by the
@@ -190,13 +194,10 @@ def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
   n, d = bank.student.shape
   _checks.check_rank(student_embedding, "student_embedding", 2)
   _checks.check_rank(teacher_embedding, "teacher_embedding", 2)
-  _checks.check_same_batch(student_embedding, teacher_embedding,
-                           "student_embedding", "teacher_embedding")
+  _checks.check_same_batch(student_embedding, teacher_embedding, "student_embedding", "teacher_embedding")
   bsz = student_embedding.shape[0]
-  _checks.check_dim(student_embedding, 1, d, "student_embedding",
-                    "the bank's feature_dim")
-  _checks.check_dim(teacher_embedding, 1, d, "teacher_embedding",
-                    "the bank's feature_dim")
+  _checks.check_dim(student_embedding, 1, d, "student_embedding", "the bank's feature_dim")
+  _checks.check_dim(teacher_embedding, 1, d, "teacher_embedding", "the bank's feature_dim")
   _checks.check_rank(example_ids, "example_ids", 1)
   _checks.check_dim(example_ids, 0, bsz, "example_ids", "the batch size")
   _checks.check_rank(negative_ids, "negative_ids", 2)
@@ -221,13 +222,12 @@ def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
 
   def log_z(z, score):
     # log(N · mean(exp(score))), estimated only while z <= 0.
-    est = (jax.nn.logsumexp(jax.lax.stop_gradient(score))
-           - math.log(score.size) + math.log(n))
+    est = jax.nn.logsumexp(jax.lax.stop_gradient(score)) - math.log(score.size) + math.log(n)
     return jnp.where(z > 0, jnp.log(jnp.where(z > 0, z, 1.0)), est)
 
   log_zs = log_z(bank.z_student, score_s)
   log_zt = log_z(bank.z_teacher, score_t)
-  loss = (_nce_loss(score_s - log_zs, n) + _nce_loss(score_t - log_zt, n))
+  loss = _nce_loss(score_s - log_zs, n) + _nce_loss(score_t - log_zt, n)
 
   def update(mem, v):
     rows = _gather_rows(mem, example_ids)
@@ -235,9 +235,9 @@ def crd(bank: CRDBank, student_embedding: Array, teacher_embedding: Array,
     return _scatter_rows(mem, example_ids, new.astype(mem.dtype))
 
   new_bank = CRDBank(
-      student=update(bank.student, vs),
-      teacher=update(bank.teacher, vt),
-      z_student=jnp.exp(log_zs).astype(jnp.float32),
-      z_teacher=jnp.exp(log_zt).astype(jnp.float32),
+    student=update(bank.student, vs),
+    teacher=update(bank.teacher, vt),
+    z_student=jnp.exp(log_zs).astype(jnp.float32),
+    z_teacher=jnp.exp(log_zt).astype(jnp.float32),
   )
   return loss, new_bank

@@ -22,8 +22,8 @@ def _pool_to(x: Array, h: int, w: int, name: str) -> Array:
   _, xh, xw, c = x.shape
   if xh % h or xw % w:
     raise ValueError(
-        f"{name} spatial size {(xh, xw)} is not an integer multiple of "
-        f"{(h, w)}; cannot average-pool to match.")
+      f"{name} spatial size {(xh, xw)} is not an integer multiple of {(h, w)}; cannot average-pool to match."
+    )
   fh, fw = xh // h, xw // w
   if fh == 1 and fw == 1:
     return x
@@ -31,8 +31,7 @@ def _pool_to(x: Array, h: int, w: int, name: str) -> Array:
   return jnp.mean(x, axis=(2, 4))
 
 
-def pool_to_match(a: Array, b: Array, name_a: str = "a",
-                  name_b: str = "b") -> tuple[Array, Array]:
+def pool_to_match(a: Array, b: Array, name_a: str = "a", name_b: str = "b") -> tuple[Array, Array]:
   """Average-pools the larger of two NHWC maps to the other's ``(H, W)``.
 
   Args:
@@ -53,8 +52,9 @@ def pool_to_match(a: Array, b: Array, name_a: str = "a",
   if ha <= hb and wa <= wb:
     return a, _pool_to(b, ha, wa, name_b)
   raise ValueError(
-      f"{name_a} spatial size {(ha, wa)} and {name_b} spatial size "
-      f"{(hb, wb)} are not nested; cannot average-pool one to the other.")
+    f"{name_a} spatial size {(ha, wa)} and {name_b} spatial size "
+    f"{(hb, wb)} are not nested; cannot average-pool one to the other."
+  )
 
 
 def _l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
@@ -91,8 +91,7 @@ def hint(student_feature: Array, teacher_feature: Array) -> Array:
   Returns:
     float32 scalar.
   """
-  _checks.check_same_batch(student_feature, teacher_feature,
-                           "student_feature", "teacher_feature")
+  _checks.check_same_batch(student_feature, teacher_feature, "student_feature", "teacher_feature")
   s, t = _checks.as_f32(student_feature), _checks.as_f32(teacher_feature)
   if s.shape != t.shape and s.ndim == 4 and t.ndim == 4:
     s, t = pool_to_match(s, t, "student_feature", "teacher_feature")
@@ -106,8 +105,7 @@ def _attention_map(f: Array, p: float) -> Array:
   return _l2_normalize(a, axis=-1)
 
 
-def attention_transfer(student_feature: Array, teacher_feature: Array,
-                       p: float = 2) -> Array:
+def attention_transfer(student_feature: Array, teacher_feature: Array, p: float = 2) -> Array:
   """Attention transfer: match L2-normalised spatial attention maps.
 
   a(f) = mean_c(f^p), flattened over H·W and L2-normalised per sample;
@@ -126,13 +124,11 @@ def attention_transfer(student_feature: Array, teacher_feature: Array,
   Returns:
     float32 scalar.
   """
-  s, t = _prep_pair(student_feature, teacher_feature, "student_feature",
-                    "teacher_feature")
+  s, t = _prep_pair(student_feature, teacher_feature, "student_feature", "teacher_feature")
   return jnp.mean((_attention_map(s, p) - _attention_map(t, p)) ** 2)
 
 
-def similarity_preserving(student_feature: Array,
-                          teacher_feature: Array) -> Array:
+def similarity_preserving(student_feature: Array, teacher_feature: Array) -> Array:
   """Similarity-preserving KD: match row-normalised batch Gram matrices.
 
   F = features flattened to ``(B, D)``; G = F·Fᵀ ``(B, B)``, each row
@@ -150,8 +146,7 @@ def similarity_preserving(student_feature: Array,
   """
   _checks.check_min_rank(student_feature, "student_feature", 2)
   _checks.check_min_rank(teacher_feature, "teacher_feature", 2)
-  _checks.check_same_batch(student_feature, teacher_feature,
-                           "student_feature", "teacher_feature")
+  _checks.check_same_batch(student_feature, teacher_feature, "student_feature", "teacher_feature")
   bsz = student_feature.shape[0]
   fs = _checks.as_f32(student_feature).reshape(bsz, -1)
   ft = _checks.as_f32(teacher_feature).reshape(bsz, -1)
@@ -179,8 +174,7 @@ def nst(student_feature: Array, teacher_feature: Array) -> Array:
   Returns:
     float32 scalar (>= 0 up to rounding: it is a squared MMD).
   """
-  s, t = _prep_pair(student_feature, teacher_feature, "student_feature",
-                    "teacher_feature")
+  s, t = _prep_pair(student_feature, teacher_feature, "student_feature", "teacher_feature")
   bsz = s.shape[0]
   # (B, H·W, C) -> normalise each channel over H·W.
   s = _l2_normalize(s.reshape(bsz, -1, s.shape[-1]), axis=1)
@@ -198,8 +192,9 @@ def _fsp_matrix(fa: Array, fb: Array) -> Array:
   return jnp.einsum("bhwi,bhwj->bij", fa, fb) / hw
 
 
-def fsp(student_feature_a: Array, student_feature_b: Array,
-        teacher_feature_a: Array, teacher_feature_b: Array) -> Array:
+def fsp(
+  student_feature_a: Array, student_feature_b: Array, teacher_feature_a: Array, teacher_feature_b: Array
+) -> Array:
   """Flow of solution procedure: match Gram matrices between two layers.
 
   G = F_aᵀ F_b / (H·W) per sample, shape ``(C_a, C_b)`` (feature a is
@@ -219,29 +214,23 @@ def fsp(student_feature_a: Array, student_feature_b: Array,
   Returns:
     float32 scalar.
   """
-  names = ("student_feature_a", "student_feature_b", "teacher_feature_a",
-           "teacher_feature_b")
-  arrs = (student_feature_a, student_feature_b, teacher_feature_a,
-          teacher_feature_b)
+  names = ("student_feature_a", "student_feature_b", "teacher_feature_a", "teacher_feature_b")
+  arrs = (student_feature_a, student_feature_b, teacher_feature_a, teacher_feature_b)
   for x, n in zip(arrs, names):
     _checks.check_rank(x, n, 4)
     _checks.check_same_batch(arrs[0], x, names[0], n)
   for i in (0, 1):
     if arrs[i].shape[-1] != arrs[i + 2].shape[-1]:
       raise ValueError(
-          f"{names[i]} and {names[i + 2]} must have the same number of "
-          f"channels, got {arrs[i].shape} and {arrs[i + 2].shape}.")
-  sa, sb = pool_to_match(_checks.as_f32(student_feature_a),
-                         _checks.as_f32(student_feature_b), names[0],
-                         names[1])
-  ta, tb = pool_to_match(_checks.as_f32(teacher_feature_a),
-                         _checks.as_f32(teacher_feature_b), names[2],
-                         names[3])
+        f"{names[i]} and {names[i + 2]} must have the same number of "
+        f"channels, got {arrs[i].shape} and {arrs[i + 2].shape}."
+      )
+  sa, sb = pool_to_match(_checks.as_f32(student_feature_a), _checks.as_f32(student_feature_b), names[0], names[1])
+  ta, tb = pool_to_match(_checks.as_f32(teacher_feature_a), _checks.as_f32(teacher_feature_b), names[2], names[3])
   return jnp.mean((_fsp_matrix(sa, sb) - _fsp_matrix(ta, tb)) ** 2)
 
 
-def factor_transfer(student_factor: Array, teacher_factor: Array,
-                    p: int = 1) -> Array:
+def factor_transfer(student_factor: Array, teacher_factor: Array, p: int = 1) -> Array:
   """Factor transfer: distance between L2-normalised flattened factors.
 
   F = normalize(factor.reshape(B, −1)); loss = mean(|F_s − F_t|^p)
@@ -259,8 +248,7 @@ def factor_transfer(student_factor: Array, teacher_factor: Array,
   Returns:
     float32 scalar.
   """
-  _checks.check_same_batch(student_factor, teacher_factor, "student_factor",
-                           "teacher_factor")
+  _checks.check_same_batch(student_factor, teacher_factor, "student_factor", "teacher_factor")
   if p not in (1, 2):
     raise ValueError(f"p must be 1 or 2, got {p!r}.")
   s, t = _checks.as_f32(student_factor), _checks.as_f32(teacher_factor)
@@ -268,12 +256,11 @@ def factor_transfer(student_factor: Array, teacher_factor: Array,
     s, t = pool_to_match(s, t, "student_factor", "teacher_factor")
   _checks.check_same_shape(s, t, "student_factor", "teacher_factor")
   bsz = s.shape[0]
-  d = (_l2_normalize(s.reshape(bsz, -1)) - _l2_normalize(t.reshape(bsz, -1)))
+  d = _l2_normalize(s.reshape(bsz, -1)) - _l2_normalize(t.reshape(bsz, -1))
   return jnp.mean(jnp.abs(d)) if p == 1 else jnp.mean(d * d)
 
 
-def activation_boundary(student_preact: Array, teacher_preact: Array,
-                        margin: float = 1.0) -> Array:
+def activation_boundary(student_preact: Array, teacher_preact: Array, margin: float = 1.0) -> Array:
   """Activation-boundary transfer: hinge-squared loss on neuron activation.
 
   With s, t the (connected) student and teacher pre-activations and m the
@@ -300,8 +287,7 @@ def activation_boundary(student_preact: Array, teacher_preact: Array,
   Returns:
     float32 scalar.
   """
-  _checks.check_same_batch(student_preact, teacher_preact, "student_preact",
-                           "teacher_preact")
+  _checks.check_same_batch(student_preact, teacher_preact, "student_preact", "teacher_preact")
   s, t = _checks.as_f32(student_preact), _checks.as_f32(teacher_preact)
   if s.shape != t.shape and s.ndim == 4 and t.ndim == 4:
     s, t = pool_to_match(s, t, "student_preact", "teacher_preact")
@@ -314,8 +300,7 @@ def activation_boundary(student_preact: Array, teacher_preact: Array,
   return jnp.mean(loss)
 
 
-def vid(student_mean: Array, teacher_feature: Array, log_scale: Array,
-        eps: float = 1e-5) -> Array:
+def vid(student_mean: Array, teacher_feature: Array, log_scale: Array, eps: float = 1e-5) -> Array:
   """Variational information distillation: Gaussian negative log-likelihood.
 
   σ²_c = softplus(log_scale_c) + eps (one variance per channel);
@@ -336,14 +321,12 @@ def vid(student_mean: Array, teacher_feature: Array, log_scale: Array,
   Returns:
     float32 scalar.
   """
-  _checks.check_same_batch(student_mean, teacher_feature, "student_mean",
-                           "teacher_feature")
+  _checks.check_same_batch(student_mean, teacher_feature, "student_mean", "teacher_feature")
   mu, t = _checks.as_f32(student_mean), _checks.as_f32(teacher_feature)
   if mu.shape != t.shape and mu.ndim == 4 and t.ndim == 4:
     mu, t = pool_to_match(mu, t, "student_mean", "teacher_feature")
   _checks.check_same_shape(mu, t, "student_mean", "teacher_feature")
   _checks.check_rank(log_scale, "log_scale", 1)
-  _checks.check_dim(log_scale, 0, t.shape[-1], "log_scale",
-                    "the channel count of teacher_feature")
+  _checks.check_dim(log_scale, 0, t.shape[-1], "log_scale", "the channel count of teacher_feature")
   var = jax.nn.softplus(_checks.as_f32(log_scale)) + eps
   return jnp.mean(0.5 * ((mu - t) ** 2 / var + jnp.log(var)))

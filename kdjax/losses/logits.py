@@ -20,8 +20,7 @@ def _kl_from_logprobs(logp: Array, logq: Array) -> Array:
   return jnp.sum(p * (logp - logq), axis=-1)
 
 
-def kd(student_logits: Array, teacher_logits: Array,
-       temperature: float = 4.0, *, per_example: bool = False) -> Array:
+def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0, *, per_example: bool = False) -> Array:
   """Hinton knowledge distillation: temperature-softened KL, scaled by T².
 
   loss = T² · mean_b KL(softmax(t_b/T) ‖ softmax(s_b/T))
@@ -46,8 +45,7 @@ def kd(student_logits: Array, teacher_logits: Array,
     with ``per_example=True``.
   """
   _checks.check_min_rank(student_logits, "student_logits", 2)
-  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
-                           "teacher_logits")
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   _checks.check_positive(temperature, "temperature")
   t = jnp.asarray(temperature, jnp.float32)
   log_ps = jax.nn.log_softmax(_checks.as_f32(student_logits) / t, axis=-1)
@@ -76,9 +74,16 @@ def _binary_and_nontarget(logits: Array, gt: Array):
   return log_p_gt, log_p_other, jnp.where(gt, 0.0, log_p_hat)
 
 
-def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
-        alpha: float = 1.0, beta: float | Array = 8.0,
-        temperature: float = 4.0, *, per_example: bool = False) -> Array:
+def dkd(
+  student_logits: Array,
+  teacher_logits: Array,
+  labels: Array,
+  alpha: float = 1.0,
+  beta: float | Array = 8.0,
+  temperature: float = 4.0,
+  *,
+  per_example: bool = False,
+) -> Array:
   """Decoupled knowledge distillation: α·TCKD + β·NCKD, each scaled by T².
 
   With p = softmax(z/T), gt the label and p̂ the softmax over the
@@ -111,20 +116,14 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
     float32 scalar, or ``(B,)`` with ``per_example=True``.
   """
   _checks.check_rank(student_logits, "student_logits", 2)
-  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
-                           "teacher_logits")
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   bsz, num_classes = jnp.shape(student_logits)
   if num_classes < 2:
-    raise ValueError(
-        f"student_logits must have at least 2 classes for dkd, got shape "
-        f"{jnp.shape(student_logits)}.")
+    raise ValueError(f"student_logits must have at least 2 classes for dkd, got shape {jnp.shape(student_logits)}.")
   _checks.check_labels(labels, (bsz,), num_classes, "labels")
   _checks.check_positive(temperature, "temperature")
-  if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1
-                                      and jnp.shape(beta)[0] != bsz):
-    raise ValueError(
-        f"beta must be a scalar or have shape ({bsz},), got shape "
-        f"{jnp.shape(beta)}.")
+  if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1 and jnp.shape(beta)[0] != bsz):
+    raise ValueError(f"beta must be a scalar or have shape ({bsz},), got shape {jnp.shape(beta)}.")
   t = jnp.asarray(temperature, jnp.float32)
   zs = _checks.as_f32(student_logits) / t
   zt = _checks.as_f32(teacher_logits) / t
@@ -133,8 +132,7 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array,
   s_gt, s_other, s_hat = _binary_and_nontarget(zs, gt)
   t_gt, t_other, t_hat = _binary_and_nontarget(zt, gt)
 
-  tckd = (jnp.exp(t_gt) * (t_gt - s_gt)
-          + jnp.exp(t_other) * (t_other - s_other))
+  tckd = jnp.exp(t_gt) * (t_gt - s_gt) + jnp.exp(t_other) * (t_other - s_other)
   nckd_terms = jnp.where(gt, 0.0, jnp.exp(t_hat) * (t_hat - s_hat))
   nckd = jnp.sum(nckd_terms, axis=-1)
   a = jnp.asarray(alpha, jnp.float32)
@@ -158,8 +156,9 @@ def _pearson_rows(a: Array, b: Array, eps: float = 1e-8) -> Array:
   return num / (_safe_norm(a, 1) * _safe_norm(b, 1) + eps)
 
 
-def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
-         gamma: float = 1.0, temperature: float = 1.0) -> Array:
+def dist(
+  student_logits: Array, teacher_logits: Array, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0
+) -> Array:
   """DIST: match inter- and intra-class Pearson correlations of predictions.
 
   With Y_s = softmax(s/T), Y_t = softmax(t/T) (both ``(B, C)``) and ρ the
@@ -190,16 +189,14 @@ def dist(student_logits: Array, teacher_logits: Array, beta: float = 1.0,
     float32 scalar, or ``(B,)`` with ``per_example=True``.
   """
   _checks.check_rank(student_logits, "student_logits", 2)
-  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
-                           "teacher_logits")
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   _checks.check_positive(temperature, "temperature")
   t = jnp.asarray(temperature, jnp.float32)
   ys = jax.nn.softmax(_checks.as_f32(student_logits) / t, axis=-1)
   yt = jax.nn.softmax(_checks.as_f32(teacher_logits) / t, axis=-1)
   inter = 1.0 - jnp.mean(_pearson_rows(ys, yt))
   intra = 1.0 - jnp.mean(_pearson_rows(ys.T, yt.T))
-  return t**2 * (jnp.asarray(beta, jnp.float32) * inter
-                 + jnp.asarray(gamma, jnp.float32) * intra)
+  return t**2 * (jnp.asarray(beta, jnp.float32) * inter + jnp.asarray(gamma, jnp.float32) * intra)
 
 
 __all__ = ["kd", "dkd", "dist"]

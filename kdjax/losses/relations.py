@@ -18,8 +18,7 @@ def _flat_pair(s: Array, t: Array, name_s: str, name_t: str):
   _checks.check_min_rank(t, name_t, 2)
   _checks.check_same_batch(s, t, name_s, name_t)
   bsz = s.shape[0]
-  return (_checks.as_f32(s).reshape(bsz, -1),
-          _checks.as_f32(t).reshape(bsz, -1))
+  return (_checks.as_f32(s).reshape(bsz, -1), _checks.as_f32(t).reshape(bsz, -1))
 
 
 def _safe_sqrt(x: Array) -> Array:
@@ -61,8 +60,9 @@ def _smooth_l1(x: Array, y: Array) -> Array:
   return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
 
 
-def rkd(student_embedding: Array, teacher_embedding: Array,
-        distance_weight: float = 25.0, angle_weight: float = 50.0) -> Array:
+def rkd(
+  student_embedding: Array, teacher_embedding: Array, distance_weight: float = 25.0, angle_weight: float = 50.0
+) -> Array:
   """Relational KD: match normalised pairwise distances and triplet angles.
 
   ψ_D(i, j) = ‖e_i − e_j‖ / μ, μ = mean of the B·(B−1) off-diagonal
@@ -91,13 +91,11 @@ def rkd(student_embedding: Array, teacher_embedding: Array,
   Returns:
     float32 scalar.
   """
-  s, t = _flat_pair(student_embedding, teacher_embedding,
-                    "student_embedding", "teacher_embedding")
+  s, t = _flat_pair(student_embedding, teacher_embedding, "student_embedding", "teacher_embedding")
   t = jax.lax.stop_gradient(t)
   loss_d = _smooth_l1(_normalized_distance(s), _normalized_distance(t))
   loss_a = _smooth_l1(_angles(s), _angles(t))
-  return (jnp.asarray(distance_weight, jnp.float32) * loss_d
-          + jnp.asarray(angle_weight, jnp.float32) * loss_a)
+  return jnp.asarray(distance_weight, jnp.float32) * loss_d + jnp.asarray(angle_weight, jnp.float32) * loss_a
 
 
 def _pkt_probs(e: Array, eps: float) -> Array:
@@ -106,8 +104,7 @@ def _pkt_probs(e: Array, eps: float) -> Array:
   return k / jnp.sum(k, axis=1, keepdims=True)
 
 
-def pkt(student_embedding: Array, teacher_embedding: Array,
-        eps: float = 1e-7) -> Array:
+def pkt(student_embedding: Array, teacher_embedding: Array, eps: float = 1e-7) -> Array:
   """Probabilistic knowledge transfer: match cosine-kernel neighbour laws.
 
   Rows are L2-normalised (x / (‖x‖ + eps)); K = (cos + 1)/2 ``(B, B)``;
@@ -131,15 +128,13 @@ def pkt(student_embedding: Array, teacher_embedding: Array,
   Returns:
     float32 scalar.
   """
-  s, t = _flat_pair(student_embedding, teacher_embedding,
-                    "student_embedding", "teacher_embedding")
+  s, t = _flat_pair(student_embedding, teacher_embedding, "student_embedding", "teacher_embedding")
   ps = _pkt_probs(s, eps)
   pt = _pkt_probs(t, eps)
   return jnp.mean(pt * (jnp.log(pt + eps) - jnp.log(ps + eps)))
 
 
-def correlation_congruence(student_embedding: Array,
-                           teacher_embedding: Array) -> Array:
+def correlation_congruence(student_embedding: Array, teacher_embedding: Array) -> Array:
   """Correlation congruence, as in the CC authors' reference code.
 
   δ_i = |e_s,i − e_t,i| ``(B, D)``; loss = mean_{i<B−1} Σ_d δ_i,d · δ_{i+1},d
@@ -158,12 +153,10 @@ def correlation_congruence(student_embedding: Array,
   """
   _checks.check_rank(student_embedding, "student_embedding", 2)
   _checks.check_rank(teacher_embedding, "teacher_embedding", 2)
-  _checks.check_same_shape(student_embedding, teacher_embedding,
-                           "student_embedding", "teacher_embedding")
+  _checks.check_same_shape(student_embedding, teacher_embedding, "student_embedding", "teacher_embedding")
   if student_embedding.shape[0] < 2:
     raise ValueError(
-        "student_embedding needs a batch of at least 2 for "
-        f"correlation_congruence, got shape {student_embedding.shape}.")
-  delta = jnp.abs(_checks.as_f32(student_embedding)
-                  - _checks.as_f32(teacher_embedding))
+      f"student_embedding needs a batch of at least 2 for correlation_congruence, got shape {student_embedding.shape}."
+    )
+  delta = jnp.abs(_checks.as_f32(student_embedding) - _checks.as_f32(teacher_embedding))
   return jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=1))

@@ -33,12 +33,10 @@ Array = jax.Array
 # Validation and reduction helpers.
 
 
-def _check_token_pair(student_logits: Array, teacher_logits: Array,
-                      mask: Array | None) -> None:
+def _check_token_pair(student_logits: Array, teacher_logits: Array, mask: Array | None) -> None:
   _checks.check_rank(student_logits, "student_logits", 3)
   _checks.check_rank(teacher_logits, "teacher_logits", 3)
-  _checks.check_same_shape(student_logits, teacher_logits, "student_logits",
-                           "teacher_logits")
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   _checks.check_mask(mask, student_logits.shape[:2], "mask")
 
 
@@ -76,8 +74,7 @@ def _tok_reverse_kl(s: Array, t: Array, temperature: Any = 1.0) -> Array:
   return _kl(_log_probs(s, temperature), _log_probs(t, temperature))
 
 
-def _tok_generalized_jsd(s: Array, t: Array, beta: Any = 0.5,
-                         temperature: Any = 1.0) -> Array:
+def _tok_generalized_jsd(s: Array, t: Array, beta: Any = 0.5, temperature: Any = 1.0) -> Array:
   log_ps = _log_probs(s, temperature)
   log_pt = _log_probs(t, temperature)
   b = _checks.concrete_value(beta)
@@ -93,8 +90,7 @@ def _tok_generalized_jsd(s: Array, t: Array, beta: Any = 0.5,
   beta_f = jnp.asarray(beta, jnp.float32)
   log_m = jnp.logaddexp(jnp.log1p(-beta_f) + log_ps, jnp.log(beta_f) + log_pt)
   jsd = beta_f * _kl(log_pt, log_m) + (1.0 - beta_f) * _kl(log_ps, log_m)
-  jsd = jnp.where(beta_f == 0.0, _kl(log_pt, log_ps),
-                  jnp.where(beta_f == 1.0, _kl(log_ps, log_pt), jsd))
+  jsd = jnp.where(beta_f == 0.0, _kl(log_pt, log_ps), jnp.where(beta_f == 1.0, _kl(log_ps, log_pt), jsd))
   return jsd
 
 
@@ -114,11 +110,11 @@ def _tok_skew_kl(s: Array, t: Array, alpha: Any = 0.1, temperature: Any = 1.0, r
 
 
 _PER_TOKEN: dict[str, Callable[..., Array]] = {
-    "forward_kl": _tok_forward_kl,
-    "reverse_kl": _tok_reverse_kl,
-    "generalized_jsd": _tok_generalized_jsd,
-    "tvd": _tok_tvd,
-    "skew_kl": _tok_skew_kl,
+  "forward_kl": _tok_forward_kl,
+  "reverse_kl": _tok_reverse_kl,
+  "generalized_jsd": _tok_generalized_jsd,
+  "tvd": _tok_tvd,
+  "skew_kl": _tok_skew_kl,
 }
 
 
@@ -126,8 +122,9 @@ _PER_TOKEN: dict[str, Callable[..., Array]] = {
 # Public losses.
 
 
-def forward_kl(student_logits: Array, teacher_logits: Array,
-               mask: Array | None = None, temperature: float = 1.0) -> Array:
+def forward_kl(
+  student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0
+) -> Array:
   """Token-level forward KL: KL(teacher ‖ student), masked mean over tokens.
 
   ℓ_{b,l} = Σ_v p_T,v (log p_T,v − log p_S,v), p = softmax(logits/T).
@@ -144,12 +141,12 @@ def forward_kl(student_logits: Array, teacher_logits: Array,
   """
   _check_token_pair(student_logits, teacher_logits, mask)
   _checks.check_positive(temperature, "temperature")
-  return _masked_mean(
-      _tok_forward_kl(student_logits, teacher_logits, temperature), mask)
+  return _masked_mean(_tok_forward_kl(student_logits, teacher_logits, temperature), mask)
 
 
-def reverse_kl(student_logits: Array, teacher_logits: Array,
-               mask: Array | None = None, temperature: float = 1.0) -> Array:
+def reverse_kl(
+  student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0
+) -> Array:
   """Token-level reverse KL: KL(student ‖ teacher), masked mean over tokens.
 
   ℓ_{b,l} = Σ_v p_S,v (log p_S,v − log p_T,v), p = softmax(logits/T).
@@ -167,13 +164,12 @@ def reverse_kl(student_logits: Array, teacher_logits: Array,
   """
   _check_token_pair(student_logits, teacher_logits, mask)
   _checks.check_positive(temperature, "temperature")
-  return _masked_mean(
-      _tok_reverse_kl(student_logits, teacher_logits, temperature), mask)
+  return _masked_mean(_tok_reverse_kl(student_logits, teacher_logits, temperature), mask)
 
 
-def generalized_jsd(student_logits: Array, teacher_logits: Array,
-                    beta: float = 0.5, mask: Array | None = None,
-                    temperature: float = 1.0) -> Array:
+def generalized_jsd(
+  student_logits: Array, teacher_logits: Array, beta: float = 0.5, mask: Array | None = None, temperature: float = 1.0
+) -> Array:
   """Generalized Jensen–Shannon divergence of GKD (TRL convention).
 
   With M = (1 − β)·p_S + β·p_T (log M computed as
@@ -205,13 +201,10 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array,
   _check_token_pair(student_logits, teacher_logits, mask)
   _checks.check_positive(temperature, "temperature")
   _checks.check_in_unit_interval(beta, "beta")
-  return _masked_mean(
-      _tok_generalized_jsd(student_logits, teacher_logits, beta,
-                           temperature), mask)
+  return _masked_mean(_tok_generalized_jsd(student_logits, teacher_logits, beta, temperature), mask)
 
 
-def tvd(student_logits: Array, teacher_logits: Array,
-        mask: Array | None = None, temperature: float = 1.0) -> Array:
+def tvd(student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0) -> Array:
   """Token-level total variation distance, masked mean over tokens.
 
   ℓ_{b,l} = ½ Σ_v |p_T,v − p_S,v| ∈ [0, 1] (symmetric).
@@ -227,12 +220,17 @@ def tvd(student_logits: Array, teacher_logits: Array,
   """
   _check_token_pair(student_logits, teacher_logits, mask)
   _checks.check_positive(temperature, "temperature")
-  return _masked_mean(_tok_tvd(student_logits, teacher_logits, temperature),
-                      mask)
+  return _masked_mean(_tok_tvd(student_logits, teacher_logits, temperature), mask)
 
 
-def skew_kl(student_logits: Array, teacher_logits: Array, alpha: float = 0.1, mask: Array | None = None,
-            temperature: float = 1.0, reverse: bool = False) -> Array:
+def skew_kl(
+  student_logits: Array,
+  teacher_logits: Array,
+  alpha: float = 0.1,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+  reverse: bool = False,
+) -> Array:
   """Skew KL divergence of DistiLLM, masked mean over tokens.
 
     skew forward KL:  ℓ = KL(p_T ‖ α·p_T + (1 − α)·p_S),
@@ -265,8 +263,7 @@ def skew_kl(student_logits: Array, teacher_logits: Array, alpha: float = 0.1, ma
   return _masked_mean(_tok_skew_kl(student_logits, teacher_logits, alpha, temperature, reverse), mask)
 
 
-def teacher_topk(teacher_logits: Array, k: int,
-                 temperature: float = 1.0) -> tuple[Array, Array]:
+def teacher_topk(teacher_logits: Array, k: int, temperature: float = 1.0) -> tuple[Array, Array]:
   """The teacher's top-k log-probabilities and token ids (for caching).
 
   Log-probs are log_softmax(teacher_logits/T) over the *full* vocabulary,
@@ -291,9 +288,13 @@ def teacher_topk(teacher_logits: Array, k: int,
   return vals, idx.astype(jnp.int32)
 
 
-def sparse_kl(student_logits: Array, teacher_topk_logprobs: Array,
-              teacher_topk_indices: Array, mask: Array | None = None,
-              temperature: float = 1.0) -> Array:
+def sparse_kl(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+) -> Array:
   """Forward KL restricted to the teacher's cached top-k tokens.
 
   ℓ_{b,l} = Σ_k p_T,k · (log p_T,k − log p_S,k), with log p_T,k the given
@@ -316,20 +317,20 @@ def sparse_kl(student_logits: Array, teacher_topk_logprobs: Array,
   """
   _checks.check_rank(student_logits, "student_logits", 3)
   _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
-  _checks.check_same_batch(student_logits, teacher_topk_logprobs,
-                           "student_logits", "teacher_topk_logprobs")
+  _checks.check_same_batch(student_logits, teacher_topk_logprobs, "student_logits", "teacher_topk_logprobs")
   if teacher_topk_logprobs.shape[:2] != student_logits.shape[:2]:
     raise ValueError(
-        "teacher_topk_logprobs must have shape (B, L, K) matching "
-        f"student_logits {student_logits.shape}, got "
-        f"{teacher_topk_logprobs.shape}.")
+      "teacher_topk_logprobs must have shape (B, L, K) matching "
+      f"student_logits {student_logits.shape}, got "
+      f"{teacher_topk_logprobs.shape}."
+    )
   if jnp.shape(teacher_topk_indices) != teacher_topk_logprobs.shape:
     raise ValueError(
-        "teacher_topk_indices must have the shape of teacher_topk_logprobs "
-        f"{teacher_topk_logprobs.shape}, got "
-        f"{jnp.shape(teacher_topk_indices)}.")
-  _checks.check_indices(teacher_topk_indices, student_logits.shape[-1],
-                        "teacher_topk_indices")
+      "teacher_topk_indices must have the shape of teacher_topk_logprobs "
+      f"{teacher_topk_logprobs.shape}, got "
+      f"{jnp.shape(teacher_topk_indices)}."
+    )
+  _checks.check_indices(teacher_topk_indices, student_logits.shape[-1], "teacher_topk_indices")
   _checks.check_mask(mask, student_logits.shape[:2], "mask")
   _checks.check_positive(temperature, "temperature")
   log_ps = _log_probs(student_logits, temperature)
@@ -360,15 +361,15 @@ def sparse_kl(student_logits: Array, teacher_topk_logprobs: Array,
 _TAIL_FLOOR = 1e-12  # smallest teacher tail mass (float16 top-k can sum past 1)
 
 
-def _check_topk(teacher_topk_logprobs: Array, teacher_topk_indices: Array,
-                vocab_size: int) -> int:
+def _check_topk(teacher_topk_logprobs: Array, teacher_topk_indices: Array, vocab_size: int) -> int:
   lp_shape = jnp.shape(teacher_topk_logprobs)
   if len(lp_shape) < 1:
     raise ValueError("teacher_topk_logprobs must have shape (..., k), got a scalar.")
   if jnp.shape(teacher_topk_indices) != lp_shape:
     raise ValueError(
-        "teacher_topk_indices must have the shape of teacher_topk_logprobs "
-        f"{lp_shape}, got {jnp.shape(teacher_topk_indices)}.")
+      "teacher_topk_indices must have the shape of teacher_topk_logprobs "
+      f"{lp_shape}, got {jnp.shape(teacher_topk_indices)}."
+    )
   k = lp_shape[-1]
   if not 1 <= k <= vocab_size:
     raise ValueError(f"top-k size k={k} must lie in [1, vocab_size={vocab_size}].")
@@ -382,8 +383,7 @@ def _teacher_tail_logmass(log_pt_k: Array) -> Array:
   return jnp.log(jnp.maximum(1.0 - mass, _TAIL_FLOOR))
 
 
-def topk_to_logits(teacher_topk_logprobs: Array, teacher_topk_indices: Array,
-                   vocab_size: int) -> Array:
+def topk_to_logits(teacher_topk_logprobs: Array, teacher_topk_indices: Array, vocab_size: int) -> Array:
   """Dense teacher log-probabilities from a top-k cache (tail spread evenly).
 
   z_v = a_j where v = i_j, else u = log(r / (V − k)) with
@@ -412,9 +412,9 @@ def topk_to_logits(teacher_topk_logprobs: Array, teacher_topk_indices: Array,
   return jnp.put_along_axis(dense, idx, lp, axis=-1, inplace=False)
 
 
-def topk_buckets(student_logits: Array, teacher_topk_logprobs: Array,
-                 teacher_topk_indices: Array, temperature: Any = 1.0
-                 ) -> tuple[Array, Array]:
+def topk_buckets(
+  student_logits: Array, teacher_topk_logprobs: Array, teacher_topk_indices: Array, temperature: Any = 1.0
+) -> tuple[Array, Array]:
   """Student and teacher log-probabilities on the teacher's top-k partition.
 
   Buckets are the k cached tokens plus one bucket for the rest of the
@@ -442,8 +442,9 @@ def topk_buckets(student_logits: Array, teacher_topk_logprobs: Array,
   k = _check_topk(teacher_topk_logprobs, teacher_topk_indices, vocab)
   if jnp.shape(teacher_topk_logprobs)[:-1] != jnp.shape(student_logits)[:-1]:
     raise ValueError(
-        f"teacher_topk_logprobs {jnp.shape(teacher_topk_logprobs)} and student_logits "
-        f"{jnp.shape(student_logits)} must agree on every axis but the last.")
+      f"teacher_topk_logprobs {jnp.shape(teacher_topk_logprobs)} and student_logits "
+      f"{jnp.shape(student_logits)} must agree on every axis but the last."
+    )
   t = jnp.asarray(temperature, jnp.float32)
   idx = jnp.asarray(teacher_topk_indices, jnp.int32)
   # log p_S = z/T − lse(z/T), never materialised over the vocabulary: gather
@@ -466,19 +467,21 @@ def topk_buckets(student_logits: Array, teacher_topk_logprobs: Array,
   return jnp.concatenate([s_top, s_tail], axis=-1), teacher
 
 
-def _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices,
-               mask, temperature):
+def _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature):
   _checks.check_rank(student_logits, "student_logits", 3)
   _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
   _checks.check_mask(mask, jnp.shape(student_logits)[:2], "mask")
   _checks.check_positive(temperature, "temperature")
-  return topk_buckets(student_logits, teacher_topk_logprobs,
-                      teacher_topk_indices, temperature)
+  return topk_buckets(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature)
 
 
-def topk_forward_kl(student_logits: Array, teacher_topk_logprobs: Array,
-                    teacher_topk_indices: Array, mask: Array | None = None,
-                    temperature: float = 1.0) -> Array:
+def topk_forward_kl(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+) -> Array:
   """:func:`forward_kl` from a top-k teacher: KL(teacher ‖ student) on buckets.
 
   ℓ_{b,l} = Σ_j P_T,j (log P_T,j − log P_S,j) over the k + 1 buckets of
@@ -501,9 +504,13 @@ def topk_forward_kl(student_logits: Array, teacher_topk_logprobs: Array,
   return _masked_mean(_kl(lt, ls), mask)
 
 
-def topk_reverse_kl(student_logits: Array, teacher_topk_logprobs: Array,
-                    teacher_topk_indices: Array, mask: Array | None = None,
-                    temperature: float = 1.0) -> Array:
+def topk_reverse_kl(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+) -> Array:
   """:func:`reverse_kl` from a top-k teacher: KL(student ‖ teacher) on buckets.
 
   ℓ_{b,l} = Σ_j P_S,j (log P_S,j − log P_T,j) over the buckets of
@@ -523,10 +530,14 @@ def topk_reverse_kl(student_logits: Array, teacher_topk_logprobs: Array,
   return _masked_mean(_kl(ls, lt), mask)
 
 
-def topk_generalized_jsd(student_logits: Array, teacher_topk_logprobs: Array,
-                         teacher_topk_indices: Array, beta: float = 0.5,
-                         mask: Array | None = None,
-                         temperature: float = 1.0) -> Array:
+def topk_generalized_jsd(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  beta: float = 0.5,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+) -> Array:
   """:func:`generalized_jsd` (GKD, TRL's β) from a top-k teacher, on buckets.
 
   β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M), M = (1 − β)·P_S + β·P_T,
@@ -550,9 +561,13 @@ def topk_generalized_jsd(student_logits: Array, teacher_topk_logprobs: Array,
   return _masked_mean(_tok_generalized_jsd(ls, lt, beta, 1.0), mask)
 
 
-def topk_tvd(student_logits: Array, teacher_topk_logprobs: Array,
-             teacher_topk_indices: Array, mask: Array | None = None,
-             temperature: float = 1.0) -> Array:
+def topk_tvd(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+) -> Array:
   """:func:`tvd` from a top-k teacher: ½ Σ_j |P_T,j − P_S,j| on buckets.
 
   Exact when k = V; ≤ the full TVD at T = 1.
@@ -571,9 +586,15 @@ def topk_tvd(student_logits: Array, teacher_topk_logprobs: Array,
   return _masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1), mask)
 
 
-def topk_skew_kl(student_logits: Array, teacher_topk_logprobs: Array,
-                 teacher_topk_indices: Array, alpha: float = 0.1, mask: Array | None = None,
-                 temperature: float = 1.0, reverse: bool = False) -> Array:
+def topk_skew_kl(
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  alpha: float = 0.1,
+  mask: Array | None = None,
+  temperature: float = 1.0,
+  reverse: bool = False,
+) -> Array:
   """:func:`skew_kl` (DistiLLM) from a top-k teacher, on the buckets of :func:`topk_buckets`.
 
   KL(P_T ‖ α·P_T + (1 − α)·P_S) (or the skew reverse KL) over the k + 1
@@ -600,15 +621,17 @@ def topk_skew_kl(student_logits: Array, teacher_topk_logprobs: Array,
 # Chunked evaluation.
 
 
-def chunked_token_loss(loss: str | Callable[..., Array],
-                       student_logits: Array | None,
-                       teacher_logits: Array,
-                       mask: Array | None = None,
-                       *,
-                       chunk_size: int = 128,
-                       student_hidden: Array | None = None,
-                       unembedding: Array | None = None,
-                       **kwargs: Any) -> Array:
+def chunked_token_loss(
+  loss: str | Callable[..., Array],
+  student_logits: Array | None,
+  teacher_logits: Array,
+  mask: Array | None = None,
+  *,
+  chunk_size: int = 128,
+  student_hidden: Array | None = None,
+  unembedding: Array | None = None,
+  **kwargs: Any,
+) -> Array:
   """A token loss evaluated chunk by chunk along the sequence axis.
 
   Gives the same value as the unchunked loss (e.g. ``forward_kl``) but runs
@@ -638,9 +661,7 @@ def chunked_token_loss(loss: str | Callable[..., Array],
   """
   if isinstance(loss, str):
     if loss not in _PER_TOKEN:
-      raise ValueError(
-          f"loss must be one of {sorted(_PER_TOKEN)} or a callable, got "
-          f"{loss!r}.")
+      raise ValueError(f"loss must be one of {sorted(_PER_TOKEN)} or a callable, got {loss!r}.")
     if "temperature" in kwargs:
       _checks.check_positive(kwargs["temperature"], "temperature")
     if loss == "generalized_jsd" and "beta" in kwargs:
@@ -656,23 +677,20 @@ def chunked_token_loss(loss: str | Callable[..., Array],
   _checks.check_rank(teacher_logits, "teacher_logits", 3)
   if student_logits is None:
     if student_hidden is None or unembedding is None:
-      raise ValueError(
-          "student_logits is None: pass student_hidden (B, L, D) and "
-          "unembedding (D, V) instead.")
+      raise ValueError("student_logits is None: pass student_hidden (B, L, D) and unembedding (D, V) instead.")
     _checks.check_rank(student_hidden, "student_hidden", 3)
     _checks.check_rank(unembedding, "unembedding", 2)
     if student_hidden.shape[:2] != teacher_logits.shape[:2]:
-      _checks.check_same_batch(student_hidden, teacher_logits,
-                               "student_hidden", "teacher_logits")
+      _checks.check_same_batch(student_hidden, teacher_logits, "student_hidden", "teacher_logits")
       raise ValueError(
-          f"student_hidden {student_hidden.shape} and teacher_logits "
-          f"{teacher_logits.shape} must agree on (B, L).")
-    if unembedding.shape != (student_hidden.shape[-1],
-                             teacher_logits.shape[-1]):
+        f"student_hidden {student_hidden.shape} and teacher_logits {teacher_logits.shape} must agree on (B, L)."
+      )
+    if unembedding.shape != (student_hidden.shape[-1], teacher_logits.shape[-1]):
       raise ValueError(
-          f"unembedding must have shape (D, V) = "
-          f"{(student_hidden.shape[-1], teacher_logits.shape[-1])}, got "
-          f"{unembedding.shape}.")
+        f"unembedding must have shape (D, V) = "
+        f"{(student_hidden.shape[-1], teacher_logits.shape[-1])}, got "
+        f"{unembedding.shape}."
+      )
     student_src = student_hidden
   else:
     _check_token_pair(student_logits, teacher_logits, None)
@@ -695,17 +713,14 @@ def chunked_token_loss(loss: str | Callable[..., Array],
   # (slicing outside would save a stacked copy of every chunk).
   @jax.checkpoint
   def step_sum(w, s_all, t_all, m_all, i):
-    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size,
-                                                chunk_size, axis=1)
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size, axis=1)
     return chunk_sum(w, sl(s_all), sl(t_all), sl(m_all))
 
   def body(total, i):
     return total + step_sum(w, student_src, teacher_logits, m, i), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          jnp.arange(n_full))
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n_full))
   if rem:  # one static tail chunk
     tail = slice(n_full * chunk_size, length)
-    total = total + jax.checkpoint(chunk_sum)(
-        w, student_src[:, tail], teacher_logits[:, tail], m[:, tail])
+    total = total + jax.checkpoint(chunk_sum)(w, student_src[:, tail], teacher_logits[:, tail], m[:, tail])
   return total / jnp.maximum(jnp.sum(m), 1.0)

@@ -35,8 +35,10 @@ def align_vocab(student_logits: Array, teacher_logits: Array) -> tuple[Array, Ar
     ``(student_logits, teacher_logits)``, both ``(..., min(V_s, V_t))``.
   """
   if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-    raise ValueError(f"student and teacher logits must agree up to the vocabulary axis, got "
-                     f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    raise ValueError(
+      f"student and teacher logits must agree up to the vocabulary axis, got "
+      f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+    )
   v = min(student_logits.shape[-1], teacher_logits.shape[-1])
   return student_logits[..., :v], teacher_logits[..., :v]
 
@@ -67,8 +69,9 @@ def uld_pairs(student_mask: Array, teacher_mask: Array) -> Array:
   return jnp.sum(jnp.minimum(ns, nt)).astype(jnp.float32)
 
 
-def uld(student_logits: Array, teacher_logits: Array, student_mask: Array, teacher_mask: Array,
-        temperature: float = 1.0) -> Array:
+def uld(
+  student_logits: Array, teacher_logits: Array, student_mask: Array, teacher_mask: Array, temperature: float = 1.0
+) -> Array:
   """Universal Logit Distillation: a distance between next-token distributions over different vocabularies.
 
   The student's and the teacher's response tokens are paired in order (the

@@ -11,5 +11,16 @@ from kdjax.methods.config import MethodConfig
 from kdjax.methods.logit import cross_entropy
 from kdjax.methods.registry import PRESETS, available, available_terms, build
 
-__all__ = ["MethodConfig", "build", "available", "available_terms", "PRESETS", "Method", "Term", "Context", "ModelInfo",
-           "InitInfo", "cross_entropy"]
+__all__ = [
+  "MethodConfig",
+  "build",
+  "available",
+  "available_terms",
+  "PRESETS",
+  "Method",
+  "Term",
+  "Context",
+  "ModelInfo",
+  "InitInfo",
+  "cross_entropy",
+]

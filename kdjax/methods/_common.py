@@ -30,8 +30,10 @@ def stages(info: ModelInfo) -> list[str]:
 
 def need_teacher(term: str, teacher: ModelInfo | None) -> ModelInfo:
   if teacher is None:
-    raise ValueError(f"term {term!r} distils from a teacher's features, but no teacher is configured "
-                     f"(use a distillation mode such as mode='offline')")
+    raise ValueError(
+      f"term {term!r} distils from a teacher's features, but no teacher is configured "
+      f"(use a distillation mode such as mode='offline')"
+    )
   return teacher
 
 
@@ -40,24 +42,28 @@ def common_stages(term: str, student: ModelInfo, teacher: ModelInfo) -> list[str
   s, t = stages(student), stages(teacher)
   common = [n for n in s if n in t]
   if not common:
-    raise ValueError(f"term {term!r} pairs student and teacher stages, but student {student.name!r} exposes "
-                     f"{sorted(student.feature_shapes)} and teacher {teacher.name!r} exposes "
-                     f"{sorted(teacher.feature_shapes)} (no common 'stageK')")
+    raise ValueError(
+      f"term {term!r} pairs student and teacher stages, but student {student.name!r} exposes "
+      f"{sorted(student.feature_shapes)} and teacher {teacher.name!r} exposes "
+      f"{sorted(teacher.feature_shapes)} (no common 'stageK')"
+    )
   return common
 
 
 def last_stage(term: str, info: ModelInfo) -> str:
   s = stages(info)
   if not s:
-    raise ValueError(f"term {term!r} needs a 'stageK' feature, but model {info.name!r} exposes "
-                     f"{sorted(info.feature_shapes)}")
+    raise ValueError(
+      f"term {term!r} needs a 'stageK' feature, but model {info.name!r} exposes {sorted(info.feature_shapes)}"
+    )
   return s[-1]
 
 
 def shape(info: ModelInfo, feature: str, term: str) -> tuple[int, ...]:
   if feature not in info.feature_shapes:
-    raise ValueError(f"term {term!r} needs feature {feature!r}, but model {info.name!r} exposes "
-                     f"{sorted(info.feature_shapes)}")
+    raise ValueError(
+      f"term {term!r} needs feature {feature!r}, but model {info.name!r} exposes {sorted(info.feature_shapes)}"
+    )
   return tuple(info.feature_shapes[feature])
 
 

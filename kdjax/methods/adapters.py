@@ -17,7 +17,7 @@ Layout: images are NHWC, conv kernels HWIO, linear weights ``(in, out)``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,9 @@ def linear_apply(p: Params, x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- conv
 
 
-def conv_init(key: jax.Array, in_ch: int, out_ch: int, kernel: int | tuple[int, int] = 3,
-              bias: bool = True, transpose: bool = False) -> Params:
+def conv_init(
+  key: jax.Array, in_ch: int, out_ch: int, kernel: int | tuple[int, int] = 3, bias: bool = True, transpose: bool = False
+) -> Params:
   """Conv (or transposed conv) kernel ``{"w": (kh, kw, in, out), "b": (out,)}``."""
   kh, kw_ = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
   fan_in = (out_ch if transpose else in_ch) * kh * kw_
@@ -72,8 +73,7 @@ def conv_init(key: jax.Array, in_ch: int, out_ch: int, kernel: int | tuple[int, 
   return p
 
 
-def conv_apply(p: Params, x: jax.Array, stride: int = 1, padding: int = 0,
-               transpose: bool = False) -> jax.Array:
+def conv_apply(p: Params, x: jax.Array, stride: int = 1, padding: int = 0, transpose: bool = False) -> jax.Array:
   """NHWC convolution with PyTorch's ``Conv2d``/``ConvTranspose2d`` geometry.
 
   ``padding`` is PyTorch's integer padding. Regular conv: output size
@@ -89,12 +89,13 @@ def conv_apply(p: Params, x: jax.Array, stride: int = 1, padding: int = 0,
   dn = ("NHWC", "HWIO", "NHWC")
   if transpose:
     pad = ((kh - 1 - padding,) * 2, (kw_ - 1 - padding,) * 2)
-    y = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=pad,
-                                     lhs_dilation=(stride, stride), dimension_numbers=dn)
+    y = jax.lax.conv_general_dilated(
+      x, w, window_strides=(1, 1), padding=pad, lhs_dilation=(stride, stride), dimension_numbers=dn
+    )
   else:
-    y = jax.lax.conv_general_dilated(x, w, window_strides=(stride, stride),
-                                     padding=((padding, padding), (padding, padding)),
-                                     dimension_numbers=dn)
+    y = jax.lax.conv_general_dilated(
+      x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)), dimension_numbers=dn
+    )
   return y + p["b"] if "b" in p else y
 
 
@@ -143,19 +144,24 @@ def conv_reg_geometry(s_shape: Sequence[int], t_shape: Sequence[int]) -> dict:
     return dict(kernel=(4, 4), stride=2, padding=1, transpose=True, in_ch=cs, out_ch=ct)
   if hs >= ht and ws >= wt:
     return dict(kernel=(1 + hs - ht, 1 + ws - wt), stride=1, padding=0, transpose=False, in_ch=cs, out_ch=ct)
-  raise ValueError(f"ConvReg cannot map a student feature of shape {tuple(s_shape)} to a teacher "
-                   f"feature of shape {tuple(t_shape)} (student H must be 2×, ½× or ≥ the teacher's)")
+  raise ValueError(
+    f"ConvReg cannot map a student feature of shape {tuple(s_shape)} to a teacher "
+    f"feature of shape {tuple(t_shape)} (student H must be 2×, ½× or ≥ the teacher's)"
+  )
 
 
 def conv_reg_init(key: jax.Array, s_shape: Sequence[int], t_shape: Sequence[int]) -> Params:
   """Conv + BN parameters of RepDistiller's ``ConvReg`` (shapes ``(H, W, C)``)."""
   g = conv_reg_geometry(s_shape, t_shape)
-  return {"conv": conv_init(key, g["in_ch"], g["out_ch"], g["kernel"], transpose=g["transpose"]),
-          "bn": batchnorm_init(g["out_ch"])}
+  return {
+    "conv": conv_init(key, g["in_ch"], g["out_ch"], g["kernel"], transpose=g["transpose"]),
+    "bn": batchnorm_init(g["out_ch"]),
+  }
 
 
-def conv_reg_apply(p: Params, x: jax.Array, s_shape: Sequence[int], t_shape: Sequence[int],
-                   relu: bool = True) -> jax.Array:
+def conv_reg_apply(
+  p: Params, x: jax.Array, s_shape: Sequence[int], t_shape: Sequence[int], relu: bool = True
+) -> jax.Array:
   """conv → train-mode BN (→ ReLU): student ``(B, *s_shape)`` to ``(B, *t_shape)``."""
   g = conv_reg_geometry(s_shape, t_shape)
   y = batchnorm_apply(p["bn"], conv_apply(p["conv"], x, g["stride"], g["padding"], g["transpose"]))

@@ -18,7 +18,8 @@ Methods never touch the model or optimizer: the engine owns those.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,8 @@ class InitInfo:
 
 InitFn = Callable[[jax.Array, ModelOutput, ModelOutput | None, InitInfo], tuple[PyTree, PyTree]]
 ApplyFn = Callable[
-    [PyTree, PyTree, ModelOutput, ModelOutput | None, dict[str, jax.Array], Context],
-    tuple[jax.Array, PyTree, dict[str, jax.Array]],
+  [PyTree, PyTree, ModelOutput, ModelOutput | None, dict[str, jax.Array], Context],
+  tuple[jax.Array, PyTree, dict[str, jax.Array]],
 ]
 
 
@@ -168,8 +169,8 @@ class Method:
       for f in t.student_features:
         if f not in student.feature_shapes:
           raise ValueError(
-              f"method {self.name!r} (term {t.name!r}) needs student feature {f!r}, "
-              f"but model {student.name!r} exposes {sorted(student.feature_shapes)}"
+            f"method {self.name!r} (term {t.name!r}) needs student feature {f!r}, "
+            f"but model {student.name!r} exposes {sorted(student.feature_shapes)}"
           )
       if t.needs_teacher and teacher is None:
         raise ValueError(f"method {self.name!r} (term {t.name!r}) needs a teacher, but none is configured")
@@ -177,16 +178,16 @@ class Method:
         for f in t.teacher_features:
           if f not in teacher.feature_shapes:
             raise ValueError(
-                f"method {self.name!r} (term {t.name!r}) needs teacher feature {f!r}, "
-                f"but model {teacher.name!r} exposes {sorted(teacher.feature_shapes)}"
+              f"method {self.name!r} (term {t.name!r}) needs teacher feature {f!r}, "
+              f"but model {teacher.name!r} exposes {sorted(teacher.feature_shapes)}"
             )
     same_vocab = any(t.needs_teacher and not t.any_vocab for t in self.terms)
     if teacher is not None and same_vocab and student.num_classes != teacher.num_classes:
       raise ValueError(
-          f"teacher {teacher.name!r} has {teacher.num_classes} classes but student "
-          f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r} (a language "
-          f"model teacher of the student's tokenizer with a padded vocabulary: load it with "
-          f"from_pretrained(..., vocab_size={student.num_classes}); another tokenizer: method 'uld')"
+        f"teacher {teacher.name!r} has {teacher.num_classes} classes but student "
+        f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r} (a language "
+        f"model teacher of the student's tokenizer with a padded vocabulary: load it with "
+        f"from_pretrained(..., vocab_size={student.num_classes}); another tokenizer: method 'uld')"
       )
 
   def init(self, key, student_out, teacher_out, info: InitInfo) -> tuple[dict, dict]:

@@ -39,8 +39,9 @@ def make_crd(name, weight, cfg, student, teacher):
 
   def init(key, s_out, t_out, info):
     if info.num_examples < 2:
-      raise ValueError(f"term {name!r} needs a training set of ≥ 2 examples for negatives, "
-                       f"got num_examples={info.num_examples}")
+      raise ValueError(
+        f"term {name!r} needs a training set of ≥ 2 examples for negatives, got num_examples={info.num_examples}"
+      )
     kp, ks, kb = jax.random.split(key, 3)
     params = {"student": A.linear_init(kp, ds, dim), "teacher": A.linear_init(ks, dt, dim)}
     return params, kdl.crd_init(kb, info.num_examples, dim)

@@ -32,8 +32,9 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
   layer = opt(cfg.hint_layer, "stage2")
   s_shape, t_shape = shape(student, layer, name), shape(teacher, layer, name)
   if len(s_shape) != 3 or len(t_shape) != 3:
-    raise ValueError(f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, got student "
-                     f"{s_shape} and teacher {t_shape}")
+    raise ValueError(
+      f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, got student {s_shape} and teacher {t_shape}"
+    )
   A.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
 
   def init(key, s_out, t_out, info):
@@ -43,8 +44,9 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
     fs = A.conv_reg_apply(params, _f(s_out, layer), s_shape, t_shape)
     return kdl.hint(fs, stop(_f(t_out, layer))), state, {}
 
-  return (Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage,
-               params_from=params_from),)
+  return (
+    Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage, params_from=params_from),
+  )
 
 
 def make_hint(name, weight, cfg, student, teacher):
@@ -76,8 +78,7 @@ def make_at(name, weight, cfg, student, teacher):
     loss = sum(kdl.attention_transfer(_f(s_out, l), stop(_f(t_out, l)), p=2) for l in layers)
     return loss, state, {}
 
-  return (Term(name, weight, apply, student_features=layers, teacher_features=layers,
-               needs_logits_only=False),)
+  return (Term(name, weight, apply, student_features=layers, teacher_features=layers, needs_logits_only=False),)
 
 
 def make_nst(name, weight, cfg, student, teacher):
@@ -90,8 +91,7 @@ def make_nst(name, weight, cfg, student, teacher):
   def apply(params, state, s_out, t_out, batch, ctx):
     return sum(kdl.nst(_f(s_out, l), stop(_f(t_out, l))) for l in layers), state, {}
 
-  return (Term(name, weight, apply, student_features=layers, teacher_features=layers,
-               needs_logits_only=False),)
+  return (Term(name, weight, apply, student_features=layers, teacher_features=layers, needs_logits_only=False),)
 
 
 def make_sp(name, weight, cfg, student, teacher):
@@ -130,9 +130,12 @@ def make_vid(name, weight, cfg, student, teacher):
     for i, l in enumerate(layers):
       cs, ct = chans[l]
       k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-      p[l] = {"conv1": A.conv_init(k1, cs, ct, 1, bias=False), "conv2": A.conv_init(k2, ct, ct, 1, bias=False),
-              "conv3": A.conv_init(k3, ct, ct, 1, bias=False),
-              "log_scale": jnp.full((ct,), log_scale0, jnp.float32)}
+      p[l] = {
+        "conv1": A.conv_init(k1, cs, ct, 1, bias=False),
+        "conv2": A.conv_init(k2, ct, ct, 1, bias=False),
+        "conv3": A.conv_init(k3, ct, ct, 1, bias=False),
+        "log_scale": jnp.full((ct,), log_scale0, jnp.float32),
+      }
     return p, {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
@@ -165,22 +168,29 @@ def make_ab(name, weight, cfg, student, teacher):
   (30 in the reference).
   """
   teacher = need_teacher(name, teacher)
-  layers = tuple(f"{l}_preact" for l in common_stages(name, student, teacher)
-                 if f"{l}_preact" in student.feature_shapes and f"{l}_preact" in teacher.feature_shapes)
+  layers = tuple(
+    f"{l}_preact"
+    for l in common_stages(name, student, teacher)
+    if f"{l}_preact" in student.feature_shapes and f"{l}_preact" in teacher.feature_shapes
+  )
   if not layers:
-    raise ValueError(f"term {name!r} needs 'stageK_preact' features in both models; student "
-                     f"{student.name!r} exposes {sorted(student.feature_shapes)}, teacher {teacher.name!r} "
-                     f"exposes {sorted(teacher.feature_shapes)}")
+    raise ValueError(
+      f"term {name!r} needs 'stageK_preact' features in both models; student "
+      f"{student.name!r} exposes {sorted(student.feature_shapes)}, teacher {teacher.name!r} "
+      f"exposes {sorted(teacher.feature_shapes)}"
+    )
   shapes = {l: (shape(student, l, name), shape(teacher, l, name)) for l in layers}
-  for l, (s, t) in shapes.items():
+  for s, t in shapes.values():
     if s != t:
       A.conv_reg_geometry(s, t)
   n = len(layers)
   layer_w = [2.0 ** (i - (n - 1)) for i in range(n)]
 
   def init(key, s_out, t_out, info):
-    return {l: ({} if s == t else A.conv_reg_init(jax.random.fold_in(key, i), s, t))
-            for i, (l, (s, t)) in enumerate(shapes.items())}, {}
+    return {
+      l: ({} if s == t else A.conv_reg_init(jax.random.fold_in(key, i), s, t))
+      for i, (l, (s, t)) in enumerate(shapes.items())
+    }, {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
     total = jnp.zeros((), jnp.float32)
@@ -207,8 +217,11 @@ def _lrelu(x):
 def _paraphraser_init(key, ct, f):
   ks = jax.random.split(key, 6)
   enc = [A.conv_init(ks[0], ct, ct), A.conv_init(ks[1], ct, f), A.conv_init(ks[2], f, f)]
-  dec = [A.conv_init(ks[3], f, f, transpose=True), A.conv_init(ks[4], f, ct, transpose=True),
-         A.conv_init(ks[5], ct, ct, transpose=True)]
+  dec = [
+    A.conv_init(ks[3], f, f, transpose=True),
+    A.conv_init(ks[4], f, ct, transpose=True),
+    A.conv_init(ks[5], ct, ct, transpose=True),
+  ]
   return {"enc": enc, "dec": dec}
 
 
@@ -226,9 +239,11 @@ def _decode(p, x):
 
 def _translator_init(key, cs, f):
   ks = jax.random.split(key, 3)
-  return [{"conv": A.conv_init(ks[0], cs, cs), "bn": A.batchnorm_init(cs)},
-          {"conv": A.conv_init(ks[1], cs, f), "bn": A.batchnorm_init(f)},
-          {"conv": A.conv_init(ks[2], f, f), "bn": A.batchnorm_init(f)}]
+  return [
+    {"conv": A.conv_init(ks[0], cs, cs), "bn": A.batchnorm_init(cs)},
+    {"conv": A.conv_init(ks[1], cs, f), "bn": A.batchnorm_init(f)},
+    {"conv": A.conv_init(ks[2], f, f), "bn": A.batchnorm_init(f)},
+  ]
 
 
 def _translate(p, x):
@@ -276,8 +291,7 @@ def make_ft_init(name, weight, cfg, student, teacher):
     rec = _decode(params["paraphraser"], _encode(params["paraphraser"], x))
     return jnp.mean((rec - x) ** 2), state, {}
 
-  return (Term(name, weight, apply, teacher_features=(lt,), needs_logits_only=False, stage="init",
-               params_from="ft"),)
+  return (Term(name, weight, apply, teacher_features=(lt,), needs_logits_only=False, stage="init", params_from="ft"),)
 
 
 # ---------------------------------------------------------------- FSP
@@ -296,16 +310,20 @@ def make_fsp(name, weight, cfg, student, teacher):
   def ch(info, l):
     return shape(info, l, name)[-1]
 
-  pairs = tuple((a, b) for a, b in zip(seq[:-1], seq[1:])
-                if ch(student, a) == ch(teacher, a) and ch(student, b) == ch(teacher, b))
+  pairs = tuple(
+    (a, b) for a, b in zip(seq[:-1], seq[1:]) if ch(student, a) == ch(teacher, a) and ch(student, b) == ch(teacher, b)
+  )
   if not pairs:
-    raise ValueError(f"term {name!r}: no consecutive layer pair of {seq} has equal channel counts in student "
-                     f"{student.name!r} and teacher {teacher.name!r}; FSP needs matching channels")
+    raise ValueError(
+      f"term {name!r}: no consecutive layer pair of {seq} has equal channel counts in student "
+      f"{student.name!r} and teacher {teacher.name!r}; FSP needs matching channels"
+    )
   feats = tuple(dict.fromkeys(l for p in pairs for l in p))
 
   def apply(params, state, s_out, t_out, batch, ctx):
     loss = sum(kdl.fsp(_f(s_out, a), _f(s_out, b), stop(_f(t_out, a)), stop(_f(t_out, b))) for a, b in pairs)
     return loss, state, {}
 
-  return (Term(name, weight, apply, student_features=feats, teacher_features=feats, needs_logits_only=False,
-               stage="init"),)
+  return (
+    Term(name, weight, apply, student_features=feats, teacher_features=feats, needs_logits_only=False, stage="init"),
+  )

@@ -36,8 +36,13 @@ def scored_tokens(batch, shape) -> jax.Array:
   return jnp.ones(shape, bool) if m is None else m.astype(bool)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_b: jax.Array | None = None,
-                  mix_lambda: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array,
+  labels: jax.Array,
+  label_b: jax.Array | None = None,
+  mix_lambda: jax.Array | None = None,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Softmax cross-entropy over *labelled* examples (or tokens), float32.
 
   ``logits`` is ``(B, C)`` with ``labels`` ``(B,)``, or ``(B, L, V)`` with
@@ -81,8 +86,10 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
   def apply(params, state, s_out, t_out, batch, ctx):
     labels = batch["label"]
     if not _labels_shape_ok(s_out.logits, labels):
-      raise ValueError(f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
-                       f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])")
+      raise ValueError(
+        f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
+        f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])"
+      )
     mask = _token_mask(batch, jnp.shape(labels))
     loss = cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"), mask)
     labelled = jnp.asarray(labels) >= 0
@@ -137,7 +144,6 @@ def make_dist(name, weight, cfg, student, teacher):
   return (Term(name, weight, apply),)
 
 
-
 def _token_term(fn, topk_fn, **fixed):
   def make(name, weight, cfg, student, teacher):
     temp = opt(cfg.temperature, 1.0)
@@ -161,9 +167,11 @@ def _token_term(fn, topk_fn, **fixed):
 
     return (Term(name, weight, apply),)
 
-  make.__doc__ = (f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
-                  "selects tokens; temperature default 1 (no T² factor). From a top-k teacher "
-                  f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition.")
+  make.__doc__ = (
+    f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
+    "selects tokens; temperature default 1 (no T² factor). From a top-k teacher "
+    f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition."
+  )
   return make
 
 
@@ -183,8 +191,10 @@ def make_uld(name, weight, cfg, student, teacher):
 
   def apply(params, state, s_out, t_out, batch, ctx):
     if "teacher_mask" not in batch:
-      raise ValueError(f"term {name!r} pairs response tokens across tokenizers: the batch needs 'teacher_inputs' "
-                       "and 'teacher_mask' (B, L_t) in the teacher's tokenization (kdjax.data.retokenize)")
+      raise ValueError(
+        f"term {name!r} pairs response tokens across tokenizers: the batch needs 'teacher_inputs' "
+        "and 'teacher_mask' (B, L_t) in the teacher's tokenization (kdjax.data.retokenize)"
+      )
     s = s_out.logits
     s_mask = scored_tokens(batch, jnp.shape(s)[:2])
     t_mask = batch["teacher_mask"]

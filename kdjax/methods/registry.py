@@ -19,59 +19,59 @@ from kdjax.methods.base import Method, ModelInfo, Term
 
 # Term name -> builder(name, weight, cfg, student, teacher) -> tuple[Term, ...]
 TERMS = {
-    "ce": logit.make_ce,
-    "kd": logit.make_kd,
-    "dkd": logit.make_dkd,
-    "dist": logit.make_dist,
-    "forward_kl": logit.make_forward_kl,
-    "reverse_kl": logit.make_reverse_kl,
-    "gkd": logit.make_gkd,
-    "tvd": logit.make_tvd,
-    "skew_kl": logit.make_skew_kl,
-    "skew_reverse_kl": logit.make_skew_reverse_kl,
-    "uld": logit.make_uld,
-    "hint": feature.make_hint,
-    "hint_init": feature.make_hint_init,
-    "at": feature.make_at,
-    "sp": feature.make_sp,
-    "nst": feature.make_nst,
-    "vid": feature.make_vid,
-    "ab": feature.make_ab,
-    "ft": feature.make_ft,
-    "ft_init": feature.make_ft_init,
-    "fsp": feature.make_fsp,
-    "cc": relation.make_cc,
-    "rkd": relation.make_rkd,
-    "pkt": relation.make_pkt,
-    "crd": contrastive.make_crd,
+  "ce": logit.make_ce,
+  "kd": logit.make_kd,
+  "dkd": logit.make_dkd,
+  "dist": logit.make_dist,
+  "forward_kl": logit.make_forward_kl,
+  "reverse_kl": logit.make_reverse_kl,
+  "gkd": logit.make_gkd,
+  "tvd": logit.make_tvd,
+  "skew_kl": logit.make_skew_kl,
+  "skew_reverse_kl": logit.make_skew_reverse_kl,
+  "uld": logit.make_uld,
+  "hint": feature.make_hint,
+  "hint_init": feature.make_hint_init,
+  "at": feature.make_at,
+  "sp": feature.make_sp,
+  "nst": feature.make_nst,
+  "vid": feature.make_vid,
+  "ab": feature.make_ab,
+  "ft": feature.make_ft,
+  "ft_init": feature.make_ft_init,
+  "fsp": feature.make_fsp,
+  "cc": relation.make_cc,
+  "rkd": relation.make_rkd,
+  "pkt": relation.make_pkt,
+  "crd": contrastive.make_crd,
 }
 
 # Preset -> (term, weight) list. "init" terms run only in the init stage.
 PRESETS: dict[str, tuple[tuple[str, float], ...]] = {
-    "ce": (("ce", 1.0),),
-    "kd": (("ce", 0.1), ("kd", 0.9)),
-    "dkd": (("ce", 1.0), ("dkd", 1.0)),
-    "dist": (("ce", 1.0), ("dist", 2.0)),
-    "fitnet": (("ce", 1.0), ("hint", 100.0)),  # + ("hint_init", 100) when init_epochs > 0
-    "at": (("ce", 1.0), ("at", 1000.0)),
-    "sp": (("ce", 1.0), ("sp", 3000.0)),
-    "cc": (("ce", 1.0), ("cc", 0.02)),
-    "vid": (("ce", 1.0), ("vid", 1.0)),
-    "rkd": (("ce", 1.0), ("rkd", 1.0)),
-    "pkt": (("ce", 1.0), ("pkt", 30000.0)),
-    "ab": (("ce", 1.0), ("ab", 1.0)),
-    "ft": (("ce", 1.0), ("ft", 200.0), ("ft_init", 1.0)),
-    "fsp": (("ce", 1.0), ("fsp", 1.0)),
-    "nst": (("ce", 1.0), ("nst", 50.0)),
-    "crd": (("ce", 1.0), ("crd", 0.8)),
-    "crd+kd": (("ce", 1.0), ("kd", 1.0), ("crd", 0.8)),
-    "forward_kl": (("forward_kl", 1.0),),
-    "reverse_kl": (("reverse_kl", 1.0),),
-    "gkd": (("gkd", 1.0),),
-    "tvd": (("tvd", 1.0),),
-    "skew_kl": (("skew_kl", 1.0),),
-    "skew_reverse_kl": (("skew_reverse_kl", 1.0),),
-    "uld": (("ce", 1.0), ("uld", 1.0)),  # Boizard et al. 2024: CE + λ·ULD across tokenizers
+  "ce": (("ce", 1.0),),
+  "kd": (("ce", 0.1), ("kd", 0.9)),
+  "dkd": (("ce", 1.0), ("dkd", 1.0)),
+  "dist": (("ce", 1.0), ("dist", 2.0)),
+  "fitnet": (("ce", 1.0), ("hint", 100.0)),  # + ("hint_init", 100) when init_epochs > 0
+  "at": (("ce", 1.0), ("at", 1000.0)),
+  "sp": (("ce", 1.0), ("sp", 3000.0)),
+  "cc": (("ce", 1.0), ("cc", 0.02)),
+  "vid": (("ce", 1.0), ("vid", 1.0)),
+  "rkd": (("ce", 1.0), ("rkd", 1.0)),
+  "pkt": (("ce", 1.0), ("pkt", 30000.0)),
+  "ab": (("ce", 1.0), ("ab", 1.0)),
+  "ft": (("ce", 1.0), ("ft", 200.0), ("ft_init", 1.0)),
+  "fsp": (("ce", 1.0), ("fsp", 1.0)),
+  "nst": (("ce", 1.0), ("nst", 50.0)),
+  "crd": (("ce", 1.0), ("crd", 0.8)),
+  "crd+kd": (("ce", 1.0), ("kd", 1.0), ("crd", 0.8)),
+  "forward_kl": (("forward_kl", 1.0),),
+  "reverse_kl": (("reverse_kl", 1.0),),
+  "gkd": (("gkd", 1.0),),
+  "tvd": (("tvd", 1.0),),
+  "skew_kl": (("skew_kl", 1.0),),
+  "skew_reverse_kl": (("skew_reverse_kl", 1.0),),
+  "uld": (("ce", 1.0), ("uld", 1.0)),  # Boizard et al. 2024: CE + λ·ULD across tokenizers
 }
 
 _NEEDS_INIT = ("ab", "fsp", "ft")
@@ -94,8 +94,10 @@ def _preset_terms(name: str, cfg: MethodConfig) -> list[tuple[str, float]]:
     parts = [p.strip() for p in name.split("+")]
     bad = [p for p in parts if p not in PRESETS]
     if bad or not parts:
-      raise ValueError(f"method.name: unknown method {name!r} (unknown part(s) {bad}); available: "
-                       f"{available()} (join several with '+')")
+      raise ValueError(
+        f"method.name: unknown method {name!r} (unknown part(s) {bad}); available: "
+        f"{available()} (join several with '+')"
+      )
   weights: dict[str, float] = {}
   for p in parts:
     for t, w in PRESETS[p]:
@@ -103,9 +105,11 @@ def _preset_terms(name: str, cfg: MethodConfig) -> list[tuple[str, float]]:
     if p == "fitnet" and cfg.init_epochs > 0:
       weights.setdefault("hint_init", weights["hint"])
     if p in _NEEDS_INIT and cfg.init_epochs <= 0:
-      warnings.warn(f"method {p!r} trains its distillation term only in RepDistiller's init stage; with "
-                    f"method.init_epochs=0 it runs as plain CE (the reference uses 30 init epochs)",
-                    stacklevel=3)
+      warnings.warn(
+        f"method {p!r} trains its distillation term only in RepDistiller's init stage; with "
+        f"method.init_epochs=0 it runs as plain CE (the reference uses 30 init epochs)",
+        stacklevel=3,
+      )
   return list(weights.items())
 
 

@@ -56,8 +56,16 @@ from kdjax.models.mlp import MLP
 from kdjax.models.mobilenet_v1 import MobileNetV1
 from kdjax.models.mobilenet_v2 import MobileNetV2
 from kdjax.models.pretrained import from_pretrained, load_tokenizer, special_token_ids
-from kdjax.models.registry import (ModelSpec, available, count_params, create,
-                                   dummy_input, feature_shapes, register, spec)
+from kdjax.models.registry import (
+  ModelSpec,
+  available,
+  count_params,
+  create,
+  dummy_input,
+  feature_shapes,
+  register,
+  spec,
+)
 from kdjax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kdjax.models.small import DigitsCNN
 from kdjax.models.transformer import TransformerLM
@@ -65,8 +73,30 @@ from kdjax.models.vgg import VGG
 from kdjax.models.wide_resnet import WideResNet
 
 __all__ = [
-    "CNN1D", "CifarResNet", "Decoder", "DecoderConfig", "DigitsCNN", "ImageNetResNet", "MLP", "MobileNetV1",
-    "MobileNetV2", "ModelOutput", "ModelSpec", "ShuffleNetV1", "ShuffleNetV2",
-    "TransformerLM", "VGG", "WideResNet", "available", "count_params", "create",
-    "dummy_input", "feature_shapes", "from_pretrained", "load_tokenizer", "register", "spec", "special_token_ids",
+  "CNN1D",
+  "CifarResNet",
+  "Decoder",
+  "DecoderConfig",
+  "DigitsCNN",
+  "ImageNetResNet",
+  "MLP",
+  "MobileNetV1",
+  "MobileNetV2",
+  "ModelOutput",
+  "ModelSpec",
+  "ShuffleNetV1",
+  "ShuffleNetV2",
+  "TransformerLM",
+  "VGG",
+  "WideResNet",
+  "available",
+  "count_params",
+  "create",
+  "dummy_input",
+  "feature_shapes",
+  "from_pretrained",
+  "load_tokenizer",
+  "register",
+  "spec",
+  "special_token_ids",
 ]

@@ -25,28 +25,44 @@ BN_EPSILON = 1e-5
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(in_features: int, out_features: int, kernel: int, stride: int = 1,
-         padding: int | None = None, groups: int = 1, bias: bool = False, *,
-         dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+  in_features: int,
+  out_features: int,
+  kernel: int,
+  stride: int = 1,
+  padding: int | None = None,
+  groups: int = 1,
+  bias: bool = False,
+  *,
+  dtype,
+  rngs: nnx.Rngs,
+) -> nnx.Conv:
   """A square 2-D convolution with PyTorch-style symmetric zero padding."""
   p = kernel // 2 if padding is None else padding
-  return nnx.Conv(in_features, out_features, (kernel, kernel),
-                  strides=(stride, stride), padding=((p, p), (p, p)),
-                  feature_group_count=groups, use_bias=bias,
-                  kernel_init=CONV_INIT, dtype=dtype,
-                  param_dtype=PARAM_DTYPE, rngs=rngs)
+  return nnx.Conv(
+    in_features,
+    out_features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((p, p), (p, p)),
+    feature_group_count=groups,
+    use_bias=bias,
+    kernel_init=CONV_INIT,
+    dtype=dtype,
+    param_dtype=PARAM_DTYPE,
+    rngs=rngs,
+  )
 
 
 def batch_norm(num_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
   """BatchNorm over the last axis; ``use_running_average`` is set per call."""
-  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                       dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+  return nnx.BatchNorm(
+    num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs
+  )
 
 
-def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
-          use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    param_dtype=PARAM_DTYPE, rngs=rngs)
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -57,8 +73,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 def avg_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
   """PyTorch ``AvgPool2d`` (zero padding counted in the average)."""
   pad = ((padding, padding), (padding, padding))
-  return nnx.avg_pool(x, (window, window), strides=(stride, stride),
-                      padding=pad, count_include_pad=True)
+  return nnx.avg_pool(x, (window, window), strides=(stride, stride), padding=pad, count_include_pad=True)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
@@ -71,5 +86,4 @@ def check_image(name: str, x: jax.Array, input_shape: Sequence[int]) -> None:
   """Rank-4 NHWC with the right channel count; spatial size may vary."""
   if x.ndim != 4 or x.shape[-1] != input_shape[-1]:
     expected = ", ".join(str(d) for d in input_shape)
-    raise ValueError(f"{name} expects input (B, {expected}) NHWC, "
-                     f"got {tuple(x.shape)}")
+    raise ValueError(f"{name} expects input (B, {expected}) NHWC, got {tuple(x.shape)}")

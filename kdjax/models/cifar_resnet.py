@@ -28,8 +28,7 @@ from kdjax.models.base import ModelOutput
 class BasicBlock(nnx.Module):
   """conv3×3-BN-ReLU-conv3×3-BN, + shortcut, ReLU. Returns (out, preact)."""
 
-  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
     self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
@@ -56,9 +55,16 @@ class CifarResNet(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, depth: int = 20, widths: tuple[int, ...] = (16, 16, 32, 64),
-               *, num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "cifar_resnet"):
+  def __init__(
+    self,
+    depth: int = 20,
+    widths: tuple[int, ...] = (16, 16, 32, 64),
+    *,
+    num_classes: int = 100,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "cifar_resnet",
+  ):
     if (depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
     n = (depth - 2) // 6

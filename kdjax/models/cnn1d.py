@@ -25,15 +25,22 @@ from kdjax.models.base import ModelOutput
 
 
 def _conv1d(in_f: int, out_f: int, k: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(in_f, out_f, (k,), strides=(2,), padding=((1, 1),),
-                  dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
+  return nnx.Conv(in_f, out_f, (k,), strides=(2,), padding=((1, 1),), dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
 
 
 class CNN1D(nnx.Module):
   """MNIST-1D CNN; see the module docstring for the features."""
 
-  def __init__(self, length: int = 40, channels: int = 25, *, num_classes: int = 10,
-               dtype=jnp.float32, rngs: nnx.Rngs, name: str = "cnn1d"):
+  def __init__(
+    self,
+    length: int = 40,
+    channels: int = 25,
+    *,
+    num_classes: int = 10,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "cnn1d",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     self.input_shape = (length,)
@@ -52,11 +59,9 @@ class CNN1D(nnx.Module):
     if x.ndim == 2 and x.shape[1] == n:
       x = x[..., None]
     if x.ndim != 3 or x.shape[1:] != (n, 1):
-      raise ValueError(f"{self.model_name} expects input (B, {n}) or (B, {n}, 1), "
-                       f"got {tuple(x.shape)}")
+      raise ValueError(f"{self.model_name} expects input (B, {n}) or (B, {n}, 1), got {tuple(x.shape)}")
     feats = {}
-    for name, conv in (("stem", self.conv1), ("stage1", self.conv2),
-                       ("stage2", self.conv3)):
+    for name, conv in (("stem", self.conv1), ("stage1", self.conv2), ("stage2", self.conv3)):
       pre = conv(x)
       x = nnx.relu(pre)
       if name != "stem":

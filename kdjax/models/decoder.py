@@ -185,8 +185,9 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
   return cap * jnp.tanh(x / cap) if cap else x
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float = 0.0,
-           cap: float = 0.0) -> jax.Array:
+def attend(
+  q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float = 0.0, cap: float = 0.0
+) -> jax.Array:
   """Softmax attention of ``q`` ``(B, T, H, D)`` over ``k``/``v`` ``(B, S, K, D)`` (K divides H: grouped-query),
   where ``visible`` ``(B, T, S)``; scores scaled by ``scale`` (default 1/√D) and soft-capped at ``cap``,
   softmax in float32. Returns ``(B, T, H·D)``."""
@@ -229,8 +230,10 @@ class Attention(nnx.Module):
       key_pos = positions[:, None, :]
     else:  # write this step's keys/values at their positions, attend to every filled slot up to each query
       rows = jnp.arange(b)[:, None]
-      cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-               "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+      cache = {
+        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
+      }
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
       key_pos = jnp.arange(k.shape[1])[None, None, :]
     visible = key_pos <= positions[:, :, None]
@@ -277,14 +280,14 @@ class Decoder(nnx.Module):
 
   input_dtype = jnp.int32
   PARTITION_RULES = (
-      (r"blocks\.\d+\.attn\.[qkv]\.kernel", ("embed", "heads")),
-      (r"blocks\.\d+\.attn\.[qkv]\.bias", ("heads",)),
-      (r"blocks\.\d+\.attn\.o\.kernel", ("heads", "embed")),
-      (r"blocks\.\d+\.down\.kernel", ("mlp", "embed")),
-      (r"blocks\.\d+\.(attn\.o|down)\.bias", ("embed",)),
-      (r"embed\.embedding", ("vocab", "embed")),
-      (r"pos\.embedding", (None, "embed")),
-      (r"head\.kernel", ("embed", "vocab")),
+    (r"blocks\.\d+\.attn\.[qkv]\.kernel", ("embed", "heads")),
+    (r"blocks\.\d+\.attn\.[qkv]\.bias", ("heads",)),
+    (r"blocks\.\d+\.attn\.o\.kernel", ("heads", "embed")),
+    (r"blocks\.\d+\.down\.kernel", ("mlp", "embed")),
+    (r"blocks\.\d+\.(attn\.o|down)\.bias", ("embed",)),
+    (r"embed\.embedding", ("vocab", "embed")),
+    (r"pos\.embedding", (None, "embed")),
+    (r"head\.kernel", ("embed", "vocab")),
   )
 
   def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, name: str | None = None):
@@ -318,7 +321,7 @@ class Decoder(nnx.Module):
 
   def _logits(self, x):
     z = softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
-    return z[..., :self.num_classes] if self.num_classes < self.cfg.vocab_size else z
+    return z[..., : self.num_classes] if self.num_classes < self.cfg.vocab_size else z
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no dropout: a pretrained teacher runs in eval mode
@@ -340,8 +343,7 @@ class Decoder(nnx.Module):
     if s > self.max_len:
       raise ValueError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} is too long")
     shape = (batch_size, s, self.cfg.num_kv_heads, self.cfg.head_dim)
-    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
-            for _ in self.blocks]
+    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)} for _ in self.blocks]
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Logits ``(B, T, V)`` of ``tokens`` at ``positions`` ``(B, T)``, reading and extending ``cache``."""

@@ -30,8 +30,7 @@ from kdjax.models.base import ModelOutput
 class Basic(nnx.Module):
   expansion = 1
 
-  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
     self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
@@ -49,8 +48,7 @@ class Basic(nnx.Module):
 class Bottleneck(nnx.Module):
   expansion = 4
 
-  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     out = planes * 4
     self.conv1 = L.conv(in_planes, planes, 1, 1, dtype=dtype, rngs=rngs)
     self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
@@ -70,10 +68,8 @@ class Bottleneck(nnx.Module):
 
 
 class _Projection(nnx.Module):
-  def __init__(self, in_planes: int, out_planes: int, stride: int, *, dtype,
-               rngs: nnx.Rngs):
-    self.conv = L.conv(in_planes, out_planes, 1, stride, padding=0, dtype=dtype,
-                       rngs=rngs)
+  def __init__(self, in_planes: int, out_planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
+    self.conv = L.conv(in_planes, out_planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
     self.bn = L.batch_norm(out_planes, dtype=dtype, rngs=rngs)
 
   @classmethod
@@ -94,9 +90,16 @@ class ImageNetResNet(nnx.Module):
 
   input_shape = (224, 224, 3)
 
-  def __init__(self, block: str = "basic", layers: tuple[int, ...] = (2, 2, 2, 2), *,
-               num_classes: int = 1000, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "imagenet_resnet"):
+  def __init__(
+    self,
+    block: str = "basic",
+    layers: tuple[int, ...] = (2, 2, 2, 2),
+    *,
+    num_classes: int = 1000,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "imagenet_resnet",
+  ):
     if block not in BLOCKS:
       raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
     cls = BLOCKS[block]

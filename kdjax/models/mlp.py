@@ -32,29 +32,34 @@ from kdjax.models.base import ModelOutput
 class MLP(nnx.Module):
   """ReLU MLP; see the module docstring for the features."""
 
-  def __init__(self, input_shape: Sequence[int] = (40,),
-               hidden: Sequence[int] = (100, 100), dropout: float = 0.0,
-               input_dropout: float = 0.0, *, num_classes: int = 10,
-               dtype=jnp.float32, rngs: nnx.Rngs, name: str = "mlp"):
+  def __init__(
+    self,
+    input_shape: Sequence[int] = (40,),
+    hidden: Sequence[int] = (100, 100),
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    *,
+    num_classes: int = 10,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "mlp",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     self.input_shape = tuple(input_shape)
     self.in_features = math.prod(self.input_shape)
     sizes = (self.in_features, *hidden)
-    self.layers = L.ModuleList([L.dense(a, b, dtype=dtype, rngs=rngs)
-                                for a, b in zip(sizes[:-1], sizes[1:])])
+    self.layers = L.ModuleList([L.dense(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.head = L.dense(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-    self.input_dropout = (nnx.Dropout(input_dropout, rngs=rngs)
-                          if input_dropout > 0 else None)
+    self.input_dropout = nnx.Dropout(input_dropout, rngs=rngs) if input_dropout > 0 else None
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
     if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
       shapes = f"(B, {self.in_features})"
       if self.input_shape != (self.in_features,):
         shapes += f" or (B, {', '.join(map(str, self.input_shape))})"
-      raise ValueError(f"{self.model_name} expects input {shapes}, "
-                       f"got {tuple(x.shape)}")
+      raise ValueError(f"{self.model_name} expects input {shapes}, got {tuple(x.shape)}")
     x = x.reshape(x.shape[0], self.in_features)
     if self.input_dropout is not None:
       x = self.input_dropout(x, deterministic=not train)

@@ -27,8 +27,21 @@ from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
 # (out_channels, stride) of the 13 depthwise-separable blocks.
-BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1),
-          (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+BLOCKS = (
+  (64, 1),
+  (128, 2),
+  (128, 1),
+  (256, 2),
+  (256, 1),
+  (512, 2),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (512, 1),
+  (1024, 2),
+  (1024, 1),
+)
 STAGE_ENDS = (3, 5, 11, 13)
 
 
@@ -51,8 +64,7 @@ class MobileNetV1(nnx.Module):
 
   input_shape = (224, 224, 3)
 
-  def __init__(self, *, num_classes: int = 1000, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "mobilenet_v1"):
+  def __init__(self, *, num_classes: int = 1000, dtype=jnp.float32, rngs: nnx.Rngs, name: str = "mobilenet_v1"):
     self.model_name = name
     self.num_classes = num_classes
     self.conv1 = L.conv(3, 32, 3, 2, dtype=dtype, rngs=rngs)

@@ -27,15 +27,13 @@ from flax import nnx
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
-            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 # Feature taps: stage k ends after this many groups.
 STAGE_ENDS = (2, 3, 5, 7)
 
 
 class InvertedResidual(nnx.Module):
-  def __init__(self, inp: int, oup: int, stride: int, expand: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, inp: int, oup: int, stride: int, expand: int, *, dtype, rngs: nnx.Rngs):
     hidden = inp * expand
     self.use_res = stride == 1 and inp == oup
     self.pw = L.conv(inp, hidden, 1, 1, dtype=dtype, rngs=rngs)
@@ -58,9 +56,16 @@ class MobileNetV2(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, expansion: int = 6, width_mult: float = 0.5, *,
-               num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "mobilenetv2"):
+  def __init__(
+    self,
+    expansion: int = 6,
+    width_mult: float = 0.5,
+    *,
+    num_classes: int = 100,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "mobilenetv2",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     in_c = int(32 * width_mult)
@@ -72,8 +77,7 @@ class MobileNetV2(nnx.Module):
       out_c = int(c * width_mult)
       blocks = []
       for i in range(n):
-        blocks.append(InvertedResidual(in_c, out_c, s if i == 0 else 1, t,
-                                       dtype=dtype, rngs=rngs))
+        blocks.append(InvertedResidual(in_c, out_c, s if i == 0 else 1, t, dtype=dtype, rngs=rngs))
         in_c = out_c
       groups.append(L.ModuleList(blocks))
     self.groups = L.ModuleList(groups)

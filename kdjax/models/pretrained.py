@@ -32,9 +32,11 @@ _IGNORED = re.compile(r"(.*\.attn\.(masked_)?bias|.*rotary_emb\.inv_freq)$")
 
 
 def _missing(path: Path) -> ValueError:
-  return ValueError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); download it on a machine "
-                    f"with a network, e.g. `huggingface-cli download <org>/<model> --local-dir {path}`, and copy the "
-                    f"directory here")
+  return ValueError(
+    f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); download it on a machine "
+    f"with a network, e.g. `huggingface-cli download <org>/<model> --local-dir {path}`, and copy the "
+    f"directory here"
+  )
 
 
 def read_config(path: str | Path) -> DecoderConfig:
@@ -45,38 +47,70 @@ def read_config(path: str | Path) -> DecoderConfig:
   c = json.loads((path / "config.json").read_text())
   family = c.get("model_type")
   if family not in FAMILIES:
-    raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported (supported: "
-                     f"{', '.join(FAMILIES)})")
+    raise ValueError(
+      f"{path / 'config.json'}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})"
+    )
   if family == "gpt2":
     e = int(c["n_embd"])
-    return DecoderConfig(family, int(c["vocab_size"]), e, int(c["n_layer"]), int(c["n_head"]), int(c["n_head"]),
-                         e // int(c["n_head"]), int(c.get("n_inner") or 4 * e), int(c["n_positions"]),
-                         norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), qkv_bias=True, out_bias=True,
-                         mlp_bias=True, tie_embeddings=bool(c.get("tie_word_embeddings", True)))
+    return DecoderConfig(
+      family,
+      int(c["vocab_size"]),
+      e,
+      int(c["n_layer"]),
+      int(c["n_head"]),
+      int(c["n_head"]),
+      e // int(c["n_head"]),
+      int(c.get("n_inner") or 4 * e),
+      int(c["n_positions"]),
+      norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+      qkv_bias=True,
+      out_bias=True,
+      mlp_bias=True,
+      tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+    )
   if c.get("use_bidirectional_attention"):
     raise ValueError(f"{path / 'config.json'}: bidirectional attention is not supported (kdjax's decoders are causal)")
   params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-  full, local = (params.get("full_attention", {}), params.get("sliding_attention")) if "full_attention" in params \
-      else (params, None)
+  full, local = (
+    (params.get("full_attention", {}), params.get("sliding_attention"))
+    if "full_attention" in params
+    else (params, None)
+  )
   theta, scaling = _rope(full, c.get("rope_theta", 10000.0))
   heads = int(c["num_attention_heads"])
   gemma = family.startswith("gemma")
   extra = {}
   if gemma:
     kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in c.get("layer_types") or ())
-    extra = dict(sliding_window=int(c.get("sliding_window") or 0), layer_types=kinds,
-                 query_scale=float(c.get("query_pre_attn_scalar") or c.get("head_dim")) ** -0.5,
-                 attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
-                 final_softcap=float(c.get("final_logit_softcapping") or 0.0))
+    extra = dict(
+      sliding_window=int(c.get("sliding_window") or 0),
+      layer_types=kinds,
+      query_scale=float(c.get("query_pre_attn_scalar") or c.get("head_dim")) ** -0.5,
+      attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+      final_softcap=float(c.get("final_logit_softcapping") or 0.0),
+    )
     if local is not None:
       extra["local_rope_theta"], extra["local_rope_scaling"] = _rope(local, c.get("rope_local_base_freq", 10000.0))
   return DecoderConfig(
-      family, int(c["vocab_size"]), int(c["hidden_size"]), int(c["num_hidden_layers"]), heads,
-      int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or int(c["hidden_size"]) // heads),
-      int(c["intermediate_size"]), int(c["max_position_embeddings"]), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-      qkv_bias=bool(c.get("attention_bias", family == "qwen2")), out_bias=bool(c.get("attention_bias", False)),
-      mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=family in ("qwen3", "gemma3_text"),
-      tie_embeddings=bool(c.get("tie_word_embeddings", gemma)), rope_theta=theta, rope_scaling=scaling, **extra)
+    family,
+    int(c["vocab_size"]),
+    int(c["hidden_size"]),
+    int(c["num_hidden_layers"]),
+    heads,
+    int(c.get("num_key_value_heads") or heads),
+    int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+    int(c["intermediate_size"]),
+    int(c["max_position_embeddings"]),
+    norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+    qkv_bias=bool(c.get("attention_bias", family == "qwen2")),
+    out_bias=bool(c.get("attention_bias", False)),
+    mlp_bias=bool(c.get("mlp_bias", False)),
+    qk_norm=family in ("qwen3", "gemma3_text"),
+    tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    **extra,
+  )
 
 
 def _rope(params: dict, default_theta: float) -> tuple[float, tuple]:
@@ -89,6 +123,7 @@ def _rope(params: dict, default_theta: float) -> tuple[float, tuple]:
 
 # ---------------------------------------------------------------- names and layouts
 
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How a checkpoint tensor becomes a kdjax parameter: the columns ``part = (j, width)`` of its last axis
@@ -100,7 +135,7 @@ class Layout:
   def __call__(self, w):
     if self.part is not None:
       j, e = self.part
-      w = w[..., j * e:(j + 1) * e]
+      w = w[..., j * e : (j + 1) * e]
     return self.orient(w)
 
   def orient(self, w):
@@ -124,8 +159,14 @@ def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
   if cfg.gpt2:
     e = cfg.hidden_size
     part = lambda i: Layout(part=(i, e))  # noqa: E731  (c_attn packs q, k, v)
-    out.update({"embed.embedding": ("wte.weight", same), "pos.embedding": ("wpe.weight", same),
-                "norm.scale": ("ln_f.weight", same), "norm.bias": ("ln_f.bias", same)})
+    out.update(
+      {
+        "embed.embedding": ("wte.weight", same),
+        "pos.embedding": ("wpe.weight", same),
+        "norm.scale": ("ln_f.weight", same),
+        "norm.bias": ("ln_f.bias", same),
+      }
+    )
     for i in range(cfg.num_layers):
       b, h = f"blocks.{i}.", f"h.{i}."
       for j, n in enumerate("qkv"):
@@ -141,8 +182,15 @@ def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
     out["head.kernel"] = ("lm_head.weight", t)
   for i in range(cfg.num_layers):
     b, h = f"blocks.{i}.", f"layers.{i}."
-    lin = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-           "attn.o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    lin = {
+      "attn.q": "self_attn.q_proj",
+      "attn.k": "self_attn.k_proj",
+      "attn.v": "self_attn.v_proj",
+      "attn.o": "self_attn.o_proj",
+      "gate": "mlp.gate_proj",
+      "up": "mlp.up_proj",
+      "down": "mlp.down_proj",
+    }
     bias = {"attn.q": cfg.qkv_bias, "attn.k": cfg.qkv_bias, "attn.v": cfg.qkv_bias, "attn.o": cfg.out_bias}
     for mine, theirs in lin.items():
       out[f"{b}{mine}.kernel"] = (f"{h}{theirs}.weight", t)
@@ -171,11 +219,13 @@ class _Tensors:
     elif (path / "model.safetensors").is_file():
       files = {n: path / "model.safetensors" for n in _header(path / "model.safetensors")[0] if n != "__metadata__"}
     else:
-      raise ValueError(f"{str(path)!r} has config.json but no model.safetensors(.index.json); kdjax reads "
-                       f"safetensors checkpoints (save with save_pretrained(..., safe_serialization=True))")
+      raise ValueError(
+        f"{str(path)!r} has config.json but no model.safetensors(.index.json); kdjax reads "
+        f"safetensors checkpoints (save with save_pretrained(..., safe_serialization=True))"
+      )
     self.files, self.path = {}, path
     for name, file in files.items():
-      short = next((name[len(p):] for p in _PREFIXES if name.startswith(p)), name)
+      short = next((name[len(p) :] for p in _PREFIXES if name.startswith(p)), name)
       if short == "lm_head.weight" or not _IGNORED.fullmatch(short):
         self.files[short] = (name, file)
     self._headers: dict[Path, tuple[dict, int]] = {}
@@ -190,8 +240,9 @@ class _Tensors:
       raise ValueError(f"{file}: the index names tensor {name!r} but the file does not hold it")
     entry = header[name]
     if entry["dtype"] not in _DTYPES:
-      raise ValueError(f"{file}: tensor {name!r} is stored as {entry['dtype']}; kdjax reads "
-                       f"{', '.join(sorted(_DTYPES))}")
+      raise ValueError(
+        f"{file}: tensor {name!r} is stored as {entry['dtype']}; kdjax reads {', '.join(sorted(_DTYPES))}"
+      )
     lo, hi = entry["data_offsets"]
     shape = tuple(entry["shape"])
     if hi - lo == 0:
@@ -215,9 +266,15 @@ def _header(file: Path) -> tuple[dict, int]:
     return json.loads(fh.read(size)), 8 + size
 
 
-def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    mesh: jax.sharding.Mesh | None = None, model_axis: str = "model",
-                    vocab_size: int | None = None) -> Decoder:
+def from_pretrained(
+  path: str | Path,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  mesh: jax.sharding.Mesh | None = None,
+  model_axis: str = "model",
+  vocab_size: int | None = None,
+) -> Decoder:
   """The model in the Hugging Face checkpoint directory ``path``, its weights loaded.
 
   Args:
@@ -243,8 +300,9 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
   cfg = read_config(path)
   if vocab_size is not None:
     if not 1 <= vocab_size <= cfg.vocab_size:
-      raise ValueError(f"{path}: vocab_size={vocab_size} must lie in [1, {cfg.vocab_size}] (the checkpoint's "
-                       f"vocabulary)")
+      raise ValueError(
+        f"{path}: vocab_size={vocab_size} must lie in [1, {cfg.vocab_size}] (the checkpoint's vocabulary)"
+      )
     cfg = dataclasses.replace(cfg, output_vocab=vocab_size)
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), name=path.name or cfg.family))
   tensors = _Tensors(path)
@@ -254,8 +312,10 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
   used = {theirs for theirs, _ in names.values()}
   extra = sorted(set(tensors.files) - used)
   if extra:
-    raise ValueError(f"{path}: tensor {tensors.files[extra[0]][0]!r} is not used by a {cfg.family} model with this "
-                     f"config.json" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    raise ValueError(
+      f"{path}: tensor {tensors.files[extra[0]][0]!r} is not used by a {cfg.family} model with this "
+      f"config.json" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    )
   specs = _specs(model, flat, mesh, model_axis)
   for key, var in flat.items():
     mine = ".".join(map(str, key))
@@ -263,12 +323,15 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
       raise ValueError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor (kdjax bug: name map incomplete)")
     theirs, layout = names[mine]
     if theirs not in tensors.files:
-      raise ValueError(f"{path}: tensor {theirs!r} is missing (a {cfg.family} model with {cfg.num_layers} layers "
-                       f"needs it)")
+      raise ValueError(
+        f"{path}: tensor {theirs!r} is missing (a {cfg.family} model with {cfg.num_layers} layers needs it)"
+      )
     want, shape = tuple(var.shape), tensors.shape(theirs)
     if layout(np.broadcast_to(np.zeros((), np.uint8), shape)).shape != want:  # a view: nothing is allocated
-      raise ValueError(f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
-                       f"config.json implies for {mine!r}")
+      raise ValueError(
+        f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
+        f"config.json implies for {mine!r}"
+      )
     flat[key] = var.replace(_place(tensors.array(theirs), layout, want, specs.get(key), mesh, param_dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -319,6 +382,8 @@ def load_tokenizer(path: str | Path):
 
   f = Path(path) / "tokenizer.json"
   if not f.is_file():
-    raise ValueError(f"no tokenizer.json in {str(path)!r}; copy it from the model's download (huggingface-cli "
-                     f"download <org>/<model> tokenizer.json --local-dir {path})")
+    raise ValueError(
+      f"no tokenizer.json in {str(path)!r}; copy it from the model's download (huggingface-cli "
+      f"download <org>/<model> tokenizer.json --local-dir {path})"
+    )
   return Tokenizer.from_file(str(f))

@@ -52,8 +52,9 @@ _CIFAR = (32, 32, 3)
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, constructor: Callable[..., nnx.Module], family: str,
-             input_shape: tuple[int, ...], /, **defaults: Any) -> None:
+def register(
+  name: str, constructor: Callable[..., nnx.Module], family: str, input_shape: tuple[int, ...], /, **defaults: Any
+) -> None:
   """Add a model under ``name`` (``ValueError`` if the name is taken)."""
   if name in _REGISTRY:
     raise ValueError(f"model name {name!r} is already registered")
@@ -61,43 +62,46 @@ def register(name: str, constructor: Callable[..., nnx.Module], family: str,
 
 
 for _d in (8, 14, 20, 32, 44, 56, 110):
-  register(f"resnet{_d}", CifarResNet, "cifar", _CIFAR, depth=_d,
-           widths=(16, 16, 32, 64), num_classes=100)
+  register(f"resnet{_d}", CifarResNet, "cifar", _CIFAR, depth=_d, widths=(16, 16, 32, 64), num_classes=100)
 for _d in (8, 32):
-  register(f"resnet{_d}x4", CifarResNet, "cifar", _CIFAR, depth=_d,
-           widths=(32, 64, 128, 256), num_classes=100)
+  register(f"resnet{_d}x4", CifarResNet, "cifar", _CIFAR, depth=_d, widths=(32, 64, 128, 256), num_classes=100)
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
-  register(f"wrn_{_d}_{_k}", WideResNet, "cifar", _CIFAR, depth=_d,
-           widen_factor=_k, num_classes=100)
+  register(f"wrn_{_d}_{_k}", WideResNet, "cifar", _CIFAR, depth=_d, widen_factor=_k, num_classes=100)
 for _d in (8, 11, 13, 16, 19):
   register(f"vgg{_d}", VGG, "cifar", _CIFAR, depth=_d, num_classes=100)
 register("mobilenetv2", MobileNetV2, "cifar", _CIFAR, num_classes=100)
 register("shufflenetv1", ShuffleNetV1, "cifar", _CIFAR, num_classes=100)
 register("shufflenetv2", ShuffleNetV2, "cifar", _CIFAR, num_classes=100)
 
-register("resnet18", ImageNetResNet, "imagenet", (224, 224, 3), block="basic",
-         layers=(2, 2, 2, 2), num_classes=1000)
-register("resnet34", ImageNetResNet, "imagenet", (224, 224, 3), block="basic",
-         layers=(3, 4, 6, 3), num_classes=1000)
-register("resnet50", ImageNetResNet, "imagenet", (224, 224, 3),
-         block="bottleneck", layers=(3, 4, 6, 3), num_classes=1000)
+register("resnet18", ImageNetResNet, "imagenet", (224, 224, 3), block="basic", layers=(2, 2, 2, 2), num_classes=1000)
+register("resnet34", ImageNetResNet, "imagenet", (224, 224, 3), block="basic", layers=(3, 4, 6, 3), num_classes=1000)
+register(
+  "resnet50", ImageNetResNet, "imagenet", (224, 224, 3), block="bottleneck", layers=(3, 4, 6, 3), num_classes=1000
+)
 register("mobilenet_v1", MobileNetV1, "imagenet", (224, 224, 3), num_classes=1000)
 
-register("mlp", MLP, "mnist1d", (40,), input_shape=(40,), hidden=(100, 100),
-         num_classes=10)
+register("mlp", MLP, "mnist1d", (40,), input_shape=(40,), hidden=(100, 100), num_classes=10)
 register("cnn1d", CNN1D, "mnist1d", (40,), length=40, num_classes=10)
-register("mlp_1200", MLP, "mnist", (28, 28, 1), input_shape=(28, 28, 1),
-         hidden=(1200, 1200), dropout=0.5, input_dropout=0.2, num_classes=10)
-register("mlp_800", MLP, "mnist", (28, 28, 1), input_shape=(28, 28, 1),
-         hidden=(800, 800), num_classes=10)
+register(
+  "mlp_1200",
+  MLP,
+  "mnist",
+  (28, 28, 1),
+  input_shape=(28, 28, 1),
+  hidden=(1200, 1200),
+  dropout=0.5,
+  input_dropout=0.2,
+  num_classes=10,
+)
+register("mlp_800", MLP, "mnist", (28, 28, 1), input_shape=(28, 28, 1), hidden=(800, 800), num_classes=10)
 register("cnn_digits", DigitsCNN, "digits", (8, 8, 1), num_classes=10)
-register("transformer_lm", TransformerLM, "lm", (128,), num_layers=2, dim=64,
-         num_heads=4, max_len=128, num_classes=256)
+register("transformer_lm", TransformerLM, "lm", (128,), num_layers=2, dim=64, num_heads=4, max_len=128, num_classes=256)
 # Named sizes lm_{layers}x{dim} (head width 16, 64 positions) for small token tasks such as
 # the embedded ``arithmetic`` dataset; the vocabulary comes from the data.
 for _l, _d in ((4, 64), (2, 64), (2, 32), (1, 64), (1, 32)):
-  register(f"lm_{_l}x{_d}", TransformerLM, "lm", (64,), num_layers=_l, dim=_d, num_heads=_d // 16,
-           max_len=64, num_classes=256)
+  register(
+    f"lm_{_l}x{_d}", TransformerLM, "lm", (64,), num_layers=_l, dim=_d, num_heads=_d // 16, max_len=64, num_classes=256
+  )
 
 
 def available(family: str | None = None) -> list[str]:
@@ -112,8 +116,9 @@ def spec(name: str) -> ModelSpec:
   return _REGISTRY[name]
 
 
-def create(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | None = None,
-           dtype: Any = jnp.float32, **overrides: Any) -> nnx.Module:
+def create(
+  name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32, **overrides: Any
+) -> nnx.Module:
   """Build the registered model ``name``.
 
   Args:
@@ -130,16 +135,14 @@ def create(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs | None =
     The model, with ``input_shape`` (per example) and ``num_classes`` set.
   """
   s = spec(name)
-  allowed = set(inspect.signature(s.constructor.__init__).parameters) - {"self",
-      "num_classes", "dtype", "rngs", "name"}
+  allowed = set(inspect.signature(s.constructor.__init__).parameters) - {"self", "num_classes", "dtype", "rngs", "name"}
   bad = sorted(set(overrides) - allowed)
   if bad:
     raise ValueError(f"{name}: unknown option(s) {bad}; allowed: {sorted(allowed)}")
   kwargs = {**s.defaults, **overrides}
   if num_classes is not None:
     kwargs["num_classes"] = num_classes
-  return s.constructor(**kwargs, dtype=dtype,
-                       rngs=nnx.Rngs(0) if rngs is None else rngs, name=name)
+  return s.constructor(**kwargs, dtype=dtype, rngs=nnx.Rngs(0) if rngs is None else rngs, name=name)
 
 
 def dummy_input(model: nnx.Module, batch_size: int = 2) -> jax.ShapeDtypeStruct:

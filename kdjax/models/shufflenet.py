@@ -45,8 +45,7 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
 
 class V1Bottleneck(nnx.Module):
-  def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, *,
-               dtype, rngs: nnx.Rngs):
+  def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, *, dtype, rngs: nnx.Rngs):
     mid = out_planes // 4
     g1 = 1 if in_planes == 24 else groups
     self.stride = stride
@@ -76,10 +75,17 @@ class ShuffleNetV1(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, out_planes: tuple[int, ...] = (240, 480, 960),
-               num_blocks: tuple[int, ...] = (4, 8, 4), groups: int = 3, *,
-               num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "shufflenetv1"):
+  def __init__(
+    self,
+    out_planes: tuple[int, ...] = (240, 480, 960),
+    num_blocks: tuple[int, ...] = (4, 8, 4),
+    groups: int = 3,
+    *,
+    num_classes: int = 100,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "shufflenetv1",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     self.conv1 = L.conv(3, 24, 1, 1, dtype=dtype, rngs=rngs)
@@ -90,8 +96,7 @@ class ShuffleNetV1(nnx.Module):
       blocks = []
       for i in range(n):
         cat = in_planes if i == 0 else 0  # stride-2 blocks concatenate the input
-        blocks.append(V1Bottleneck(in_planes, planes - cat, 2 if i == 0 else 1,
-                                   groups, dtype=dtype, rngs=rngs))
+        blocks.append(V1Bottleneck(in_planes, planes - cat, 2 if i == 0 else 1, groups, dtype=dtype, rngs=rngs))
         in_planes = planes
       stages.append(L.ModuleList(blocks))
     self.stages = L.ModuleList(stages)
@@ -165,9 +170,16 @@ class ShuffleNetV2(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, out_channels: tuple[int, ...] = (116, 232, 464, 1024),
-               num_blocks: tuple[int, ...] = (3, 7, 3), *, num_classes: int = 100,
-               dtype=jnp.float32, rngs: nnx.Rngs, name: str = "shufflenetv2"):
+  def __init__(
+    self,
+    out_channels: tuple[int, ...] = (116, 232, 464, 1024),
+    num_blocks: tuple[int, ...] = (3, 7, 3),
+    *,
+    num_classes: int = 100,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "shufflenetv2",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     self.conv1 = L.conv(3, 24, 3, 1, dtype=dtype, rngs=rngs)

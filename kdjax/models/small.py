@@ -27,9 +27,15 @@ class DigitsCNN(nnx.Module):
 
   input_shape = (8, 8, 1)
 
-  def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), *,
-               num_classes: int = 10, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "cnn_digits"):
+  def __init__(
+    self,
+    widths: tuple[int, int, int] = (16, 32, 64),
+    *,
+    num_classes: int = 10,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "cnn_digits",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     a, b, c = widths

@@ -56,21 +56,20 @@ class CausalSelfAttention(nnx.Module):
     """
     q, k, v = self._qkv(x)
     rows = jnp.arange(x.shape[0])[:, None]
-    cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-             "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+    cache = {
+      "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+      "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
+    }
     visible = jnp.arange(cache["k"].shape[1])[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
     out = jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=visible)
     return self.proj(out.reshape(x.shape)), cache
 
 
 class Block(nnx.Module):
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float, *,
-               dtype, rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype,
-                             param_dtype=L.PARAM_DTYPE, rngs=rngs)
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float, *, dtype, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
     self.attn = CausalSelfAttention(dim, num_heads, dtype=dtype, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype,
-                             param_dtype=L.PARAM_DTYPE, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
     self.fc1 = L.dense(dim, mlp_ratio * dim, dtype=dtype, rngs=rngs)
     self.fc2 = L.dense(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
@@ -95,42 +94,52 @@ class TransformerLM(nnx.Module):
   # Tensor-parallel layout of a sharded teacher (kdjax.engine.teacher_placement): attention and MLP split
   # the Megatron way (column-parallel qkv/fc1, row-parallel proj/fc2), embedding and head over the vocabulary.
   PARTITION_RULES = (
-      (r"blocks\.\d+\.attn\.qkv\.kernel", ("embed", "heads")),
-      (r"blocks\.\d+\.attn\.qkv\.bias", ("heads",)),
-      (r"blocks\.\d+\.attn\.proj\.kernel", ("heads", "embed")),
-      (r"blocks\.\d+\.fc2\.kernel", ("mlp", "embed")),
-      (r"blocks\.\d+\.(attn\.proj|fc2)\.bias", ("embed",)),
-      (r"tok\.embedding", ("vocab", "embed")),
-      (r"head\.kernel", ("embed", "vocab")),
+    (r"blocks\.\d+\.attn\.qkv\.kernel", ("embed", "heads")),
+    (r"blocks\.\d+\.attn\.qkv\.bias", ("heads",)),
+    (r"blocks\.\d+\.attn\.proj\.kernel", ("heads", "embed")),
+    (r"blocks\.\d+\.fc2\.kernel", ("mlp", "embed")),
+    (r"blocks\.\d+\.(attn\.proj|fc2)\.bias", ("embed",)),
+    (r"tok\.embedding", ("vocab", "embed")),
+    (r"head\.kernel", ("embed", "vocab")),
   )
 
-  def __init__(self, num_layers: int = 2, dim: int = 64, num_heads: int = 4,
-               max_len: int = 128, mlp_ratio: int = 4, dropout: float = 0.0, *,
-               num_classes: int = 256, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "transformer_lm"):
+  def __init__(
+    self,
+    num_layers: int = 2,
+    dim: int = 64,
+    num_heads: int = 4,
+    max_len: int = 128,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+    *,
+    num_classes: int = 256,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "transformer_lm",
+  ):
     self.model_name = name
     self.num_classes = num_classes
     self.input_shape = (max_len,)
     self.max_len = max_len
     self.dim, self.num_heads, self.compute_dtype = dim, num_heads, dtype
-    self.tok = nnx.Embed(num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype,
-                         param_dtype=L.PARAM_DTYPE, rngs=rngs)
-    self.pos = nnx.Embed(max_len, dim, embedding_init=_EMBED_INIT, dtype=dtype,
-                         param_dtype=L.PARAM_DTYPE, rngs=rngs)
-    self.blocks = L.ModuleList([
-        Block(dim, num_heads, mlp_ratio, dropout, dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
-    self.ln_f = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype,
-                              param_dtype=L.PARAM_DTYPE, rngs=rngs)
+    self.tok = nnx.Embed(
+      num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs
+    )
+    self.pos = nnx.Embed(max_len, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
+    self.blocks = L.ModuleList(
+      [Block(dim, num_heads, mlp_ratio, dropout, dtype=dtype, rngs=rngs) for _ in range(num_layers)]
+    )
+    self.ln_f = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
     self.head = L.dense(dim, num_classes, use_bias=False, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
-    if (tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer)
-        or tokens.shape[1] > self.max_len):
-      raise ValueError(f"{self.model_name} expects input (B, L) integer tokens with "
-                       f"L <= {self.max_len}, got {tuple(tokens.shape)} "
-                       f"{tokens.dtype}")
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] > self.max_len:
+      raise ValueError(
+        f"{self.model_name} expects input (B, L) integer tokens with "
+        f"L <= {self.max_len}, got {tuple(tokens.shape)} "
+        f"{tokens.dtype}"
+      )
     x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
     if self.dropout is not None:
       x = self.dropout(x, deterministic=not train)
@@ -146,11 +155,11 @@ class TransformerLM(nnx.Module):
     """An empty key/value cache for :meth:`decode`: per block ``{"k", "v"}`` of ``(B, S, H, D/H)``."""
     s = self.max_len if max_len is None else max_len
     if s > self.max_len:
-      raise ValueError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} needs a model "
-                       f"created with max_len ≥ {s}")
+      raise ValueError(
+        f"{self.model_name} holds {self.max_len} positions; a cache of {s} needs a model created with max_len ≥ {s}"
+      )
     shape = (batch_size, s, self.num_heads, self.dim // self.num_heads)
-    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
-            for _ in self.blocks]
+    return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)} for _ in self.blocks]
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Logits ``(B, T, V)`` of ``tokens`` ``(B, T)`` at ``positions`` ``(B, T)``, reading and extending ``cache``.

@@ -28,11 +28,11 @@ from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
 CONFIGS: dict[int, tuple[int, ...]] = {
-    8: (1, 1, 1, 1, 1),
-    11: (1, 1, 2, 2, 2),
-    13: (2, 2, 2, 2, 2),
-    16: (2, 2, 3, 3, 3),
-    19: (2, 2, 4, 4, 4),
+  8: (1, 1, 1, 1, 1),
+  11: (1, 1, 2, 2, 2),
+  13: (2, 2, 2, 2, 2),
+  16: (2, 2, 3, 3, 3),
+  19: (2, 2, 4, 4, 4),
 }
 WIDTHS = (64, 128, 256, 512, 512)
 
@@ -51,8 +51,7 @@ class VGG(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, depth: int = 13, *, num_classes: int = 100, dtype=jnp.float32,
-               rngs: nnx.Rngs, name: str = "vgg"):
+  def __init__(self, depth: int = 13, *, num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs, name: str = "vgg"):
     if depth not in CONFIGS:
       raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {depth}")
     self.model_name = name

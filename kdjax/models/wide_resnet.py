@@ -32,17 +32,16 @@ class WideBlock(nnx.Module):
   """Pre-activation basic block. Returns (out, BN1(x)) — BN1(x) is the input's
   pre-ReLU map, which the network reports as the previous stage's preact."""
 
-  def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float,
-               *, dtype, rngs: nnx.Rngs):
+  def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, *, dtype, rngs: nnx.Rngs):
     self.bn1 = L.batch_norm(in_planes, dtype=dtype, rngs=rngs)
     self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
     self.bn2 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
     self.equal_in_out = in_planes == planes and stride == 1
-    self.shortcut = (None if self.equal_in_out else
-                     L.conv(in_planes, planes, 1, stride, padding=0, dtype=dtype,
-                            rngs=rngs))
+    self.shortcut = (
+      None if self.equal_in_out else L.conv(in_planes, planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
+    )
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     ura = not train
@@ -61,9 +60,17 @@ class WideResNet(nnx.Module):
 
   input_shape = (32, 32, 3)
 
-  def __init__(self, depth: int = 16, widen_factor: int = 1, drop_rate: float = 0.0,
-               *, num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs,
-               name: str = "wide_resnet"):
+  def __init__(
+    self,
+    depth: int = 16,
+    widen_factor: int = 1,
+    drop_rate: float = 0.0,
+    *,
+    num_classes: int = 100,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    name: str = "wide_resnet",
+  ):
     if (depth - 4) % 6:
       raise ValueError(f"Wide ResNet depth must be 6n + 4, got {depth}")
     n = (depth - 4) // 6
@@ -76,8 +83,7 @@ class WideResNet(nnx.Module):
     for i, planes in enumerate(widths[1:]):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
-        blocks.append(WideBlock(in_planes, planes, stride, drop_rate, dtype=dtype,
-                                rngs=rngs))
+        blocks.append(WideBlock(in_planes, planes, stride, drop_rate, dtype=dtype, rngs=rngs))
         in_planes = planes
     self.blocks = L.ModuleList(blocks)
     self.blocks_per_stage = n
@@ -102,4 +108,3 @@ class WideResNet(nnx.Module):
     pooled = L.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.fc(pooled), feats)
-

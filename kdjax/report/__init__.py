@@ -14,26 +14,62 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-from kdjax.report.diagnostics import (accuracy, agreement, calibration_bins, cka_from_stats, cka_stats,
-                                      ece_from_bins, eval_batch_stats, expected_calibration_error,
-                                      finalize_eval_stats, kl_teacher_student, linear_cka)
+from kdjax.report.diagnostics import (
+  accuracy,
+  agreement,
+  calibration_bins,
+  cka_from_stats,
+  cka_stats,
+  ece_from_bins,
+  eval_batch_stats,
+  expected_calibration_error,
+  finalize_eval_stats,
+  kl_teacher_student,
+  linear_cka,
+)
 from kdjax.report.logging import MetricWriter, read_jsonl, write_json
 from kdjax.report.plots import plot_bars, plot_curves
 from kdjax.report.progress import log, progress
 from kdjax.report.tables import Row, RunRecord, Stat, collect, summarize, to_csv, to_markdown
 
 __all__ = [
-    "accuracy", "agreement", "kl_teacher_student", "calibration_bins", "ece_from_bins", "expected_calibration_error",
-    "linear_cka", "cka_stats", "cka_from_stats", "eval_batch_stats", "finalize_eval_stats", "MetricWriter",
-    "write_json", "read_jsonl", "RunRecord", "Row", "Stat", "collect", "summarize", "to_markdown", "to_csv",
-    "plot_curves", "plot_bars", "progress", "log", "make_report",
+  "accuracy",
+  "agreement",
+  "kl_teacher_student",
+  "calibration_bins",
+  "ece_from_bins",
+  "expected_calibration_error",
+  "linear_cka",
+  "cka_stats",
+  "cka_from_stats",
+  "eval_batch_stats",
+  "finalize_eval_stats",
+  "MetricWriter",
+  "write_json",
+  "read_jsonl",
+  "RunRecord",
+  "Row",
+  "Stat",
+  "collect",
+  "summarize",
+  "to_markdown",
+  "to_csv",
+  "plot_curves",
+  "plot_bars",
+  "progress",
+  "log",
+  "make_report",
 ]
 
 
-def make_report(paths: Sequence[str | os.PathLike], out_md: str | os.PathLike, csv_path: str | os.PathLike | None = None,
-                plots_dir: str | os.PathLike | None = None) -> str:
+def make_report(
+  paths: Sequence[str | os.PathLike],
+  out_md: str | os.PathLike,
+  csv_path: str | os.PathLike | None = None,
+  plots_dir: str | os.PathLike | None = None,
+) -> str:
   """Collect runs under ``paths``, write the Markdown table, CSV and PNG plots; return the Markdown.
 
   Files: ``out_md``; ``csv_path`` (default ``out_md`` with suffix ``.csv``);
@@ -47,8 +83,10 @@ def make_report(paths: Sequence[str | os.PathLike], out_md: str | os.PathLike, c
   paths = list(paths)
   records = collect(paths)
   if not records:
-    raise ValueError(f"no results.json found under {', '.join(map(str, paths))}; "
-                     "pass the workdirs of finished runs (training writes results.json at the end)")
+    raise ValueError(
+      f"no results.json found under {', '.join(map(str, paths))}; "
+      "pass the workdirs of finished runs (training writes results.json at the end)"
+    )
   rows = summarize(records)
   out_md = Path(out_md)
   out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +99,9 @@ def make_report(paths: Sequence[str | os.PathLike], out_md: str | os.PathLike, c
   def rel(p: Path) -> str:
     return Path(os.path.relpath(p.resolve(), out_md.parent.resolve())).as_posix()
 
-  md = (to_markdown(rows) + f"\n![test accuracy vs step]({rel(curves)})\n\n"
-        f"![last- and best-epoch accuracy per cell]({rel(bars)})\n")
+  md = (
+    to_markdown(rows) + f"\n![test accuracy vs step]({rel(curves)})\n\n"
+    f"![last- and best-epoch accuracy per cell]({rel(bars)})\n"
+  )
   out_md.write_text(md, encoding="utf-8")
   return md

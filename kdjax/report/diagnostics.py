@@ -14,16 +14,25 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "accuracy", "agreement", "kl_teacher_student", "calibration_bins", "ece_from_bins",
-    "expected_calibration_error", "linear_cka", "cka_stats", "cka_from_stats", "eval_batch_stats",
-    "finalize_eval_stats",
+  "accuracy",
+  "agreement",
+  "kl_teacher_student",
+  "calibration_bins",
+  "ece_from_bins",
+  "expected_calibration_error",
+  "linear_cka",
+  "cka_stats",
+  "cka_from_stats",
+  "eval_batch_stats",
+  "finalize_eval_stats",
 ]
 
 
@@ -33,8 +42,10 @@ def _mask(mask: Any, batch_shape: tuple[int, ...]) -> jnp.ndarray:
     return jnp.ones(batch_shape, jnp.float32)
   mask = jnp.asarray(mask)
   if mask.shape != batch_shape:
-    raise ValueError(f"mask has shape {mask.shape} but the logits' batch shape is {batch_shape}; "
-                     "pass a mask of shape logits.shape[:-1]")
+    raise ValueError(
+      f"mask has shape {mask.shape} but the logits' batch shape is {batch_shape}; "
+      "pass a mask of shape logits.shape[:-1]"
+    )
   return mask.astype(jnp.float32)
 
 
@@ -45,8 +56,10 @@ def _masked_mean(values: jnp.ndarray, m: jnp.ndarray) -> jnp.ndarray:
 
 def _check_pair(student_logits, teacher_logits) -> None:
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ in "
-                     "shape; both must be (..., C) over the same classes")
+    raise ValueError(
+      f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ in "
+      "shape; both must be (..., C) over the same classes"
+    )
 
 
 def accuracy(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -66,8 +79,7 @@ def accuracy(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None 
   return _masked_mean(correct, m)
 
 
-def agreement(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
-              mask: jnp.ndarray | None = None) -> jnp.ndarray:
+def agreement(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Top-1 agreement: the fraction of examples where argmax(student) == argmax(teacher).
 
   A student can agree with its teacher more than either agrees with the labels
@@ -98,8 +110,9 @@ def _kl_per_example(student_logits, teacher_logits, temperature: float) -> jnp.n
   return jnp.sum(jnp.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0), axis=-1)
 
 
-def kl_teacher_student(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, mask: jnp.ndarray | None = None,
-                       temperature: float = 1.0) -> jnp.ndarray:
+def kl_teacher_student(
+  student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, mask: jnp.ndarray | None = None, temperature: float = 1.0
+) -> jnp.ndarray:
   """Mean KL(teacher ‖ student) of the temperature-softened distributions, in nats.
 
   KL(p_T ‖ p_S) = Σ_c p_T,c (log p_T,c − log p_S,c), with p = softmax(z / τ),
@@ -120,8 +133,9 @@ def kl_teacher_student(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
   return _masked_mean(_kl_per_example(s, t, temperature), m)
 
 
-def calibration_bins(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None,
-                     num_bins: int = 15) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def calibration_bins(
+  logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None, num_bins: int = 15
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Per-bin sums for the expected calibration error (additive across batches).
 
   Confidence = max_c softmax(logits)_c. Bins are equal-width, B_b = ((b−1)/M, b/M]
@@ -156,8 +170,9 @@ def ece_from_bins(count: Any, conf_sum: Any, correct_sum: Any) -> jnp.ndarray:
   return jnp.sum(diff) / jnp.maximum(jnp.sum(count), 1.0)
 
 
-def expected_calibration_error(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None,
-                               num_bins: int = 15) -> jnp.ndarray:
+def expected_calibration_error(
+  logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray | None = None, num_bins: int = 15
+) -> jnp.ndarray:
   """Expected calibration error with ``num_bins`` equal-width confidence bins (Guo et al. 2017).
 
   ECE = Σ_b (n_b / N) |acc_b − conf_b|, a fraction in [0, 1].
@@ -217,8 +232,7 @@ def cka_stats(x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray | None = None) -
   y = y.reshape(y.shape[0], -1)
   m = _mask(mask, (x.shape[0],))[:, None]
   xm, ym = x * m, y * m
-  return {"n": jnp.sum(m), "sx": jnp.sum(xm, 0), "sy": jnp.sum(ym, 0), "xx": xm.T @ x, "yy": ym.T @ y,
-          "yx": ym.T @ x}
+  return {"n": jnp.sum(m), "sx": jnp.sum(xm, 0), "sy": jnp.sum(ym, 0), "xx": xm.T @ x, "yy": ym.T @ y, "yx": ym.T @ x}
 
 
 def cka_from_stats(stats: Mapping[str, Any]) -> float:
@@ -232,12 +246,18 @@ def cka_from_stats(stats: Mapping[str, Any]) -> float:
   cyy = s["yy"] - n * np.outer(my, my)
   cyx = s["yx"] - n * np.outer(my, mx)
   den = np.linalg.norm(cxx) * np.linalg.norm(cyy)
-  return float(np.sum(cyx ** 2) / den) if den > 0 else 0.0
+  return float(np.sum(cyx**2) / den) if den > 0 else 0.0
 
 
-def eval_batch_stats(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray | None, labels: jnp.ndarray,
-                     mask: jnp.ndarray | None = None, *, num_bins: int = 15,
-                     temperature: float = 1.0) -> dict[str, jnp.ndarray]:
+def eval_batch_stats(
+  student_logits: jnp.ndarray,
+  teacher_logits: jnp.ndarray | None,
+  labels: jnp.ndarray,
+  mask: jnp.ndarray | None = None,
+  *,
+  num_bins: int = 15,
+  temperature: float = 1.0,
+) -> dict[str, jnp.ndarray]:
   """Additive per-batch sums for ``finalize_eval_stats`` (jit this; add the results on the host).
 
   Keys: ``count``, ``correct``, ``nll_sum`` (−log p_student(label), summed),
@@ -255,12 +275,12 @@ def eval_batch_stats(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray | 
   logp = jax.nn.log_softmax(s.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
   out = {
-      "count": jnp.sum(m),
-      "correct": jnp.sum((s_pred == labels).astype(jnp.float32) * m),
-      "nll_sum": jnp.sum(nll * m),
-      "ece_count": count,
-      "ece_conf": conf_sum,
-      "ece_correct": correct_sum,
+    "count": jnp.sum(m),
+    "correct": jnp.sum((s_pred == labels).astype(jnp.float32) * m),
+    "nll_sum": jnp.sum(nll * m),
+    "ece_count": count,
+    "ece_conf": conf_sum,
+    "ece_correct": correct_sum,
   }
   if s.ndim > 2:
     out["token_batches"] = jnp.float32(1.0)

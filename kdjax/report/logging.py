@@ -18,7 +18,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -38,8 +39,10 @@ def to_python_scalar(name: str, value: Any) -> float | str:
   except Exception as e:  # noqa: BLE001 — report which metric was bad
     raise TypeError(f"metric {name!r} has type {type(value).__name__}; log numbers or scalar arrays") from e
   if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-    raise TypeError(f"metric {name!r} is an array of shape {arr.shape} and dtype {arr.dtype}; "
-                    "log scalars (reduce it first, e.g. with .mean())")
+    raise TypeError(
+      f"metric {name!r} is an array of shape {arr.shape} and dtype {arr.dtype}; "
+      "log scalars (reduce it first, e.g. with .mean())"
+    )
   return float(arr.reshape(()))
 
 
@@ -69,8 +72,9 @@ class MetricWriter:
       w.write(step, "train", {"loss/total": loss})
   """
 
-  def __init__(self, workdir: str | os.PathLike, quiet: bool = False, tensorboard: bool = True,
-               start_step: int | None = None):
+  def __init__(
+    self, workdir: str | os.PathLike, quiet: bool = False, tensorboard: bool = True, start_step: int | None = None
+  ):
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / "metrics.jsonl"
@@ -145,10 +149,13 @@ class MetricWriter:
       if self._failed:
         return
       self._failed = True
-      warnings.warn(f"writing metrics under {self.workdir} failed ({e.strerror or e}); no further metrics are "
-                    f"logged by this run", RuntimeWarning, stacklevel=3)
+      warnings.warn(
+        f"writing metrics under {self.workdir} failed ({e.strerror or e}); no further metrics are logged by this run",
+        RuntimeWarning,
+        stacklevel=3,
+      )
 
-  def __enter__(self) -> "MetricWriter":
+  def __enter__(self) -> MetricWriter:
     return self
 
   def __exit__(self, *exc) -> None:

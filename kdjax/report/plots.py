@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -89,14 +89,23 @@ def plot_bars(rows: Sequence[Row], path: str | os.PathLike) -> Path:
   def vals(attr: str) -> tuple[np.ndarray, np.ndarray]:
     m = [getattr(r, attr).mean for r in rows]
     s = [getattr(r, attr).std for r in rows]
-    return (np.asarray([np.nan if v is None else v for v in m], np.float64),
-            np.asarray([0.0 if v is None else v for v in s], np.float64))
+    return (
+      np.asarray([np.nan if v is None else v for v in m], np.float64),
+      np.asarray([0.0 if v is None else v for v in s], np.float64),
+    )
 
   last_m, last_s = vals("last_acc")
   best_m, best_s = vals("best_acc")
   ax.barh(y - h / 2, np.nan_to_num(last_m), h, xerr=last_s, capsize=3, label="last epoch (final eval)")
-  ax.barh(y + h / 2, np.nan_to_num(best_m), h, xerr=best_s, capsize=3, alpha=0.6,
-          label="best epoch (max over evals, optimistic)")
+  ax.barh(
+    y + h / 2,
+    np.nan_to_num(best_m),
+    h,
+    xerr=best_s,
+    capsize=3,
+    alpha=0.6,
+    label="best epoch (max over evals, optimistic)",
+  )
   pub = [(i, r.published) for i, r in enumerate(rows) if r.published is not None]
   if pub:
     ax.scatter([p for _, p in pub], [i for i, _ in pub], marker="D", color="black", zorder=3, label="published")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+from typing import TypeVar
+from collections.abc import Iterable
 
 __all__ = ["progress", "log"]
 
@@ -22,8 +23,9 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", qu
   ``quiet`` or when stderr is not a TTY (batch jobs, CI, redirected logs)."""
   from tqdm import tqdm
 
-  return tqdm(iterable, total=total, desc=desc or None, disable=quiet or not _interactive(), dynamic_ncols=True,
-              file=sys.stderr)
+  return tqdm(
+    iterable, total=total, desc=desc or None, disable=quiet or not _interactive(), dynamic_ncols=True, file=sys.stderr
+  )
 
 
 def log(message: str, quiet: bool = False) -> None:

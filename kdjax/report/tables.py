@@ -21,7 +21,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -121,7 +122,7 @@ class Stat(NamedTuple):
   n: int
 
   @staticmethod
-  def of(values: Iterable[Any], scale: float = 1.0) -> "Stat":
+  def of(values: Iterable[Any], scale: float = 1.0) -> Stat:
     v = np.asarray([float(x) * scale for x in values if x is not None], np.float64)
     if v.size == 0:
       return Stat(None, None, 0)
@@ -170,8 +171,15 @@ def _best(r: RunRecord) -> float | None:
 
 # Config leaves that never make two runs different cells: the seed, paths
 # (each seed may have its own teacher workdir) and output/verbosity settings.
-_NOT_A_SETTING = ("run.seed", "run.workdir", "run.quiet", "run.log_every", "run.xla_cpu_conv", "data.data_dir",
-                  "data.teacher_cache")
+_NOT_A_SETTING = (
+  "run.seed",
+  "run.workdir",
+  "run.quiet",
+  "run.log_every",
+  "run.xla_cpu_conv",
+  "data.data_dir",
+  "data.teacher_cache",
+)
 
 
 def _settings(r: RunRecord) -> dict[str, str]:
@@ -220,7 +228,8 @@ def summarize(records: Sequence[RunRecord]) -> list[Row]:
   rows = []
   for g, rs in groups.items():
     published = next((float(r.get("published")) for r in rs if r.get("published") is not None), None)
-    rows.append(Row(
+    rows.append(
+      Row(
         group=g,
         seeds=tuple(r.seed for r in rs),
         last_acc=Stat.of((r.get("test_accuracy") for r in rs), 100.0),
@@ -235,17 +244,19 @@ def summarize(records: Sequence[RunRecord]) -> list[Row]:
         exact_match=Stat.of((r.get("exact_match") for r in rs), 100.0),
         experiment=rs[0].get("experiment"),
         method=rs[0].get("method"),
-    ))
+      )
+    )
   return rows
 
 
 FOOTNOTE = (
-    "last = final evaluation; best = max over evaluations (optimistic: it selects on the test set; reported for "
-    "comparison with papers that use it). Values are mean ± std over seeds, where std is the sample std "
-    "(ddof = 1); \"–\" = a single seed; n/a = not measured; (n=k) = only k of the seeds have the value. "
-    "agreement = top-1 agreement with the teacher (fraction); KL(T‖S) = mean KL(teacher ‖ student) at T = 1, "
-    "in nats; ECE = expected calibration error with 15 equal-width bins (fraction); published = the paper's "
-    "number (%).")
+  "last = final evaluation; best = max over evaluations (optimistic: it selects on the test set; reported for "
+  "comparison with papers that use it). Values are mean ± std over seeds, where std is the sample std "
+  '(ddof = 1); "–" = a single seed; n/a = not measured; (n=k) = only k of the seeds have the value. '
+  "agreement = top-1 agreement with the teacher (fraction); KL(T‖S) = mean KL(teacher ‖ student) at T = 1, "
+  "in nats; ECE = expected calibration error with 15 equal-width bins (fraction); published = the paper's "
+  "number (%)."
+)
 
 COLUMNS = ("cell", "seeds", "last-epoch acc. (%)", "best-epoch acc. (%)", "agreement", "KL(T‖S)", "ECE", "published")
 
@@ -269,26 +280,40 @@ def to_markdown(rows: Sequence[Row]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|:---|" + "---:|" * (len(columns) - 1)]
   for r in rows:
     cells = [
-        _md_escape(r.group),
-        str(r.n),
-        _cell(r.last_acc, r.n, 2),
-        _cell(r.best_acc, r.n, 2),
-        _cell(r.agreement, r.n, 3),
-        _cell(r.kl, r.n, 3),
-        *([_cell(r.exact_match, r.n, 2), _cell(r.perplexity, r.n, 3)] if lm else []),
-        _cell(r.ece, r.n, 3),
-        "–" if r.published is None else f"{r.published:.2f}",
+      _md_escape(r.group),
+      str(r.n),
+      _cell(r.last_acc, r.n, 2),
+      _cell(r.best_acc, r.n, 2),
+      _cell(r.agreement, r.n, 3),
+      _cell(r.kl, r.n, 3),
+      *([_cell(r.exact_match, r.n, 2), _cell(r.perplexity, r.n, 3)] if lm else []),
+      _cell(r.ece, r.n, 3),
+      "–" if r.published is None else f"{r.published:.2f}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
-  note = (" For language models accuracy, agreement, KL and ECE are per scored token (teacher-forced), "
-          "perplexity = exp(mean token NLL), and exact match counts greedy-generated answers reproduced token "
-          "for token.") if lm else ""
+  note = (
+    (
+      " For language models accuracy, agreement, KL and ECE are per scored token (teacher-forced), "
+      "perplexity = exp(mean token NLL), and exact match counts greedy-generated answers reproduced token "
+      "for token."
+    )
+    if lm
+    else ""
+  )
   return "\n".join(lines) + "\n\n" + FOOTNOTE + note + "\n"
 
 
-_CSV_STATS = (("last_acc_pct", "last_acc"), ("best_acc_pct", "best_acc"), ("teacher_acc_pct", "teacher_acc"),
-              ("agreement", "agreement"), ("teacher_student_kl", "kl"), ("ece", "ece"), ("cka", "cka"),
-              ("perplexity", "perplexity"), ("exact_match_pct", "exact_match"))
+_CSV_STATS = (
+  ("last_acc_pct", "last_acc"),
+  ("best_acc_pct", "best_acc"),
+  ("teacher_acc_pct", "teacher_acc"),
+  ("agreement", "agreement"),
+  ("teacher_student_kl", "kl"),
+  ("ece", "ece"),
+  ("cka", "cka"),
+  ("perplexity", "perplexity"),
+  ("exact_match_pct", "exact_match"),
+)
 
 
 def _num(x: float | None) -> str:

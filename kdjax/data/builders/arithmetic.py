@@ -85,7 +85,7 @@ def answer_value(answer_ids) -> int | None:
   """The sum an answer spells (its ``s_i`` tokens), or ``None`` when it is malformed."""
   ids = [int(i) for i in answer_ids]
   if EOS in ids:
-    ids = ids[:ids.index(EOS)]
+    ids = ids[: ids.index(EOS)]
   if len(ids) % 2 != 1 or not all(_DIGIT0 <= i < _DIGIT0 + 10 for i in ids):
     return None
   sums = [i - _DIGIT0 for i in ids[0::2]]
@@ -115,7 +115,7 @@ def sample_pairs(c: ArithmeticConfig) -> dict[str, np.ndarray]:
     raise ValueError(f"arithmetic: {total} examples asked for but only {space} distinct {c.num_digits}-digit pairs")
   flat = np.random.default_rng(c.seed).choice(space, size=total, replace=False)
   pairs = np.stack([flat // 10**c.num_digits, flat % 10**c.num_digits], axis=1)
-  return {"train": pairs[:c.train_size], "test": pairs[c.train_size:]}
+  return {"train": pairs[: c.train_size], "test": pairs[c.train_size :]}
 
 
 class Arithmetic(LocalBuilder):
@@ -124,22 +124,24 @@ class Arithmetic(LocalBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Generated locally, stored as ArrayRecord."}
   BUILDER_CONFIGS = [
-      ArithmeticConfig(name="add4", description="4-digit + 4-digit: 30,000 train / 1,000 test pairs."),
-      ArithmeticConfig(name="add6", description="6-digit + 6-digit: 30,000 train / 1,000 test pairs.", num_digits=6),
+    ArithmeticConfig(name="add4", description="4-digit + 4-digit: 30,000 train / 1,000 test pairs."),
+    ArithmeticConfig(name="add6", description="6-digit + 6-digit: 30,000 train / 1,000 test pairs.", num_digits=6),
   ]
   DEFAULT_CONFIG_NAME = "add4"
 
   def _info(self) -> tfds.core.DatasetInfo:
     length = sequence_length(self.builder_config.num_digits)
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-            "prompt_length": tfds.features.Scalar(dtype=np.int32),
-        }),
-        supervised_keys=("inputs", "targets"),
-        metadata=tfds.core.MetadataDict(vocab_size=len(VOCAB)),
-        disable_shuffling=True,  # keep generation order: index = example id
+      features=tfds.features.FeaturesDict(
+        {
+          "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "prompt_length": tfds.features.Scalar(dtype=np.int32),
+        }
+      ),
+      supervised_keys=("inputs", "targets"),
+      metadata=tfds.core.MetadataDict(vocab_size=len(VOCAB)),
+      disable_shuffling=True,  # keep generation order: index = example id
     )
 
   def _split_generators(self, dl_manager):
@@ -152,5 +154,5 @@ class Arithmetic(LocalBuilder):
       prompt, answer = example_tokens(int(a), int(b), n)
       seq = np.asarray(prompt + answer, np.int32)
       targets = seq[1:].copy()
-      targets[:len(prompt) - 1] = -1  # the model is not asked to predict the prompt
+      targets[: len(prompt) - 1] = -1  # the model is not asked to predict the prompt
       yield i, {"inputs": seq[:-1], "targets": targets, "prompt_length": len(prompt)}

@@ -28,16 +28,17 @@ class Digits(LocalBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "From sklearn.datasets.load_digits.", "1.1.0": "The same examples, stored as ArrayRecord."}
 
-
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep generation order: index = example id
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,  # keep generation order: index = example id
+      homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
     )
 
   def _split_generators(self, dl_manager):
@@ -47,10 +48,7 @@ class Digits(LocalBuilder):
     d = load_digits()
     images = d.images.astype(np.uint8)[..., None]
     labels = d.target.astype(np.int64)
-    return {
-        name: self._generate_examples(images[idx], labels[idx])
-        for name, idx in split_indices().items()
-    }
+    return {name: self._generate_examples(images[idx], labels[idx]) for name, idx in split_indices().items()}
 
   def _generate_examples(self, images, labels):
     for i in range(len(images)):

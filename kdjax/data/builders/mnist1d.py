@@ -76,34 +76,35 @@ class Mnist1d(LocalBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Generated with the mnist1d package.", "1.1.0": "The same examples, stored as ArrayRecord."}
   BUILDER_CONFIGS = [
-      Mnist1dConfig(
-          name="default",
-          description="Package defaults: 4000 train / 1000 test, seed 42; 40k transfer.",
-      ),
-      Mnist1dConfig(
-          name="small_transfer",
-          description="Default train/test; a 2000-example transfer split (fast to build).",
-          transfer_size=2000,
-      ),
-      Mnist1dConfig(
-          name="large",
-          description="50k samples: 40000 train / 10000 test, seed 42; 40k transfer.",
-          num_samples=50_000,
-      ),
+    Mnist1dConfig(
+      name="default",
+      description="Package defaults: 4000 train / 1000 test, seed 42; 40k transfer.",
+    ),
+    Mnist1dConfig(
+      name="small_transfer",
+      description="Default train/test; a 2000-example transfer split (fast to build).",
+      transfer_size=2000,
+    ),
+    Mnist1dConfig(
+      name="large",
+      description="50k samples: 40000 train / 10000 test, seed 42; 40k transfer.",
+      num_samples=50_000,
+    ),
   ]
   DEFAULT_CONFIG_NAME = "default"
 
-
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(SEQ_LEN,), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep generation order: index = example id
-        homepage="https://github.com/greydanus/mnist1d",
-        citation="Greydanus & Kobak, Scaling down deep learning with MNIST-1D, ICML 2024.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(SEQ_LEN,), dtype=np.float32),
+          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,  # keep generation order: index = example id
+      homepage="https://github.com/greydanus/mnist1d",
+      citation="Greydanus & Kobak, Scaling down deep learning with MNIST-1D, ICML 2024.",
     )
 
   def _split_generators(self, dl_manager):
@@ -111,8 +112,8 @@ class Mnist1d(LocalBuilder):
     c = self.builder_config
     d = generate(_args(c.num_samples, c.seed, c.train_split))
     splits = {
-        "train": self._generate_examples(d["x"], d["y"]),
-        "test": self._generate_examples(d["x_test"], d["y_test"]),
+      "train": self._generate_examples(d["x"], d["y"]),
+      "test": self._generate_examples(d["x_test"], d["y_test"]),
     }
     if c.transfer_size > 0:
       t = generate(_args(c.transfer_size, c.transfer_seed, 1.0))
@@ -120,8 +121,10 @@ class Mnist1d(LocalBuilder):
       seen = _row_set(d["x"]) | _row_set(d["x_test"])
       dup = sum(r in seen for r in _row_set(xt))
       if dup:  # not an assert: must hold under python -O too
-        raise ValueError(f"mnist1d transfer split (transfer_seed={c.transfer_seed}) shares {dup} "
-                         f"rows with train/test; choose another transfer_seed")
+        raise ValueError(
+          f"mnist1d transfer split (transfer_seed={c.transfer_seed}) shares {dup} "
+          f"rows with train/test; choose another transfer_seed"
+        )
       splits["transfer"] = self._generate_examples(xt, np.full(len(xt), -1))
     return splits
 
