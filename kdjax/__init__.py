@@ -30,6 +30,7 @@ _EXPORTS = {
   "Checkpointer": "kdjax.checkpoint",
   "ResponseConfig": "kdjax.responses",
   "Placement": "kdjax.placement",
+  "ConfigError": "kdjax.errors",
 }
 _MODULES = (
   "batch",

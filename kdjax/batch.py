@@ -38,6 +38,8 @@ from __future__ import annotations
 from typing import Any
 from collections.abc import Mapping
 
+from kdjax.errors import ConfigError
+
 INPUTS = "inputs"
 LABEL = "label"
 MASK = "mask"
@@ -59,7 +61,7 @@ CACHED_TEACHER = (TEACHER_LOGITS, TEACHER_TOPK_LOGP, TEACHER_TOPK_IDX)
 def inputs(batch: Mapping[str, Any]) -> Any:
   """The student inputs of ``batch`` (``ValueError`` naming the keys when missing)."""
   if INPUTS not in batch:
-    raise ValueError(f"batch has no {INPUTS!r} entry (keys: {sorted(batch)}); see kdjax.batch for the contract")
+    raise ConfigError(f"batch has no {INPUTS!r} entry (keys: {sorted(batch)}); see kdjax.batch for the contract")
   return batch[INPUTS]
 
 

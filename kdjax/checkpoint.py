@@ -50,6 +50,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, serialization
 
+from kdjax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
@@ -288,7 +290,7 @@ class Checkpointer:
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or not meta:
-          raise ValueError("its metadata is empty")
+          raise ConfigError("its metadata is empty")
         saved_layout = self.manager.item_metadata(step)["state"]
       except Exception as e:  # noqa: BLE001 - unreadable in any way means "not usable"
         self._set_aside(step, _why(e), e)
@@ -297,7 +299,7 @@ class Checkpointer:
         check_meta(step, meta)
       diff = layout_difference(saved_layout, target)
       if diff:
-        raise ValueError(
+        raise ConfigError(
           f"checkpoint {self.directory / str(step)} holds another state layout than this run builds "
           f"({diff}); it belongs to another configuration: use a new workdir"
         )
@@ -428,7 +430,7 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
   """
   directory = Path(directory).absolute()
   if not directory.is_dir():
-    raise ValueError(f"no checkpoint directory {str(directory)!r}")
+    raise ConfigError(f"no checkpoint directory {str(directory)!r}")
   mgr = ocp.CheckpointManager(
     directory,
     item_handlers=_item_handlers(),
@@ -437,7 +439,7 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[int
   try:
     steps = sorted(mgr.all_steps())
     if not steps or (step is not None and step not in steps):
-      raise ValueError(
+      raise ConfigError(
         f"{str(directory)!r} has no checkpoint {'' if step is None else f'at step {step} '}(steps: {steps})"
       )
     step = steps[-1] if step is None else step
@@ -512,7 +514,7 @@ def resolve_export(path: str | Path, what: str = "teacher checkpoint") -> Path:
       return cand
   if p.parent.name == "checkpoints" and p.name.isdigit():
     run = p.parent.parent
-    raise ValueError(
+    raise ConfigError(
       f"{what} {str(p)!r} is a training checkpoint (step {p.name}) of the run {str(run)!r}, not an "
       f"exported model; pass that run's workdir once it has finished (it then holds "
       f"{EXPORT_DIR}/{EXPORT_PARAMS})"
@@ -528,7 +530,7 @@ def resolve_export(path: str | Path, what: str = "teacher checkpoint") -> Path:
     if what.startswith("teacher")
     else "pass the workdir of a finished run"
   )
-  raise ValueError(f"{what} {str(p)!r} not found ({why}); {fix}")
+  raise ConfigError(f"{what} {str(p)!r} not found ({why}); {fix}")
 
 
 def file_hash(path: str | Path) -> str:
@@ -549,7 +551,7 @@ def load_export(path: str | Path, what: str = "teacher checkpoint") -> tuple[dic
     if not isinstance(payload, dict) or "params" not in payload:
       raise TypeError("no 'params' entry")
   except Exception as e:  # noqa: BLE001
-    raise ValueError(
+    raise ConfigError(
       f"{what} {str(msgpack)!r} is corrupt or not a kdjax export ({type(e).__name__}); "
       f"re-export it from its run's workdir"
     ) from None
@@ -584,4 +586,4 @@ def _check_same_shapes(saved: Any, target: Any, what: str) -> None:
   if s != t:
     missing = sorted(set(t) - set(s))[:3]
     wrong = [k for k in t if k in s and s[k] != t[k]][:3]
-    raise ValueError(f"checkpoint {what} do not fit the model: missing {missing}, shape mismatch {wrong}")
+    raise ConfigError(f"checkpoint {what} do not fit the model: missing {missing}, shape mismatch {wrong}")

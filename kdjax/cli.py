@@ -45,11 +45,12 @@ from typing import Any
 from collections.abc import Sequence
 
 from kdjax.config import Experiment, ModelConfig
+from kdjax.errors import ConfigError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
-class CliError(ValueError):
+class CliError(ConfigError):
   """A user error: printed as one line, exit status 1."""
 
 
@@ -523,7 +524,7 @@ def _run_serial(
       except KeyboardInterrupt:
         return failed, True
       except Exception as e:  # noqa: BLE001 - one failed cell does not stop the sweep
-        if not is_bad_input(e):
+        if not isinstance(e, ConfigError):
           import traceback
 
           traceback.print_exc()
@@ -810,35 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   try:
     return COMMANDS[cmd](rest)
-  except ValueError as e:
-    if not is_bad_input(e):
-      raise
+  except ConfigError as e:
     print(f"kdjax: error: {one_line(e)}", file=sys.stderr)
     return 1
-
-
-def is_bad_input(e: BaseException) -> bool:
-  """A ``ValueError`` that kdjax (or an experiment file) raised itself.
-
-  kdjax reports bad input with a ``raise ValueError(...)`` statement in its
-  own code whose message names the field and the fix. Anything else — a
-  ``ValueError`` from inside NumPy or JAX, a ``KeyError``, a ``TypeError`` —
-  is a bug and keeps its traceback.
-  """
-  import linecache
-
-  if not isinstance(e, ValueError):
-    return False
-  tb = e.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  if tb is None:
-    return False
-  frame = tb.tb_frame
-  spec = frame.f_globals.get("__spec__")  # `python -m kdjax.cli` runs as __main__
-  module = spec.name if spec is not None else frame.f_globals.get("__name__", "")
-  ours = module == "kdjax" or module.startswith(("kdjax.", "kdjax_experiment_"))
-  return ours and linecache.getline(frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def one_line(e: BaseException) -> str:

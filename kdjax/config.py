@@ -16,6 +16,7 @@ import math
 import json
 from typing import Any, Literal
 
+from kdjax.errors import ConfigError
 from kdjax.placement import Placement
 from kdjax.responses import ResponseConfig
 from kdjax.methods.config import MethodConfig
@@ -25,7 +26,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _check(cond: bool, field: str, msg: str) -> None:
   if not cond:
-    raise ValueError(f"{field}: {msg}")
+    raise ConfigError(f"{field}: {msg}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +307,7 @@ class Experiment:
         "still shard the teacher)",
       )
     if self.data.transfer_split and self.mode == "teacher":
-      raise ValueError("data.transfer_split: the transfer set is unlabelled; it cannot train a teacher (mode=teacher)")
+      raise ConfigError("data.transfer_split: the transfer set is unlabelled; it cannot train a teacher (mode=teacher)")
 
   def replace(self, **kw) -> Experiment:
     return dataclasses.replace(self, **kw)
@@ -401,7 +402,7 @@ def from_dict(d: dict) -> Experiment:
     hints = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(hints))
     if unknown:
-      raise ValueError(
+      raise ConfigError(
         f"config has unknown field(s) {', '.join(where + k for k in unknown)}: written by another "
         f"kdjax version or edited by hand; fix or remove them (known: {', '.join(sorted(hints))})"
       )

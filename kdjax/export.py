@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import checkpoint as ckpt
+from kdjax.errors import ConfigError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,13 +46,13 @@ def load(path: str | Path) -> dict[str, Any]:
   meta, payload, digest = ckpt.load_export(path, what="exported model")
   missing = [k for k in ("model", "num_classes") if k not in meta]
   if missing:
-    raise ValueError(
+    raise ConfigError(
       f"exported model {str(path)!r} has no {ckpt.EXPORT_META} entries {missing}; re-export it with "
       f"`kdjax export WORKDIR --out DIR`"
     )
   dtype = meta.get("dtype", "float32")
   if dtype not in _DTYPES:
-    raise ValueError(f"exported model {str(path)!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    raise ConfigError(f"exported model {str(path)!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
   return {
     "model": meta["model"],
     "num_classes": int(meta["num_classes"]),
@@ -103,7 +104,7 @@ def predict(params: dict[str, Any], images: Any, *, batch_size: int = 1024) -> n
   if not isinstance(params, dict) or not {"model", "num_classes", "dtype", "params"} <= set(params):
     raise TypeError("predict(params, images): params must be what kdjax.export.load(path) returns")
   if batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size}: must be positive")
+    raise ConfigError(f"batch_size={batch_size}: must be positive")
   images = np.asarray(images)
   p, r = _filled(params)
   forward = _template(params["model"], int(params["num_classes"]), params["dtype"])[2]

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -70,7 +72,7 @@ class Sampling:
     )
     for ok, name, want in checks:
       if not ok:
-        raise ValueError(f"sampling.{name} must be {want}, got {getattr(self, name)}")
+        raise ConfigError(f"sampling.{name} must be {want}, got {getattr(self, name)}")
 
 
 class Generated(NamedTuple):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from kdjax.errors import ConfigError
+
 MEMORIES = ("device", "pinned_host")
 
 
@@ -59,7 +61,7 @@ class Placement:
     )
     for ok, name, want in checks:
       if not ok:
-        raise ValueError(f"placement.{name} must be {want}, got {getattr(self, name)!r}")
+        raise ConfigError(f"placement.{name} must be {want}, got {getattr(self, name)!r}")
 
   @property
   def kind(self) -> str:

@@ -29,6 +29,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from kdjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ResponseConfig:
@@ -65,7 +67,7 @@ class ResponseConfig:
     )
     for ok, name, want in checks:
       if not ok:
-        raise ValueError(f"responses.{name} must be {want}, got {getattr(self, name)!r}")
+        raise ConfigError(f"responses.{name} must be {want}, got {getattr(self, name)!r}")
 
   @property
   def active(self) -> bool:

@@ -74,6 +74,7 @@ from kdjax import batch as B
 from kdjax.data import views as V
 from kdjax.data.loader import Loader
 from kdjax.data.tfds import ArrayDataset
+from kdjax.errors import ConfigError
 
 FORMAT_VERSION = 3  # 2: output_shape, top-k storage, .npy shard directories; 3: per-shard digest.json
 DIGEST_FILE = "digest.json"
@@ -106,15 +107,15 @@ class CacheSpec:
 
   def __post_init__(self):
     if self.views < 1:
-      raise ValueError(f"cache.views={self.views}: must be ≥ 1 (1 with views off = plain logit caching)")
+      raise ConfigError(f"cache.views={self.views}: must be ≥ 1 (1 with views off = plain logit caching)")
     if self.dtype not in _STORAGE:
-      raise ValueError(f"cache.dtype={self.dtype!r}: expected one of {_STORAGE}")
+      raise ConfigError(f"cache.dtype={self.dtype!r}: expected one of {_STORAGE}")
     if self.top_k < 0:
-      raise ValueError(f"cache.top_k={self.top_k}: must be ≥ 0 (0 stores full logits)")
+      raise ConfigError(f"cache.top_k={self.top_k}: must be ≥ 0 (0 stores full logits)")
     if self.shard_size < 1 or self.batch_size < 1:
-      raise ValueError(f"cache.shard_size={self.shard_size}, cache.batch_size={self.batch_size}: must be ≥ 1")
+      raise ConfigError(f"cache.shard_size={self.shard_size}, cache.batch_size={self.batch_size}: must be ≥ 1")
     if self.view_seed < 0:
-      raise ValueError(f"cache.view_seed={self.view_seed}: must be ≥ 0")
+      raise ConfigError(f"cache.view_seed={self.view_seed}: must be ≥ 0")
 
 
 def view_fingerprint(view: V.ViewConfig) -> dict:
@@ -124,7 +125,7 @@ def view_fingerprint(view: V.ViewConfig) -> dict:
 
 def check_view(view: V.ViewConfig) -> None:
   if view.mixes:
-    raise ValueError(
+    raise ConfigError(
       f"teacher cache with mixup_alpha={view.mixup_alpha}, cutmix_alpha={view.cutmix_alpha}: a mixed input pairs "
       f"two examples per batch, so its teacher output cannot be cached per example; set both to 0 or drop "
       f"--data.teacher_cache (online teacher)"
@@ -186,7 +187,7 @@ def verify_file(path: Path, digests: Mapping[str, str]) -> None:
   """``ValueError`` naming the shard when ``path``'s bytes differ from the digest written with it."""
   if digests.get(path.name) != _file_digest(path):
     shard = path.parent
-    raise ValueError(
+    raise ConfigError(
       f"data.teacher_cache: shard {shard.name} is damaged ({path.name} does not match its "
       f"{DIGEST_FILE}); delete {str(shard)!r} and re-run the same `kdjax cache` command to rebuild it"
     )
@@ -244,7 +245,7 @@ def _allow_open_files(n: int, spare: int = 256) -> None:
   want = n + spare
   if soft != resource.RLIM_INFINITY and soft < want:
     if hard != resource.RLIM_INFINITY and hard < want:
-      raise ValueError(
+      raise ConfigError(
         f"teacher cache: {n} shard files to map but this process may open at most {hard} files; "
         f"rebuild with a larger --cache.shard-size (fewer shards) or raise `ulimit -n`"
       )
@@ -267,7 +268,7 @@ def cache_meta(
   n_shards = -(-len(ds) // spec.shard_size)
   shape = tuple(int(d) for d in (output_shape or (num_classes,)))
   if shape[-1] != num_classes:
-    raise ValueError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
+    raise ConfigError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
   index_dtype = index_dtype_for(num_classes)
   k = min(spec.top_k, num_classes)
   per_dist = (
@@ -343,15 +344,15 @@ def _encode_prediction(
   """
   if isinstance(pred, (tuple, list)):
     if spec.top_k == 0:
-      raise ValueError("predict returned a top-k pair but cache.top_k=0 stores full logits")
+      raise ConfigError("predict returned a top-k pair but cache.top_k=0 stores full logits")
     lp, idx = (np.asarray(a) for a in pred)
     k = min(spec.top_k, out_shape[-1])
     if lp.shape[1:] != (*out_shape[:-1], k) or idx.shape != lp.shape:
-      raise ValueError(f"teacher top-k outputs {lp.shape}/{idx.shape} per batch; expected (n, {(*out_shape[:-1], k)})")
+      raise ConfigError(f"teacher top-k outputs {lp.shape}/{idx.shape} per batch; expected (n, {(*out_shape[:-1], k)})")
     return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(index_dtype)}
   z = np.asarray(pred, np.float32)
   if z.shape[1:] != out_shape:
-    raise ValueError(
+    raise ConfigError(
       f"teacher outputs {z.shape[1:]} per example, the cache expects {out_shape} (num_classes / output_shape)"
     )
   return _encode(z[:, None], spec, index_dtype)
@@ -414,7 +415,7 @@ def build_cache(
     meta["index_dtype"] = old.get("index_dtype", "int32" if spec.top_k else None)
     diff = _same_key(old, meta)
     if diff:
-      raise ValueError(
+      raise ConfigError(
         f"teacher cache {str(d)!r} holds a different cache ({', '.join(f'{k}: {old.get(k)!r} ≠ {meta[k]!r}' for k in diff[:3])}); "
         f"delete it or choose another cache directory"
       )
@@ -504,30 +505,30 @@ class TeacherCache:
     d = Path(directory)
     meta_path = d / META_FILE
     if not meta_path.is_file():
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} holds no {META_FILE}; build it with "
         f"`kdjax cache EXPERIMENT --teacher.checkpoint … --cache.dir {d}`"
       )
     meta = json.loads(meta_path.read_text())
     rebuild = "rebuild it with `kdjax cache … --cache.dir <new dir>` or drop --data.teacher_cache"
     if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} has format {meta.get('format')}, this kdjax reads {FORMAT_VERSION}; {rebuild}"
       )
     if teacher_hash is not None and meta["teacher_hash"] != teacher_hash:
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} is stale: built for teacher {meta['teacher_hash']} but the "
         f"configured teacher is {teacher_hash}; {rebuild}"
       )
     if view is not None and meta["view"] != view_fingerprint(view):
       diff = {k: v for k, v in view_fingerprint(view).items() if meta["view"].get(k) != v}
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} is stale: built for another view config (differs in "
         f"{sorted(diff)}: cache {[meta['view'].get(k) for k in sorted(diff)]}, run "
         f"{[diff[k] for k in sorted(diff)]}); {rebuild}"
       )
     if num_examples is not None and meta["num_examples"] != num_examples:
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} holds {meta['num_examples']} examples but the training set "
         f"has {num_examples} (another split or transfer set?); {rebuild}"
       )
@@ -535,7 +536,7 @@ class TeacherCache:
     paths = [d / _shard_name(s, n) for s in range(n)]
     missing = [p.name for p in paths if not (p / "ids.npy").is_file()]
     if missing:
-      raise ValueError(
+      raise ConfigError(
         f"data.teacher_cache {str(d)!r} is incomplete ({len(missing)} of {n} shards missing, e.g. "
         f"{missing[0]}); re-run the same `kdjax cache` command to finish it"
       )
@@ -547,7 +548,7 @@ class TeacherCache:
         digests = json.loads((p / DIGEST_FILE).read_text())
         shard = read_shard(p)
       except (OSError, ValueError) as e:
-        raise ValueError(
+        raise ConfigError(
           f"data.teacher_cache {str(d)!r}: shard {p.name} is unreadable ({type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}); delete that shard directory and re-run "
           f"`kdjax cache` to rebuild it"
@@ -567,7 +568,7 @@ class TeacherCache:
     pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
     bad = self._sorted_ids[pos] != ids
     if bad.any():
-      raise ValueError(f"teacher cache has no example id {int(ids[bad][0])}; was it built for this training set?")
+      raise ConfigError(f"teacher cache has no example id {int(ids[bad][0])}; was it built for this training set?")
     return self._rows[pos]
 
   def outputs(self, ids: np.ndarray, view_index: np.ndarray) -> dict[str, np.ndarray]:
@@ -677,12 +678,12 @@ class CachedLoader(Loader):
 def check_method(needs_teacher_features: bool, mode: str, method_name: str) -> None:
   """Refuse a cache for methods/modes that need more than teacher logits."""
   if needs_teacher_features:
-    raise ValueError(
+    raise ConfigError(
       f"data.teacher_cache: method {method_name!r} reads teacher *features*, which the cache does not "
       f"store (it holds logits only); drop --data.teacher_cache to run the online teacher"
     )
   if mode != "offline":
-    raise ValueError(
+    raise ConfigError(
       f"data.teacher_cache works with mode='offline' (one frozen teacher), got mode={mode!r}; drop --data.teacher_cache"
     )
 
@@ -722,7 +723,7 @@ def loader_for_experiment(
   """The ``fit`` loader with ``cfg.data.teacher_cache`` checked and attached."""
   check_method(needs_teacher_features, cfg.mode, method_name)
   if teacher_hash is None:
-    raise ValueError(
+    raise ConfigError(
       "data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this teacher's outputs"
     )
   cache = TeacherCache.open(

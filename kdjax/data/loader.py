@@ -40,6 +40,7 @@ import numpy as np
 from kdjax import batch as B
 from kdjax.data import views as V
 from kdjax.data.tfds import ArrayDataset
+from kdjax.errors import ConfigError
 
 _MIX_TAG = 0x6D6978  # "mix"
 _UNBOUNDED = 1 << 50  # steps in the pipeline's index range (it is lazy)
@@ -61,7 +62,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    raise ConfigError(f"process_index={process_index} not in [0, process_count={process_count})")
   return int(process_index), int(process_count)
 
 
@@ -101,18 +102,18 @@ class Loader:
     self.drop_remainder = bool(drop_remainder)
     self.view = view if view is not None else V.ViewConfig()
     if view_mode not in ("consistent", "independent"):
-      raise ValueError(f"view_mode={view_mode!r}; expected 'consistent' or 'independent'")
+      raise ConfigError(f"view_mode={view_mode!r}; expected 'consistent' or 'independent'")
     self.view_mode = view_mode
     if self.seed < 0:
-      raise ValueError(f"seed={seed}: must be >= 0")
+      raise ConfigError(f"seed={seed}: must be >= 0")
     self.process_index, self.process_count = _process(process_index, process_count)
     if self.batch_size <= 0 or self.batch_size % self.process_count:
-      raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={self.process_count}")
+      raise ConfigError(f"batch_size={batch_size} must be a positive multiple of process_count={self.process_count}")
     self.local_batch_size = self.batch_size // self.process_count
     n = len(ds)
     self.steps_per_epoch = n // self.batch_size if self.drop_remainder else math.ceil(n / self.batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} examples) with drop_remainder=True")
+      raise ConfigError(f"batch_size={batch_size} is larger than the dataset ({n} examples) with drop_remainder=True")
     self._epoch, self._step = 0, 0
     self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -128,10 +129,10 @@ class Loader:
 
   def restore(self, state: Mapping[str, Any]) -> None:
     if int(state.get("seed", self.seed)) != self.seed:
-      raise ValueError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
+      raise ConfigError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
     epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
     if not 0 <= step <= self.steps_per_epoch:
-      raise ValueError(f"loader state step_in_epoch={step} not in [0, {self.steps_per_epoch}]")
+      raise ConfigError(f"loader state step_in_epoch={step} not in [0, {self.steps_per_epoch}]")
     self._epoch, self._step = epoch, step
     self._normalise_position()
 
@@ -251,7 +252,7 @@ def eval_batches(
   cfg = view if view is not None else V.ViewConfig()
   pi, pc = _process(process_index, process_count)
   if batch_size <= 0 or batch_size % pc:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={pc}")
+    raise ConfigError(f"batch_size={batch_size} must be a positive multiple of process_count={pc}")
   lb = batch_size // pc
   n = len(ds)
   for start in range(0, n, batch_size):

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdjax import batch as B
+from kdjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Retokenizer:
 
   def __post_init__(self):
     if self.length < 2:
-      raise ValueError(f"retokenize: the teacher row length must be ≥ 2, got {self.length}")
+      raise ConfigError(f"retokenize: the teacher row length must be ≥ 2, got {self.length}")
 
   @functools.cached_property
   def _student_specials(self) -> frozenset[int]:

@@ -29,8 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdjax.errors import ConfigError
 
-class DatasetUnavailableError(ValueError):
+
+class DatasetUnavailableError(ConfigError):
   """A dataset is not in ``data_dir`` and could not be prepared; the message is one line."""
 
 
@@ -188,7 +190,7 @@ class ArrayDataset:
     self.ids = np.asarray(self.ids, np.int64)
     n = len(self.images)
     if len(self.labels) != n or len(self.ids) != n:
-      raise ValueError(
+      raise ConfigError(
         f"ArrayDataset {self.name}/{self.split}: {n} images, {len(self.labels)} labels, {len(self.ids)} ids"
       )
 
@@ -221,7 +223,7 @@ class RecordSource:
     self.fixed_shape = all(d is not None for d in builder.info.features[self.input_key].shape)
     self.ids = np.arange(len(self._source), dtype=np.int64)
     if not len(self.ids):
-      raise ValueError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
+      raise ConfigError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -283,7 +285,7 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, *, download:
   """Read a whole split into NumPy (for datasets that fit in host memory)."""
   src = RecordSource(name, split, data_dir, download=download)
   if not src.fixed_shape:
-    raise ValueError(
+    raise ConfigError(
       f"{name}/{split}: images of varying size cannot be held as one array; read it with "
       f"kdjax.data.RecordSource (kdjax.data.make_loader does)"
     )
@@ -307,12 +309,12 @@ def concat(datasets: Sequence) -> ArrayDataset | ConcatSource:
   :class:`ArrayDataset`; any :class:`RecordSource` among them a :class:`ConcatSource`.
   """
   if not datasets:
-    raise ValueError("concat needs at least one dataset")
+    raise ConfigError("concat needs at least one dataset")
   if not all(isinstance(d, ArrayDataset) for d in datasets):
     return ConcatSource(datasets)
   shapes = {d.images.shape[1:] for d in datasets}
   if len(shapes) != 1:
-    raise ValueError(f"concat: image shapes differ: {sorted(shapes)}")
+    raise ConfigError(f"concat: image shapes differ: {sorted(shapes)}")
   c = ConcatSource(datasets)
   return ArrayDataset(
     np.concatenate([d.images for d in datasets]),
@@ -361,7 +363,7 @@ def tokenizer(name: str):
     from kdjax.data.builders import arithmetic
 
     return arithmetic.tokenizer()
-  raise ValueError(f"dataset {name!r} has no tokenizer kdjax knows (token datasets: {', '.join(TOKEN_DATASETS)})")
+  raise ConfigError(f"dataset {name!r} has no tokenizer kdjax knows (token datasets: {', '.join(TOKEN_DATASETS)})")
 
 
 def is_streaming(name: str) -> bool:

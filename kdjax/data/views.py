@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from kdjax.errors import ConfigError
+
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,13 +74,13 @@ class ViewConfig:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"ViewConfig.kind={self.kind!r}; expected one of {KINDS}")
+      raise ConfigError(f"ViewConfig.kind={self.kind!r}; expected one of {KINDS}")
     if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-      raise ValueError(f"ViewConfig mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: must be >= 0")
+      raise ConfigError(f"ViewConfig mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: must be >= 0")
     if self.kind == "tokens" and self.mixes:
-      raise ValueError("ViewConfig kind='tokens' cannot mix token ids: set mixup_alpha and cutmix_alpha to 0")
+      raise ConfigError("ViewConfig kind='tokens' cannot mix token ids: set mixup_alpha and cutmix_alpha to 0")
     if (self.mean is None) != (self.std is None):
-      raise ValueError("ViewConfig.mean and ViewConfig.std must be given together")
+      raise ConfigError("ViewConfig.mean and ViewConfig.std must be given together")
 
   @property
   def mixes(self) -> bool:
@@ -155,7 +157,7 @@ def _spatial_axes(ndim: int) -> tuple[int, ...]:
     return (1, 2)  # (B, H, W, C)
   if ndim in (2, 3):
     return (1,)  # (B, L) or (B, L, C)
-  raise ValueError(f"images of rank {ndim}: expected (B,H,W,C), (B,L) or (B,L,C)")
+  raise ConfigError(f"images of rank {ndim}: expected (B,H,W,C), (B,L) or (B,L,C)")
 
 
 def _shift_crop(x: np.ndarray, pad: int, offsets: list[np.ndarray], flip: np.ndarray | None) -> np.ndarray:
@@ -195,7 +197,7 @@ def _scale_norm(cfg: ViewConfig, x: np.ndarray, dtype) -> np.ndarray:
 
 def _tokens(x: np.ndarray) -> np.ndarray:
   if not np.issubdtype(x.dtype, np.integer):
-    raise ValueError(f"view kind 'tokens' expects integer token ids, got {x.dtype} (use kind 'none' for signals)")
+    raise ConfigError(f"view kind 'tokens' expects integer token ids, got {x.dtype} (use kind 'none' for signals)")
   return x
 
 
@@ -233,7 +235,7 @@ def augment(cfg: ViewConfig, images, keys: np.ndarray) -> np.ndarray:
     offs = [randint(keys, 1 + j, 2 * cfg.max_shift + 1) for j in range(len(axes))]
     out = _shift_crop(images, cfg.max_shift, offs, None)
   else:  # pragma: no cover - guarded by ViewConfig
-    raise ValueError(cfg.kind)
+    raise ConfigError(cfg.kind)
   return _scale_norm(cfg, out, dtype)
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from kdjax import batch as B
 from kdjax.engine import sharding, xla_cpu
 from kdjax.engine import teacher_placement as TP
+from kdjax.errors import ConfigError
 from kdjax.placement import Placement
 from kdjax.responses import ResponseConfig
 from kdjax.engine.taps import resolve
@@ -83,13 +84,13 @@ def _infer_mode(mode: str | None, students: tuple, teachers: tuple) -> str:
       "dml" if len(students) > 1 else ("multi_teacher" if len(teachers) > 1 else "offline" if teachers else "teacher")
     )
   if mode not in MODES:
-    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    raise ConfigError(f"mode={mode!r}; expected one of {MODES}")
   if mode == "dml" and len(students) < 2:
-    raise ValueError("mode='dml' (deep mutual learning) needs at least two students")
+    raise ConfigError("mode='dml' (deep mutual learning) needs at least two students")
   if mode != "dml" and len(students) != 1:
-    raise ValueError(f"{len(students)} students given for mode={mode!r}; only mode='dml' trains several")
+    raise ConfigError(f"{len(students)} students given for mode={mode!r}; only mode='dml' trains several")
   if mode == "multi_teacher" and len(teachers) < 2:
-    raise ValueError("mode='multi_teacher' needs at least two teachers")
+    raise ConfigError("mode='multi_teacher' needs at least two teachers")
   return mode
 
 
@@ -165,7 +166,7 @@ class Distiller:
     self.taps = tuple(sorted(dict(taps or {}).items()))
     self.teacher_taps = tuple(sorted(dict(teacher_taps or {}).items()))
     if grad_accum < 1:
-      raise ValueError(f"grad_accum={grad_accum} must be ≥ 1")
+      raise ConfigError(f"grad_accum={grad_accum} must be ≥ 1")
     self.num_examples, self.steps_per_epoch, self.grad_accum = int(num_examples), int(steps_per_epoch), grad_accum
     self.teacher_weights, self.multi_teacher, self.ema_decay = tuple(teacher_weights), multi_teacher, ema_decay
     self.xla_cpu_conv = xla_cpu_conv
@@ -225,10 +226,10 @@ class Distiller:
       method = m if isinstance(m, Method) else build_method(m, s_info, t_info)
     except ValueError:
       if logits_only:
-        raise ValueError(refusal.format(getattr(m, "name", m))) from None
+        raise ConfigError(refusal.format(getattr(m, "name", m))) from None
       raise
     if logits_only and method.needs_teacher_features:
-      raise ValueError(refusal.format(method.name))
+      raise ConfigError(refusal.format(method.name))
     method.validate(s_info, t_info)
     return method
 
@@ -303,22 +304,22 @@ class Distiller:
     if r is None:
       return
     if self.mode != "offline" or len(self.students) != 1:
-      raise ValueError(
+      raise ConfigError(
         f"responses (on-policy / SeqKD) train one student from one teacher (mode='offline'), not mode={self.mode!r}"
       )
     gens = lambda m: hasattr(m, "decode") and hasattr(m, "init_cache")  # noqa: E731
     if not gens(self.students[0]):
-      raise ValueError(
+      raise ConfigError(
         f"responses: the student ({type(self.students[0]).__name__}) cannot generate; it needs "
         "init_cache/decode (see kdjax.generate)"
       )
     if not self.teachers:
-      raise ValueError(
+      raise ConfigError(
         "responses: generated responses are scored by a teacher model; a teacher-output cache "
         "holds outputs for the data's responses only"
       )
     if r.needs_teacher and not gens(self.teachers[0]):
-      raise ValueError(
+      raise ConfigError(
         "responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with init_cache/decode)"
       )
 
@@ -327,11 +328,11 @@ class Distiller:
     if p.kind == "colocated" and p.teacher_memory == "device":
       return
     if not self.teachers:
-      raise ValueError(
+      raise ConfigError(
         f"placement={p} places a teacher model, but this run has none (mode={self.mode!r}); use the default placement"
       )
     if p.split and self.responses is not None:
-      raise ValueError(
+      raise ConfigError(
         "placement.teacher_devices: the teacher runs ahead on the data's batches on its own devices, "
         "but generated responses are scored inside the step; use 0 (placement.model may still shard "
         "the teacher)"
@@ -367,7 +368,7 @@ class Distiller:
     total = self.teacher_mesh.size + self.mesh.size
     for n, whose in ((t, "teacher"), (self.mesh.size, "student")):
       if rows % n:
-        raise ValueError(
+        raise ConfigError(
           f"{name}={rows} does not split over the {whose}'s {n} data-parallel devices (placement."
           f"teacher_devices={self.placement.teacher_devices} of {total}); "
           f"use a multiple of {n} or another placement.teacher_devices"
@@ -462,10 +463,10 @@ class Distiller:
     """The compiled pure step ``(state, teacher_state, global_batch) -> (state, metrics)``
     (for ahead-of-time lowering; :meth:`step` calls it)."""
     if self.spec is None:
-      raise ValueError("Distiller.step before Distiller.init: call state = distiller.init(key, batch) first")
+      raise ConfigError("Distiller.step before Distiller.init: call state = distiller.init(key, batch) first")
     if stage not in self._steps:
       if stage != "main" and not self.spec.method.stage_terms(stage):
-        raise ValueError(f"method {self.spec.method.name!r} has no {stage!r} stage")
+        raise ConfigError(f"method {self.spec.method.name!r} has no {stage!r} stage")
       spec = dataclasses.replace(self.spec, stage=stage)
       t_shardings = jax.tree.map(lambda a: a.sharding, self._step_teacher())
       self._steps[stage] = jax.jit(
@@ -503,7 +504,7 @@ class Distiller:
     """``split`` placement: the teachers' outputs on ``batch`` (this process's rows), computed on the teacher's
     sub-mesh and moved device to device onto the student's; asynchronous like any JAX call."""
     if not self.placement.split:
-      raise ValueError(
+      raise ConfigError(
         "Distiller.teacher_outputs serves a teacher on its own devices (placement.teacher_devices > "
         "0); other placements run the teacher inside the step"
       )
@@ -540,7 +541,7 @@ class Distiller:
     """The rows :meth:`step` would train on from ``state`` (global arrays): with ``responses``, the
     prompts followed by the responses it samples at this step — to inspect on-policy samples."""
     if self.spec is None:
-      raise ValueError("Distiller.train_batch before Distiller.init: call state = distiller.init(key, batch) first")
+      raise ConfigError("Distiller.train_batch before Distiller.init: call state = distiller.init(key, batch) first")
     if self._responses_fn is None:
       self._responses_fn = jax.jit(functools.partial(with_responses, self.spec))
     return self._responses_fn(state, self.teacher_state, self.global_batch(batch))
@@ -552,12 +553,12 @@ class Distiller:
     pre-training, AB/FT/FSP initialisation).
     """
     if self.mode == "offline" and not self.spec.teachers and not B.has_cached_teacher(batch):
-      raise ValueError(
+      raise ConfigError(
         "this Distiller has no teacher, so every batch must carry cached teacher outputs "
         f"({', '.join(B.CACHED_TEACHER)}); got keys {sorted(batch)}"
       )
     if self.responses is not None and B.has_cached_teacher(batch):
-      raise ValueError(
+      raise ConfigError(
         "responses: this step generates new responses, but the batch carries cached teacher outputs "
         "for the data's responses; run the teacher online (drop the teacher cache)"
       )
@@ -688,7 +689,7 @@ def placement_meshes(
   if placement.kind == "sharded":
     mesh = mesh if mesh is not None else sharding.make_mesh(model=placement.model)
     if mesh.shape.get("model", 1) != placement.model:
-      raise ValueError(
+      raise ConfigError(
         f"placement.model={placement.model} but the mesh's 'model' axis has "
         f"{mesh.shape.get('model', 1)} devices; build it with kdjax.make_mesh(model={placement.model})"
       )
@@ -699,7 +700,7 @@ def placement_meshes(
   teacher, student = TP.split_devices(list(mesh.devices.flat), placement.teacher_devices)
   fsdp = mesh.shape.get("fsdp", 1)
   if len(student) % fsdp:
-    raise ValueError(
+    raise ConfigError(
       f"placement.teacher_devices={placement.teacher_devices} leaves {len(student)} student devices, "
       f"which run.mesh_fsdp={fsdp} does not divide"
     )

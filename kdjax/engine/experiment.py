@@ -23,6 +23,7 @@ from kdjax.engine import sharding
 from kdjax.engine.distiller import Distiller, placement_meshes
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.state import TrainState
+from kdjax.errors import ConfigError
 from kdjax.methods.base import Method, ModelInfo
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,7 +40,7 @@ def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
     from kdjax.models import decoder, pretrained
 
     if not mcfg.checkpoint:
-      raise ValueError(
+      raise ConfigError(
         "teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
         "with config.json and safetensors>"
       )
@@ -74,7 +75,7 @@ def load_teacher(
   architecture or class count differs from the config.
   """
   if not mcfg.checkpoint:
-    raise ValueError(
+    raise ConfigError(
       f"{role}.checkpoint is not set: the method needs a trained {role}; "
       f"pass --{role}.checkpoint <teacher workdir> (train one with `kdjax train-teacher`)"
     )
@@ -95,19 +96,19 @@ def load_model(
     return _load_hf(mcfg, num_classes, role, own_vocab, mesh)
   meta, payload, digest = ckpt.load_export(mcfg.checkpoint, what=f"{role} checkpoint")
   if meta.get("model") and meta["model"] != mcfg.name:
-    raise ValueError(
+    raise ConfigError(
       f"{role}.checkpoint {mcfg.checkpoint!r} holds a {meta['model']!r} but the config asks for "
       f"{role}.name={mcfg.name!r}"
     )
   if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
-    raise ValueError(
+    raise ConfigError(
       f"{role}.checkpoint {mcfg.checkpoint!r} has {meta['num_classes']} classes but the dataset has {num_classes}"
     )
   model = create_model(mcfg, num_classes, seed=seed)
   try:
     ckpt.fill_model(model, payload)
   except ValueError as e:  # no model.json, or one that lies: the shapes decide
-    raise ValueError(
+    raise ConfigError(
       f"{role}.checkpoint {mcfg.checkpoint!r} does not fit {role}.name={mcfg.name!r} with "
       f"{num_classes} classes ({e}); point --{role}.checkpoint at a matching run"
     ) from None
@@ -121,10 +122,10 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, me
   from kdjax.models import pretrained
 
   if role == "student":
-    raise ValueError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
+    raise ConfigError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
   vocab = pretrained.read_config(mcfg.checkpoint).vocab_size
   if vocab < num_classes and not own_vocab:
-    raise ValueError(
+    raise ConfigError(
       f"{role}.checkpoint {mcfg.checkpoint!r} has a vocabulary of {vocab} tokens but the dataset has "
       f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
       f"of another tokenizer"
@@ -185,7 +186,7 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
   if cfg.method.init_epochs > 0 and not method.stage_terms("init"):
-    raise ValueError(
+    raise ConfigError(
       f"method.init_epochs={cfg.method.init_epochs}: method {method.name!r} has no init stage "
       f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0"
     )
@@ -212,12 +213,12 @@ def _retokenizer(cfg: Experiment, loader):
   from kdjax.models import pretrained
 
   if cfg.teacher.name != HF or cfg.mode != "offline":
-    raise ValueError(
+    raise ConfigError(
       f"method {cfg.method.name!r} distils from a teacher of another tokenizer: use --teacher.name hf "
       f"--teacher.checkpoint <directory with tokenizer.json> (mode offline)"
     )
   if cfg.data.teacher_cache:
-    raise ValueError(
+    raise ConfigError(
       f"method {cfg.method.name!r} runs the teacher on its own tokens; it cannot read a teacher "
       f"cache (drop --data.teacher_cache)"
     )

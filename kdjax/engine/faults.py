@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from kdjax._interrupt import raise_pending_sigint, record_sigint  # noqa: F401  (re-exported for the loop)
 from kdjax.engine.state import TrainState
+from kdjax.errors import ConfigError
 
 PREEMPTED_EXIT = 75
 NONFINITE_EXIT = 65
@@ -63,7 +64,7 @@ class Fault:
 
   def __post_init__(self):
     if self.step < 1 or self.action not in _FAULT_ACTIONS:
-      raise ValueError(
+      raise ConfigError(
         f"{FAULT_ENV}: step={self.step}, action={self.action!r}; expected a step ≥ 1 and one of "
         f"{'|'.join(_FAULT_ACTIONS)}, e.g. {FAULT_ENV}=12:TERM"
       )
@@ -78,7 +79,7 @@ def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
   try:
     step = int(parts[0])
   except ValueError:
-    raise ValueError(
+    raise ConfigError(
       f"{FAULT_ENV}={spec!r}: expected N:{'|'.join(_FAULT_ACTIONS)}[:loss term], e.g. {FAULT_ENV}=12:TERM"
     ) from None
   return Fault(step, parts[1].upper() if len(parts) > 1 else "KILL", parts[2] if len(parts) > 2 else None)
@@ -100,7 +101,7 @@ def poison(state: TrainState, metrics: dict, term: str | None) -> tuple[TrainSta
   terms = [k for k in metrics if is_loss_key(k) and not k.endswith("loss/total")]
   if term is not None:
     if term not in metrics:
-      raise ValueError(f"{FAULT_ENV}: no loss term {term!r} in this run; terms: {', '.join(sorted(terms))}")
+      raise ConfigError(f"{FAULT_ENV}: no loss term {term!r} in this run; terms: {', '.join(sorted(terms))}")
     terms = [term]
   nan = lambda x: jax.device_put(jnp.full(x.shape, jnp.nan, x.dtype), x.sharding)  # noqa: E731
   to_nan = lambda x: nan(x) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731

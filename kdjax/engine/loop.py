@@ -27,6 +27,7 @@ from kdjax.engine import workdir as wd
 from kdjax.engine.experiment import Run, build
 from kdjax.engine.faults import Fault, fault_from_env
 from kdjax.engine.state import TrainState
+from kdjax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
     if isinstance(meta.get("config"), dict):
       diff = wd.config_diff(meta["config"], provenance["config"])
       if diff != "none":
-        raise ValueError(
+        raise ConfigError(
           f"the checkpoint {where!r} belongs to another experiment (differs in {diff}); use a new --run.workdir"
         )
     if meta.get("teacher_hash") != run.teacher_hash:
-      raise ValueError(
+      raise ConfigError(
         f"the checkpoint {where!r} was trained with teacher {meta.get('teacher_hash')} but the "
         f"configured teacher is {run.teacher_hash}; use a new --run.workdir"
       )
@@ -74,7 +75,7 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
   if restored is None:
     aside = checkpointer.set_aside_steps()
     if aside and not run.cfg.run.restart:
-      raise ValueError(
+      raise ConfigError(
         f"no checkpoint in {str(checkpointer.directory)!r} verified (damaged ones are in "
         f"{str(checkpointer.corrupt_directory)!r}: {', '.join(aside)}); pass --run.restart to train "
         f"from step 0 in this workdir, or use a new --run.workdir"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from kdjax.config import OptimConfig
+from kdjax.errors import ConfigError
 
 
 def make_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int, init_steps: int = 0) -> optax.Schedule:
@@ -23,7 +24,7 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int, init
   elif cfg.schedule == "cosine":
     main = optax.cosine_decay_schedule(cfg.lr, max(main_steps - warm, 1))
   else:
-    raise ValueError(f"optim.schedule: unknown schedule {cfg.schedule!r} (constant, step, cosine)")
+    raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r} (constant, step, cosine)")
   if warm > 0:
     main = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
   if init_steps > 0:
@@ -54,5 +55,5 @@ def make_optimizer(
   elif cfg.name == "adamw":
     parts.append(optax.adamw(lr, weight_decay=cfg.weight_decay))
   else:
-    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (sgd, adam, adamw)")
+    raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r} (sgd, adam, adamw)")
   return optax.chain(*parts), lr

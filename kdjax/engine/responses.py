@@ -13,6 +13,7 @@ from flax import nnx
 
 from kdjax import batch as B
 from kdjax import generate as G
+from kdjax.errors import ConfigError
 from kdjax.responses import ResponseConfig
 
 
@@ -92,12 +93,12 @@ def replace_responses(
   """
   x, y = batch[B.INPUTS], batch[B.LABEL]
   if B.TEACHER_MASK in batch:
-    raise ValueError(
+    raise ConfigError(
       "responses: generated responses cannot be retokenized for a teacher of another tokenizer "
       "inside the step; cross-tokenizer distillation (method 'uld') trains on the data's responses"
     )
   if x.ndim != 2 or y.shape != x.shape:
-    raise ValueError(f"responses: token rows need inputs and labels of one (B, L) shape, got {x.shape} and {y.shape}")
+    raise ConfigError(f"responses: token rows need inputs and labels of one (B, L) shape, got {x.shape} and {y.shape}")
   length = x.shape[1]
   plen = prompt_lengths(y)
   has_response = plen <= length
@@ -105,7 +106,7 @@ def replace_responses(
   new_x, new_y = x, y
   if cfg.needs_teacher:
     if teacher is None or not hasattr(teacher, "decode"):
-      raise ValueError("responses.others='teacher' (SeqKD) needs a teacher that generates (init_cache/decode)")
+      raise ConfigError("responses.others='teacher' (SeqKD) needs a teacher that generates (init_cache/decode)")
     tx, ty = with_response(x, plen, _generate(teacher, x, plen, k_teacher, sampling(cfg, length, True)), cfg.pad_token)
     new_x, new_y = tx, ty
   if cfg.student_fraction > 0:

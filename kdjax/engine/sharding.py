@@ -19,6 +19,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kdjax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp", "model")
 # Leaves smaller than this stay replicated under FSDP: splitting a BN scale
 # over devices costs more in collectives than it saves in memory.
@@ -37,13 +39,13 @@ def make_mesh(data: int = 0, fsdp: int = 1, devices: Any = None, *, model: int =
   """
   n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"run.mesh_fsdp={fsdp} must divide the device count {n}")
+    raise ConfigError(f"run.mesh_fsdp={fsdp} must divide the device count {n}")
   if model < 1 or n % (fsdp * model):  # fsdp alone divides n (checked above)
-    raise ValueError(f"placement.model={model} × run.mesh_fsdp={fsdp} must divide the device count {n}")
+    raise ConfigError(f"placement.model={model} × run.mesh_fsdp={fsdp} must divide the device count {n}")
   data = data or n // (fsdp * model)
   if data * fsdp * model != n:
     tp = f" × placement.model={model}" if model > 1 else ""
-    raise ValueError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp}{tp} must equal the device count {n}")
+    raise ConfigError(f"run.mesh_data={data} × run.mesh_fsdp={fsdp}{tp} must equal the device count {n}")
   shape, names = ((data, fsdp, model), BATCH_AXES) if model > 1 else ((data, fsdp), BATCH_AXES[:2])
   return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
 
@@ -109,9 +111,9 @@ def state_shardings(state: Any, mesh: Mesh, fsdp: bool = True) -> Any:
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "data.batch_size") -> None:
   n = mesh.size
   if global_batch % n:
-    raise ValueError(f"{name}={global_batch} is not divisible by the {n} devices of the mesh; use a multiple of {n}")
+    raise ConfigError(f"{name}={global_batch} is not divisible by the {n} devices of the mesh; use a multiple of {n}")
   if global_batch % jax.process_count():
-    raise ValueError(f"{name}={global_batch} is not divisible by the {jax.process_count()} processes")
+    raise ConfigError(f"{name}={global_batch} is not divisible by the {jax.process_count()} processes")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 import jax
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models.base import ModelOutput
 
 
@@ -42,7 +43,7 @@ def resolve(model: nnx.Module, path: str) -> nnx.Module:
       break
   if not isinstance(node, nnx.Module):
     valid = module_paths(model)
-    raise ValueError(f"no layer {path!r} in {type(model).__name__}; valid layer paths: {', '.join(valid)}")
+    raise ConfigError(f"no layer {path!r} in {type(model).__name__}; valid layer paths: {', '.join(valid)}")
   return node
 
 

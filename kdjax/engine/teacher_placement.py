@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kdjax.errors import ConfigError
 from kdjax.placement import Placement
 
 RULES = {"vocab": "model", "heads": "model", "mlp": "model", "conv_out": "model", "embed": None}
@@ -76,12 +77,12 @@ def _spec(dotted: str, shape: tuple[int, ...], axes: Axes | None, size: int, fie
   if size <= 1 or axes is None or math.prod(shape) < MIN_SPLIT_SIZE:
     return P()
   if len(axes) != len(shape):
-    raise ValueError(f"partition rule for {dotted!r} names {len(axes)} axes but the parameter has shape {shape}")
+    raise ConfigError(f"partition rule for {dotted!r} names {len(axes)} axes but the parameter has shape {shape}")
   spec = [RULES.get(a) for a in axes]
   for i, ax in enumerate(spec):
     if ax and shape[i] % size:
       fits = max(d for d in range(1, size) if shape[i] % d == 0)
-      raise ValueError(
+      raise ConfigError(
         f"{field}={size} does not divide teacher layer {dotted!r} (dimension {i} of shape {shape}); "
         f"use a {field} that divides {shape[i]} (e.g. {fits})"
       )
@@ -122,7 +123,7 @@ def check_memory_kind(mesh: Mesh, kind: str) -> None:
     return
   kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
   if kind not in kinds:
-    raise ValueError(
+    raise ConfigError(
       f"placement.teacher_memory={kind!r} is not supported on this backend "
       f"({mesh.devices.flat[0].platform}: memories {sorted(kinds)}); use placement.teacher_memory='device'"
     )
@@ -163,11 +164,11 @@ def split_devices(devices: Sequence[jax.Device], n_teacher: int) -> tuple[list, 
     by_process.setdefault(d.process_index, []).append(d)
   n, procs = len(devices), len(by_process)
   if not 0 < n_teacher < n:
-    raise ValueError(
+    raise ConfigError(
       f"placement.teacher_devices={n_teacher} must leave devices to the student: use 1 to {n - 1} of the {n} devices"
     )
   if n_teacher % procs:
-    raise ValueError(
+    raise ConfigError(
       f"placement.teacher_devices={n_teacher} must be a multiple of the {procs} processes (each "
       f"process gives the teacher the same number of its devices)"
     )
@@ -199,7 +200,7 @@ def move_rows(x: jax.Array, dst: NamedSharding) -> jax.Array:
         continue
       parts.append(jax.device_put(d if (a >= lo and b <= hi) else _rows(d, max(lo, a) - a, min(hi, b) - a), dev))
     if sum(p.shape[0] if p.ndim else 1 for p in parts) != hi - lo:
-      raise ValueError(
+      raise ConfigError(
         f"rows {lo}:{hi} needed on {dev} are not held by this process's teacher devices; "
         "both sub-meshes must split each process's rows over its own devices"
       )

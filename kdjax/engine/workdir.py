@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import jax
 
 from kdjax import config as cfg_lib
+from kdjax.errors import ConfigError
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -36,7 +37,7 @@ def prepare(path: str | os.PathLike) -> Path:
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise ValueError(
+    raise ConfigError(
       f"run.workdir {str(workdir)!r} is not writable ({e.strerror}); choose another --run.workdir"
     ) from None
   return workdir
@@ -64,7 +65,7 @@ def lock(workdir: Path) -> Iterator[None]:
     holder = _read_holder(fd)
     if fd is not None:
       os.close(fd)
-    raise ValueError(
+    raise ConfigError(
       f"run.workdir {str(workdir)!r} is in use by another kdjax run ({holder}); wait for it to "
       f"finish or use another --run.workdir"
     )
@@ -112,19 +113,19 @@ def check_config(workdir: Path, cfg: Any) -> None:
     old = json.loads(path.read_text())
     old_hash, old_cfg = old.get("config_hash"), old.get("config")
   except (ValueError, AttributeError):
-    raise ValueError(
+    raise ConfigError(
       f"run.workdir {str(workdir)!r} has an unreadable {CONFIG_FILE}; move it away (the checkpoints "
       f"carry the config too) or use a new --run.workdir"
     ) from None
   if isinstance(old_cfg, dict):
     diff = config_diff(old_cfg, cfg_lib.to_dict(cfg))
     if diff != "none":
-      raise ValueError(
+      raise ConfigError(
         f"run.workdir {str(workdir)!r} holds another experiment (differs in {diff}); use a new "
         f"--run.workdir to keep both"
       )
   elif old_hash and old_hash != cfg_lib.config_hash(cfg):
-    raise ValueError(
+    raise ConfigError(
       f"run.workdir {str(workdir)!r} holds another experiment (config hash {old_hash}, this one "
       f"{cfg_lib.config_hash(cfg)}); use a new --run.workdir to keep both"
     )

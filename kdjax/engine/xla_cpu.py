@@ -26,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
+
 CONV_BACKENDS = ("eigen", "ynn")
 # YNN fusion types that stay on (jaxlib 0.10.2 defaults minus convolutions).
 _YNN_NO_CONV = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -34,7 +36,7 @@ _OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": _YNN_NO_CONV}, "yn
 
 def check_conv_backend(conv: str) -> str:
   if conv not in CONV_BACKENDS:
-    raise ValueError(f"run.xla_cpu_conv must be one of {', '.join(CONV_BACKENDS)}, got {conv!r}")
+    raise ConfigError(f"run.xla_cpu_conv must be one of {', '.join(CONV_BACKENDS)}, got {conv!r}")
   return conv
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -59,9 +60,9 @@ def crd_init(key: Array, num_examples: int, feature_dim: int) -> CRDBank:
     a :class:`CRDBank` with float32 leaves.
   """
   if num_examples <= 0:
-    raise ValueError(f"num_examples must be > 0, got {num_examples!r}.")
+    raise ConfigError(f"num_examples must be > 0, got {num_examples!r}.")
   if feature_dim <= 0:
-    raise ValueError(f"feature_dim must be > 0, got {feature_dim!r}.")
+    raise ConfigError(f"feature_dim must be > 0, got {feature_dim!r}.")
   stdv = 1.0 / math.sqrt(feature_dim / 3.0)
   ks, kt = jax.random.split(key)
   shape = (num_examples, feature_dim)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -21,7 +22,7 @@ def _pool_to(x: Array, h: int, w: int, name: str) -> Array:
   """Average-pools NHWC ``x`` to spatial size ``(h, w)`` (integer factors)."""
   _, xh, xw, c = x.shape
   if xh % h or xw % w:
-    raise ValueError(
+    raise ConfigError(
       f"{name} spatial size {(xh, xw)} is not an integer multiple of {(h, w)}; cannot average-pool to match."
     )
   fh, fw = xh // h, xw // w
@@ -51,7 +52,7 @@ def pool_to_match(a: Array, b: Array, name_a: str = "a", name_b: str = "b") -> t
     return _pool_to(a, hb, wb, name_a), b
   if ha <= hb and wa <= wb:
     return a, _pool_to(b, ha, wa, name_b)
-  raise ValueError(
+  raise ConfigError(
     f"{name_a} spatial size {(ha, wa)} and {name_b} spatial size "
     f"{(hb, wb)} are not nested; cannot average-pool one to the other."
   )
@@ -221,7 +222,7 @@ def fsp(
     _checks.check_same_batch(arrs[0], x, names[0], n)
   for i in (0, 1):
     if arrs[i].shape[-1] != arrs[i + 2].shape[-1]:
-      raise ValueError(
+      raise ConfigError(
         f"{names[i]} and {names[i + 2]} must have the same number of "
         f"channels, got {arrs[i].shape} and {arrs[i + 2].shape}."
       )
@@ -250,7 +251,7 @@ def factor_transfer(student_factor: Array, teacher_factor: Array, p: int = 1) ->
   """
   _checks.check_same_batch(student_factor, teacher_factor, "student_factor", "teacher_factor")
   if p not in (1, 2):
-    raise ValueError(f"p must be 1 or 2, got {p!r}.")
+    raise ConfigError(f"p must be 1 or 2, got {p!r}.")
   s, t = _checks.as_f32(student_factor), _checks.as_f32(teacher_factor)
   if s.shape != t.shape and s.ndim == 4 and t.ndim == 4:
     s, t = pool_to_match(s, t, "student_factor", "teacher_factor")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -119,11 +120,11 @@ def dkd(
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   bsz, num_classes = jnp.shape(student_logits)
   if num_classes < 2:
-    raise ValueError(f"student_logits must have at least 2 classes for dkd, got shape {jnp.shape(student_logits)}.")
+    raise ConfigError(f"student_logits must have at least 2 classes for dkd, got shape {jnp.shape(student_logits)}.")
   _checks.check_labels(labels, (bsz,), num_classes, "labels")
   _checks.check_positive(temperature, "temperature")
   if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1 and jnp.shape(beta)[0] != bsz):
-    raise ValueError(f"beta must be a scalar or have shape ({bsz},), got shape {jnp.shape(beta)}.")
+    raise ConfigError(f"beta must be a scalar or have shape ({bsz},), got shape {jnp.shape(beta)}.")
   t = jnp.asarray(temperature, jnp.float32)
   zs = _checks.as_f32(student_logits) / t
   zt = _checks.as_f32(teacher_logits) / t

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -155,7 +156,7 @@ def correlation_congruence(student_embedding: Array, teacher_embedding: Array) -
   _checks.check_rank(teacher_embedding, "teacher_embedding", 2)
   _checks.check_same_shape(student_embedding, teacher_embedding, "student_embedding", "teacher_embedding")
   if student_embedding.shape[0] < 2:
-    raise ValueError(
+    raise ConfigError(
       f"student_embedding needs a batch of at least 2 for correlation_congruence, got shape {student_embedding.shape}."
     )
   delta = jnp.abs(_checks.as_f32(student_embedding) - _checks.as_f32(teacher_embedding))

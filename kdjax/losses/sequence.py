@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -259,7 +260,7 @@ def skew_kl(
   _checks.check_positive(temperature, "temperature")
   _checks.check_in_unit_interval(alpha, "alpha")
   if _checks.concrete_value(alpha) is not None and float(alpha) >= 1.0:
-    raise ValueError(f"alpha must be < 1 (α = 1 compares a distribution with itself), got {alpha}")
+    raise ConfigError(f"alpha must be < 1 (α = 1 compares a distribution with itself), got {alpha}")
   return _masked_mean(_tok_skew_kl(student_logits, teacher_logits, alpha, temperature, reverse), mask)
 
 
@@ -281,7 +282,7 @@ def teacher_topk(teacher_logits: Array, k: int, temperature: float = 1.0) -> tup
   _checks.check_min_rank(teacher_logits, "teacher_logits", 1)
   vocab = teacher_logits.shape[-1]
   if not 1 <= k <= vocab:
-    raise ValueError(f"k must lie in [1, {vocab}], got {k!r}.")
+    raise ConfigError(f"k must lie in [1, {vocab}], got {k!r}.")
   _checks.check_positive(temperature, "temperature")
   logp = _log_probs(teacher_logits, temperature)
   vals, idx = jax.lax.top_k(logp, k)
@@ -319,13 +320,13 @@ def sparse_kl(
   _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
   _checks.check_same_batch(student_logits, teacher_topk_logprobs, "student_logits", "teacher_topk_logprobs")
   if teacher_topk_logprobs.shape[:2] != student_logits.shape[:2]:
-    raise ValueError(
+    raise ConfigError(
       "teacher_topk_logprobs must have shape (B, L, K) matching "
       f"student_logits {student_logits.shape}, got "
       f"{teacher_topk_logprobs.shape}."
     )
   if jnp.shape(teacher_topk_indices) != teacher_topk_logprobs.shape:
-    raise ValueError(
+    raise ConfigError(
       "teacher_topk_indices must have the shape of teacher_topk_logprobs "
       f"{teacher_topk_logprobs.shape}, got "
       f"{jnp.shape(teacher_topk_indices)}."
@@ -364,15 +365,15 @@ _TAIL_FLOOR = 1e-12  # smallest teacher tail mass (float16 top-k can sum past 1)
 def _check_topk(teacher_topk_logprobs: Array, teacher_topk_indices: Array, vocab_size: int) -> int:
   lp_shape = jnp.shape(teacher_topk_logprobs)
   if len(lp_shape) < 1:
-    raise ValueError("teacher_topk_logprobs must have shape (..., k), got a scalar.")
+    raise ConfigError("teacher_topk_logprobs must have shape (..., k), got a scalar.")
   if jnp.shape(teacher_topk_indices) != lp_shape:
-    raise ValueError(
+    raise ConfigError(
       "teacher_topk_indices must have the shape of teacher_topk_logprobs "
       f"{lp_shape}, got {jnp.shape(teacher_topk_indices)}."
     )
   k = lp_shape[-1]
   if not 1 <= k <= vocab_size:
-    raise ValueError(f"top-k size k={k} must lie in [1, vocab_size={vocab_size}].")
+    raise ConfigError(f"top-k size k={k} must lie in [1, vocab_size={vocab_size}].")
   _checks.check_indices(teacher_topk_indices, vocab_size, "teacher_topk_indices")
   return k
 
@@ -441,7 +442,7 @@ def topk_buckets(
   vocab = jnp.shape(student_logits)[-1]
   k = _check_topk(teacher_topk_logprobs, teacher_topk_indices, vocab)
   if jnp.shape(teacher_topk_logprobs)[:-1] != jnp.shape(student_logits)[:-1]:
-    raise ValueError(
+    raise ConfigError(
       f"teacher_topk_logprobs {jnp.shape(teacher_topk_logprobs)} and student_logits "
       f"{jnp.shape(student_logits)} must agree on every axis but the last."
     )
@@ -661,7 +662,7 @@ def chunked_token_loss(
   """
   if isinstance(loss, str):
     if loss not in _PER_TOKEN:
-      raise ValueError(f"loss must be one of {sorted(_PER_TOKEN)} or a callable, got {loss!r}.")
+      raise ConfigError(f"loss must be one of {sorted(_PER_TOKEN)} or a callable, got {loss!r}.")
     if "temperature" in kwargs:
       _checks.check_positive(kwargs["temperature"], "temperature")
     if loss == "generalized_jsd" and "beta" in kwargs:
@@ -670,23 +671,23 @@ def chunked_token_loss(
   elif callable(loss):
     per_token = loss
   else:
-    raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
+    raise ConfigError(f"loss must be a name or a callable, got {loss!r}.")
   if not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}.")
 
   _checks.check_rank(teacher_logits, "teacher_logits", 3)
   if student_logits is None:
     if student_hidden is None or unembedding is None:
-      raise ValueError("student_logits is None: pass student_hidden (B, L, D) and unembedding (D, V) instead.")
+      raise ConfigError("student_logits is None: pass student_hidden (B, L, D) and unembedding (D, V) instead.")
     _checks.check_rank(student_hidden, "student_hidden", 3)
     _checks.check_rank(unembedding, "unembedding", 2)
     if student_hidden.shape[:2] != teacher_logits.shape[:2]:
       _checks.check_same_batch(student_hidden, teacher_logits, "student_hidden", "teacher_logits")
-      raise ValueError(
+      raise ConfigError(
         f"student_hidden {student_hidden.shape} and teacher_logits {teacher_logits.shape} must agree on (B, L)."
       )
     if unembedding.shape != (student_hidden.shape[-1], teacher_logits.shape[-1]):
-      raise ValueError(
+      raise ConfigError(
         f"unembedding must have shape (D, V) = "
         f"{(student_hidden.shape[-1], teacher_logits.shape[-1])}, got "
         f"{unembedding.shape}."

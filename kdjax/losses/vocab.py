@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.losses import _checks
 
 Array = jax.Array
@@ -35,7 +36,7 @@ def align_vocab(student_logits: Array, teacher_logits: Array) -> tuple[Array, Ar
     ``(student_logits, teacher_logits)``, both ``(..., min(V_s, V_t))``.
   """
   if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-    raise ValueError(
+    raise ConfigError(
       f"student and teacher logits must agree up to the vocabulary axis, got "
       f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
     )
@@ -103,7 +104,7 @@ def uld(
   _checks.check_mask(teacher_mask, teacher_logits.shape[:2], "teacher_mask")
   _checks.check_positive(temperature, "temperature")
   if student_logits.shape[0] != teacher_logits.shape[0]:
-    raise ValueError(f"student and teacher batch sizes differ: {student_logits.shape[0]} vs {teacher_logits.shape[0]}")
+    raise ConfigError(f"student and teacher batch sizes differ: {student_logits.shape[0]} vs {teacher_logits.shape[0]}")
   n = min(student_logits.shape[1], teacher_logits.shape[1])
   size = max(student_logits.shape[-1], teacher_logits.shape[-1])
   s_pos, s_ok = _response_positions(student_mask, n)

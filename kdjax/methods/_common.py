@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from kdjax.errors import ConfigError
 from kdjax.methods.config import MethodConfig
 from kdjax.methods.base import ModelInfo
 
@@ -30,7 +31,7 @@ def stages(info: ModelInfo) -> list[str]:
 
 def need_teacher(term: str, teacher: ModelInfo | None) -> ModelInfo:
   if teacher is None:
-    raise ValueError(
+    raise ConfigError(
       f"term {term!r} distils from a teacher's features, but no teacher is configured "
       f"(use a distillation mode such as mode='offline')"
     )
@@ -42,7 +43,7 @@ def common_stages(term: str, student: ModelInfo, teacher: ModelInfo) -> list[str
   s, t = stages(student), stages(teacher)
   common = [n for n in s if n in t]
   if not common:
-    raise ValueError(
+    raise ConfigError(
       f"term {term!r} pairs student and teacher stages, but student {student.name!r} exposes "
       f"{sorted(student.feature_shapes)} and teacher {teacher.name!r} exposes "
       f"{sorted(teacher.feature_shapes)} (no common 'stageK')"
@@ -53,7 +54,7 @@ def common_stages(term: str, student: ModelInfo, teacher: ModelInfo) -> list[str
 def last_stage(term: str, info: ModelInfo) -> str:
   s = stages(info)
   if not s:
-    raise ValueError(
+    raise ConfigError(
       f"term {term!r} needs a 'stageK' feature, but model {info.name!r} exposes {sorted(info.feature_shapes)}"
     )
   return s[-1]
@@ -61,7 +62,7 @@ def last_stage(term: str, info: ModelInfo) -> str:
 
 def shape(info: ModelInfo, feature: str, term: str) -> tuple[int, ...]:
   if feature not in info.feature_shapes:
-    raise ValueError(
+    raise ConfigError(
       f"term {term!r} needs feature {feature!r}, but model {info.name!r} exposes {sorted(info.feature_shapes)}"
     )
   return tuple(info.feature_shapes[feature])

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
+
 Params = dict[str, jax.Array]
 
 
@@ -144,7 +146,7 @@ def conv_reg_geometry(s_shape: Sequence[int], t_shape: Sequence[int]) -> dict:
     return dict(kernel=(4, 4), stride=2, padding=1, transpose=True, in_ch=cs, out_ch=ct)
   if hs >= ht and ws >= wt:
     return dict(kernel=(1 + hs - ht, 1 + ws - wt), stride=1, padding=0, transpose=False, in_ch=cs, out_ch=ct)
-  raise ValueError(
+  raise ConfigError(
     f"ConvReg cannot map a student feature of shape {tuple(s_shape)} to a teacher "
     f"feature of shape {tuple(t_shape)} (student H must be 2×, ½× or ≥ the teacher's)"
   )

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 from kdjax.models.base import ModelOutput
 
 PyTree = Any
@@ -168,22 +169,22 @@ class Method:
     for t in self.terms:
       for f in t.student_features:
         if f not in student.feature_shapes:
-          raise ValueError(
+          raise ConfigError(
             f"method {self.name!r} (term {t.name!r}) needs student feature {f!r}, "
             f"but model {student.name!r} exposes {sorted(student.feature_shapes)}"
           )
       if t.needs_teacher and teacher is None:
-        raise ValueError(f"method {self.name!r} (term {t.name!r}) needs a teacher, but none is configured")
+        raise ConfigError(f"method {self.name!r} (term {t.name!r}) needs a teacher, but none is configured")
       if teacher is not None:
         for f in t.teacher_features:
           if f not in teacher.feature_shapes:
-            raise ValueError(
+            raise ConfigError(
               f"method {self.name!r} (term {t.name!r}) needs teacher feature {f!r}, "
               f"but model {teacher.name!r} exposes {sorted(teacher.feature_shapes)}"
             )
     same_vocab = any(t.needs_teacher and not t.any_vocab for t in self.terms)
     if teacher is not None and same_vocab and student.num_classes != teacher.num_classes:
-      raise ValueError(
+      raise ConfigError(
         f"teacher {teacher.name!r} has {teacher.num_classes} classes but student "
         f"{student.name!r} has {student.num_classes}; they must match for method {self.name!r} (a language "
         f"model teacher of the student's tokenizer with a padded vocabulary: load it with "

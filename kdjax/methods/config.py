@@ -12,10 +12,12 @@ import dataclasses
 import math
 from typing import Literal
 
+from kdjax.errors import ConfigError
+
 
 def _check(cond: bool, field: str, msg: str) -> None:
   if not cond:
-    raise ValueError(f"{field}: {msg}")
+    raise ConfigError(f"{field}: {msg}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ class MethodConfig:
       try:
         weight = float(w)
       except ValueError:
-        raise ValueError(f"method.terms: weight of {name!r} is not a number: {w!r}") from None
+        raise ConfigError(f"method.terms: weight of {name!r} is not a number: {w!r}") from None
       _check(math.isfinite(weight), "method.terms", f"weight of {name!r} must be finite, got {w!r}")
     if self.gkd_beta is not None:
       _check(0.0 <= self.gkd_beta <= 1.0, "method.gkd_beta", f"must be in [0, 1], got {self.gkd_beta}")

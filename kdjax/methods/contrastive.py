@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods import adapters as A
 from kdjax.methods._common import need_teacher, opt, shape, stop
@@ -39,7 +40,7 @@ def make_crd(name, weight, cfg, student, teacher):
 
   def init(key, s_out, t_out, info):
     if info.num_examples < 2:
-      raise ValueError(
+      raise ConfigError(
         f"term {name!r} needs a training set of ≥ 2 examples for negatives, got num_examples={info.num_examples}"
       )
     kp, ks, kb = jax.random.split(key, 3)

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods import adapters as A
 from kdjax.methods._common import common_stages, last_stage, need_teacher, opt, shape, stages, stop
@@ -32,7 +33,7 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
   layer = opt(cfg.hint_layer, "stage2")
   s_shape, t_shape = shape(student, layer, name), shape(teacher, layer, name)
   if len(s_shape) != 3 or len(t_shape) != 3:
-    raise ValueError(
+    raise ConfigError(
       f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, got student {s_shape} and teacher {t_shape}"
     )
   A.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
@@ -174,7 +175,7 @@ def make_ab(name, weight, cfg, student, teacher):
     if f"{l}_preact" in student.feature_shapes and f"{l}_preact" in teacher.feature_shapes
   )
   if not layers:
-    raise ValueError(
+    raise ConfigError(
       f"term {name!r} needs 'stageK_preact' features in both models; student "
       f"{student.name!r} exposes {sorted(student.feature_shapes)}, teacher {teacher.name!r} "
       f"exposes {sorted(teacher.feature_shapes)}"
@@ -314,7 +315,7 @@ def make_fsp(name, weight, cfg, student, teacher):
     (a, b) for a, b in zip(seq[:-1], seq[1:]) if ch(student, a) == ch(teacher, a) and ch(student, b) == ch(teacher, b)
   )
   if not pairs:
-    raise ValueError(
+    raise ConfigError(
       f"term {name!r}: no consecutive layer pair of {seq} has equal channel counts in student "
       f"{student.name!r} and teacher {teacher.name!r}; FSP needs matching channels"
     )

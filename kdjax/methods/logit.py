@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods.config import MethodConfig
 from kdjax.methods._common import opt, stop
@@ -86,7 +87,7 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
   def apply(params, state, s_out, t_out, batch, ctx):
     labels = batch["label"]
     if not _labels_shape_ok(s_out.logits, labels):
-      raise ValueError(
+      raise ConfigError(
         f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
         f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])"
       )
@@ -191,7 +192,7 @@ def make_uld(name, weight, cfg, student, teacher):
 
   def apply(params, state, s_out, t_out, batch, ctx):
     if "teacher_mask" not in batch:
-      raise ValueError(
+      raise ConfigError(
         f"term {name!r} pairs response tokens across tokenizers: the batch needs 'teacher_inputs' "
         "and 'teacher_mask' (B, L_t) in the teacher's tokenization (kdjax.data.retokenize)"
       )

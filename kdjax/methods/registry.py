@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+from kdjax.errors import ConfigError
 from kdjax.methods.config import MethodConfig
 from kdjax.methods import contrastive, feature, logit, relation
 from kdjax.methods.base import Method, ModelInfo, Term
@@ -94,7 +95,7 @@ def _preset_terms(name: str, cfg: MethodConfig) -> list[tuple[str, float]]:
     parts = [p.strip() for p in name.split("+")]
     bad = [p for p in parts if p not in PRESETS]
     if bad or not parts:
-      raise ValueError(
+      raise ConfigError(
         f"method.name: unknown method {name!r} (unknown part(s) {bad}); available: "
         f"{available()} (join several with '+')"
       )
@@ -120,7 +121,7 @@ def check_names(cfg: MethodConfig) -> None:
     _preset_terms(cfg.name, cfg)
   bad = [t for t in cfg.term_weights() if t not in TERMS]
   if bad:
-    raise ValueError(f"method.terms: unknown term {bad[0]!r}; available: {available_terms()}")
+    raise ConfigError(f"method.terms: unknown term {bad[0]!r}; available: {available_terms()}")
 
 
 def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> Method:
@@ -133,7 +134,7 @@ def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> M
   weights = dict(_preset_terms(cfg.name, cfg))
   for t, w in cfg.term_weights().items():
     if t not in TERMS:
-      raise ValueError(f"method.terms: unknown term {t!r}; available: {available_terms()}")
+      raise ConfigError(f"method.terms: unknown term {t!r}; available: {available_terms()}")
     weights[t] = w
   # Drop zero-weight terms unless another kept term reads their params.
   keep = {t for t, w in weights.items() if w != 0.0}
@@ -147,7 +148,7 @@ def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> M
       try:
         terms.extend(TERMS[t](t, float(w), cfg, student, teacher))
       except ValueError as e:  # name the method the user asked for, not only the term
-        raise ValueError(f"method {cfg.name!r}: {e}") from None
+        raise ConfigError(f"method {cfg.name!r}: {e}") from None
   if not terms:
-    raise ValueError(f"method {cfg.name!r} with terms {cfg.terms} has no term with a non-zero weight")
+    raise ConfigError(f"method {cfg.name!r} with terms {cfg.terms} has no term with a non-zero weight")
   return Method(cfg.name, tuple(terms))

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
+
 # ``nnx.List`` (flax >= 0.12) marks a list of sub-modules as data; on older
 # flax a plain list is already traversed.
 ModuleList = getattr(nnx, "List", list)
@@ -86,4 +88,4 @@ def check_image(name: str, x: jax.Array, input_shape: Sequence[int]) -> None:
   """Rank-4 NHWC with the right channel count; spatial size may vary."""
   if x.ndim != 4 or x.shape[-1] != input_shape[-1]:
     expected = ", ".join(str(d) for d in input_shape)
-    raise ValueError(f"{name} expects input (B, {expected}) NHWC, got {tuple(x.shape)}")
+    raise ConfigError(f"{name} expects input (B, {expected}) NHWC, got {tuple(x.shape)}")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -66,7 +67,7 @@ class CifarResNet(nnx.Module):
     name: str = "cifar_resnet",
   ):
     if (depth - 2) % 6:
-      raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+      raise ConfigError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
     n = (depth - 2) // 6
     self.model_name = name
     self.num_classes = num_classes

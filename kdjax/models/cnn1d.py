@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -59,7 +60,7 @@ class CNN1D(nnx.Module):
     if x.ndim == 2 and x.shape[1] == n:
       x = x[..., None]
     if x.ndim != 3 or x.shape[1:] != (n, 1):
-      raise ValueError(f"{self.model_name} expects input (B, {n}) or (B, {n}, 1), got {tuple(x.shape)}")
+      raise ConfigError(f"{self.model_name} expects input (B, {n}) or (B, {n}, 1), got {tuple(x.shape)}")
     feats = {}
     for name, conv in (("stem", self.conv1), ("stage1", self.conv2), ("stage2", self.conv3)):
       pre = conv(x)

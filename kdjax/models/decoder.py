@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models.base import ModelOutput
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
@@ -132,7 +133,7 @@ def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
   if kind == "yarn":
     return yarn(inv, s, cfg)
   if kind != "default":
-    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+    raise ConfigError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
   return inv
 
 
@@ -292,11 +293,11 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, name: str | None = None):
     if cfg.family not in FAMILIES:
-      raise ValueError(f"decoder family {cfg.family!r} is not supported (supported: {', '.join(FAMILIES)})")
+      raise ConfigError(f"decoder family {cfg.family!r} is not supported (supported: {', '.join(FAMILIES)})")
     self.cfg, self.compute_dtype = cfg, dtype
     self.model_name = name or cfg.family
     if not 0 <= cfg.output_vocab <= cfg.vocab_size:
-      raise ValueError(f"output_vocab={cfg.output_vocab} must lie in [1, vocab_size={cfg.vocab_size}] (0: all)")
+      raise ConfigError(f"output_vocab={cfg.output_vocab} must lie in [1, vocab_size={cfg.vocab_size}] (0: all)")
     self.num_classes = cfg.output_vocab or cfg.vocab_size
     self.max_len, self.input_shape = cfg.max_positions, (cfg.max_positions,)
     emb = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
@@ -326,7 +327,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no dropout: a pretrained teacher runs in eval mode
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
-      raise ValueError(f"{self.model_name} expects (B, L) tokens with L ≤ {self.max_len}, got {tuple(tokens.shape)}")
+      raise ConfigError(f"{self.model_name} expects (B, L) tokens with L ≤ {self.max_len}, got {tuple(tokens.shape)}")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x, inv = self._embed(tokens, positions), self._inv_freq()
     feats = {"embed": x}
@@ -341,7 +342,7 @@ class Decoder(nnx.Module):
     """An empty key/value cache: per block ``{"k", "v"}`` of ``(B, S, kv_heads, head_dim)``."""
     s = self.max_len if max_len is None else max_len
     if s > self.max_len:
-      raise ValueError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} is too long")
+      raise ConfigError(f"{self.model_name} holds {self.max_len} positions; a cache of {s} is too long")
     shape = (batch_size, s, self.cfg.num_kv_heads, self.cfg.head_dim)
     return [{"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)} for _ in self.blocks]
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -101,7 +102,7 @@ class ImageNetResNet(nnx.Module):
     name: str = "imagenet_resnet",
   ):
     if block not in BLOCKS:
-      raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
+      raise ConfigError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
     cls = BLOCKS[block]
     self.model_name = name
     self.num_classes = num_classes

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -59,7 +60,7 @@ class MLP(nnx.Module):
       shapes = f"(B, {self.in_features})"
       if self.input_shape != (self.in_features,):
         shapes += f" or (B, {', '.join(map(str, self.input_shape))})"
-      raise ValueError(f"{self.model_name} expects input {shapes}, got {tuple(x.shape)}")
+      raise ConfigError(f"{self.model_name} expects input {shapes}, got {tuple(x.shape)}")
     x = x.reshape(x.shape[0], self.in_features)
     if self.input_dropout is not None:
       x = self.input_dropout(x, deterministic=not train)

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models.decoder import FAMILIES, Decoder, DecoderConfig
 
 _PREFIXES = ("model.", "transformer.")
@@ -47,7 +48,7 @@ def read_config(path: str | Path) -> DecoderConfig:
   c = json.loads((path / "config.json").read_text())
   family = c.get("model_type")
   if family not in FAMILIES:
-    raise ValueError(
+    raise ConfigError(
       f"{path / 'config.json'}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})"
     )
   if family == "gpt2":
@@ -69,7 +70,7 @@ def read_config(path: str | Path) -> DecoderConfig:
       tie_embeddings=bool(c.get("tie_word_embeddings", True)),
     )
   if c.get("use_bidirectional_attention"):
-    raise ValueError(f"{path / 'config.json'}: bidirectional attention is not supported (kdjax's decoders are causal)")
+    raise ConfigError(f"{path / 'config.json'}: bidirectional attention is not supported (kdjax's decoders are causal)")
   params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
   full, local = (
     (params.get("full_attention", {}), params.get("sliding_attention"))
@@ -219,7 +220,7 @@ class _Tensors:
     elif (path / "model.safetensors").is_file():
       files = {n: path / "model.safetensors" for n in _header(path / "model.safetensors")[0] if n != "__metadata__"}
     else:
-      raise ValueError(
+      raise ConfigError(
         f"{str(path)!r} has config.json but no model.safetensors(.index.json); kdjax reads "
         f"safetensors checkpoints (save with save_pretrained(..., safe_serialization=True))"
       )
@@ -237,10 +238,10 @@ class _Tensors:
       self._headers[file] = _header(file)
     header, start = self._headers[file]
     if name not in header:
-      raise ValueError(f"{file}: the index names tensor {name!r} but the file does not hold it")
+      raise ConfigError(f"{file}: the index names tensor {name!r} but the file does not hold it")
     entry = header[name]
     if entry["dtype"] not in _DTYPES:
-      raise ValueError(
+      raise ConfigError(
         f"{file}: tensor {name!r} is stored as {entry['dtype']}; kdjax reads {', '.join(sorted(_DTYPES))}"
       )
     lo, hi = entry["data_offsets"]
@@ -300,7 +301,7 @@ def from_pretrained(
   cfg = read_config(path)
   if vocab_size is not None:
     if not 1 <= vocab_size <= cfg.vocab_size:
-      raise ValueError(
+      raise ConfigError(
         f"{path}: vocab_size={vocab_size} must lie in [1, {cfg.vocab_size}] (the checkpoint's vocabulary)"
       )
     cfg = dataclasses.replace(cfg, output_vocab=vocab_size)
@@ -312,7 +313,7 @@ def from_pretrained(
   used = {theirs for theirs, _ in names.values()}
   extra = sorted(set(tensors.files) - used)
   if extra:
-    raise ValueError(
+    raise ConfigError(
       f"{path}: tensor {tensors.files[extra[0]][0]!r} is not used by a {cfg.family} model with this "
       f"config.json" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     )
@@ -320,15 +321,15 @@ def from_pretrained(
   for key, var in flat.items():
     mine = ".".join(map(str, key))
     if mine not in names:
-      raise ValueError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor (kdjax bug: name map incomplete)")
+      raise ConfigError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor (kdjax bug: name map incomplete)")
     theirs, layout = names[mine]
     if theirs not in tensors.files:
-      raise ValueError(
+      raise ConfigError(
         f"{path}: tensor {theirs!r} is missing (a {cfg.family} model with {cfg.num_layers} layers needs it)"
       )
     want, shape = tuple(var.shape), tensors.shape(theirs)
     if layout(np.broadcast_to(np.zeros((), np.uint8), shape)).shape != want:  # a view: nothing is allocated
-      raise ValueError(
+      raise ConfigError(
         f"{path}: tensor {theirs!r} has shape {shape}, which does not fit the {want} that "
         f"config.json implies for {mine!r}"
       )
@@ -382,7 +383,7 @@ def load_tokenizer(path: str | Path):
 
   f = Path(path) / "tokenizer.json"
   if not f.is_file():
-    raise ValueError(
+    raise ConfigError(
       f"no tokenizer.json in {str(path)!r}; copy it from the model's download (huggingface-cli "
       f"download <org>/<model> tokenizer.json --local-dir {path})"
     )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models.cifar_resnet import CifarResNet
 from kdjax.models.cnn1d import CNN1D
 from kdjax.models.imagenet_resnet import ImageNetResNet
@@ -57,7 +58,7 @@ def register(
 ) -> None:
   """Add a model under ``name`` (``ValueError`` if the name is taken)."""
   if name in _REGISTRY:
-    raise ValueError(f"model name {name!r} is already registered")
+    raise ConfigError(f"model name {name!r} is already registered")
   _REGISTRY[name] = ModelSpec(constructor, defaults, family, tuple(input_shape))
 
 
@@ -112,7 +113,7 @@ def available(family: str | None = None) -> list[str]:
 def spec(name: str) -> ModelSpec:
   """The :class:`ModelSpec` for ``name``; ``ValueError`` naming the choices."""
   if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    raise ConfigError(f"unknown model {name!r}; available: {', '.join(available())}")
   return _REGISTRY[name]
 
 
@@ -138,7 +139,7 @@ def create(
   allowed = set(inspect.signature(s.constructor.__init__).parameters) - {"self", "num_classes", "dtype", "rngs", "name"}
   bad = sorted(set(overrides) - allowed)
   if bad:
-    raise ValueError(f"{name}: unknown option(s) {bad}; allowed: {sorted(allowed)}")
+    raise ConfigError(f"{name}: unknown option(s) {bad}; allowed: {sorted(allowed)}")
   kwargs = {**s.defaults, **overrides}
   if num_classes is not None:
     kwargs["num_classes"] = num_classes

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -32,7 +33,7 @@ _EMBED_INIT = nnx.initializers.normal(0.02)
 class CausalSelfAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
     if dim % num_heads:
-      raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+      raise ConfigError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
     self.num_heads = num_heads
     self.qkv = L.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
@@ -135,7 +136,7 @@ class TransformerLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] > self.max_len:
-      raise ValueError(
+      raise ConfigError(
         f"{self.model_name} expects input (B, L) integer tokens with "
         f"L <= {self.max_len}, got {tuple(tokens.shape)} "
         f"{tokens.dtype}"
@@ -155,7 +156,7 @@ class TransformerLM(nnx.Module):
     """An empty key/value cache for :meth:`decode`: per block ``{"k", "v"}`` of ``(B, S, H, D/H)``."""
     s = self.max_len if max_len is None else max_len
     if s > self.max_len:
-      raise ValueError(
+      raise ConfigError(
         f"{self.model_name} holds {self.max_len} positions; a cache of {s} needs a model created with max_len ≥ {s}"
       )
     shape = (batch_size, s, self.num_heads, self.dim // self.num_heads)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -53,7 +54,7 @@ class VGG(nnx.Module):
 
   def __init__(self, depth: int = 13, *, num_classes: int = 100, dtype=jnp.float32, rngs: nnx.Rngs, name: str = "vgg"):
     if depth not in CONFIGS:
-      raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {depth}")
+      raise ConfigError(f"VGG depth must be one of {sorted(CONFIGS)}, got {depth}")
     self.model_name = name
     self.num_classes = num_classes
     blocks = []

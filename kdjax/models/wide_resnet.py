@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.errors import ConfigError
 from kdjax.models import _layers as L
 from kdjax.models.base import ModelOutput
 
@@ -72,7 +73,7 @@ class WideResNet(nnx.Module):
     name: str = "wide_resnet",
   ):
     if (depth - 4) % 6:
-      raise ValueError(f"Wide ResNet depth must be 6n + 4, got {depth}")
+      raise ConfigError(f"Wide ResNet depth must be 6n + 4, got {depth}")
     n = (depth - 4) // 6
     widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
     self.model_name = name

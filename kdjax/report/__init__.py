@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from collections.abc import Sequence
 
+from kdjax.errors import ConfigError
 from kdjax.report.diagnostics import (
   accuracy,
   agreement,
@@ -83,7 +84,7 @@ def make_report(
   paths = list(paths)
   records = collect(paths)
   if not records:
-    raise ValueError(
+    raise ConfigError(
       f"no results.json found under {', '.join(map(str, paths))}; "
       "pass the workdirs of finished runs (training writes results.json at the end)"
     )

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.errors import ConfigError
+
 __all__ = [
   "accuracy",
   "agreement",
@@ -42,7 +44,7 @@ def _mask(mask: Any, batch_shape: tuple[int, ...]) -> jnp.ndarray:
     return jnp.ones(batch_shape, jnp.float32)
   mask = jnp.asarray(mask)
   if mask.shape != batch_shape:
-    raise ValueError(
+    raise ConfigError(
       f"mask has shape {mask.shape} but the logits' batch shape is {batch_shape}; "
       "pass a mask of shape logits.shape[:-1]"
     )
@@ -56,7 +58,7 @@ def _masked_mean(values: jnp.ndarray, m: jnp.ndarray) -> jnp.ndarray:
 
 def _check_pair(student_logits, teacher_logits) -> None:
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(
+    raise ConfigError(
       f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ in "
       "shape; both must be (..., C) over the same classes"
     )
@@ -203,7 +205,7 @@ def linear_cka(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
   x = x.reshape(x.shape[0], -1)
   y = y.reshape(y.shape[0], -1)
   if x.shape[0] != y.shape[0]:
-    raise ValueError(f"linear_cka needs the same examples in x and y, got {x.shape[0]} and {y.shape[0]} rows")
+    raise ConfigError(f"linear_cka needs the same examples in x and y, got {x.shape[0]} and {y.shape[0]} rows")
   x = x - jnp.mean(x, axis=0, keepdims=True)
   y = y - jnp.mean(y, axis=0, keepdims=True)
   # CKA is scale-invariant: normalise first so float32 sums of squares cannot overflow.

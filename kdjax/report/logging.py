@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from kdjax.errors import ConfigError
+
 __all__ = ["MetricWriter", "write_json", "read_jsonl", "to_python_scalar"]
 
 SPLITS = ("train", "eval")
@@ -93,13 +95,13 @@ class MetricWriter:
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Log one row of scalars for ``split`` ("train" or "eval") at ``step``; returns the row."""
     if self._file is None:
-      raise ValueError(f"MetricWriter for {str(self.workdir)!r} is closed; create a new one")
+      raise ConfigError(f"MetricWriter for {str(self.workdir)!r} is closed; create a new one")
     if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+      raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     row: dict[str, Any] = {"step": int(step), "split": split}
     for k, v in metrics.items():
       if k in ("step", "split"):
-        raise ValueError(f"metric name {k!r} is reserved; rename the metric")
+        raise ConfigError(f"metric name {k!r} is reserved; rename the metric")
       row[k] = to_python_scalar(k, v)
     with self._guard():
       if self._failed:
@@ -223,4 +225,4 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     except json.JSONDecodeError as e:
       if i == len(lines) - 1:
         return
-      raise ValueError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or delete that line") from None
+      raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or delete that line") from None

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from kdjax.errors import ConfigError
 from kdjax.report.logging import read_jsonl
 
 __all__ = ["RunRecord", "Stat", "Row", "collect", "cell_names", "summarize", "to_markdown", "to_csv", "FOOTNOTE"]
@@ -71,10 +72,10 @@ class RunRecord:
 def _find_run_dirs(path: Path) -> list[Path]:
   if path.is_file():
     if path.name != RESULTS:
-      raise ValueError(f"{str(path)!r} is a file but not a {RESULTS}; pass run directories (or their parents)")
+      raise ConfigError(f"{str(path)!r} is a file but not a {RESULTS}; pass run directories (or their parents)")
     return [path.parent]
   if not path.is_dir():
-    raise ValueError(f"no such workdir: {str(path)!r}")
+    raise ConfigError(f"no such workdir: {str(path)!r}")
   return sorted(p.parent for p in path.rglob(RESULTS))
 
 
@@ -83,9 +84,9 @@ def _load_run(run_dir: Path) -> RunRecord:
   try:
     results = json.loads(res_path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{res_path} is not valid JSON ({e.msg}); re-run that run or delete the file") from None
+    raise ConfigError(f"{res_path} is not valid JSON ({e.msg}); re-run that run or delete the file") from None
   if not isinstance(results, dict):
-    raise ValueError(f"{res_path} holds a {type(results).__name__}, expected a JSON object")
+    raise ConfigError(f"{res_path} holds a {type(results).__name__}, expected a JSON object")
   rows: dict[int, dict[str, Any]] = {}
   met_path = run_dir / METRICS
   if met_path.exists():

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data.builders._base import LocalBuilder
+from kdjax.errors import ConfigError
 
 VOCAB = ("<pad>", "<bos>", "<eos>", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=")
 PAD, BOS, EOS = 0, 1, 2
@@ -44,7 +45,7 @@ def encode(text: str) -> list[int]:
   try:
     return [_CHAR[c] for c in text]
   except KeyError as e:
-    raise ValueError(f"arithmetic tokenizer: no token for {e.args[0]!r} (vocabulary: {''.join(_CHAR)})") from None
+    raise ConfigError(f"arithmetic tokenizer: no token for {e.args[0]!r} (vocabulary: {''.join(_CHAR)})") from None
 
 
 def decode(ids) -> str:
@@ -112,7 +113,7 @@ def sample_pairs(c: ArithmeticConfig) -> dict[str, np.ndarray]:
   space = 10 ** (2 * c.num_digits)
   total = c.train_size + c.test_size
   if total > space:
-    raise ValueError(f"arithmetic: {total} examples asked for but only {space} distinct {c.num_digits}-digit pairs")
+    raise ConfigError(f"arithmetic: {total} examples asked for but only {space} distinct {c.num_digits}-digit pairs")
   flat = np.random.default_rng(c.seed).choice(space, size=total, replace=False)
   pairs = np.stack([flat // 10**c.num_digits, flat % 10**c.num_digits], axis=1)
   return {"train": pairs[: c.train_size], "test": pairs[c.train_size :]}

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data.builders._base import LocalBuilder
+from kdjax.errors import ConfigError
 
 SEQ_LEN = 40
 NUM_CLASSES = 10
@@ -121,7 +122,7 @@ class Mnist1d(LocalBuilder):
       seen = _row_set(d["x"]) | _row_set(d["x_test"])
       dup = sum(r in seen for r in _row_set(xt))
       if dup:  # not an assert: must hold under python -O too
-        raise ValueError(
+        raise ConfigError(
           f"mnist1d transfer split (transfer_seed={c.transfer_seed}) shares {dup} "
           f"rows with train/test; choose another transfer_seed"
         )
