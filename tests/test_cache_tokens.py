@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-import _engine_setup as E
-from kdjax.data import cache as C
+import _engine_setup as engine_setup
+from kdjax.data import cache as cache_lib
 from kdjax.data import views
 from kdjax.data.tfds import ArrayDataset
-from kdjax.engine import sharding
+from kdjax.parallel import sharding
 from kdjax.engine.teacher_cache import teacher_predict_fn
 from kdjax.engine.state import apply_model
 
@@ -30,7 +30,7 @@ VIEW = views.ViewConfig(kind="tokens")
 
 
 def _setup(method: str):
-  return E.setup(method, student=STUDENT, teachers=(TEACHER,), num_classes=VOCAB, tx=optax.sgd(0.5))
+  return engine_setup.setup(method, student=STUDENT, teachers=(TEACHER,), num_classes=VOCAB, tx=optax.sgd(0.5))
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +45,17 @@ def fkl():
   return _setup("forward_kl")
 
 
-def _teacher(s: E.Setup, top_k: int = 0):
+def _teacher(s: engine_setup.Setup, top_k: int = 0):
   return teacher_predict_fn(s.spec.teachers[0].graphdef, s.teacher.params[0], s.teacher.model_state[0], top_k)
 
 
-def _teacher_logits(s: E.Setup, tokens: np.ndarray) -> np.ndarray:
+def _teacher_logits(s: engine_setup.Setup, tokens: np.ndarray) -> np.ndarray:
   return np.asarray(_teacher(s)(jnp.asarray(tokens)), np.float64)
 
 
 def _build(directory, ds, s, top_k, dtype, **kw):
-  spec = C.CacheSpec(views=1, dtype=dtype, top_k=top_k, shard_size=kw.pop("shard_size", 16), batch_size=8)
-  return C.build_cache(
+  spec = cache_lib.CacheSpec(views=1, dtype=dtype, top_k=top_k, shard_size=kw.pop("shard_size", 16), batch_size=8)
+  return cache_lib.build_cache(
     directory,
     ds,
     _teacher(s, top_k),
@@ -69,13 +69,13 @@ def _build(directory, ds, s, top_k, dtype, **kw):
 
 
 @pytest.fixture(scope="module")
-def full_topk_cache(tmp_path_factory, ds, fkl) -> C.TeacherCache:
+def full_topk_cache(tmp_path_factory, ds, fkl) -> cache_lib.TeacherCache:
   d = tmp_path_factory.mktemp("lm_topk_all")
   assert _build(d, ds, fkl, VOCAB, "float32")["complete"]
-  return C.TeacherCache.open(d, teacher_hash="lm-teacher", view=VIEW, num_examples=N)
+  return cache_lib.TeacherCache.open(d, teacher_hash="lm-teacher", view=VIEW, num_examples=N)
 
 
-def _one_step(s: E.Setup, batch: dict):
+def _one_step(s: engine_setup.Setup, batch: dict):
   state, metrics = s.step(s.fresh(), s.teacher, sharding.shard_batch(batch, s.mesh))
   return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}
 
@@ -85,12 +85,12 @@ def _online(batch: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", E.TOKEN_PRESETS)
+@pytest.mark.parametrize("method", engine_setup.TOKEN_PRESETS)
 def test_topk_cache_with_k_equal_vocab_equals_online_step(method, ds, full_topk_cache):
   """k = V in float32: the cached step's loss and gradient (→ SGD update)
   equal the online teacher's up to float32 summation order."""
   s = _setup(method)
-  batch = C.CachedLoader(ds, full_topk_cache, batch_size=BATCH, seed=3).batch(1, 2)
+  batch = cache_lib.CachedLoader(ds, full_topk_cache, batch_size=BATCH, seed=3).batch(1, 2)
   assert batch["teacher_topk_logp"].shape == (BATCH, LEN, VOCAB) and "teacher_logits" not in batch
   p_ca, m_ca = _one_step(s, batch)
   p_on, m_on = _one_step(s, _online(batch))
@@ -110,9 +110,9 @@ def test_topk_cache_with_k_equal_vocab_equals_online_step(method, ds, full_topk_
 def test_float32_logit_cache_is_bit_identical_to_online(tmp_path, ds, fkl):
   """Full (L, V) logits in float32: same batch, same step, bit for bit."""
   _build(tmp_path / "dense", ds, fkl, 0, "float32")
-  cache = C.TeacherCache.open(tmp_path / "dense")
+  cache = cache_lib.TeacherCache.open(tmp_path / "dense")
   assert cache.arrays["logits"].shape == (N, 1, LEN, VOCAB)
-  batch = C.CachedLoader(ds, cache, batch_size=BATCH, seed=1).batch(0, 0)
+  batch = cache_lib.CachedLoader(ds, cache, batch_size=BATCH, seed=1).batch(0, 0)
   p_ca, m_ca = _one_step(fkl, batch)
   p_on, m_on = _one_step(fkl, _online(batch))
   assert m_ca["loss/forward_kl"] == m_on["loss/forward_kl"] > 0
@@ -126,8 +126,8 @@ def test_topk_cache_step_equals_numpy_bucket_kl(tmp_path, ds, fkl):
   logits (its own top-8, float16 rounding) and the student's logits."""
   k = 8
   _build(tmp_path / "top8", ds, fkl, k, "float16")
-  cache = C.TeacherCache.open(tmp_path / "top8")
-  batch = C.CachedLoader(ds, cache, batch_size=BATCH, seed=2).batch(0, 1)
+  cache = cache_lib.TeacherCache.open(tmp_path / "top8")
+  batch = cache_lib.CachedLoader(ds, cache, batch_size=BATCH, seed=2).batch(0, 1)
   assert batch["teacher_topk_idx"].shape == (BATCH, LEN, k)
   # the cached entries are the teacher's top-8 on exactly this batch's tokens
   t = _teacher_logits(fkl, batch["inputs"])
@@ -166,27 +166,27 @@ def test_token_cache_in_two_interrupted_halves_equals_one_go(tmp_path, ds, fkl):
   first = _build(tmp_path / "two", ds, fkl, 8, "float16", max_shards=1)
   assert first["written"] == 1 and not first["complete"]
   with pytest.raises(ValueError, match="incomplete"):
-    C.TeacherCache.open(tmp_path / "two")
+    cache_lib.TeacherCache.open(tmp_path / "two")
   second = _build(tmp_path / "two", ds, fkl, 8, "float16")
   assert second == {"written": 2, "skipped": 1, "complete": True, "num_shards": 3} and one["num_shards"] == 3
   for name in ("shard-00000-of-00003", "shard-00001-of-00003", "shard-00002-of-00003"):
-    x, y = C.read_shard(tmp_path / "one" / name), C.read_shard(tmp_path / "two" / name)
+    x, y = cache_lib.read_shard(tmp_path / "one" / name), cache_lib.read_shard(tmp_path / "two" / name)
     assert x.keys() == y.keys() == {"ids", "topk_logp", "topk_idx"}
     for f in x:
       np.testing.assert_array_equal(x[f], y[f])
   # top-k on the device == top-k of host logits (the same cache either way)
   dense_predict = _teacher(fkl, 0)
-  C.build_cache(
+  cache_lib.build_cache(
     tmp_path / "host",
     ds,
     dense_predict,
     teacher_hash="lm-teacher",
     num_classes=VOCAB,
     view=VIEW,
-    spec=C.CacheSpec(dtype="float16", top_k=8, shard_size=16, batch_size=8),
+    spec=cache_lib.CacheSpec(dtype="float16", top_k=8, shard_size=16, batch_size=8),
     output_shape=(LEN, VOCAB),
   )
-  dev, host = C.TeacherCache.open(tmp_path / "one"), C.TeacherCache.open(tmp_path / "host")
+  dev, host = cache_lib.TeacherCache.open(tmp_path / "one"), cache_lib.TeacherCache.open(tmp_path / "host")
   np.testing.assert_array_equal(np.asarray(dev.arrays["topk_idx"]), np.asarray(host.arrays["topk_idx"]))
   np.testing.assert_allclose(
     np.asarray(dev.arrays["topk_logp"], np.float32),
@@ -200,27 +200,27 @@ def test_token_cache_in_two_interrupted_halves_equals_one_go(tmp_path, ds, fkl):
 def test_token_cache_refuses_another_teacher_and_wrong_shapes(tmp_path, ds, fkl):
   _build(tmp_path / "c", ds, fkl, 4, "float16")
   with pytest.raises(ValueError, match=r"stale: built for teacher lm-teacher but the configured teacher is other"):
-    C.TeacherCache.open(tmp_path / "c", teacher_hash="other")
+    cache_lib.TeacherCache.open(tmp_path / "c", teacher_hash="other")
   with pytest.raises(ValueError, match="teacher_hash"):
-    C.build_cache(
+    cache_lib.build_cache(
       tmp_path / "c",
       ds,
       _teacher(fkl, 4),
       teacher_hash="other",
       num_classes=VOCAB,
       view=VIEW,
-      spec=C.CacheSpec(top_k=4, shard_size=16, batch_size=8),
+      spec=cache_lib.CacheSpec(top_k=4, shard_size=16, batch_size=8),
       output_shape=(LEN, VOCAB),
     )
   with pytest.raises(ValueError, match=r"teacher outputs \(8, 64\) per example, the cache expects \(64,\)"):
-    C.build_cache(
+    cache_lib.build_cache(
       tmp_path / "d",
       ds,
       _teacher(fkl, 0),
       teacher_hash="t",
       num_classes=VOCAB,
       view=VIEW,
-      spec=C.CacheSpec(shard_size=16, batch_size=8),
+      spec=cache_lib.CacheSpec(shard_size=16, batch_size=8),
     )
   with pytest.raises(ValueError, match="integer token ids"):
     views.augment(VIEW, np.zeros((2, 3), np.float32), np.zeros(2, np.uint64))
@@ -232,7 +232,7 @@ def test_token_cache_refuses_another_teacher_and_wrong_shapes(tmp_path, ds, fkl)
 def test_token_views_pass_ids_through(ds, full_topk_cache):
   """Over an epoch every example comes once, its student input is its own
   tokens (int32, unchanged) and its labels are the next tokens."""
-  loader = C.CachedLoader(ds, full_topk_cache, batch_size=BATCH, seed=5)
+  loader = cache_lib.CachedLoader(ds, full_topk_cache, batch_size=BATCH, seed=5)
   seen = []
   by_id = {int(i): r for r, i in enumerate(ds.ids)}
   for b in loader.epoch_batches(0):
@@ -252,17 +252,17 @@ def test_topk_token_cache_records_the_bytes_per_token_it_stores(tmp_path, vocab,
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(n, length, vocab)).astype(np.float32)
   predict = lambda x: logits[: len(x)]  # noqa: E731  (one batch of 8 covers the split)
-  C.build_cache(
+  cache_lib.build_cache(
     tmp_path / "c",
     ds,
     predict,
     teacher_hash="t",
     num_classes=vocab,
     view=VIEW,
-    spec=C.CacheSpec(dtype="float16", top_k=k, shard_size=8, batch_size=8),
+    spec=cache_lib.CacheSpec(dtype="float16", top_k=k, shard_size=8, batch_size=8),
     output_shape=(length, vocab),
   )
-  cache = C.TeacherCache.open(tmp_path / "c")
+  cache = cache_lib.TeacherCache.open(tmp_path / "c")
   assert cache.meta["bytes_per_token"] == per_token and cache.meta["index_dtype"] == index_dtype
   assert np.asarray(cache.arrays["topk_idx"]).dtype == np.dtype(index_dtype)
   stored = sum(np.asarray(cache.arrays[a]).nbytes for a in ("topk_logp", "topk_idx"))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from kdjax.config import Experiment
-from kdjax.engine import xla_cpu
+from kdjax.parallel import xla_cpu
 from kdjax.engine.experiment import load_teacher
 from kdjax.engine.state import apply_model, split_model
 
@@ -28,19 +28,19 @@ def build_teacher_cache(
   Loads ``cfg.teacher`` from ``cfg.teacher.checkpoint`` (its content hash keys
   the cache) and runs it jitted in eval mode, one fixed batch shape.
   """
-  from kdjax.data import cache as C
+  from kdjax.data import cache
   from kdjax.data.tfds import get_info
 
-  spec = C.CacheSpec() if spec is None else spec
-  view = C.experiment_view(cfg)
-  C.check_view(view)
+  spec = cache.CacheSpec() if spec is None else spec
+  view = cache.experiment_view(cfg)
+  cache.check_view(view)
   num_classes = int(get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   model, teacher_hash = load_teacher(cfg.teacher, num_classes)
   graphdef, params, rest = split_model(model)
-  ds = C.training_set(cfg)
+  ds = cache.training_set(cfg)
   first, _, first_id = ds.take(np.arange(1))
-  example = C.view_images(view, first, first_id, 0, 0)
-  return C.build_cache(
+  example = cache.view_images(view, first, first_id, 0, 0)
+  return cache.build_cache(
     directory,
     ds,
     teacher_predict_fn(graphdef, params, rest, spec.top_k, cfg.run.xla_cpu_conv),
