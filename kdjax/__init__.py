@@ -17,19 +17,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from kdjax._version import __version__
 
 _EXPORTS = {
   "Distiller": "kdjax.engine.distiller",
-  "FunctionTeacher": "kdjax.engine.distiller",
+  "FunctionTeacher": "kdjax.engine.teachers",
+  "evaluate": "kdjax.engine.evaluation",
+  "exact_match": "kdjax.engine.evaluation",
   "train": "kdjax.engine.hooks",
   "TrainState": "kdjax.engine.state",
-  "make_mesh": "kdjax.engine.sharding",
+  "make_mesh": "kdjax.parallel.sharding",
   "MethodConfig": "kdjax.methods.config",
   "ModelOutput": "kdjax.models.base",
   "Checkpointer": "kdjax.checkpoint",
   "ResponseConfig": "kdjax.responses",
-  "Placement": "kdjax.placement",
+  "Placement": "kdjax.parallel.placement",
   "ConfigError": "kdjax.errors",
 }
 _MODULES = (

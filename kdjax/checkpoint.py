@@ -104,10 +104,10 @@ def library_versions() -> dict[str, str]:
   import flax
   import optax
 
-  import kdjax
+  from kdjax._version import __version__
 
   return {
-    "kdjax": kdjax.__version__,
+    "kdjax": __version__,
     "jax": jax.__version__,
     "flax": flax.__version__,
     "optax": optax.__version__,

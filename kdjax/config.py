@@ -17,7 +17,7 @@ import json
 from typing import Any, Literal
 
 from kdjax.errors import ConfigError
-from kdjax.placement import Placement
+from kdjax.parallel.placement import Placement
 from kdjax.responses import ResponseConfig
 from kdjax.methods.config import MethodConfig
 
@@ -180,7 +180,7 @@ class RunConfig:
       of which failed verification (they stay in ``checkpoints_corrupt/``).
       Without it such a workdir is refused: a run never silently starts over.
     xla_cpu_conv: convolution kernels on the CPU backend: ``"eigen"`` (XLA's
-      own; faster on the CPUs measured, see ``kdjax.engine.xla_cpu``) or
+      own; faster on the CPUs measured, see ``kdjax.parallel.xla_cpu``) or
       ``"ynn"`` (jaxlib's YNNPACK default). Ignored on GPU/TPU; excluded from
       the config hash (it changes speed, results only to float32 rounding).
   """

@@ -74,9 +74,9 @@ def _template(model: str, num_classes: int, dtype: str):
   def forward(p, r, x):
     return nnx.merge(graphdef, p, r)(x, train=False).logits
 
-  # The engine's CPU convolution kernels (kdjax.engine.xla_cpu), so exported
+  # The engine's CPU convolution kernels (kdjax.parallel.xla_cpu), so exported
   # predictions equal the engine's evaluation, not just to float32 rounding.
-  from kdjax.engine import xla_cpu
+  from kdjax.parallel import xla_cpu
 
   return params, rest, jax.jit(forward, compiler_options=xla_cpu.compiler_options("eigen"))
 

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax.errors import ConfigError
+from kdjax.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +222,6 @@ class Generator:
   """
 
   def __init__(self, model: nnx.Module, sampling: Sampling, mesh: jax.sharding.Mesh | None = None):
-    from kdjax.engine import sharding
-
     self.graphdef, self.state = nnx.split(model)
     self.sampling, self.mesh = sampling, mesh
 

@@ -3,7 +3,7 @@
 
 On the devices at hand (or ``--cpu-devices N`` forced host devices) it
 builds a language-model teacher→student pair, measures what the cost model
-(:mod:`kdjax.engine.placement_cost`) needs — on one device with one device's
+(:mod:`kdjax.parallel.cost`) needs — on one device with one device's
 share of the batch, the FLOPs of the teacher's forward and of the whole step
 (XLA's cost analysis) and the time each takes; how many devices compute at
 once (the teacher's forward on one device alone vs on all of them); the
@@ -125,7 +125,7 @@ def measure_one_device(a, rows: int) -> dict:
   import jax
 
   from kdjax import batch as B
-  from kdjax.engine import sharding
+  from kdjax.parallel import sharding
   from kdjax.engine.step import run_teachers
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -163,7 +163,7 @@ def measure_machine(a, n: int) -> dict:
   import jax.numpy as jnp
 
   from kdjax import batch as B
-  from kdjax.engine import sharding
+  from kdjax.parallel import sharding
   from kdjax.engine.step import run_teachers
 
   times = []
@@ -218,12 +218,12 @@ def main(argv=None) -> int:
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
   import jax
 
-  from kdjax.engine import placement_cost as C
+  from kdjax.parallel import cost as placement_cost
 
   n = jax.device_count()
   one, machine = measure_one_device(a, a.batch // n), measure_machine(a, n)
   (tl, tw) = _size(a.teacher)
-  w = C.Workload(
+  w = placement_cost.Workload(
     teacher_flops=one["teacher_flops"],
     student_flops=one["student_flops"],
     teacher_bytes=one["teacher_bytes"],
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     output_bytes=a.batch * a.length * a.vocab * 4,
     tp_bytes=(2 * tl * tw + a.vocab) * a.batch * a.length * 4,
   )
-  rates = C.Rates(
+  rates = placement_cost.Rates(
     teacher_flops_per_s=one["teacher_flops"] / one["teacher_s"],
     student_flops_per_s=one["student_flops"] / one["student_s"],
     parallelism=machine["parallelism"],
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
   print(json.dumps(head), flush=True)
   for spec in a.placements.split(","):
     p = _placement(spec)
-    pred = C.predict(w, rates, n, teacher_devices=p.teacher_devices, model=p.model)
+    pred = placement_cost.predict(w, rates, n, teacher_devices=p.teacher_devices, model=p.model)
     got = measure_placement(a, spec)
     print(
       json.dumps(
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
       ),
       flush=True,
     )
-  best, _ = C.recommend(w, rates, n)
+  best, _ = placement_cost.recommend(w, rates, n)
   print(
     json.dumps(
       {"case": "placement_recommendation", "placement": best.placement, "predicted_s": round(best.step_seconds, 5)}

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _engine_setup as E  # noqa: E402
-from kdjax.engine import sharding  # noqa: E402
+from kdjax.parallel import sharding  # noqa: E402
 from kdjax.engine.state import apply_model  # noqa: E402
 
 STEPS = 20

@@ -16,7 +16,7 @@ P.join(sys.argv[2], sys.argv[3])
 import jax  # noqa: E402
 
 import _engine_setup as E  # noqa: E402
-from kdjax.engine import sharding  # noqa: E402
+from kdjax.parallel import sharding  # noqa: E402
 
 STEPS = 20
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 import kdjax
 from kdjax import models
-from kdjax.engine import sharding
+from kdjax.parallel import sharding
 from kdjax.engine.state import TeacherState, TrainState
 from kdjax.engine.step import StepSpec
 from kdjax.methods import MethodConfig

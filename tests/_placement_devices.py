@@ -21,7 +21,7 @@ import optax  # noqa: E402
 import _engine_setup as E  # noqa: E402
 import kdjax  # noqa: E402
 from kdjax import checkpoint as ckpt  # noqa: E402
-from kdjax.engine import sharding  # noqa: E402
+from kdjax.parallel import sharding  # noqa: E402
 
 STEPS = 20
 ROWS = 24  # divides 8 devices, and both sub-meshes of 2 + 6 and 4 + 4

@@ -20,8 +20,9 @@ from flax import nnx  # noqa: E402
 
 from kdjax import Placement  # noqa: E402
 from kdjax.config import ModelConfig  # noqa: E402
-from kdjax.engine import experiment, sharding  # noqa: E402
-from kdjax.engine.distiller import placement_meshes  # noqa: E402
+from kdjax.engine import experiment
+from kdjax.parallel import sharding  # noqa: E402
+from kdjax.parallel.placement import placement_meshes  # noqa: E402
 from kdjax.models import pretrained  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))

@@ -1,4 +1,4 @@
-"""CPU convolution kernels (``run.xla_cpu_conv``, ``kdjax.engine.xla_cpu``).
+"""CPU convolution kernels (``run.xla_cpu_conv``, ``kdjax.parallel.xla_cpu``).
 
 kdjax compiles its steps with XLA's own (Eigen) convolutions instead of
 jaxlib's default YNNPACK fusions because they are faster on the measured CPU
@@ -21,7 +21,7 @@ from flax import nnx
 
 from kdjax import models
 from kdjax.config import Experiment, RunConfig, config_hash
-from kdjax.engine import xla_cpu
+from kdjax.parallel import xla_cpu
 from kdjax.engine.state import apply_model, split_model
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compile options")

@@ -30,7 +30,8 @@ import _procs as P
 from kdjax import checkpoint as ckpt
 from kdjax import methods, models
 from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
-from kdjax.engine import loop, sharding
+from kdjax.engine import loop
+from kdjax.parallel import sharding
 from kdjax.engine.distiller import Distiller
 from kdjax.engine.experiment import model_info
 from kdjax.engine import step as step_lib

@@ -17,7 +17,7 @@ import pytest
 import _procs as P
 import kdjax
 from kdjax.config import Experiment, MethodConfig
-from kdjax.engine import teacher_placement as TP
+from kdjax.parallel import placement as placement_lib
 
 STEPS = 20
 
@@ -190,7 +190,7 @@ def test_pinned_host_memory_missing_is_one_line():
   device = types.SimpleNamespace(addressable_memories=lambda: memories, platform="tpu")
   mesh = types.SimpleNamespace(devices=np.array([device], object))
   with pytest.raises(ValueError, match=r"teacher_memory='pinned_host' is not supported on this backend \(tpu"):
-    TP.check_memory_kind(mesh, "pinned_host")
+    placement_lib.check_memory_kind(mesh, "pinned_host")
 
 
 # ---------------------------------------------------------------------------
@@ -198,51 +198,55 @@ def test_pinned_host_memory_missing_is_one_line():
 
 
 def _work(**kw):
-  from kdjax.engine import placement_cost as C
+  from kdjax.parallel import cost as placement_cost
 
   base = dict(
     teacher_flops=6e9, student_flops=2e9, teacher_bytes=8e9, student_bytes=1e9, output_bytes=4e8, tp_bytes=2e8
   )
-  return C.Workload(**{**base, **kw})
+  return placement_cost.Workload(**{**base, **kw})
 
 
 def _rates(**kw):
-  from kdjax.engine import placement_cost as C
+  from kdjax.parallel import cost as placement_cost
 
   base = dict(teacher_flops_per_s=1e9, student_flops_per_s=5e8, parallelism=8, link_bytes_per_s=1e9)
-  return C.Rates(**{**base, **kw})
+  return placement_cost.Rates(**{**base, **kw})
 
 
 def test_cost_model_formulas_by_hand():
-  from kdjax.engine import placement_cost as C
+  from kdjax.parallel import cost as placement_cost
 
   w, r = _work(), _rates()
   t_teacher, t_student = 6.0, 4.0  # seconds on one device
-  colo = C.predict(w, r, 8)
+  colo = placement_cost.predict(w, r, 8)
   assert colo.placement == "colocated" and colo.step_seconds == pytest.approx((t_teacher + t_student) / 8)
   assert (colo.teacher_bytes_per_device, colo.student_bytes_per_device) == (8e9, 1e9)
-  sh = C.predict(w, r, 8, model=4)
+  sh = placement_cost.predict(w, r, 8, model=4)
   assert sh.step_seconds == pytest.approx(10 / 8 + 2e8 * 2 * 3 / (8 * 1e9)) and sh.teacher_bytes_per_device == 2e9
-  sp = C.predict(w, r, 8, teacher_devices=6)  # teacher stage 6/6 = 1 s, student stage 4/2 = 2 s: the student binds
+  sp = placement_cost.predict(
+    w, r, 8, teacher_devices=6
+  )  # teacher stage 6/6 = 1 s, student stage 4/2 = 2 s: the student binds
   assert sp.step_seconds == pytest.approx(max(1.0, 2.0, 10 / 8) + 4e8 / 2 / 1e9)
   # Devices that share one CPU: nothing runs side by side, every placement costs the whole work.
   shared = _rates(parallelism=1.0)
-  assert C.predict(w, shared, 8, teacher_devices=6).step_seconds == pytest.approx(10.0 + 4e8 / 2 / 1e9)
+  assert placement_cost.predict(w, shared, 8, teacher_devices=6).step_seconds == pytest.approx(10.0 + 4e8 / 2 / 1e9)
 
 
 def test_cost_model_recommends_what_fits_then_what_is_fastest():
-  from kdjax.engine import placement_cost as C
+  from kdjax.parallel import cost as placement_cost
 
   w = _work(output_bytes=0.0, tp_bytes=0.0)
-  best, preds = C.recommend(w, _rates(), 8)
+  best, preds = placement_cost.recommend(w, _rates(), 8)
   assert best.placement == "colocated"  # with ideal devices, nothing beats all devices doing everything
   assert (
-    len(preds) == len(C.candidates(8)) == 4 + sum(len([d for d in range(1, k + 1) if k % d == 0]) for k in range(1, 8))
+    len(preds)
+    == len(placement_cost.candidates(8))
+    == 4 + sum(len([d for d in range(1, k + 1) if k % d == 0]) for k in range(1, 8))
   )
   # 8 GB teacher + 1 GB student on 4 GB devices: the teacher must be split at least 4 ways (8/4 + 1 ≤ 4 colocated,
   # or 8/2 = 4 on teacher devices of a split).
-  best, preds = C.recommend(w, _rates(device_memory=4e9), 8)
+  best, preds = placement_cost.recommend(w, _rates(device_memory=4e9), 8)
   fitting = [p for p in preds if p.fits]
   assert best.fits and best == min(fitting, key=lambda p: (p.step_seconds, p.teacher_devices, p.model))
-  assert not C.predict(w, _rates(device_memory=4e9), 8).fits and best.model >= 2
+  assert not placement_cost.predict(w, _rates(device_memory=4e9), 8).fits and best.model >= 2
   assert all(not p.fits for p in preds if p.teacher_devices == 0 and p.model < 4)

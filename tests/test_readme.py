@@ -56,7 +56,7 @@ def test_generation_example_runs_with_the_names_it_assumes():
   from flax import nnx
 
   from kdjax import models
-  from kdjax.engine.sharding import make_mesh
+  from kdjax.parallel.sharding import make_mesh
 
   block = next(b for b in _python_blocks() if "Generator(" in b)
   lm = models.create("transformer_lm", num_classes=13, num_layers=1, dim=16, num_heads=2, max_len=40, rngs=nnx.Rngs(0))

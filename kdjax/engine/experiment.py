@@ -19,15 +19,16 @@ from flax import nnx
 
 from kdjax import checkpoint as ckpt
 from kdjax.config import Experiment, ModelConfig
-from kdjax.engine import sharding
-from kdjax.engine.distiller import Distiller, placement_meshes
+from kdjax.engine import teachers
+from kdjax.engine.distiller import Distiller
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.state import TrainState
 from kdjax.errors import ConfigError
 from kdjax.methods.base import Method, ModelInfo
+from kdjax.parallel import sharding
+from kdjax.parallel.placement import placement_meshes
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-TEACHER_MODES = ("offline", "born_again", "multi_teacher")
 
 
 HF = "hf"  # ModelConfig.name of a teacher read from a Hugging Face checkpoint directory
@@ -168,7 +169,7 @@ def _students(cfg: Experiment, num_classes: int) -> list[nnx.Module]:
   """Students get distinct seeds (DML needs different initialisations)."""
   if cfg.student.checkpoint:  # start from a trained model (its RNG streams still come from the run's seed)
     return [load_model(cfg.student, num_classes, role="student", seed=cfg.run.seed * 1000)[0]]
-  n = cfg.num_students if cfg.mode == "dml" else 1
+  n = cfg.num_students if teachers.plan(cfg.mode).peers else 1
   return [create_model(cfg.student, num_classes, seed=cfg.run.seed * 1000 + i) for i in range(n)]
 
 
@@ -176,12 +177,13 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
   """The method, built and validated against the (abstract) first teacher before any teacher is loaded."""
   from kdjax import methods
 
-  method_cfg = cfg.method if cfg.mode != "teacher" else dataclasses.replace(cfg.method, name="ce", terms=())
+  plan = teachers.plan(cfg.mode)
+  method_cfg = dataclasses.replace(cfg.method, name="ce", terms=()) if plan.alone else cfg.method
   t_info = None
-  if cfg.mode in TEACHER_MODES:
+  if plan.loads_teachers:
     abstract = nnx.eval_shape(lambda: create_model(teacher_cfgs[0], num_classes, seed=0))
     t_info = model_info(abstract, teacher_cfgs[0].name, num_classes)
-  elif cfg.mode in ("dml", "self_ema"):
+  elif plan.describes_student:
     t_info = s_info
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
@@ -195,7 +197,7 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
 
 def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int, mesh):
   teachers, hashes = [], []
-  needs = method.needs_teacher or cfg.mode == "multi_teacher"
+  needs = method.needs_teacher or teachers.plan(cfg.mode).several
   for i, tcfg in enumerate(teacher_cfgs):
     if not tcfg.checkpoint and not needs:
       continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
@@ -212,7 +214,7 @@ def _retokenizer(cfg: Experiment, loader):
   from kdjax.data import retokenize, tfds
   from kdjax.models import pretrained
 
-  if cfg.teacher.name != HF or cfg.mode != "offline":
+  if cfg.teacher.name != HF or not teachers.plan(cfg.mode).one_teacher:
     raise ConfigError(
       f"method {cfg.method.name!r} distils from a teacher of another tokenizer: use --teacher.name hf "
       f"--teacher.checkpoint <directory with tokenizer.json> (mode offline)"
@@ -233,23 +235,22 @@ def _retokenizer(cfg: Experiment, loader):
   )
 
 
-def _distiller_mode(cfg: Experiment, n_teachers: int, cached: bool) -> str:
-  if cfg.mode in ("born_again", "offline"):
-    return "offline" if (n_teachers or cached) else "teacher"  # no teacher: the student trains alone
-  return cfg.mode
-
-
-def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
-  """Data, models, method, optimizer and the initial (sharded) state, through :class:`Distiller`."""
-  from kdjax import data as kd_data
-
+def _mesh(cfg: Experiment) -> jax.sharding.Mesh:
+  """The run's mesh; its batch sizes are checked here unless a split placement checks them on its sub-meshes."""
   p = cfg.placement
   mesh = sharding.make_mesh(
     0 if p.split else cfg.run.mesh_data, cfg.run.mesh_fsdp, model=p.model if p.kind == "sharded" else 1
   )
-  if not p.split:  # a split placement checks against its two sub-meshes once it has them
+  if not p.split:
     sharding.check_batch_size(cfg.data.batch_size, mesh)
     sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "data.eval_batch_size")
+  return mesh
+
+
+def _data(cfg: Experiment):
+  """``(training set, evaluation set, view, loader, class count)``."""
+  from kdjax import data as kd_data
+
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
   eval_ds = kd_data.open_split(
@@ -266,19 +267,33 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     view_mode=cfg.data.view_mode,
     worker_count=cfg.data.workers,
   )
+  return train_ds, eval_ds, view, loader, num_classes
+
+
+def _teacher_configs(cfg: Experiment, plan: teachers.Plan, teacher_checkpoint: str | None) -> list[ModelConfig]:
+  if not plan.loads_teachers:
+    return []
+  configs = [cfg.teacher] + (list(cfg.extra_teachers) if plan.several else [])
+  if teacher_checkpoint:
+    configs[0] = dataclasses.replace(configs[0], checkpoint=teacher_checkpoint)
+  return configs
+
+
+def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
+  """Data, models, method, optimizer and the initial (sharded) state, through :class:`Distiller`."""
+  from kdjax import data as kd_data
+
+  mesh = _mesh(cfg)
+  train_ds, eval_ds, view, loader, num_classes = _data(cfg)
   spe = loader.steps_per_epoch
   init_steps = int(round(cfg.method.init_epochs * spe))
   total_steps = init_steps + (cfg.optim.steps or int(math.ceil(cfg.optim.epochs * spe)))
-
+  plan = teachers.plan(cfg.mode)
   students = _students(cfg, num_classes)
-  teacher_cfgs: list[ModelConfig] = []
-  if cfg.mode in TEACHER_MODES:
-    teacher_cfgs = [cfg.teacher] + (list(cfg.extra_teachers) if cfg.mode == "multi_teacher" else [])
-    if teacher_checkpoint:
-      teacher_cfgs[0] = dataclasses.replace(teacher_cfgs[0], checkpoint=teacher_checkpoint)
+  teacher_cfgs = _teacher_configs(cfg, plan, teacher_checkpoint)
   method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
-  teacher_mesh = placement_meshes(mesh, p)[1]  # a Hugging Face teacher loads straight into its shards there
-  teachers, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes, teacher_mesh)
+  teacher_mesh = placement_meshes(mesh, cfg.placement)[1]  # a Hugging Face teacher loads into its shards there
+  models, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes, teacher_mesh)
   if method.any_vocab:  # the teacher reads the same text in its own tokenization
     loader.transform = _retokenizer(cfg, loader)
   if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
@@ -290,20 +305,24 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
       method_name=method.name,
     )
   tx, schedule = make_optimizer(cfg.optim, spe, total_steps, init_steps)
+  source = plan.source(
+    len(students),
+    models,
+    cached=bool(cfg.data.teacher_cache),
+    weights=cfg.method.teacher_weights,
+    combine=cfg.method.multi_teacher,
+    ema_decay=cfg.method.ema_decay,
+  )
   distiller = Distiller(
-    students if cfg.mode == "dml" else students[0],
-    teachers,
+    students,
+    source,
     method=method,
     optimizer=tx,
     mesh=mesh,
-    mode=_distiller_mode(cfg, len(teachers), bool(cfg.data.teacher_cache)),
     num_examples=len(train_ds),
     steps_per_epoch=spe,
     grad_accum=cfg.optim.grad_accum,
     fsdp=cfg.run.mesh_fsdp > 1,
-    teacher_weights=cfg.method.teacher_weights,
-    multi_teacher=cfg.method.multi_teacher,
-    ema_decay=cfg.method.ema_decay,
     xla_cpu_conv=cfg.run.xla_cpu_conv,
     responses=cfg.responses,
     placement=cfg.placement,
@@ -311,16 +330,5 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   distiller.check_batch_size(cfg.data.batch_size)
   distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
-  return Run(
-    cfg=cfg,
-    distiller=distiller,
-    state=state,
-    loader=loader,
-    eval_ds=eval_ds,
-    view=view,
-    teacher_hash=teacher_hash,
-    total_steps=total_steps,
-    init_steps=init_steps if method.stage_terms("init") else 0,
-    schedule=schedule,
-    num_classes=num_classes,
-  )
+  init_steps = init_steps if method.stage_terms("init") else 0
+  return Run(cfg, distiller, state, loader, eval_ds, view, teacher_hash, total_steps, init_steps, schedule, num_classes)

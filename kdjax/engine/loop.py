@@ -22,12 +22,13 @@ import jax
 from kdjax import checkpoint as ckpt
 from kdjax import config as cfg_lib
 from kdjax.config import Experiment
-from kdjax.engine import hooks, sharding
+from kdjax.engine import hooks, teachers
 from kdjax.engine import workdir as wd
 from kdjax.engine.experiment import Run, build
 from kdjax.engine.faults import Fault, fault_from_env
 from kdjax.engine.state import TrainState
 from kdjax.errors import ConfigError
+from kdjax.parallel import sharding
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,13 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
       read from the ``KDJAX_FAULT_AT_STEP`` environment variable.
 
   Raises:
-    ValueError: bad input (data, models, method, teacher, workdir), before any
+    ConfigError: bad input (data, models, method, teacher, workdir), before any
       step runs and before anything in the workdir is touched.
     Preempted: SIGTERM/SIGINT arrived; the current step was finished and saved.
     NonFiniteLoss: a loss term became NaN/Inf; nothing after the last good
       checkpoint was saved.
   """
-  if cfg.mode == "born_again":
+  if teachers.plan(cfg.mode).generations:
     return _born_again(cfg)
   fault = fault if fault is not None else fault_from_env()
   # Everything that can reject the inputs (data, models, method, teacher) runs
@@ -291,7 +292,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
     "student_hash": ckpt.file_hash(export_path) if export_path.exists() else None,
     "group": group_name(cfg),
     "seed": cfg.run.seed,
-    "method": cfg.method.name if cfg.mode != "teacher" else "teacher",
+    "method": "teacher" if teachers.plan(cfg.mode).alone else cfg.method.name,
     "mode": cfg.mode,
     "teacher": cfg.teacher.name if run.teacher_hash else None,
     "student": cfg.student.name,
@@ -307,10 +308,11 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
 
 def group_name(cfg: Experiment) -> str:
   """The report cell of a run: everything but the seed, in words."""
-  if cfg.mode == "teacher":
+  plan = teachers.plan(cfg.mode)
+  if plan.alone:
     return f"{cfg.student.name} (teacher training)"
   arrow = f"{cfg.teacher.name}→{cfg.student.name}"
-  extra = f" {cfg.mode}" if cfg.mode != "offline" else ""
+  extra = f" {plan.label}" if plan.label else ""
   data = f" +{cfg.data.transfer_split}" if cfg.data.transfer_split else ""
   if cfg.method.name == "ce" and not cfg.responses.active:
     return f"{cfg.student.name} scratch{data}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 from collections.abc import Callable
 
@@ -11,9 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from kdjax.engine.taps import call_model, capture
 from kdjax.methods.base import ModelInfo
 from kdjax.models.base import ModelOutput
+from kdjax.parallel import sharding
 
 PyTree = Any
 
@@ -43,6 +47,19 @@ def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
   """``(graphdef, params, rest)``: trainable ``nnx.Param`` vs everything else
   (BatchNorm statistics, dropout RNG counters)."""
   return nnx.split(model, nnx.Param, ...)
+
+
+def abstract_output(graphdef, params, rest, x, taps=()) -> ModelOutput:
+  """The eval-mode output of a split model on inputs like ``x``, as shapes (traced once per shape)."""
+  leaves, treedef = jax.tree.flatten((params, rest))
+  shapes = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in leaves)
+  return _abstract_output(graphdef, treedef, shapes, jax.ShapeDtypeStruct(x.shape, x.dtype), tuple(taps))
+
+
+@functools.lru_cache(maxsize=256)
+def _abstract_output(graphdef, treedef, shapes, x, taps) -> ModelOutput:
+  params, rest = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+  return jax.eval_shape(lambda p, r, x: apply_model(graphdef, p, r, x, train=False, taps=taps)[0], params, rest, x)
 
 
 def apply_model(graphdef, params, rest, x, *, train: bool, taps: Taps = ()) -> tuple[ModelOutput, nnx.State]:
@@ -105,3 +122,23 @@ def tree_bytes(tree: PyTree) -> int:
 
 def to_float32(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+  """Shardings for a ``TrainState``: :func:`param_shardings`, except that
+  method-state tables (the CRD memory bank, ``(N, D)``) have their rows split
+  over ``data`` when N divides evenly (else they stay replicated).
+
+  Each device then holds N / data rows; the step's gathers and scatters into
+  the bank become collectives that XLA inserts.
+  """
+  out = sharding.param_shardings(state, mesh, fsdp)
+  data = mesh.shape["data"]
+
+  def bank(x, s):
+    shape = tuple(getattr(x, "shape", ()))
+    if data > 1 and len(shape) == 2 and shape[0] % data == 0:
+      return NamedSharding(mesh, PartitionSpec("data", None))
+    return s
+
+  return out.replace(method_state=jax.tree.map(bank, state.method_state, out.method_state))

@@ -24,7 +24,7 @@ Input ``(B, L)`` int tokens; ``ModelOutput(logits (B, L, V), features)`` with
 ``embed``, ``block{i}`` (the residual stream after block i) and ``pooled``
 (the final norm's output). Generation (:mod:`kdjax.generate`) uses
 ``init_cache`` / ``decode`` like the zoo transformer; ``PARTITION_RULES``
-split it tensor-parallel (:mod:`kdjax.engine.teacher_placement`).
+split it tensor-parallel (:mod:`kdjax.parallel.partition`).
 """
 
 from __future__ import annotations

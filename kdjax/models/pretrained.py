@@ -26,6 +26,7 @@ from flax import nnx
 
 from kdjax.errors import ConfigError
 from kdjax.models.decoder import FAMILIES, Decoder, DecoderConfig
+from kdjax.parallel import partition
 
 _PREFIXES = ("model.", "transformer.")
 # Buffers some checkpoints carry that are not parameters (GPT-2's causal mask, rotary caches).
@@ -340,14 +341,12 @@ def from_pretrained(
 def _specs(model, flat, mesh, model_axis) -> dict:
   if mesh is None:
     return {}
-  from kdjax.engine import teacher_placement as TP
-
   size = mesh.shape.get(model_axis, 1)
-  axes = TP.logical_axes(model) if size > 1 else {}
+  axes = partition.logical_axes(model) if size > 1 else {}
   out = {}
   for key, var in flat.items():
     dotted = ".".join(map(str, key))
-    spec = TP._spec(dotted, tuple(var.shape), axes.get(dotted), size, f"mesh axis {model_axis!r}")
+    spec = partition.spec_for(dotted, tuple(var.shape), axes.get(dotted), size, f"mesh axis {model_axis!r}")
     out[key] = jax.sharding.NamedSharding(mesh, spec)
   return out
 

@@ -92,7 +92,7 @@ class TransformerLM(nnx.Module):
   """Causal pre-LN Transformer LM; see the module docstring for the features."""
 
   input_dtype = jnp.int32
-  # Tensor-parallel layout of a sharded teacher (kdjax.engine.teacher_placement): attention and MLP split
+  # Tensor-parallel layout of a sharded teacher (kdjax.parallel.partition): attention and MLP split
   # the Megatron way (column-parallel qkv/fc1, row-parallel proj/fc2), embedding and head over the vocabulary.
   PARTITION_RULES = (
     (r"blocks\.\d+\.attn\.qkv\.kernel", ("embed", "heads")),

@@ -4,7 +4,7 @@ kdjax's distributed engine is ``jax.jit`` over a ``Mesh`` with axes
 ``("data", "fsdp")``, plus ``"model"`` for a tensor-parallel teacher: the
 batch is sharded over every axis, the student's parameters are replicated
 over ``data`` and (optionally) split over ``fsdp``, a sharded teacher's over
-``model`` (:mod:`kdjax.engine.teacher_placement`). The same code
+``model`` (:mod:`kdjax.parallel.partition`). The same code
 runs on one CPU, eight forced host devices, a GPU or many hosts after
 ``jax.distributed.initialize()``; XLA inserts the collectives.
 """
@@ -86,26 +86,6 @@ def param_shardings(tree: Any, mesh: Mesh, fsdp: bool = True) -> Any:
     return NamedSharding(mesh, fsdp_spec(shape, size))
 
   return jax.tree.map(one, tree)
-
-
-def state_shardings(state: Any, mesh: Mesh, fsdp: bool = True) -> Any:
-  """Shardings for a ``TrainState``: :func:`param_shardings`, except that
-  method-state tables (the CRD memory bank, ``(N, D)``) have their rows split
-  over ``data`` when N divides evenly (else they stay replicated).
-
-  Each device then holds N / data rows; the step's gathers and scatters into
-  the bank become collectives that XLA inserts.
-  """
-  out = param_shardings(state, mesh, fsdp)
-  data = mesh.shape["data"]
-
-  def bank(x, s):
-    shape = tuple(getattr(x, "shape", ()))
-    if data > 1 and len(shape) == 2 and shape[0] % data == 0:
-      return NamedSharding(mesh, P("data", None))
-    return s
-
-  return out.replace(method_state=jax.tree.map(bank, state.method_state, out.method_state))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "data.batch_size") -> None:

@@ -1,0 +1,160 @@
+"""Evaluation, exact match and export of a distilled student: functions over a Distiller and its state.
+
+    metrics = kdjax.evaluate(distiller, state, eval_batches)      # accuracy, agreement, KL, ECE, CKA
+    em = kdjax.exact_match(distiller, state, token_batches)         # greedy answers, KV cache
+    kdjax.export(distiller, state, "exported/")
+
+``Distiller.evaluate``, ``.exact_match`` and ``.export`` call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdjax import batch as batch_keys
+from kdjax.engine.state import TrainState
+from kdjax.engine.step import make_eval_step
+from kdjax.parallel import sharding, xla_cpu
+
+CKA_EXAMPLES = 1024
+
+
+def _eval_fn(distiller):
+  from kdjax import report
+
+  def make():
+    spec = distiller.eval_spec()
+    compiler_options = xla_cpu.compiler_options(distiller.xla_cpu_conv)
+    return jax.jit(make_eval_step(spec, report.eval_batch_stats), compiler_options=compiler_options)
+
+  return distiller.compiled("eval", make)
+
+
+def _eval_batch(distiller, batch: Mapping[str, Any]) -> dict:
+  """One evaluation batch as global arrays (with a mask; with the teacher's outputs under a split placement)."""
+  b = {k: batch[k] for k in (batch_keys.INPUTS, batch_keys.LABEL, batch_keys.MASK) if k in batch}
+  if batch_keys.MASK not in b:
+    b[batch_keys.MASK] = np.ones(np.shape(b[batch_keys.LABEL]), bool)
+  gb = distiller.global_batch(b)
+  if distiller.run_ahead is not None and distiller.eval_spec().source.defs:
+    gb[batch_keys.TEACHER_OUTPUTS] = distiller.run_ahead.outputs(b, features=True)
+  return gb
+
+
+def evaluate(distiller, state: TrainState, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+  """Diagnostics over ``batches`` (this process's rows of each, with a ``mask``): student and teacher
+  accuracy, agreement, KL(teacher‖student), ECE, and linear CKA of pooled features (first 1,024 examples)."""
+  from kdjax import report
+
+  sums: dict[str, Any] = {}
+  s_pool, t_pool, n_pool = [], [], 0
+  for batch in batches:
+    gb = _eval_batch(distiller, batch)
+    out, sp, tp = _eval_fn(distiller)(state, distiller.step_teacher(), gb)
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + np.asarray(sharding.to_host(v), np.float64)
+    if n_pool < CKA_EXAMPLES and tp is not None:
+      m = sharding.to_host(gb[batch_keys.MASK]).reshape(-1)
+      s_pool.append(sharding.to_host(sp).reshape(len(m), -1)[m])
+      t_pool.append(sharding.to_host(tp).reshape(len(m), -1)[m])
+      n_pool += int(m.sum())
+  res = {k: float(v) for k, v in report.finalize_eval_stats(sums).items()}
+  if s_pool:
+    x = np.concatenate(s_pool)[:CKA_EXAMPLES]
+    y = np.concatenate(t_pool)[:CKA_EXAMPLES]
+    res["cka"] = float(report.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+  return res
+
+
+def _generating_models(distiller, state: TrainState, teacher: bool) -> dict[str, nnx.Module]:
+  """The models whose greedy answers are scored: the (first) student, and the teacher when asked."""
+  d = distiller.spec.students[0]
+  models = {"exact_match": nnx.merge(d.graphdef, state.params[0], state.model_state[0])}
+  teachers = distiller.eval_spec().teachers  # none for a teacher of another tokenizer: its prompts differ
+  if teacher and teachers:
+    t = distiller.teacher_state
+    models["teacher_exact_match"] = nnx.merge(teachers[0].graphdef, t.params[0], t.model_state[0])
+  return {k: m for k, m in models.items() if hasattr(m, "decode") and hasattr(m, "init_cache")}
+
+
+def _generator(distiller, name: str, model: nnx.Module, max_new_tokens: int, mesh):
+  """One compiled greedy :class:`~kdjax.generate.Generator` per (model role, answer length)."""
+  from kdjax import generate
+
+  sampling = generate.Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+  return distiller.compiled((name, max_new_tokens), lambda: generate.Generator(model, sampling, mesh=mesh))
+
+
+def exact_match(
+  distiller, state: TrainState, batches: Iterable[Mapping[str, Any]], *, teacher: bool = False
+) -> dict[str, float]:
+  """Exact match of greedy-generated answers over token ``batches`` (``inputs``, ``targets`` with −1 on
+  prompt positions, ``mask``), the generation-time counterpart of teacher-forced token accuracy.
+
+  Each row's prompt is its inputs up to its first scored target; the (first)
+  student continues it with the KV cache (:class:`kdjax.generate.Generator`,
+  temperature 0) for as many tokens as the longest answer, and the row
+  counts when every answer token (the stop token included) is reproduced.
+  Returns ``{"exact_match": fraction}`` (plus ``teacher_exact_match`` with
+  ``teacher=True`` and a teacher that generates), or ``{}`` when the student
+  cannot generate (no ``decode``).
+  """
+  from kdjax import generate
+
+  models = _generating_models(distiller, state, teacher)
+  if not models:
+    return {}
+  hits, total = dict.fromkeys(models, 0.0), 0.0
+  for b in batches:
+    prompts, lengths, answers = generate.prompts_and_answers(b[batch_keys.INPUTS], b[batch_keys.LABEL])
+    mask = np.asarray(b.get(batch_keys.MASK, np.ones(len(prompts), bool)), bool).reshape(len(prompts), -1).all(1)
+    if answers.shape[1] == 0:
+      continue
+    rows = {"prompts": prompts, "lengths": lengths, "answers": answers, "mask": mask}
+    gb = distiller.global_batch(rows)
+    total += float(sharding.to_host(jnp.sum(gb["mask"])))
+    for name, model in models.items():
+      on_teacher = name.startswith("teacher") and distiller.run_ahead is not None  # on the teacher's sub-mesh
+      gen = _generator(
+        distiller, name, model, answers.shape[1], distiller.teacher_mesh if on_teacher else distiller.mesh
+      )
+      if on_teacher:
+        gb = sharding.shard_batch(rows, distiller.teacher_mesh)
+      out = gen(gb["prompts"], gb["lengths"], jax.random.key(0), state=nnx.state(model))
+      hit = generate.answers_match(out.tokens, gb["answers"]) & gb["mask"]
+      hits[name] += float(sharding.to_host(jnp.sum(hit)))
+  return {k: (v / total if total else float("nan")) for k, v in hits.items()}
+
+
+def export(
+  distiller,
+  state: TrainState,
+  directory,
+  *,
+  model_name: str | None = None,
+  dtype: str = "float32",
+  extra: dict | None = None,
+):
+  """Write the (first) student's params and BatchNorm statistics (``kdjax.export.load`` reads them).
+
+  Every process must call it (parameters split across processes are
+  gathered); process 0 writes. Returns the params file's path.
+  """
+  from kdjax import checkpoint
+
+  info = distiller.spec.students[0].info
+  return checkpoint.export_model(
+    directory,
+    model_name=model_name or info.name,
+    num_classes=info.num_classes,
+    dtype=dtype,
+    params=state.params[0],
+    model_state=checkpoint.batch_stats(state.model_state[0]),
+    extra=extra,
+  )

@@ -1,0 +1,184 @@
+"""What a Distiller builds before its first step, and the rules it checks.
+
+:func:`build_pieces` splits the models (``nnx.split`` → a static graph and
+two states), describes them on example inputs (abstractly), builds and
+validates the method against those descriptions, and returns the function
+that makes the initial :class:`~kdjax.engine.state.TrainState`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.engine import teachers
+from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, split_model
+from kdjax.engine.taps import resolve
+from kdjax.errors import ConfigError
+from kdjax.methods import MethodConfig
+from kdjax.methods import build as build_method
+from kdjax.methods.base import InitInfo, Method, ModelInfo
+from kdjax.models.base import ModelOutput
+from kdjax.parallel import placement as placement_lib
+from kdjax.parallel.placement import Placement
+from kdjax.responses import ResponseConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """A Distiller's pieces for one input shape (nothing placed yet)."""
+
+  student_defs: tuple[ModelDef, ...]
+  source: teachers.TeacherSource
+  method: Method
+  teacher: TeacherState
+  params: tuple
+  rests: tuple
+  make: Callable[[jax.Array, tuple, tuple], TrainState]  # (key, params, rests) -> the initial state
+  student_out: ModelOutput
+  teacher_out: ModelOutput | None
+
+
+def _describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDef, Any, Any]:
+  """A student's static half (with its description on inputs like ``x``), params and other state."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"student must be an nnx.Module, got {type(model).__name__}")
+  for _, path in taps:  # eagerly, so a misspelt path is one clean error before anything is traced
+    resolve(model, path)
+  g, p, r = split_model(model)
+  out = abstract_output(g, p, r, x, taps)
+  info = ModelInfo(
+    name=getattr(model, "model_name", type(model).__name__),
+    num_classes=int(out.logits.shape[-1]),
+    feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
+  )
+  return ModelDef(g, info, tuple(x.shape[1:]), taps), p, r
+
+
+def _bind_teachers(source: teachers.TeacherSource, x, taps) -> tuple[teachers.TeacherSource, TeacherState]:
+  """The source with its teachers' static halves, and their (unplaced) state."""
+  defs, params, rests = [], [], []
+  for t in source.models:
+    if isinstance(t, nnx.Module):
+      for _, path in taps:
+        resolve(t, path)
+    d, p, r = teachers.split_teacher(t, x, taps)
+    defs.append(d)
+    params.append(p)
+    rests.append(r)
+  return dataclasses.replace(source, defs=tuple(defs)), TeacherState(params=tuple(params), model_state=tuple(rests))
+
+
+def _method(method_arg, source: teachers.TeacherSource, s_info: ModelInfo, t_info: ModelInfo | None) -> Method:
+  """The method, built and validated against the models; feature methods refused for a logits-only teacher."""
+  m = MethodConfig(name=method_arg) if isinstance(method_arg, str) else method_arg
+  function_teacher = any(isinstance(t, teachers.FunctionTeacher) for t in source.models)
+  logits_only = function_teacher or isinstance(source, teachers.Cached)
+  what = "a function returning logits only" if function_teacher else "known only by its cached outputs"
+  refusal = (
+    "method {!r} reads teacher features, but the teacher is " + what + "; use an NNX teacher (its "
+    "layers can be tapped by path with teacher_taps=...) or a logit method"
+  )
+  try:
+    method = m if isinstance(m, Method) else build_method(m, s_info, t_info)
+  except ValueError:
+    if logits_only:
+      raise ConfigError(refusal.format(getattr(m, "name", m))) from None
+    raise
+  if logits_only and method.needs_teacher_features:
+    raise ConfigError(refusal.format(method.name))
+  method.validate(s_info, t_info)
+  return method
+
+
+def _first_teacher_output(source: teachers.TeacherSource, teacher: TeacherState, x) -> ModelOutput | None:
+  if not source.defs:
+    return None
+  d = source.defs[0]
+  if isinstance(d, ModelDef):
+    return abstract_output(d.graphdef, teacher.params[0], teacher.model_state[0], x, d.taps)
+  return jax.eval_shape(lambda p, x: ModelOutput(d.fn(p, x), {}), teacher.params[0], x)
+
+
+def build_pieces(distiller, x: jax.ShapeDtypeStruct) -> Built:
+  """Everything ``distiller`` needs for inputs like ``x``: model halves, the method, the initial-state maker."""
+  described = [_describe(m, x, distiller.taps) for m in distiller.students]
+  defs = tuple(d for d, _, _ in described)
+  params, rests = tuple(p for _, p, _ in described), tuple(r for _, _, r in described)
+  source, teacher = _bind_teachers(distiller.source, x, distiller.teacher_taps)
+  s_info = defs[0].info
+  t_info = source.info(s_info)
+  method = _method(distiller.method_arg, source, s_info, t_info)
+  s_out = abstract_output(defs[0].graphdef, params[0], rests[0], x, defs[0].taps)
+  t_out = source.example_output(s_out, _first_teacher_output(source, teacher, x))
+  info = InitInfo(student=s_info, teacher=t_info, num_examples=distiller.num_examples)
+  tx, n = distiller.optimizer, len(defs)
+
+  def make(key, params, rests):
+    pieces = [method.init(jax.random.fold_in(jax.random.fold_in(key, 7), i), s_out, t_out, info) for i in range(n)]
+    adapters, mstates = tuple(a for a, _ in pieces), tuple(s for _, s in pieces)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=rests,
+      opt_state=tx.init({"students": params, "adapters": adapters}),
+      adapter_params=adapters,
+      method_state=mstates,
+      key=jax.random.key_data(jax.random.fold_in(key, 1)),
+      ema=source.init_extra(params, rests),
+    )
+
+  return Built(defs, source, method, teacher, params, rests, make, s_out, t_out)
+
+
+def _generates(model) -> bool:
+  return hasattr(model, "decode") and hasattr(model, "init_cache")
+
+
+def check_responses(responses: ResponseConfig | None, source: teachers.TeacherSource, students: tuple) -> None:
+  """Generated responses need one student that generates, scored by one frozen teacher model (for SeqKD,
+  one that generates too)."""
+  if responses is None:
+    return
+  if not isinstance(source, teachers.Frozen) or source.several or len(students) != 1:
+    raise ConfigError(
+      f"responses (on-policy / SeqKD) train one student from one teacher (mode='offline'), not mode={source.mode!r}"
+    )
+  if not _generates(students[0]):
+    raise ConfigError(
+      f"responses: the student ({type(students[0]).__name__}) cannot generate; it needs "
+      "init_cache/decode (see kdjax.generate)"
+    )
+  if not source.models:
+    raise ConfigError(
+      "responses: generated responses are scored by a teacher model; a teacher-output cache "
+      "holds outputs for the data's responses only"
+    )
+  if responses.needs_teacher and not _generates(source.models[0]):
+    raise ConfigError(
+      "responses.others='teacher' (SeqKD) needs a teacher that generates (an NNX model with init_cache/decode)"
+    )
+
+
+def check_placement(placement: Placement, source: teachers.TeacherSource, responses, teacher_mesh) -> None:
+  """A placement other than the default places teacher models: the run needs some, and a split teacher
+  cannot score responses generated inside the step."""
+  if placement.kind == "colocated" and placement.teacher_memory == "device":
+    return
+  if not source.models:
+    raise ConfigError(
+      f"placement={placement} places a teacher model, but this run has none (mode={source.mode!r}); use "
+      "the default placement"
+    )
+  if placement.split and responses is not None:
+    raise ConfigError(
+      "placement.teacher_devices: the teacher runs ahead on the data's batches on its own devices, "
+      "but generated responses are scored inside the step; use 0 (placement.model may still shard "
+      "the teacher)"
+    )
+  placement_lib.check_memory_kind(teacher_mesh, placement.teacher_memory)
