@@ -28,6 +28,10 @@
 # 1 seed, in one process: it checks that every cell of the table builds, trains
 # and reports, not what it reaches. All 111 cells + 11 baselines compile their
 # own step; budget about an hour of CPU (much less on a GPU), or use --pairs.
+#
+# Sets up .venv first, as scripts/demo.sh does: creates it with $PYTHON (default python3) if it
+# is missing and installs kdjax into it. KDJAX_PYTHON=/path/to/python runs an interpreter that
+# already has kdjax instead (scripts/_venv.sh).
 set -euo pipefail
 
 ROOT=workdirs/cifar100_table
@@ -46,17 +50,14 @@ while [[ $# -gt 0 ]]; do
     --pairs) PAIRS="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "reproduce_cifar100.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$HERE"
-PY="${PYTHON:-}"
-if [[ -z "$PY" ]]; then
-  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
-fi
+source scripts/_venv.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 
 # The table's structure, from the experiment file (one source of truth).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -300,19 +301,48 @@ def test_mnist_hinton_offline_is_one_line(tmp_path, capsys):
   assert "'mnist' is not prepared" in err[0] and "kdjax prepare mnist" in err[0] and "kdjax[tfds]" in err[0]
 
 
-# ---------------------------------------------------------------- scripts/reproduce_cifar100.sh
+# ---------------------------------------------------------------- scripts/*.sh
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+# The scripts set up .venv unless KDJAX_PYTHON names an interpreter that has kdjax: this one.
+SCRIPT_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "KDJAX_PYTHON": sys.executable}
+
+
+def test_every_shell_script_parses():
+  scripts = sorted(SCRIPTS.glob("*.sh"))
+  assert {"_venv.sh", "demo.sh", "lm_experiment.sh", "reproduce_cifar100.sh"} <= {s.name for s in scripts}
+  for script in scripts:
+    p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert p.returncode == 0, (script.name, p.stderr)
+
+
+def test_venv_setup_uses_kdjax_python_and_installs_nothing(tmp_path):
+  """With KDJAX_PYTHON set, scripts/_venv.sh only sets PY: no .venv is created and pip is not run."""
+  (tmp_path / "scripts").mkdir()
+  (tmp_path / "scripts" / "_venv.sh").write_bytes((SCRIPTS / "_venv.sh").read_bytes())
+  env = {**SCRIPT_ENV, "PYTHON": str(tmp_path / "no-such-python")}  # would fail if a venv were made
+  p = subprocess.run(
+    ["bash", "-c", 'set -euo pipefail; source scripts/_venv.sh; echo "$PY"'],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.strip() == sys.executable and not (tmp_path / ".venv").exists()
 
 
 def test_reproduce_script_parses_and_rejects_an_unknown_pair():
   """The full run (and --smoke) is for machines with time; here: syntax, and the pair list comes from the experiment."""
-  script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_cifar100.sh"
+  script = SCRIPTS / "reproduce_cifar100.sh"
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
   p = subprocess.run(
     ["bash", str(script), "--smoke", "--pairs", "resnet56-resnet8"],
     capture_output=True,
     text=True,
     timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    env=SCRIPT_ENV,
   )
   assert p.returncode == 1
   want = " ".join(f"{t}-{s}" for t, s in EXP.PAIRS)
