@@ -37,8 +37,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from kdjax import batch as B
-from kdjax.data import views as V
+from kdjax import batch as batch_keys
+from kdjax.data import views as view_lib
 from kdjax.data.tfds import ArrayDataset
 from kdjax.errors import ConfigError
 
@@ -77,6 +77,10 @@ class Loader:
   ``worker_count``: Grain worker processes making batches ahead (``None``:
   :func:`default_workers`). ``transform``: a picklable ``batch → batch``
   applied last to every batch, e.g. :class:`kdjax.data.retokenize.Retokenizer`.
+  ``views``: a picklable ``(images, ids, epoch) → dict`` that makes the
+  batch's inputs from the examples it reads, in place of the Loader's own
+  augmentations (a teacher-output cache serves each example's cached view
+  with the teacher's outputs on it: :class:`kdjax.data.cache.CachedOutputs`).
   """
 
   def __init__(
@@ -86,21 +90,22 @@ class Loader:
     seed: int = 0,
     shuffle: bool = True,
     drop_remainder: bool = True,
-    view: V.ViewConfig | None = None,
+    view: view_lib.ViewConfig | None = None,
     view_mode: str = "consistent",
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int | None = None,
     transform=None,
+    views=None,
   ):
     self.ds = ds
-    self.transform = transform
+    self.transform, self.views = transform, views
     self.worker_count = default_workers(ds) if worker_count is None or worker_count < 0 else int(worker_count)
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
     self.drop_remainder = bool(drop_remainder)
-    self.view = view if view is not None else V.ViewConfig()
+    self.view = view if view is not None else view_lib.ViewConfig()
     if view_mode not in ("consistent", "independent"):
       raise ConfigError(f"view_mode={view_mode!r}; expected 'consistent' or 'independent'")
     self.view_mode = view_mode
@@ -169,28 +174,40 @@ class Loader:
     idx = gidx[rows]
     ds, cfg = self.ds, self.view
     images, labels, ids = ds.take(idx)
-    out = {B.INPUTS: V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_STUDENT))}
+    if self.views is not None:
+      out = {**self.views(images, ids, epoch), "label": labels, "id": ids.astype(np.int32)}
+      return self._finish(out, idx, epoch, gvalid[rows])
+    out = {
+      batch_keys.INPUTS: view_lib.augment(
+        cfg, images, view_lib.view_key(self.seed, ids, epoch, view_lib.STREAM_STUDENT)
+      )
+    }
     teacher = None
     if self.view_mode == "independent":
-      teacher = V.augment(cfg, images, V.view_key(self.seed, ids, epoch, V.STREAM_TEACHER))
+      teacher = view_lib.augment(cfg, images, view_lib.view_key(self.seed, ids, epoch, view_lib.STREAM_TEACHER))
     if cfg.mixes:
       q = np.random.default_rng([self.seed, int(epoch), int(step), _MIX_TAG]).permutation(self.batch_size)
       pimages, plabels, pids = ds.take(gidx[q[rows]])
-      w, lam = V.mix_weights(cfg, V.view_key(self.seed, ids, epoch, V.STREAM_MIX), out[B.INPUTS].shape[1:])
-      xb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_STUDENT))
-      out[B.INPUTS] = V.apply_mix(w, out[B.INPUTS], xb)
+      w, lam = view_lib.mix_weights(
+        cfg, view_lib.view_key(self.seed, ids, epoch, view_lib.STREAM_MIX), out[batch_keys.INPUTS].shape[1:]
+      )
+      xb = view_lib.augment(cfg, pimages, view_lib.view_key(self.seed, pids, epoch, view_lib.STREAM_STUDENT))
+      out[batch_keys.INPUTS] = view_lib.apply_mix(w, out[batch_keys.INPUTS], xb)
       if teacher is not None:
-        tb = V.augment(cfg, pimages, V.view_key(self.seed, pids, epoch, V.STREAM_TEACHER))
-        teacher = V.apply_mix(w, teacher, tb)
+        tb = view_lib.augment(cfg, pimages, view_lib.view_key(self.seed, pids, epoch, view_lib.STREAM_TEACHER))
+        teacher = view_lib.apply_mix(w, teacher, tb)
       out["label_b"] = plabels
       out["mix_lambda"] = lam
     if teacher is not None:
-      out[B.TEACHER_INPUTS] = teacher
+      out[batch_keys.TEACHER_INPUTS] = teacher
     out["label"] = labels
     out["id"] = ids.astype(np.int32)
+    return self._finish(out, idx, epoch, gvalid[rows])
+
+  def _finish(self, out: dict, idx: np.ndarray, epoch: int, valid: np.ndarray) -> dict[str, np.ndarray]:
     out["epoch"] = np.full(len(idx), epoch, np.int32)
     if not self.drop_remainder:
-      out["mask"] = gvalid[rows]
+      out["mask"] = valid
     return out if self.transform is None else self.transform(out)
 
   def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -239,7 +256,7 @@ class Loader:
 def eval_batches(
   ds,
   batch_size: int,
-  view: V.ViewConfig | None = None,
+  view: view_lib.ViewConfig | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -249,7 +266,7 @@ def eval_batches(
   present so the pytree never changes) is False on padding.  Multi-process:
   this process's contiguous slice of each global batch.
   """
-  cfg = view if view is not None else V.ViewConfig()
+  cfg = view if view is not None else view_lib.ViewConfig()
   pi, pc = _process(process_index, process_count)
   if batch_size <= 0 or batch_size % pc:
     raise ConfigError(f"batch_size={batch_size} must be a positive multiple of process_count={pc}")
@@ -260,7 +277,12 @@ def eval_batches(
     mask = g < n
     idx = np.where(mask, g, 0)
     images, labels, ids = ds.take(idx)
-    yield {B.INPUTS: V.normalize(cfg, images), "label": labels, "id": ids.astype(np.int32), "mask": mask}
+    yield {
+      batch_keys.INPUTS: view_lib.normalize(cfg, images),
+      "label": labels,
+      "id": ids.astype(np.int32),
+      "mask": mask,
+    }
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
@@ -304,7 +326,7 @@ def make_loader(
   batch_size: int,
   seed: int = 0,
   data_dir: str | None = None,
-  view: V.ViewConfig | None = None,
+  view: view_lib.ViewConfig | None = None,
   view_mode: str = "consistent",
   shuffle: bool = True,
   drop_remainder: bool = True,

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kdjax import batch as B
+from kdjax import batch as batch_keys
 from kdjax.errors import ConfigError
 
 
@@ -85,7 +85,11 @@ class Retokenizer:
 
   def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` with ``teacher_inputs`` and ``teacher_mask`` added (host side, NumPy)."""
-    rows = [self.row(x, y) for x, y in zip(batch[B.INPUTS], batch[B.LABEL])]
+    rows = [self.row(x, y) for x, y in zip(batch[batch_keys.INPUTS], batch[batch_keys.LABEL])]
     return dict(
-      batch, **{B.TEACHER_INPUTS: np.stack([r[0] for r in rows]), B.TEACHER_MASK: np.stack([r[1] for r in rows])}
+      batch,
+      **{
+        batch_keys.TEACHER_INPUTS: np.stack([r[0] for r in rows]),
+        batch_keys.TEACHER_MASK: np.stack([r[1] for r in rows]),
+      },
     )

@@ -19,20 +19,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from kdjax import batch as batch_keys
 from kdjax.engine import evaluation, teachers
-from kdjax.engine.setup import Built, build_pieces, check_placement, check_responses
+from kdjax.engine.setup import Built, build_pieces, check_abstract, check_placement, check_responses, place_teacher
 from kdjax.engine.split_teacher import RunAhead
 from kdjax.engine.state import TeacherState, TrainState, state_shardings
 from kdjax.engine.step import StepSpec, make_train_step, with_responses
 from kdjax.errors import ConfigError
 from kdjax.methods import MethodConfig
-from kdjax.methods.base import Context, Method
+from kdjax.methods.base import Method
 from kdjax.parallel import placement as placement_lib
 from kdjax.parallel import sharding, xla_cpu
 from kdjax.parallel.placement import Placement, placement_meshes
@@ -164,27 +163,6 @@ class Distiller:
     )
     return built
 
-  def _place_teacher(self, teacher: TeacherState) -> None:
-    """Put the teachers' state where the placement says, and tell the source how to read it."""
-    p, mesh = self.placement, self.teacher_mesh
-    if p.kind == "colocated":
-      shard = sharding.param_shardings(teacher, mesh, fsdp=self.fsdp)
-      if p.teacher_memory != "device":
-        shard = jax.tree.map(lambda s: s.with_memory_kind(p.teacher_memory), shard)
-    else:
-      shard = placement_lib.teacher_shardings(self.source.models, teacher, mesh, p)
-    self.teacher_state = sharding.global_put(teacher, shard)
-    if isinstance(self.spec.source, teachers.Frozen):
-      source = dataclasses.replace(
-        self.spec.source,
-        teacher_host=shard if p.teacher_memory != "device" else None,
-        teacher_input=sharding.teacher_batch_sharding(mesh) if mesh.shape.get("model", 1) > 1 else None,
-      )
-      self.spec = dataclasses.replace(self.spec, source=source)
-    if p.split:
-      options = xla_cpu.compiler_options(self.xla_cpu_conv)
-      self.run_ahead = RunAhead(self.spec.source, self.teacher_state, mesh, self.mesh, self.check_batch_size, options)
-
   def init(self, key: jax.Array, batch: Mapping[str, Any]) -> TrainState:
     """The initial train state, placed on the mesh (sharded under ``jit`` with ``out_shardings``).
 
@@ -194,7 +172,7 @@ class Distiller:
     """
     x = batch_keys.inputs(batch)
     built = self._build(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    self._place_teacher(built.teacher)
+    self.teacher_state, self.spec, self.run_ahead = place_teacher(self, built.teacher)
     abstract = jax.eval_shape(built.make, key, built.params, built.rests)
     self.state_shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
     self.abstract_state = jax.tree.map(
@@ -216,29 +194,7 @@ class Distiller:
     on the models' outputs (≈ 10× faster to trace).
     """
     x = batch_keys.inputs(batch)
-    built = self._build(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    state = jax.eval_shape(built.make, jax.random.key(0), built.params, built.rests)
-    stages = [st for st in ("init", "main") if self.spec.method.stage_terms(st)]
-    if full_step:
-      step = lambda st: make_train_step(dataclasses.replace(self.spec, stage=st))  # noqa: E731
-      return {
-        "state": state,
-        "metrics": {st: jax.eval_shape(step(st), state, built.teacher, batch)[1] for st in stages},
-      }
-    ctx = Context(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.float32), key=jax.random.key(1))
-    loss = self.spec.method.loss
-    metrics = {
-      st: jax.eval_shape(
-        lambda p, m, so, to, b, st=st: loss(p, m, so, to, b, ctx, stage=st)[2],
-        state.adapter_params[0],
-        state.method_state[0],
-        built.student_out,
-        built.teacher_out,
-        batch,
-      )
-      for st in stages
-    }
-    return {"state": state, "metrics": metrics}
+    return check_abstract(self._build(jax.ShapeDtypeStruct(x.shape, x.dtype)), self.spec, batch, full_step)
 
   # ------------------------------------------------------------------ running
 

@@ -196,7 +196,7 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
 
 
 def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int, mesh):
-  teachers, hashes = [], []
+  models, hashes = [], []
   needs = method.needs_teacher or teachers.plan(cfg.mode).several
   for i, tcfg in enumerate(teacher_cfgs):
     if not tcfg.checkpoint and not needs:
@@ -204,9 +204,9 @@ def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, 
     m, h = load_teacher(
       tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]", own_vocab=method.any_vocab, mesh=mesh
     )
-    teachers.append(m)
+    models.append(m)
     hashes.append(h)
-  return teachers, ("+".join(hashes) if hashes else None)
+  return models, ("+".join(hashes) if hashes else None)
 
 
 def _retokenizer(cfg: Experiment, loader):

@@ -11,15 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import batch as B
-from kdjax import generate as G
+from kdjax import batch as batch_keys
+from kdjax import generate as generation
 from kdjax.errors import ConfigError
 from kdjax.responses import ResponseConfig
 
 
-def sampling(cfg: ResponseConfig, length: int, teacher: bool) -> G.Sampling:
+def sampling(cfg: ResponseConfig, length: int, teacher: bool) -> generation.Sampling:
   """How the student (or, for SeqKD, the teacher) draws a response for rows of ``length`` tokens."""
-  return G.Sampling(
+  return generation.Sampling(
     max_new_tokens=cfg.max_new_tokens or length,
     temperature=cfg.teacher_temperature if teacher else cfg.temperature,
     stop_tokens=cfg.stop_tokens,
@@ -37,7 +37,9 @@ def prompt_lengths(labels: jax.Array) -> jax.Array:
   return jnp.where(scored.any(axis=1), first + 1, labels.shape[1] + 1).astype(jnp.int32)
 
 
-def with_response(inputs: jax.Array, plen: jax.Array, gen: G.Generated, pad_token: int) -> tuple[jax.Array, jax.Array]:
+def with_response(
+  inputs: jax.Array, plen: jax.Array, gen: generation.Generated, pad_token: int
+) -> tuple[jax.Array, jax.Array]:
   """Rows ``(B, L)`` made of each prompt (its first ``plen`` inputs) followed by its generated response.
 
   Returns ``(inputs, labels)``: the new sequence without its last token and
@@ -65,12 +67,12 @@ def on_policy_rows(key: jax.Array, batch_size: int, fraction: float) -> jax.Arra
   return ranks < n
 
 
-def _generate(model: nnx.Module, inputs, plen, key, sampling: G.Sampling) -> G.Generated:
+def _generate(model: nnx.Module, inputs, plen, key, sampling: generation.Sampling) -> generation.Generated:
   """Continue each row's prompt; a row stops once its response fills the row (``L + 1 − plen`` tokens)."""
   length = inputs.shape[1]
   lengths = jnp.minimum(plen, length)  # rows without a response still need a valid prompt length
   room = jnp.maximum(length + 1 - plen, 1)
-  out = G.generate(model, inputs, lengths, key, sampling, limits=room, cache_len=length)
+  out = generation.generate(model, inputs, lengths, key, sampling, limits=room, cache_len=length)
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
@@ -91,8 +93,8 @@ def replace_responses(
     The batch with ``inputs``, ``label`` (and a ``(B, L)`` ``mask``)
     rewritten on the replaced rows; ``teacher_inputs`` follows ``inputs``.
   """
-  x, y = batch[B.INPUTS], batch[B.LABEL]
-  if B.TEACHER_MASK in batch:
+  x, y = batch[batch_keys.INPUTS], batch[batch_keys.LABEL]
+  if batch_keys.TEACHER_MASK in batch:
     raise ConfigError(
       "responses: generated responses cannot be retokenized for a teacher of another tokenizer "
       "inside the step; cross-tokenizer distillation (method 'uld') trains on the data's responses"
@@ -115,10 +117,10 @@ def replace_responses(
     new_x, new_y = jnp.where(pick, sx, new_x), jnp.where(pick, sy, new_y)
   new_x = jnp.where(has_response[:, None], new_x, x)
   new_y = jnp.where(has_response[:, None], new_y, y)
-  out = dict(batch, **{B.INPUTS: new_x, B.LABEL: new_y})
-  if B.TEACHER_INPUTS in batch:
-    out[B.TEACHER_INPUTS] = new_x
-  mask = batch.get(B.MASK)
+  out = dict(batch, **{batch_keys.INPUTS: new_x, batch_keys.LABEL: new_y})
+  if batch_keys.TEACHER_INPUTS in batch:
+    out[batch_keys.TEACHER_INPUTS] = new_x
+  mask = batch.get(batch_keys.MASK)
   if mask is not None and mask.ndim == 2:  # a token mask: the new responses' tokens, on rows that counted
-    out[B.MASK] = jnp.where(has_response[:, None], (new_y >= 0) & mask.any(axis=1, keepdims=True), mask)
+    out[batch_keys.MASK] = jnp.where(has_response[:, None], (new_y >= 0) & mask.any(axis=1, keepdims=True), mask)
   return out

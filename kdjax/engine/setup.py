@@ -17,14 +17,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.engine import teachers
+from kdjax.engine.split_teacher import RunAhead
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, split_model
+from kdjax.engine.step import make_train_step
 from kdjax.engine.taps import resolve
 from kdjax.errors import ConfigError
 from kdjax.methods import MethodConfig
 from kdjax.methods import build as build_method
-from kdjax.methods.base import InitInfo, Method, ModelInfo
+from kdjax.methods.base import Context, InitInfo, Method, ModelInfo
 from kdjax.models.base import ModelOutput
 from kdjax.parallel import placement as placement_lib
+from kdjax.parallel import sharding, xla_cpu
 from kdjax.parallel.placement import Placement
 from kdjax.responses import ResponseConfig
 
@@ -182,3 +185,47 @@ def check_placement(placement: Placement, source: teachers.TeacherSource, respon
       "the teacher)"
     )
   placement_lib.check_memory_kind(teacher_mesh, placement.teacher_memory)
+
+
+def check_abstract(built: Built, spec, batch, full_step: bool) -> dict[str, Any]:
+  """``Distiller.check``: the initial state and the metrics of every stage, traced abstractly."""
+  state = jax.eval_shape(built.make, jax.random.key(0), built.params, built.rests)
+  stages = [st for st in ("init", "main") if spec.method.stage_terms(st)]
+  if full_step:
+    step = lambda st: make_train_step(dataclasses.replace(spec, stage=st))  # noqa: E731
+    return {"state": state, "metrics": {st: jax.eval_shape(step(st), state, built.teacher, batch)[1] for st in stages}}
+  ctx = Context(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.float32), key=jax.random.key(1))
+
+  def metrics(stage):
+    def loss(adapters, method_state, student_out, teacher_out, batch):
+      return spec.method.loss(adapters, method_state, student_out, teacher_out, batch, ctx, stage=stage)[2]
+
+    args = (state.adapter_params[0], state.method_state[0], built.student_out, built.teacher_out, batch)
+    return jax.eval_shape(loss, *args)
+
+  return {"state": state, "metrics": {st: metrics(st) for st in stages}}
+
+
+def place_teacher(distiller, teacher: TeacherState):
+  """The teachers' state placed where ``distiller.placement`` says, the step spec whose source reads it so
+  (tensor-parallel inputs, weights in host memory), and a split teacher's :class:`RunAhead` (or None)."""
+  p, mesh, spec = distiller.placement, distiller.teacher_mesh, distiller.spec
+  if p.kind == "colocated":
+    shard = sharding.param_shardings(teacher, mesh, fsdp=distiller.fsdp)
+    if p.teacher_memory != "device":
+      shard = jax.tree.map(lambda s: s.with_memory_kind(p.teacher_memory), shard)
+  else:
+    shard = placement_lib.teacher_shardings(distiller.source.models, teacher, mesh, p)
+  state = sharding.global_put(teacher, shard)
+  if isinstance(spec.source, teachers.Frozen):
+    source = dataclasses.replace(
+      spec.source,
+      teacher_host=shard if p.teacher_memory != "device" else None,
+      teacher_input=sharding.teacher_batch_sharding(mesh) if mesh.shape.get("model", 1) > 1 else None,
+    )
+    spec = dataclasses.replace(spec, source=source)
+  run_ahead = None
+  if p.split:
+    options = xla_cpu.compiler_options(distiller.xla_cpu_conv)
+    run_ahead = RunAhead(spec.source, state, mesh, distiller.mesh, distiller.check_batch_size, options)
+  return state, spec, run_ahead

@@ -82,6 +82,11 @@ def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, batch: Batch) -> list:
+  """The teacher source's outputs for ``batch``: frozen teachers, cached or ahead-computed outputs, the EMA."""
+  return spec.source.outputs(spec, state, teacher, batch)
+
+
 def _student_loss(spec: StepSpec, i: int, outs, t_outs, trainable, state: TrainState, batch: Batch, ctx: Context):
   """Student ``i``'s weighted loss over the source's targets, its new method state and its metrics."""
   adapters, mstate = trainable["adapters"][i], state.method_state[i]
@@ -191,7 +196,7 @@ def make_train_step(spec: StepSpec) -> Callable[[TrainState, TeacherState, Batch
     context = _contexts(spec, state, batch)
 
     def grads_of(carry: TrainState, rows: Batch, index: jax.Array):
-      t_outs = spec.source.outputs(spec, carry, teacher, rows)
+      t_outs = teacher_outputs(spec, carry, teacher, rows)
       (_, (rests, mstates, metrics)), grads = value_and_grad(trainable, carry, t_outs, rows, context(index))
       return carry.replace(model_state=rests, method_state=mstates), grads, metrics
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kdjax.errors import ConfigError
 import kdjax.losses as kdl
-from kdjax.methods import adapters as A
+from kdjax.methods import adapters as adapter_lib
 from kdjax.methods._common import need_teacher, opt, shape, stop
 from kdjax.methods.base import Term
 
@@ -44,12 +44,12 @@ def make_crd(name, weight, cfg, student, teacher):
         f"term {name!r} needs a training set of ≥ 2 examples for negatives, got num_examples={info.num_examples}"
       )
     kp, ks, kb = jax.random.split(key, 3)
-    params = {"student": A.linear_init(kp, ds, dim), "teacher": A.linear_init(ks, dt, dim)}
+    params = {"student": adapter_lib.linear_init(kp, ds, dim), "teacher": adapter_lib.linear_init(ks, dt, dim)}
     return params, kdl.crd_init(kb, info.num_examples, dim)
 
   def apply(params, bank, s_out, t_out, batch, ctx):
-    es = A.l2_normalize(A.linear_apply(params["student"], s_out.features[_P]))
-    et = A.l2_normalize(A.linear_apply(params["teacher"], stop(t_out.features[_P])))
+    es = adapter_lib.l2_normalize(adapter_lib.linear_apply(params["student"], s_out.features[_P]))
+    et = adapter_lib.l2_normalize(adapter_lib.linear_apply(params["teacher"], stop(t_out.features[_P])))
     n = bank.student.shape[0]
     k = crd_num_negatives(k_req, n)
     neg = kdl.crd_negatives(ctx.key, es.shape[0], n, k)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from kdjax.errors import ConfigError
 import kdjax.losses as kdl
-from kdjax.methods import adapters as A
+from kdjax.methods import adapters as adapter_lib
 from kdjax.methods._common import common_stages, last_stage, need_teacher, opt, shape, stages, stop
 from kdjax.methods.base import Term
 
@@ -36,13 +36,13 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
     raise ConfigError(
       f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, got student {s_shape} and teacher {t_shape}"
     )
-  A.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
+  adapter_lib.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
 
   def init(key, s_out, t_out, info):
-    return A.conv_reg_init(key, s_shape, t_shape), {}
+    return adapter_lib.conv_reg_init(key, s_shape, t_shape), {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    fs = A.conv_reg_apply(params, _f(s_out, layer), s_shape, t_shape)
+    fs = adapter_lib.conv_reg_apply(params, _f(s_out, layer), s_shape, t_shape)
     return kdl.hint(fs, stop(_f(t_out, layer))), state, {}
 
   return (
@@ -132,9 +132,9 @@ def make_vid(name, weight, cfg, student, teacher):
       cs, ct = chans[l]
       k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
       p[l] = {
-        "conv1": A.conv_init(k1, cs, ct, 1, bias=False),
-        "conv2": A.conv_init(k2, ct, ct, 1, bias=False),
-        "conv3": A.conv_init(k3, ct, ct, 1, bias=False),
+        "conv1": adapter_lib.conv_init(k1, cs, ct, 1, bias=False),
+        "conv2": adapter_lib.conv_init(k2, ct, ct, 1, bias=False),
+        "conv3": adapter_lib.conv_init(k3, ct, ct, 1, bias=False),
         "log_scale": jnp.full((ct,), log_scale0, jnp.float32),
       }
     return p, {}
@@ -144,9 +144,9 @@ def make_vid(name, weight, cfg, student, teacher):
     for l in layers:
       fs, ft = kdl.pool_to_match(_f(s_out, l).astype(jnp.float32), stop(_f(t_out, l)).astype(jnp.float32))
       q = params[l]
-      h = jax.nn.relu(A.conv_apply(q["conv1"], fs))
-      h = jax.nn.relu(A.conv_apply(q["conv2"], h))
-      mu = A.conv_apply(q["conv3"], h)
+      h = jax.nn.relu(adapter_lib.conv_apply(q["conv1"], fs))
+      h = jax.nn.relu(adapter_lib.conv_apply(q["conv2"], h))
+      mu = adapter_lib.conv_apply(q["conv3"], h)
       total = total + kdl.vid(mu, ft, q["log_scale"], eps=_VID_EPS)
     return total, state, {}
 
@@ -183,13 +183,13 @@ def make_ab(name, weight, cfg, student, teacher):
   shapes = {l: (shape(student, l, name), shape(teacher, l, name)) for l in layers}
   for s, t in shapes.values():
     if s != t:
-      A.conv_reg_geometry(s, t)
+      adapter_lib.conv_reg_geometry(s, t)
   n = len(layers)
   layer_w = [2.0 ** (i - (n - 1)) for i in range(n)]
 
   def init(key, s_out, t_out, info):
     return {
-      l: ({} if s == t else A.conv_reg_init(jax.random.fold_in(key, i), s, t))
+      l: ({} if s == t else adapter_lib.conv_reg_init(jax.random.fold_in(key, i), s, t))
       for i, (l, (s, t)) in enumerate(shapes.items())
     }, {}
 
@@ -197,7 +197,7 @@ def make_ab(name, weight, cfg, student, teacher):
     total = jnp.zeros((), jnp.float32)
     for w, l in zip(layer_w, layers):
       s, t = shapes[l]
-      fs = _f(s_out, l) if s == t else A.conv_reg_apply(params[l], _f(s_out, l), s, t, relu=False)
+      fs = _f(s_out, l) if s == t else adapter_lib.conv_reg_apply(params[l], _f(s_out, l), s, t, relu=False)
       scale = 3.0 * math.prod(t) / 1000.0
       total = total + w * scale * kdl.activation_boundary(fs, stop(_f(t_out, l)), margin=1.0)
     return total, state, {}
@@ -217,39 +217,39 @@ def _lrelu(x):
 
 def _paraphraser_init(key, ct, f):
   ks = jax.random.split(key, 6)
-  enc = [A.conv_init(ks[0], ct, ct), A.conv_init(ks[1], ct, f), A.conv_init(ks[2], f, f)]
+  enc = [adapter_lib.conv_init(ks[0], ct, ct), adapter_lib.conv_init(ks[1], ct, f), adapter_lib.conv_init(ks[2], f, f)]
   dec = [
-    A.conv_init(ks[3], f, f, transpose=True),
-    A.conv_init(ks[4], f, ct, transpose=True),
-    A.conv_init(ks[5], ct, ct, transpose=True),
+    adapter_lib.conv_init(ks[3], f, f, transpose=True),
+    adapter_lib.conv_init(ks[4], f, ct, transpose=True),
+    adapter_lib.conv_init(ks[5], ct, ct, transpose=True),
   ]
   return {"enc": enc, "dec": dec}
 
 
 def _encode(p, x):
   for c in p["enc"]:
-    x = _lrelu(A.conv_apply(c, x, 1, 1))
+    x = _lrelu(adapter_lib.conv_apply(c, x, 1, 1))
   return x
 
 
 def _decode(p, x):
   for c in p["dec"]:
-    x = _lrelu(A.conv_apply(c, x, 1, 1, transpose=True))
+    x = _lrelu(adapter_lib.conv_apply(c, x, 1, 1, transpose=True))
   return x
 
 
 def _translator_init(key, cs, f):
   ks = jax.random.split(key, 3)
   return [
-    {"conv": A.conv_init(ks[0], cs, cs), "bn": A.batchnorm_init(cs)},
-    {"conv": A.conv_init(ks[1], cs, f), "bn": A.batchnorm_init(f)},
-    {"conv": A.conv_init(ks[2], f, f), "bn": A.batchnorm_init(f)},
+    {"conv": adapter_lib.conv_init(ks[0], cs, cs), "bn": adapter_lib.batchnorm_init(cs)},
+    {"conv": adapter_lib.conv_init(ks[1], cs, f), "bn": adapter_lib.batchnorm_init(f)},
+    {"conv": adapter_lib.conv_init(ks[2], f, f), "bn": adapter_lib.batchnorm_init(f)},
   ]
 
 
 def _translate(p, x):
   for q in p:
-    x = _lrelu(A.batchnorm_apply(q["bn"], A.conv_apply(q["conv"], x, 1, 1)))
+    x = _lrelu(adapter_lib.batchnorm_apply(q["bn"], adapter_lib.conv_apply(q["conv"], x, 1, 1)))
   return x
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 import kdjax.losses as kdl
-from kdjax.methods import adapters as A
+from kdjax.methods import adapters as adapter_lib
 from kdjax.methods._common import need_teacher, opt, shape, stop
 from kdjax.methods.base import Term
 
@@ -24,11 +24,11 @@ def make_cc(name, weight, cfg, student, teacher):
 
   def init(key, s_out, t_out, info):
     ks, kt = jax.random.split(key)
-    return {"student": A.linear_init(ks, ds, dim), "teacher": A.linear_init(kt, dt, dim)}, {}
+    return {"student": adapter_lib.linear_init(ks, ds, dim), "teacher": adapter_lib.linear_init(kt, dt, dim)}, {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    es = A.linear_apply(params["student"], s_out.features[_P])
-    et = A.linear_apply(params["teacher"], stop(t_out.features[_P]))
+    es = adapter_lib.linear_apply(params["student"], s_out.features[_P])
+    et = adapter_lib.linear_apply(params["teacher"], stop(t_out.features[_P]))
     return kdl.correlation_congruence(es, et), state, {}
 
   return (Term(name, weight, apply, init, (_P,), (_P,), needs_logits_only=False),)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -30,13 +30,13 @@ class BasicBlock(nnx.Module):
   """conv3×3-BN-ReLU-conv3×3-BN, + shortcut, ReLU. Returns (out, preact)."""
 
   def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
-    self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
     if stride != 1 or in_planes != planes:
-      self.down_conv = L.conv(in_planes, planes, 1, stride, dtype=dtype, rngs=rngs)
-      self.down_bn = L.batch_norm(planes, dtype=dtype, rngs=rngs)
+      self.down_conv = layer_lib.conv(in_planes, planes, 1, stride, dtype=dtype, rngs=rngs)
+      self.down_bn = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
     else:
       self.down_conv = None
       self.down_bn = None
@@ -71,8 +71,8 @@ class CifarResNet(nnx.Module):
     n = (depth - 2) // 6
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, widths[0], 3, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(widths[0], dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, widths[0], 3, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(widths[0], dtype=dtype, rngs=rngs)
     stages = []
     in_planes = widths[0]
     for i, planes in enumerate(widths[1:]):
@@ -81,12 +81,12 @@ class CifarResNet(nnx.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         blocks.append(BasicBlock(in_planes, planes, stride, dtype=dtype, rngs=rngs))
         in_planes = planes
-      stages.append(L.ModuleList(blocks))
-    self.stages = L.ModuleList(stages)
-    self.fc = L.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
+      stages.append(layer_lib.ModuleList(blocks))
+    self.stages = layer_lib.ModuleList(stages)
+    self.fc = layer_lib.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     feats = {}
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
     feats["stem"] = x
@@ -95,6 +95,6 @@ class CifarResNet(nnx.Module):
         x, preact = block(x, train)
       feats[f"stage{k}"] = x
       feats[f"stage{k}_preact"] = preact
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.fc(pooled), feats)

@@ -21,12 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
 def _conv1d(in_f: int, out_f: int, k: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(in_f, out_f, (k,), strides=(2,), padding=((1, 1),), dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
+  return nnx.Conv(
+    in_f, out_f, (k,), strides=(2,), padding=((1, 1),), dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs
+  )
 
 
 class CNN1D(nnx.Module):
@@ -52,7 +54,7 @@ class CNN1D(nnx.Module):
     for k in (5, 3, 3):
       n = (n + 2 - k) // 2 + 1
     self.flat = n * channels
-    self.linear = L.dense(self.flat, num_classes, dtype=dtype, rngs=rngs)
+    self.linear = layer_lib.dense(self.flat, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no BN or dropout

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -32,10 +32,10 @@ class Basic(nnx.Module):
   expansion = 1
 
   def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
-    self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.down = _Projection.maybe(in_planes, planes, stride, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -51,12 +51,12 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     out = planes * 4
-    self.conv1 = L.conv(in_planes, planes, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
-    self.conv3 = L.conv(planes, out, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = L.batch_norm(out, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_planes, planes, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(planes, planes, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv3 = layer_lib.conv(planes, out, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = layer_lib.batch_norm(out, dtype=dtype, rngs=rngs)
     self.down = _Projection.maybe(in_planes, out, stride, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -70,8 +70,8 @@ class Bottleneck(nnx.Module):
 
 class _Projection(nnx.Module):
   def __init__(self, in_planes: int, out_planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
-    self.conv = L.conv(in_planes, out_planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
-    self.bn = L.batch_norm(out_planes, dtype=dtype, rngs=rngs)
+    self.conv = layer_lib.conv(in_planes, out_planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
+    self.bn = layer_lib.batch_norm(out_planes, dtype=dtype, rngs=rngs)
 
   @classmethod
   def maybe(cls, in_planes, out_planes, stride, *, dtype, rngs):
@@ -106,8 +106,8 @@ class ImageNetResNet(nnx.Module):
     cls = BLOCKS[block]
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, 64, 7, 2, padding=3, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(64, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, 64, 7, 2, padding=3, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(64, dtype=dtype, rngs=rngs)
     in_planes = 64
     stages = []
     for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
@@ -116,20 +116,20 @@ class ImageNetResNet(nnx.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         blocks.append(cls(in_planes, planes, stride, dtype=dtype, rngs=rngs))
         in_planes = planes * cls.expansion
-      stages.append(L.ModuleList(blocks))
-    self.stages = L.ModuleList(stages)
-    self.fc = L.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
+      stages.append(layer_lib.ModuleList(blocks))
+    self.stages = layer_lib.ModuleList(stages)
+    self.fc = layer_lib.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    x = L.max_pool(x, 3, 2, 1)
+    x = layer_lib.max_pool(x, 3, 2, 1)
     feats = {"stem": x}
     for k, stage in enumerate(self.stages, start=1):
       for block in stage:
         x, pre = block(x, train)
       feats[f"stage{k}"] = x
       feats[f"stage{k}_preact"] = pre
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.fc(pooled), feats)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -50,8 +50,10 @@ class MLP(nnx.Module):
     self.input_shape = tuple(input_shape)
     self.in_features = math.prod(self.input_shape)
     sizes = (self.in_features, *hidden)
-    self.layers = L.ModuleList([L.dense(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.head = L.dense(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
+    self.layers = layer_lib.ModuleList(
+      [layer_lib.dense(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+    )
+    self.head = layer_lib.dense(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
     self.input_dropout = nnx.Dropout(input_dropout, rngs=rngs) if input_dropout > 0 else None
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 # (out_channels, stride) of the 13 depthwise-separable blocks.
@@ -47,10 +47,10 @@ STAGE_ENDS = (3, 5, 11, 13)
 
 class DepthwiseSeparable(nnx.Module):
   def __init__(self, in_c: int, out_c: int, stride: int, *, dtype, rngs: nnx.Rngs):
-    self.dw = L.conv(in_c, in_c, 3, stride, groups=in_c, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(in_c, dtype=dtype, rngs=rngs)
-    self.pw = L.conv(in_c, out_c, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(out_c, dtype=dtype, rngs=rngs)
+    self.dw = layer_lib.conv(in_c, in_c, 3, stride, groups=in_c, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(in_c, dtype=dtype, rngs=rngs)
+    self.pw = layer_lib.conv(in_c, out_c, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(out_c, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     ura = not train
@@ -67,18 +67,18 @@ class MobileNetV1(nnx.Module):
   def __init__(self, *, num_classes: int = 1000, dtype=jnp.float32, rngs: nnx.Rngs, name: str = "mobilenet_v1"):
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, 32, 3, 2, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(32, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, 32, 3, 2, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(32, dtype=dtype, rngs=rngs)
     blocks = []
     in_c = 32
     for out_c, stride in BLOCKS:
       blocks.append(DepthwiseSeparable(in_c, out_c, stride, dtype=dtype, rngs=rngs))
       in_c = out_c
-    self.blocks = L.ModuleList(blocks)
-    self.fc = L.dense(in_c, num_classes, dtype=dtype, rngs=rngs)
+    self.blocks = layer_lib.ModuleList(blocks)
+    self.fc = layer_lib.dense(in_c, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
     feats = {"stem": x}
     for i, block in enumerate(self.blocks, start=1):
@@ -87,6 +87,6 @@ class MobileNetV1(nnx.Module):
         k = STAGE_ENDS.index(i) + 1
         feats[f"stage{k}"] = x
         feats[f"stage{k}_preact"] = pre
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.fc(pooled), feats)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -36,12 +36,12 @@ class InvertedResidual(nnx.Module):
   def __init__(self, inp: int, oup: int, stride: int, expand: int, *, dtype, rngs: nnx.Rngs):
     hidden = inp * expand
     self.use_res = stride == 1 and inp == oup
-    self.pw = L.conv(inp, hidden, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(hidden, dtype=dtype, rngs=rngs)
-    self.dw = L.conv(hidden, hidden, 3, stride, groups=hidden, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(hidden, dtype=dtype, rngs=rngs)
-    self.pwl = L.conv(hidden, oup, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = L.batch_norm(oup, dtype=dtype, rngs=rngs)
+    self.pw = layer_lib.conv(inp, hidden, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(hidden, dtype=dtype, rngs=rngs)
+    self.dw = layer_lib.conv(hidden, hidden, 3, stride, groups=hidden, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(hidden, dtype=dtype, rngs=rngs)
+    self.pwl = layer_lib.conv(hidden, oup, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = layer_lib.batch_norm(oup, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     ura = not train
@@ -69,8 +69,8 @@ class MobileNetV2(nnx.Module):
     self.model_name = name
     self.num_classes = num_classes
     in_c = int(32 * width_mult)
-    self.conv1 = L.conv(3, in_c, 3, 2, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(in_c, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, in_c, 3, 2, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(in_c, dtype=dtype, rngs=rngs)
     groups = []
     for t, c, n, s in SETTINGS:
       t = expansion if t != 1 else 1
@@ -79,15 +79,15 @@ class MobileNetV2(nnx.Module):
       for i in range(n):
         blocks.append(InvertedResidual(in_c, out_c, s if i == 0 else 1, t, dtype=dtype, rngs=rngs))
         in_c = out_c
-      groups.append(L.ModuleList(blocks))
-    self.groups = L.ModuleList(groups)
+      groups.append(layer_lib.ModuleList(blocks))
+    self.groups = layer_lib.ModuleList(groups)
     last = _make_divisible(1280 * width_mult) if width_mult > 1.0 else 1280
-    self.conv2 = L.conv(in_c, last, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(last, dtype=dtype, rngs=rngs)
-    self.classifier = L.dense(last, num_classes, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(in_c, last, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(last, dtype=dtype, rngs=rngs)
+    self.classifier = layer_lib.dense(last, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     ura = not train
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
@@ -97,7 +97,7 @@ class MobileNetV2(nnx.Module):
       if g in STAGE_ENDS:
         feats[f"stage{STAGE_ENDS.index(g) + 1}"] = x
     x = nnx.relu(self.bn2(self.conv2(x), use_running_average=ura))
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.classifier(pooled), feats)
 

@@ -53,23 +53,7 @@ def read_config(path: str | Path) -> DecoderConfig:
       f"{path / 'config.json'}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})"
     )
   if family == "gpt2":
-    e = int(c["n_embd"])
-    return DecoderConfig(
-      family,
-      int(c["vocab_size"]),
-      e,
-      int(c["n_layer"]),
-      int(c["n_head"]),
-      int(c["n_head"]),
-      e // int(c["n_head"]),
-      int(c.get("n_inner") or 4 * e),
-      int(c["n_positions"]),
-      norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
-      qkv_bias=True,
-      out_bias=True,
-      mlp_bias=True,
-      tie_embeddings=bool(c.get("tie_word_embeddings", True)),
-    )
+    return _gpt2_config(c)
   if c.get("use_bidirectional_attention"):
     raise ConfigError(f"{path / 'config.json'}: bidirectional attention is not supported (kdjax's decoders are causal)")
   params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
@@ -81,18 +65,7 @@ def read_config(path: str | Path) -> DecoderConfig:
   theta, scaling = _rope(full, c.get("rope_theta", 10000.0))
   heads = int(c["num_attention_heads"])
   gemma = family.startswith("gemma")
-  extra = {}
-  if gemma:
-    kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in c.get("layer_types") or ())
-    extra = dict(
-      sliding_window=int(c.get("sliding_window") or 0),
-      layer_types=kinds,
-      query_scale=float(c.get("query_pre_attn_scalar") or c.get("head_dim")) ** -0.5,
-      attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
-      final_softcap=float(c.get("final_logit_softcapping") or 0.0),
-    )
-    if local is not None:
-      extra["local_rope_theta"], extra["local_rope_scaling"] = _rope(local, c.get("rope_local_base_freq", 10000.0))
+  extra = _gemma_extra(c, local) if gemma else {}
   return DecoderConfig(
     family,
     int(c["vocab_size"]),
@@ -113,6 +86,42 @@ def read_config(path: str | Path) -> DecoderConfig:
     rope_scaling=scaling,
     **extra,
   )
+
+
+def _gpt2_config(c: dict) -> DecoderConfig:
+  """GPT-2's ``config.json``: learned positions, GELU MLP, biases everywhere, tied head."""
+  e = int(c["n_embd"])
+  return DecoderConfig(
+    "gpt2",
+    int(c["vocab_size"]),
+    e,
+    int(c["n_layer"]),
+    int(c["n_head"]),
+    int(c["n_head"]),
+    e // int(c["n_head"]),
+    int(c.get("n_inner") or 4 * e),
+    int(c["n_positions"]),
+    norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+  )
+
+
+def _gemma_extra(c: dict, local: dict | None) -> dict:
+  """Gemma 2/3's extra fields: sliding-window layers, query scale, soft-capping, a local RoPE base."""
+  kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in c.get("layer_types") or ())
+  extra = dict(
+    sliding_window=int(c.get("sliding_window") or 0),
+    layer_types=kinds,
+    query_scale=float(c.get("query_pre_attn_scalar") or c.get("head_dim")) ** -0.5,
+    attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+    final_softcap=float(c.get("final_logit_softcapping") or 0.0),
+  )
+  if local is not None:
+    extra["local_rope_theta"], extra["local_rope_scaling"] = _rope(local, c.get("rope_local_base_freq", 10000.0))
+  return extra
 
 
 def _rope(params: dict, default_theta: float) -> tuple[float, tuple]:
@@ -295,7 +304,7 @@ def from_pretrained(
       weights are loaded whole.
 
   Raises:
-    ValueError: no checkpoint there, an unsupported architecture, or a
+    ConfigError: no checkpoint there, an unsupported architecture, or a
       tensor missing, unused or of the wrong shape (one line naming it).
   """
   path = Path(path)
@@ -307,6 +316,11 @@ def from_pretrained(
       )
     cfg = dataclasses.replace(cfg, output_vocab=vocab_size)
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), name=path.name or cfg.family))
+  return _filled(model, path, cfg, mesh, model_axis, param_dtype)
+
+
+def _filled(model: Decoder, path: Path, cfg: DecoderConfig, mesh, model_axis: str, param_dtype) -> Decoder:
+  """``model`` (abstract) with every parameter read from its checkpoint tensor; each tensor used exactly once."""
   tensors = _Tensors(path)
   names = _names(cfg)
   graphdef, state = nnx.split(model)
@@ -322,7 +336,7 @@ def from_pretrained(
   for key, var in flat.items():
     mine = ".".join(map(str, key))
     if mine not in names:
-      raise ConfigError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor (kdjax bug: name map incomplete)")
+      raise RuntimeError(f"{cfg.family} parameter {mine!r} has no checkpoint tensor name (the name map is incomplete)")
     theirs, layout = names[mine]
     if theirs not in tensors.files:
       raise ConfigError(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -50,12 +50,12 @@ class V1Bottleneck(nnx.Module):
     g1 = 1 if in_planes == 24 else groups
     self.stride = stride
     self.g1 = g1
-    self.conv1 = L.conv(in_planes, mid, 1, 1, groups=g1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(mid, mid, 3, stride, groups=mid, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
-    self.conv3 = L.conv(mid, out_planes, 1, 1, groups=groups, dtype=dtype, rngs=rngs)
-    self.bn3 = L.batch_norm(out_planes, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_planes, mid, 1, 1, groups=g1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(mid, mid, 3, stride, groups=mid, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv3 = layer_lib.conv(mid, out_planes, 1, 1, groups=groups, dtype=dtype, rngs=rngs)
+    self.bn3 = layer_lib.batch_norm(out_planes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     ura = not train
@@ -64,7 +64,7 @@ class V1Bottleneck(nnx.Module):
     out = nnx.relu(self.bn2(self.conv2(out), use_running_average=ura))
     out = self.bn3(self.conv3(out), use_running_average=ura)
     if self.stride == 2:
-      pre = jnp.concatenate([out, L.avg_pool(x, 3, 2, 1).astype(out.dtype)], -1)
+      pre = jnp.concatenate([out, layer_lib.avg_pool(x, 3, 2, 1).astype(out.dtype)], -1)
     else:
       pre = out + x
     return nnx.relu(pre), pre
@@ -88,8 +88,8 @@ class ShuffleNetV1(nnx.Module):
   ):
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, 24, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(24, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, 24, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(24, dtype=dtype, rngs=rngs)
     in_planes = 24
     stages = []
     for planes, n in zip(out_planes, num_blocks):
@@ -98,12 +98,12 @@ class ShuffleNetV1(nnx.Module):
         cat = in_planes if i == 0 else 0  # stride-2 blocks concatenate the input
         blocks.append(V1Bottleneck(in_planes, planes - cat, 2 if i == 0 else 1, groups, dtype=dtype, rngs=rngs))
         in_planes = planes
-      stages.append(L.ModuleList(blocks))
-    self.stages = L.ModuleList(stages)
-    self.linear = L.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
+      stages.append(layer_lib.ModuleList(blocks))
+    self.stages = layer_lib.ModuleList(stages)
+    self.linear = layer_lib.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
     feats = {"stem": x}
     for k, stage in enumerate(self.stages, start=1):
@@ -111,7 +111,7 @@ class ShuffleNetV1(nnx.Module):
         x, pre = block(x, train)
       feats[f"stage{k}"] = x
       feats[f"stage{k}_preact"] = pre
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.linear(pooled), feats)
 
@@ -119,12 +119,12 @@ class ShuffleNetV1(nnx.Module):
 class V2Basic(nnx.Module):
   def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
     c = channels // 2
-    self.conv1 = L.conv(c, c, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(c, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(c, c, 3, 1, groups=c, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(c, dtype=dtype, rngs=rngs)
-    self.conv3 = L.conv(c, c, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = L.batch_norm(c, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(c, c, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(c, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(c, c, 3, 1, groups=c, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(c, dtype=dtype, rngs=rngs)
+    self.conv3 = layer_lib.conv(c, c, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = layer_lib.batch_norm(c, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     ura = not train
@@ -143,17 +143,17 @@ class V2Down(nnx.Module):
   def __init__(self, in_c: int, out_c: int, *, dtype, rngs: nnx.Rngs):
     mid = out_c // 2
     # left branch: depthwise 3×3/2 - BN - 1×1 - BN - ReLU
-    self.conv1 = L.conv(in_c, in_c, 3, 2, groups=in_c, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(in_c, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(in_c, mid, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_c, in_c, 3, 2, groups=in_c, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(in_c, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(in_c, mid, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
     # right branch: 1×1 - BN - ReLU - depthwise 3×3/2 - BN - 1×1 - BN - ReLU
-    self.conv3 = L.conv(in_c, mid, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
-    self.conv4 = L.conv(mid, mid, 3, 2, groups=mid, dtype=dtype, rngs=rngs)
-    self.bn4 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
-    self.conv5 = L.conv(mid, mid, 1, 1, dtype=dtype, rngs=rngs)
-    self.bn5 = L.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv3 = layer_lib.conv(in_c, mid, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv4 = layer_lib.conv(mid, mid, 3, 2, groups=mid, dtype=dtype, rngs=rngs)
+    self.bn4 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
+    self.conv5 = layer_lib.conv(mid, mid, 1, 1, dtype=dtype, rngs=rngs)
+    self.bn5 = layer_lib.batch_norm(mid, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     ura = not train
@@ -182,22 +182,22 @@ class ShuffleNetV2(nnx.Module):
   ):
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, 24, 3, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = L.batch_norm(24, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, 24, 3, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(24, dtype=dtype, rngs=rngs)
     in_c = 24
     stages = []
     for c, n in zip(out_channels[:3], num_blocks):
       blocks = [V2Down(in_c, c, dtype=dtype, rngs=rngs)]
       blocks += [V2Basic(c, dtype=dtype, rngs=rngs) for _ in range(n)]
-      stages.append(L.ModuleList(blocks))
+      stages.append(layer_lib.ModuleList(blocks))
       in_c = c
-    self.stages = L.ModuleList(stages)
-    self.conv2 = L.conv(in_c, out_channels[3], 1, 1, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(out_channels[3], dtype=dtype, rngs=rngs)
-    self.linear = L.dense(out_channels[3], num_classes, dtype=dtype, rngs=rngs)
+    self.stages = layer_lib.ModuleList(stages)
+    self.conv2 = layer_lib.conv(in_c, out_channels[3], 1, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(out_channels[3], dtype=dtype, rngs=rngs)
+    self.linear = layer_lib.dense(out_channels[3], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     ura = not train
     x = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
@@ -208,6 +208,6 @@ class ShuffleNetV2(nnx.Module):
       feats[f"stage{k}"] = x
       feats[f"stage{k}_preact"] = pre
     x = nnx.relu(self.bn2(self.conv2(x), use_running_average=ura))
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.linear(pooled), feats)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -39,22 +39,22 @@ class DigitsCNN(nnx.Module):
     self.model_name = name
     self.num_classes = num_classes
     a, b, c = widths
-    self.conv1 = L.conv(1, a, 3, 1, bias=True, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(a, b, 3, 1, bias=True, dtype=dtype, rngs=rngs)
-    self.conv3 = L.conv(b, c, 3, 1, bias=True, dtype=dtype, rngs=rngs)
-    self.linear = L.dense(c, num_classes, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(1, a, 3, 1, bias=True, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(a, b, 3, 1, bias=True, dtype=dtype, rngs=rngs)
+    self.conv3 = layer_lib.conv(b, c, 3, 1, bias=True, dtype=dtype, rngs=rngs)
+    self.linear = layer_lib.dense(c, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
     del train  # no BN or dropout
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     x = nnx.relu(self.conv1(x))
     feats = {"stem": x}
     pre = self.conv2(x)
     x = nnx.relu(pre)
     feats["stage1_preact"], feats["stage1"] = pre, x
-    pre = self.conv3(L.max_pool(x, 2, 2))
+    pre = self.conv3(layer_lib.max_pool(x, 2, 2))
     x = nnx.relu(pre)
     feats["stage2_preact"], feats["stage2"] = pre, x
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.linear(pooled), feats)

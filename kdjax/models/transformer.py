@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 _EMBED_INIT = nnx.initializers.normal(0.02)
@@ -35,8 +35,8 @@ class CausalSelfAttention(nnx.Module):
     if dim % num_heads:
       raise ConfigError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
     self.num_heads = num_heads
-    self.qkv = L.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
-    self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
+    self.qkv = layer_lib.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.proj = layer_lib.dense(dim, dim, dtype=dtype, rngs=rngs)
 
   def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(B, L, D)`` → q, k, v each ``(B, L, H, D/H)``."""
@@ -68,11 +68,11 @@ class CausalSelfAttention(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float, *, dtype, rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs)
     self.attn = CausalSelfAttention(dim, num_heads, dtype=dtype, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
-    self.fc1 = L.dense(dim, mlp_ratio * dim, dtype=dtype, rngs=rngs)
-    self.fc2 = L.dense(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs)
+    self.fc1 = layer_lib.dense(dim, mlp_ratio * dim, dtype=dtype, rngs=rngs)
+    self.fc2 = layer_lib.dense(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
@@ -124,14 +124,16 @@ class TransformerLM(nnx.Module):
     self.max_len = max_len
     self.dim, self.num_heads, self.compute_dtype = dim, num_heads, dtype
     self.tok = nnx.Embed(
-      num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs
+      num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs
     )
-    self.pos = nnx.Embed(max_len, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
-    self.blocks = L.ModuleList(
+    self.pos = nnx.Embed(
+      max_len, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs
+    )
+    self.blocks = layer_lib.ModuleList(
       [Block(dim, num_heads, mlp_ratio, dropout, dtype=dtype, rngs=rngs) for _ in range(num_layers)]
     )
-    self.ln_f = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=L.PARAM_DTYPE, rngs=rngs)
-    self.head = L.dense(dim, num_classes, use_bias=False, dtype=dtype, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs)
+    self.head = layer_lib.dense(dim, num_classes, use_bias=False, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:

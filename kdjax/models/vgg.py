@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 CONFIGS: dict[int, tuple[int, ...]] = {
@@ -40,8 +40,8 @@ WIDTHS = (64, 128, 256, 512, 512)
 
 class ConvBN(nnx.Module):
   def __init__(self, in_f: int, out_f: int, *, dtype, rngs: nnx.Rngs):
-    self.conv = L.conv(in_f, out_f, 3, 1, bias=True, dtype=dtype, rngs=rngs)
-    self.bn = L.batch_norm(out_f, dtype=dtype, rngs=rngs)
+    self.conv = layer_lib.conv(in_f, out_f, 3, 1, bias=True, dtype=dtype, rngs=rngs)
+    self.bn = layer_lib.batch_norm(out_f, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.bn(self.conv(x), use_running_average=not train)
@@ -64,17 +64,17 @@ class VGG(nnx.Module):
       for _ in range(n):
         layers.append(ConvBN(in_f, width, dtype=dtype, rngs=rngs))
         in_f = width
-      blocks.append(L.ModuleList(layers))
-    self.blocks = L.ModuleList(blocks)
-    self.classifier = L.dense(in_f, num_classes, dtype=dtype, rngs=rngs)
+      blocks.append(layer_lib.ModuleList(layers))
+    self.blocks = layer_lib.ModuleList(blocks)
+    self.classifier = layer_lib.dense(in_f, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     big = x.shape[1] >= 64
     feats = {}
     for b, block in enumerate(self.blocks):
       if b in (1, 2, 3) or (b == 4 and big):
-        x = L.max_pool(x, 2, 2)
+        x = layer_lib.max_pool(x, 2, 2)
       for i, layer in enumerate(block):
         if i:
           x = nnx.relu(x)
@@ -85,6 +85,6 @@ class VGG(nnx.Module):
       else:
         feats[f"stage{b}_preact"] = pre
         feats[f"stage{b}"] = x
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.classifier(pooled), feats)

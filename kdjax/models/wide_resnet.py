@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.models import _layers as L
+from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 
 
@@ -34,14 +34,14 @@ class WideBlock(nnx.Module):
   pre-ReLU map, which the network reports as the previous stage's preact."""
 
   def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, *, dtype, rngs: nnx.Rngs):
-    self.bn1 = L.batch_norm(in_planes, dtype=dtype, rngs=rngs)
-    self.conv1 = L.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn2 = L.batch_norm(planes, dtype=dtype, rngs=rngs)
-    self.conv2 = L.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layer_lib.batch_norm(in_planes, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(in_planes, planes, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn2 = layer_lib.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.conv2 = layer_lib.conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
     self.equal_in_out = in_planes == planes and stride == 1
     self.shortcut = (
-      None if self.equal_in_out else L.conv(in_planes, planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
+      None if self.equal_in_out else layer_lib.conv(in_planes, planes, 1, stride, padding=0, dtype=dtype, rngs=rngs)
     )
 
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +78,7 @@ class WideResNet(nnx.Module):
     widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
     self.model_name = name
     self.num_classes = num_classes
-    self.conv1 = L.conv(3, widths[0], 3, 1, dtype=dtype, rngs=rngs)
+    self.conv1 = layer_lib.conv(3, widths[0], 3, 1, dtype=dtype, rngs=rngs)
     blocks = []
     in_planes = widths[0]
     for i, planes in enumerate(widths[1:]):
@@ -86,13 +86,13 @@ class WideResNet(nnx.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         blocks.append(WideBlock(in_planes, planes, stride, drop_rate, dtype=dtype, rngs=rngs))
         in_planes = planes
-    self.blocks = L.ModuleList(blocks)
+    self.blocks = layer_lib.ModuleList(blocks)
     self.blocks_per_stage = n
-    self.bn = L.batch_norm(in_planes, dtype=dtype, rngs=rngs)
-    self.fc = L.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
+    self.bn = layer_lib.batch_norm(in_planes, dtype=dtype, rngs=rngs)
+    self.fc = layer_lib.dense(in_planes, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-    L.check_image(self.model_name, x, self.input_shape)
+    layer_lib.check_image(self.model_name, x, self.input_shape)
     n = self.blocks_per_stage
     x = self.conv1(x)
     feats = {"stem": x}
@@ -106,6 +106,6 @@ class WideResNet(nnx.Module):
     x = nnx.relu(pre)
     feats["stage3_preact"] = pre
     feats["stage3"] = x
-    pooled = L.global_avg_pool(x)
+    pooled = layer_lib.global_avg_pool(x)
     feats["pooled"] = pooled
     return ModelOutput(self.fc(pooled), feats)

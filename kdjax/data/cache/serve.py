@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from kdjax import batch as batch_lib
+from kdjax.data import views as view_lib
 from kdjax.data.cache.draw import choose_views, view_images
 from kdjax.data.cache.format import check_view
 from kdjax.data.cache.read import IdIndex, TeacherCache
@@ -62,6 +63,18 @@ class CachedOutputs:
       self._index = IdIndex(np.asarray(self.ds.ids, np.int64))
     return self._index.rows(ids, "the training set")
 
+  def views(self, images: np.ndarray, ids: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+    """The Loader's ``views`` hook: inputs, cached outputs and ``view_index`` from the examples the Loader
+    read, so each example is read and augmented once (:class:`CachedLoader` uses it)."""
+    ids64 = np.asarray(ids, np.int64)
+    k = choose_views(self.seed, ids64, np.full(len(ids64), epoch, np.int64), self.cache.num_views)
+    if self.view_mode == "consistent":
+      inputs = view_images(self.cache.view, images, ids, self.cache.view_seed, k)
+    else:
+      key = view_lib.view_key(self.seed, ids, epoch, view_lib.STREAM_STUDENT)
+      inputs = view_lib.augment(self.cache.view, images, key)
+    return {batch_lib.INPUTS: inputs, **self.cache.outputs(ids64, k), batch_lib.VIEW_INDEX: k.astype(np.int32)}
+
   def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` with the cached teacher outputs and ``view_index`` (and the cached view as ``inputs``)."""
     ids = np.asarray(batch[batch_lib.ID], np.int64)
@@ -97,8 +110,9 @@ def chain(*transforms: Callable | None) -> Callable | None:
 class CachedLoader(Loader):
   """A :class:`Loader` over ``ds`` in the cache's view whose transform is :class:`CachedOutputs`.
 
-  Batches are the Loader's with the cached teacher outputs added (then
-  ``transform``, if any); order, sharding over processes, the Grain
+  Each batch's examples are read once and given their cached view (or, with
+  ``view_mode="independent"``, the Loader's student view) and the cached
+  teacher outputs (the Loader's ``views`` hook), then ``transform``, if any; order, sharding over processes, the Grain
   pipeline and ``state()`` / ``restore()`` are the Loader's own.
   """
 
@@ -128,7 +142,8 @@ class CachedLoader(Loader):
       process_index=process_index,
       process_count=process_count,
       worker_count=worker_count,
-      transform=chain(self.outputs, transform),
+      transform=transform,
+      views=self.outputs.views,
     )
 
   @property
