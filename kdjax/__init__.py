@@ -37,6 +37,7 @@ _EXPORTS = {
 _MODULES = (
   "batch",
   "hooks",
+  "teachers",
   "losses",
   "models",
   "methods",
@@ -54,8 +55,8 @@ __all__ = ["__version__", *_EXPORTS, *_MODULES]
 def __getattr__(name: str) -> Any:
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
-  elif name == "hooks":
-    value = importlib.import_module("kdjax.engine.hooks")
+  elif name in ("hooks", "teachers"):  # kdjax.hooks, kdjax.teachers: the public core's parts
+    value = importlib.import_module(f"kdjax.engine.{name}")
   elif name in _MODULES:
     value = importlib.import_module(f"kdjax.{name}")
   else:

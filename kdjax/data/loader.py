@@ -135,7 +135,7 @@ class Loader:
   def restore(self, state: Mapping[str, Any]) -> None:
     if int(state.get("seed", self.seed)) != self.seed:
       raise ConfigError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
-    epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+    epoch, step = int(state[batch_keys.EPOCH]), int(state["step_in_epoch"])
     if not 0 <= step <= self.steps_per_epoch:
       raise ConfigError(f"loader state step_in_epoch={step} not in [0, {self.steps_per_epoch}]")
     self._epoch, self._step = epoch, step
@@ -196,18 +196,18 @@ class Loader:
       if teacher is not None:
         tb = view_lib.augment(cfg, pimages, view_lib.view_key(self.seed, pids, epoch, view_lib.STREAM_TEACHER))
         teacher = view_lib.apply_mix(w, teacher, tb)
-      out["label_b"] = plabels
-      out["mix_lambda"] = lam
+      out[batch_keys.LABEL_B] = plabels
+      out[batch_keys.MIX_LAMBDA] = lam
     if teacher is not None:
       out[batch_keys.TEACHER_INPUTS] = teacher
-    out["label"] = labels
-    out["id"] = ids.astype(np.int32)
+    out[batch_keys.LABEL] = labels
+    out[batch_keys.ID] = ids.astype(np.int32)
     return self._finish(out, idx, epoch, gvalid[rows])
 
   def _finish(self, out: dict, idx: np.ndarray, epoch: int, valid: np.ndarray) -> dict[str, np.ndarray]:
-    out["epoch"] = np.full(len(idx), epoch, np.int32)
+    out[batch_keys.EPOCH] = np.full(len(idx), epoch, np.int32)
     if not self.drop_remainder:
-      out["mask"] = valid
+      out[batch_keys.MASK] = valid
     return out if self.transform is None else self.transform(out)
 
   def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:

@@ -118,7 +118,7 @@ def exact_match(
       continue
     rows = {"prompts": prompts, "lengths": lengths, "answers": answers, "mask": mask}
     gb = distiller.global_batch(rows)
-    total += float(sharding.to_host(jnp.sum(gb["mask"])))
+    total += float(sharding.to_host(jnp.sum(gb[batch_keys.MASK])))
     for name, model in models.items():
       on_teacher = name.startswith("teacher") and distiller.run_ahead is not None  # on the teacher's sub-mesh
       gen = _generator(
@@ -127,7 +127,7 @@ def exact_match(
       if on_teacher:
         gb = sharding.shard_batch(rows, distiller.teacher_mesh)
       out = gen(gb["prompts"], gb["lengths"], jax.random.key(0), state=nnx.state(model))
-      hit = generate.answers_match(out.tokens, gb["answers"]) & gb["mask"]
+      hit = generate.answers_match(out.tokens, gb["answers"]) & gb[batch_keys.MASK]
       hits[name] += float(sharding.to_host(jnp.sum(hit)))
   return {k: (v / total if total else float("nan")) for k, v in hits.items()}
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax import batch as batch_keys
 from kdjax import checkpoint as ckpt
 from kdjax.config import Experiment, ModelConfig
 from kdjax.engine import teachers
@@ -228,7 +229,7 @@ def _retokenizer(cfg: Experiment, loader):
   return retokenize.Retokenizer(
     tfds.tokenizer(cfg.data.name),
     pretrained.load_tokenizer(cfg.teacher.checkpoint),
-    length=int(loader.batch(0, 0)["inputs"].shape[1]),
+    length=int(loader.batch(0, 0)[batch_keys.INPUTS].shape[1]),
     teacher_bos=ids.get("bos"),
     teacher_eos=ids.get("eos"),
     pad=ids.get("pad") or 0,

@@ -133,8 +133,8 @@ def _entry_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
   else:
     selected = jnp.broadcast_to((mask > 0).reshape(mask.shape + (1,) * (label.ndim - mask.ndim)), label.shape)
   labelled = selected & (label >= 0)
-  if batch.get("label_b") is not None:  # mixup: an example counts when both of its labels do
-    labelled = labelled & (batch["label_b"] >= 0)
+  if batch.get(batch_keys.LABEL_B) is not None:  # mixup: an example counts when both of its labels do
+    labelled = labelled & (batch[batch_keys.LABEL_B] >= 0)
   return jnp.sum(selected).astype(jnp.float32), jnp.sum(labelled).astype(jnp.float32)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax import batch as batch_keys
 from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods import adapters as adapter_lib
@@ -53,7 +54,7 @@ def make_crd(name, weight, cfg, student, teacher):
     n = bank.student.shape[0]
     k = crd_num_negatives(k_req, n)
     neg = kdl.crd_negatives(ctx.key, es.shape[0], n, k)
-    ids = jnp.asarray(batch["id"]).astype(jnp.int32)
+    ids = jnp.asarray(batch[batch_keys.ID]).astype(jnp.int32)
     loss, new_bank = kdl.crd(bank, es, et, ids, neg, temperature=temp, momentum=mom)
     return loss, new_bank, {}
 

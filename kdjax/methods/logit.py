@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kdjax import batch as batch_keys
 from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods.config import MethodConfig
@@ -19,7 +20,7 @@ from kdjax.methods.base import ModelInfo, Term
 def _token_mask(batch, shape):
   """The ``(B, L)`` positions a token term scores: the batch's mask (per example or per token) and, when
   the labels are per token, only labelled positions (a prompt's targets are −1); None = all."""
-  m, labels = batch.get("mask"), batch.get("label")
+  m, labels = batch.get(batch_keys.MASK), batch.get("label")
   if m is not None and jnp.ndim(m) not in (1, len(shape)):
     m = None
   if labels is not None and jnp.shape(labels) == tuple(shape):
@@ -85,19 +86,19 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
   """``ce``: supervised cross-entropy (:func:`cross_entropy`) on batch["label"]."""
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    labels = batch["label"]
+    labels = batch[batch_keys.LABEL]
     if not _labels_shape_ok(s_out.logits, labels):
       raise ConfigError(
         f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
         f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])"
       )
     mask = _token_mask(batch, jnp.shape(labels))
-    loss = cross_entropy(s_out.logits, labels, batch.get("label_b"), batch.get("mix_lambda"), mask)
+    loss = cross_entropy(s_out.logits, labels, batch.get(batch_keys.LABEL_B), batch.get(batch_keys.MIX_LAMBDA), mask)
     labelled = jnp.asarray(labels) >= 0
     if mask is not None:
       labelled &= jnp.asarray(mask) > 0
-    if batch.get("label_b") is not None:
-      labelled &= jnp.asarray(batch["label_b"]) >= 0
+    if batch.get(batch_keys.LABEL_B) is not None:
+      labelled &= jnp.asarray(batch[batch_keys.LABEL_B]) >= 0
     return loss * ctx.share(jnp.sum(labelled), ctx.labelled_total), state, {}
 
   return (Term(name, weight, apply, needs_teacher=False),)
@@ -124,7 +125,7 @@ def make_dkd(name, weight, cfg, student, teacher):
   temp, warm = opt(cfg.temperature, 4.0), opt(cfg.dkd_warmup_epochs, 20.0)
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    labels = jnp.asarray(batch["label"])
+    labels = jnp.asarray(batch[batch_keys.LABEL])
     s, t = s_out.logits, stop(t_out.logits)
     per = kdl.dkd(s, t, jnp.maximum(labels, 0), alpha=alpha, beta=beta, temperature=temp, per_example=True)
     valid = (labels >= 0).astype(jnp.float32)
@@ -198,7 +199,7 @@ def make_uld(name, weight, cfg, student, teacher):
       )
     s = s_out.logits
     s_mask = scored_tokens(batch, jnp.shape(s)[:2])
-    t_mask = batch["teacher_mask"]
+    t_mask = batch[batch_keys.TEACHER_MASK]
     loss = kdl.uld(s, stop(t_out.logits), s_mask, t_mask, temperature=temp)
     return loss * ctx.share(kdl.uld_pairs(s_mask, t_mask), ctx.pair_total), state, {}
 

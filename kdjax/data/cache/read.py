@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kdjax import batch as batch_keys
 from kdjax.data.cache.encode import dense_logits
 from kdjax.data.cache.format import (
   DIGEST_FILE,
@@ -240,5 +241,5 @@ class TeacherCache:
     """
     out = self.outputs(ids, view_index)
     if "teacher_logits" in out:
-      return out["teacher_logits"]
+      return out[batch_keys.TEACHER_LOGITS]
     return dense_logits(out["teacher_topk_logp"], out["teacher_topk_idx"], self.num_classes)
