@@ -1,15 +1,21 @@
-"""scripts/bench.py: ``--quick`` prints valid JSON
-lines with every field, XLA's FLOP count matches the models' arithmetic, and
-the audited step neither recompiles nor keeps its donated input state."""
+"""The benchmark (:mod:`kdjax.bench`, also ``kdjax bench`` and ``scripts/bench.py``): ``--quick`` prints
+valid JSON lines with every field, XLA's FLOP count matches the models' arithmetic, and the audited step
+neither recompiles nor keeps its donated input state."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from kdjax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 FIELDS = (
   "case",
   "pair",
@@ -20,6 +26,14 @@ FIELDS = (
   "devices",
   "backend",
 )
+
+
+@pytest.fixture(scope="module")
+def bench():
+  """The benchmark module itself (the package's, not the script that wraps it)."""
+  from kdjax import bench as module
+
+  return module
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +111,17 @@ def test_engine_step_compiles_once_and_donates_its_state(bench):
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss/total"]))
   for a, b in zip(teacher_before, jax.tree.leaves(case.teacher)):  # frozen teacher, untouched
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_every_entry_point_runs_the_packaged_benchmark(tmp_path, capfd):
+  """``kdjax bench``, ``python -m kdjax.bench`` and ``python scripts/bench.py`` all reach its argument parser."""
+  commands = [[sys.executable, "-m", "kdjax.bench"], [sys.executable, str(ROOT / "scripts" / "bench.py")]]
+  for cmd in commands:
+    r = subprocess.run([*cmd, "--pairs", "nope"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "kdjax bench: error: unknown pair 'nope'" in r.stderr, (cmd, r.stderr)
+  capfd.readouterr()
+  assert cli.main(["bench", "--pairs", "nope"]) == 2
+  assert "kdjax bench: error: unknown pair 'nope'" in capfd.readouterr().err
 
 
 def test_bad_arguments_exit_with_a_message(bench, capsys):

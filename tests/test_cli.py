@@ -291,7 +291,7 @@ def _get(cfg, path):
 
 def test_every_config_field_is_settable_from_the_cli():
   base = Experiment(optim=dataclasses.replace(Experiment().optim, steps=7))
-  paths = cli._field_paths(Experiment)
+  paths = cli.field_paths(Experiment)
   assert len(paths) > 50
   for path, typ in paths.items():
     want, values = _leaf_value(path, typ, _get(base, path))

@@ -243,16 +243,24 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_bug_keeps_its_traceback_and_exits_70_bad_input_is_one_line(tmp_path):
-  """An experiment file's own ValueError is bad input (one line, exit 1); a
-  KeyError or a ValueError raised inside NumPy is a bug (traceback, exit 70)."""
+  """An experiment file's ConfigError is bad input (one line, exit 1); anything
+  else — a plain ValueError it raises, a KeyError, a ValueError inside NumPy —
+  is a bug (traceback, exit 70)."""
   (tmp_path / "bad_value.py").write_text(
-    "def get_config():\n  raise ValueError('lr must be set for this experiment')\n"
+    "from kdjax.errors import ConfigError\n"
+    "def get_config():\n  raise ConfigError('lr must be set for this experiment')\n"
   )
+  (tmp_path / "bug_value.py").write_text("def get_config():\n  raise ValueError('not a ConfigError')\n")
   (tmp_path / "bug_key.py").write_text("def get_config():\n  return {}['missing']\n")
   (tmp_path / "bug_numpy.py").write_text("import numpy as np\ndef get_config():\n  return np.zeros(-1)\n")
   r = _run_cli("distill", "bad_value.py", cwd=tmp_path)
   assert r.returncode == 1 and r.stderr.strip() == "kdjax: error: lr must be set for this experiment", r.stderr
-  for name, needle in (("bug_key.py", "KeyError: 'missing'"), ("bug_numpy.py", "ValueError: negative dimensions")):
+  bugs = {
+    "bug_value.py": "ValueError: not a ConfigError",
+    "bug_key.py": "KeyError: 'missing'",
+    "bug_numpy.py": "ValueError: negative dimensions",
+  }
+  for name, needle in bugs.items():
     r = _run_cli("distill", name, cwd=tmp_path)
     assert r.returncode == cli.INTERNAL_ERROR_EXIT == 70, r.stderr
     assert "Traceback (most recent call last)" in r.stderr and needle in r.stderr, r.stderr
