@@ -328,8 +328,9 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     responses=cfg.responses,
     placement=cfg.placement,
   )
-  distiller.check_batch_size(cfg.data.batch_size)
-  distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
+  if cfg.placement.split:  # the other placements' batch sizes were checked on the mesh before anything was built
+    distiller.check_batch_size(cfg.data.batch_size)
+    distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
   init_steps = init_steps if method.stage_terms("init") else 0
   return Run(cfg, distiller, state, loader, eval_ds, view, teacher_hash, total_steps, init_steps, schedule, num_classes)
