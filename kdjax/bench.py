@@ -52,8 +52,8 @@ and bfloat16 is no faster than float32, so float32 stays the default.
 ``--xla-conv eigen,ynn`` compiles each kdjax case with both CPU convolution
 kernels side by side in one process (per-executable compile options, what
 ``run.xla_cpu_conv`` selects): jaxlib 0.10.2 hands convolutions to YNNPACK
-fusions by default; kdjax's default ``eigen`` keeps them on XLA's own kernels,
-which were 17–24 % faster on the default pair. ``ynn_fusions`` in each line
+fusions by default; kdjax's default ``eigen`` keeps them on XLA's own kernels
+(faster on the CPUs measured, ``results/bench.md``). ``ynn_fusions`` in each line
 counts the YNNPACK fusions left in the compiled step.
 
     kdjax bench                       # resnet32x4→resnet8x4, batch 64

@@ -52,7 +52,7 @@ def made_once(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bench():
-  """``scripts/bench.py`` imported as a module (it is a script, not part of the package)."""
+  """The benchmark through its ``scripts/bench.py`` wrapper, imported as a module (``kdjax.bench``'s names)."""
   path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
   spec = importlib.util.spec_from_file_location("kdjax_bench", path)
   mod = importlib.util.module_from_spec(spec)

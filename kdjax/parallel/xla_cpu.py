@@ -1,16 +1,12 @@
 """Per-executable XLA:CPU compile options for kdjax's jitted steps.
 
 jaxlib 0.10.2 hands every convolution on the CPU backend to a YNNPACK library
-fusion (``"__ynn_fusion"`` in the compiled HLO). On a 2-core AVX-512 EPYC
-those kernels are slower than XLA's own (Eigen) convolutions: the
-online KD step of resnet32x4→resnet8x4 (batch 64, float32) ran 76.6 vs
-93.6 img/s (+22 %), side by side in one process (``scripts/bench.py
---xla-conv ynn,eigen_conv``, ``results/bench.md``); on a 2-core AVX2-only
-EPYC the gap is 4× (kd 10.8 vs 25.8 img/s). Removing convolutions from
-the YNN fusion list while keeping YNN's dots and reductions (the other two
-default fusion types) is what ``conv="eigen"`` does. Results agree with the
-YNN kernels to float32 rounding (max relative difference ~1e-6 on the zoo's
-layer shapes, ``tests/test_conv_impl.py``).
+fusion (``"__ynn_fusion"`` in the compiled HLO). On the CPUs kdjax has been
+measured on, XLA's own (Eigen) convolutions are faster for its steps
+(``results/bench.md``). Removing convolutions from the YNN fusion list while
+keeping YNN's dots and reductions (the other two default fusion types) is
+what ``conv="eigen"`` does. Results agree with the YNN kernels to float32
+rounding (``tests/test_conv_impl.py``).
 
 The options go to ``jax.jit(..., compiler_options=...)``, so they apply to one
 executable and need no process-wide ``XLA_FLAGS``. Other backends get ``None``
