@@ -4,8 +4,13 @@
 returns a float32 scalar, and documents its formula, paper and the
 direction of every divergence. Adapters/regressors belong to
 ``kdjax.methods``, not here.
+
+The token divergences themselves are written once, per position, over a
+pair of log-probability arrays in :mod:`kdjax.losses.divergences`; the
+token losses here (full vocabulary, top-k cache, chunked) all call them.
 """
 
+from kdjax.losses import divergences
 from kdjax.losses.contrastive import CRDBank
 from kdjax.losses.contrastive import crd
 from kdjax.losses.contrastive import crd_init
@@ -83,6 +88,7 @@ __all__ = [
   "topk_generalized_jsd",
   "topk_tvd",
   "chunked_token_loss",
+  "divergences",
   # vocabularies
   "align_vocab",
   "uld",

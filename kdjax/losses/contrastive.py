@@ -135,63 +135,16 @@ def _nce_loss(log_x: Array, num_examples: int) -> Array:
   return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / bsz
 
 
-def crd(
+def _check_crd(
   bank: CRDBank,
   student_embedding: Array,
   teacher_embedding: Array,
   example_ids: Array,
   negative_ids: Array,
-  temperature: float = 0.07,
-  momentum: float = 0.5,
-) -> tuple[Array, CRDBank]:
-  """Contrastive representation distillation: two-way NCE with a memory bank.
-
-  Embeddings are expected to be already projected and L2-normalised by the
-  method's embed heads; they are normalised again here defensively. For the
-  student side, every example b scores its embedding v_s against the
-  teacher memory rows of its positive (``example_ids[b]``) and its K
-  negatives (``negative_ids[b]``):
-
-    x_b,k = exp(<v_s,b, m_t[idx_b,k]> / T) / Z_s.
-
-  Z_s = N · mean(exp(<v, m>/T)) is estimated on the first call (when the
-  bank's ``z_student <= 0``) and kept fixed afterwards, as RepDistiller
-  does; it lives in the bank. The NCE loss (RepDistiller's
-  ``ContrastLoss``, Pn = 1/N, eps = 1e-7) is
-
-    L_s = −(1/B)·[Σ_b log(x_b,0/(x_b,0 + K·Pn + eps))
-                  + Σ_{b,k≥1} log(K·Pn/(x_b,k + K·Pn + eps))].
-
-  The teacher side is the same with roles swapped (teacher embedding
-  against the student memory, Z_t); the loss is L_s + L_t. Memory rows are
-  gathered under ``stop_gradient``, so gradients flow into both
-  embeddings (the teacher's embed head is trained too), not the bank.
-
-  Bank update (after scoring, with stop-gradient embeddings), for the
-  positives only:
-
-    m_s[id] ← normalize(momentum·m_s[id] + (1 − momentum)·v_s)
-    m_t[id] ← normalize(momentum·m_t[id] + (1 − momentum)·v_t)
-
-  ``example_ids`` within a batch should be distinct (a duplicated id gets
-  one of its updates, unspecified which).
-
-  Paper: Tian, Krishnan & Isola, "Contrastive Representation
-  Distillation", ICLR 2020 (reference code: RepDistiller).
-
-  Args:
-    bank: the :class:`CRDBank` (N rows of width D).
-    student_embedding: ``(B, D)``.
-    teacher_embedding: ``(B, D)``.
-    example_ids: ``(B,)`` int rows of the positives (the examples' indices
-      in the dataset).
-    negative_ids: ``(B, K)`` int rows of the negatives.
-    temperature: NCE temperature T > 0.
-    momentum: memory momentum in [0, 1].
-
-  Returns:
-    ``(loss, new_bank)``: a float32 scalar and the updated bank.
-  """
+  temperature: float,
+  momentum: float,
+) -> None:
+  """Checks the inputs of :func:`crd` against the bank's N rows of width D."""
   n, d = bank.student.shape
   _checks.check_rank(student_embedding, "student_embedding", 2)
   _checks.check_rank(teacher_embedding, "teacher_embedding", 2)
@@ -208,36 +161,79 @@ def crd(
   _checks.check_positive(temperature, "temperature")
   _checks.check_in_unit_interval(momentum, "momentum")
 
-  t = jnp.asarray(temperature, jnp.float32)
-  mom = jnp.asarray(momentum, jnp.float32)
-  vs = _normalize(_checks.as_f32(student_embedding))
-  vt = _normalize(_checks.as_f32(teacher_embedding))
+
+def _log_z(z: Array, score: Array, num_examples: int) -> Array:
+  """log Z of one side: log z once set (z > 0), else the estimate log(N · mean(exp(score))).
+
+  The estimate is taken under ``stop_gradient`` on the first call and then
+  kept fixed in the bank, as RepDistiller does.
+  """
+  est = jax.nn.logsumexp(jax.lax.stop_gradient(score)) - math.log(score.size) + math.log(num_examples)
+  return jnp.where(z > 0, jnp.log(jnp.where(z > 0, z, 1.0)), est)
+
+
+def _update_memory(mem: Array, example_ids: Array, v: Array, mom: Array) -> Array:
+  """m[id] ← normalize(momentum·m[id] + (1 − momentum)·v) for the positives, with a stop-gradient ``v``."""
+  rows = _gather_rows(mem, example_ids)
+  new = _normalize(mom * rows + (1.0 - mom) * jax.lax.stop_gradient(v))
+  return _scatter_rows(mem, example_ids, new.astype(mem.dtype))
+
+
+def crd(
+  bank: CRDBank,
+  student_embedding: Array,
+  teacher_embedding: Array,
+  example_ids: Array,
+  negative_ids: Array,
+  temperature: float = 0.07,
+  momentum: float = 0.5,
+) -> tuple[Array, CRDBank]:
+  """Contrastive representation distillation: two-way NCE with a memory bank.
+
+  Embeddings (projected and L2-normalised by the method's embed heads, and
+  normalised again here) are scored against memory rows gathered under
+  ``stop_gradient``: example b's student embedding v_s against the teacher
+  memory rows of its positive (``example_ids[b]``) and K negatives,
+  x_b,k = exp(<v_s,b, m_t[idx_b,k]> / T) / Z_s, Z_s = N · mean(exp(<v, m>/T))
+  estimated once while the bank's ``z_student <= 0`` (:func:`_log_z`). The
+  NCE loss (RepDistiller's ``ContrastLoss``, Pn = 1/N, eps = 1e-7):
+
+    L_s = −(1/B)·[Σ_b log(x_b,0/(x_b,0 + K·Pn + eps))
+                  + Σ_{b,k≥1} log(K·Pn/(x_b,k + K·Pn + eps))].
+
+  The teacher side swaps the roles (teacher embedding against the student
+  memory, Z_t); the loss is L_s + L_t, with gradients into both embeddings,
+  not the bank. Then the positives' rows move to normalize(momentum·m +
+  (1 − momentum)·v) (:func:`_update_memory`); ``example_ids`` within a batch
+  should be distinct (a duplicated id gets one of its updates).
+
+  Paper: Tian, Krishnan & Isola, "Contrastive Representation
+  Distillation", ICLR 2020 (reference code: RepDistiller).
+
+  Args:
+    bank: the :class:`CRDBank` (N rows of width D).
+    student_embedding, teacher_embedding: ``(B, D)`` each.
+    example_ids: ``(B,)`` int rows of the positives (dataset indices).
+    negative_ids: ``(B, K)`` int rows of the negatives.
+    temperature: NCE temperature T > 0.
+    momentum: memory momentum in [0, 1].
+
+  Returns:
+    ``(loss, new_bank)``: a float32 scalar and the updated bank.
+  """
+  _check_crd(bank, student_embedding, teacher_embedding, example_ids, negative_ids, temperature, momentum)
+  n = bank.student.shape[0]
+  t, mom = jnp.asarray(temperature, jnp.float32), jnp.asarray(momentum, jnp.float32)
+  vs, vt = _normalize(_checks.as_f32(student_embedding)), _normalize(_checks.as_f32(teacher_embedding))
   idx = jnp.concatenate([example_ids[:, None], negative_ids], axis=1)
-
-  mem_s = jax.lax.stop_gradient(bank.student.astype(jnp.float32))
-  mem_t = jax.lax.stop_gradient(bank.teacher.astype(jnp.float32))
-  w_t = _gather_rows(mem_t, idx)  # (B, 1+K, D) teacher memory rows
-  w_s = _gather_rows(mem_s, idx)  # (B, 1+K, D) student memory rows
-  score_s = jnp.einsum("bkd,bd->bk", w_t, vs) / t
-  score_t = jnp.einsum("bkd,bd->bk", w_s, vt) / t
-
-  def log_z(z, score):
-    # log(N · mean(exp(score))), estimated only while z <= 0.
-    est = jax.nn.logsumexp(jax.lax.stop_gradient(score)) - math.log(score.size) + math.log(n)
-    return jnp.where(z > 0, jnp.log(jnp.where(z > 0, z, 1.0)), est)
-
-  log_zs = log_z(bank.z_student, score_s)
-  log_zt = log_z(bank.z_teacher, score_t)
+  mem_s, mem_t = (jax.lax.stop_gradient(mem.astype(jnp.float32)) for mem in (bank.student, bank.teacher))
+  w_t, w_s = _gather_rows(mem_t, idx), _gather_rows(mem_s, idx)  # (B, 1+K, D) teacher / student memory rows
+  score_s, score_t = jnp.einsum("bkd,bd->bk", w_t, vs) / t, jnp.einsum("bkd,bd->bk", w_s, vt) / t
+  log_zs, log_zt = _log_z(bank.z_student, score_s, n), _log_z(bank.z_teacher, score_t, n)
   loss = _nce_loss(score_s - log_zs, n) + _nce_loss(score_t - log_zt, n)
-
-  def update(mem, v):
-    rows = _gather_rows(mem, example_ids)
-    new = _normalize(mom * rows + (1.0 - mom) * jax.lax.stop_gradient(v))
-    return _scatter_rows(mem, example_ids, new.astype(mem.dtype))
-
   new_bank = CRDBank(
-    student=update(bank.student, vs),
-    teacher=update(bank.teacher, vt),
+    student=_update_memory(bank.student, example_ids, vs, mom),
+    teacher=_update_memory(bank.teacher, example_ids, vt, mom),
     z_student=jnp.exp(log_zs).astype(jnp.float32),
     z_teacher=jnp.exp(log_zt).astype(jnp.float32),
   )

@@ -6,19 +6,16 @@ float32 scalar. Logits are ``(B, C)``; ``kd`` also accepts ``(..., C)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from kdjax.errors import ConfigError
 from kdjax.losses import _checks
+from kdjax.losses import divergences
 
 Array = jax.Array
-
-
-def _kl_from_logprobs(logp: Array, logq: Array) -> Array:
-  """Σ_c p·(log p − log q) over the last axis: KL(p ‖ q) from log-probs."""
-  p = jnp.exp(logp)
-  return jnp.sum(p * (logp - logq), axis=-1)
 
 
 def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0, *, per_example: bool = False) -> Array:
@@ -49,9 +46,8 @@ def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0, *
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
   _checks.check_positive(temperature, "temperature")
   t = jnp.asarray(temperature, jnp.float32)
-  log_ps = jax.nn.log_softmax(_checks.as_f32(student_logits) / t, axis=-1)
-  log_pt = jax.nn.log_softmax(_checks.as_f32(teacher_logits) / t, axis=-1)
-  per = _kl_from_logprobs(log_pt, log_ps) * t**2
+  log_ps, log_pt = divergences.log_probs(student_logits, t), divergences.log_probs(teacher_logits, t)
+  per = divergences.forward_kl(log_ps, log_pt) * t**2
   return per if per_example else jnp.mean(per)
 
 
@@ -73,6 +69,34 @@ def _binary_and_nontarget(logits: Array, gt: Array):
   log_p_other = jax.nn.logsumexp(jnp.where(gt, -jnp.inf, log_p), axis=-1)
   log_p_hat = jax.nn.log_softmax(jnp.where(gt, -jnp.inf, logits), axis=-1)
   return log_p_gt, log_p_other, jnp.where(gt, 0.0, log_p_hat)
+
+
+def _check_dkd(student_logits: Array, teacher_logits: Array, labels: Array, beta: Any, temperature: Any) -> int:
+  """Checks the inputs of :func:`dkd`; returns the number of classes C."""
+  _checks.check_rank(student_logits, "student_logits", 2)
+  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
+  bsz, num_classes = jnp.shape(student_logits)
+  if num_classes < 2:
+    raise ConfigError(f"student_logits must have at least 2 classes for dkd, got shape {jnp.shape(student_logits)}.")
+  _checks.check_labels(labels, (bsz,), num_classes, "labels")
+  _checks.check_positive(temperature, "temperature")
+  if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1 and jnp.shape(beta)[0] != bsz):
+    raise ConfigError(f"beta must be a scalar or have shape ({bsz},), got shape {jnp.shape(beta)}.")
+  return num_classes
+
+
+def _tckd_nckd(zs: Array, zt: Array, gt: Array) -> tuple[Array, Array]:
+  """DKD's two KL(teacher ‖ student) terms per example, from tempered logits ``(B, C)`` and a one-hot ``gt``.
+
+  TCKD on the binary [p_gt, 1 − p_gt], NCKD on the non-target softmax p̂
+  (whose gt entries, log p̂ = 0 on both sides, contribute exactly 0):
+  ``(tckd, nckd)``, each ``(B,)``.
+  """
+  s_gt, s_other, s_hat = _binary_and_nontarget(zs, gt)
+  t_gt, t_other, t_hat = _binary_and_nontarget(zt, gt)
+  tckd = jnp.exp(t_gt) * (t_gt - s_gt) + jnp.exp(t_other) * (t_other - s_other)
+  nckd_terms = jnp.where(gt, 0.0, jnp.exp(t_hat) * (t_hat - s_hat))
+  return tckd, jnp.sum(nckd_terms, axis=-1)
 
 
 def dkd(
@@ -116,26 +140,11 @@ def dkd(
   Returns:
     float32 scalar, or ``(B,)`` with ``per_example=True``.
   """
-  _checks.check_rank(student_logits, "student_logits", 2)
-  _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
-  bsz, num_classes = jnp.shape(student_logits)
-  if num_classes < 2:
-    raise ConfigError(f"student_logits must have at least 2 classes for dkd, got shape {jnp.shape(student_logits)}.")
-  _checks.check_labels(labels, (bsz,), num_classes, "labels")
-  _checks.check_positive(temperature, "temperature")
-  if jnp.ndim(beta) not in (0, 1) or (jnp.ndim(beta) == 1 and jnp.shape(beta)[0] != bsz):
-    raise ConfigError(f"beta must be a scalar or have shape ({bsz},), got shape {jnp.shape(beta)}.")
+  num_classes = _check_dkd(student_logits, teacher_logits, labels, beta, temperature)
   t = jnp.asarray(temperature, jnp.float32)
   zs = _checks.as_f32(student_logits) / t
   zt = _checks.as_f32(teacher_logits) / t
-  gt = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
-
-  s_gt, s_other, s_hat = _binary_and_nontarget(zs, gt)
-  t_gt, t_other, t_hat = _binary_and_nontarget(zt, gt)
-
-  tckd = jnp.exp(t_gt) * (t_gt - s_gt) + jnp.exp(t_other) * (t_other - s_other)
-  nckd_terms = jnp.where(gt, 0.0, jnp.exp(t_hat) * (t_hat - s_hat))
-  nckd = jnp.sum(nckd_terms, axis=-1)
+  tckd, nckd = _tckd_nckd(zs, zt, jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_))
   a = jnp.asarray(alpha, jnp.float32)
   b = jnp.asarray(beta, jnp.float32)
   per = (a * tckd + b * nckd) * t**2
@@ -183,11 +192,10 @@ def dist(
     beta: weight of the inter-class (per-row) term.
     gamma: weight of the intra-class (per-column) term.
     temperature: softening temperature T > 0.
-    per_example: return ``(B,)`` values T²·(α·TCKD_b + β_b·NCKD_b) instead
-      of their mean (e.g. to leave out unlabelled examples).
 
   Returns:
-    float32 scalar, or ``(B,)`` with ``per_example=True``.
+    float32 scalar. There is no per-example form: the intra-class term
+    correlates each class's column across the whole batch.
   """
   _checks.check_rank(student_logits, "student_logits", 2)
   _checks.check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")

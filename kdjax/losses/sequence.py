@@ -1,22 +1,30 @@
 """Token-level (LLM) distillation losses on ``(B, L, V)`` logits.
 
-Every loss is a masked mean over tokens:
+Each divergence is written once, in :mod:`kdjax.losses.divergences`, as a
+function of two log-probability arrays ``(student_logp, teacher_logp)``
+``(..., N)`` → ``(...,)``. This module feeds it three ways:
+
+* full vocabulary: log_softmax(logits / T) of both sides (:func:`forward_kl`,
+  :func:`reverse_kl`, :func:`generalized_jsd`, :func:`tvd`, :func:`skew_kl`);
+* a top-k teacher cache: the k + 1 buckets of :func:`topk_buckets`
+  (:func:`topk_forward_kl` …);
+* chunk by chunk along the sequence (:func:`chunked_token_loss`), a
+  ``lax.scan`` re-materialised in the backward pass, so the ``(B, L, V)``
+  probabilities never exist at once; it can also build the student logits
+  chunk by chunk from hidden states and an unembedding matrix.
+
+Every loss is then the one masked mean over tokens (:func:`_masked_mean`):
 
   loss = Σ_{b,l} ℓ_{b,l} · mask_{b,l} / max(Σ mask, 1),
 
 with ``mask`` ``(B, L)`` (bool or 0/1; ``None`` means all tokens). The
 temperature divides both logit tensors; unlike :func:`kdjax.losses.kd`
 there is no T² factor (TRL / GKD convention).
-
-For large vocabularies, :func:`chunked_token_loss` computes the same value
-with a ``lax.scan`` over sequence chunks (re-materialised in the backward
-pass), so the ``(B, L, V)`` probabilities never exist at once; it can also
-build the student logits chunk by chunk from hidden states and an
-unembedding matrix.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +34,22 @@ import jax.numpy as jnp
 
 from kdjax.errors import ConfigError
 from kdjax.losses import _checks
+from kdjax.losses import divergences
 
 Array = jax.Array
 
+# The divergences a token loss can name, each over (student_logp, teacher_logp).
+_DIVERGENCES: dict[str, Callable[..., Array]] = {
+  "forward_kl": divergences.forward_kl,
+  "reverse_kl": divergences.reverse_kl,
+  "generalized_jsd": divergences.generalized_jsd,
+  "tvd": divergences.tvd,
+  "skew_kl": divergences.skew_kl,
+}
+
 
 # --------------------------------------------------------------------------
-# Validation and reduction helpers.
+# Validation and the masked mean.
 
 
 def _check_token_pair(student_logits: Array, teacher_logits: Array, mask: Array | None) -> None:
@@ -41,187 +59,126 @@ def _check_token_pair(student_logits: Array, teacher_logits: Array, mask: Array 
   _checks.check_mask(mask, student_logits.shape[:2], "mask")
 
 
+def _check_hyper(hyper: dict[str, Any]) -> None:
+  """Checks the hyper-parameters a divergence takes: ``beta`` in [0, 1], ``alpha`` in [0, 1)."""
+  if "beta" in hyper:
+    _checks.check_in_unit_interval(hyper["beta"], "beta")
+  if "alpha" in hyper:
+    alpha = hyper["alpha"]
+    _checks.check_in_unit_interval(alpha, "alpha")
+    if _checks.concrete_value(alpha) is not None and float(alpha) >= 1.0:
+      raise ConfigError(f"alpha must be < 1 (α = 1 compares a distribution with itself), got {alpha}")
+
+
 def _mask_f32(mask: Array | None, shape: tuple[int, ...]) -> Array:
   if mask is None:
     return jnp.ones(shape, jnp.float32)
   return jnp.asarray(mask).astype(jnp.float32)
 
 
+def _weighted_sum(per_token: Array, weights: Array) -> Array:
+  """Σ ℓ · w over every position (a whole batch, or one chunk of it)."""
+  return jnp.sum(per_token * weights)
+
+
+def _normalise(total: Array, weights: Array) -> Array:
+  """``total`` / max(Σ w, 1): the mean over the weighted tokens, 0 when there is none."""
+  return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def _masked_mean(per_token: Array, mask: Array | None) -> Array:
-  m = _mask_f32(mask, per_token.shape)
-  return jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def _log_probs(logits: Array, temperature: Any) -> Array:
-  t = jnp.asarray(temperature, jnp.float32)
-  return jax.nn.log_softmax(_checks.as_f32(logits) / t, axis=-1)
-
-
-def _kl(logp: Array, logq: Array) -> Array:
-  """KL(p ‖ q) over the last axis from log-probabilities."""
-  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  """Σ ℓ · mask / max(Σ mask, 1) for per-token values ``(B, L)`` and a mask ``(B, L)`` (None = all)."""
+  weights = _mask_f32(mask, per_token.shape)
+  return _normalise(_weighted_sum(per_token, weights), weights)
 
 
 # --------------------------------------------------------------------------
-# Per-token values: (B, L, V) logits -> (B, L). Shared by the plain and the
-# chunked losses.
+# Full-vocabulary losses.
 
 
-def _tok_forward_kl(s: Array, t: Array, temperature: Any = 1.0) -> Array:
-  return _kl(_log_probs(t, temperature), _log_probs(s, temperature))
+def _per_token(
+  divergence: Callable[..., Array], student_logits: Array, teacher_logits: Array, temperature: Any = 1.0, **hyper: Any
+) -> Array:
+  """``divergence`` between log_softmax(student_logits / T) and log_softmax(teacher_logits / T): ``(...,)``."""
+  return divergence(
+    divergences.log_probs(student_logits, temperature), divergences.log_probs(teacher_logits, temperature), **hyper
+  )
 
 
-def _tok_reverse_kl(s: Array, t: Array, temperature: Any = 1.0) -> Array:
-  return _kl(_log_probs(s, temperature), _log_probs(t, temperature))
-
-
-def _tok_generalized_jsd(s: Array, t: Array, beta: Any = 0.5, temperature: Any = 1.0) -> Array:
-  log_ps = _log_probs(s, temperature)
-  log_pt = _log_probs(t, temperature)
-  b = _checks.concrete_value(beta)
-  if b is not None and b.ndim == 0:
-    b = float(b)
-    if b == 0.0:
-      return _kl(log_pt, log_ps)
-    if b == 1.0:
-      return _kl(log_ps, log_pt)
-    log_m = jnp.logaddexp(math.log1p(-b) + log_ps, math.log(b) + log_pt)
-    return b * _kl(log_pt, log_m) + (1.0 - b) * _kl(log_ps, log_m)
-  # Traced (or array) beta: general formula, endpoints selected with where.
-  beta_f = jnp.asarray(beta, jnp.float32)
-  log_m = jnp.logaddexp(jnp.log1p(-beta_f) + log_ps, jnp.log(beta_f) + log_pt)
-  jsd = beta_f * _kl(log_pt, log_m) + (1.0 - beta_f) * _kl(log_ps, log_m)
-  jsd = jnp.where(beta_f == 0.0, _kl(log_pt, log_ps), jnp.where(beta_f == 1.0, _kl(log_ps, log_pt), jsd))
-  return jsd
-
-
-def _tok_tvd(s: Array, t: Array, temperature: Any = 1.0) -> Array:
-  ps = jnp.exp(_log_probs(s, temperature))
-  pt = jnp.exp(_log_probs(t, temperature))
-  return 0.5 * jnp.sum(jnp.abs(pt - ps), axis=-1)
-
-
-def _tok_skew_kl(s: Array, t: Array, alpha: Any = 0.1, temperature: Any = 1.0, reverse: bool = False) -> Array:
-  log_ps, log_pt = _log_probs(s, temperature), _log_probs(t, temperature)
-  if reverse:
-    log_ps, log_pt = log_pt, log_ps  # SRKL: the student's distribution is the one being skewed
-  a = jnp.asarray(alpha, jnp.float32)
-  log_mix = jnp.logaddexp(jnp.log(a) + log_pt, jnp.log1p(-a) + log_ps)
-  return _kl(log_pt, log_mix)
-
-
-_PER_TOKEN: dict[str, Callable[..., Array]] = {
-  "forward_kl": _tok_forward_kl,
-  "reverse_kl": _tok_reverse_kl,
-  "generalized_jsd": _tok_generalized_jsd,
-  "tvd": _tok_tvd,
-  "skew_kl": _tok_skew_kl,
-}
-
-
-# --------------------------------------------------------------------------
-# Public losses.
+def _dense_loss(
+  divergence: Callable[..., Array],
+  student_logits: Array,
+  teacher_logits: Array,
+  mask: Array | None,
+  temperature: Any,
+  **hyper: Any,
+) -> Array:
+  """The masked mean over tokens of ``divergence`` on full-vocabulary logits ``(B, L, V)``: float32 scalar."""
+  _check_token_pair(student_logits, teacher_logits, mask)
+  _checks.check_positive(temperature, "temperature")
+  _check_hyper(hyper)
+  return _masked_mean(_per_token(divergence, student_logits, teacher_logits, temperature, **hyper), mask)
 
 
 def forward_kl(
   student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0
 ) -> Array:
-  """Token-level forward KL: KL(teacher ‖ student), masked mean over tokens.
+  """Token-level forward KL, KL(teacher ‖ student), masked mean over tokens.
 
-  ℓ_{b,l} = Σ_v p_T,v (log p_T,v − log p_S,v), p = softmax(logits/T).
-  Mass-covering: penalises the student for missing teacher modes.
+  ℓ_{b,l} = Σ_v p_T,v (log p_T,v − log p_S,v), p = softmax(logits / T)
+  (:func:`kdjax.losses.divergences.forward_kl`). Mass-covering.
 
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_logits: ``(B, L, V)``.
-    mask: optional ``(B, L)`` bool or 0/1; tokens with 0 are ignored.
-    temperature: T > 0 (no T² factor).
-
-  Returns:
-    float32 scalar.
+  Shapes: logits ``(B, L, V)``; mask ``(B, L)`` bool or 0/1 (tokens with 0
+  are ignored). T > 0, no T² factor. Returns a float32 scalar.
   """
-  _check_token_pair(student_logits, teacher_logits, mask)
-  _checks.check_positive(temperature, "temperature")
-  return _masked_mean(_tok_forward_kl(student_logits, teacher_logits, temperature), mask)
+  return _dense_loss(divergences.forward_kl, student_logits, teacher_logits, mask, temperature)
 
 
 def reverse_kl(
   student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0
 ) -> Array:
-  """Token-level reverse KL: KL(student ‖ teacher), masked mean over tokens.
+  """Token-level reverse KL, KL(student ‖ teacher), masked mean over tokens.
 
-  ℓ_{b,l} = Σ_v p_S,v (log p_S,v − log p_T,v), p = softmax(logits/T).
-  Mode-seeking: penalises student mass where the teacher has little (as in
-  MiniLLM, Gu et al., ICLR 2024).
+  ℓ_{b,l} = Σ_v p_S,v (log p_S,v − log p_T,v), p = softmax(logits / T)
+  (:func:`kdjax.losses.divergences.reverse_kl`). Mode-seeking, as in
+  MiniLLM (Gu et al., ICLR 2024).
 
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_logits: ``(B, L, V)``.
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 (no T² factor).
-
-  Returns:
-    float32 scalar.
+  Shapes: logits ``(B, L, V)``; mask ``(B, L)`` bool or 0/1. T > 0, no T²
+  factor. Returns a float32 scalar.
   """
-  _check_token_pair(student_logits, teacher_logits, mask)
-  _checks.check_positive(temperature, "temperature")
-  return _masked_mean(_tok_reverse_kl(student_logits, teacher_logits, temperature), mask)
+  return _dense_loss(divergences.reverse_kl, student_logits, teacher_logits, mask, temperature)
 
 
 def generalized_jsd(
   student_logits: Array, teacher_logits: Array, beta: float = 0.5, mask: Array | None = None, temperature: float = 1.0
 ) -> Array:
-  """Generalized Jensen–Shannon divergence of GKD (TRL convention).
+  """Generalized Jensen–Shannon divergence of GKD (TRL's β), masked mean over tokens.
 
-  With M = (1 − β)·p_S + β·p_T (log M computed as
-  logaddexp(log(1 − β) + log p_S, log β + log p_T)):
+  ℓ = β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M), M = (1 − β)·p_S + β·p_T
+  (:func:`kdjax.losses.divergences.generalized_jsd`): β = 0 is the forward
+  KL(teacher ‖ student), β = 1 the reverse KL(student ‖ teacher), β = 0.5
+  the symmetric JSD. EasyDeL's β is TRL's 1 − β.
 
-    ℓ = β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M)   for 0 < β < 1,
-    ℓ = KL(teacher ‖ student)  (forward KL)           for β = 0,
-    ℓ = KL(student ‖ teacher)  (reverse KL)           for β = 1.
+  Paper: Agarwal et al., "On-Policy Distillation of Language Models:
+  Learning from Self-Generated Mistakes", ICLR 2024.
 
-  So β slides from forward KL (teacher ‖ student) at 0 to reverse KL
-  (student ‖ teacher) at 1; β = 0.5 is the symmetric JSD. This is TRL's
-  ``GKDTrainer.generalized_jsd_loss``; EasyDeL names β the other way round
-  (its β is TRL's 1 − β), so always check the direction in words.
-
-  Paper: Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist & Bachem,
-  "On-Policy Distillation of Language Models: Learning from Self-Generated
-  Mistakes", ICLR 2024.
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_logits: ``(B, L, V)``.
-    beta: interpolation β in [0, 1] (a Python number or a traced scalar).
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 (no T² factor).
-
-  Returns:
-    float32 scalar.
+  Shapes: logits ``(B, L, V)``; mask ``(B, L)`` bool or 0/1. β in [0, 1] (a
+  Python number or a traced scalar); T > 0, no T² factor. Returns a float32
+  scalar.
   """
-  _check_token_pair(student_logits, teacher_logits, mask)
-  _checks.check_positive(temperature, "temperature")
-  _checks.check_in_unit_interval(beta, "beta")
-  return _masked_mean(_tok_generalized_jsd(student_logits, teacher_logits, beta, temperature), mask)
+  return _dense_loss(divergences.generalized_jsd, student_logits, teacher_logits, mask, temperature, beta=beta)
 
 
 def tvd(student_logits: Array, teacher_logits: Array, mask: Array | None = None, temperature: float = 1.0) -> Array:
   """Token-level total variation distance, masked mean over tokens.
 
-  ℓ_{b,l} = ½ Σ_v |p_T,v − p_S,v| ∈ [0, 1] (symmetric).
+  ℓ_{b,l} = ½ Σ_v |p_T,v − p_S,v| ∈ [0, 1], symmetric in teacher and
+  student (:func:`kdjax.losses.divergences.tvd`).
 
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_logits: ``(B, L, V)``.
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0.
-
-  Returns:
-    float32 scalar.
+  Shapes: logits ``(B, L, V)``; mask ``(B, L)`` bool or 0/1. T > 0. Returns
+  a float32 scalar.
   """
-  _check_token_pair(student_logits, teacher_logits, mask)
-  _checks.check_positive(temperature, "temperature")
-  return _masked_mean(_tok_tvd(student_logits, teacher_logits, temperature), mask)
+  return _dense_loss(divergences.tvd, student_logits, teacher_logits, mask, temperature)
 
 
 def skew_kl(
@@ -234,34 +191,20 @@ def skew_kl(
 ) -> Array:
   """Skew KL divergence of DistiLLM, masked mean over tokens.
 
-    skew forward KL:  ℓ = KL(p_T ‖ α·p_T + (1 − α)·p_S),
-    skew reverse KL:  ℓ = KL(p_S ‖ α·p_S + (1 − α)·p_T)   (``reverse=True``).
+  Skew forward KL(teacher ‖ α·p_T + (1 − α)·p_S), or with ``reverse=True``
+  the skew reverse KL(student ‖ α·p_S + (1 − α)·p_T)
+  (:func:`kdjax.losses.divergences.skew_kl`); bounded by −log α, and α = 0
+  recovers the forward (reverse) KL.
 
-  Mixing a little of the first distribution into the second keeps the
-  divergence bounded (≤ −log α) and its gradient stable when the student puts
-  almost no mass where the teacher does (early training, on-policy samples).
-  α = 0 recovers forward (reverse) KL.
+  Paper: Ko, Kim, Chen & Yun, "DistiLLM: Towards Streamlined Distillation
+  for Large Language Models", ICML 2024 (α = 0.1 there).
 
-  Paper: Ko, Kim, Chen & Yun, "DistiLLM: Towards Streamlined Distillation for
-  Large Language Models", ICML 2024 (α = 0.1 there).
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_logits: ``(B, L, V)``.
-    alpha: skew α in [0, 1).
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 (no T² factor).
-    reverse: skew reverse KL instead of skew forward KL.
-
-  Returns:
-    float32 scalar.
+  Shapes: logits ``(B, L, V)``; mask ``(B, L)`` bool or 0/1. α in [0, 1);
+  T > 0, no T² factor. Returns a float32 scalar.
   """
-  _check_token_pair(student_logits, teacher_logits, mask)
-  _checks.check_positive(temperature, "temperature")
-  _checks.check_in_unit_interval(alpha, "alpha")
-  if _checks.concrete_value(alpha) is not None and float(alpha) >= 1.0:
-    raise ConfigError(f"alpha must be < 1 (α = 1 compares a distribution with itself), got {alpha}")
-  return _masked_mean(_tok_skew_kl(student_logits, teacher_logits, alpha, temperature, reverse), mask)
+  return _dense_loss(
+    divergences.skew_kl, student_logits, teacher_logits, mask, temperature, alpha=alpha, reverse=reverse
+  )
 
 
 def teacher_topk(teacher_logits: Array, k: int, temperature: float = 1.0) -> tuple[Array, Array]:
@@ -284,7 +227,7 @@ def teacher_topk(teacher_logits: Array, k: int, temperature: float = 1.0) -> tup
   if not 1 <= k <= vocab:
     raise ConfigError(f"k must lie in [1, {vocab}], got {k!r}.")
   _checks.check_positive(temperature, "temperature")
-  logp = _log_probs(teacher_logits, temperature)
+  logp = divergences.log_probs(teacher_logits, temperature)
   vals, idx = jax.lax.top_k(logp, k)
   return vals, idx.astype(jnp.int32)
 
@@ -334,11 +277,10 @@ def sparse_kl(
   _checks.check_indices(teacher_topk_indices, student_logits.shape[-1], "teacher_topk_indices")
   _checks.check_mask(mask, student_logits.shape[:2], "mask")
   _checks.check_positive(temperature, "temperature")
-  log_ps = _log_probs(student_logits, temperature)
+  log_ps = divergences.log_probs(student_logits, temperature)
   log_ps_k = jnp.take_along_axis(log_ps, teacher_topk_indices, axis=-1)
   log_pt_k = _checks.as_f32(teacher_topk_logprobs)
-  per_tok = jnp.sum(jnp.exp(log_pt_k) * (log_pt_k - log_ps_k), axis=-1)
-  return _masked_mean(per_tok, mask)
+  return _masked_mean(divergences.kl(log_pt_k, log_ps_k), mask)
 
 
 # --------------------------------------------------------------------------
@@ -468,12 +410,37 @@ def topk_buckets(
   return jnp.concatenate([s_top, s_tail], axis=-1), teacher
 
 
-def _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature):
+def _topk_loss(
+  divergence: Callable[..., Array],
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  mask: Array | None,
+  temperature: Any,
+  renormalise: bool = False,
+  **hyper: Any,
+) -> Array:
+  """The masked mean over tokens of ``divergence`` on the buckets of :func:`topk_buckets`: float32 scalar.
+
+  ``renormalise`` passes both bucket rows through one more log_softmax (at
+  T = 1, the identity up to float rounding) before the divergence; the
+  mixture divergences (generalized JSD, skew KL) take it.
+  """
   _checks.check_rank(student_logits, "student_logits", 3)
   _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
   _checks.check_mask(mask, jnp.shape(student_logits)[:2], "mask")
   _checks.check_positive(temperature, "temperature")
-  return topk_buckets(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature)
+  _check_hyper(hyper)
+  student_logp, teacher_logp = topk_buckets(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature)
+  if renormalise:
+    student_logp, teacher_logp = divergences.log_probs(student_logp, 1.0), divergences.log_probs(teacher_logp, 1.0)
+  return _masked_mean(divergence(student_logp, teacher_logp, **hyper), mask)
+
+
+# The top-k forms below take student_logits (B, L, V), the cache's teacher_topk_logprobs (B, L, k) at T = 1 and
+# teacher_topk_indices (B, L, k) (distinct ids in [0, V)), a mask (B, L) and T > 0 on both sides (no T² factor),
+# and return a float32 scalar. Each is exact when k = V; otherwise it is a divergence on the k + 1 buckets, ≤ the
+# full-vocabulary one at T = 1 (data-processing inequality).
 
 
 def topk_forward_kl(
@@ -483,26 +450,15 @@ def topk_forward_kl(
   mask: Array | None = None,
   temperature: float = 1.0,
 ) -> Array:
-  """:func:`forward_kl` from a top-k teacher: KL(teacher ‖ student) on buckets.
+  """:func:`forward_kl` from a top-k teacher: KL(teacher ‖ student) on the buckets of :func:`topk_buckets`.
 
-  ℓ_{b,l} = Σ_j P_T,j (log P_T,j − log P_S,j) over the k + 1 buckets of
-  :func:`topk_buckets` (the k cached tokens and the rest). Exact
-  :func:`forward_kl` when k = V; otherwise 0 ≤ ℓ ≤ the full forward KL at
-  T = 1 (data-processing inequality). Unlike :func:`sparse_kl` the teacher's
-  tail mass is kept, so the value is a divergence (never negative).
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
-    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 on both sides (no T² factor).
-
-  Returns:
-    float32 scalar.
+  ℓ_{b,l} = Σ_j P_T,j (log P_T,j − log P_S,j) over the k cached tokens and
+  the rest. Unlike :func:`sparse_kl` the teacher's tail mass is kept, so the
+  value is a divergence (never negative). Shapes: logits ``(B, L, V)``,
+  top-k log-probs and ids ``(B, L, k)``, mask ``(B, L)``; float32 scalar.
   """
-  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
-  return _masked_mean(_kl(lt, ls), mask)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  return _topk_loss(divergences.forward_kl, student_logits, lp, idx, mask, temperature)
 
 
 def topk_reverse_kl(
@@ -512,23 +468,14 @@ def topk_reverse_kl(
   mask: Array | None = None,
   temperature: float = 1.0,
 ) -> Array:
-  """:func:`reverse_kl` from a top-k teacher: KL(student ‖ teacher) on buckets.
+  """:func:`reverse_kl` from a top-k teacher: KL(student ‖ teacher) on the buckets of :func:`topk_buckets`.
 
-  ℓ_{b,l} = Σ_j P_S,j (log P_S,j − log P_T,j) over the buckets of
-  :func:`topk_buckets`. Exact when k = V; ≤ the full reverse KL at T = 1.
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
-    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 on both sides (no T² factor).
-
-  Returns:
-    float32 scalar.
+  ℓ_{b,l} = Σ_j P_S,j (log P_S,j − log P_T,j) over the k cached tokens and
+  the rest. Shapes: logits ``(B, L, V)``, top-k log-probs and ids
+  ``(B, L, k)``, mask ``(B, L)``; returns a float32 scalar.
   """
-  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
-  return _masked_mean(_kl(ls, lt), mask)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  return _topk_loss(divergences.reverse_kl, student_logits, lp, idx, mask, temperature)
 
 
 def topk_generalized_jsd(
@@ -539,27 +486,15 @@ def topk_generalized_jsd(
   mask: Array | None = None,
   temperature: float = 1.0,
 ) -> Array:
-  """:func:`generalized_jsd` (GKD, TRL's β) from a top-k teacher, on buckets.
+  """:func:`generalized_jsd` (GKD, TRL's β) from a top-k teacher, on the buckets of :func:`topk_buckets`.
 
-  β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M), M = (1 − β)·P_S + β·P_T,
-  over the buckets of :func:`topk_buckets`; β = 0 is KL(teacher ‖ student),
-  β = 1 is KL(student ‖ teacher). Exact when k = V.
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
-    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
-    beta: β in [0, 1].
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 on both sides (no T² factor).
-
-  Returns:
-    float32 scalar.
+  β·KL(teacher ‖ M) + (1 − β)·KL(student ‖ M), M = (1 − β)·P_S + β·P_T; β = 0
+  is KL(teacher ‖ student), β = 1 is KL(student ‖ teacher) (Agarwal et al.,
+  ICLR 2024). Shapes: logits ``(B, L, V)``, top-k log-probs and ids
+  ``(B, L, k)``, mask ``(B, L)``; β in [0, 1]; returns a float32 scalar.
   """
-  _checks.check_in_unit_interval(beta, "beta")
-  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
-  # the buckets are normalised log-probs, so log_softmax(· / 1) is the identity
-  return _masked_mean(_tok_generalized_jsd(ls, lt, beta, 1.0), mask)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  return _topk_loss(divergences.generalized_jsd, student_logits, lp, idx, mask, temperature, True, beta=beta)
 
 
 def topk_tvd(
@@ -569,22 +504,13 @@ def topk_tvd(
   mask: Array | None = None,
   temperature: float = 1.0,
 ) -> Array:
-  """:func:`tvd` from a top-k teacher: ½ Σ_j |P_T,j − P_S,j| on buckets.
+  """:func:`tvd` from a top-k teacher: ½ Σ_j |P_T,j − P_S,j| on the buckets of :func:`topk_buckets`.
 
-  Exact when k = V; ≤ the full TVD at T = 1.
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
-    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 on both sides.
-
-  Returns:
-    float32 scalar.
+  Symmetric in teacher and student. Shapes: logits ``(B, L, V)``, top-k
+  log-probs and ids ``(B, L, k)``, mask ``(B, L)``; float32 scalar.
   """
-  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
-  return _masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1), mask)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  return _topk_loss(divergences.tvd, student_logits, lp, idx, mask, temperature)
 
 
 def topk_skew_kl(
@@ -598,28 +524,85 @@ def topk_skew_kl(
 ) -> Array:
   """:func:`skew_kl` (DistiLLM) from a top-k teacher, on the buckets of :func:`topk_buckets`.
 
-  KL(P_T ‖ α·P_T + (1 − α)·P_S) (or the skew reverse KL) over the k + 1
-  buckets; exact when k = V.
-
-  Args:
-    student_logits: ``(B, L, V)``.
-    teacher_topk_logprobs: ``(B, L, k)`` teacher log-probs at T = 1.
-    teacher_topk_indices: ``(B, L, k)`` distinct int ids in ``[0, V)``.
-    alpha: skew α in [0, 1).
-    mask: optional ``(B, L)`` bool or 0/1.
-    temperature: T > 0 on both sides.
-    reverse: skew reverse KL.
-
-  Returns:
-    float32 scalar.
+  KL(teacher ‖ α·P_T + (1 − α)·P_S), or with ``reverse=True``
+  KL(student ‖ α·P_S + (1 − α)·P_T) (Ko et al., ICML 2024). Shapes: logits
+  ``(B, L, V)``, top-k log-probs and ids ``(B, L, k)``, mask ``(B, L)``;
+  α in [0, 1); returns a float32 scalar.
   """
-  _checks.check_in_unit_interval(alpha, "alpha")
-  ls, lt = _topk_pair(student_logits, teacher_topk_logprobs, teacher_topk_indices, mask, temperature)
-  return _masked_mean(_tok_skew_kl(ls, lt, alpha, 1.0, reverse), mask)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  hyper = {"alpha": alpha, "reverse": reverse}
+  return _topk_loss(divergences.skew_kl, student_logits, lp, idx, mask, temperature, True, **hyper)
 
 
 # --------------------------------------------------------------------------
 # Chunked evaluation.
+
+
+def _chunk_divergence(loss: str | Callable[..., Array], kwargs: dict[str, Any]) -> Callable[..., Array]:
+  """The per-token function ``fn(student_logits_chunk, teacher_logits_chunk, **kwargs) -> (B, chunk)`` of ``loss``."""
+  if isinstance(loss, str):
+    if loss not in _DIVERGENCES:
+      raise ConfigError(f"loss must be one of {sorted(_DIVERGENCES)} or a callable, got {loss!r}.")
+    if "temperature" in kwargs:
+      _checks.check_positive(kwargs["temperature"], "temperature")
+    _check_hyper(kwargs)
+    return functools.partial(_per_token, _DIVERGENCES[loss])
+  if callable(loss):
+    return loss
+  raise ConfigError(f"loss must be a name or a callable, got {loss!r}.")
+
+
+def _chunk_student_source(
+  student_logits: Array | None, teacher_logits: Array, student_hidden: Array | None, unembedding: Array | None
+) -> Array:
+  """Checks the inputs of :func:`chunked_token_loss`; returns what the student's chunks are cut from."""
+  _checks.check_rank(teacher_logits, "teacher_logits", 3)
+  if student_logits is not None:
+    _check_token_pair(student_logits, teacher_logits, None)
+    return student_logits
+  if student_hidden is None or unembedding is None:
+    raise ConfigError("student_logits is None: pass student_hidden (B, L, D) and unembedding (D, V) instead.")
+  _checks.check_rank(student_hidden, "student_hidden", 3)
+  _checks.check_rank(unembedding, "unembedding", 2)
+  if student_hidden.shape[:2] != teacher_logits.shape[:2]:
+    _checks.check_same_batch(student_hidden, teacher_logits, "student_hidden", "teacher_logits")
+    raise ConfigError(
+      f"student_hidden {student_hidden.shape} and teacher_logits {teacher_logits.shape} must agree on (B, L)."
+    )
+  if unembedding.shape != (student_hidden.shape[-1], teacher_logits.shape[-1]):
+    raise ConfigError(
+      f"unembedding must have shape (D, V) = "
+      f"{(student_hidden.shape[-1], teacher_logits.shape[-1])}, got "
+      f"{unembedding.shape}."
+    )
+  return student_hidden
+
+
+def _scan_chunks(chunk_sum: Callable[..., Array], w, student_src, teacher_logits, weights, chunk_size: int) -> Array:
+  """Σ over chunks of ``chunk_sum(w, student_chunk, teacher_chunk, weights_chunk)``, each chunk re-materialised.
+
+  Full chunks run in a ``lax.scan``; when ``chunk_size`` does not divide L the
+  remainder is one static, shorter tail chunk.
+  """
+  length = teacher_logits.shape[1]
+  n_full, rem = divmod(length, chunk_size)
+
+  # The slicing happens inside the re-materialised function, so the only
+  # per-iteration residual saved for the backward pass is the chunk index
+  # (slicing outside would save a stacked copy of every chunk).
+  @jax.checkpoint
+  def step_sum(w, s_all, t_all, m_all, i):
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size, axis=1)
+    return chunk_sum(w, sl(s_all), sl(t_all), sl(m_all))
+
+  def body(total, i):
+    return total + step_sum(w, student_src, teacher_logits, weights, i), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n_full))
+  if rem:  # one static tail chunk
+    tail = slice(n_full * chunk_size, length)
+    total = total + jax.checkpoint(chunk_sum)(w, student_src[:, tail], teacher_logits[:, tail], weights[:, tail])
+  return total
 
 
 def chunked_token_loss(
@@ -640,13 +623,13 @@ def chunked_token_loss(
   wrapped in ``jax.checkpoint``: neither the forward nor the backward pass
   holds the full ``(B, L, V)`` probabilities (or, with hidden states, the
   student logits) at once. Chunks are sliced inside the loop, so the inputs
-  are not copied; when ``chunk_size`` does not divide L the remainder is
-  one shorter tail chunk.
+  are not copied.
 
   Args:
     loss: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
-      ``"tvd"``, or a callable ``fn(student_logits_chunk,
-      teacher_logits_chunk, **kwargs) -> (B, chunk)`` per-token values.
+      ``"tvd"``, ``"skew_kl"`` (the divergences of
+      :mod:`kdjax.losses.divergences`, directions as there), or a callable
+      ``fn(student_logits_chunk, teacher_logits_chunk, **kwargs) -> (B, chunk)``.
     student_logits: ``(B, L, V)``, or ``None`` when ``student_hidden`` and
       ``unembedding`` are given.
     teacher_logits: ``(B, L, V)``.
@@ -655,73 +638,23 @@ def chunked_token_loss(
     student_hidden: optional ``(B, L, D)`` final hidden states; the student
       logits are then ``student_hidden @ unembedding`` per chunk.
     unembedding: ``(D, V)`` output projection used with ``student_hidden``.
-    **kwargs: hyper-parameters of the loss (``temperature``, ``beta``).
+    **kwargs: hyper-parameters of the loss (``temperature``, ``beta``, ``alpha``, ``reverse``).
 
   Returns:
     float32 scalar, the masked mean over tokens.
   """
-  if isinstance(loss, str):
-    if loss not in _PER_TOKEN:
-      raise ConfigError(f"loss must be one of {sorted(_PER_TOKEN)} or a callable, got {loss!r}.")
-    if "temperature" in kwargs:
-      _checks.check_positive(kwargs["temperature"], "temperature")
-    if loss == "generalized_jsd" and "beta" in kwargs:
-      _checks.check_in_unit_interval(kwargs["beta"], "beta")
-    per_token = _PER_TOKEN[loss]
-  elif callable(loss):
-    per_token = loss
-  else:
-    raise ConfigError(f"loss must be a name or a callable, got {loss!r}.")
+  per_token = _chunk_divergence(loss, kwargs)
   if not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-
-  _checks.check_rank(teacher_logits, "teacher_logits", 3)
-  if student_logits is None:
-    if student_hidden is None or unembedding is None:
-      raise ConfigError("student_logits is None: pass student_hidden (B, L, D) and unembedding (D, V) instead.")
-    _checks.check_rank(student_hidden, "student_hidden", 3)
-    _checks.check_rank(unembedding, "unembedding", 2)
-    if student_hidden.shape[:2] != teacher_logits.shape[:2]:
-      _checks.check_same_batch(student_hidden, teacher_logits, "student_hidden", "teacher_logits")
-      raise ConfigError(
-        f"student_hidden {student_hidden.shape} and teacher_logits {teacher_logits.shape} must agree on (B, L)."
-      )
-    if unembedding.shape != (student_hidden.shape[-1], teacher_logits.shape[-1]):
-      raise ConfigError(
-        f"unembedding must have shape (D, V) = "
-        f"{(student_hidden.shape[-1], teacher_logits.shape[-1])}, got "
-        f"{unembedding.shape}."
-      )
-    student_src = student_hidden
-  else:
-    _check_token_pair(student_logits, teacher_logits, None)
-    student_src = student_logits
+  student_src = _chunk_student_source(student_logits, teacher_logits, student_hidden, unembedding)
   _checks.check_mask(mask, teacher_logits.shape[:2], "mask")
-
-  length = teacher_logits.shape[1]
-  chunk_size = min(chunk_size, length)
-  n_full, rem = divmod(length, chunk_size)
-  m = _mask_f32(mask, teacher_logits.shape[:2])
-  w = unembedding if student_logits is None else None
+  weights = _mask_f32(mask, teacher_logits.shape[:2])
 
   def chunk_sum(w, s_c, t_c, m_c):
     if w is not None:
       s_c = jnp.einsum("bld,dv->blv", _checks.as_f32(s_c), _checks.as_f32(w))
-    return jnp.sum(per_token(s_c, t_c, **kwargs) * m_c)
+    return _weighted_sum(per_token(s_c, t_c, **kwargs), m_c)
 
-  # The slicing happens inside the re-materialised function, so the only
-  # per-iteration residual saved for the backward pass is the chunk index
-  # (slicing outside would save a stacked copy of every chunk).
-  @jax.checkpoint
-  def step_sum(w, s_all, t_all, m_all, i):
-    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size, axis=1)
-    return chunk_sum(w, sl(s_all), sl(t_all), sl(m_all))
-
-  def body(total, i):
-    return total + step_sum(w, student_src, teacher_logits, m, i), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n_full))
-  if rem:  # one static tail chunk
-    tail = slice(n_full * chunk_size, length)
-    total = total + jax.checkpoint(chunk_sum)(w, student_src[:, tail], teacher_logits[:, tail], m[:, tail])
-  return total / jnp.maximum(jnp.sum(m), 1.0)
+  w = unembedding if student_logits is None else None
+  total = _scan_chunks(chunk_sum, w, student_src, teacher_logits, weights, min(chunk_size, teacher_logits.shape[1]))
+  return _normalise(total, weights)
