@@ -24,6 +24,8 @@ _EXPORTS = {
   "FunctionTeacher": "kdjax.engine.teachers",
   "evaluate": "kdjax.engine.evaluation",
   "exact_match": "kdjax.engine.evaluation",
+  "student_model": "kdjax.engine.evaluation",
+  "teacher_model": "kdjax.engine.evaluation",
   "train": "kdjax.engine.hooks",
   "TrainState": "kdjax.engine.state",
   "make_mesh": "kdjax.parallel.sharding",

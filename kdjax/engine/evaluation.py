@@ -2,7 +2,8 @@
 
     metrics = kdjax.evaluate(distiller, state, eval_batches)      # accuracy, agreement, KL, ECE, CKA
     em = kdjax.exact_match(distiller, state, token_batches)         # greedy answers, KV cache
-    kdjax.export(distiller, state, "exported/")
+    evaluation.export(distiller, state, "exported/")          # kdjax.engine.evaluation
+    student = kdjax.student_model(distiller, state)                # an NNX module with the trained weights
 
 ``Distiller.evaluate``, ``.exact_match`` and ``.export`` call these.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import batch as batch_keys
-from kdjax.engine.state import TrainState
+from kdjax.engine.state import TrainState, merge_model
 from kdjax.engine.step import make_eval_step
 from kdjax.parallel import sharding, xla_cpu
 
@@ -72,14 +73,25 @@ def evaluate(distiller, state: TrainState, batches: Iterable[Mapping[str, Any]])
   return res
 
 
+def student_model(distiller, state: TrainState, index: int = 0) -> nnx.Module:
+  """Student ``index`` as an NNX module holding its weights (and BatchNorm statistics) in ``state``:
+  the trained model, to save, export or run in code of your own."""
+  d = distiller.spec.students[index]
+  return merge_model(d.graphdef, state.params[index], state.model_state[index], d.rngs)
+
+
+def teacher_model(distiller, index: int = 0) -> nnx.Module:
+  """Frozen teacher ``index`` as an NNX module holding its (placed) weights."""
+  d, t = distiller.spec.teachers[index], distiller.teacher_state
+  return merge_model(d.graphdef, t.params[index], t.model_state[index], d.rngs)
+
+
 def _generating_models(distiller, state: TrainState, teacher: bool) -> dict[str, nnx.Module]:
   """The models whose greedy answers are scored: the (first) student, and the teacher when asked."""
-  d = distiller.spec.students[0]
-  models = {"exact_match": nnx.merge(d.graphdef, state.params[0], state.model_state[0])}
+  models = {"exact_match": student_model(distiller, state)}
   teachers = distiller.eval_spec().teachers  # none for a teacher of another tokenizer: its prompts differ
   if teacher and teachers:
-    t = distiller.teacher_state
-    models["teacher_exact_match"] = nnx.merge(teachers[0].graphdef, t.params[0], t.model_state[0])
+    models["teacher_exact_match"] = teacher_model(distiller)
   return {k: m for k, m in models.items() if hasattr(m, "decode") and hasattr(m, "init_cache")}
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from kdjax.engine import teachers
 from kdjax.engine.split_teacher import RunAhead
-from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, split_model
+from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, rng_template, split_model
 from kdjax.engine.step import make_train_step
 from kdjax.engine.taps import resolve
 from kdjax.errors import ConfigError
@@ -54,13 +54,14 @@ def _describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDe
   for _, path in taps:  # eagerly, so a misspelt path is one clean error before anything is traced
     resolve(model, path)
   g, p, r = split_model(model)
-  out = abstract_output(g, p, r, x, taps)
+  rngs = rng_template(model)
+  out = abstract_output(g, p, r, x, taps, rngs)
   info = ModelInfo(
     name=getattr(model, "model_name", type(model).__name__),
     num_classes=int(out.logits.shape[-1]),
     feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
   )
-  return ModelDef(g, info, tuple(x.shape[1:]), taps), p, r
+  return ModelDef(g, info, tuple(x.shape[1:]), taps, rngs), p, r
 
 
 def _bind_teachers(source: teachers.TeacherSource, x, taps) -> tuple[teachers.TeacherSource, TeacherState]:
@@ -104,7 +105,7 @@ def _first_teacher_output(source: teachers.TeacherSource, teacher: TeacherState,
     return None
   d = source.defs[0]
   if isinstance(d, ModelDef):
-    return abstract_output(d.graphdef, teacher.params[0], teacher.model_state[0], x, d.taps)
+    return abstract_output(d.graphdef, teacher.params[0], teacher.model_state[0], x, d.taps, d.rngs)
   return jax.eval_shape(lambda p, x: ModelOutput(d.fn(p, x), {}), teacher.params[0], x)
 
 
@@ -117,7 +118,7 @@ def build_pieces(distiller, x: jax.ShapeDtypeStruct) -> Built:
   s_info = defs[0].info
   t_info = source.info(s_info)
   method = _method(distiller.method_arg, source, s_info, t_info)
-  s_out = abstract_output(defs[0].graphdef, params[0], rests[0], x, defs[0].taps)
+  s_out = abstract_output(defs[0].graphdef, params[0], rests[0], x, defs[0].taps, defs[0].rngs)
   t_out = source.example_output(s_out, _first_teacher_output(source, teacher, x))
   info = InitInfo(student=s_info, teacher=t_info, num_examples=distiller.num_examples)
   tx, n = distiller.optimizer, len(defs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any
 from collections.abc import Callable
 
@@ -33,6 +34,8 @@ class ModelDef:
   info: ModelInfo
   input_shape: tuple[int, ...]
   taps: Taps = ()
+  # The model's RNG streams (dropout, stochastic depth), as a template: each forward draws them anew.
+  rngs: Any = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,37 +47,81 @@ class FunctionDef:
 
 
 def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
-  """``(graphdef, params, rest)``: trainable ``nnx.Param`` vs everything else
-  (BatchNorm statistics, dropout RNG counters)."""
-  return nnx.split(model, nnx.Param, ...)
+  """``(graphdef, params, rest)``: trainable ``nnx.Param`` vs everything else but RNG streams (BatchNorm
+  statistics, …); the streams are the model's :func:`rng_template`, drawn anew for each forward."""
+  graphdef, params, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return graphdef, params, rest
 
 
-def abstract_output(graphdef, params, rest, x, taps=()) -> ModelOutput:
+def rng_template(model: nnx.Module) -> nnx.State | None:
+  """The model's RNG stream state (keys and counts), or None when it holds no ``nnx.Rngs``."""
+  rngs = nnx.state(model, nnx.RngState)
+  return rngs if jax.tree.leaves(rngs) else None
+
+
+def fresh_rngs(template: nnx.State, key: jax.Array) -> nnx.State:
+  """The streams of ``template`` drawn from ``key``: each stream's key is ``key`` folded with its path
+  (split to the stream's shape in ``nnx.scan``/``nnx.vmap`` stacks), its count 0. A pure function of
+  ``key``: a step's dropout masks depend on the run's key and step only, not on the devices or a resume."""
+
+  def one(path, var):
+    if isinstance(var, nnx.RngKey):
+      where = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+      k = jax.random.fold_in(key, zlib.crc32(where.encode()) & 0x7FFFFFFF)
+      shape = tuple(var.shape)
+      return var.replace(jax.random.split(k, shape) if shape else k)
+    if isinstance(var, nnx.RngCount):
+      return var.replace(jnp.zeros(var.shape, var.dtype))
+    return var
+
+  return jax.tree_util.tree_map_with_path(one, template, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+EVAL_KEY_SEED = 0  # the streams' key outside training (eval-mode dropout draws nothing)
+
+
+def merge_model(graphdef, params, rest, rngs: nnx.State | None = None, key: jax.Array | None = None) -> nnx.Module:
+  """The module from its split halves, its RNG streams (if any) drawn from ``key``."""
+  if rngs is None:
+    return nnx.merge(graphdef, params, rest, copy=True)
+  key = key if key is not None else jax.random.key(EVAL_KEY_SEED)
+  return nnx.merge(graphdef, params, fresh_rngs(rngs, key), rest, copy=True)
+
+
+def abstract_output(graphdef, params, rest, x, taps=(), rngs=None) -> ModelOutput:
   """The eval-mode output of a split model on inputs like ``x``, as shapes (traced once per shape)."""
-  leaves, treedef = jax.tree.flatten((params, rest))
-  shapes = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in leaves)
+  leaves, treedef = jax.tree.flatten((params, rest, rngs))
+  shapes = tuple((tuple(a.shape), a.dtype) for a in leaves)
   return _abstract_output(graphdef, treedef, shapes, jax.ShapeDtypeStruct(x.shape, x.dtype), tuple(taps))
 
 
 @functools.lru_cache(maxsize=256)
 def _abstract_output(graphdef, treedef, shapes, x, taps) -> ModelOutput:
-  params, rest = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-  return jax.eval_shape(lambda p, r, x: apply_model(graphdef, p, r, x, train=False, taps=taps)[0], params, rest, x)
+  params, rest, rngs = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+
+  def forward(p, r, g, x):
+    return apply_model(graphdef, p, r, x, train=False, taps=taps, rngs=g)[0]
+
+  return jax.eval_shape(forward, params, rest, rngs, x)
 
 
-def apply_model(graphdef, params, rest, x, *, train: bool, taps: Taps = ()) -> tuple[ModelOutput, nnx.State]:
-  """Pure forward: the output (tapped layers added to its features) and the updated non-param state."""
+def apply_model(
+  graphdef, params, rest, x, *, train: bool, taps: Taps = (), rngs: nnx.State | None = None, key=None
+) -> tuple[ModelOutput, nnx.State]:
+  """Pure forward: the output (tapped layers added to its features) and the updated non-param state.
+
+  ``rngs``: the model's RNG stream template (:func:`rng_template`), drawn from ``key`` for this call.
+  """
   # copy=True: the Variables inside ``params``/``rest`` were made at an outer
   # trace level (jit); mutating them (BatchNorm statistics) inside grad fails.
-  model = nnx.merge(graphdef, params, rest, copy=True)
+  model = merge_model(graphdef, params, rest, rngs, key)
   if taps:
     with capture(model, dict(taps)) as captured:
-      out = call_model(model, x, train=train)
+      out = call_model(model, x, train=train, key=key)
     out = out._replace(features={**out.features, **captured})
   else:
-    out = call_model(model, x, train=train)
-  _, _, new_rest = nnx.split(model, nnx.Param, ...)
-  return out, new_rest
+    out = call_model(model, x, train=train, key=key)
+  return out, nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -28,12 +28,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from kdjax import batch as batch_keys
 from kdjax.engine import responses as response_lib
 from kdjax.engine.accumulate import microbatched
-from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, rng_key
+from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, merge_model, rng_key
 from kdjax.engine.teachers import TeacherSource
 from kdjax.losses import uld_pairs
 from kdjax.methods.base import Context, Method
@@ -41,6 +40,7 @@ from kdjax.methods.logit import scored_tokens
 
 Batch = dict[str, jax.Array]
 RESPONSE_KEY = 0x5EED  # folded into the step key for sampling responses (independent of the methods' keys)
+MODEL_RNG_KEY = 0xD50  # + student index, folded into the context key for the students' own RNG streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,9 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
   x = batch_keys.inputs(batch)
   outs, rests = [], []
   for i, d in enumerate(spec.students):
-    out, rest = apply_model(d.graphdef, trainable["students"][i], state.model_state[i], x, train=True, taps=d.taps)
+    key = jax.random.fold_in(ctx.key, MODEL_RNG_KEY + i)  # the student's dropout (and other stream) draws
+    params, rest = trainable["students"][i], state.model_state[i]
+    out, rest = apply_model(d.graphdef, params, rest, x, train=True, taps=d.taps, rngs=d.rngs, key=key)
     outs.append(out)
     rests.append(rest)
   total = jnp.zeros((), jnp.float32)
@@ -158,11 +160,11 @@ def with_responses(spec: StepSpec, state: TrainState, teacher: TeacherState, bat
     return batch
   key = jax.random.fold_in(step_key(state), RESPONSE_KEY)
   d = spec.students[0]
-  student = nnx.merge(d.graphdef, state.params[0], state.model_state[0])
+  student = merge_model(d.graphdef, state.params[0], state.model_state[0], d.rngs)
   t = None
   if spec.responses.needs_teacher:
     td = spec.teachers[0]
-    t = nnx.merge(td.graphdef, teacher.params[0], teacher.model_state[0])
+    t = merge_model(td.graphdef, teacher.params[0], teacher.model_state[0], td.rngs)
   return response_lib.replace_responses(spec.responses, batch, key, student, t)
 
 
@@ -241,7 +243,7 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
   def eval_step(state: TrainState, teacher: TeacherState, batch: Batch):
     x = batch_keys.inputs(batch)
     d = spec.students[0]
-    s_out, _ = apply_model(d.graphdef, state.params[0], state.model_state[0], x, train=False, taps=d.taps)
+    s_out, _ = apply_model(d.graphdef, state.params[0], state.model_state[0], x, train=False, taps=d.taps, rngs=d.rngs)
     ahead = (
       {batch_keys.TEACHER_OUTPUTS: batch[batch_keys.TEACHER_OUTPUTS]} if batch_keys.TEACHER_OUTPUTS in batch else {}
     )

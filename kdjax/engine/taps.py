@@ -83,24 +83,40 @@ def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, ja
 
 
 @functools.cache
-def _takes_train(cls: type) -> bool:
+def _call_arguments(cls: type) -> set[str]:
+  """The mode arguments ``cls.__call__`` takes by name (``train``, ``deterministic``, ``rngs``); ``train`` for a
+  ``**kwargs`` signature (a wrapper such as ``nnx.bridge.ToNNX`` passes it on to the model it wraps)."""
   try:
     params = inspect.signature(cls.__call__).parameters
   except (TypeError, ValueError):
-    return False
-  return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return set()
+  found = {name for name in ("train", "deterministic", "rngs") if name in params}
+  if not found & {"train", "deterministic"} and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    found.add("train")
+  return found
 
 
-def call_model(model: nnx.Module, x: jax.Array, *, train: bool) -> ModelOutput:
-  """``model(x)`` in train or eval mode, as a :class:`ModelOutput`."""
-  if _takes_train(type(model)):
-    out = model(x, train=train)
+def call_model(model: nnx.Module, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> ModelOutput:
+  """``model(x)`` in train or eval mode, as a :class:`ModelOutput`.
+
+  The mode reaches the model as its author wrote it: a ``train=`` or
+  ``deterministic=`` argument, else ``Module.train()`` / ``Module.eval()``
+  (which switch ``nnx.Dropout``, ``nnx.BatchNorm``, …). A model whose
+  ``__call__`` takes ``rngs=`` gets ``nnx.Rngs(key)`` in training.
+  """
+  args = _call_arguments(type(model))
+  kwargs: dict[str, Any] = {}
+  if "train" in args:
+    kwargs["train"] = train
+  elif "deterministic" in args:
+    kwargs["deterministic"] = not train
+  elif train:
+    model.train()
   else:
-    if train:
-      model.train()
-    else:
-      model.eval()
-    out = model(x)
+    model.eval()
+  if "rngs" in args and train and key is not None:
+    kwargs["rngs"] = nnx.Rngs(key)
+  out = model(x, **kwargs)
   if isinstance(out, ModelOutput):
     return out
   if isinstance(out, jax.Array):

@@ -172,7 +172,7 @@ class Frozen(TeacherSource):
       if isinstance(d, FunctionDef):
         out = ModelOutput(d.fn(p, x), {})
       else:
-        out, _ = apply_model(d.graphdef, p, r, x, train=False, taps=d.taps)
+        out, _ = apply_model(d.graphdef, p, r, x, train=False, taps=d.taps, rngs=d.rngs)
       outs.append(stop(out))
     return outs
 
@@ -231,7 +231,8 @@ class EMA(TeacherSource):
       return carried
     params, rest = state.ema
     d = spec.students[0]
-    out, _ = apply_model(d.graphdef, params, rest, batch_keys.teacher_inputs(batch), train=False, taps=d.taps)
+    x = batch_keys.teacher_inputs(batch)
+    out, _ = apply_model(d.graphdef, params, rest, x, train=False, taps=d.taps, rngs=d.rngs)
     return [stop(out)]
 
   def targets(self, i, student_outs, outputs):
@@ -272,7 +273,7 @@ class Peers(TeacherSource):
   def reference(self, spec, state, teacher, batch):
     d = spec.students[1]
     x = batch_keys.inputs(batch)
-    return apply_model(d.graphdef, state.params[1], state.model_state[1], x, train=False, taps=d.taps)[0]
+    return apply_model(d.graphdef, state.params[1], state.model_state[1], x, train=False, taps=d.taps, rngs=d.rngs)[0]
 
 
 def from_mode(
@@ -309,20 +310,21 @@ def from_mode(
 
 def split_teacher(teacher: Any, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDef | FunctionDef, Any, Any]:
   """``(static half, params, rest)`` of one frozen teacher, described on inputs like ``x``."""
-  from kdjax.engine.state import abstract_output, split_model
+  from kdjax.engine.state import abstract_output, rng_template, split_model
 
   if isinstance(teacher, FunctionTeacher):
     out = jax.eval_shape(teacher.apply_fn, teacher.params, x)
     info = ModelInfo(name=teacher.name, num_classes=int(out.shape[-1]), feature_shapes={})
     return FunctionDef(teacher.apply_fn, info), teacher.params, {}
   g, p, r = split_model(teacher)
-  out = abstract_output(g, p, r, x, taps)
+  rngs = rng_template(teacher)
+  out = abstract_output(g, p, r, x, taps, rngs)
   info = ModelInfo(
     name=getattr(teacher, "model_name", type(teacher).__name__),
     num_classes=int(out.logits.shape[-1]),
     feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
   )
-  return ModelDef(g, info, tuple(x.shape[1:]), taps), p, r
+  return ModelDef(g, info, tuple(x.shape[1:]), taps, rngs), p, r
 
 
 @dataclasses.dataclass(frozen=True)
