@@ -54,6 +54,7 @@ def main(out_path: str) -> None:
     res[name]["teacher_out"] = E.host({"logits": out.logits, **out.features})
   res["generate"] = generation(meshes)
   res["on_policy"] = on_policy(meshes)
+  res["dropout"] = dropout(meshes)
   with open(out_path, "wb") as fh:
     pickle.dump(res, fh)
 
@@ -119,6 +120,33 @@ def on_policy(meshes) -> dict:
       state, m = d.step(state, batch)
       hist.append(E.host(m))
     out[name] = {"params": E.host(state.params), "rows": rows, "metrics": hist}
+  return out
+
+
+def dropout(meshes) -> dict:
+  """Five KD steps of a user's NNX model with dropout held in the module, on each mesh, and their masks' effect."""
+  import optax
+  from flax import nnx
+
+  import kdjax
+  from test_user_models import DropoutNet, blobs
+
+  out = {}
+  for name, mesh in meshes.items():
+    d = kdjax.Distiller(
+      DropoutNet(8, rngs=nnx.Rngs(1)),
+      DropoutNet(16, rngs=nnx.Rngs(0)),
+      method="kd",
+      optimizer=optax.sgd(0.1),
+      mesh=mesh,
+      fsdp=name == "fsdp",
+    )
+    state = d.init(jax.random.key(0), blobs(0))
+    hist = []
+    for i in range(5):
+      state, m = d.step(state, blobs(i))
+      hist.append(E.host(m))
+    out[name] = {"params": E.host(state.params), "metrics": hist}
   return out
 
 

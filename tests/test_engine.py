@@ -290,6 +290,18 @@ def test_on_policy_step_on_eight_devices_equals_one_device(distributed_runs):
 
 
 @pytest.mark.procs
+def test_dropout_on_eight_devices_equals_one_device(distributed_runs):
+  """A model's dropout masks are drawn from the step's key for the global batch: the same on any mesh."""
+  runs = distributed_runs[0]["dropout"]
+  one = runs["one"]
+  for name in ("eight", "fsdp"):
+    for a, b in zip(jax.tree.leaves(runs[name]["params"]), jax.tree.leaves(one["params"]), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for m, ref in zip(runs[name]["metrics"], one["metrics"], strict=True):
+      np.testing.assert_allclose(m["loss/total"], ref["loss/total"], rtol=1e-5)
+
+
+@pytest.mark.procs
 def test_two_processes_equal_one_process(distributed_runs):
   dev, mh = distributed_runs
   assert mh["process_count"] == 2 and mh["local_rows"] == 8  # each fed half of the 16-row batch
