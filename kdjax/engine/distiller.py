@@ -237,17 +237,14 @@ class Distiller:
         "Distiller.teacher_outputs serves a teacher on its own devices (placement.teacher_devices > "
         "0); other placements run the teacher inside the step"
       )
-    return self.run_ahead.outputs(batch, self._features(features))
-
-  def _features(self, features: bool | None) -> bool:
-    return self.spec.method.needs_teacher_features if features is None else features
+    return self.run_ahead.outputs(batch, self.spec.method.needs_teacher_features if features is None else features)
 
   def prefetch(self, batch: Mapping[str, Any]) -> None:
     """Dispatch the teacher's forward on ``batch`` now (``split`` placement; a no-op otherwise), so it runs on
     the teacher's devices while the student trains on the previous batch. :meth:`step` on the same batch
     object then uses these outputs. Keep at most a few batches ahead: each holds its outputs on device."""
     if self.run_ahead is not None:
-      self.run_ahead.prefetch(batch, self._features(None))
+      self.run_ahead.push(batch, self.teacher_outputs(batch))
 
   def global_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """This process's rows (NumPy) → global arrays split over the mesh; ``jax.Array``s pass through."""
@@ -278,7 +275,8 @@ class Distiller:
       )
     ahead = {}
     if self.run_ahead is not None:
-      ahead = {batch_keys.TEACHER_OUTPUTS: self.run_ahead.take(batch, self._features(None))}
+      outputs = self.run_ahead.take(batch)
+      ahead = {batch_keys.TEACHER_OUTPUTS: outputs if outputs is not None else self.teacher_outputs(batch)}
     return self.jitted_step(stage)(state, self.step_teacher(), {**self.global_batch(batch), **ahead})
 
   def check_batch_size(self, rows: int, name: str = "data.batch_size") -> None:

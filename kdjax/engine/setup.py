@@ -18,9 +18,8 @@ from flax import nnx
 
 from kdjax.engine import teachers
 from kdjax.engine.split_teacher import RunAhead
-from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, rng_template, split_model
+from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, describe
 from kdjax.engine.step import make_train_step
-from kdjax.engine.taps import resolve
 from kdjax.errors import ConfigError
 from kdjax.methods import MethodConfig
 from kdjax.methods import build as build_method
@@ -48,29 +47,16 @@ class Built:
 
 
 def _describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDef, Any, Any]:
-  """A student's static half (with its description on inputs like ``x``), params and other state."""
+  """A student's static half (described on inputs like ``x``), params and other state."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f"student must be an nnx.Module, got {type(model).__name__}")
-  for _, path in taps:  # eagerly, so a misspelt path is one clean error before anything is traced
-    resolve(model, path)
-  g, p, r = split_model(model)
-  rngs = rng_template(model)
-  out = abstract_output(g, p, r, x, taps, rngs)
-  info = ModelInfo(
-    name=getattr(model, "model_name", type(model).__name__),
-    num_classes=int(out.logits.shape[-1]),
-    feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
-  )
-  return ModelDef(g, info, tuple(x.shape[1:]), taps, rngs), p, r
+  return describe(model, x, taps)
 
 
 def _bind_teachers(source: teachers.TeacherSource, x, taps) -> tuple[teachers.TeacherSource, TeacherState]:
   """The source with its teachers' static halves, and their (unplaced) state."""
   defs, params, rests = [], [], []
   for t in source.models:
-    if isinstance(t, nnx.Module):
-      for _, path in taps:
-        resolve(t, path)
     d, p, r = teachers.split_teacher(t, x, taps)
     defs.append(d)
     params.append(p)

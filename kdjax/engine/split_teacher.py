@@ -75,14 +75,14 @@ class RunAhead:
     outs = self._compiled(features)(self.state, x)
     return placement_lib.move_tree(outs, sharding.batch_sharding(self.student_mesh))
 
-  def prefetch(self, batch: Mapping[str, Any], features: bool) -> None:
-    """Dispatch the forward on ``batch`` now; :meth:`take` on the same batch object returns its outputs."""
-    self._ahead.append((batch, self.outputs(batch, features)))
+  def push(self, batch: Mapping[str, Any], outputs: tuple[ModelOutput, ...]) -> None:
+    """Remember the outputs dispatched ahead for ``batch`` (:meth:`take` on the same batch object returns them)."""
+    self._ahead.append((batch, outputs))
 
-  def take(self, batch: Mapping[str, Any], features: bool) -> tuple[ModelOutput, ...]:
-    """The outputs dispatched ahead for ``batch`` (older ones are dropped), or computed now."""
+  def take(self, batch: Mapping[str, Any]) -> tuple[ModelOutput, ...] | None:
+    """The outputs dispatched ahead for ``batch`` (older ones are dropped), or None."""
     while self._ahead:
       b, outs = self._ahead.popleft()
       if b is batch:
         return outs
-    return self.outputs(batch, features)
+    return None

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kdjax.engine.taps import call_model, capture
+from kdjax.engine.taps import call_model, capture, resolve
 from kdjax.methods.base import ModelInfo
 from kdjax.models.base import ModelOutput
 from kdjax.parallel import sharding
@@ -122,6 +122,22 @@ def apply_model(
   else:
     out = call_model(model, x, train=train, key=key)
   return out, nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
+
+
+def describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps: Taps) -> tuple[ModelDef, nnx.State, nnx.State]:
+  """``(static half, params, rest)`` of ``model``, its description (classes, feature shapes) read from its
+  eval-mode output on inputs like ``x`` (traced abstractly)."""
+  for _, path in taps:  # eagerly, so a misspelt path is one clean error before anything is traced
+    resolve(model, path)
+  g, p, r = split_model(model)
+  rngs = rng_template(model)
+  out = abstract_output(g, p, r, x, taps, rngs)
+  info = ModelInfo(
+    name=getattr(model, "model_name", type(model).__name__),
+    num_classes=int(out.logits.shape[-1]),
+    feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
+  )
+  return ModelDef(g, info, tuple(x.shape[1:]), taps, rngs), p, r
 
 
 class TrainState(flax.struct.PyTreeNode):

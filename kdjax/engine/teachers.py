@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax import batch as batch_keys
-from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, apply_model
+from kdjax.engine.state import FunctionDef, ModelDef, TeacherState, apply_model, describe
 from kdjax.errors import ConfigError
 from kdjax.losses import topk_to_logits
 from kdjax.methods.base import ModelInfo
@@ -310,21 +310,11 @@ def from_mode(
 
 def split_teacher(teacher: Any, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDef | FunctionDef, Any, Any]:
   """``(static half, params, rest)`` of one frozen teacher, described on inputs like ``x``."""
-  from kdjax.engine.state import abstract_output, rng_template, split_model
-
   if isinstance(teacher, FunctionTeacher):
     out = jax.eval_shape(teacher.apply_fn, teacher.params, x)
     info = ModelInfo(name=teacher.name, num_classes=int(out.shape[-1]), feature_shapes={})
     return FunctionDef(teacher.apply_fn, info), teacher.params, {}
-  g, p, r = split_model(teacher)
-  rngs = rng_template(teacher)
-  out = abstract_output(g, p, r, x, taps, rngs)
-  info = ModelInfo(
-    name=getattr(teacher, "model_name", type(teacher).__name__),
-    num_classes=int(out.logits.shape[-1]),
-    feature_shapes={k: tuple(v.shape[1:]) for k, v in out.features.items()},
-  )
-  return ModelDef(g, info, tuple(x.shape[1:]), taps, rngs), p, r
+  return describe(teacher, x, taps)
 
 
 @dataclasses.dataclass(frozen=True)

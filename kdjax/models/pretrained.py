@@ -33,8 +33,8 @@ _PREFIXES = ("model.", "transformer.")
 _IGNORED = re.compile(r"(.*\.attn\.(masked_)?bias|.*rotary_emb\.inv_freq)$")
 
 
-def _missing(path: Path) -> ValueError:
-  return ValueError(
+def _missing(path: Path) -> ConfigError:
+  return ConfigError(
     f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); download it on a machine "
     f"with a network, e.g. `huggingface-cli download <org>/<model> --local-dir {path}`, and copy the "
     f"directory here"
