@@ -95,6 +95,7 @@ def test_from_dict_round_trips_and_refuses_unknown_keys():
     from_dict(dict(d, sead=3))
 
 
+@pytest.mark.slow
 def test_digits_inputs_are_x_over_16(tfds_dir, tmp_path):
   """digits stores 0..16 in uint8: training and eval inputs are x/16, spanning [0, 1]."""
   cfg = _cfg(

@@ -51,7 +51,8 @@ def _pair(seed=0):
   return ConvNet((8, 16), rngs=nnx.Rngs(seed)), ConvNet((16, 32), embed=48, rngs=nnx.Rngs(seed + 100))
 
 
-@pytest.mark.parametrize("method", ["fitnet", *(pytest.param(m, marks=pytest.mark.slow) for m in ("at", "crd+kd"))])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fitnet", "at", "crd+kd"])
 def test_feature_methods_on_user_layers_named_by_path(method):
   student, teacher = _pair()
   d = kdjax.Distiller(
@@ -108,6 +109,7 @@ def test_a_misspelt_layer_path_lists_the_valid_ones():
     d.init(jax.random.key(0), next(numpy_batches(0)))
 
 
+@pytest.mark.slow
 def test_function_teacher_teaches_logit_methods_and_is_refused_for_feature_methods():
   student, teacher = _pair()
   graphdef, params = nnx.split(teacher)

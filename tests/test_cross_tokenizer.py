@@ -126,6 +126,7 @@ def bpe_teacher(tmp_path_factory):
   return d, model
 
 
+@pytest.mark.slow
 def test_uld_step_loss_equals_numpy_on_transformers_logits(bpe_teacher):
   """A zoo student on characters and a Llama teacher on BPE tokens: the step's ULD term equals ULD computed
   in NumPy from the student's logits and transformers' own teacher logits on the retokenized rows; under

@@ -31,6 +31,7 @@ def _read(name, split, data_dir):
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+@pytest.mark.slow
 def test_mnist1d_prepared_as_array_record_equals_package(data_dir):
   from mnist1d.data import get_dataset_args, make_dataset
 

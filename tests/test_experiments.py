@@ -246,7 +246,8 @@ def _smoke_config(method: str, teacher_dir: str, data_dir: str, workdir: str):
 CONCRETE = ("kd", "fitnet", "ab", "crd+kd")
 
 
-@pytest.mark.parametrize("method", [m if m == "kd" else pytest.param(m, marks=pytest.mark.slow) for m in CONCRETE])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", CONCRETE)
 def test_one_method_of_each_kind_runs_two_steps_on_mock_cifar100(method, mock_teacher, tmp_path):
   cfg = _smoke_config(method, mock_teacher, str(tmp_path / "tfds"), str(tmp_path / "run"))
   with tfds.testing.mock_data(num_examples=16), warnings.catch_warnings():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -74,6 +75,7 @@ def test_generation_example_runs_with_the_names_it_assumes():
   assert all(1 <= n <= 32 for n in np.asarray(out.lengths))
 
 
+@pytest.mark.slow
 def test_on_policy_example_runs_with_the_names_it_assumes():
   import jax
   import optax

@@ -70,6 +70,7 @@ def _log_softmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_token_evaluation_counts_answer_positions_of_real_examples_only(splits):
   """Accuracy, NLL, perplexity, agreement and KL over answer tokens equal a NumPy computation; prompt
   positions (target −1) and the padding rows of the last batch are excluded."""
