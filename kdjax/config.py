@@ -179,6 +179,9 @@ class RunConfig:
     restart: train from step 0 although this workdir had checkpoints, all
       of which failed verification (they stay in ``checkpoints_corrupt/``).
       Without it such a workdir is refused: a run never silently starts over.
+    allow_unverified: resume from a checkpoint saved without the digest of
+      its arrays (checked only for non-finite values). Without it such a
+      checkpoint is refused: one that cannot be verified is not trusted.
     xla_cpu_conv: convolution kernels on the CPU backend: ``"eigen"`` (XLA's
       own; faster on the CPUs measured, see ``kdjax.parallel.xla_cpu``) or
       ``"ynn"`` (jaxlib's YNNPACK default). Ignored on GPU/TPU; excluded from
@@ -196,6 +199,7 @@ class RunConfig:
   quiet: bool = False
   stop_on_nan: bool = True
   restart: bool = False
+  allow_unverified: bool = False
   xla_cpu_conv: Literal["eigen", "ynn"] = "eigen"
 
   def __post_init__(self):
@@ -344,6 +348,7 @@ HASH_EXCLUDE = (
   "run.checkpoint_every",
   "run.max_to_keep",
   "run.restart",
+  "run.allow_unverified",
   "placement.*",
   "teacher.checkpoint",
   "extra_teachers.*.checkpoint",

@@ -8,7 +8,11 @@ and :func:`capture` records the outputs of submodules named by their path
 (``"layers.1"``, ``"encoder.block3.conv2"``) during one forward pass,
 without editing the model: for the duration of the call each tapped
 submodule's class is given a ``__call__`` that records what the instance
-returns (other instances of the class are untouched).
+returns (other instances of the class are untouched). A digit after a
+module that ``nnx.vmap`` stacked (``"blocks.3"``, ``"blocks.3.attn"``) taps
+that layer of the stack: inside ``nnx.scan``/``nnx.vmap`` each layer's copy
+stores its output as a variable, the transform stacks them over the layers,
+and the tap reads the one asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flax import nnx
 
 from kdjax.errors import ConfigError
 from kdjax.models.base import ModelOutput
+from kdjax.models.probe import TAP_MARK
 
 
 def module_paths(model: nnx.Module) -> list[str]:
@@ -31,20 +36,88 @@ def module_paths(model: nnx.Module) -> list[str]:
   return sorted(".".join(str(p) for p in path) for path, _ in nnx.iter_modules(model) if path)
 
 
-def resolve(model: nnx.Module, path: str) -> nnx.Module:
-  """The submodule at dotted ``path``; ``ValueError`` listing the valid paths."""
+def _child(node: Any, part: str) -> nnx.Module | None:
+  try:
+    child = node[int(part)] if part.isdigit() else getattr(node, part)
+  except (AttributeError, IndexError, KeyError, TypeError):
+    return None
+  return child if isinstance(child, nnx.Module) else None
+
+
+def stack_size(module: nnx.Module) -> int:
+  """How many layers ``module`` stacks: the leading length its variables share when it was made by
+  ``nnx.vmap`` (and runs under ``nnx.scan``/``nnx.vmap``); 0 when they share none."""
+  sizes = {tuple(x.shape)[:1] for x in jax.tree.leaves(nnx.state(module))}
+  return sizes.pop()[0] if len(sizes) == 1 and () not in sizes else 0
+
+
+def locate(model: nnx.Module, path: str) -> tuple[nnx.Module, int | None, int]:
+  """``(submodule, layer, stack length)`` at dotted ``path``.
+
+  A digit after a stacked module (one ``nnx.vmap`` made, run by ``nnx.scan``
+  or ``nnx.vmap``) picks a layer of the stack: ``"blocks.3.attn"`` is the
+  ``attn`` of the stack ``blocks`` at layer 3 (``layer`` 3; ``None`` outside
+  a stack). ``ConfigError`` listing the valid paths when there is no such layer.
+  """
   node: Any = model
+  layer, size = None, 0
   for part in path.split("."):
-    try:
-      node = node[int(part)] if part.isdigit() else getattr(node, part)
-    except (AttributeError, IndexError, KeyError, TypeError):
-      node = None
-    if not isinstance(node, nnx.Module):
+    child = _child(node, part)
+    if child is None and part.isdigit() and layer is None and isinstance(node, nnx.Module):
+      n = stack_size(node)
+      if int(part) < n:
+        layer, size = int(part), n
+        continue
+    node = child
+    if node is None:
       break
   if not isinstance(node, nnx.Module):
     valid = module_paths(model)
     raise ConfigError(f"no layer {path!r} in {type(model).__name__}; valid layer paths: {', '.join(valid)}")
-  return node
+  return node, layer, size
+
+
+def resolve(model: nnx.Module, path: str) -> nnx.Module:
+  """The submodule at dotted ``path`` (the stacked module itself for a layer of a stack); ``ConfigError``
+  listing the valid paths."""
+  return locate(model, path)[0]
+
+
+_PLAIN, _STACKED = 1, 2
+_SLOT = "_kdjax_tap_out"  # where a stacked layer's output lands: nnx.scan/vmap stack it over the layers
+
+
+class _TapOut(nnx.Variable):
+  """A tapped output recorded inside an ``nnx.scan``/``nnx.vmap`` stack (stacked by the transform)."""
+
+
+def _recorder(original, captured: dict, names_of: dict, stacks: dict):
+  @functools.wraps(original)
+  def recording(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    value = out.logits if isinstance(out, ModelOutput) else out
+    for name in names_of.get(id(self), ()):
+      captured[name] = value
+    if id(self) in stacks:
+      raise ConfigError(
+        f"tapped layer {stacks[id(self)]!r} names one layer of a stack, but its {type(self).__name__} runs as one "
+        f"module (not under nnx.scan/nnx.vmap); tap it without the layer index"
+      )
+    if getattr(self, TAP_MARK, 0) == _STACKED:  # this layer's copy inside the transform
+      setattr(self, _SLOT, _TapOut(value))
+    return out
+
+  return recording
+
+
+def _collect_stacked(found: dict, captured: dict) -> None:
+  for name, (sub, layer, size) in found.items():
+    if layer is None or not hasattr(sub, _SLOT):
+      continue
+    stacked = getattr(sub, _SLOT)[...]
+    if tuple(stacked.shape)[:1] != (size,):
+      raise ConfigError(f"tap {name!r}: the stack's outputs have shape {stacked.shape}, not {size} layers first")
+    captured[name] = stacked[layer]
 
 
 @contextlib.contextmanager
@@ -52,34 +125,35 @@ def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, ja
   """Record, under feature name ``name``, the output of submodule ``taps[name]``.
 
   Yields the dict the outputs land in (filled when the model runs inside the
-  ``with`` block). A submodule called several times keeps its last output.
+  ``with`` block; a layer of an ``nnx.scan``/``nnx.vmap`` stack when the block
+  ends). A submodule called several times keeps its last output.
   """
-  found = {name: resolve(model, path) for name, path in taps.items()}
+  found = {name: locate(model, path) for name, path in taps.items()}
   names_of: dict[int, list[str]] = {}
-  for name, sub in found.items():
-    names_of.setdefault(id(sub), []).append(name)
+  stacks: dict[int, str] = {}
+  for name, (sub, layer, _) in found.items():
+    if layer is None:
+      names_of.setdefault(id(sub), []).append(name)
+    else:
+      stacks[id(sub)] = taps[name]
+    setattr(sub, TAP_MARK, _PLAIN if layer is None else _STACKED)
   captured: dict[str, jax.Array] = {}
   patched: dict[type, Any] = {}
-  for sub in found.values():
+  for sub, _, _ in found.values():
     cls = type(sub)
-    if cls in patched:
-      continue
-    original = cls.__call__
-
-    @functools.wraps(original)
-    def recording(self, *args, __original=original, **kwargs):
-      out = __original(self, *args, **kwargs)
-      for name in names_of.get(id(self), ()):
-        captured[name] = out.logits if isinstance(out, ModelOutput) else out
-      return out
-
-    patched[cls] = original
-    cls.__call__ = recording
+    if cls not in patched:
+      patched[cls] = cls.__call__
+      cls.__call__ = _recorder(cls.__call__, captured, names_of, stacks)
   try:
     yield captured
+    _collect_stacked(found, captured)
   finally:
     for cls, original in patched.items():
       cls.__call__ = original
+    for sub, _, _ in found.values():
+      for attr in (TAP_MARK, _SLOT):
+        if hasattr(sub, attr):
+          delattr(sub, attr)
 
 
 @functools.cache

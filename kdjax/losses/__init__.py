@@ -7,7 +7,8 @@ direction of every divergence. Adapters/regressors belong to
 
 The token divergences themselves are written once, per position, over a
 pair of log-probability arrays in :mod:`kdjax.losses.divergences`; the
-token losses here (full vocabulary, top-k cache, chunked) all call them.
+token losses here (full vocabulary, top-k cache, chunked, and fused with the
+output head: :mod:`kdjax.losses.fused`) all call them.
 """
 
 from kdjax.losses import divergences
@@ -24,6 +25,16 @@ from kdjax.losses.features import nst
 from kdjax.losses.features import pool_to_match
 from kdjax.losses.features import similarity_preserving
 from kdjax.losses.features import vid
+from kdjax.losses.hidden import attention_kl
+from kdjax.losses.hidden import hidden_cosine
+from kdjax.losses.hidden import hidden_mse
+from kdjax.losses.hidden import relation_kl
+from kdjax.losses.hidden import self_relation
+from kdjax.losses.fused import TokenHead
+from kdjax.losses.fused import fused_cross_entropy
+from kdjax.losses.fused import fused_token_loss
+from kdjax.losses.fused import resolve_chunk
+from kdjax.losses.fused import token_argmax
 from kdjax.losses.logits import dist
 from kdjax.losses.logits import dkd
 from kdjax.losses.logits import kd
@@ -63,6 +74,12 @@ __all__ = [
   "activation_boundary",
   "vid",
   "pool_to_match",
+  # hidden states and attention of sequence models
+  "hidden_mse",
+  "hidden_cosine",
+  "attention_kl",
+  "relation_kl",
+  "self_relation",
   # relations
   "rkd",
   "pkt",
@@ -88,6 +105,12 @@ __all__ = [
   "topk_generalized_jsd",
   "topk_tvd",
   "chunked_token_loss",
+  # fused output heads
+  "TokenHead",
+  "fused_token_loss",
+  "fused_cross_entropy",
+  "resolve_chunk",
+  "token_argmax",
   "divergences",
   # vocabularies
   "align_vocab",

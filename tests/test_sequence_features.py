@@ -1,0 +1,188 @@
+"""Hidden-state and attention distillation for sequence models, and layers tapped inside nnx.scan stacks.
+
+The losses are checked against NumPy written here (masked positions must not count); the taps against the
+unrolled model; the methods train a 4-layer → 2-layer distillation with a uniform layer map on the zoo
+transformer and on a Llama teacher made by transformers, whose attention probabilities equal transformers'.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kdjax.losses as kdl
+from kdjax.engine.taps import capture
+from kdjax.errors import ConfigError
+
+B, L, H = 3, 6, 2
+
+
+def _mask() -> np.ndarray:
+  m = np.ones((B, L), np.float32)
+  m[0, 4:] = 0  # right padding
+  m[2, :2] = 0  # left padding
+  return m
+
+
+def _probs(rng, shape) -> np.ndarray:
+  z = rng.normal(size=shape)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def _np_hidden(s, t, m, kind):
+  if kind == "mse":
+    per = ((s - t) ** 2).mean(-1)
+  else:
+    per = 1 - (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+  return (per * m).sum() / m.sum()
+
+
+def _np_row_kl(pt, ps, m):
+  """Σ over real queries and heads of KL(p_t ‖ p_s) restricted to real keys, / (H · real queries)."""
+  total = 0.0
+  for b in range(pt.shape[0]):
+    for h in range(pt.shape[1]):
+      for i in range(pt.shape[2]):
+        if m[b, i]:
+          keys = m[b] > 0
+          total += np.sum(pt[b, h, i, keys] * (np.log(pt[b, h, i, keys]) - np.log(ps[b, h, i, keys])))
+  return total / (pt.shape[1] * m.sum())
+
+
+def _np_relation(x, heads, m):
+  b, l, d = x.shape
+  xr = x.reshape(b, l, heads, d // heads).transpose(0, 2, 1, 3)
+  s = xr @ xr.transpose(0, 1, 3, 2) / np.sqrt(d // heads)
+  s = np.where(m[:, None, None, :] > 0, s, -np.inf)
+  e = np.exp(s - s.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cos"])
+def test_hidden_state_losses_equal_numpy_and_ignore_masked_positions(kind):
+  rng = np.random.default_rng(0)
+  s, t, m = rng.normal(size=(B, L, 8)), rng.normal(size=(B, L, 8)), _mask()
+  fn = kdl.hidden_mse if kind == "mse" else kdl.hidden_cosine
+  got = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(m))
+  np.testing.assert_allclose(got, _np_hidden(s, t, m, kind), rtol=1e-5)
+  s2 = s.copy()
+  s2[m == 0] += 100.0  # what masked positions hold does not matter
+  np.testing.assert_allclose(fn(jnp.asarray(s2, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(m)), got)
+  np.testing.assert_allclose(fn(jnp.asarray(t), jnp.asarray(t), jnp.asarray(m)), 0.0, atol=1e-6)
+  vec = fn(jnp.asarray(s[:, 0]), jnp.asarray(t[:, 0]))  # (B, D) vectors
+  np.testing.assert_allclose(vec, _np_hidden(s[:, :1], t[:, :1], np.ones((B, 1)), kind), rtol=1e-5)
+
+
+def test_attention_kl_equals_numpy_per_head_over_real_queries_and_keys():
+  rng = np.random.default_rng(1)
+  ps, pt, m = _probs(rng, (B, H, L, L)), _probs(rng, (B, H, L, L)), _mask()
+  got = kdl.attention_kl(jnp.asarray(ps, jnp.float32), jnp.asarray(pt, jnp.float32), jnp.asarray(m))
+  np.testing.assert_allclose(got, _np_row_kl(pt, ps, m), rtol=1e-5)
+  ps2 = ps.copy()
+  ps2[0, :, 5, :] = _probs(rng, (H, L))  # a padded query's row does not count
+  np.testing.assert_allclose(kdl.attention_kl(jnp.asarray(ps2), jnp.asarray(pt), jnp.asarray(m)), got, rtol=1e-6)
+  assert float(kdl.attention_kl(jnp.asarray(pt), jnp.asarray(pt), jnp.asarray(m))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_kl_equals_numpy_for_different_widths():
+  rng = np.random.default_rng(2)
+  s, t, m = rng.normal(size=(B, L, 8)), rng.normal(size=(B, L, 16)), _mask()  # student narrower than teacher
+  s2 = s.copy()
+  s2[m == 0] = rng.normal(size=s2[m == 0].shape)  # masked tokens are neither queries nor keys
+  loss_and_grad = jax.jit(jax.value_and_grad(kdl.relation_kl), static_argnums=2)
+  for heads in (1, 4):
+    got, g = loss_and_grad(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), heads, jnp.asarray(m))
+    np.testing.assert_allclose(got, _np_row_kl(_np_relation(t, heads, m), _np_relation(s, heads, m), m), rtol=1e-5)
+    np.testing.assert_allclose(loss_and_grad(jnp.asarray(s2), jnp.asarray(t), heads, jnp.asarray(m))[0], got, rtol=1e-5)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)[m == 0]).max() == 0.0
+
+
+def test_relation_heads_must_divide_the_width():
+  with pytest.raises(ConfigError, match="divide"):
+    kdl.relation_kl(jnp.ones((1, 3, 6)), jnp.ones((1, 3, 8)), 4)
+
+
+# ---------------------------------------------------------------- a layer of an nnx.scan stack
+
+
+class _Block(nnx.Module):
+  def __init__(self, d: int, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.fc2 = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.fc2(nnx.gelu(self.fc1(x)))
+
+
+class _Stacked(nnx.Module):
+  """Blocks made by nnx.vmap and run by nnx.scan, as flax's guides write a deep stack."""
+
+  def __init__(self, n: int, d: int, *, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(4, d, rngs=rngs)
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _Block(d, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(d, 5, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, block):
+      return block(h)
+
+    return self.head(body(self.embed(x), self.blocks))
+
+
+class _Unrolled(nnx.Module):
+  def __init__(self, stacked: _Stacked, n: int):
+    self.embed, self.head = stacked.embed, stacked.head
+    g, st = nnx.split(stacked.blocks)
+    self.blocks = nnx.List([nnx.merge(g, jax.tree.map(lambda a: a[i], st)) for i in range(n)])
+
+  def __call__(self, x):
+    h = self.embed(x)
+    for b in self.blocks:
+      h = b(h)
+    return self.head(h)
+
+
+def _tapped(model, x, taps):
+  g, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, x):
+    m = nnx.merge(g, state, copy=True)
+    with capture(m, taps) as got:
+      out = m(x)
+    return out, got, nnx.state(m)
+
+  return run(state, x)
+
+
+@pytest.mark.slow
+def test_a_layer_inside_an_nnx_scan_stack_is_tapped_as_in_the_unrolled_model():
+  stacked = _Stacked(4, 8, rngs=nnx.Rngs(0))
+  unrolled = _Unrolled(stacked, 4)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  taps = {"b2": "blocks.2", "b0": "blocks.0", "fc1_of_3": "blocks.3.fc1", "head": "head"}
+  out_s, got_s, state_after = _tapped(stacked, x, taps)
+  out_u, got_u, _ = _tapped(unrolled, x, taps)
+  np.testing.assert_allclose(out_s, out_u, rtol=1e-5, atol=1e-6)
+  for name in taps:
+    assert got_s[name].shape == got_u[name].shape, name
+    np.testing.assert_allclose(got_s[name], got_u[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert jax.tree.structure(state_after) == jax.tree.structure(nnx.state(stacked))  # nothing left behind
+
+
+@pytest.mark.slow
+def test_a_stack_index_beyond_the_stack_or_on_a_plain_module_is_refused():
+  stacked = _Stacked(4, 8, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 4))
+  with pytest.raises(ConfigError, match="no layer 'blocks.4'"):
+    _tapped(stacked, x, {"b": "blocks.4"})
+  with pytest.raises(ConfigError, match="runs as one module"):  # head's (8, 5) kernel is not a stack of 8
+    _tapped(_Stacked(2, 5, rngs=nnx.Rngs(0)), x, {"h": "head.1"})
