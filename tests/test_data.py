@@ -436,7 +436,7 @@ def test_downloadable_dataset_without_tensorflow_is_one_line(tmp_path):
   if importlib.util.find_spec("tensorflow") is not None:
     pytest.skip("TensorFlow is installed here: preparing cifar100 would try the network")
   with pytest.raises(kd.DatasetUnavailableError) as e:
-    kd.prepare("cifar100", str(tmp_path))
+    kd.prepare.tfds("cifar100", str(tmp_path))
   msg = str(e.value)
   assert "\n" not in msg and "pip install 'kdjax[tfds]'" in msg and "kdjax prepare cifar100" in msg
   assert not list(tmp_path.glob("cifar100/*/*.array_record*"))  # nothing half-written

@@ -11,6 +11,8 @@
     kdjax bench         [--quick] …
     kdjax prepare       NAME… [--data_dir DIR]   (store TFDS datasets as ArrayRecord, once; downloadable
                         ones need the network and `pip install 'kdjax[tfds]'`)
+    kdjax prepare text  FILE.jsonl --tokenizer DIR --name NAME [--max_length N] [--pack] …  (your own text)
+    kdjax prepare images FILE.npz|DIR --name NAME …  (your own images)
 
 EXPERIMENT is a path (``experiments/mnist1d_kd.py``) or a short name
 (``mnist1d_kd``); CONFIG picks one of its named configs. Every field of the

@@ -170,13 +170,17 @@ def cmd_cache(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-  """Download and store TFDS datasets as ArrayRecord in ``--data_dir`` (training then reads them without TensorFlow)."""
+  """Download and store TFDS datasets as ArrayRecord in ``--data_dir`` (training then reads them without
+  TensorFlow); ``kdjax prepare text|images …`` stores the user's own data (:mod:`kdjax.cli.prepare`)."""
   from kdjax import data
+  from kdjax.cli.prepare import KINDS, cmd_prepare_own
 
+  if argv and argv[0] in KINDS:
+    return cmd_prepare_own(argv)
   args = list(argv)
   data_dir = pop_opt(args, "--data_dir") or pop_opt(args, "--data.data_dir")
   if not args or any(a.startswith("-") for a in args):
     raise CliError("usage: kdjax prepare NAME… [--data_dir DIR]  (e.g. kdjax prepare cifar100)")
   for name in args:
-    print(f"{name}: prepared in {data.prepare(name, data_dir)}")
+    print(f"{name}: prepared in {data.prepare.tfds(name, data_dir)}")
   return 0

@@ -2,11 +2,12 @@
 process-sharded NumPy batches on Grain.
 
 Importing this package registers the embedded TFDS datasets ``mnist1d`` and
-``digits`` (built into ``data_dir`` on first use, no network).
+``digits`` (built into ``data_dir`` on first use, no network);
+:mod:`kdjax.data.prepare` stores a user's own text or images as a dataset used by name.
 """
 
 from kdjax.data import builders  # noqa: F401  (registers mnist1d, digits)
-from kdjax.data import cache, retokenize, views
+from kdjax.data import cache, prepare, retokenize, views
 from kdjax.data.loader import Loader, default_workers, eval_batches, make_loader, to_global
 from kdjax.data.tfds import (
   ArrayDataset,
@@ -21,7 +22,6 @@ from kdjax.data.tfds import (
   get_info,
   load_arrays,
   open_split,
-  prepare,
 )
 from kdjax.data.cache import CachedLoader, CacheSpec, TeacherCache, build_cache
 from kdjax.data.views import ViewConfig

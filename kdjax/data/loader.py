@@ -339,7 +339,7 @@ def make_loader(
   record by record (:class:`~kdjax.data.tfds.RecordSource`) for ImageNet-sized ones."""
   from kdjax.data.tfds import default_view, open_split
 
-  view = view if view is not None else default_view(name)
+  view = view if view is not None else default_view(name, data_dir=data_dir)
   ds = open_split(name, split, data_dir, download=download)
   return Loader(
     ds,

@@ -356,14 +356,30 @@ class DatasetSpec:
   streaming: bool
 
 
-def tokenizer(name: str):
-  """The ``tokenizers.Tokenizer`` of token dataset ``name`` (config suffix allowed: ``arithmetic/add6``)."""
+def _prepared_kind(name: str, data_dir: str | None) -> str | None:
+  """The ``kind`` a dataset made by :mod:`kdjax.data.prepare` records (``tokens``/``image``); ``None`` otherwise."""
+  try:
+    return (get_builder(name, data_dir, prepare=False).info.metadata or {}).get("kind")
+  except ConfigError:
+    return None
+
+
+def tokenizer(name: str, data_dir: str | None = None):
+  """The ``tokenizers.Tokenizer`` of token dataset ``name`` (config suffix allowed: ``arithmetic/add6``); for a
+  dataset made by ``kdjax prepare text``, the tokenizer stored with it."""
   base = name.split("/")[0]
   if base == "arithmetic":
     from kdjax.data.builders import arithmetic
 
     return arithmetic.tokenizer()
-  raise ConfigError(f"dataset {name!r} has no tokenizer kdjax knows (token datasets: {', '.join(TOKEN_DATASETS)})")
+  if _prepared_kind(name, data_dir) == "tokens":
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(str(get_builder(name, data_dir).data_dir), "tokenizer.json"))
+  raise ConfigError(
+    f"dataset {name!r} has no tokenizer kdjax knows (token datasets: {', '.join(TOKEN_DATASETS)} and those made "
+    f"by `kdjax prepare text`)"
+  )
 
 
 def is_streaming(name: str) -> bool:
@@ -408,15 +424,16 @@ def raw_scale(name: str) -> float | None:
   return scale if base == "digits" else None
 
 
-def default_view(name: str, kind: str | None = None, **overrides):
-  """A ``ViewConfig`` with the dataset's scale/mean/std (and a sensible kind)."""
+def default_view(name: str, kind: str | None = None, *, data_dir: str | None = None, **overrides):
+  """A ``ViewConfig`` with the dataset's scale/mean/std (and a sensible kind: ``tokens`` for token datasets,
+  those made by ``kdjax prepare text`` in ``data_dir`` included)."""
   from kdjax.data.views import ViewConfig
 
   base = name.split("/")[0].split(":")[0]
   if kind is None:
     kind = (
       "tokens"
-      if base in TOKEN_DATASETS
+      if base in TOKEN_DATASETS or (base not in _STATS and _prepared_kind(name, data_dir) == "tokens")
       else {"cifar10": "cifar", "cifar100": "cifar"}.get(base, "imagenet" if is_streaming(base) else "none")
     )
   kw = {}

@@ -227,7 +227,7 @@ def _retokenizer(cfg: Experiment, loader):
     )
   ids = pretrained.special_token_ids(cfg.teacher.checkpoint)
   return retokenize.Retokenizer(
-    tfds.tokenizer(cfg.data.name),
+    tfds.tokenizer(cfg.data.name, cfg.data.data_dir),
     pretrained.load_tokenizer(cfg.teacher.checkpoint),
     length=int(loader.batch(0, 0)[batch_keys.INPUTS].shape[1]),
     teacher_bos=ids.get("bos"),

@@ -1,0 +1,117 @@
+"""Examples → fixed-length next-token rows, one example per row or several packed into one.
+
+An example of ``n`` tokens ``s`` fills ``n − 1`` positions: ``inputs = s[:-1]``
+and ``targets = s[1:]``, with ``-1`` where the target is not scored (a prompt
+token), as kdjax's token datasets and losses expect. A row holds
+``max_length`` positions; an example longer than that is refused, truncated
+(its first ``max_length + 1`` tokens; dropped instead when no scored target
+remains) or dropped, by ``overflow``.
+
+Packing (Krell et al., 2021, "Efficient Sequence Packing without
+Cross-contamination") puts several examples in one row, first fit in file
+order over the last :data:`WINDOW` rows still open. ``segment_ids`` number the
+examples of a row from 1 (0 on padding) and ``positions`` restart at 0 in each,
+so a model that masks attention to its own segment (``segment_ids`` equal,
+causal) and embeds ``positions`` sees every packed example exactly as it would
+see it alone. Padding: ``inputs`` = ``pad_id``, ``targets`` = −1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from kdjax.data.prepare.examples import Example
+from kdjax.errors import ConfigError
+
+OVERFLOW = ("error", "truncate", "drop")
+WINDOW = 64  # open rows first fit looks back over when packing
+
+
+@dataclasses.dataclass
+class Counts:
+  """What happened to a file's examples (reported in the summary line)."""
+
+  examples: int = 0
+  train_examples: int = 0  # kept in the training split (packed into its rows when packing)
+  truncated: int = 0
+  dropped: int = 0
+  tokens: int = 0  # positions filled (n − 1 per kept example)
+  scored: int = 0  # of which scored
+
+
+def fit(examples: Iterable[Example], max_length: int, overflow: str, source: str, counts: Counts):
+  """Each example cut to at most ``max_length + 1`` tokens as ``overflow`` says, as ``(inputs, targets, line)``
+  (int32 ``(m,)`` each, ``m ≤ max_length``)."""
+  if overflow not in OVERFLOW:
+    raise ConfigError(f"overflow={overflow!r}; expected one of {', '.join(OVERFLOW)}")
+  for ex in examples:
+    counts.examples += 1
+    n = len(ex.tokens)
+    if not ex.scored[1:].any():
+      raise ConfigError(f"{source}:{ex.line}: empty example (no token after the first is scored)")
+    tokens, scored = ex.tokens, ex.scored
+    if n - 1 > max_length:
+      if overflow == "error":
+        raise ConfigError(
+          f"{source}:{ex.line}: example of {n} tokens fills {n - 1} positions, over max_length {max_length}; "
+          f"raise max_length or pass overflow truncate (or drop)"
+        )
+      tokens, scored = tokens[: max_length + 1], scored[: max_length + 1]
+      if overflow == "drop" or not scored[1:].any():
+        counts.dropped += 1
+        continue
+      counts.truncated += 1
+    targets = np.where(scored[1:], tokens[1:], -1).astype(np.int32)
+    counts.tokens += len(targets)
+    counts.scored += int((targets >= 0).sum())
+    yield tokens[:-1].astype(np.int32), targets, ex.line
+
+
+def bins(lengths: list[int], max_length: int, pack: bool) -> list[list[int]]:
+  """Which examples go in each row: one each, or packed first fit (in order) over the last :data:`WINDOW`
+  open rows."""
+  if not pack:
+    return [[i] for i in range(len(lengths))]
+  rows, room = [], []
+  for i, m in enumerate(lengths):
+    lo = max(0, len(rows) - WINDOW)
+    at = next((r for r in range(lo, len(rows)) if room[r] >= m), None)
+    if at is None:
+      rows.append([])
+      room.append(max_length)
+      at = len(rows) - 1
+    rows[at].append(i)
+    room[at] -= m
+  return rows
+
+
+def to_arrays(pieces: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], max_length: int, pad_id: int):
+  """The rows as arrays ``(R, max_length)``: ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32)
+  and ``prompt_length`` ``(R,)`` (positions before the first scored target, plus one: the prompt a
+  generation starts from, for a row of one example)."""
+  r = len(rows)
+  out = {
+    "inputs": np.full((r, max_length), pad_id, np.int32),
+    "targets": np.full((r, max_length), -1, np.int32),
+    "segment_ids": np.zeros((r, max_length), np.int32),
+    "positions": np.zeros((r, max_length), np.int32),
+  }
+  for k, members in enumerate(rows):
+    at = 0
+    for seg, i in enumerate(members, 1):
+      x, y = pieces[i]
+      sl = slice(at, at + len(x))
+      out["inputs"][k, sl], out["targets"][k, sl] = x, y
+      out["segment_ids"][k, sl], out["positions"][k, sl] = seg, np.arange(len(x))
+      at += len(x)
+  out["prompt_length"] = (np.argmax(out["targets"] >= 0, axis=1) + 1).astype(np.int32)
+  return out
+
+
+def records(arrays: dict) -> Iterator[tuple[int, dict]]:
+  """``(index, record)`` pairs of the rows, for the dataset writer."""
+  for i in range(len(arrays["inputs"])):
+    yield i, {k: v[i] for k, v in arrays.items()}

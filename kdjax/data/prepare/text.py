@@ -1,0 +1,135 @@
+"""``text``: a JSONL or Parquet file of prompt/response pairs or chat messages → a token dataset by name.
+
+The dataset has the features of kdjax's token datasets — ``inputs`` and
+``targets`` int32 ``(L,)`` (``-1`` = not scored: prompts, padding) and
+``prompt_length`` — plus ``segment_ids`` and ``positions`` ``(L,)`` for packed
+rows (see :mod:`kdjax.data.prepare.rows`), ``L = max_length``. Its metadata
+records the vocabulary size (the logits width), pad/BOS/EOS ids and whether
+the training split is packed; the tokenizer files are stored with it
+(:func:`kdjax.data.tfds.tokenizer` reads them back). Train with
+``--data.name NAME --data.view tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from kdjax.data.prepare import examples as ex_lib
+from kdjax.data.prepare import rows as row_lib
+from kdjax.data.prepare import tokenizer as tok_lib
+from kdjax.data.prepare import writer
+from kdjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A prepared dataset: its ``name`` (for ``--data.name``), ``data_dir``, version ``directory``, rows per
+  split, and the one-line ``summary`` the command prints."""
+
+  name: str
+  data_dir: str
+  directory: str
+  rows: dict
+  summary: str
+
+
+def _split(items: list, test_size: int, seed: int, source: str) -> tuple[list, list]:
+  """``test_size`` items held out (a seeded random choice), both parts in file order."""
+  if test_size < 0 or (test_size and test_size >= len(items)):
+    raise ConfigError(f"test_size={test_size}: must be in [0, {len(items)}) for the {len(items)} examples of {source}")
+  held = np.zeros(len(items), bool)
+  held[np.random.default_rng(seed).permutation(len(items))[:test_size]] = True
+  return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
+
+
+def _rows(pieces: list, max_length: int, pack: bool, pad_id: int, split: str, source: str) -> dict:
+  if not pieces:
+    raise ConfigError(f"{source}: no example of split {split!r} is left after overflow (all over max_length)")
+  members = row_lib.bins([len(x) for x, _, _ in pieces], max_length, pack)
+  return row_lib.to_arrays([(x, y) for x, y, _ in pieces], members, max_length, pad_id)
+
+
+def _summary(name, source, counts, arrays, max_length, pack, directory) -> str:
+  c, train = counts, arrays["train"]
+  fill = (train["segment_ids"] > 0).mean()
+  parts = [f"{s} {len(a['inputs'])} rows" for s, a in arrays.items()]
+  packed = f" (train: {c.train_examples} examples packed, {fill:.0%} of positions filled)" if pack else ""
+  return (
+    f"{name}: {c.examples} examples from {source} → {', '.join(parts)}{packed}; {c.truncated} truncated, "
+    f"{c.dropped} dropped (over max_length {max_length}); {c.tokens} positions, {c.scored} scored; in {directory}"
+  )
+
+
+def _metadata(bundle: tok_lib.TokenizerBundle, max_length: int, pack: bool, pad_id: int, source: str) -> dict:
+  """What the dataset records about itself: ``kind`` (``tokens``), the logits width, row length, packing, ids."""
+  return {
+    "kind": "tokens",
+    "vocab_size": bundle.vocab_size,
+    "max_length": max_length,
+    "packed": bool(pack),
+    "pad_id": pad_id,
+    "bos_id": bundle.token_id("bos_token"),
+    "eos_id": bundle.token_id("eos_token"),
+    "source": source,
+  }
+
+
+def _examples(path, bundle, fields: ex_lib.Fields) -> list[ex_lib.Example]:
+  return list(ex_lib.encode(bundle, ex_lib.read_records(path), fields, Path(path).name))
+
+
+def text(
+  path: str | Path,
+  tokenizer: str | Path,
+  name: str,
+  data_dir: str | None = None,
+  *,
+  max_length: int = 512,
+  overflow: str = "error",
+  pack: bool = False,
+  fields: ex_lib.Fields | None = None,
+  test: str | Path | None = None,
+  test_size: int = 0,
+  seed: int = 0,
+  overwrite: bool = False,
+) -> Prepared:
+  """Tokenize ``path`` with the Hugging Face tokenizer ``tokenizer`` (a checkpoint directory or its
+  ``tokenizer.json``) into TFDS dataset ``name`` in ``data_dir``; see the module docstring.
+
+  ``max_length``: positions per row; ``overflow``: ``error`` | ``truncate`` | ``drop`` for longer
+  examples; ``pack``: several examples per training row; ``test``: a file for the test split, or
+  ``test_size`` examples held out of ``path`` (seeded by ``seed``). Every record is checked before
+  anything is written, and the dataset appears only whole.
+  """
+  from kdjax.data.tfds import default_data_dir
+
+  data_dir = default_data_dir(data_dir)
+  writer.check_name(name, data_dir, overwrite)
+  if max_length <= 0:
+    raise ConfigError(f"max_length={max_length}: must be positive")
+  bundle = tok_lib.load(tokenizer)
+  source = Path(path).name
+  fields = fields or ex_lib.Fields()
+  train = _examples(path, bundle, fields)
+  held = _examples(test, bundle, fields) if test is not None else None
+  if held is None and test_size:
+    train, held = _split(train, test_size, seed, source)
+  splits = {"train": train, **({"test": held} if held is not None else {})}
+  counts = row_lib.Counts()
+  pad_id = next((i for i in (bundle.token_id("pad_token"), bundle.token_id("eos_token")) if i is not None), 0)
+  arrays = {}
+  for split, items in splits.items():
+    pieces = list(row_lib.fit(items, max_length, overflow, source if split == "train" else str(test or path), counts))
+    if split == "train":
+      counts.train_examples = len(pieces)
+    arrays[split] = _rows(pieces, max_length, pack and split == "train", pad_id, split, source)
+  meta = _metadata(bundle, max_length, pack, pad_id, source)
+  directory = writer.write(
+    name, data_dir, arrays, supervised=("inputs", "targets"), metadata=meta, files=bundle.files, overwrite=overwrite
+  )
+  summary = _summary(name, source, counts, arrays, max_length, pack, directory)
+  rows = {s: len(a["inputs"]) for s, a in arrays.items()}
+  return Prepared(name, data_dir, str(directory), rows, summary)

@@ -1,0 +1,327 @@
+"""A user's own data as a dataset used by name: chat/prompt-response text tokenized as transformers does,
+prompts unscored, packing, one-line errors with nothing left behind, and image arrays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdjax import data as kd
+from kdjax.data import prepare
+from kdjax.data.prepare import rows as row_lib
+from kdjax.errors import ConfigError
+
+# A ChatML template whose assistant turns are marked for transformers' return_assistant_tokens_mask.
+TEMPLATE = (
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' }}"
+  "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}"
+  "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+L = 96  # positions per row
+CORPUS = ["hello world, how are you today?", "I am fine, thank you.", "what is two plus two?", "four", "a b c d"]
+CHATS = [
+  [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello world, how are you today?"},
+    {"role": "assistant", "content": "I am fine, thank you."},
+    {"role": "user", "content": "what is two plus two?"},
+    {"role": "assistant", "content": "four"},
+  ],
+  [{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four, I am fine"}],
+  [{"role": "user", "content": "a b c d"}, {"role": "assistant", "content": "hello, how are you?"}],
+  [{"role": "user", "content": "thank you"}, {"role": "assistant", "content": "a b"}],
+]
+
+
+def _tokenizer_dir(d: Path) -> Path:
+  """A byte-level BPE tokenizer trained here, saved as a Hugging Face checkpoint's tokenizer files."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE(unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=320,
+    show_progress=False,
+    special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tok.train_from_iterator(CORPUS * 10, trainer)
+  d.mkdir(parents=True, exist_ok=True)
+  tok.save(str(d / "tokenizer.json"))
+  config = {
+    "chat_template": TEMPLATE,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "tokenizer_class": "PreTrainedTokenizerFast",
+  }
+  (d / "tokenizer_config.json").write_text(json.dumps(config))
+  return d
+
+
+def _jsonl(path: Path, records) -> Path:
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  return path
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+  """The tokenizer, the chat file, and the chats prepared unpacked (all train) and packed, in one data_dir."""
+  root = tmp_path_factory.mktemp("prepare")
+  tok = _tokenizer_dir(root / "tok")
+  chats = _jsonl(root / "chat.jsonl", [{"messages": m} for m in CHATS * 3])
+  data_dir = str(root / "data")
+  plain = prepare.text(chats, tok, "my_chat", data_dir, max_length=L)
+  packed = prepare.text(chats, tok, "my_chat_packed", data_dir, max_length=L, pack=True)
+  return dict(root=root, tok=tok, chats=chats, data_dir=data_dir, plain=plain, packed=packed)
+
+
+def _split(made, name, split="train"):
+  return {k: np.asarray(v) for k, v in _records(made["data_dir"], name, split).items()}
+
+
+def _records(data_dir, name, split):
+  src = kd.get_builder(name, data_dir).as_data_source(split=split)
+  recs = [src[i] for i in range(len(src))]
+  return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
+
+
+def test_chat_token_ids_and_scored_positions_equal_transformers(made):
+  """Each row is ``apply_chat_template`` of its conversation (token for token); exactly the tokens transformers
+  marks as assistant-generated are scored (targets −1 elsewhere, padding included)."""
+  from transformers import PreTrainedTokenizerFast
+
+  hf = PreTrainedTokenizerFast.from_pretrained(str(made["tok"]))
+  rows = _split(made, "my_chat")
+  assert len(rows["inputs"]) == len(CHATS) * 3 and rows["inputs"].shape[1] == L
+  for k, messages in enumerate(CHATS * 3):
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, assistant = np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], bool)
+    n = len(ids)
+    assert assistant.any() and not assistant.all()
+    np.testing.assert_array_equal(rows["inputs"][k, : n - 1], ids[:-1])
+    want = np.full(L, -1)
+    want[: n - 1] = np.where(assistant[1:], ids[1:], -1)
+    np.testing.assert_array_equal(rows["targets"][k], want)
+    assert (rows["inputs"][k, n - 1 :] == hf.pad_token_id).all()
+    assert rows["prompt_length"][k] == np.argmax(assistant)  # generation starts at the first assistant token
+
+
+def test_the_prepared_dataset_loads_by_name_through_the_loader(made):
+  """Info, view kind and tokenizer come from the dataset; batches resume exactly after ``state``/``restore``."""
+  from tokenizers import Tokenizer
+
+  d = made["data_dir"]
+  spec = kd.get_info("my_chat", d)
+  vocab = Tokenizer.from_file(str(made["tok"] / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+  assert spec.num_classes == vocab > 256 and spec.image_shape == (L,) and spec.splits == ("train",)
+  loader = kd.make_loader("my_chat", "train", 4, seed=3, data_dir=d, process_index=0, process_count=1, worker_count=0)
+  assert loader.view.kind == "tokens"
+  first = [next(loader) for _ in range(2)]
+  state = loader.state()
+  first += [next(loader) for _ in range(2)]
+  rows = _split(made, "my_chat")
+  for b in first:
+    np.testing.assert_array_equal(b["inputs"], rows["inputs"][b["id"]])
+    np.testing.assert_array_equal(b["label"], rows["targets"][b["id"]])
+  again = kd.make_loader("my_chat", "train", 4, seed=3, data_dir=d, process_index=0, process_count=1, worker_count=0)
+  again.restore(state)
+  for b in first[2:]:
+    np.testing.assert_array_equal(next(again)["inputs"], b["inputs"])
+  text = kd.tfds.tokenizer("my_chat", d).decode(rows["inputs"][0].tolist(), skip_special_tokens=False)
+  assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+  assert kd.default_data_dir(d) == made["plain"].data_dir and made["plain"].rows == {"train": 12}
+
+
+def test_packing_keeps_every_example_and_restarts_positions(made):
+  plain, packed = _split(made, "my_chat"), _split(made, "my_chat_packed")
+  assert len(packed["inputs"]) < len(plain["inputs"])
+  got = []
+  for x, y, seg, pos in zip(packed["inputs"], packed["targets"], packed["segment_ids"], packed["positions"]):
+    for s in range(1, seg.max() + 1):
+      at = seg == s
+      assert (np.flatnonzero(at) == np.flatnonzero(at)[0] + np.arange(at.sum())).all()  # contiguous
+      np.testing.assert_array_equal(pos[at], np.arange(at.sum()))
+      got.append((tuple(x[at]), tuple(y[at])))
+    assert (y[seg == 0] == -1).all()
+  want = []
+  for x, y, seg in zip(plain["inputs"], plain["targets"], plain["segment_ids"]):
+    want.append((tuple(x[seg == 1]), tuple(y[seg == 1])))
+  assert sorted(got) == sorted(want) and len(got) == len(CHATS) * 3
+  assert "12 examples packed" in made["packed"].summary
+
+
+def test_first_fit_packing_fills_open_rows_in_order():
+  assert row_lib.bins([5, 4, 3, 1, 2], 8, pack=True) == [[0, 2], [1, 3, 4]]
+  assert row_lib.bins([5, 4], 8, pack=False) == [[0], [1]]
+
+
+def test_prompt_response_pairs_with_named_fields(made, tmp_path):
+  from tokenizers import Tokenizer
+
+  tok = Tokenizer.from_file(str(made["tok"] / "tokenizer.json"))
+  recs = [{"q": "what is two plus two?", "a": "four"}, {"q": "hello world", "a": "I am fine, thank you."}]
+  src = _jsonl(tmp_path / "pairs.jsonl", recs)
+  fields = prepare.Fields(prompt="q", response="a")
+  done = prepare.text(src, made["tok"], "pairs", str(tmp_path / "d"), max_length=32, fields=fields, test_size=1)
+  assert done.rows == {"train": 1, "test": 1}
+  eos = tok.token_to_id("<|im_end|>")
+  got = {}
+  for split in ("train", "test"):
+    r = _records(str(tmp_path / "d"), "pairs", split)
+    got[split] = (r["inputs"][0], r["targets"][0])
+  for rec in recs:
+    p, a = tok.encode(rec["q"]).ids, tok.encode(rec["a"], add_special_tokens=False).ids + [eos]
+    seq = np.asarray(p + a)
+    want_y = np.full(32, -1)
+    want_y[: len(seq) - 1] = np.where(np.arange(1, len(seq)) >= len(p), seq[1:], -1)
+    assert any(np.array_equal(x[: len(seq) - 1], seq[:-1]) and np.array_equal(y, want_y) for x, y in got.values())
+
+
+def test_overflow_truncates_or_drops_and_counts(made, tmp_path):
+  """Truncation keeps an example's first 31 tokens (30 positions) unless no scored target is left, then drops it."""
+  chats = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CHATS])
+  cut = prepare.text(chats, made["tok"], "cut", str(tmp_path / "d"), max_length=30, overflow="truncate")
+  drop = prepare.text(chats, made["tok"], "drop", str(tmp_path / "d"), max_length=30, overflow="drop")
+  full = {k: v[: len(CHATS)] for k, v in _split(made, "my_chat").items()}
+  long = (full["segment_ids"] > 0).sum(1) > 30
+  kept = ~long | (full["targets"][:, :30] >= 0).any(1)
+  assert long.any() and not long.all() and not kept.all()
+  assert f"{(long & kept).sum()} truncated, {(~kept).sum()} dropped" in cut.summary
+  assert f"0 truncated, {long.sum()} dropped" in drop.summary and drop.rows == {"train": int((~long).sum())}
+  r = _records(str(tmp_path / "d"), "cut", "train")
+  np.testing.assert_array_equal(r["inputs"], full["inputs"][kept, :30])
+  np.testing.assert_array_equal(r["targets"], full["targets"][kept, :30])
+
+
+BAD = {
+  "missing field": ([{"prompt": "hello"}], "bad.jsonl:1: missing field 'response'"),
+  "malformed line": ([{"prompt": "a", "response": "b"}, "{not json"], "bad.jsonl:2: malformed JSON line"),
+  "empty example": ([{"prompt": "a", "response": "b"}, {"prompt": "hello", "response": " "}], "bad.jsonl:2: empty"),
+  "empty chat": ([{"messages": [{"role": "user", "content": "hi"}]}], "bad.jsonl:1: empty example"),
+  "over-long": ([{"prompt": "hello world " * 20, "response": "four"}], "bad.jsonl:1: example of"),
+  "bad message": ([{"messages": [{"role": "user"}]}], "bad.jsonl:1: message 0 of 'messages' needs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_file_is_one_line_and_leaves_no_dataset(made, tmp_path, case):
+  records, msg = BAD[case]
+  src = _jsonl(tmp_path / "bad.jsonl", records)
+  with pytest.raises(ConfigError) as e:
+    prepare.text(src, made["tok"], "bad", str(tmp_path / "d"), max_length=16)
+  assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+  assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_an_unknown_tokenizer_or_a_failed_write_leaves_nothing(made, tmp_path, monkeypatch):
+  src = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "hello", "response": "four"}])
+  d = tmp_path / "d"
+  with pytest.raises(ConfigError, match=r"^tokenizer: no tokenizer.json at"):
+    prepare.text(src, tmp_path / "nowhere", "ok", str(d))
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "tokenizer.json").write_text("{not a tokenizer")
+  with pytest.raises(ConfigError, match=r"is not a tokenizers file"):
+    prepare.text(src, tmp_path / "junk", "ok", str(d))
+
+  def full_disk(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(shutil, "copy", full_disk)  # fails after the records are written, before the rename
+  with pytest.raises(OSError):
+    prepare.text(src, made["tok"], "ok", str(d))
+  assert not list(d.iterdir())  # neither the dataset nor its temporary directory
+  monkeypatch.undo()
+  with pytest.raises(ConfigError, match="already exists"):
+    prepare.text(src, made["tok"], "my_chat", made["data_dir"])
+  with pytest.raises(ConfigError, match="is a TFDS dataset already"):
+    prepare.text(src, made["tok"], "mnist", str(d))
+
+
+def test_the_command_prints_one_summary_line_or_one_error_line(made, tmp_path, capsys):
+  from kdjax.cli import main
+
+  d = str(tmp_path / "d")
+  base = ["prepare", "text", str(made["chats"]), "--tokenizer", str(made["tok"]), "--data_dir", d]
+  assert main([*base, "--name", "cli_chat", "--max-length", str(L), "--pack", "--test_size", "2"]) == 0
+  out = capsys.readouterr().out.strip()
+  assert "\n" not in out and out.startswith("cli_chat: 12 examples from chat.jsonl → train ") and "test 2 rows" in out
+  assert kd.get_info("cli_chat", d).splits == ("train", "test")
+  assert main([*base, "--name", "cli_short", "--max_length", "8"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("kdjax: error: chat.jsonl:1: example of") and "\n" not in err
+  assert main([*base, "--name", "x", "--bogus", "1"]) == 1 and "unknown option --bogus" in capsys.readouterr().err
+  assert sorted(p.name for p in Path(d).iterdir()) == ["cli_chat"]
+
+
+def test_arrays_and_image_folders_become_image_datasets(tmp_path):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  x, y = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8), rng.integers(0, 4, 10)
+  y[0] = 3
+  np.savez(tmp_path / "a.npz", x=x, y=y)
+  d = str(tmp_path / "d")
+  done = prepare.images(tmp_path / "a.npz", "my_arrays", d, test_size=3)
+  assert done.rows == {"train": 7, "test": 3}
+  tr, te = kd.load_arrays("my_arrays", "train", d), kd.load_arrays("my_arrays", "test", d)
+  got = np.concatenate([tr.images, te.images])
+  order = np.lexsort(got.reshape(10, -1).T)
+  np.testing.assert_array_equal(got[order], x[np.lexsort(x.reshape(10, -1).T)])
+  assert kd.get_info("my_arrays", d).num_classes == 4 and kd.get_info("my_arrays", d).image_shape == (6, 5, 3)
+  for k, c in enumerate(["cat", "dog"]):
+    (tmp_path / "img" / c).mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(x[2 * k + i]).save(tmp_path / "img" / c / f"{i}.png")
+  prepare.images(tmp_path / "img", "my_folder", d)
+  f = kd.load_arrays("my_folder", "train", d)
+  np.testing.assert_array_equal(f.images, x[:4])
+  np.testing.assert_array_equal(f.labels, [0, 0, 1, 1])
+  np.savez(tmp_path / "b.npz", images=x, y=np.full(10, -1))
+  with pytest.raises(ConfigError, match=r"labels must be integers in \[0, "):
+    prepare.images(tmp_path / "b.npz", "bad_labels", d)
+  (tmp_path / "img" / "dog" / "odd.png").parent.mkdir(exist_ok=True)
+  Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "img" / "dog" / "odd.png")
+  with pytest.raises(ConfigError, match="images differ in size"):
+    prepare.images(tmp_path / "img", "bad_sizes", d)
+  assert sorted(p.name for p in Path(d).iterdir()) == ["my_arrays", "my_folder"]
+
+
+@pytest.mark.slow
+def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made):
+  """A tiny transformer's mean next-token loss over scored targets is the same on packed rows (segment ids and
+  positions) as on one example per row; without the segment mask it differs."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from kdjax import models
+
+  model = models.create(
+    "transformer_lm", num_classes=320, num_layers=1, dim=16, num_heads=2, max_len=L, rngs=nnx.Rngs(0)
+  )
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def loss(state, x, y, seg=None, pos=None):
+    z = nnx.merge(graphdef, state)(x, segment_ids=seg, positions=pos).logits
+    per = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(y, 0))
+    return jnp.sum(jnp.where(y >= 0, per, 0.0)) / jnp.sum(y >= 0)
+
+  plain, packed = _split(made, "my_chat"), _split(made, "my_chat_packed")
+  pad = len(plain["inputs"]) - len(packed["inputs"])  # same row count: one compilation for both
+  keys = ("inputs", "targets", "segment_ids", "positions")
+  packed = {k: np.concatenate([packed[k], np.full((pad, L), -(k == "targets"), np.int32)]) for k in keys}
+  unpacked = float(loss(state, plain["inputs"], plain["targets"]))
+  masked = float(loss(state, *(packed[k] for k in keys)))
+  np.testing.assert_allclose(masked, unpacked, rtol=1e-6)
+  ones, ramp = np.ones_like(packed["inputs"]), np.broadcast_to(np.arange(L), packed["inputs"].shape)
+  assert abs(float(loss(state, packed["inputs"], packed["targets"], ones, ramp)) - unpacked) > 1e-4
