@@ -186,3 +186,37 @@ def test_a_stack_index_beyond_the_stack_or_on_a_plain_module_is_refused():
     _tapped(stacked, x, {"b": "blocks.4"})
   with pytest.raises(ConfigError, match="runs as one module"):  # head's (8, 5) kernel is not a stack of 8
     _tapped(_Stacked(2, 5, rngs=nnx.Rngs(0)), x, {"h": "head.1"})
+
+
+# ---------------------------------------------------------------- attention probabilities of the models
+
+TOKENS = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
+
+
+def _outputs(model, taps=()):
+  from kdjax.engine.state import apply_model, split_model
+
+  g, p, r = split_model(model)
+
+  @jax.jit
+  def run(p, r, x):
+    out = apply_model(g, p, r, x, train=False, taps=tuple(taps))[0]
+    return out.logits, out.features
+
+  return run(p, r, jnp.asarray(TOKENS))
+
+
+@pytest.mark.slow
+def test_zoo_transformer_attention_probabilities_are_the_softmax_of_its_queries_and_keys():
+  import kdjax.models as km
+
+  model = km.create("transformer_lm", num_classes=64, num_layers=2, dim=16, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
+  plain = _outputs(model)
+  taps = {"p": "blocks.1.attn.probs", "q": "blocks.1.attn.queries", "k": "blocks.1.attn.keys"}
+  out = _outputs(model, taps.items())
+  np.testing.assert_allclose(out[0], plain[0], atol=1e-5)  # the explicit path computes the same
+  q, k = np.asarray(out[1]["q"]), np.asarray(out[1]["k"])  # (B, L, H, d)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(np.tril(np.ones((8, 8), bool)), s, -np.inf)
+  want = np.exp(s - s.max(-1, keepdims=True))
+  np.testing.assert_allclose(out[1]["p"], want / want.sum(-1, keepdims=True), atol=1e-6)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from kdjax.errors import ConfigError
 from kdjax.models.base import ModelOutput
+from kdjax.models.probe import Probe
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
 
@@ -187,17 +188,21 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 
 
 def attend(
-  q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float = 0.0, cap: float = 0.0
+  q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float = 0.0, cap: float = 0.0, probe=None
 ) -> jax.Array:
   """Softmax attention of ``q`` ``(B, T, H, D)`` over ``k``/``v`` ``(B, S, K, D)`` (K divides H: grouped-query),
   where ``visible`` ``(B, T, S)``; scores scaled by ``scale`` (default 1/√D) and soft-capped at ``cap``,
-  softmax in float32. Returns ``(B, T, H·D)``."""
+  softmax in float32. ``probe`` (a :class:`~kdjax.models.probe.Probe`) sees the probabilities ``(B, H, T, S)``
+  in float32 (head h reads key/value head h // (H/K), as Hugging Face's ``repeat_kv``). Returns ``(B, T, H·D)``."""
   b, t, h, d = q.shape
   kh = k.shape[2]
   q = q.reshape(b, t, kh, h // kh, d)
   s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (scale or 1.0 / math.sqrt(d))
   s = jnp.where(visible[:, None, None], softcap(s, cap), jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  p = jax.nn.softmax(s, axis=-1)
+  if probe is not None:
+    p = probe(p.reshape(b, h, t, -1)).reshape(p.shape)
+  p = p.astype(v.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * d)
 
 
@@ -206,6 +211,10 @@ def _linear(i: int, o: int, bias: bool, dtype, rngs) -> nnx.Linear:
 
 
 class Attention(nnx.Module):
+  """Multi-head (grouped-query) attention; its probes name for the taps the attention probabilities ``probs``
+  ``(B, H, L, L)`` and the ``queries`` ``(B, L, H, D)``, ``keys`` and ``values`` ``(B, L, K, D)`` (after the
+  projections and q/k norms, before RoPE)."""
+
   def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
     h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     self.cfg, self.window = cfg, cfg.sliding_window if cfg.sliding(layer) else 0
@@ -217,6 +226,7 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(d, cfg.norm_eps, offset=cfg.gemma, dtype=dtype) if cfg.qk_norm else None
     gain = 1.0 if cfg.gpt2 else rope_score_gain(layer_rope(cfg, cfg.sliding(layer)))
     self.score_scale = (cfg.query_scale or 1.0 / math.sqrt(d)) * gain
+    self.probs, self.queries, self.keys, self.values = Probe(), Probe(), Probe(), Probe()
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None):
     cfg, (b, t, _) = self.cfg, x.shape
@@ -225,6 +235,7 @@ class Attention(nnx.Module):
     v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = self.queries(q), self.keys(k), self.values(v)
     if inv_freq is not None:
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if cache is None:
@@ -240,7 +251,7 @@ class Attention(nnx.Module):
     visible = key_pos <= positions[:, :, None]
     if self.window:  # a sliding layer sees the last `window` positions only
       visible &= key_pos > positions[:, :, None] - self.window
-    return self.o(attend(q, k, v, visible, self.score_scale, cfg.attn_softcap)), cache
+    return self.o(attend(q, k, v, visible, self.score_scale, cfg.attn_softcap, self.probs)), cache
 
 
 def _norm(cfg: DecoderConfig, dtype, rngs) -> nnx.Module:

@@ -15,6 +15,10 @@ written at given positions. Features:
   ``embed``          (B, L, D)  token + position embedding
   ``block{i}``       (B, L, D)  residual stream after block i (0-based)
   ``pooled``         (B, L, D)  final LayerNorm output, the head's input
+Tapped by path (:mod:`kdjax.engine.taps`): ``blocks.{i}.attn.probs``
+(B, H, L, L) attention probabilities (formed only while tapped; otherwise
+the fused ``jax.nn.dot_product_attention`` runs), ``blocks.{i}.attn.queries``,
+``.keys`` and ``.values`` (B, L, H, D/H).
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ from flax import nnx
 from kdjax.errors import ConfigError
 from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
+from kdjax.models.probe import Probe, tapped
 
 _EMBED_INIT = nnx.initializers.normal(0.02)
 
 
-def packed_mask(segment_ids: jax.Array) -> jax.Array:
-  """Attention mask ``(B, 1, L, L)`` of packed rows: query ``i`` sees key ``j`` when ``j ≤ i`` and both lie in
-  one example, ``segment_ids[i] == segment_ids[j]`` (Krell et al., 2021, packing without cross-contamination)."""
-  causal = jnp.tril(jnp.ones((segment_ids.shape[1],) * 2, bool))
-  return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, probe: Probe) -> jax.Array:
+  """``softmax(q·kᵀ/√d) v`` with the probabilities ``(B, H, L, L)`` formed in float32 and passed through
+  ``probe``; q, k, v ``(B, L, H, d)``, ``visible`` broadcastable to ``(B, H, L, L)``. Returns ``(B, L, H, d)``."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+  p = probe(jax.nn.softmax(jnp.where(visible, s, jnp.finfo(jnp.float32).min), axis=-1))
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -42,6 +48,7 @@ class CausalSelfAttention(nnx.Module):
     if dim % num_heads:
       raise ConfigError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
     self.num_heads = num_heads
+    self.probs, self.queries, self.keys, self.values = Probe(), Probe(), Probe(), Probe()
     self.qkv = layer_lib.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = layer_lib.dense(dim, dim, dtype=dtype, rngs=rngs)
 
@@ -51,10 +58,14 @@ class CausalSelfAttention(nnx.Module):
     qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Causal attention over ``x`` ``(B, L, D)``, or where ``mask`` ``(B, 1, L, L)`` allows (packed rows)."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     q, k, v = self._qkv(x)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=mask is None, mask=mask)
+    q, k, v = self.queries(q), self.keys(k), self.values(v)
+    if tapped(self.probs):
+      visible = jnp.tril(jnp.ones((x.shape[1],) * 2, bool))
+      out = explicit_attention(q, k, v, visible, self.probs)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return self.proj(out.reshape(x.shape))
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -86,8 +97,8 @@ class Block(nnx.Module):
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
     return x if self.dropout is None else self.dropout(x, deterministic=not train)
 
-  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-    x = x + self._drop(self.attn(self.ln1(x), mask), train)
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = x + self._drop(self.attn(self.ln1(x)), train)
     return x + self._drop(self.fc2(nnx.gelu(self.fc1(self.ln2(x)))), train)
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -144,24 +155,19 @@ class TransformerLM(nnx.Module):
     self.head = layer_lib.dense(dim, num_classes, use_bias=False, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-  def __call__(
-    self, tokens: jax.Array, *, train: bool = False, segment_ids: jax.Array | None = None, positions=None
-  ) -> ModelOutput:
-    """Logits of ``tokens`` ``(B, L)``; packed rows pass ``segment_ids`` and ``positions`` ``(B, L)`` (each
-    example attends within itself and is embedded from position 0: :func:`packed_mask`)."""
+  def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] > self.max_len:
       raise ConfigError(
         f"{self.model_name} expects input (B, L) integer tokens with "
         f"L <= {self.max_len}, got {tuple(tokens.shape)} "
         f"{tokens.dtype}"
       )
-    x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1])[None] if positions is None else positions)
-    mask = None if segment_ids is None else packed_mask(segment_ids)
+    x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
     if self.dropout is not None:
       x = self.dropout(x, deterministic=not train)
     feats = {"embed": x}
     for i, block in enumerate(self.blocks):
-      x = block(x, train, mask)
+      x = block(x, train)
       feats[f"block{i}"] = x
     x = self.ln_f(x)
     feats["pooled"] = x
