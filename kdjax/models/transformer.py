@@ -35,6 +35,13 @@ from kdjax.models.probe import Probe, tapped
 _EMBED_INIT = nnx.initializers.normal(0.02)
 
 
+def packed_mask(segment_ids: jax.Array) -> jax.Array:
+  """Attention mask ``(B, 1, L, L)`` of packed rows: query ``i`` sees key ``j`` when ``j ≤ i`` and both lie in
+  one example, ``segment_ids[i] == segment_ids[j]`` (Krell et al., 2021, packing without cross-contamination)."""
+  causal = jnp.tril(jnp.ones((segment_ids.shape[1],) * 2, bool))
+  return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
 def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, probe: Probe) -> jax.Array:
   """``softmax(q·kᵀ/√d) v`` with the probabilities ``(B, H, L, L)`` formed in float32 and passed through
   ``probe``; q, k, v ``(B, L, H, d)``, ``visible`` broadcastable to ``(B, H, L, L)``. Returns ``(B, L, H, d)``."""
@@ -58,14 +65,15 @@ class CausalSelfAttention(nnx.Module):
     qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Causal attention over ``x`` ``(B, L, D)``, or where ``mask`` ``(B, 1, L, L)`` allows (packed rows)."""
     q, k, v = self._qkv(x)
     q, k, v = self.queries(q), self.keys(k), self.values(v)
     if tapped(self.probs):
       visible = jnp.tril(jnp.ones((x.shape[1],) * 2, bool))
-      out = explicit_attention(q, k, v, visible, self.probs)
+      out = explicit_attention(q, k, v, visible if mask is None else mask, self.probs)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=mask is None, mask=mask)
     return self.proj(out.reshape(x.shape))
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -97,8 +105,8 @@ class Block(nnx.Module):
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
     return x if self.dropout is None else self.dropout(x, deterministic=not train)
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = x + self._drop(self.attn(self.ln1(x)), train)
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    x = x + self._drop(self.attn(self.ln1(x), mask), train)
     return x + self._drop(self.fc2(nnx.gelu(self.fc1(self.ln2(x)))), train)
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -155,19 +163,24 @@ class TransformerLM(nnx.Module):
     self.head = layer_lib.dense(dim, num_classes, use_bias=False, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-  def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
+  def __call__(
+    self, tokens: jax.Array, *, train: bool = False, segment_ids: jax.Array | None = None, positions=None
+  ) -> ModelOutput:
+    """Logits of ``tokens`` ``(B, L)``; packed rows pass ``segment_ids`` and ``positions`` ``(B, L)`` (each
+    example attends within itself and is embedded from position 0: :func:`packed_mask`)."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] > self.max_len:
       raise ConfigError(
         f"{self.model_name} expects input (B, L) integer tokens with "
         f"L <= {self.max_len}, got {tuple(tokens.shape)} "
         f"{tokens.dtype}"
       )
-    x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
+    x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1])[None] if positions is None else positions)
+    mask = None if segment_ids is None else packed_mask(segment_ids)
     if self.dropout is not None:
       x = self.dropout(x, deterministic=not train)
     feats = {"embed": x}
     for i, block in enumerate(self.blocks):
-      x = block(x, train)
+      x = block(x, train, mask)
       feats[f"block{i}"] = x
     x = self.ln_f(x)
     feats["pooled"] = x
