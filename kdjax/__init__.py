@@ -26,6 +26,7 @@ _EXPORTS = {
   "exact_match": "kdjax.engine.evaluation",
   "student_model": "kdjax.engine.evaluation",
   "teacher_model": "kdjax.engine.evaluation",
+  "export_hf": "kdjax.engine.evaluation",
   "train": "kdjax.engine.hooks",
   "TrainState": "kdjax.engine.state",
   "make_mesh": "kdjax.parallel.sharding",

@@ -99,22 +99,62 @@ class ModelConfig:
 
   Attributes:
     name: registry name (``kdjax.models.available()``), or ``hf`` for a
-      teacher read from a Hugging Face checkpoint directory (``checkpoint``:
+      model read from a Hugging Face checkpoint directory (``checkpoint``:
       config.json + safetensors; Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-2).
-    dtype: computation dtype; params stay float32.
+    dtype: computation dtype; params stay float32 (a frozen ``hf`` teacher
+      holds them in ``dtype``).
     checkpoint: a finished run's workdir, its ``export/`` directory or its
       ``model.msgpack`` (or, with ``name="hf"``, a Hugging Face checkpoint
       directory). A teacher is loaded from it; a student starts from it
       (fine-tuning, or distilling into a pretrained student) instead of its
-      random initialisation.
+      random initialisation. An ``hf`` student without one is cut from the
+      ``hf`` teacher's checkpoint.
+    layers / layer_stride: an ``hf`` student keeps only these layers of its
+      checkpoint (e.g. ``0 2``), or every k-th (``0, k, 2k, …``):
+      DistilBERT's initialisation of a student from its teacher's layers.
+    mlp_size / heads / kv_heads: width pruning of an ``hf`` student (0: keep):
+      the most important MLP neurons, query heads and key/value groups by
+      their activations on ``prune_examples`` training rows (Minitron;
+      :mod:`kdjax.models.prune`).
   """
 
   name: str = "mlp"
   dtype: str = "float32"
   checkpoint: str | None = None
+  layers: tuple[int, ...] = ()
+  layer_stride: int = 0
+  mlp_size: int = 0
+  heads: int = 0
+  kv_heads: int = 0
+  prune_examples: int = 256
 
   def __post_init__(self):
     _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+
+  @property
+  def cut(self) -> bool:
+    """Whether the model is cut from its checkpoint (fewer layers, narrower)."""
+    return bool(self.layers or self.layer_stride or self.mlp_size or self.heads or self.kv_heads)
+
+  @property
+  def pruned(self) -> bool:
+    return bool(self.mlp_size or self.heads or self.kv_heads)
+
+  def check(self, role: str) -> None:
+    """The cut fields, checked with the flag names of ``role`` (``student``, ``teacher`` …)."""
+    if self.cut:
+      _check(role == "student", f"{role}.layers", "cutting and pruning apply to the student only")
+      _check(self.name == "hf", f"{role}.name", f"layers and width pruning cut an hf model, not {self.name!r}")
+    _check(all(i >= 0 for i in self.layers), f"{role}.layers", f"must be ≥ 0, got {list(self.layers)}")
+    _check(
+      list(self.layers) == sorted(set(self.layers)),
+      f"{role}.layers",
+      f"must be distinct and increasing, got {list(self.layers)}",
+    )
+    _check(not (self.layers and self.layer_stride), f"{role}.layers", "give layers or layer_stride, not both")
+    for f in ("layer_stride", "mlp_size", "heads", "kv_heads"):
+      _check(getattr(self, f) >= 0, f"{role}.{f}", f"must be ≥ 0 (0: off), got {getattr(self, f)}")
+    _check(self.prune_examples >= 1, f"{role}.prune_examples", f"must be ≥ 1, got {self.prune_examples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +300,7 @@ class Experiment:
   def __post_init__(self):
     for name, value in _float_fields(self):
       _check(math.isfinite(value), name, f"must be a finite number, got {value}")
+    self._check_models()
     _check(
       self.mode in ("teacher", "offline", "multi_teacher", "dml", "born_again", "self_ema"),
       "mode",
@@ -313,6 +354,18 @@ class Experiment:
     if self.data.transfer_split and self.mode == "teacher":
       raise ConfigError("data.transfer_split: the transfer set is unlabelled; it cannot train a teacher (mode=teacher)")
 
+  def _check_models(self) -> None:
+    """The models' cut fields; a Hugging Face student is one model started from one checkpoint."""
+    self.student.check("student")
+    _check(
+      self.student.name != "hf" or self.mode not in ("dml", "born_again"),
+      "student.name",
+      f"an hf student starts from one checkpoint; mode={self.mode!r} needs zoo students (use mode=offline)",
+    )
+    self.teacher.check("teacher")
+    for i, t in enumerate(self.extra_teachers):
+      t.check(f"extra_teachers[{i}]")
+
   def replace(self, **kw) -> Experiment:
     return dataclasses.replace(self, **kw)
 
@@ -359,6 +412,18 @@ HASH_EXCLUDE = (
 # existing workdirs keep their hash (and resume) while a run that sets one gets a new hash.
 HASH_WHEN_SET = {
   "data.image_size": None,
+  **{
+    f"{role}.{k}": v
+    for role in ("student", "teacher", "extra_teachers.*")
+    for k, v in (
+      ("layers", []),
+      ("layer_stride", 0),
+      ("mlp_size", 0),
+      ("heads", 0),
+      ("kv_heads", 0),
+      ("prune_examples", 256),
+    )
+  },
   "method.skew_alpha": None,
   **{f"responses.{k}": v for k, v in json.loads(json.dumps(dataclasses.asdict(ResponseConfig()))).items()},
 }
@@ -380,7 +445,9 @@ def hashed_fields(d: dict) -> dict[str, Any]:
 
   walk(d, "")
   excluded = lambda k: any(fnmatch.fnmatchcase(k, pat) for pat in HASH_EXCLUDE)  # noqa: E731
-  at_default = lambda k, v: k in HASH_WHEN_SET and v == HASH_WHEN_SET[k]  # noqa: E731
+  at_default = lambda k, v: any(  # noqa: E731
+    fnmatch.fnmatchcase(k, pat) and v == default for pat, default in HASH_WHEN_SET.items()
+  )
   return {k: v for k, v in flat.items() if not excluded(k) and not at_default(k, v)}
 
 

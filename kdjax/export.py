@@ -113,3 +113,27 @@ def predict(params: dict[str, Any], images: Any, *, batch_size: int = 1024) -> n
     for i in range(0, len(images), batch_size)
   ]
   return np.concatenate(out) if out else np.zeros((0, int(params["num_classes"])), np.float32)
+
+
+def to_hf(path: str | Path, directory: str | Path, *, dtype: str = "float32") -> Path:
+  """An exported decoder (a run workdir, its ``export/`` or the ``.msgpack``) rewritten as a Hugging Face
+  checkpoint in ``directory`` (:func:`kdjax.models.hf_export.to_pretrained`: ``config.json``,
+  ``model.safetensors`` as ``dtype``, the tokenizer files of the checkpoint it was cut from)."""
+  from kdjax.models import hf_export
+  from kdjax.models.decoder import Decoder
+
+  meta, payload, _ = ckpt.load_export(path, what="exported model")
+  if "decoder" not in meta:
+    raise ConfigError(
+      f"exported model {str(path)!r} ({meta.get('model', '?')}) is not a decoder language model; "
+      f"--format hf writes Llama/Qwen/Gemma/GPT-2-family students (student.name hf)"
+    )
+  cfg = hf_export.decoder_config(meta["decoder"])
+  model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model)
+  shapes = jax.tree.map(lambda v: np.broadcast_to(np.zeros((), np.uint8), v.shape), ckpt.pure_dict(params))
+  ckpt._check_same_shapes(payload["params"], shapes, "params")
+  nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, payload["params"]))
+  source = meta.get("hf_source")
+  source = source if source and (Path(source) / "config.json").is_file() else None
+  return hf_export.to_pretrained(nnx.merge(graphdef, params), directory, dtype=dtype, source=source)

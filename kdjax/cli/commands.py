@@ -82,13 +82,22 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-  """``kdjax export WORKDIR [--out DIR]``: the run's exported parameters (copied to ``DIR``)."""
+  """``kdjax export WORKDIR [--out DIR] [--format kdjax|hf] [--dtype float32|bfloat16]``: the run's exported
+  parameters (copied to ``DIR``), or with ``--format hf`` its decoder student as a Hugging Face checkpoint
+  in ``DIR`` (config.json, safetensors, tokenizer files) that transformers loads."""
   from kdjax import checkpoint as ckpt
 
   args = list(argv)
   out = pop_opt(args, "--out")
-  if len(args) != 1:
-    raise CliError("usage: kdjax export WORKDIR [--out DIR]")
+  fmt = pop_opt(args, "--format", "kdjax")
+  dtype = pop_opt(args, "--dtype", "float32")
+  if len(args) != 1 or fmt not in ("kdjax", "hf") or (fmt == "hf" and not out):
+    raise CliError("usage: kdjax export WORKDIR [--out DIR] | kdjax export WORKDIR --format hf --out DIR [--dtype D]")
+  if fmt == "hf":
+    from kdjax import export
+
+    print(f"{export.to_hf(args[0], out, dtype=dtype)}  (load with: AutoModelForCausalLM.from_pretrained({out!r}))")
+    return 0
   src = ckpt.resolve_export(args[0], what="run to export")
   if out:
     import shutil

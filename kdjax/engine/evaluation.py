@@ -3,6 +3,7 @@
     metrics = kdjax.evaluate(distiller, state, eval_batches)      # accuracy, agreement, KL, ECE, CKA
     em = kdjax.exact_match(distiller, state, token_batches)         # greedy answers, KV cache
     evaluation.export(distiller, state, "exported/")          # kdjax.engine.evaluation
+    evaluation.export(distiller, state, "hf/", format="hf")   # a Hugging Face checkpoint (decoder students)
     student = kdjax.student_model(distiller, state)                # an NNX module with the trained weights
 
 ``Distiller.evaluate``, ``.exact_match`` and ``.export`` call these.
@@ -21,6 +22,7 @@ from flax import nnx
 from kdjax import batch as batch_keys
 from kdjax.engine.state import TrainState, merge_model
 from kdjax.engine.step import make_eval_step
+from kdjax.errors import ConfigError
 from kdjax.parallel import sharding, xla_cpu
 
 CKA_EXAMPLES = 1024
@@ -152,15 +154,25 @@ def export(
   model_name: str | None = None,
   dtype: str = "float32",
   extra: dict | None = None,
+  format: str = "kdjax",
 ):
-  """Write the (first) student's params and BatchNorm statistics (``kdjax.export.load`` reads them).
+  """Write the (first) student: ``format="kdjax"``: its params and BatchNorm statistics (``kdjax.export.load``
+  reads them; a decoder's record also holds what ``kdjax export --format hf`` needs later); ``format="hf"``:
+  a Hugging Face checkpoint of a decoder student (:func:`kdjax.models.hf_export.to_pretrained`; ``dtype``
+  float32 or bfloat16), which ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
   Every process must call it (parameters split across processes are
   gathered); process 0 writes. Returns the params file's path.
   """
   from kdjax import checkpoint
+  from kdjax.models import hf_export
 
+  if format not in _FORMATS:
+    raise ConfigError(f"export format={format!r}: must be one of {list(_FORMATS)}")
+  if _FORMATS[format]:
+    return hf_export.to_pretrained(student_model(distiller, state), directory, dtype=dtype) / "model.safetensors"
   info = distiller.spec.students[0].info
+  described = hf_export.describe(student_model(distiller, state))
   return checkpoint.export_model(
     directory,
     model_name=model_name or info.name,
@@ -168,5 +180,19 @@ def export(
     dtype=dtype,
     params=state.params[0],
     model_state=checkpoint.batch_stats(state.model_state[0]),
-    extra=extra,
+    extra={**described, **(extra or {})},
   )
+
+
+_FORMATS = {"kdjax": False, "hf": True}  # export format → whether it is a Hugging Face checkpoint
+
+
+def export_hf(model_or_distiller, directory, state: TrainState | None = None, *, dtype: str = "float32", source=None):
+  """A Hugging Face checkpoint of a decoder: ``export_hf(model, dir)`` for an NNX
+  :class:`~kdjax.models.Decoder`, ``export_hf(distiller, dir, state)`` for a distilled (first) student.
+  ``config.json``, ``model.safetensors`` (``dtype`` float32 or bfloat16) and the tokenizer files of
+  ``source`` (default: the checkpoint the model was loaded or cut from); returns ``directory``."""
+  from kdjax.models import hf_export
+
+  model = model_or_distiller if state is None else student_model(model_or_distiller, state)
+  return hf_export.to_pretrained(model, directory, dtype=dtype, source=source)

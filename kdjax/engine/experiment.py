@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kdjax import batch as batch_keys
@@ -117,14 +118,13 @@ def load_model(
   return model, digest
 
 
-def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, mesh) -> tuple[Any, str]:
-  """A Hugging Face teacher, and the content hash of its config and weights."""
+def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, mesh, layers=None) -> tuple[Any, str]:
+  """A Hugging Face model (a teacher, or a student's start, of its ``layers`` only), and the content hash of
+  its config and weights."""
   from pathlib import Path
 
   from kdjax.models import pretrained
 
-  if role == "student":
-    raise ConfigError("student.name=hf: Hugging Face checkpoints load as teachers; the student is a zoo model")
   vocab = pretrained.read_config(mcfg.checkpoint).vocab_size
   if vocab < num_classes and not own_vocab:
     raise ConfigError(
@@ -132,13 +132,15 @@ def _load_hf(mcfg: ModelConfig, num_classes: int, role: str, own_vocab: bool, me
       f"{num_classes}; use a teacher with the dataset's tokenizer, or --method.name uld for a teacher "
       f"of another tokenizer"
     )
-  # Frozen: its weights are held in its compute dtype (a bfloat16 teacher takes half the memory).
+  # A frozen teacher holds its weights in its compute dtype (a bfloat16 teacher takes half the memory); a
+  # student trains float32 master weights.
   model = pretrained.from_pretrained(
     mcfg.checkpoint,
     dtype=_DTYPES[mcfg.dtype],
-    param_dtype=_DTYPES[mcfg.dtype],
+    param_dtype=jnp.float32 if role == "student" else _DTYPES[mcfg.dtype],
     mesh=mesh,
     vocab_size=None if own_vocab else num_classes,
+    layers=layers,
   )
   files = sorted(p for p in Path(mcfg.checkpoint).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
   return model, hashlib.sha256(" ".join(ckpt.file_hash(p) for p in files).encode()).hexdigest()[:16]
@@ -166,8 +168,42 @@ class Run:
     return self.distiller.mesh
 
 
-def _students(cfg: Experiment, num_classes: int) -> list[nnx.Module]:
+def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
+  """A student read from a Hugging Face checkpoint (its own, or else the hf teacher's), cut to the configured
+  layers and pruned to the configured width by importance on the first training rows; prints what remains."""
+  from kdjax.models import decoder, pretrained, prune
+
+  s = cfg.student
+  path = s.checkpoint or (cfg.teacher.checkpoint if cfg.teacher.name == HF else None)
+  if not path:
+    raise ConfigError(
+      "student.name=hf: pass --student.checkpoint <Hugging Face checkpoint directory>, or an hf teacher "
+      "(--teacher.name hf --teacher.checkpoint DIR) to cut the student from"
+    )
+  full = pretrained.read_config(path)
+  try:
+    layers = prune.choose_layers(full.num_layers, s.layers, s.layer_stride)
+    layers = None if layers is None else pretrained.check_layers(layers, full.num_layers, f"layers (checkpoint {path})")
+  except ConfigError as e:
+    raise ConfigError(f"student.{e}") from None
+  model, _ = _load_hf(dataclasses.replace(s, checkpoint=path), num_classes, "student", False, None, layers)
+  if s.pruned:
+    rows = train_ds.take(np.arange(min(s.prune_examples, len(train_ds))))[0]  # the same rows on every process
+    try:
+      model = prune.prune_width(model, rows, mlp_size=s.mlp_size, heads=s.heads, kv_heads=s.kv_heads)
+    except ConfigError as e:
+      raise ConfigError(f"student.{e}") from None
+  if s.cut and not cfg.run.quiet:
+    source = nnx.eval_shape(lambda: decoder.Decoder(full, rngs=nnx.Rngs(0)))
+    print(f"student cut from {path} (layers {list(layers or range(full.num_layers))}):")
+    print(prune.param_table(model, source))
+  return model
+
+
+def _students(cfg: Experiment, num_classes: int, train_ds=None) -> list[nnx.Module]:
   """Students get distinct seeds (DML needs different initialisations)."""
+  if cfg.student.name == HF:
+    return [_hf_student(cfg, num_classes, train_ds)]
   if cfg.student.checkpoint:  # start from a trained model (its RNG streams still come from the run's seed)
     return [load_model(cfg.student, num_classes, role="student", seed=cfg.run.seed * 1000)[0]]
   n = cfg.num_students if teachers.plan(cfg.mode).peers else 1
@@ -290,7 +326,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   init_steps = int(round(cfg.method.init_epochs * spe))
   total_steps = init_steps + (cfg.optim.steps or int(math.ceil(cfg.optim.epochs * spe)))
   plan = teachers.plan(cfg.mode)
-  students = _students(cfg, num_classes)
+  students = _students(cfg, num_classes, train_ds)
   teacher_cfgs = _teacher_configs(cfg, plan, teacher_checkpoint)
   method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
   teacher_mesh = placement_meshes(mesh, cfg.placement)[1]  # a Hugging Face teacher loads into its shards there

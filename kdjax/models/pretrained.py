@@ -163,8 +163,10 @@ class Layout:
     return sl
 
 
-def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
-  """kdjax parameter path → (checkpoint tensor name without prefix, layout change to kdjax's)."""
+def _names(cfg: DecoderConfig, layers: tuple[int, ...] | None = None) -> dict[str, tuple[str, Layout]]:
+  """kdjax parameter path → (checkpoint tensor name without prefix, layout change to kdjax's); block ``i``
+  reads the checkpoint's layer ``layers[i]`` (default: layer ``i``)."""
+  src = tuple(range(cfg.num_layers)) if layers is None else tuple(layers)
   t, same = Layout(transpose=True), Layout()
   out: dict[str, tuple[str, Layout]] = {}
   if cfg.gpt2:
@@ -179,7 +181,7 @@ def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
       }
     )
     for i in range(cfg.num_layers):
-      b, h = f"blocks.{i}.", f"h.{i}."
+      b, h = f"blocks.{i}.", f"h.{src[i]}."
       for j, n in enumerate("qkv"):
         out[f"{b}attn.{n}.kernel"] = (h + "attn.c_attn.weight", part(j))
         out[f"{b}attn.{n}.bias"] = (h + "attn.c_attn.bias", part(j))
@@ -192,7 +194,7 @@ def _names(cfg: DecoderConfig) -> dict[str, tuple[str, Layout]]:
   if not cfg.tie_embeddings:
     out["head.kernel"] = ("lm_head.weight", t)
   for i in range(cfg.num_layers):
-    b, h = f"blocks.{i}.", f"layers.{i}."
+    b, h = f"blocks.{i}.", f"layers.{src[i]}."
     lin = {
       "attn.q": "self_attn.q_proj",
       "attn.k": "self_attn.k_proj",
@@ -285,6 +287,7 @@ def from_pretrained(
   mesh: jax.sharding.Mesh | None = None,
   model_axis: str = "model",
   vocab_size: int | None = None,
+  layers: tuple[int, ...] | None = None,
 ) -> Decoder:
   """The model in the Hugging Face checkpoint directory ``path``, its weights loaded.
 
@@ -302,13 +305,21 @@ def from_pretrained(
       (default: all). For a student of the same tokenizer whose vocabulary
       the checkpoint pads (embedding rows past the tokenizer's last id); the
       weights are loaded whole.
+    layers: keep only these layers of the checkpoint, in this order
+      (:func:`keep_layers`; DistilBERT's initialisation of a student from
+      its teacher's layers); the other layers' tensors are never read.
 
   Raises:
-    ConfigError: no checkpoint there, an unsupported architecture, or a
-      tensor missing, unused or of the wrong shape (one line naming it).
+    ConfigError: no checkpoint there, an unsupported architecture, a layer
+      index out of range, or a tensor missing, unused or of the wrong shape
+      (one line naming it).
   """
   path = Path(path)
   cfg = read_config(path)
+  depth = cfg.num_layers
+  if layers is not None:
+    layers = check_layers(layers, depth, str(path))
+    cfg = keep_layers(cfg, layers)
   if vocab_size is not None:
     if not 1 <= vocab_size <= cfg.vocab_size:
       raise ConfigError(
@@ -316,16 +327,42 @@ def from_pretrained(
       )
     cfg = dataclasses.replace(cfg, output_vocab=vocab_size)
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), name=path.name or cfg.family))
-  return _filled(model, path, cfg, mesh, model_axis, param_dtype)
+  model = _filled(model, path, cfg, mesh, model_axis, param_dtype, layers, depth)
+  model.hf_source = str(path.resolve())  # where kdjax.models.hf_export finds the config and tokenizer files
+  return model
 
 
-def _filled(model: Decoder, path: Path, cfg: DecoderConfig, mesh, model_axis: str, param_dtype) -> Decoder:
-  """``model`` (abstract) with every parameter read from its checkpoint tensor; each tensor used exactly once."""
+def check_layers(layers, num_layers: int, where: str) -> tuple[int, ...]:
+  """``layers`` as a tuple of distinct indices into ``num_layers`` layers, or a one-line :class:`ConfigError`."""
+  layers = tuple(int(i) for i in layers)
+  if not layers:
+    raise ConfigError(f"{where}: keep at least one layer (layers=() given)")
+  bad = [i for i in layers if not 0 <= i < num_layers]
+  if bad:
+    raise ConfigError(f"{where}: layer index {bad[0]} is out of range (the checkpoint has layers 0..{num_layers - 1})")
+  if len(set(layers)) != len(layers):
+    raise ConfigError(f"{where}: layers {list(layers)} name a layer twice")
+  return layers
+
+
+def keep_layers(cfg: DecoderConfig, layers: tuple[int, ...]) -> DecoderConfig:
+  """The config of a decoder made of ``cfg``'s layers ``layers`` (each keeps its sliding/global kind)."""
+  kinds = tuple(cfg.layer_types[i] for i in layers) if cfg.layer_types else ()
+  return dataclasses.replace(cfg, num_layers=len(layers), layer_types=kinds)
+
+
+def _filled(
+  model: Decoder, path: Path, cfg: DecoderConfig, mesh, model_axis: str, param_dtype, layers=None, depth=0
+) -> Decoder:
+  """``model`` (abstract) with every parameter read from its checkpoint tensor; each tensor used exactly once
+  (with ``layers``, the dropped layers' tensors are not read)."""
   tensors = _Tensors(path)
-  names = _names(cfg)
+  names = _names(cfg, layers)
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
   used = {theirs for theirs, _ in names.values()}
+  if layers is not None:  # the tensors of every layer left out count as used
+    used |= {t for t, _ in _names(dataclasses.replace(cfg, num_layers=depth)).values()}
   extra = sorted(set(tensors.files) - used)
   if extra:
     raise ConfigError(
