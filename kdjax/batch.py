@@ -16,6 +16,9 @@ key                 shape, dtype                  meaning
                                                   tokenization (cross-tokenizer distillation)
 ``teacher_mask``    ``(B, L_t)`` bool             with those: the teacher positions that predict
                                                   a response token (what ``uld`` pairs)
+``segment_ids``     ``(B, L)`` int32              packed token rows: which example each position
+                                                  belongs to (from 1; 0 = padding)
+``positions``       ``(B, L)`` int32              packed token rows: position within its example
 ``id``              ``(B,)`` int32                example id (views, CRD's memory bank)
 ``epoch``           ``(B,)`` int32                the epoch the batch was drawn in
 ``label_b``         ``(B,)`` int32                mixup/cutmix partner label
@@ -46,6 +49,8 @@ MASK = "mask"
 TEACHER_INPUTS = "teacher_inputs"
 TEACHER_MASK = "teacher_mask"
 ID = "id"
+SEGMENT_IDS = "segment_ids"
+POSITIONS = "positions"
 EPOCH = "epoch"
 LABEL_B = "label_b"
 MIX_LAMBDA = "mix_lambda"

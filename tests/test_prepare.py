@@ -83,6 +83,16 @@ def made(tmp_path_factory):
   return dict(root=root, tok=tok, chats=chats, data_dir=data_dir, plain=plain, packed=packed)
 
 
+@pytest.fixture(scope="module")
+def hf_chats(made):
+  """transformers' ``apply_chat_template`` of every conversation: (token ids, assistant mask)."""
+  from transformers import PreTrainedTokenizerFast
+
+  hf = PreTrainedTokenizerFast.from_pretrained(str(made["tok"]))
+  outs = [hf.apply_chat_template(m, tokenize=True, return_dict=True, return_assistant_tokens_mask=True) for m in CHATS]
+  return hf, [(np.asarray(o["input_ids"]), np.asarray(o["assistant_masks"], bool)) for o in outs]
+
+
 def _split(made, name, split="train"):
   return {k: np.asarray(v) for k, v in _records(made["data_dir"], name, split).items()}
 
@@ -93,17 +103,13 @@ def _records(data_dir, name, split):
   return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
 
 
-def test_chat_token_ids_and_scored_positions_equal_transformers(made):
+def test_chat_token_ids_and_scored_positions_equal_transformers(made, hf_chats):
   """Each row is ``apply_chat_template`` of its conversation (token for token); exactly the tokens transformers
   marks as assistant-generated are scored (targets −1 elsewhere, padding included)."""
-  from transformers import PreTrainedTokenizerFast
-
-  hf = PreTrainedTokenizerFast.from_pretrained(str(made["tok"]))
+  hf, refs = hf_chats
   rows = _split(made, "my_chat")
-  assert len(rows["inputs"]) == len(CHATS) * 3 and rows["inputs"].shape[1] == L
-  for k, messages in enumerate(CHATS * 3):
-    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids, assistant = np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], bool)
+  assert len(rows["inputs"]) == len(CHATS) * 3 and rows["inputs"].shape[1] == L and "segment_ids" not in rows
+  for k, (ids, assistant) in enumerate(refs * 3):
     n = len(ids)
     assert assistant.any() and not assistant.all()
     np.testing.assert_array_equal(rows["inputs"][k, : n - 1], ids[:-1])
@@ -135,12 +141,17 @@ def test_the_prepared_dataset_loads_by_name_through_the_loader(made):
   again.restore(state)
   for b in first[2:]:
     np.testing.assert_array_equal(next(again)["inputs"], b["inputs"])
+  assert "segment_ids" not in first[0]
+  packed = kd.make_loader("my_chat_packed", "train", 2, data_dir=d, process_index=0, process_count=1, worker_count=0)
+  b, recs = next(packed), _split(made, "my_chat_packed")
+  for k in ("inputs", "segment_ids", "positions"):
+    np.testing.assert_array_equal(b[k], recs[k][b["id"]])
   text = kd.tfds.tokenizer("my_chat", d).decode(rows["inputs"][0].tolist(), skip_special_tokens=False)
   assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
   assert kd.default_data_dir(d) == made["plain"].data_dir and made["plain"].rows == {"train": 12}
 
 
-def test_packing_keeps_every_example_and_restarts_positions(made):
+def test_packing_keeps_every_example_and_restarts_positions(made, hf_chats):
   plain, packed = _split(made, "my_chat"), _split(made, "my_chat_packed")
   assert len(packed["inputs"]) < len(plain["inputs"])
   got = []
@@ -151,9 +162,8 @@ def test_packing_keeps_every_example_and_restarts_positions(made):
       np.testing.assert_array_equal(pos[at], np.arange(at.sum()))
       got.append((tuple(x[at]), tuple(y[at])))
     assert (y[seg == 0] == -1).all()
-  want = []
-  for x, y, seg in zip(plain["inputs"], plain["targets"], plain["segment_ids"]):
-    want.append((tuple(x[seg == 1]), tuple(y[seg == 1])))
+  n = [len(ids) - 1 for ids, _ in hf_chats[1]] * 3  # positions of each example
+  want = [(tuple(x[:m]), tuple(y[:m])) for x, y, m in zip(plain["inputs"], plain["targets"], n)]
   assert sorted(got) == sorted(want) and len(got) == len(CHATS) * 3
   assert "12 examples packed" in made["packed"].summary
 
@@ -172,6 +182,12 @@ def test_prompt_response_pairs_with_named_fields(made, tmp_path):
   fields = prepare.Fields(prompt="q", response="a")
   done = prepare.text(src, made["tok"], "pairs", str(tmp_path / "d"), max_length=32, fields=fields, test_size=1)
   assert done.rows == {"train": 1, "test": 1}
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.Table.from_pylist(recs), tmp_path / "pairs.parquet")
+  prepare.text(tmp_path / "pairs.parquet", made["tok"], "pairs_pq", str(tmp_path / "d"), max_length=32, fields=fields)
+  from_parquet = _records(str(tmp_path / "d"), "pairs_pq", "train")
   eos = tok.token_to_id("<|im_end|>")
   got = {}
   for split in ("train", "test"):
@@ -183,15 +199,17 @@ def test_prompt_response_pairs_with_named_fields(made, tmp_path):
     want_y = np.full(32, -1)
     want_y[: len(seq) - 1] = np.where(np.arange(1, len(seq)) >= len(p), seq[1:], -1)
     assert any(np.array_equal(x[: len(seq) - 1], seq[:-1]) and np.array_equal(y, want_y) for x, y in got.values())
+    k = recs.index(rec)
+    np.testing.assert_array_equal(from_parquet["targets"][k], want_y)
 
 
-def test_overflow_truncates_or_drops_and_counts(made, tmp_path):
+def test_overflow_truncates_or_drops_and_counts(made, hf_chats, tmp_path):
   """Truncation keeps an example's first 31 tokens (30 positions) unless no scored target is left, then drops it."""
   chats = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CHATS])
   cut = prepare.text(chats, made["tok"], "cut", str(tmp_path / "d"), max_length=30, overflow="truncate")
   drop = prepare.text(chats, made["tok"], "drop", str(tmp_path / "d"), max_length=30, overflow="drop")
   full = {k: v[: len(CHATS)] for k, v in _split(made, "my_chat").items()}
-  long = (full["segment_ids"] > 0).sum(1) > 30
+  long = np.array([len(ids) - 1 for ids, _ in hf_chats[1]]) > 30
   kept = ~long | (full["targets"][:, :30] >= 0).any(1)
   assert long.any() and not long.all() and not kept.all()
   assert f"{(long & kept).sum()} truncated, {(~kept).sum()} dropped" in cut.summary
@@ -295,19 +313,24 @@ def test_arrays_and_image_folders_become_image_datasets(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made):
-  """A tiny transformer's mean next-token loss over scored targets is the same on packed rows (segment ids and
-  positions) as on one example per row; without the segment mask it differs."""
+@pytest.mark.parametrize("family", ["transformer_lm", "qwen2"])
+def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made, family):
+  """A tiny language model's mean next-token loss over scored targets is the same on packed rows (segment ids
+  and positions) as on one example per row; without the segment mask it differs. kdjax's own transformer and
+  the Hugging Face decoder (a Qwen2-shaped one: RoPE positions, grouped-query attention)."""
   import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
 
   from kdjax import models
+  from kdjax.models.decoder import Decoder, DecoderConfig
 
-  model = models.create(
-    "transformer_lm", num_classes=320, num_layers=1, dim=16, num_heads=2, max_len=L, rngs=nnx.Rngs(0)
-  )
+  if family == "transformer_lm":
+    model = models.create(family, num_classes=320, num_layers=1, dim=16, num_heads=2, max_len=L, rngs=nnx.Rngs(0))
+  else:
+    shape = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32)
+    model = Decoder(DecoderConfig("qwen2", 320, **shape, max_positions=L, qkv_bias=True), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -325,3 +348,22 @@ def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made):
   np.testing.assert_allclose(masked, unpacked, rtol=1e-6)
   ones, ramp = np.ones_like(packed["inputs"]), np.broadcast_to(np.arange(L), packed["inputs"].shape)
   assert abs(float(loss(state, packed["inputs"], packed["targets"], ones, ramp)) - unpacked) > 1e-4
+
+
+@pytest.mark.slow
+def test_training_on_a_packed_dataset_is_refused_in_one_line(made, tmp_path):
+  """The training step does not pass segment ids to the models, so a packed split is refused, not mixed up."""
+  from kdjax import engine
+  from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, RunConfig
+
+  data = DataConfig(name="my_chat_packed", data_dir=made["data_dir"], view="tokens", eval_split="train", batch_size=2)
+  cfg = Experiment(
+    name="packed",
+    mode="teacher",
+    student=ModelConfig(name="transformer_lm"),
+    method=MethodConfig(name="ce"),
+    data=data,
+    run=RunConfig(workdir=str(tmp_path / "w"), quiet=True),
+  )
+  with pytest.raises(ConfigError, match=r"^dataset 'my_chat_packed' is packed .* without --pack to train on it$"):
+    engine.fit(cfg)

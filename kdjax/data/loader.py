@@ -70,7 +70,8 @@ class Loader:
   """Training batches (this process's slice of each global batch) as NumPy dicts.
 
   Keys (:mod:`kdjax.batch`): ``inputs`` float32 (student view), ``label`` int32 (-1 = unlabelled),
-  ``id`` int32, ``epoch`` int32; ``teacher_inputs`` in ``view_mode="independent"``;
+  ``id`` int32, ``epoch`` int32; ``teacher_inputs`` in ``view_mode="independent"``; ``segment_ids`` and
+  ``positions`` int32 (B, L) for packed token rows (``kdjax prepare text --pack``);
   ``label_b`` int32 and ``mix_lambda`` float32 when mixing
   (``image = λ·x + (1−λ)·x_b``); ``mask`` bool when ``drop_remainder=False``
   (the last batch is padded by wrapping to the start of the epoch's order).
@@ -174,8 +175,9 @@ class Loader:
     idx = gidx[rows]
     ds, cfg = self.ds, self.view
     images, labels, ids = ds.take(idx)
+    extras = ds.take_extras(idx) if getattr(ds, "extra_keys", ()) else {}  # packed rows: segment ids, positions
     if self.views is not None:
-      out = {**self.views(images, ids, epoch), "label": labels, "id": ids.astype(np.int32)}
+      out = {**self.views(images, ids, epoch), "label": labels, "id": ids.astype(np.int32), **extras}
       return self._finish(out, idx, epoch, gvalid[rows])
     out = {
       batch_keys.INPUTS: view_lib.augment(
@@ -202,7 +204,7 @@ class Loader:
       out[batch_keys.TEACHER_INPUTS] = teacher
     out[batch_keys.LABEL] = labels
     out[batch_keys.ID] = ids.astype(np.int32)
-    return self._finish(out, idx, epoch, gvalid[rows])
+    return self._finish({**out, **extras}, idx, epoch, gvalid[rows])
 
   def _finish(self, out: dict, idx: np.ndarray, epoch: int, valid: np.ndarray) -> dict[str, np.ndarray]:
     out[batch_keys.EPOCH] = np.full(len(idx), epoch, np.int32)

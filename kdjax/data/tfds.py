@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdjax import batch as batch_keys
 from kdjax.errors import ConfigError
 
 
@@ -172,10 +173,17 @@ def _prepare_lock(data_dir: str, name: str):
       fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+PACKING = (
+  batch_keys.SEGMENT_IDS,
+  batch_keys.POSITIONS,
+)  # packed token rows' per-position features, carried into batches
+
+
 @dataclasses.dataclass
 class ArrayDataset:
   """A split held in host memory: ``images`` (N, ...), ``labels`` int32 (N,) — or (N, L) next-token targets
-  for a token dataset — (-1 = unlabelled / not scored), ``ids`` int64 (N,)."""
+  for a token dataset — (-1 = unlabelled / not scored), ``ids`` int64 (N,); ``extras``: per-example arrays
+  (N, ...) a batch carries too (packed rows' :data:`PACKING`)."""
 
   fixed_shape = True
 
@@ -184,6 +192,15 @@ class ArrayDataset:
   ids: np.ndarray
   name: str = ""
   split: str = ""
+  extras: dict | None = None
+
+  @property
+  def extra_keys(self) -> tuple[str, ...]:
+    return tuple(self.extras or ())
+
+  def take_extras(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``extras`` of rows ``idx``."""
+    return {k: v[idx] for k, v in (self.extras or {}).items()}
 
   def __post_init__(self):
     self.labels = np.asarray(self.labels, np.int32)
@@ -221,6 +238,7 @@ class RecordSource:
       raise DatasetUnavailableError(f"{name}: cannot read split {split!r}: {str(e).strip().splitlines()[0]}") from None
     self.input_key, self.label_key = _supervised_keys(builder)
     self.fixed_shape = all(d is not None for d in builder.info.features[self.input_key].shape)
+    self.extra_keys = tuple(k for k in PACKING if k in builder.info.features)
     self.ids = np.arange(len(self._source), dtype=np.int64)
     if not len(self.ids):
       raise ConfigError(f"{name}/{split} in {default_data_dir(data_dir)!r} has no examples")
@@ -234,6 +252,13 @@ class RecordSource:
     images = [np.asarray(r[self.input_key]) for r in records]
     labels = np.array([r.get(self.label_key, -1) for r in records], np.int32)
     return (np.stack(images) if self.fixed_shape else images), labels, self.ids[idx]
+
+  def take_extras(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The :attr:`extra_keys` features of records ``idx`` (packed token rows' segment ids and positions)."""
+    if not self.extra_keys:
+      return {}
+    records = _read_records(self._source, np.asarray(idx, np.int64).tolist())
+    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in self.extra_keys}
 
 
 def _supervised_keys(builder) -> tuple[str, str]:
@@ -290,7 +315,8 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, *, download:
       f"kdjax.data.RecordSource (kdjax.data.make_loader does)"
     )
   images, labels, ids = src.take(src.ids)
-  return ArrayDataset(images, labels, ids, name=name, split=split)
+  extras = src.take_extras(src.ids) or None
+  return ArrayDataset(images, labels, ids, name=name, split=split, extras=extras)
 
 
 def open_split(name: str, split: str, data_dir: str | None = None, *, download: bool = False):

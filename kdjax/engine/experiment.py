@@ -290,6 +290,11 @@ def _data(cfg: Experiment):
 
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
+  if getattr(train_ds, "extra_keys", ()):  # packed rows need segment ids at every model call
+    raise ConfigError(
+      f"dataset {cfg.data.name!r} is packed (several examples per row): the training step does not yet pass "
+      f"segment ids to the models, so prepare it again without --pack to train on it"
+    )
   eval_ds = kd_data.open_split(
     cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir, download=cfg.data.download
   )

@@ -228,7 +228,7 @@ class Attention(nnx.Module):
     self.score_scale = (cfg.query_scale or 1.0 / math.sqrt(d)) * gain
     self.probs, self.queries, self.keys, self.values = Probe(), Probe(), Probe(), Probe()
 
-  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None):
+  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq, cache: dict | None, segments=None):
     cfg, (b, t, _) = self.cfg, x.shape
     q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -251,6 +251,8 @@ class Attention(nnx.Module):
     visible = key_pos <= positions[:, :, None]
     if self.window:  # a sliding layer sees the last `window` positions only
       visible &= key_pos > positions[:, :, None] - self.window
+    if segments is not None:  # packed rows: each example attends within itself (positions restart in each)
+      visible &= segments[:, :, None] == segments[:, None, :]
     return self.o(attend(q, k, v, visible, self.score_scale, cfg.attn_softcap, self.probs)), cache
 
 
@@ -279,9 +281,9 @@ class Block(nnx.Module):
     act = (lambda z: jax.nn.gelu(z, approximate=True)) if self.gemma else jax.nn.silu
     return self.down(act(self.gate(h)) * self.up(h))
 
-  def __call__(self, x, positions, rope, cache=None):
+  def __call__(self, x, positions, rope, cache=None, segments=None):
     inv_freq = rope[1] if self.sliding else rope[0]
-    a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache)
+    a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache, segments)
     x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
     h = self._mlp(self.mlp_norm(x))
     return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), cache
@@ -335,15 +337,20 @@ class Decoder(nnx.Module):
     z = softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
     return z[..., : self.num_classes] if self.num_classes < self.cfg.vocab_size else z
 
-  def __call__(self, tokens: jax.Array, *, train: bool = False) -> ModelOutput:
+  def __call__(
+    self, tokens: jax.Array, *, train: bool = False, segment_ids: jax.Array | None = None, positions=None
+  ) -> ModelOutput:
+    """Logits of ``tokens`` ``(B, L)``; packed rows pass ``segment_ids`` and ``positions`` ``(B, L)`` (each
+    example attends within itself, from position 0)."""
     del train  # no dropout: a pretrained teacher runs in eval mode
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ConfigError(f"{self.model_name} expects (B, L) tokens with L ≤ {self.max_len}, got {tuple(tokens.shape)}")
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x, inv = self._embed(tokens, positions), self._inv_freq()
     feats = {"embed": x}
     for i, block in enumerate(self.blocks):
-      x, _ = block(x, positions, inv)
+      x, _ = block(x, positions, inv, segments=segment_ids)
       feats[f"block{i}"] = x
     x = self.norm(x)
     feats["pooled"] = x

@@ -36,6 +36,7 @@ class Counts:
 
   examples: int = 0
   train_examples: int = 0  # kept in the training split (packed into its rows when packing)
+  train_tokens: int = 0  # positions they fill
   truncated: int = 0
   dropped: int = 0
   tokens: int = 0  # positions filled (n − 1 per kept example)

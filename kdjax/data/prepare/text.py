@@ -2,8 +2,9 @@
 
 The dataset has the features of kdjax's token datasets — ``inputs`` and
 ``targets`` int32 ``(L,)`` (``-1`` = not scored: prompts, padding) and
-``prompt_length`` — plus ``segment_ids`` and ``positions`` ``(L,)`` for packed
-rows (see :mod:`kdjax.data.prepare.rows`), ``L = max_length``. Its metadata
+``prompt_length`` — and, when packed, ``segment_ids`` and ``positions`` ``(L,)``
+(see :mod:`kdjax.data.prepare.rows`; the loader puts them in every batch),
+``L = max_length``. Only the training split is packed. Its metadata
 records the vocabulary size (the logits width), pad/BOS/EOS ids and whether
 the training split is packed; the tokenizer files are stored with it
 (:func:`kdjax.data.tfds.tokenizer` reads them back). Train with
@@ -53,8 +54,8 @@ def _rows(pieces: list, max_length: int, pack: bool, pad_id: int, split: str, so
 
 
 def _summary(name, source, counts, arrays, max_length, pack, directory) -> str:
-  c, train = counts, arrays["train"]
-  fill = (train["segment_ids"] > 0).mean()
+  c = counts
+  fill = c.train_tokens / (len(arrays["train"]["inputs"]) * max_length)
   parts = [f"{s} {len(a['inputs'])} rows" for s, a in arrays.items()]
   packed = f" (train: {c.train_examples} examples packed, {fill:.0%} of positions filled)" if pack else ""
   return (
@@ -124,8 +125,10 @@ def text(
   for split, items in splits.items():
     pieces = list(row_lib.fit(items, max_length, overflow, source if split == "train" else str(test or path), counts))
     if split == "train":
-      counts.train_examples = len(pieces)
+      counts.train_examples, counts.train_tokens = len(pieces), sum(len(x) for x, _, _ in pieces)
     arrays[split] = _rows(pieces, max_length, pack and split == "train", pad_id, split, source)
+    if not pack:  # one example per row: segment ids and positions say nothing
+      del arrays[split]["segment_ids"], arrays[split]["positions"]
   meta = _metadata(bundle, max_length, pack, pad_id, source)
   directory = writer.write(
     name, data_dir, arrays, supervised=("inputs", "targets"), metadata=meta, files=bundle.files, overwrite=overwrite
