@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -18,38 +19,62 @@ def _python_blocks() -> list[str]:
   return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_library_example_runs_and_its_kd_equals_an_independent_computation():
-  blocks = _python_blocks()
-  assert blocks, "README has no python example"
+def _run_library_example(**edits: str) -> dict:
+  """The README's first example executed as written (after ``edits``: old text → new); its namespace."""
+  block = _python_blocks()[0] if _python_blocks() else pytest.fail("README has no python example")
+  for old, new in edits.items():
+    assert old in block, old
+    block = block.replace(old, new)
   ns: dict = {}
   with contextlib.redirect_stdout(io.StringIO()):
-    exec(compile(blocks[0], "README.md", "exec"), ns)  # noqa: S102 - our own README
+    exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
+  return ns
+
+
+def _log_softmax(z, temperature=4.0):
+  z = z / temperature - (z / temperature).max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _kd(teacher_logits, student_logits):
+  """KD (T = 4) in float64: T² · mean over rows of KL(teacher ‖ student)."""
+  lp, lq = _log_softmax(teacher_logits), _log_softmax(student_logits)
+  return 16.0 * np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
+
+
+def test_library_example_trains_its_dropout_student_and_evaluates_it_deterministically():
+  import kdjax
+
+  ns = _run_library_example()
   d, state = ns["distiller"], ns["state"]
   assert int(state.step) == 100
-  # The loss reported by the step equals KD(T=4) computed here in float64 from the models' own outputs.
-  from flax import nnx
+  evals = [kdjax.evaluate(d, state, [next(ns["batches"](8))]) for _ in range(2)]
+  assert evals[0] == evals[1]  # dropout is off in evaluation
+  assert 0.0 <= evals[0]["agreement"] <= 1.0 and evals[0]["num_examples"] == 32
+  # It trained: KD between the teacher and the trained student (eval mode) is far below a fresh student's.
+  x = jnp.asarray(next(ns["batches"](7))["inputs"])
+  trained, fresh = kdjax.student_model(d, state), ns["Net"](8, rngs=nnx.Rngs(1))
+  trained.eval(), fresh.eval()
+  t = np.asarray(ns["teacher"](x), np.float64)
+  assert _kd(t, np.asarray(trained(x), np.float64)) < 0.5 * _kd(t, np.asarray(fresh(x), np.float64))
 
-  ev = d.evaluate(state, [next(ns["batches"](8))])
-  assert 0.0 <= ev["agreement"] <= 1.0 and ev["num_examples"] == 32
+
+def test_library_example_step_computes_kd_exactly():
+  """The loss the step reports equals KD(T=4) computed here in float64 from the models' own outputs (the
+  example with its dropout rate set to 0, so the student's training forward is its plain forward)."""
+  import kdjax
+
+  ns = _run_library_example(**{"nnx.Dropout(0.1": "nnx.Dropout(0.0", "range(100)": "range(3)"})
+  d, state = ns["distiller"], ns["state"]
   batch = next(ns["batches"](7))
-  before = nnx.merge(d.spec.students[0].graphdef, state.params[0], state.model_state[0])
+  before = kdjax.student_model(d, state)
   s = np.asarray(before(jnp.asarray(batch["inputs"])), np.float64)
   t = np.asarray(ns["teacher"](jnp.asarray(batch["inputs"])), np.float64)
   _, m = d.step(state, batch)
-
-  def log_softmax(z):
-    z = z / 4.0 - (z / 4.0).max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-  lp, lq = log_softmax(t), log_softmax(s)
-  ref = 16.0 * np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
+  ref = _kd(t, s)
   atol = 16.0 * 10 * np.finfo(np.float32).eps * max(1.0, np.abs(np.r_[s, t]).max() / 4.0)  # T²·C ulp of |z/T|
   np.testing.assert_allclose(float(m["loss/kd"]), ref, rtol=0, atol=atol)
   assert ref > 10 * atol
-  # It trained: the same KD for the student as initialised is larger.
-  fresh = np.asarray(ns["Net"](8, rngs=nnx.Rngs(1))(jnp.asarray(batch["inputs"])), np.float64)
-  lf = log_softmax(fresh)
-  assert 16.0 * np.mean(np.sum(np.exp(lp) * (lp - lf), -1)) > 2 * ref
 
 
 def test_generation_example_runs_with_the_names_it_assumes():
