@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import optax
+
+import kdjax
 import kdjax.losses as kdl
+import kdjax.methods
 from kdjax.engine.taps import capture
 from kdjax.errors import ConfigError
+from kdjax.methods import ModelInfo
 
 B, L, H = 3, 6, 2
 
@@ -176,16 +181,10 @@ def test_a_layer_inside_an_nnx_scan_stack_is_tapped_as_in_the_unrolled_model():
     assert got_s[name].shape == got_u[name].shape, name
     np.testing.assert_allclose(got_s[name], got_u[name], rtol=1e-5, atol=1e-6, err_msg=name)
   assert jax.tree.structure(state_after) == jax.tree.structure(nnx.state(stacked))  # nothing left behind
-
-
-@pytest.mark.slow
-def test_a_stack_index_beyond_the_stack_or_on_a_plain_module_is_refused():
-  stacked = _Stacked(4, 8, rngs=nnx.Rngs(0))
-  x = jnp.ones((2, 4))
   with pytest.raises(ConfigError, match="no layer 'blocks.4'"):
     _tapped(stacked, x, {"b": "blocks.4"})
-  with pytest.raises(ConfigError, match="runs as one module"):  # head's (8, 5) kernel is not a stack of 8
-    _tapped(_Stacked(2, 5, rngs=nnx.Rngs(0)), x, {"h": "head.1"})
+  with pytest.raises(ConfigError, match="runs as one module"):  # a (5, 5) head is no stack of 5 layers
+    _tapped(_Stacked(2, 5, rngs=nnx.Rngs(0)), x[:, 0], {"h": "head.1"})
 
 
 # ---------------------------------------------------------------- attention probabilities of the models
@@ -220,3 +219,117 @@ def test_zoo_transformer_attention_probabilities_are_the_softmax_of_its_queries_
   s = np.where(np.tril(np.ones((8, 8), bool)), s, -np.inf)
   want = np.exp(s - s.max(-1, keepdims=True))
   np.testing.assert_allclose(out[1]["p"], want / want.sum(-1, keepdims=True), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the layer map and the terms in a Distiller
+
+
+def _info(name, layers, dim, heads=2, probes=True):
+  feats = {f"block{i}": (L, dim) for i in range(layers)}
+  if probes:
+    feats |= {f"blocks.{i}.attn.probs": (heads, L, L) for i in range(layers)}
+    feats |= {f"blocks.{i}.attn.values": (L, heads, dim // heads) for i in range(layers)}
+  return ModelInfo(name, 64, feats)
+
+
+def test_layer_maps_pair_student_and_teacher_layers():
+  student, teacher = _info("s", 2, 16), _info("t", 6, 32)
+  build = lambda **kw: kdjax.methods.build(kdjax.MethodConfig(name="tinybert", terms=("ce=0",), **kw), student, teacher)  # noqa: E731
+  term = build().terms[0]  # uniform: TinyBERT's g(m) = m·N/M, every third teacher layer
+  assert (term.student_features, term.teacher_features) == (("block0", "block1"), ("block2", "block5"))
+  term = build(layer_map=("last",)).terms[0]
+  assert (term.student_features, term.teacher_features) == (("block1",), ("block5",))
+  term = build(layer_map=("0=0", "1=3")).terms[0]
+  assert (term.student_features, term.teacher_features) == (("block0", "block1"), ("block0", "block3"))
+  term = build(layer_map=("block1=block4",)).terms[0]  # features (or module paths) by name
+  assert (term.student_features, term.teacher_features) == (("block1",), ("block4",))
+  minilm = kdjax.methods.build(kdjax.MethodConfig(name="minilm", layer_map=("last",)), student, teacher)
+  assert [t.teacher_features for t in minilm.terms] == [("blocks.5.attn.probs",), ("blocks.5.attn.values",)]
+  with pytest.raises(ConfigError, match="outside"):
+    build(layer_map=("2=1",))
+  with pytest.raises(ConfigError, match="same heads"):
+    kdjax.methods.build(kdjax.MethodConfig(name="minilm"), student, _info("t", 4, 32, heads=4))
+  with pytest.raises(ConfigError, match="method.layer_map"):
+    kdjax.MethodConfig(name="tinybert", layer_map=("0-1",))
+  assert kdjax.methods.tap_templates(kdjax.MethodConfig(name="minilm")) == (
+    ("blocks.{i}.attn.probs", "blocks.{i}.attn.values"),
+    ("blocks.{i}.attn.probs", "blocks.{i}.attn.values"),
+  )
+
+
+def _lm_batches(seed: int, n: int = 8, length: int = 8, vocab: int = 64):
+  rng = np.random.default_rng(seed)
+  while True:
+    tokens = rng.integers(0, vocab, (n, length + 1)).astype(np.int32)
+    mask = np.ones((n, length), bool)
+    mask[: n // 2, length - 3 :] = False  # padded rows
+    yield {"inputs": tokens[:, :-1], "label": np.where(mask, tokens[:, 1:], -1), "mask": mask}
+
+
+def _distil(student, teacher, cfg, steps: int = 12):
+  d = kdjax.Distiller(student, teacher, method=cfg, optimizer=optax.adam(1e-2))
+  it = _lm_batches(0)
+  fixed = next(it)
+  state = d.init(jax.random.key(0), fixed)
+  history = []
+  for _ in range(steps):
+    state, m = d.step(state, fixed)
+    history.append({k: float(v) for k, v in m.items() if k.startswith("loss/")})
+  return d, history
+
+
+def _falls(history, terms):
+  for t in terms:
+    first, last = history[0][f"loss/{t}"], history[-1][f"loss/{t}"]
+    assert np.isfinite(last) and last < 0.8 * first, (t, first, last)
+
+
+def _terms(d):
+  return {t.name: (t.student_features, t.teacher_features) for t in d.spec.method.terms}
+
+
+@pytest.fixture(scope="module")
+def zoo_teacher():
+  import kdjax.models as km
+
+  return km.create("transformer_lm", num_classes=64, num_layers=4, dim=32, num_heads=2, max_len=8, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.slow
+def test_four_to_two_layers_on_the_zoo_transformer_with_a_uniform_map(zoo_teacher):
+  import kdjax.models as km
+
+  student = km.create("transformer_lm", num_classes=64, num_layers=2, dim=16, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
+  cfg = kdjax.MethodConfig(name="tinybert+minilm", terms=("hidden_cos=1",))
+  d, history = _distil(student, zoo_teacher, cfg)
+  terms = _terms(d)
+  assert terms["hidden_mse"] == (("block0", "block1"), ("block1", "block3"))
+  assert terms["attn_kl"] == (
+    ("blocks.0.attn.probs", "blocks.1.attn.probs"),
+    ("blocks.1.attn.probs", "blocks.3.attn.probs"),
+  )
+  _falls(history, ["hidden_mse", "hidden_cos", "attn_kl", "value_kl"])
+
+
+class _StackedLM(nnx.Module):
+  """A user's LM whose blocks nnx.vmap made and nnx.scan runs; it returns bare logits."""
+
+  def __init__(self, n: int, d: int, *, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(64, d, rngs=rngs)
+    self.blocks = _Stacked(n, d, rngs=rngs).blocks
+    self.head = nnx.Linear(d, 64, rngs=rngs)
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, block):
+      return block(h)
+
+    return self.head(body(self.embed(tokens), self.blocks))
+
+
+@pytest.mark.slow
+def test_a_users_scan_stacked_model_distils_hidden_states_by_path(zoo_teacher):
+  cfg = kdjax.MethodConfig(name="tinybert", student_layers="blocks.{i}")
+  d, history = _distil(_StackedLM(2, 16, rngs=nnx.Rngs(0)), zoo_teacher, cfg)
+  assert _terms(d)["hidden_mse"] == (("blocks.0", "blocks.1"), ("block1", "block3"))
+  _falls(history, ["hidden_mse"])

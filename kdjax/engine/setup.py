@@ -19,6 +19,7 @@ from flax import nnx
 from kdjax.engine import teachers
 from kdjax.engine.split_teacher import RunAhead
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, abstract_output, describe
+from kdjax.engine.taps import method_taps
 from kdjax.engine.step import make_train_step
 from kdjax.errors import ConfigError
 from kdjax.methods import MethodConfig
@@ -53,11 +54,12 @@ def _describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDe
   return describe(model, x, taps)
 
 
-def _bind_teachers(source: teachers.TeacherSource, x, taps) -> tuple[teachers.TeacherSource, TeacherState]:
-  """The source with its teachers' static halves, and their (unplaced) state."""
+def _bind_teachers(source: teachers.TeacherSource, x, taps, method) -> tuple[teachers.TeacherSource, TeacherState]:
+  """The source with its teachers' static halves (tapped where ``taps`` and the method's layer map say), and
+  their (unplaced) state."""
   defs, params, rests = [], [], []
   for t in source.models:
-    d, p, r = teachers.split_teacher(t, x, taps)
+    d, p, r = teachers.split_teacher(t, x, method_taps(method, t, taps, student=False))
     defs.append(d)
     params.append(p)
     rests.append(r)
@@ -97,10 +99,10 @@ def _first_teacher_output(source: teachers.TeacherSource, teacher: TeacherState,
 
 def build_pieces(distiller, x: jax.ShapeDtypeStruct) -> Built:
   """Everything ``distiller`` needs for inputs like ``x``: model halves, the method, the initial-state maker."""
-  described = [_describe(m, x, distiller.taps) for m in distiller.students]
+  described = [_describe(m, x, method_taps(distiller.method_arg, m, distiller.taps, True)) for m in distiller.students]
   defs = tuple(d for d, _, _ in described)
   params, rests = tuple(p for _, p, _ in described), tuple(r for _, _, r in described)
-  source, teacher = _bind_teachers(distiller.source, x, distiller.teacher_taps)
+  source, teacher = _bind_teachers(distiller.source, x, distiller.teacher_taps, distiller.method_arg)
   s_info = defs[0].info
   t_info = source.info(s_info)
   method = _method(distiller.method_arg, source, s_info, t_info)

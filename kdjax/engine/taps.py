@@ -20,15 +20,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 from typing import Any
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import jax
 from flax import nnx
 
 from kdjax.errors import ConfigError
+from kdjax.methods import MethodConfig
+from kdjax.methods.registry import tap_templates
 from kdjax.models.base import ModelOutput
 from kdjax.models.probe import TAP_MARK
+
+Taps = tuple[tuple[str, str], ...]  # (feature name, module path) pairs
 
 
 def module_paths(model: nnx.Module) -> list[str]:
@@ -154,6 +159,33 @@ def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, ja
       for attr in (TAP_MARK, _SLOT):
         if hasattr(sub, attr):
           delattr(sub, attr)
+
+
+def template_paths(model: nnx.Module, templates: Iterable[str]) -> list[str]:
+  """The module paths ``templates`` name in ``model``: each ``{i}`` template for i = 0, 1, … while the path
+  exists (the layers of a list or of a stack), each literal path if it exists."""
+  paths = []
+  for template in templates:
+    for i in itertools.count() if "{i}" in template else (0,):
+      path = template.format(i=i)
+      try:
+        locate(model, path)
+      except ConfigError:
+        break
+      paths.append(path)
+  return paths
+
+
+def method_taps(method: Any, model: Any, taps: Taps, student: bool) -> Taps:
+  """``taps`` plus the layers a method's layer map reads in ``model`` (its hidden-state layers and attention
+  probes given as module paths, :func:`kdjax.methods.tap_templates`), each tapped under its path."""
+  cfg = MethodConfig(name=method) if isinstance(method, str) else method
+  if not isinstance(cfg, MethodConfig) or not isinstance(model, nnx.Module):
+    return taps
+  found = dict(taps)
+  for path in template_paths(model, tap_templates(cfg)[0 if student else 1]):
+    found.setdefault(path, path)
+  return tuple(sorted(found.items()))
 
 
 @functools.cache

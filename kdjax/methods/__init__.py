@@ -9,11 +9,12 @@ See :mod:`kdjax.methods.registry` for the preset table.
 from kdjax.methods.base import Context, InitInfo, Method, ModelInfo, Term
 from kdjax.methods.config import MethodConfig
 from kdjax.methods.logit import cross_entropy
-from kdjax.methods.registry import PRESETS, available, available_terms, build
+from kdjax.methods.registry import PRESETS, available, available_terms, build, tap_templates
 
 __all__ = [
   "MethodConfig",
   "build",
+  "tap_templates",
   "available",
   "available_terms",
   "PRESETS",

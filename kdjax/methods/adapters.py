@@ -58,6 +58,13 @@ def linear_apply(p: Params, x: jax.Array) -> jax.Array:
   return y + p["b"] if "b" in p else y
 
 
+def dense_apply(p: Params, x: jax.Array) -> jax.Array:
+  """``x @ w + b`` over the last axis in float32: ``(..., in)`` → ``(..., out)`` (a token-wise projection of
+  ``(B, L, D)`` hidden states, or ``(B, D)`` vectors)."""
+  y = jnp.asarray(x, jnp.float32) @ p["w"]
+  return y + p["b"] if "b" in p else y
+
+
 # ---------------------------------------------------------------- conv
 
 

@@ -47,6 +47,20 @@ class MethodConfig:
     multi_teacher: ``average`` (distil from averaged logits) or ``per_teacher``
       (weighted sum of per-teacher losses).
     ema_decay: EMA decay for self-distillation mode.
+    layer_map: which student layer the hidden-state and attention terms pair
+      with which teacher layer: ``()`` or ``("uniform",)`` (student layer i of
+      M with teacher layer ⌊(i+1)·N/M⌋ − 1 of N, TinyBERT's g(m) = m·N/M),
+      ``("last",)``, or ``"s=t"`` entries of layer indices (``("0=1", "1=3")``)
+      or, for ``hidden_mse``/``hidden_cos``, of feature names or module paths.
+    student_layers / teacher_layers: layer i's hidden state, a feature name
+      or module path with ``{i}`` (``"block{i}"``; ``"blocks.{i}"`` for a
+      user's model, a layer of an ``nnx.scan`` stack included).
+    student_attention / teacher_attention: module path of layer i's
+      attention, whose probes ``probs``/``queries``/``keys``/``values`` the
+      attention terms tap (``"blocks.{i}.attn"``: the zoo transformer and
+      ``kdjax.models.Decoder``).
+    relation_heads: relation heads of ``value_kl``/``qkv_kl`` (MiniLMv2; default
+      the student's attention heads).
   """
 
   name: str = "kd"
@@ -68,6 +82,12 @@ class MethodConfig:
   teacher_weights: tuple[float, ...] = ()
   multi_teacher: Literal["average", "per_teacher"] = "average"
   ema_decay: float = 0.999
+  layer_map: tuple[str, ...] = ()
+  student_layers: str = "block{i}"
+  teacher_layers: str = "block{i}"
+  student_attention: str = "blocks.{i}.attn"
+  teacher_attention: str = "blocks.{i}.attn"
+  relation_heads: int | None = None
 
   def __post_init__(self):
     if self.temperature is not None:
@@ -89,6 +109,17 @@ class MethodConfig:
     _check(self.init_epochs >= 0, "method.init_epochs", f"must be ≥ 0, got {self.init_epochs}")
     _check(0.0 < self.ema_decay < 1.0, "method.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
     _check(all(w >= 0 for w in self.teacher_weights), "method.teacher_weights", "must be ≥ 0")
+    self._check_layers()
+
+  def _check_layers(self) -> None:
+    named = self.layer_map not in ((), ("uniform",), ("last",))
+    for entry in self.layer_map if named else ():
+      _check(entry.count("=") == 1, "method.layer_map", f"'uniform', 'last' or 's=t' entries, got {entry!r}")
+    for field in ("student_layers", "teacher_layers", "student_attention", "teacher_attention"):
+      value = getattr(self, field)
+      _check("{i}" in value, f"method.{field}", f"a feature name or module path with '{{i}}', got {value!r}")
+    if self.relation_heads is not None:
+      _check(self.relation_heads > 0, "method.relation_heads", f"must be > 0, got {self.relation_heads}")
 
   def term_weights(self) -> dict[str, float]:
     return {t.split("=", 1)[0]: float(t.split("=", 1)[1]) for t in self.terms}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods import adapters as adapter_lib
+from kdjax.methods import hidden as hidden_lib
 from kdjax.methods._common import common_stages, last_stage, need_teacher, opt, shape, stages, stop
 from kdjax.methods.base import Term
 
@@ -28,13 +29,40 @@ def _f(out, name):
 # ---------------------------------------------------------------- FitNet
 
 
+def _linear_hint(name, weight, layer, s_shape, t_shape, stage, params_from):
+  """FitNet on vectors ``(B, D)`` or sequences ``(B, L, D)``: a linear regressor ``D_s → D_t`` (per token),
+  then MSE (over the real tokens of a sequence)."""
+  if s_shape[:-1] != t_shape[:-1]:
+    raise ConfigError(
+      f"term {name!r}: hint_layer {layer!r} has student {s_shape} and teacher {t_shape}; only D may differ"
+    )
+
+  def init(key, s_out, t_out, info):
+    return adapter_lib.linear_init(key, s_shape[-1], t_shape[-1]), {}
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    fs, ft = adapter_lib.dense_apply(params, _f(s_out, layer)), stop(_f(t_out, layer))
+    if fs.ndim == 2:
+      return kdl.hint(fs, ft), state, {}
+    mask = hidden_lib.token_mask(batch, *fs.shape[:2])
+    count = jnp.sum(mask > 0) if mask is not None else fs.shape[0] * fs.shape[1]
+    return kdl.hidden_mse(fs, ft, mask) * ctx.share(count, ctx.mask_total), state, {}
+
+  return (
+    Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage, params_from=params_from),
+  )
+
+
 def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
   teacher = need_teacher(name, teacher)
   layer = opt(cfg.hint_layer, "stage2")
   s_shape, t_shape = shape(student, layer, name), shape(teacher, layer, name)
+  if len(s_shape) == len(t_shape) and len(s_shape) in (1, 2):
+    return _linear_hint(name, weight, layer, s_shape, t_shape, stage, params_from)
   if len(s_shape) != 3 or len(t_shape) != 3:
     raise ConfigError(
-      f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, got student {s_shape} and teacher {t_shape}"
+      f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, a vector (B, D) or a sequence (B, L, D), "
+      f"got student {s_shape} and teacher {t_shape}"
     )
   adapter_lib.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
 
@@ -51,10 +79,12 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
 
 
 def make_hint(name, weight, cfg, student, teacher):
-  """``hint`` (FitNet): MSE between ConvReg(student[hint_layer]) and teacher[hint_layer].
+  """``hint`` (FitNet): MSE between regressor(student[hint_layer]) and teacher[hint_layer].
 
-  ConvReg = RepDistiller's regressor: conv (3×3 s2 if H_s = 2·H_t, 1×1 if
-  equal, transposed 4×4 s2 if H_s = H_t/2) + BN + ReLU.
+  On NHWC maps the regressor is RepDistiller's ConvReg: conv (3×3 s2 if
+  H_s = 2·H_t, 1×1 if equal, transposed 4×4 s2 if H_s = H_t/2) + BN + ReLU.
+  On vectors ``(B, D)`` and sequences ``(B, L, D)`` it is a linear map
+  ``D_s → D_t`` (per token; the sequence MSE counts the real tokens only).
   """
   return _fitnet(name, weight, cfg, student, teacher, "main", None)
 

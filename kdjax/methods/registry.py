@@ -15,7 +15,7 @@ import warnings
 
 from kdjax.errors import ConfigError
 from kdjax.methods.config import MethodConfig
-from kdjax.methods import contrastive, feature, logit, relation
+from kdjax.methods import contrastive, feature, hidden, logit, relation
 from kdjax.methods.base import Method, ModelInfo, Term
 
 # Term name -> builder(name, weight, cfg, student, teacher) -> tuple[Term, ...]
@@ -45,6 +45,11 @@ TERMS = {
   "rkd": relation.make_rkd,
   "pkt": relation.make_pkt,
   "crd": contrastive.make_crd,
+  "hidden_mse": hidden.make_hidden_mse,
+  "hidden_cos": hidden.make_hidden_cos,
+  "attn_kl": hidden.make_attn_kl,
+  "value_kl": hidden.make_value_kl,
+  "qkv_kl": hidden.make_qkv_kl,
 }
 
 # Preset -> (term, weight) list. "init" terms run only in the init stage.
@@ -73,6 +78,11 @@ PRESETS: dict[str, tuple[tuple[str, float], ...]] = {
   "skew_kl": (("skew_kl", 1.0),),
   "skew_reverse_kl": (("skew_reverse_kl", 1.0),),
   "uld": (("ce", 1.0), ("uld", 1.0)),  # Boizard et al. 2024: CE + λ·ULD across tokenizers
+  # Sequence models' hidden states and attention over a layer map (method.layer_map, default uniform).
+  "tinybert": (("ce", 1.0), ("hidden_mse", 1.0)),  # Jiao et al. 2020: hidden-state MSE with projections
+  "distilbert": (("forward_kl", 5.0), ("ce", 2.0), ("hidden_cos", 1.0)),  # Sanh et al. 2019: α_ce 5, α_mlm 2, α_cos 1
+  "minilm": (("attn_kl", 1.0), ("value_kl", 1.0)),  # Wang et al. 2020: attention + value relation
+  "minilmv2": (("qkv_kl", 1.0),),  # Wang et al. 2021: Q-Q, K-K, V-V self-attention relations
 }
 
 _NEEDS_INIT = ("ab", "fsp", "ft")
@@ -122,6 +132,16 @@ def check_names(cfg: MethodConfig) -> None:
   bad = [t for t in cfg.term_weights() if t not in TERMS]
   if bad:
     raise ConfigError(f"method.terms: unknown term {bad[0]!r}; available: {available_terms()}")
+
+
+def tap_templates(cfg: MethodConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The layer paths (``{i}`` templates or literal) the method reads from the student and the teacher: what
+  the engine taps before describing the models (hidden states and attention probes of the layer map)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    weights = dict(_preset_terms(cfg.name, cfg))
+  weights.update(cfg.term_weights())
+  return hidden.tap_templates(cfg, [t for t, w in weights.items() if w != 0.0])
 
 
 def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> Method:
