@@ -205,20 +205,28 @@ def _outputs(model, taps=()):
   return run(p, r, jnp.asarray(TOKENS))
 
 
-@pytest.mark.slow
-def test_zoo_transformer_attention_probabilities_are_the_softmax_of_its_queries_and_keys():
-  import kdjax.models as km
+def test_zoo_transformer_explicit_attention_equals_the_fused_one_and_numpy():
+  from kdjax.models.probe import Probe
+  from kdjax.models.transformer import explicit_attention
 
-  model = km.create("transformer_lm", num_classes=64, num_layers=2, dim=16, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
-  plain = _outputs(model)
-  taps = {"p": "blocks.1.attn.probs", "q": "blocks.1.attn.queries", "k": "blocks.1.attn.keys"}
-  out = _outputs(model, taps.items())
-  np.testing.assert_allclose(out[0], plain[0], atol=1e-5)  # the explicit path computes the same
-  q, k = np.asarray(out[1]["q"]), np.asarray(out[1]["k"])  # (B, L, H, d)
-  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  s = np.where(np.tril(np.ones((8, 8), bool)), s, -np.inf)
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in range(3))
+  seen = {}
+
+  class Keep(Probe):
+    def __call__(self, x):
+      seen["p"] = x
+      return x
+
+  @jax.jit
+  def run(q, k, v):
+    return explicit_attention(q, k, v, jnp.tril(jnp.ones((5, 5), bool)), Keep()), seen["p"]
+
+  out, probs = run(q, k, v)
+  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+  s = np.einsum("bqhd,bkhd->bhqk", np.asarray(q), np.asarray(k)) / 2.0
+  s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
   want = np.exp(s - s.max(-1, keepdims=True))
-  np.testing.assert_allclose(out[1]["p"], want / want.sum(-1, keepdims=True), atol=1e-6)
+  np.testing.assert_allclose(probs, want / want.sum(-1, keepdims=True), atol=1e-6)
 
 
 # ---------------------------------------------------------------- the layer map and the terms in a Distiller
@@ -333,3 +341,52 @@ def test_a_users_scan_stacked_model_distils_hidden_states_by_path(zoo_teacher):
   d, history = _distil(_StackedLM(2, 16, rngs=nnx.Rngs(0)), zoo_teacher, cfg)
   assert _terms(d)["hidden_mse"] == (("blocks.0", "blocks.1"), ("block1", "block3"))
   _falls(history, ["hidden_mse"])
+
+
+# ---------------------------------------------------------------- a Llama teacher made by transformers
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """A 4-layer Llama (4 heads over 2 key/value heads) saved by transformers, eager attention, and its kdjax load."""
+  torch = pytest.importorskip("torch")
+  T = pytest.importorskip("transformers")
+  from kdjax.models import pretrained
+
+  cfg = T.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+  )
+  torch.manual_seed(0)
+  ref = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+  path = tmp_path_factory.mktemp("llama")
+  ref.save_pretrained(path)
+  with torch.no_grad():
+    attentions = ref(torch.tensor(TOKENS), output_attentions=True).attentions
+  return pretrained.from_pretrained(path), [a.numpy() for a in attentions]
+
+
+@pytest.mark.slow
+def test_llama_attention_probabilities_equal_transformers_output_attentions(llama):
+  model, ref = llama
+  _, feats = _outputs(model, [(f"p{i}", f"blocks.{i}.attn.probs") for i in range(4)])
+  for i in range(4):
+    assert feats[f"p{i}"].shape == ref[i].shape == (2, 4, 8, 8)
+    np.testing.assert_allclose(feats[f"p{i}"], ref[i], atol=1e-5, err_msg=f"layer {i}")
+
+
+@pytest.mark.slow
+def test_four_to_two_layers_from_a_llama_teacher_with_a_uniform_map(llama):
+  import kdjax.models as km
+
+  student = km.create("transformer_lm", num_classes=64, num_layers=2, dim=16, num_heads=4, max_len=8, rngs=nnx.Rngs(0))
+  d, history = _distil(student, llama[0], kdjax.MethodConfig(name="minilm", terms=("hidden_mse=1", "qkv_kl=1")))
+  terms = _terms(d)
+  assert terms["hidden_mse"] == (("block0", "block1"), ("block1", "block3"))  # 32-wide teacher, 16-wide student
+  assert terms["value_kl"][1] == ("blocks.1.attn.values", "blocks.3.attn.values")  # 2 kv heads, 4 relation heads
+  _falls(history, ["hidden_mse", "attn_kl", "value_kl", "qkv_kl"])
