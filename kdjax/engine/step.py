@@ -34,7 +34,7 @@ from kdjax.engine import responses as response_lib
 from kdjax.engine.accumulate import microbatched
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, merge_model, rng_key
 from kdjax.engine.teachers import TeacherSource
-from kdjax.losses import uld_pairs
+from kdjax.losses import TokenHead, resolve_chunk, token_argmax, uld_pairs
 from kdjax.methods.base import Context, Method
 from kdjax.methods.logit import scored_tokens
 
@@ -75,10 +75,13 @@ def _skip_unreached(updates, grads):
   return jax.tree.map(lambda u, g: jnp.where(jnp.any(g != 0), u, jnp.zeros_like(u)), updates, grads)
 
 
-def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Top-1 accuracy over labelled examples (label ≥ 0)."""
+def labelled_accuracy(logits: jax.Array, labels: jax.Array, head: TokenHead | None = None) -> jax.Array:
+  """Top-1 accuracy over labelled examples (label ≥ 0); at a large vocabulary, the argmax of a language
+  model's ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never holding its logits."""
   valid = labels >= 0
-  hit = (jnp.argmax(logits, -1) == labels) & valid
+  chunk = resolve_chunk(head, None) if jnp.ndim(labels) == 2 else None
+  top = jnp.argmax(logits, -1) if chunk is None else token_argmax(head, chunk)
+  hit = (top == labels) & valid
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
 
@@ -120,7 +123,7 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
     new_mstate.append(mstate)
     prefix = f"s{i}/" if k > 1 else ""
     metrics.update({prefix + n: v for n, v in m.items()})
-    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch[batch_keys.LABEL])
+    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch[batch_keys.LABEL], outs[i].head)
   metrics["loss/total"] = total
   return total, (tuple(rests), tuple(new_mstate), metrics)
 

@@ -46,6 +46,8 @@ _DIVERGENCES: dict[str, Callable[..., Array]] = {
   "tvd": divergences.tvd,
   "skew_kl": divergences.skew_kl,
 }
+# The mixture divergences, whose top-k forms renormalise the bucket rows once more (see _topk_per_token).
+TOPK_RENORMALISED = frozenset({"generalized_jsd", "skew_kl"})
 
 
 # --------------------------------------------------------------------------
@@ -420,21 +422,35 @@ def _topk_loss(
   renormalise: bool = False,
   **hyper: Any,
 ) -> Array:
-  """The masked mean over tokens of ``divergence`` on the buckets of :func:`topk_buckets`: float32 scalar.
-
-  ``renormalise`` passes both bucket rows through one more log_softmax (at
-  T = 1, the identity up to float rounding) before the divergence; the
-  mixture divergences (generalized JSD, skew KL) take it.
-  """
+  """The masked mean over tokens of :func:`_topk_per_token`: float32 scalar."""
   _checks.check_rank(student_logits, "student_logits", 3)
   _checks.check_rank(teacher_topk_logprobs, "teacher_topk_logprobs", 3)
   _checks.check_mask(mask, jnp.shape(student_logits)[:2], "mask")
   _checks.check_positive(temperature, "temperature")
   _check_hyper(hyper)
+  lp, idx = teacher_topk_logprobs, teacher_topk_indices
+  return _masked_mean(_topk_per_token(divergence, student_logits, lp, idx, temperature, renormalise, **hyper), mask)
+
+
+def _topk_per_token(
+  divergence: Callable[..., Array],
+  student_logits: Array,
+  teacher_topk_logprobs: Array,
+  teacher_topk_indices: Array,
+  temperature: Any,
+  renormalise: bool,
+  **hyper: Any,
+) -> Array:
+  """``divergence`` on the buckets of :func:`topk_buckets` at each position: ``(...,)``.
+
+  ``renormalise`` passes both bucket rows through one more log_softmax (at
+  T = 1, the identity up to float rounding) before the divergence; the
+  mixture divergences (:data:`TOPK_RENORMALISED`) take it.
+  """
   student_logp, teacher_logp = topk_buckets(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature)
   if renormalise:
     student_logp, teacher_logp = divergences.log_probs(student_logp, 1.0), divergences.log_probs(teacher_logp, 1.0)
-  return _masked_mean(divergence(student_logp, teacher_logp, **hyper), mask)
+  return divergence(student_logp, teacher_logp, **hyper)
 
 
 # The top-k forms below take student_logits (B, L, V), the cache's teacher_topk_logprobs (B, L, k) at T = 1 and

@@ -61,6 +61,12 @@ class MethodConfig:
       ``kdjax.models.Decoder``).
     relation_heads: relation heads of ``value_kl``/``qkv_kl`` (MiniLMv2; default
       the student's attention heads).
+    token_chunk: how a language model's token terms (CE and the token
+      divergences) read its output head: ``None`` (default) fuses the head
+      with the loss, chunk by chunk (``kdjax.losses.fused_token_loss``), when
+      the vocabulary has at least 32,768 tokens, with about 2²⁴ logits per
+      chunk; ``0`` never (full ``(B, L, V)`` logits); n > 0 always, n
+      positions per chunk.
   """
 
   name: str = "kd"
@@ -88,6 +94,7 @@ class MethodConfig:
   student_attention: str = "blocks.{i}.attn"
   teacher_attention: str = "blocks.{i}.attn"
   relation_heads: int | None = None
+  token_chunk: int | None = None
 
   def __post_init__(self):
     if self.temperature is not None:
@@ -110,6 +117,8 @@ class MethodConfig:
     _check(0.0 < self.ema_decay < 1.0, "method.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
     _check(all(w >= 0 for w in self.teacher_weights), "method.teacher_weights", "must be ≥ 0")
     self._check_layers()
+    if self.token_chunk is not None:
+      _check(self.token_chunk >= 0, "method.token_chunk", f"must be ≥ 0 (0: full logits), got {self.token_chunk}")
 
   def _check_layers(self) -> None:
     named = self.layer_map not in ((), ("uniform",), ("last",))

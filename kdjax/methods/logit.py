@@ -82,8 +82,18 @@ def _labels_shape_ok(logits, labels):
   return jnp.shape(labels) == jnp.shape(logits)[:-1]
 
 
+def _ce_loss(s_out, labels, batch, mask, chunk_setting):
+  """The CE of :func:`cross_entropy`, from the student's head chunk by chunk where
+  :func:`kdjax.losses.resolve_chunk` says so (token labels, no mixup)."""
+  chunk = kdl.resolve_chunk(s_out.head, chunk_setting)
+  if chunk is not None and batch.get(batch_keys.LABEL_B) is None and jnp.ndim(labels) == 2:
+    return kdl.fused_cross_entropy(s_out.head, labels, mask, chunk_size=chunk)
+  return cross_entropy(s_out.logits, labels, batch.get(batch_keys.LABEL_B), batch.get(batch_keys.MIX_LAMBDA), mask)
+
+
 def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None):
-  """``ce``: supervised cross-entropy (:func:`cross_entropy`) on batch["label"]."""
+  """``ce``: supervised cross-entropy (:func:`cross_entropy`) on batch["label"]; a language model's
+  from its output head, chunk by chunk, as ``cfg.token_chunk`` says."""
 
   def apply(params, state, s_out, t_out, batch, ctx):
     labels = batch[batch_keys.LABEL]
@@ -93,7 +103,7 @@ def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, tea
         f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])"
       )
     mask = _token_mask(batch, jnp.shape(labels))
-    loss = cross_entropy(s_out.logits, labels, batch.get(batch_keys.LABEL_B), batch.get(batch_keys.MIX_LAMBDA), mask)
+    loss = _ce_loss(s_out, labels, batch, mask, cfg.token_chunk)
     labelled = jnp.asarray(labels) >= 0
     if mask is not None:
       labelled &= jnp.asarray(mask) > 0
@@ -146,6 +156,14 @@ def make_dist(name, weight, cfg, student, teacher):
   return (Term(name, weight, apply),)
 
 
+def _fused_target(t_out):
+  """What a fused token loss compares the student's head with: the teacher's top-k (a cache), its head
+  (a teacher run in the step) or its logits, outside the gradient."""
+  if t_out.topk_logp is not None:
+    return stop(t_out.topk_logp), t_out.topk_idx
+  return stop(t_out.head if t_out.head is not None else t_out.logits)
+
+
 def _token_term(fn, topk_fn, **fixed):
   def make(name, weight, cfg, student, teacher):
     temp = opt(cfg.temperature, 1.0)
@@ -154,11 +172,15 @@ def _token_term(fn, topk_fn, **fixed):
       kw["beta"] = opt(cfg.gkd_beta, kw["beta"])
     if "alpha" in kw:
       kw["alpha"] = opt(cfg.skew_alpha, kw["alpha"])
+    kw_t = {**kw, "temperature": temp}
 
     def apply(params, state, s_out, t_out, batch, ctx):
       s = s_out.logits
       mask = _token_mask(batch, jnp.shape(s)[:2])
-      if t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
+      chunk = kdl.resolve_chunk(s_out.head, cfg.token_chunk)
+      if chunk is not None:  # from the heads, chunk by chunk: no (B, L, V) logits
+        loss = kdl.fused_token_loss(fn.__name__, s_out.head, _fused_target(t_out), mask, chunk_size=chunk, **kw_t)
+      elif t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
         lp, idx = stop(t_out.topk_logp), t_out.topk_idx
         loss = topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw)
       else:
@@ -172,7 +194,8 @@ def _token_term(fn, topk_fn, **fixed):
   make.__doc__ = (
     f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
     "selects tokens; temperature default 1 (no T² factor). From a top-k teacher "
-    f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition."
+    f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition. At large vocabularies, from the "
+    "models' output heads chunk by chunk (``kdjax.losses.fused_token_loss``, ``cfg.token_chunk``)."
   )
   return make
 

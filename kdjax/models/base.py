@@ -7,7 +7,7 @@ is a dict of named intermediate arrays, so any loss can tap any layer.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -25,9 +25,13 @@ class ModelOutput(NamedTuple):
       ``(..., k)`` log-probabilities at T = 1 of its k most likely classes or
       tokens and their ids (``logits`` is then their dense reconstruction,
       ``kdjax.losses.topk_to_logits``). None for a model that ran.
+    head: a language model's output head unapplied (``kdjax.losses.TokenHead``: final hidden states and
+      unembedding), from which the token losses compute the logits chunk by chunk instead of reading
+      ``logits`` (XLA then drops the unread full logits). None for other models.
   """
 
   logits: jax.Array
   features: dict[str, jax.Array]
   topk_logp: jax.Array | None = None
   topk_idx: jax.Array | None = None
+  head: Any = None

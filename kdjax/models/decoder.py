@@ -22,9 +22,10 @@ a :class:`DecoderConfig` (built from a Hugging Face ``config.json`` by
 
 Input ``(B, L)`` int tokens; ``ModelOutput(logits (B, L, V), features)`` with
 ``embed``, ``block{i}`` (the residual stream after block i) and ``pooled``
-(the final norm's output). Generation (:mod:`kdjax.generate`) uses
-``init_cache`` / ``decode`` like the zoo transformer; ``PARTITION_RULES``
-split it tensor-parallel (:mod:`kdjax.parallel.partition`).
+(the final norm's output), and the unapplied head (``ModelOutput.head``, a
+:class:`kdjax.losses.TokenHead`, tied embeddings included) for the fused token
+losses. Generation (:mod:`kdjax.generate`) uses ``init_cache`` / ``decode``
+like the zoo transformer; ``PARTITION_RULES`` split it tensor-parallel (:mod:`kdjax.parallel.partition`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
+from kdjax.losses.fused import TokenHead
 from kdjax.models.base import ModelOutput
 from kdjax.models.probe import Probe
 
@@ -337,6 +339,14 @@ class Decoder(nnx.Module):
     z = softcap(self.embed.attend(x) if self.head is None else self.head(x), self.cfg.final_softcap)
     return z[..., : self.num_classes] if self.num_classes < self.cfg.vocab_size else z
 
+  def token_head(self, x: jax.Array) -> TokenHead:
+    """The head of :meth:`_logits` unapplied on the final hidden states ``x`` ``(B, L, D)`` (tied: the
+    embedding, ``(V, D)``), for the fused token losses."""
+    tied = self.head is None
+    kernel = self.embed.embedding[...] if tied else self.head.kernel[...]
+    cut = self.num_classes if self.num_classes < self.cfg.vocab_size else 0
+    return TokenHead(x, kernel, None, softcap=self.cfg.final_softcap, vocab=cut, transposed=tied)
+
   def __call__(
     self, tokens: jax.Array, *, train: bool = False, segment_ids: jax.Array | None = None, positions=None
   ) -> ModelOutput:
@@ -354,7 +364,7 @@ class Decoder(nnx.Module):
       feats[f"block{i}"] = x
     x = self.norm(x)
     feats["pooled"] = x
-    return ModelOutput(self._logits(x), feats)
+    return ModelOutput(self._logits(x), feats, head=self.token_head(x))
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> list[dict]:
     """An empty key/value cache: per block ``{"k", "v"}`` of ``(B, S, kv_heads, head_dim)``."""

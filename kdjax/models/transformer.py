@@ -9,8 +9,9 @@ the MLP output in train mode.
 
 ``create("transformer_lm", num_classes=vocab, num_layers=2, dim=64,
 num_heads=4, max_len=128)``. Input ``(B, L)`` integer tokens, L ≤ max_len;
-logits ``(B, L, V)``. Generation (:mod:`kdjax.generate`) uses
-``init_cache`` / ``decode``: a per-block key/value cache ``(B, S, H, D/H)``
+logits ``(B, L, V)``, and the unapplied head (``ModelOutput.head``, a
+:class:`kdjax.losses.TokenHead`) for the fused token losses. Generation
+(:mod:`kdjax.generate`) uses ``init_cache`` / ``decode``: a per-block key/value cache ``(B, S, H, D/H)``
 written at given positions. Features:
   ``embed``          (B, L, D)  token + position embedding
   ``block{i}``       (B, L, D)  residual stream after block i (0-based)
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import ConfigError
+from kdjax.losses.fused import TokenHead
 from kdjax.models import _layers as layer_lib
 from kdjax.models.base import ModelOutput
 from kdjax.models.probe import Probe, tapped
@@ -184,7 +186,7 @@ class TransformerLM(nnx.Module):
       feats[f"block{i}"] = x
     x = self.ln_f(x)
     feats["pooled"] = x
-    return ModelOutput(self.head(x), feats)
+    return ModelOutput(self.head(x), feats, head=TokenHead(x, self.head.kernel[...]))
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> list[dict]:
     """An empty key/value cache for :meth:`decode`: per block ``{"k", "v"}`` of ``(B, S, H, D/H)``."""

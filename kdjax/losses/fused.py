@@ -1,0 +1,374 @@
+"""Token losses computed together with the output projection, chunk by chunk (fused heads).
+
+A language model's token loss needs, at every position, the logits
+z = h·W (+ b) over a vocabulary of V tokens. Held for a whole batch they cost
+B·L·V floats per tensor (5 GB at 8 × 1,024 tokens and V = 151,936), and the
+loss's log-softmaxes and gradients hold several more. Here a model hands
+over its final hidden states and its unembedding as a :class:`TokenHead`
+instead, and the projection and the divergence are computed together over
+chunks of C positions, as Liger-Kernel's fused linear cross-entropy (Hsu et
+al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024) and
+Cut Cross-Entropy (Wijmans et al., "Cut Your Losses in Large-Vocabulary
+Language Models", ICLR 2025) do:
+
+* forward: per chunk, both models' logits ``(B, C, V)``, the per-position
+  divergence (:mod:`kdjax.losses.divergences`, the one definition of each)
+  and, under differentiation, its gradient w.r.t. the chunk's hidden states
+  and the projections (one ``jax.vjp`` per chunk, accumulated);
+* backward (a ``jax.custom_vjp``): the stored gradients times the incoming
+  cotangent, no second pass over the vocabulary.
+
+At most one chunk's ``(B, C, V)`` arrays exist at a time: the temporary
+memory is O(B·C·V + D·V) instead of O(B·L·V). Values and gradients equal
+the unchunked ones to float32 rounding. An input nobody differentiates (a
+frozen, stop-gradiented teacher) gets no gradient computed.
+
+Tensor parallelism: with W split over the vocabulary (a mesh's ``model``
+axis), each chunk's logits stay split and their log-sum-exps reduce across
+devices; the vocabulary is never gathered.
+
+The teacher side is a :class:`TokenHead` (a teacher run in the same
+program), dense logits ``(B, L, V)``, or a top-k cache's
+``(log-probs, ids)`` ``(B, L, k)`` (the top-k forms of
+:mod:`kdjax.losses.sequence`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.errors import ConfigError
+from kdjax.losses import _checks
+from kdjax.losses import sequence
+
+Array = jax.Array
+
+# Below this vocabulary the methods keep the plain (B, L, V) losses: the logits are small and one
+# fused matmul is faster than a loop over chunks.
+FUSED_MIN_VOCAB = 32_768
+# An automatic chunk holds about this many logits per model (64 MiB in float32).
+AUTO_CHUNK_LOGITS = 1 << 24
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["hidden", "kernel", "bias"],
+  meta_fields=["softcap", "vocab", "transposed"],
+)
+@dataclasses.dataclass(frozen=True)
+class TokenHead:
+  """A language model's output head, unapplied: z = cap·tanh((h·W + b) / cap), first ``vocab`` columns.
+
+  Attributes:
+    hidden: ``(B, L, D)`` final hidden states (the head's input).
+    kernel: the unembedding, ``(D, V')``, or ``(V', D)`` with ``transposed``
+      (a head tied to the token embedding).
+    bias: ``(V',)`` or None.
+    softcap: tanh soft-capping of the logits (Gemma 2); 0: none.
+    vocab: logits over the first ``vocab`` of the V' columns; 0: all.
+    transposed: ``kernel`` is ``(V', D)``.
+  """
+
+  hidden: Array
+  kernel: Array
+  bias: Array | None = None
+  softcap: float = 0.0
+  vocab: int = 0
+  transposed: bool = False
+
+  @property
+  def vocab_size(self) -> int:
+    """V, the number of logits per position."""
+    return self.vocab or int(self.kernel.shape[0 if self.transposed else 1])
+
+  def logits(self) -> Array:
+    """The full float32 logits ``(B, L, V)`` (what the model's plain output holds)."""
+    return project(self, self.kernel, self.bias, self.hidden)
+
+
+def project(head: TokenHead, kernel: Array, bias: Array | None, hidden: Array) -> Array:
+  """``head``'s logits on ``hidden`` ``(B, C, D)`` with ``kernel``/``bias``: float32 ``(B, C, V)``.
+
+  The product runs in the hidden states' dtype and accumulates in float32.
+  """
+  k = kernel.astype(hidden.dtype)
+  spec = "bcd,vd->bcv" if head.transposed else "bcd,dv->bcv"
+  z = jnp.einsum(spec, hidden, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    z = z + _checks.as_f32(bias)
+  if head.softcap:
+    z = head.softcap * jnp.tanh(z / head.softcap)
+  return z[..., : head.vocab] if head.vocab else z
+
+
+def resolve_chunk(head: TokenHead | None, chunk_size: int | None) -> int | None:
+  """Positions per chunk for a fused loss on ``head``, or None for the plain ``(B, L, V)`` loss.
+
+  ``chunk_size``: None picks automatically (fused when V ≥ :data:`FUSED_MIN_VOCAB`, with chunks of
+  about :data:`AUTO_CHUNK_LOGITS` / (B·V) positions); 0: never fused; n > 0: fused, n positions.
+  """
+  if head is None or chunk_size == 0:
+    return None
+  if chunk_size is not None:
+    return chunk_size
+  vocab, batch = head.vocab_size, int(head.hidden.shape[0])
+  return max(1, AUTO_CHUNK_LOGITS // (batch * vocab)) if vocab >= FUSED_MIN_VOCAB else None
+
+
+# --------------------------------------------------------------------------
+# Chunks of positions.
+
+
+def _over_chunks(fn: Callable, rows: Any, chunk: int) -> tuple[Any, Any]:
+  """``fn(rows_chunk) -> (acc, ys)`` over chunks of ``rows`` (arrays ``(B, L, ...)``) along L.
+
+  Returns the sum of ``acc`` over chunks and ``ys`` (arrays ``(B, C, ...)``)
+  joined back to ``(B, L, ...)``. Full chunks run in a ``lax.scan``; when
+  ``chunk`` does not divide L the rest is one static, shorter chunk.
+  """
+  length = jax.tree.leaves(rows)[0].shape[1]
+  chunk = min(chunk, length)
+  n_full, rem = divmod(length, chunk)
+  cut = lambda start, size: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), rows)  # noqa: E731
+
+  def body(acc, i):
+    a, ys = fn(cut(i * chunk, chunk))
+    return jax.tree.map(jnp.add, acc, a), ys
+
+  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, cut(0, chunk))[0])
+  acc, ys = jax.lax.scan(body, acc0, jnp.arange(n_full))
+  ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], n_full * chunk, *y.shape[3:]), ys)
+  if rem:
+    a, ys_tail = fn(jax.tree.map(lambda x: x[:, n_full * chunk :], rows))
+    acc = jax.tree.map(jnp.add, acc, a)
+    ys = jax.tree.map(lambda y, t: jnp.concatenate([y, t], axis=1), ys, ys_tail)
+  return acc, ys
+
+
+def _is_primal(x: Any) -> bool:
+  return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _keep(tree: Any, flags: Any) -> Any:
+  """``tree`` with every leaf whose flag is False replaced by None."""
+  return jax.tree.map(lambda x, f: x if f else None, tree, flags)
+
+
+def _fill(tree: Any, kept: Any, flags: Any) -> Any:
+  """``tree`` with the leaves of ``kept`` (from :func:`_keep`) put back where the flag is True."""
+  return jax.tree.map(lambda x, f, k: k if f else x, tree, flags, kept, is_leaf=lambda x: x is None)
+
+
+def _fused_sum(per_token: Callable[[Any, Any], Array], chunk: int) -> Callable[[Any, Any], Array]:
+  """Σ_{b,l} ℓ_{b,l}·w_{b,l} as ``f(params, rows)``, chunked along L, with a custom VJP.
+
+  ``per_token(params, rows_chunk) -> (B, C)``; ``rows`` is a dict of arrays
+  ``(B, L, ...)`` holding the weights ``"w"`` ``(B, L)``; ``params`` is
+  not chunked (the projections). The forward pass stores each chunk's
+  gradient w.r.t. the differentiated inputs; the backward pass scales them.
+  """
+
+  def value(params, rows):
+    return _over_chunks(lambda r: (jnp.sum(per_token(params, r) * r["w"]), ()), rows, chunk)[0]
+
+  def fwd(params, rows):
+    unwrap = lambda t: jax.tree.map(lambda x: x.value, t, is_leaf=_is_primal)  # noqa: E731
+    flags = lambda t: jax.tree.map(lambda x: x.perturbed, t, is_leaf=_is_primal)  # noqa: E731
+    p, r, pf, rf = unwrap(params), unwrap(rows), flags(params), flags(rows)
+
+    def chunk_grads(rc):
+      f = lambda pd, rd: jnp.sum(per_token(_fill(p, pd, pf), _fill(rc, rd, rf)) * rc["w"])  # noqa: E731
+      total, vjp = jax.vjp(f, _keep(p, pf), _keep(rc, rf))
+      g_params, g_rows = vjp(jnp.ones((), total.dtype))
+      return (total, g_params), g_rows
+
+    (total, g_params), g_rows = _over_chunks(chunk_grads, r, chunk)
+    return total, (g_params, g_rows)
+
+  def bwd(res, g):
+    g_params, g_rows = res
+    scale = lambda t: jax.tree.map(lambda x: (g * x).astype(x.dtype), t)  # noqa: E731
+    return scale(g_params), scale(g_rows)
+
+  fused = jax.custom_vjp(value)
+  fused.defvjp(fwd, bwd, symbolic_zeros=True)
+  return fused
+
+
+# --------------------------------------------------------------------------
+# Inputs.
+
+
+def _check_head(head: Any, name: str) -> None:
+  if not isinstance(head, TokenHead):
+    raise ConfigError(f"{name} must be a kdjax.losses.TokenHead, got {type(head).__name__}.")
+  _checks.check_rank(head.hidden, f"{name}.hidden", 3)
+  _checks.check_rank(head.kernel, f"{name}.kernel", 2)
+  d = head.kernel.shape[1 if head.transposed else 0]
+  if head.hidden.shape[-1] != d:
+    raise ConfigError(f"{name}.hidden {head.hidden.shape} and {name}.kernel {head.kernel.shape} disagree on D.")
+
+
+def _check_chunk(chunk_size: Any) -> None:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ConfigError(f"chunk_size must be a positive int (positions per chunk), got {chunk_size!r}.")
+
+
+def _weights(mask: Array | None, shape: tuple[int, int]) -> Array:
+  _checks.check_mask(mask, shape, "mask")
+  return sequence._mask_f32(mask, shape)
+
+
+def _teacher_parts(teacher: Any, shape: tuple[int, int], vocab: int) -> tuple[Any, dict[str, Array]]:
+  """The teacher's unchunked params and chunked rows, after checking them against the student."""
+  if isinstance(teacher, TokenHead):
+    _check_head(teacher, "teacher")
+    if teacher.hidden.shape[:2] != shape or teacher.vocab_size != vocab:
+      raise ConfigError(
+        f"teacher head (B, L) = {teacher.hidden.shape[:2]}, V = {teacher.vocab_size} must match the student's "
+        f"{shape}, V = {vocab}."
+      )
+    return (teacher.kernel, teacher.bias), {"t": teacher.hidden}
+  if isinstance(teacher, tuple):
+    logp, idx = teacher
+    _checks.check_rank(logp, "teacher_topk_logprobs", 3)
+    if logp.shape[:2] != shape or jnp.shape(idx) != logp.shape:
+      raise ConfigError(
+        f"teacher top-k (log-probs {logp.shape}, ids {jnp.shape(idx)}) must be (B, L, k), (B, L) = {shape}."
+      )
+    sequence._check_topk(logp, idx, vocab)
+    return None, {"t": logp, "idx": jnp.asarray(idx, jnp.int32)}
+  _checks.check_rank(teacher, "teacher_logits", 3)
+  if jnp.shape(teacher) != shape + (vocab,):
+    raise ConfigError(f"teacher_logits {jnp.shape(teacher)} must be (B, L, V) = {shape + (vocab,)}.")
+  return None, {"t": teacher}
+
+
+# --------------------------------------------------------------------------
+# Losses.
+
+
+def fused_token_loss(
+  loss: str,
+  student: TokenHead,
+  teacher: TokenHead | Array | tuple[Array, Array],
+  mask: Array | None = None,
+  *,
+  chunk_size: int,
+  temperature: float = 1.0,
+  **hyper: Any,
+) -> Array:
+  """A token divergence from the student's head, chunk by chunk: the masked mean over tokens.
+
+  Equals :func:`kdjax.losses.forward_kl` (…) on the full logits, or with a
+  top-k teacher :func:`kdjax.losses.topk_forward_kl` (…), to float32
+  rounding, values and gradients, without holding ``(B, L, V)``:
+
+    loss = Σ_{b,l} ℓ_{b,l} · mask_{b,l} / max(Σ mask, 1),
+    ℓ_{b,l} = divergence(log_softmax(z_S / T), log_softmax(z_T / T)),
+
+  with z = :func:`project` of each head, directions as in
+  :mod:`kdjax.losses.divergences` (forward KL is KL(teacher ‖ student)).
+
+  Args:
+    loss: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
+      ``"tvd"`` or ``"skew_kl"``.
+    student: the student's :class:`TokenHead`, hidden ``(B, L, D)``.
+    teacher: a :class:`TokenHead` (hidden ``(B, L, D_T)``, the same V),
+      logits ``(B, L, V)``, or a top-k cache's ``(log-probs, ids)``, each
+      ``(B, L, k)`` (log-probs at T = 1).
+    mask: optional ``(B, L)`` bool or 0/1.
+    chunk_size: positions per chunk (> 0; need not divide L).
+    temperature: T > 0 on both sides (no T² factor), a Python number.
+    **hyper: the divergence's ``beta``, ``alpha``, ``reverse`` (Python values).
+
+  Returns:
+    float32 scalar.
+  """
+  divergence = sequence._DIVERGENCES.get(loss)
+  if divergence is None:
+    raise ConfigError(f"loss must be one of {sorted(sequence._DIVERGENCES)}, got {loss!r}.")
+  _check_head(student, "student")
+  _check_chunk(chunk_size)
+  _checks.check_positive(temperature, "temperature")
+  sequence._check_hyper(hyper)
+  shape = student.hidden.shape[:2]
+  t_params, rows = _teacher_parts(teacher, shape, student.vocab_size)
+  rows.update(s=student.hidden, w=_weights(mask, shape))
+  topk = isinstance(teacher, tuple)
+  renormalise = loss in sequence.TOPK_RENORMALISED
+
+  def per_token(params, r):
+    (s_kernel, s_bias), t_kp = params
+    s = project(student, s_kernel, s_bias, r["s"])
+    if topk:
+      return sequence._topk_per_token(divergence, s, r["t"], r["idx"], temperature, renormalise, **hyper)
+    t = project(teacher, *t_kp, r["t"]) if t_kp is not None else r["t"]
+    return sequence._per_token(divergence, s, t, temperature, **hyper)
+
+  total = _fused_sum(per_token, chunk_size)(((student.kernel, student.bias), t_params), rows)
+  return sequence._normalise(total, rows["w"])
+
+
+def fused_cross_entropy(student: TokenHead, labels: Array, mask: Array | None = None, *, chunk_size: int) -> Array:
+  """Next-token cross-entropy from the student's head, chunk by chunk: mean over scored tokens.
+
+    loss = Σ_{b,l} w_{b,l} · (logsumexp(z_{b,l}) − z_{b,l,y}) / max(Σ w, 1),
+
+  w = mask · [y ≥ 0] (label −1: not scored). Equals the softmax
+  cross-entropy on the full logits to float32 rounding, values and
+  gradients (the fused linear cross-entropy of Liger-Kernel and Cut
+  Cross-Entropy).
+
+  Args:
+    student: the student's :class:`TokenHead`, hidden ``(B, L, D)``.
+    labels: ``(B, L)`` int targets in ``[0, V)`` or −1.
+    mask: optional ``(B, L)`` bool or 0/1.
+    chunk_size: positions per chunk (> 0).
+
+  Returns:
+    float32 scalar.
+  """
+  _check_head(student, "student")
+  _check_chunk(chunk_size)
+  shape = student.hidden.shape[:2]
+  if jnp.shape(labels) != shape:
+    raise ConfigError(f"labels {jnp.shape(labels)} must be (B, L) = {shape}.")
+  labels = jnp.asarray(labels, jnp.int32)
+  rows = {"s": student.hidden, "y": jnp.maximum(labels, 0), "w": _weights(mask, shape) * (labels >= 0)}
+
+  def per_token(params, r):
+    z = project(student, *params, r["s"])
+    picked = jnp.take_along_axis(z, r["y"][..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1) - picked
+
+  total = _fused_sum(per_token, chunk_size)((student.kernel, student.bias), rows)
+  return sequence._normalise(total, rows["w"])
+
+
+def token_argmax(head: TokenHead, chunk_size: int) -> Array:
+  """argmax over the vocabulary of ``head``'s logits, chunk by chunk: int32 ``(B, L)``."""
+  _check_head(head, "head")
+  _check_chunk(chunk_size)
+
+  def fn(r):
+    return (), jnp.argmax(project(head, head.kernel, head.bias, r["s"]), axis=-1).astype(jnp.int32)
+
+  return jax.lax.stop_gradient(_over_chunks(fn, {"s": head.hidden}, chunk_size)[1])
+
+
+__all__ = [
+  "TokenHead",
+  "project",
+  "resolve_chunk",
+  "fused_token_loss",
+  "fused_cross_entropy",
+  "token_argmax",
+  "FUSED_MIN_VOCAB",
+]

@@ -1,0 +1,280 @@
+"""Fused token losses (kdjax.losses.fused): the output projection and the divergence chunk by chunk.
+
+Each loss, chunked, equals the same loss on the full (B, L, V) logits — values against NumPy, gradients
+w.r.t. both heads' hidden states, kernels and biases against the unchunked JAX loss — at chunk sizes
+that do not divide L, with masks and padding; XLA's memory analysis shows the chunked step never holds
+(B, L, V) arrays; the zoo LM's and the Decoder's heads give their logits; the methods use the heads.
+"""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax.losses as kdl
+from kdjax import methods
+from kdjax.errors import ConfigError
+from kdjax.losses import fused
+from kdjax.methods.base import Context, InitInfo, ModelInfo
+from kdjax.methods.config import MethodConfig
+from kdjax.models.base import ModelOutput
+
+B, L, D, DT, V = 2, 7, 5, 6, 11
+RTOL = 1e-5
+
+# name → (the unchunked loss on logits, its top-k form, hyper-parameters)
+LOSSES = {
+  "forward_kl": (kdl.forward_kl, kdl.topk_forward_kl, {}),
+  "reverse_kl": (kdl.reverse_kl, kdl.topk_reverse_kl, {}),
+  "generalized_jsd": (kdl.generalized_jsd, kdl.topk_generalized_jsd, {"beta": 0.3}),
+  "tvd": (kdl.tvd, kdl.topk_tvd, {}),
+  "skew_kl": (kdl.skew_kl, kdl.topk_skew_kl, {"alpha": 0.2}),
+  "skew_reverse_kl": (kdl.skew_kl, kdl.topk_skew_kl, {"alpha": 0.2, "reverse": True}),
+}
+
+
+def _inputs(seed=0):
+  k = jax.random.split(jax.random.key(seed), 6)
+  return {
+    "hs": jax.random.normal(k[0], (B, L, D)),
+    "ws": jax.random.normal(k[1], (D, V)),
+    "bs": jax.random.normal(k[2], (V,)),
+    "ht": jax.random.normal(k[3], (B, L, DT)),
+    "wt": jax.random.normal(k[4], (DT, V)) * 1.5,
+  }
+
+
+# padding at the ends of both rows, a hole in the middle
+MASK = jnp.array([[1, 1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1, 0]], bool)
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def _np_divergence(name, lps, lpt, beta=0.5, alpha=0.1, reverse=False):
+  """The per-token divergences, from their formulas, in float64."""
+  ps, pt = np.exp(lps), np.exp(lpt)
+  kl = lambda a, b: (np.exp(a) * (a - b)).sum(-1)  # noqa: E731
+  if name == "forward_kl":
+    return kl(lpt, lps)
+  if name == "reverse_kl":
+    return kl(lps, lpt)
+  if name == "generalized_jsd":
+    lm = np.log((1 - beta) * ps + beta * pt)
+    return beta * kl(lpt, lm) + (1 - beta) * kl(lps, lm)
+  if name == "tvd":
+    return 0.5 * np.abs(pt - ps).sum(-1)
+  first, second = (lps, lpt) if reverse else (lpt, lps)
+  return kl(first, np.log(alpha * np.exp(first) + (1 - alpha) * np.exp(second)))
+
+
+def _fused_name(name):
+  return "skew_kl" if name == "skew_reverse_kl" else name
+
+
+def _close(got, want):
+  """Equal to float32 rounding: rtol 1e-5 of each array's scale (elements near 0 compared at that scale)."""
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * float(np.max(np.abs(w))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_fused_equals_unchunked(name):
+  """Two heads at chunks of 3 and 16 positions (L = 7), a top-k teacher and dense teacher logits: values
+  against NumPy, gradients w.r.t. every producer against the plain loss (one compiled program)."""
+  ref, ref_topk, hyper = LOSSES[name]
+  div = _fused_name(name)
+  x = _inputs()
+  lp, idx = kdl.teacher_topk(x["ht"] @ x["wt"], 4)
+
+  def chunked(hs, ws, bs, ht, wt):
+    s, t = fused.TokenHead(hs, ws, bs), fused.TokenHead(ht, wt)
+    heads = [kdl.fused_token_loss(div, s, t, MASK, chunk_size=c, temperature=2.0, **hyper) for c in (3, 16)]
+    topk = kdl.fused_token_loss(div, s, (lp, idx), MASK, chunk_size=4, **hyper)
+    dense = kdl.fused_token_loss(div, s, ht @ wt, MASK, chunk_size=5, **hyper)
+    return heads, topk, dense
+
+  def plain(hs, ws, bs, ht, wt):
+    z = hs @ ws + bs
+    head = ref(z, ht @ wt, mask=MASK, temperature=2.0, **hyper)
+    return [head, head], ref_topk(z, lp, idx, mask=MASK, **hyper), ref(z, ht @ wt, mask=MASK, **hyper)
+
+  def values_and_grads(fn):
+    args = (x["hs"], x["ws"], x["bs"], x["ht"], x["wt"])
+    vals = fn(*args)
+    grads = [jax.grad(lambda *a, i=i: jax.tree.leaves(fn(*a))[i], argnums=range(5))(*args) for i in range(4)]
+    return vals, grads
+
+  (got_v, got_g), (want_v, want_g) = jax.jit(lambda: (values_and_grads(chunked), values_and_grads(plain)))()
+  _close(got_v, want_v)
+  _close(got_g, want_g)
+  zs = np.asarray(x["hs"] @ x["ws"] + x["bs"], np.float64) / 2.0
+  zt = np.asarray(x["ht"] @ x["wt"], np.float64) / 2.0
+  per = _np_divergence(name, _np_log_softmax(zs), _np_log_softmax(zt), **hyper)
+  m = np.asarray(MASK, np.float64)
+  np.testing.assert_allclose(got_v[0][0], (per * m).sum() / m.sum(), rtol=RTOL)
+  assert float(jnp.abs(got_g[0][3]).sum()) > 0  # the teacher's producers get their gradient too
+
+
+@pytest.mark.slow
+def test_fused_cross_entropy_and_argmax():
+  x = _inputs(2)
+  labels = jax.random.randint(jax.random.key(3), (B, L), -1, V)
+
+  def plain(hs, ws, bs):
+    z = hs @ ws + bs
+    nll = jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, jnp.maximum(labels, 0)[..., None], -1)[..., 0]
+    w = (MASK & (labels >= 0)).astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.sum(w)
+
+  def chunked(hs, ws, bs):
+    return kdl.fused_cross_entropy(fused.TokenHead(hs, ws, bs), labels, MASK, chunk_size=3)
+
+  args = (x["hs"], x["ws"], x["bs"])
+  vg = lambda fn: jax.value_and_grad(fn, argnums=range(3))(*args)  # noqa: E731
+  (value, grads), (_, want) = jax.jit(lambda: (vg(chunked), vg(plain)))()
+  z = np.asarray(x["hs"] @ x["ws"] + x["bs"], np.float64)
+  lab = np.asarray(labels)
+  nll = -np.take_along_axis(_np_log_softmax(z), np.maximum(lab, 0)[..., None], -1)[..., 0]
+  w = np.asarray(MASK) & (lab >= 0)
+  np.testing.assert_allclose(value, nll[w].mean(), rtol=RTOL)
+  _close(grads, want)
+  head = fused.TokenHead(x["hs"], x["ws"], x["bs"])
+  np.testing.assert_array_equal(kdl.token_argmax(head, 3), np.argmax(z, -1))
+
+
+@pytest.mark.slow
+def test_tied_softcapped_cut_head():
+  """A head tied to a (V', D) embedding, soft-capped and cut to its first V columns (Gemma 2, padded
+  vocabularies) gives the same logits chunked and whole, and the losses follow it."""
+  x = _inputs(4)
+  emb = jax.random.normal(jax.random.key(5), (V + 3, D))
+  head = fused.TokenHead(x["hs"], emb, None, softcap=3.0, vocab=V, transposed=True)
+  z = 3.0 * np.tanh(np.asarray(x["hs"] @ emb.T, np.float64) / 3.0)[..., :V]
+  np.testing.assert_allclose(head.logits(), z, rtol=RTOL, atol=1e-6)
+  assert head.vocab_size == V
+  t = fused.TokenHead(x["ht"], x["wt"])
+
+  def grad_emb(chunked):
+    def f(e):
+      h = dataclasses.replace(head, kernel=e)
+      if chunked:
+        return kdl.fused_token_loss("forward_kl", h, t, MASK, chunk_size=2)
+      return kdl.forward_kl(h.logits(), t.logits(), mask=MASK)
+
+    return jax.value_and_grad(f)(emb)
+
+  _close(*jax.jit(lambda: (grad_emb(True), grad_emb(False)))())
+
+
+def _memory(fn, *args):
+  return jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_chunked_memory_is_bounded():
+  """XLA's memory analysis of value-and-grad: the fused loss holds a few (B, C, V) chunks and the kernel's
+  gradient, not the (B, L, V) logits, log-softmaxes and their gradients of the plain loss."""
+  b, length, d, v, chunk = 2, 64, 16, 4096, 8
+  k = jax.random.split(jax.random.key(0), 4)
+  hs, ws = jax.random.normal(k[0], (b, length, d)), jax.random.normal(k[1], (d, v))
+  ht, wt = jax.random.normal(k[2], (b, length, d)), jax.random.normal(k[3], (d, v))
+  stop = jax.lax.stop_gradient
+
+  def chunked(hs, ws, ht, wt):
+    return kdl.fused_token_loss("forward_kl", fused.TokenHead(hs, ws), stop(fused.TokenHead(ht, wt)), chunk_size=chunk)
+
+  def plain(hs, ws, ht, wt):
+    return kdl.forward_kl(hs @ ws, stop(ht @ wt))
+
+  full, one_chunk = b * length * v * 4, b * chunk * v * 4
+  got, ref = _memory(chunked, hs, ws, ht, wt), _memory(plain, hs, ws, ht, wt)
+  assert ref >= 2 * full  # the plain loss holds several (B, L, V) arrays
+  assert got <= 6 * one_chunk + d * v * 4 < full, (got, one_chunk, full)
+
+
+def test_resolve_chunk_and_errors():
+  small = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, 100)))
+  large = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, fused.FUSED_MIN_VOCAB)))
+  assert kdl.resolve_chunk(None, None) is None and kdl.resolve_chunk(small, None) is None
+  assert kdl.resolve_chunk(large, None) == fused.AUTO_CHUNK_LOGITS // (2 * fused.FUSED_MIN_VOCAB)
+  assert kdl.resolve_chunk(large, 0) is None and kdl.resolve_chunk(small, 5) == 5
+  with pytest.raises(ConfigError, match="chunk_size"):
+    kdl.fused_token_loss("forward_kl", small, small, chunk_size=0)
+  with pytest.raises(ConfigError, match="loss must be one of"):
+    kdl.fused_token_loss("kl", small, small, chunk_size=2)
+  with pytest.raises(ConfigError, match="teacher_logits"):
+    kdl.fused_token_loss("tvd", small, jnp.zeros((2, 4, 99)), chunk_size=2)
+  with pytest.raises(ConfigError, match="token_chunk"):
+    MethodConfig(name="forward_kl", token_chunk=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,topk", [("forward_kl", False), ("gkd", True), ("skew_reverse_kl", False), ("tvd", True)])
+def test_methods_use_the_heads(name, topk):
+  """A token preset (+ CE) on outputs that carry heads: fused (token_chunk=3) equals the plain logits
+  path (token_chunk=0), loss and gradient w.r.t. the student's head."""
+  x = _inputs(6)
+  labels = jax.random.randint(jax.random.key(7), (B, L), 0, V).at[0, 1].set(-1)
+  batch = {"label": labels, "mask": MASK}
+  t_head = fused.TokenHead(x["ht"], x["wt"])
+  if topk:
+    lp, idx = kdl.teacher_topk(t_head.logits(), 4)
+    t = ModelOutput(kdl.topk_to_logits(lp, idx, V), {}, topk_logp=lp, topk_idx=idx)
+  else:
+    t = ModelOutput(t_head.logits(), {}, head=t_head)
+  info = ModelInfo("lm", V, {})
+  ctx = Context(step=jnp.int32(1), epoch=jnp.float32(1.0), key=jax.random.key(0))
+
+  def total(chunk, hs, ws):
+    m = methods.build(MethodConfig(name=name, terms=("ce=0.5",), token_chunk=chunk), info, info)
+    head = fused.TokenHead(hs, ws)
+    s = ModelOutput(head.logits(), {}, head=head)
+    params, state = m.init(jax.random.key(0), s, t, InitInfo(info, info, 4))
+    return m.loss(params, state, s, t, batch, ctx)[0]
+
+  vg = lambda chunk: jax.value_and_grad(lambda *a: total(chunk, *a), argnums=(0, 1))(x["hs"], x["ws"])  # noqa: E731
+  got, want = jax.jit(lambda: (vg(3), vg(0)))()
+  _close(got, want)
+
+
+@pytest.mark.slow
+def test_model_heads_give_their_logits():
+  """The zoo LM's head and a tied, soft-capped Decoder's head reproduce the models' logits."""
+  from flax import nnx
+
+  from kdjax.models import create
+  from kdjax.models.decoder import Decoder, DecoderConfig
+
+  tokens = jnp.array([[1, 5, 2, 7], [3, 3, 0, 9]], jnp.int32)
+  lm = create("transformer_lm", num_classes=13, num_layers=1, dim=8, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
+  cfg = DecoderConfig(
+    family="gemma2", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+    intermediate_size=16, max_positions=8, tie_embeddings=True, final_softcap=5.0, output_vocab=13,
+  )  # fmt: skip
+  dec = Decoder(cfg, rngs=nnx.Rngs(1))
+  for model in (lm, dec):
+    out = model(tokens)
+    assert out.head.vocab_size == 13
+    np.testing.assert_allclose(out.head.logits(), out.logits, rtol=1e-5, atol=1e-6)
+  assert out.head.transposed and out.head.softcap == 5.0
+
+
+@pytest.mark.slow
+def test_eight_devices_and_vocabulary_split():
+  """On 8 forced CPU devices: the fused losses with the batch split over ``data`` and both heads'
+  vocabularies split over ``model`` equal the single-device values and gradients, and the compiled
+  step gathers no vocabulary-sized array."""
+  script = Path(__file__).with_name("_fused_devices.py")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "ok" in out.stdout
