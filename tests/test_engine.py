@@ -142,12 +142,17 @@ def _preset_setup(name):
 
 
 QUICK_PRESETS = ("kd", "fitnet")
+TESTED_ELSEWHERE = ("uld", "tinybert", "distilbert", "minilm", "minilmv2")
 
 
 @pytest.mark.parametrize(
   "name",
-  [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow) for n in methods.available() if n != "uld"],
-)  # uld: test_cross_tokenizer
+  [
+    n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow)
+    for n in methods.available()
+    if n not in TESTED_ELSEWHERE
+  ],
+)  # uld: test_cross_tokenizer; the hidden-state and attention presets: test_sequence_features
 def test_preset_trains_through_jitted_step(name):
   s, batch = _preset_setup(name)
   assert set(methods.available()) >= {

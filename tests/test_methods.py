@@ -34,7 +34,10 @@ T_SHAPES = {
 S_INFO = ModelInfo("fake_s", C, S_SHAPES)
 T_INFO = ModelInfo("fake_t", C, T_SHAPES)
 TOKEN_PRESETS = ["forward_kl", "reverse_kl", "gkd", "tvd", "skew_kl", "skew_reverse_kl"]
-IMAGE_PRESETS = [p for p in methods.available() if p not in TOKEN_PRESETS + ["uld"]]  # uld: test_cross_tokenizer
+SEQUENCE_PRESETS = ["tinybert", "distilbert", "minilm", "minilmv2"]  # hidden states, attention: test_sequence_features
+IMAGE_PRESETS = [
+  p for p in methods.available() if p not in TOKEN_PRESETS + SEQUENCE_PRESETS + ["uld"]
+]  # uld: test_cross_tokenizer
 
 
 def _out(key, shapes, num_classes=C, relu=True):
