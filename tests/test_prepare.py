@@ -24,7 +24,8 @@ TEMPLATE = (
   "{% endfor %}"
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-L = 96  # positions per row
+MAX = 96  # tokens per example (the models' context)
+L = MAX - 1  # positions per row
 CORPUS = ["hello world, how are you today?", "I am fine, thank you.", "what is two plus two?", "four", "a b c d"]
 CHATS = [
   [
@@ -78,8 +79,8 @@ def made(tmp_path_factory):
   tok = _tokenizer_dir(root / "tok")
   chats = _jsonl(root / "chat.jsonl", [{"messages": m} for m in CHATS * 3])
   data_dir = str(root / "data")
-  plain = prepare.text(chats, tok, "my_chat", data_dir, max_length=L)
-  packed = prepare.text(chats, tok, "my_chat_packed", data_dir, max_length=L, pack=True)
+  plain = prepare.text(chats, tok, "my_chat", data_dir, max_length=MAX)
+  packed = prepare.text(chats, tok, "my_chat_packed", data_dir, max_length=MAX, pack=True)
   return dict(root=root, tok=tok, chats=chats, data_dir=data_dir, plain=plain, packed=packed)
 
 
@@ -196,7 +197,7 @@ def test_prompt_response_pairs_with_named_fields(made, tmp_path):
   for rec in recs:
     p, a = tok.encode(rec["q"]).ids, tok.encode(rec["a"], add_special_tokens=False).ids + [eos]
     seq = np.asarray(p + a)
-    want_y = np.full(32, -1)
+    want_y = np.full(31, -1)
     want_y[: len(seq) - 1] = np.where(np.arange(1, len(seq)) >= len(p), seq[1:], -1)
     assert any(np.array_equal(x[: len(seq) - 1], seq[:-1]) and np.array_equal(y, want_y) for x, y in got.values())
     k = recs.index(rec)
@@ -204,19 +205,19 @@ def test_prompt_response_pairs_with_named_fields(made, tmp_path):
 
 
 def test_overflow_truncates_or_drops_and_counts(made, hf_chats, tmp_path):
-  """Truncation keeps an example's first 31 tokens (30 positions) unless no scored target is left, then drops it."""
+  """Truncation keeps an example's first 30 tokens (29 positions) unless no scored target is left, then drops it."""
   chats = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CHATS])
   cut = prepare.text(chats, made["tok"], "cut", str(tmp_path / "d"), max_length=30, overflow="truncate")
   drop = prepare.text(chats, made["tok"], "drop", str(tmp_path / "d"), max_length=30, overflow="drop")
   full = {k: v[: len(CHATS)] for k, v in _split(made, "my_chat").items()}
-  long = np.array([len(ids) - 1 for ids, _ in hf_chats[1]]) > 30
-  kept = ~long | (full["targets"][:, :30] >= 0).any(1)
+  long = np.array([len(ids) for ids, _ in hf_chats[1]]) > 30
+  kept = ~long | (full["targets"][:, :29] >= 0).any(1)
   assert long.any() and not long.all() and not kept.all()
   assert f"{(long & kept).sum()} truncated, {(~kept).sum()} dropped" in cut.summary
   assert f"0 truncated, {long.sum()} dropped" in drop.summary and drop.rows == {"train": int((~long).sum())}
   r = _records(str(tmp_path / "d"), "cut", "train")
-  np.testing.assert_array_equal(r["inputs"], full["inputs"][kept, :30])
-  np.testing.assert_array_equal(r["targets"], full["targets"][kept, :30])
+  np.testing.assert_array_equal(r["inputs"], full["inputs"][kept, :29])
+  np.testing.assert_array_equal(r["targets"], full["targets"][kept, :29])
 
 
 BAD = {
@@ -268,7 +269,7 @@ def test_the_command_prints_one_summary_line_or_one_error_line(made, tmp_path, c
 
   d = str(tmp_path / "d")
   base = ["prepare", "text", str(made["chats"]), "--tokenizer", str(made["tok"]), "--data_dir", d]
-  assert main([*base, "--name", "cli_chat", "--max-length", str(L), "--pack", "--test_size", "2"]) == 0
+  assert main([*base, "--name", "cli_chat", "--max-length", str(MAX), "--pack", "--test_size", "2"]) == 0
   out = capsys.readouterr().out.strip()
   assert "\n" not in out and out.startswith("cli_chat: 12 examples from chat.jsonl → train ") and "test 2 rows" in out
   assert kd.get_info("cli_chat", d).splits == ("train", "test")
@@ -327,10 +328,10 @@ def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made, family):
   from kdjax.models.decoder import Decoder, DecoderConfig
 
   if family == "transformer_lm":
-    model = models.create(family, num_classes=320, num_layers=1, dim=16, num_heads=2, max_len=L, rngs=nnx.Rngs(0))
+    model = models.create(family, num_classes=320, num_layers=1, dim=16, num_heads=2, max_len=MAX, rngs=nnx.Rngs(0))
   else:
     shape = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32)
-    model = Decoder(DecoderConfig("qwen2", 320, **shape, max_positions=L, qkv_bias=True), rngs=nnx.Rngs(0))
+    model = Decoder(DecoderConfig("qwen2", 320, **shape, max_positions=MAX, qkv_bias=True), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -9,11 +9,11 @@
 
 ``text`` reads prompt/response pairs or chat ``messages`` (rendered with the
 tokenizer's chat template, ``--chat`` renders pairs as a user/assistant
-exchange too), scores only response/assistant tokens, limits rows to
-``--max_length`` positions (a longer example is an error unless
-``--overflow truncate`` or ``drop``) and with ``--pack`` puts several examples
-in one training row (``segment_ids``/``positions`` keep them apart). It prints
-one summary line. Train on the result with ``--data.name NAME --data.view
+exchange too), scores only response/assistant tokens, limits examples to
+``--max_length`` tokens — the model's context; rows hold ``max_length − 1``
+positions — (a longer example is an error unless ``--overflow truncate`` or
+``drop``) and with ``--pack`` puts several examples in one training row
+(``segment_ids``/``positions`` keep them apart). It prints one summary line. Train on the result with ``--data.name NAME --data.view
 tokens`` (and ``--data.data_dir DIR``). Library: :func:`kdjax.data.prepare.text`
 and :func:`kdjax.data.prepare.images`.
 """
@@ -76,7 +76,7 @@ def _text(args: list[str]):
     chat=bool(_opt(args, "chat", False, is_bool=True)),
   )
   kw = dict(
-    max_length=_int(args, "max_length", 512, minimum=1),
+    max_length=_int(args, "max_length", 512, minimum=2),
     overflow=_opt(args, "overflow", "error"),
     pack=bool(_opt(args, "pack", False, is_bool=True)),
     test=_opt(args, "test"),

@@ -2,10 +2,11 @@
 
 An example of ``n`` tokens ``s`` fills ``n − 1`` positions: ``inputs = s[:-1]``
 and ``targets = s[1:]``, with ``-1`` where the target is not scored (a prompt
-token), as kdjax's token datasets and losses expect. A row holds
-``max_length`` positions; an example longer than that is refused, truncated
-(its first ``max_length + 1`` tokens; dropped instead when no scored target
-remains) or dropped, by ``overflow``.
+token), as kdjax's token datasets and losses expect. ``max_length`` counts an
+example's tokens (as a model's context does: evaluation generates the whole
+example), so a row holds ``max_length − 1`` positions; a longer example is
+refused, truncated (its first ``max_length`` tokens; dropped instead when no
+scored target remains) or dropped, by ``overflow``.
 
 Packing (Krell et al., 2021, "Efficient Sequence Packing without
 Cross-contamination") puts several examples in one row, first fit in file
@@ -44,8 +45,8 @@ class Counts:
 
 
 def fit(examples: Iterable[Example], max_length: int, overflow: str, source: str, counts: Counts):
-  """Each example cut to at most ``max_length + 1`` tokens as ``overflow`` says, as ``(inputs, targets, line)``
-  (int32 ``(m,)`` each, ``m ≤ max_length``)."""
+  """Each example cut to at most ``max_length`` tokens as ``overflow`` says, as ``(inputs, targets, line)``
+  (int32 ``(m,)`` each, ``m < max_length``)."""
   if overflow not in OVERFLOW:
     raise ConfigError(f"overflow={overflow!r}; expected one of {', '.join(OVERFLOW)}")
   for ex in examples:
@@ -54,13 +55,13 @@ def fit(examples: Iterable[Example], max_length: int, overflow: str, source: str
     if not ex.scored[1:].any():
       raise ConfigError(f"{source}:{ex.line}: empty example (no token after the first is scored)")
     tokens, scored = ex.tokens, ex.scored
-    if n - 1 > max_length:
+    if n > max_length:
       if overflow == "error":
         raise ConfigError(
-          f"{source}:{ex.line}: example of {n} tokens fills {n - 1} positions, over max_length {max_length}; "
-          f"raise max_length or pass overflow truncate (or drop)"
+          f"{source}:{ex.line}: example of {n} tokens is over max_length {max_length}; raise max_length or "
+          f"set overflow to truncate or drop"
         )
-      tokens, scored = tokens[: max_length + 1], scored[: max_length + 1]
+      tokens, scored = tokens[:max_length], scored[:max_length]
       if overflow == "drop" or not scored[1:].any():
         counts.dropped += 1
         continue
@@ -71,7 +72,7 @@ def fit(examples: Iterable[Example], max_length: int, overflow: str, source: str
     yield tokens[:-1].astype(np.int32), targets, ex.line
 
 
-def bins(lengths: list[int], max_length: int, pack: bool) -> list[list[int]]:
+def bins(lengths: list[int], width: int, pack: bool) -> list[list[int]]:
   """Which examples go in each row: one each, or packed first fit (in order) over the last :data:`WINDOW`
   open rows."""
   if not pack:
@@ -82,23 +83,23 @@ def bins(lengths: list[int], max_length: int, pack: bool) -> list[list[int]]:
     at = next((r for r in range(lo, len(rows)) if room[r] >= m), None)
     if at is None:
       rows.append([])
-      room.append(max_length)
+      room.append(width)
       at = len(rows) - 1
     rows[at].append(i)
     room[at] -= m
   return rows
 
 
-def to_arrays(pieces: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], max_length: int, pad_id: int):
-  """The rows as arrays ``(R, max_length)``: ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32)
+def to_arrays(pieces: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], width: int, pad_id: int):
+  """The rows as arrays ``(R, width)``: ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32)
   and ``prompt_length`` ``(R,)`` (positions before the first scored target, plus one: the prompt a
   generation starts from, for a row of one example)."""
   r = len(rows)
   out = {
-    "inputs": np.full((r, max_length), pad_id, np.int32),
-    "targets": np.full((r, max_length), -1, np.int32),
-    "segment_ids": np.zeros((r, max_length), np.int32),
-    "positions": np.zeros((r, max_length), np.int32),
+    "inputs": np.full((r, width), pad_id, np.int32),
+    "targets": np.full((r, width), -1, np.int32),
+    "segment_ids": np.zeros((r, width), np.int32),
+    "positions": np.zeros((r, width), np.int32),
   }
   for k, members in enumerate(rows):
     at = 0

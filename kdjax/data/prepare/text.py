@@ -4,7 +4,8 @@ The dataset has the features of kdjax's token datasets — ``inputs`` and
 ``targets`` int32 ``(L,)`` (``-1`` = not scored: prompts, padding) and
 ``prompt_length`` — and, when packed, ``segment_ids`` and ``positions`` ``(L,)``
 (see :mod:`kdjax.data.prepare.rows`; the loader puts them in every batch),
-``L = max_length``. Only the training split is packed. Its metadata
+``L = max_length − 1`` (an example of ``max_length`` tokens fills a row). Only
+the training split is packed. Its metadata
 records the vocabulary size (the logits width), pad/BOS/EOS ids and whether
 the training split is packed; the tokenizer files are stored with it
 (:func:`kdjax.data.tfds.tokenizer` reads them back). Train with
@@ -49,13 +50,13 @@ def _split(items: list, test_size: int, seed: int, source: str) -> tuple[list, l
 def _rows(pieces: list, max_length: int, pack: bool, pad_id: int, split: str, source: str) -> dict:
   if not pieces:
     raise ConfigError(f"{source}: no example of split {split!r} is left after overflow (all over max_length)")
-  members = row_lib.bins([len(x) for x, _, _ in pieces], max_length, pack)
-  return row_lib.to_arrays([(x, y) for x, y, _ in pieces], members, max_length, pad_id)
+  members = row_lib.bins([len(x) for x, _, _ in pieces], max_length - 1, pack)
+  return row_lib.to_arrays([(x, y) for x, y, _ in pieces], members, max_length - 1, pad_id)
 
 
 def _summary(name, source, counts, arrays, max_length, pack, directory) -> str:
   c = counts
-  fill = c.train_tokens / (len(arrays["train"]["inputs"]) * max_length)
+  fill = c.train_tokens / arrays["train"]["inputs"].size
   parts = [f"{s} {len(a['inputs'])} rows" for s, a in arrays.items()]
   packed = f" (train: {c.train_examples} examples packed, {fill:.0%} of positions filled)" if pack else ""
   return (
@@ -100,7 +101,7 @@ def text(
   """Tokenize ``path`` with the Hugging Face tokenizer ``tokenizer`` (a checkpoint directory or its
   ``tokenizer.json``) into TFDS dataset ``name`` in ``data_dir``; see the module docstring.
 
-  ``max_length``: positions per row; ``overflow``: ``error`` | ``truncate`` | ``drop`` for longer
+  ``max_length``: tokens per example (the model's context; rows hold ``max_length − 1`` positions); ``overflow``: ``error`` | ``truncate`` | ``drop`` for longer
   examples; ``pack``: several examples per training row; ``test``: a file for the test split, or
   ``test_size`` examples held out of ``path`` (seeded by ``seed``). Every record is checked before
   anything is written, and the dataset appears only whole.
@@ -109,8 +110,8 @@ def text(
 
   data_dir = default_data_dir(data_dir)
   writer.check_name(name, data_dir, overwrite)
-  if max_length <= 0:
-    raise ConfigError(f"max_length={max_length}: must be positive")
+  if max_length < 2:
+    raise ConfigError(f"max_length={max_length}: an example needs at least 2 tokens (a prompt and a target)")
   bundle = tok_lib.load(tokenizer)
   source = Path(path).name
   fields = fields or ex_lib.Fields()
