@@ -44,6 +44,7 @@ ALL = (
   + IMAGENET
   + [
     "mlp",
+    "mlp_dropout",
     "cnn1d",
     "mlp_1200",
     "mlp_800",
@@ -162,6 +163,7 @@ EXACT = {
   "mobilenet_v1": 4_231_976,  # published "4.2M"
   # MNIST-1D paper: 40·100+100 + 100·100+100 + 100·10+10
   "mlp": 15_210,
+  "mlp_dropout": 15_210,  # dropout adds no parameters
   # 1·25·5+25 + 2·(25·25·3+25) + 125·10+10 = 150 + 3,800 + 1,260
   "cnn1d": 5_210,
   # 784·1200+1200 + 1200·1200+1200 + 1200·10+10

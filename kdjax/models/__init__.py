@@ -19,7 +19,8 @@ Names and features (see each module's docstring for shapes):
 * ImageNet (224×224×3): ``resnet18``, ``resnet34``, ``resnet50``,
   ``mobilenet_v1``. Features ``stem``, ``stage1`` … ``stage4``,
   ``stageK_preact``, ``pooled``.
-* MNIST-1D (``(B, 40)`` or ``(B, 40, 1)``): ``mlp`` (40-100-100-10) with
+* MNIST-1D (``(B, 40)`` or ``(B, 40, 1)``): ``mlp`` (40-100-100-10; ``mlp_dropout``
+  with dropout 0.2) with
   ``stage1``, ``stage2``, ``stageK_preact``, ``pooled``; ``cnn1d`` with
   ``stem``, ``stage1``, ``stage2`` (NWC ``(B, L, C)``), ``stageK_preact``,
   ``pooled`` (125).

@@ -2,6 +2,7 @@
 
   ``mlp``       40-100-100-10 (MNIST-1D paper), 15,210 parameters; input
                 ``(B, 40)`` or ``(B, 40, 1)``.
+  ``mlp_dropout``  the same with dropout 0.2 on both hidden layers.
   ``mlp_1200``  784-1200-1200-10, Hinton's teacher, 2,395,210 parameters;
                 dropout 0.5 on both hidden layers and 0.2 on the input
                 (``input_dropout=0`` to turn the latter off).

@@ -82,6 +82,7 @@ register(
 register("mobilenet_v1", MobileNetV1, "imagenet", (224, 224, 3), num_classes=1000)
 
 register("mlp", MLP, "mnist1d", (40,), input_shape=(40,), hidden=(100, 100), num_classes=10)
+register("mlp_dropout", MLP, "mnist1d", (40,), input_shape=(40,), hidden=(100, 100), dropout=0.2, num_classes=10)
 register("cnn1d", CNN1D, "mnist1d", (40,), length=40, num_classes=10)
 register(
   "mlp_1200",
