@@ -390,3 +390,26 @@ def test_four_to_two_layers_from_a_llama_teacher_with_a_uniform_map(llama):
   assert terms["hidden_mse"] == (("block0", "block1"), ("block1", "block3"))  # 32-wide teacher, 16-wide student
   assert terms["value_kl"][1] == ("blocks.1.attn.values", "blocks.3.attn.values")  # 2 kv heads, 4 relation heads
   _falls(history, ["hidden_mse", "attn_kl", "value_kl", "qkv_kl"])
+
+
+def test_fitnet_hint_on_sequences_and_vectors_uses_a_linear_regressor():
+  from kdjax.methods.base import Context, InitInfo
+  from kdjax.models.base import ModelOutput
+
+  rng = np.random.default_rng(3)
+  s_info = ModelInfo("s", 64, {"block1": (L, 8), "pooled": (8,)})
+  t_info = ModelInfo("t", 64, {"block1": (L, 12), "pooled": (12,)})
+  ctx = Context(step=jnp.int32(0), epoch=jnp.float32(0), key=jax.random.key(0))
+  for layer in ("block1", "pooled"):
+    m = kdjax.methods.build(kdjax.MethodConfig(name="fitnet", hint_layer=layer, terms=("ce=0",)), s_info, t_info)
+    fs = rng.normal(size=(B, *s_info.feature_shapes[layer])).astype(np.float32)
+    ft = rng.normal(size=(B, *t_info.feature_shapes[layer])).astype(np.float32)
+    s, t = ModelOutput(jnp.zeros((B, L, 64)), {layer: fs}), ModelOutput(jnp.zeros((B, L, 64)), {layer: ft})
+    params, state = m.init(jax.random.key(0), s, t, InitInfo(s_info, t_info, 0))
+    w, b = np.asarray(params["hint"]["w"]), np.asarray(params["hint"]["b"])
+    assert w.shape == (s_info.feature_shapes[layer][-1], t_info.feature_shapes[layer][-1])
+    loss = jax.jit(lambda p: m.loss(p, state, s, t, {"mask": jnp.asarray(_mask())}, ctx)[2]["loss/hint"])(params)
+    mask = _mask() if layer == "block1" else np.ones(B)
+    per = ((fs @ w + b - ft) ** 2).mean(-1)
+    want = (per * mask).sum() / mask.sum() if layer == "block1" else per.mean()
+    np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=layer)
