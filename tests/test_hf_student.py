@@ -100,14 +100,15 @@ def _forward(model, tokens=TOKENS) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, layers, stride", [("qwen2", (0, 2), 0), ("gpt2", (), 2)])
-def test_cut_student_equals_its_layers_and_its_export_loads_in_transformers(teachers, tmp_path, family, layers, stride):
-  """A student cut from the teacher's layers 0 and 2 (listed, or every 2nd) computes the logits of those layers
-  run in transformers. Moved off the teacher's weights (as training does) and written by ``kdjax.export_hf``,
-  transformers loads it as it is: its logits equal kdjax's and its greedy generation equals kdjax's (KV
-  cache) token for token; a tied head writes no lm_head; the tokenizer files come along."""
+def test_cut_gpt2_student_equals_its_layers_and_its_export_loads_in_transformers(teachers, tmp_path):
+  """A GPT-2 student cut from every 2nd teacher layer (0 and 2) computes the logits of those layers run in
+  transformers. Moved off the teacher's weights (as training does) and written by ``kdjax.export_hf``
+  (q/k/v packed into c_attn again), transformers loads it as it is: its logits equal kdjax's and its greedy
+  generation equals kdjax's (KV cache) token for token; the tied head writes no lm_head; the tokenizer files
+  come along; a bfloat16 export holds kdjax's weights rounded. (Qwen 2: the loop test below.)"""
+  family = "gpt2"
   path, _ = teachers[family]
-  keep = prune.choose_layers(3, layers, stride)
+  keep = prune.choose_layers(3, stride=2)
   assert keep == (0, 2)
   student = pretrained.from_pretrained(path, layers=keep)
   np.testing.assert_allclose(_forward(student), _logits(_reference(path, [0, 2])), atol=1e-5, rtol=0)
@@ -158,7 +159,7 @@ def _hooked_importance(model, tokens) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teachers, tmp_path):
+def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teachers, tmp_path, capsys):
   """Importance equals an independent PyTorch computation; the pruned student keeps the top neurons and the
   top group of heads, still runs (transformers loads its export with equal logits), and the reported
   parameter counts equal a NumPy count of the exported arrays."""
@@ -186,6 +187,33 @@ def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teacher
   assert counts["mlp"] == sum(a.size for n, a in arrays.items() if ".mlp." in n) == 2 * 3 * 32 * 20
   table = prune.param_table(pruned, student)
   assert f"| total | {counts['total']:,} | {prune.param_counts(student)['total']:,} |" in table
+  # As a run builds it: --student.name hf cut from the hf teacher, pruned on the first training rows.
+  from kdjax.config import Experiment, ModelConfig
+  from kdjax.engine import experiment
+
+  cut = ModelConfig(name="hf", layers=(0, 2), mlp_size=20, heads=2, kv_heads=1, prune_examples=6)
+  cfg = Experiment(teacher=ModelConfig(name="hf", checkpoint=str(path)), student=cut)
+  built = experiment._hf_student(cfg, VOCAB, _Rows(np.concatenate([calib, calib])))
+  for a, b in zip(jax.tree.leaves(nnx.state(built)), jax.tree.leaves(nnx.state(pruned))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  printed = capsys.readouterr().out
+  full = prune.param_counts(
+    nnx.eval_shape(lambda: kdjax.models.Decoder(pretrained.read_config(path), rngs=nnx.Rngs(0)))
+  )
+  assert f"| total | {counts['total']:,} | {full['total']:,} |" in printed
+
+
+class _Rows:
+  """A training set's ``take`` and ``len``: token rows."""
+
+  def __init__(self, rows):
+    self.rows = rows
+
+  def __len__(self):
+    return len(self.rows)
+
+  def take(self, idx):
+    return self.rows[idx], None, idx
 
 
 def _config_dir(d: Path, **change) -> Path:
@@ -258,3 +286,58 @@ def test_fresh_config_is_what_transformers_reads(tmp_path):
   back = T.AutoConfig.from_pretrained(d)
   assert type(back).__name__ == "Qwen2Config" and back.rope_parameters["rope_theta"] == 5e5
   assert pretrained.read_config(d) == cfg
+
+
+@pytest.mark.slow
+def test_the_loop_own_data_in_a_student_cut_from_the_teacher_out_to_transformers(tmp_path):
+  """A transformers-made Qwen2 teacher with its tokenizer → ``prepare`` on a JSONL of chats → a student cut
+  from the teacher's layers 0 and 2 (before training: the logits of those layers in transformers) →
+  distilled a few steps → exported (kdjax format) → ``kdjax export --format hf`` → transformers loads it:
+  its logits equal the distilled kdjax student's and its greedy generation equals kdjax's token for token."""
+  from test_prepare import CHATS, _jsonl, _tokenizer_dir
+
+  from kdjax import cli
+  from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
+  from kdjax.data import prepare
+  from kdjax.engine import experiment
+
+  teacher = _tokenizer_dir(tmp_path / "teacher")
+  torch.manual_seed(0)
+  small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+  vocab = pretrained.load_tokenizer(teacher).get_vocab_size()
+  hf_cfg = T.Qwen2Config(**small, vocab_size=vocab, max_position_embeddings=128, initializer_range=0.2)
+  T.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(teacher)
+  data_dir = str(tmp_path / "data")
+  chats = _jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS * 2])
+  prepare.text(chats, teacher, "loop", data_dir, max_length=96)
+  cfg = Experiment(
+    name="loop",
+    teacher=ModelConfig(name="hf", checkpoint=str(teacher)),
+    student=ModelConfig(name="hf", layers=(0, 2)),  # no checkpoint of its own: cut from the teacher's
+    method=MethodConfig(name="forward_kl"),
+    data=DataConfig(name="loop", data_dir=data_dir, view="tokens", eval_split="train", batch_size=4),
+    optim=OptimConfig(name="adamw", lr=1e-2, steps=3),
+    run=RunConfig(workdir=str(tmp_path / "run"), quiet=True),
+  )
+  run = experiment.build(cfg)
+  tokens = np.asarray(run.loader.batch(0, 0)["inputs"])
+  want = _logits(_reference(teacher, [0, 2]), tokens)[..., : run.num_classes]
+  np.testing.assert_allclose(_forward(kdjax.student_model(run.distiller, run.state), tokens), want, atol=1e-5, rtol=0)
+  state = run.state
+  for i in range(3):
+    state, _ = run.distiller.step(state, run.loader.batch(0, i))
+  student = kdjax.student_model(run.distiller, state)
+  run.distiller.export(state, Path(cfg.run.workdir) / "export")
+  out = tmp_path / "hf"
+  assert cli.main(["export", cfg.run.workdir, "--format", "hf", "--out", str(out)]) == 0
+  assert (out / "tokenizer_config.json").is_file()
+  direct = kdjax.export_hf(run.distiller, tmp_path / "direct", state)
+  for name, a in load_file(out / "model.safetensors").items():  # the workdir's export and the state's agree
+    np.testing.assert_array_equal(a, load_file(direct / "model.safetensors")[name])
+  ref = T.AutoModelForCausalLM.from_pretrained(out).eval()
+  got_logits = _forward(student, tokens)
+  assert np.abs(got_logits - want).max() > 1e-3  # trained: no longer the teacher's layers
+  np.testing.assert_allclose(_logits(ref, tokens)[..., : run.num_classes], got_logits, atol=1e-4, rtol=0)
+  prompts = tokens[:3, :6]
+  gen = G.Generator(student, G.Sampling(max_new_tokens=8, temperature=0.0))(prompts, np.full(3, 6), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(gen.tokens), _greedy_hf(ref, prompts, 8))

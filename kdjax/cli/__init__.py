@@ -6,7 +6,7 @@
                         [--parallel N] [--launcher slurm [--nodes N] [--sbatch KEY=VALUE]] [--cell I] [--train-teacher]
                         (--grid config=PATTERN sweeps the experiment's named configs, e.g. 'wrn_40_2-wrn_16_2/*')
     kdjax report        DIR… --out results.md [--csv FILE] [--plots DIR]
-    kdjax export        WORKDIR --out DIR
+    kdjax export        WORKDIR --out DIR [--format hf [--dtype bfloat16]]  (hf: a Hugging Face checkpoint)
     kdjax cache         EXPERIMENT [CONFIG] --teacher.checkpoint DIR --cache.dir DIR [--cache.views K] …
     kdjax bench         [--quick] …
     kdjax prepare       NAME… [--data_dir DIR]   (store TFDS datasets as ArrayRecord, once; downloadable

@@ -34,7 +34,11 @@ Names and features (see each module's docstring for shapes):
 * Pretrained language models: ``from_pretrained(directory, dtype=..., mesh=...)``
   reads a Hugging Face checkpoint (Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-2) into a
   :class:`Decoder` with the same features and generation interface;
-  ``load_tokenizer(directory)`` its tokenizer.
+  ``load_tokenizer(directory)`` its tokenizer. ``from_pretrained(directory,
+  layers=(0, 2))`` keeps some of its layers (a student cut from its teacher),
+  :mod:`kdjax.models.prune` narrows MLPs and heads by activation importance,
+  and ``to_pretrained(model, directory)`` writes a decoder back as a Hugging
+  Face checkpoint that transformers loads.
 
 Functional use (what the engine does)::
 
@@ -56,6 +60,7 @@ from kdjax.models.imagenet_resnet import ImageNetResNet
 from kdjax.models.mlp import MLP
 from kdjax.models.mobilenet_v1 import MobileNetV1
 from kdjax.models.mobilenet_v2 import MobileNetV2
+from kdjax.models.hf_export import to_pretrained
 from kdjax.models.pretrained import from_pretrained, load_tokenizer, special_token_ids
 from kdjax.models.registry import (
   ModelSpec,
@@ -100,4 +105,5 @@ __all__ = [
   "register",
   "spec",
   "special_token_ids",
+  "to_pretrained",
 ]
