@@ -9,6 +9,9 @@ A one-layer ``transformer_lm`` teacher and a smaller student over V = 64 on
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,7 @@ import optax
 import pytest
 
 import _engine_setup as engine_setup
+from kdjax import losses as kdl
 from kdjax.data import cache as cache_lib
 from kdjax.data import views
 from kdjax.data.tfds import ArrayDataset
@@ -54,7 +58,14 @@ def _teacher_logits(s: engine_setup.Setup, tokens: np.ndarray) -> np.ndarray:
 
 
 def _build(directory, ds, s, top_k, dtype, **kw):
-  spec = cache_lib.CacheSpec(views=1, dtype=dtype, top_k=top_k, shard_size=kw.pop("shard_size", 16), batch_size=8)
+  spec = cache_lib.CacheSpec(
+    views=1,
+    dtype=dtype,
+    top_k=top_k,
+    encoding=kw.pop("encoding", "plain"),
+    shard_size=kw.pop("shard_size", 16),
+    batch_size=8,
+  )
   return cache_lib.build_cache(
     directory,
     ds,
@@ -271,3 +282,202 @@ def test_topk_token_cache_records_the_bytes_per_token_it_stores(tmp_path, vocab,
   want = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
   np.testing.assert_array_equal(out["teacher_topk_idx"], want)  # ids read back as int32, unchanged
   assert out["teacher_topk_idx"].dtype == np.int32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed top-k rows (encoding="packed"): exact ids, log-probs within LOGP_BOUND, the tail mass kept.
+
+QWEN_VOCAB = 151936
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+  z = z.astype(np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _random_rows(kind: str, rows: int, vocab: int, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k log-probs (decreasing) and ids of ``rows`` softmaxes over ``vocab`` random logits."""
+  z = rng.normal(size=(rows, vocab)) * {"flat": 0.3, "peaked": 6.0}.get(kind, 1.5)
+  if kind == "zipf":  # a frequency-ordered vocabulary: the prior −log(id + 1) under the context's noise
+    z -= np.log(np.arange(vocab) + 1.0)
+  lp = _log_softmax(z)
+  idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+  top = np.take_along_axis(lp, idx, -1)
+  order = np.argsort(-top, axis=-1, kind="stable")
+  return np.take_along_axis(top, order, -1), np.take_along_axis(idx, order, -1)
+
+
+def _by_id(logp: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  order = np.argsort(idx, axis=-1)
+  return np.take_along_axis(logp, order, -1), np.take_along_axis(idx, order, -1)
+
+
+@pytest.mark.parametrize(
+  "kind, vocab, k", [("zipf", 4096, 128), ("uniform", 262144, 64), ("peaked", 1000, 32), ("flat", 512, 512)]
+)
+def test_packed_rows_keep_ids_exact_and_log_probs_within_the_bound(kind, vocab, k):
+  """Every id comes back with its own log-prob, within LOGP_BOUND (s/2 rounding + s/2 shift + 2^-10); the
+  rows' top-k mass is kept to 2^-10 relative; order: decreasing decoded log-prob, ties by id."""
+  rng = np.random.default_rng(len(kind) + k)
+  lp, idx = _random_rows(kind, 8, vocab, k, rng)
+  data, nbytes = cache_lib.pack_rows(lp, idx)
+  assert data.dtype == np.uint8 and nbytes.dtype == np.uint16 and len(data) == nbytes.sum()
+  starts = np.cumsum(nbytes.astype(np.int64)) - nbytes
+  back, ids = cache_lib.unpack_rows(data, starts, k)
+  assert back.dtype == np.float32 and ids.dtype == np.int32
+  want_lp, want_ids = _by_id(lp, idx)
+  got_lp, got_ids = _by_id(back.astype(np.float64), ids)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  err = np.abs(got_lp - want_lp).max()
+  assert 0 < err <= cache_lib.LOGP_BOUND
+  mass = np.exp(lp).sum(-1)
+  np.testing.assert_allclose(np.exp(got_lp).sum(-1), mass, rtol=2**-10)
+  assert np.all(np.diff(back, axis=-1) <= 0)
+  tied = np.diff(back, axis=-1) == 0
+  assert np.all(np.diff(ids, axis=-1)[tied] > 0)
+  # without the per-row shift every value is the grid point nearest the true one
+  plain, ids2 = cache_lib.unpack_rows(data, starts, k, renormalise=False)
+  assert np.abs(_by_id(plain.astype(np.float64), ids2)[0] - want_lp).max() <= cache_lib.LOGP_STEP / 2 + 1e-6
+  # a row read alone decodes the same
+  one, one_ids = cache_lib.unpack_rows(data[starts[5] : starts[5] + nbytes[5]], np.zeros(1, np.int64), k)
+  np.testing.assert_array_equal(one_ids[0], ids[5])
+  np.testing.assert_array_equal(one[0], back[5])
+
+
+@pytest.mark.slow
+def test_packed_topk_cache_step_matches_the_float32_cache_step(tmp_path, ds, fkl):
+  """The real jitted step on a packed k = 8 cache: the same ids as the float32 cache, forward KL within
+  LOGP_BOUND-sized error of it, and an SGD update within 1 % of the update's scale."""
+  plain, packed = (_build(tmp_path / e, ds, fkl, 8, "float32", encoding=e) for e in ("plain", "packed"))
+  assert plain["complete"] and packed["complete"]
+  caches = [cache_lib.TeacherCache.open(tmp_path / e) for e in ("plain", "packed")]
+  batches = [cache_lib.CachedLoader(ds, c, batch_size=BATCH, seed=4).batch(0, 1) for c in caches]
+  np.testing.assert_array_equal(batches[0]["id"], batches[1]["id"])
+  np.testing.assert_array_equal(*(np.sort(b["teacher_topk_idx"], -1) for b in batches))
+  assert 0 < np.abs(batches[0]["teacher_topk_logp"] - batches[1]["teacher_topk_logp"]).max() <= cache_lib.LOGP_BOUND
+  (p_a, m_a), (p_b, m_b) = (_one_step(fkl, b) for b in batches)
+  assert m_a["loss/forward_kl"] > 0.01
+  np.testing.assert_allclose(m_b["loss/forward_kl"], m_a["loss/forward_kl"], atol=cache_lib.LOGP_BOUND / 4)
+  p0 = jax.tree.map(np.asarray, fkl.initial.params)
+  for a, b, z in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b), jax.tree.leaves(p0)):
+    np.testing.assert_allclose(b - z, a - z, atol=1e-6 + 1e-2 * np.abs(a - z).max())
+
+
+def _zipf_ds(n: int, length: int):
+  """``n`` examples whose input names their row in the teacher-logit table."""
+  rows = np.repeat(np.arange(n, dtype=np.int32)[:, None], length, 1)
+  return ArrayDataset(rows, rows, np.arange(n) * 3 + 1, name="zipf_lm", split="train")
+
+
+def _build_table(directory, ds, logits, spec) -> cache_lib.TeacherCache:
+  predict = lambda x: logits[x[:, 0]]  # noqa: E731
+  cache_lib.build_cache(
+    directory,
+    ds,
+    predict,
+    teacher_hash="zipf",
+    num_classes=logits.shape[-1],
+    view=VIEW,
+    spec=spec,
+    output_shape=logits.shape[1:],
+  )
+  return cache_lib.TeacherCache.open(directory, teacher_hash="zipf", view=VIEW, num_examples=len(ds))
+
+
+@pytest.fixture(scope="module")
+def qwen_caches(tmp_path_factory):
+  """k = 128 at Qwen's vocabulary, 2 × 8 positions of Zipf-spectrum teacher logits, stored plain (float32)
+  and packed."""
+  n, length = 2, 8
+  rng = np.random.default_rng(7)
+  logits = (rng.normal(size=(n, length, QWEN_VOCAB)) * 1.5 - np.log(np.arange(QWEN_VOCAB) + 1.0)).astype(np.float32)
+  ds = _zipf_ds(n, length)
+  d = tmp_path_factory.mktemp("qwen")
+  spec = cache_lib.CacheSpec(dtype="float32", top_k=128, shard_size=1, batch_size=1)
+  plain = _build_table(d / "plain", ds, logits, spec)
+  packed = _build_table(d / "packed", ds, logits, dataclasses.replace(spec, encoding="packed"))
+  return ds, logits, plain, packed
+
+
+def _bucket_terms(student: np.ndarray, lp: np.ndarray, idx: np.ndarray):
+  """NumPy (k + 1)-bucket rows (student, teacher) of :func:`kdjax.losses.topk_buckets` at T = 1."""
+  ls = _log_softmax(student)
+  in_top = np.zeros(ls.shape, bool)
+  np.put_along_axis(in_top, idx, True, axis=-1)
+  s_tail = np.log(np.where(in_top, 0, np.exp(ls)).sum(-1, keepdims=True))
+  t_tail = np.log(np.maximum(1 - np.exp(lp).sum(-1, keepdims=True), 1e-12))
+  return np.concatenate([np.take_along_axis(ls, idx, -1), s_tail], -1), np.concatenate([lp, t_tail], -1)
+
+
+@pytest.mark.slow
+def test_packed_k128_cache_at_qwen_vocabulary_is_under_240_bytes_per_token_and_keeps_the_top_k_losses(qwen_caches):
+  """k = 128 of V = 151,936 packed: ≤ 240 B per token (cache.json's measured bytes_per_token, = the shards'
+  bytes); the top-k forward and reverse KL from it are within their stated tolerance of the float32 cache's:
+  with every teacher log-prob moved by δ_j, |δ_j| ≤ ε = LOGP_BOUND (tail: ≤ 2^-10), reverse KL moves by
+  ≤ Σ_j S_j |δ_j| ≤ ε and forward KL by ≤ Σ_j P_j ((e^ε − 1)|log P_j/S_j| + e^ε ε) per token."""
+  ds, logits, plain, packed = qwen_caches
+  meta = packed.meta
+  assert meta["format"] == 4 and meta["encoding"] == "packed" and meta["logp_bound"] == cache_lib.LOGP_BOUND
+  assert plain.meta["format"] == 3 and "encoding" not in plain.meta  # plain caches keep the older layout
+  stored = sum(np.asarray(p).nbytes for p in packed.arrays["topk"].parts) + packed.arrays["topk"].bounds.nbytes
+  stored += packed.arrays["topk"].rowbytes.nbytes
+  assert meta["bytes_per_token"] == pytest.approx(stored / (2 * 8), abs=0.01)
+  assert meta["bytes_per_token"] <= 240 < plain.meta["bytes_per_token"] == 128 * 8
+  ids, view = ds.ids[[1, 0]], np.zeros(2, np.int64)
+  a, b = plain.outputs(ids, view), packed.outputs(ids, view)
+  np.testing.assert_array_equal(np.sort(a["teacher_topk_idx"], -1), np.sort(b["teacher_topk_idx"], -1))
+  student = np.random.default_rng(1).normal(size=(2, 8, QWEN_VOCAB)).astype(np.float32) * 2
+  s_rows, p_rows = _bucket_terms(student, a["teacher_topk_logp"].astype(np.float64), a["teacher_topk_idx"])
+  eps = np.full(p_rows.shape, cache_lib.LOGP_BOUND)
+  eps[..., -1] = 2.0**-10
+  p, ratio = np.exp(p_rows), np.abs(p_rows - s_rows)
+  tol_fkl = np.mean((p * (np.expm1(eps) * ratio + np.exp(eps) * eps)).sum(-1))
+  for fn, tol in ((kdl.topk_forward_kl, tol_fkl), (kdl.topk_reverse_kl, cache_lib.LOGP_BOUND)):
+    exact = float(fn(jnp.asarray(student), a["teacher_topk_logp"], a["teacher_topk_idx"]))
+    quantised = float(fn(jnp.asarray(student), b["teacher_topk_logp"], b["teacher_topk_idx"]))
+    assert exact > 0.1 and abs(quantised - exact) <= tol
+  want = np.mean((p * (p_rows - s_rows)).sum(-1))  # NumPy reference of the exact forward KL
+  np.testing.assert_allclose(float(kdl.topk_forward_kl(jnp.asarray(student), *a.values())), want, rtol=1e-4)
+
+
+def test_packed_cache_resumes_refuses_damage_and_stays_class_level_too(tmp_path):
+  """A packed build in two halves equals one go, byte for byte; a flipped byte is refused naming its shard;
+  (C,) class outputs pack one row per example; packed needs top_k; older formats are refused in one line."""
+  n, vocab = 6, 1000
+  rng = np.random.default_rng(3)
+  logits = (rng.normal(size=(n, vocab)) * 3).astype(np.float32)
+  ds = _zipf_ds(n, 1)
+  spec = cache_lib.CacheSpec(top_k=16, encoding="packed", shard_size=2, batch_size=2)
+  one = _build_table(tmp_path / "one", ds, logits, spec)
+  predict = lambda x: logits[x[:, 0]]  # noqa: E731
+  kw = dict(teacher_hash="zipf", num_classes=vocab, view=VIEW, spec=spec)
+  assert not cache_lib.build_cache(tmp_path / "two", ds, predict, max_shards=1, **kw)["complete"]
+  assert cache_lib.build_cache(tmp_path / "two", ds, predict, **kw)["complete"]
+  assert json.loads((tmp_path / "two" / "cache.json").read_text()) == one.meta
+  for s in ("shard-00000-of-00003", "shard-00002-of-00003"):
+    x, y = cache_lib.read_shard(tmp_path / "one" / s), cache_lib.read_shard(tmp_path / "two" / s)
+    assert x.keys() == {"ids", "topk_packed", "topk_rowbytes", "topk_bounds"} and x.keys() == y.keys()
+    for f in x:
+      np.testing.assert_array_equal(x[f], y[f])
+  out = one.outputs(ds.ids, np.zeros(n, np.int64))
+  assert out["teacher_topk_logp"].shape == (n, 16)
+  lp = _log_softmax(logits)
+  assert np.abs(np.take_along_axis(lp, out["teacher_topk_idx"], -1) - out["teacher_topk_logp"]).max() <= 0.033
+  np.testing.assert_array_equal(np.sort(out["teacher_topk_idx"]), np.sort(np.argsort(-lp, -1)[:, :16]))
+  f = tmp_path / "two" / "shard-00001-of-00003" / "topk_packed.npy"
+  raw = bytearray(f.read_bytes())
+  raw[-1] ^= 0xFF
+  f.write_bytes(bytes(raw))
+  damaged = cache_lib.TeacherCache.open(tmp_path / "two")
+  damaged.outputs(ds.ids[:2], np.zeros(2, np.int64))  # shard 0 reads fine
+  with pytest.raises(ValueError, match=r"shard shard-00001-of-00003 is damaged \(topk_packed.npy"):
+    damaged.outputs(ds.ids[2:3], np.zeros(1, np.int64))
+  with pytest.raises(ValueError, match=r"cache.encoding='packed' stores top-k rows: set cache.top_k"):
+    cache_lib.CacheSpec(encoding="packed")
+  meta = json.loads((tmp_path / "one" / "cache.json").read_text())
+  (tmp_path / "one" / "cache.json").write_text(json.dumps({**meta, "format": 2}))
+  with pytest.raises(
+    ValueError, match=r"has format 2, this kdjax reads formats \[3, 4\]; rebuild it with `kdjax cache"
+  ):
+    cache_lib.TeacherCache.open(tmp_path / "one")

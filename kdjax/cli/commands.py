@@ -127,6 +127,7 @@ CACHE_OPTIONS = (
   ("view-seed", int),
   ("dtype", str),
   ("top-k", int),
+  ("encoding", str),
   ("shard-size", int),
   ("batch-size", int),
   ("max-shards", int),
@@ -153,7 +154,8 @@ def cmd_cache(argv: list[str]) -> int:
 
   ``--cache.dir`` (default: the config's ``data.teacher_cache``),
   ``--cache.views K`` (1), ``--cache.view-seed`` (0), ``--cache.dtype``
-  (float16|float32), ``--cache.top-k`` (0 = full logits),
+  (float16|float32), ``--cache.top-k`` (0 = full logits), ``--cache.encoding``
+  (plain|packed: top-k rows with exact ids and log-probs within 0.032 nat, ~1.6 B an entry),
   ``--cache.shard-size`` (4096), ``--cache.batch-size`` (256),
   ``--cache.max-shards`` (stop early; re-run to resume). Distil with
   ``--data.teacher_cache DIR``.

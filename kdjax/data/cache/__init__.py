@@ -39,7 +39,14 @@ Storage (``directory/``, :mod:`.format`; written by :mod:`.build`, read by :mod:
                    uint16 (int32 above 65,536 classes), for large class counts
                    and vocabularies (k·L numbers per example instead of V·L;
                    ``cache.json`` records ``bytes_per_token``: 256 at k = 64
-                   in float16), and ``digest.json``, the
+                   in float16), or — ``encoding="packed"``, format 4,
+                   :mod:`.packed` — the same top-k rows with delta-coded
+                   exact ids and log-probs on a 1/32-nat grid (error
+                   ≤ ``LOGP_BOUND`` ≈ 0.032 nat), ``topk_packed`` (bytes),
+                   ``topk_rowbytes`` (n, K, …) and ``topk_bounds`` (n, K, 2),
+                   decoded on the host as batches are read (~200 B per
+                   token at k = 128, V = 151,936, measured into
+                   ``cache.json``), and ``digest.json``, the
                    SHA-256 of each file: a file that does not match (a
                    damaged disk, an overwritten shard) is refused, naming the
                    shard, the first time any of its rows is read. Each shard is written to a
@@ -55,8 +62,12 @@ the k cached tokens plus the teacher's tail mass), and class-level terms (kd,
 dkd, dist) read :func:`kdjax.losses.topk_to_logits` — the top-k
 log-probabilities with the tail mass spread evenly over the other classes.
 
+Caches written by earlier kdjax (format 3: plain arrays) are read as
+before; older formats are refused with one line naming the rebuild command.
+
 Modules: :mod:`.format` (layout, ``cache.json``, staleness checks),
 :mod:`.draw` (which view), :mod:`.encode` (outputs ↔ stored arrays),
+:mod:`.packed` (quantised, delta-coded top-k rows),
 :mod:`.build` (the writer), :mod:`.read` (the memory-mapped reader),
 :mod:`.serve` (the Loader transform), :mod:`.experiment` (an Experiment's
 training set, view and loader).
@@ -70,25 +81,31 @@ from kdjax.data.cache.format import (
   DIGEST_FILE,
   FORMAT_VERSION,
   META_FILE,
+  READ_FORMATS,
   CacheSpec,
   cache_meta,
   check_view,
   index_dtype_for,
   view_fingerprint,
 )
-from kdjax.data.cache.read import IdIndex, ShardedRows, TeacherCache, read_shard, verify_file
+from kdjax.data.cache.packed import LOGP_BOUND, LOGP_STEP, pack_rows, unpack_rows
+from kdjax.data.cache.read import IdIndex, PackedTopk, ShardedRows, TeacherCache, read_shard, verify_file
 from kdjax.data.cache.serve import CachedLoader, CachedOutputs, Chain, chain
 
 __all__ = [
   "DIGEST_FILE",
   "FORMAT_VERSION",
+  "LOGP_BOUND",
+  "LOGP_STEP",
   "META_FILE",
+  "READ_FORMATS",
   "STREAM_CACHE",
   "CacheSpec",
   "CachedLoader",
   "CachedOutputs",
   "Chain",
   "IdIndex",
+  "PackedTopk",
   "ShardedRows",
   "TeacherCache",
   "build_cache",
@@ -103,8 +120,10 @@ __all__ = [
   "experiment_view",
   "index_dtype_for",
   "loader_for_experiment",
+  "pack_rows",
   "read_shard",
   "training_set",
+  "unpack_rows",
   "verify_file",
   "view_fingerprint",
   "view_images",

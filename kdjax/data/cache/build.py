@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kdjax.data import views
+from kdjax.data.cache import packed
 from kdjax.data.cache.draw import view_images
 from kdjax.data.cache.encode import encode_prediction
 from kdjax.data.cache.format import (
@@ -27,8 +28,10 @@ from kdjax.data.cache.format import (
   check_view,
   differing_fields,
   file_digest,
+  packed_sizes,
   shard_name,
 )
+from kdjax.data.cache.read import read_shard
 from kdjax.errors import ConfigError
 
 DEFAULT_SPEC = CacheSpec()  # one view, float16 logits (a frozen dataclass: a safe shared default)
@@ -90,26 +93,77 @@ def _full_batch(x: np.ndarray, size: int) -> np.ndarray:
   return x if len(x) == size else np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
 
 
+class _ArraySink:
+  """Encoded batches gathered into one array per name, ``(n, K, …)``."""
+
+  def __init__(self, n: int, views: int):
+    self.n, self.views, self.stored = n, views, {}
+
+  def add(self, view: int, lo: int, encoded: dict[str, np.ndarray]) -> None:
+    for name, a in encoded.items():
+      if name not in self.stored:
+        self.stored[name] = np.empty((self.n, self.views, *a.shape[1:]), a.dtype)
+      self.stored[name][lo : lo + len(a), view] = a
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return self.stored
+
+
+class _PackedSink:
+  """Top-k batches packed as they come (:func:`kdjax.data.cache.packed.pack_rows`): ``topk_packed`` uint8
+  (all rows), ``topk_rowbytes`` uint16 ``(n, K, …)`` (each row's length) and ``topk_bounds`` int64
+  ``(n, K, 2)`` (each example's byte range in ``topk_packed``)."""
+
+  def __init__(self, n: int, views: int, out_shape: tuple[int, ...]):
+    self.rowbytes = np.zeros((n, views, *out_shape[:-1]), np.uint16)
+    self.bounds = np.zeros((n, views, 2), np.int64)
+    self.chunks: list[np.ndarray] = []
+    self.cursor = 0
+
+  def add(self, view: int, lo: int, encoded: dict[str, np.ndarray]) -> None:
+    lp, idx = encoded["topk_logp"], encoded["topk_idx"]
+    n, k = len(lp), lp.shape[-1]
+    data, nbytes = packed.pack_rows(lp.reshape(-1, k), idx.reshape(-1, k))
+    self.rowbytes[lo : lo + n, view] = nbytes.reshape(n, *self.rowbytes.shape[2:])
+    per_example = nbytes.reshape(n, -1).sum(-1, dtype=np.int64)
+    ends = self.cursor + np.cumsum(per_example)
+    self.bounds[lo : lo + n, view] = np.stack([ends - per_example, ends], -1)
+    self.chunks.append(data)
+    self.cursor = int(ends[-1])
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    data = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.uint8)
+    return {"topk_packed": data, "topk_rowbytes": self.rowbytes, "topk_bounds": self.bounds}
+
+
 def _shard_arrays(
   ds, rows: np.ndarray, predict: Callable, view: views.ViewConfig, spec: CacheSpec, meta: dict
 ) -> dict[str, np.ndarray]:
-  """The stored arrays of examples ``rows``: ``ids`` int64 ``(n,)`` and the encoded outputs ``(n, K, …)``.
+  """The stored arrays of examples ``rows``: ``ids`` int64 ``(n,)`` and the encoded outputs ``(n, K, …)``
+  (or their packed rows).
 
   Encoded batch by batch, so dense ``(B, L, V)`` teacher outputs never pile up.
   """
   images, _, ids = ds.take(rows)
   out_shape, index_dtype, size = tuple(meta["output_shape"]), meta["index_dtype"] or "int32", spec.batch_size
-  stored: dict[str, np.ndarray] = {}
+  sink = _PackedSink(len(rows), spec.views, out_shape) if spec.packed else _ArraySink(len(rows), spec.views)
   for k in range(spec.views):
     x = view_images(view, images, ids, spec.view_seed, k)
     for lo in range(0, len(rows), size):
       n = min(size, len(rows) - lo)
-      encoded = encode_prediction(predict(_full_batch(x[lo : lo + size], size)), spec, out_shape, index_dtype)
-      for name, a in encoded.items():
-        if name not in stored:
-          stored[name] = np.empty((len(rows), spec.views, *a.shape[2:]), a.dtype)
-        stored[name][lo : lo + n, k] = a[:n, 0]
-  return {"ids": ids.astype(np.int64), **stored}
+      pred = predict(_full_batch(x[lo : lo + size], size))
+      pred = tuple(np.asarray(a)[:n] for a in pred) if isinstance(pred, (tuple, list)) else np.asarray(pred)[:n]
+      sink.add(k, lo, {name: a[:, 0] for name, a in encode_prediction(pred, spec, out_shape, index_dtype).items()})
+  return {"ids": ids.astype(np.int64), **sink.arrays()}
+
+
+def _record_sizes(directory: Path, meta: dict) -> dict:
+  """A finished packed cache's ``cache.json`` with the bytes its shards store (measured, rewritten)."""
+  n = meta["num_shards"]
+  shards = [read_shard(directory / shard_name(s, n)) for s in range(n)]
+  meta = {**meta, **packed_sizes(shards, meta)}
+  _atomic_write_json(directory / META_FILE, meta)
+  return meta
 
 
 def build_cache(
@@ -167,4 +221,6 @@ def build_cache(
     if progress:
       progress(written + skipped, n_shards)
   done = sum((d / shard_name(s, n_shards)).is_dir() for s in range(n_shards))
+  if done == n_shards and spec.packed:
+    _record_sizes(d, meta)
   return {"written": written, "skipped": skipped, "complete": done == n_shards, "num_shards": n_shards}

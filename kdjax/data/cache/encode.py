@@ -13,13 +13,16 @@ from kdjax.errors import ConfigError
 def encode(logits: np.ndarray, spec: CacheSpec, index_dtype: str = "int32") -> dict[str, np.ndarray]:
   """``(n, K, …, C)`` float32 logits → stored arrays (top-k: log-probs at T = 1, by decreasing probability)."""
   if spec.top_k == 0:
-    return {"logits": logits.astype(spec.dtype)}
+    return {"logits": logits.astype(spec.value_dtype)}
   z = logits.astype(np.float64)
   logp = z - z.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   k = min(spec.top_k, logits.shape[-1])
   idx = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
-  return {"topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.dtype), "topk_idx": idx.astype(index_dtype)}
+  return {
+    "topk_logp": np.take_along_axis(logp, idx, -1).astype(spec.value_dtype),
+    "topk_idx": idx.astype(index_dtype),
+  }
 
 
 def encode_prediction(
@@ -38,7 +41,7 @@ def encode_prediction(
     k = min(spec.top_k, out_shape[-1])
     if lp.shape[1:] != (*out_shape[:-1], k) or idx.shape != lp.shape:
       raise ConfigError(f"teacher top-k outputs {lp.shape}/{idx.shape} per batch; expected (n, {(*out_shape[:-1], k)})")
-    return {"topk_logp": lp[:, None].astype(spec.dtype), "topk_idx": idx[:, None].astype(index_dtype)}
+    return {"topk_logp": lp[:, None].astype(spec.value_dtype), "topk_idx": idx[:, None].astype(index_dtype)}
   z = np.asarray(pred, np.float32)
   if z.shape[1:] != out_shape:
     raise ConfigError(

@@ -19,14 +19,22 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdjax.data import views
+from kdjax.data.cache import packed
 from kdjax.errors import ConfigError
 
-FORMAT_VERSION = 3  # 2: output_shape, top-k storage, .npy shard directories; 3: per-shard digest.json
+# 2: output_shape, top-k storage, .npy shard directories; 3: per-shard digest.json; 4: packed top-k rows.
+# Plain caches keep format 3's layout and number (older kdjax reads them); kdjax reads formats 3 and 4.
+FORMAT_VERSION = 4
+PLAIN_FORMAT = 3
+READ_FORMATS = (PLAIN_FORMAT, FORMAT_VERSION)
 DIGEST_FILE = "digest.json"
 META_FILE = "cache.json"
 STORAGE_DTYPES = ("float16", "float32")
+ENCODINGS = ("plain", "packed")
+MAX_PACKED_VOCAB = 1 << 24  # packed ids are read as ≤ 25-bit fields
 KEY_FIELDS = (
   "format",
+  "encoding",
   "teacher_hash",
   "view",
   "views",
@@ -50,9 +58,13 @@ class CacheSpec:
     views: K, the number of cached views per example (≥ 1).
     view_seed: seed of the cached views (independent of the run's seed).
     dtype: storage of logits or top-k log-probabilities, ``float16`` (half
-      the bytes) or ``float32`` (bit-exact).
+      the bytes) or ``float32`` (bit-exact); packed rows use their own grid.
     top_k: 0 stores full logits; k > 0 stores the top-k log-probabilities and
       their class / token ids (for large class counts or vocabularies).
+    encoding: ``plain`` (arrays of ``dtype`` log-probs and uint16/int32 ids,
+      4 or 6 bytes an entry) or, with ``top_k``, ``packed``
+      (:mod:`kdjax.data.cache.packed`: ids exact, log-probs within
+      ``LOGP_BOUND`` ≈ 0.032 nat, ~1.4–2.3 bytes an entry).
     shard_size: examples per shard file (the unit of atomic writes / resume).
     batch_size: teacher batch size while building.
   """
@@ -61,6 +73,7 @@ class CacheSpec:
   view_seed: int = 0
   dtype: str = "float16"
   top_k: int = 0
+  encoding: str = "plain"
   shard_size: int = 4096
   batch_size: int = 256
 
@@ -71,10 +84,23 @@ class CacheSpec:
       raise ConfigError(f"cache.dtype={self.dtype!r}: expected one of {STORAGE_DTYPES}")
     if self.top_k < 0:
       raise ConfigError(f"cache.top_k={self.top_k}: must be ≥ 0 (0 stores full logits)")
+    if self.encoding not in ENCODINGS:
+      raise ConfigError(f"cache.encoding={self.encoding!r}: expected one of {ENCODINGS}")
+    if self.packed and not self.top_k:
+      raise ConfigError("cache.encoding='packed' stores top-k rows: set cache.top_k > 0 (e.g. 128)")
     if self.shard_size < 1 or self.batch_size < 1:
       raise ConfigError(f"cache.shard_size={self.shard_size}, cache.batch_size={self.batch_size}: must be ≥ 1")
     if self.view_seed < 0:
       raise ConfigError(f"cache.view_seed={self.view_seed}: must be ≥ 0")
+
+  @property
+  def packed(self) -> bool:
+    return self.encoding == "packed"
+
+  @property
+  def value_dtype(self) -> str:
+    """What the encoder keeps log-probs or logits in: ``dtype``, or float32 ahead of packing."""
+    return "float32" if self.packed else self.dtype
 
 
 def view_fingerprint(view: views.ViewConfig) -> dict:
@@ -107,8 +133,11 @@ def index_dtype_for(num_classes: int) -> str:
   return "uint16" if num_classes <= 65536 else "int32"
 
 
-def bytes_per_distribution(spec: CacheSpec, num_classes: int) -> int:
-  """Bytes stored per teacher distribution: C logits, or k log-probabilities with their ids."""
+def bytes_per_distribution(spec: CacheSpec, num_classes: int) -> int | None:
+  """Bytes stored per teacher distribution: C logits, or k log-probabilities with their ids (packed: not
+  known before the rows are written; :func:`packed_sizes` measures them)."""
+  if spec.packed:
+    return None
   if not spec.top_k:
     return num_classes * np.dtype(spec.dtype).itemsize
   k = min(spec.top_k, num_classes)
@@ -127,9 +156,11 @@ def cache_meta(
   shape = tuple(int(d) for d in (output_shape or (num_classes,)))
   if shape[-1] != num_classes:
     raise ConfigError(f"teacher output shape {shape} does not end in num_classes={num_classes}")
+  if spec.packed and num_classes > MAX_PACKED_VOCAB:
+    raise ConfigError(f"cache.encoding='packed' holds ids below {MAX_PACKED_VOCAB}, got num_classes={num_classes}")
   per_dist = bytes_per_distribution(spec, num_classes)
   meta = {
-    "format": FORMAT_VERSION,
+    "format": FORMAT_VERSION if spec.packed else PLAIN_FORMAT,
     "teacher_hash": teacher_hash,
     "view": view_fingerprint(view),
     "views": spec.views,
@@ -143,11 +174,29 @@ def cache_meta(
     "shard_size": spec.shard_size,
     "num_shards": -(-len(ds) // spec.shard_size),
     "index_dtype": index_dtype_for(num_classes) if spec.top_k else None,
-    "bytes_per_example": int(per_dist * math.prod(shape[:-1])),
+    "bytes_per_example": None if per_dist is None else int(per_dist * math.prod(shape[:-1])),
   }
   if len(shape) > 1:  # (L, V): one distribution per token
-    meta["bytes_per_token"] = int(per_dist)
+    meta["bytes_per_token"] = None if per_dist is None else int(per_dist)
+  if spec.packed:  # sizes are measured when the build completes (packed_sizes)
+    meta.update(encoding=spec.encoding, logp_step=packed.LOGP_STEP, logp_bound=packed.LOGP_BOUND)
   return meta
+
+
+def packed_sizes(shards: list[Mapping[str, np.ndarray]], meta: Mapping) -> dict:
+  """``bytes_per_example`` and (token caches) ``bytes_per_token`` a packed cache's shards store.
+
+  Counts the packed rows, their lengths and each example's byte range (not the example ids), averaged over
+  every stored distribution (examples × views × positions).
+  """
+  names = ("topk_packed", "topk_rowbytes", "topk_bounds")
+  total = sum(int(s[n].nbytes) for s in shards for n in names)
+  per_example = math.prod(meta["output_shape"][:-1])
+  dists = meta["num_examples"] * meta["views"] * per_example
+  out = {"bytes_per_example": round(total / (meta["num_examples"] * meta["views"]), 2)}
+  if len(meta["output_shape"]) > 1:
+    out["bytes_per_token"] = round(total / dists, 2)
+  return out
 
 
 def differing_fields(a: Mapping, b: Mapping) -> list[str]:
@@ -165,8 +214,10 @@ def check_meta(
 ) -> None:
   """Refuse a cache of another format, teacher, view config or training set (``None``: not checked)."""
   where = f"data.teacher_cache {str(directory)!r}"
-  if meta.get("format") != FORMAT_VERSION:
-    raise ConfigError(f"{where} has format {meta.get('format')}, this kdjax reads {FORMAT_VERSION}; {REBUILD}")
+  if meta.get("format") not in READ_FORMATS:
+    raise ConfigError(
+      f"{where} has format {meta.get('format')}, this kdjax reads formats {list(READ_FORMATS)}; {REBUILD}"
+    )
   if teacher_hash is not None and meta["teacher_hash"] != teacher_hash:
     raise ConfigError(
       f"{where} is stale: built for teacher {meta['teacher_hash']} but the configured teacher is {teacher_hash}; "

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdjax import batch as batch_keys
+from kdjax.data.cache import packed
 from kdjax.data.cache.encode import dense_logits
 from kdjax.data.cache.format import (
   DIGEST_FILE,
@@ -73,6 +74,52 @@ class ShardedRows:
       verify_file(*self._unverified.pop(s))
     a = np.concatenate([np.asarray(p) for p in self.parts])
     return a if dtype is None else a.astype(dtype)
+
+
+class PackedTopk:
+  """A packed top-k cache's rows over all shards: :meth:`take` reads and decodes ``(rows, views)``.
+
+  ``parts`` are each shard's memory-mapped ``topk_packed`` bytes (checked against the shard's digest the
+  first time any of its rows is read); ``bounds`` and ``rowbytes`` (:class:`ShardedRows`) locate each
+  example's bytes and each row in them. Decoding runs on the host, in the input pipeline
+  (:func:`kdjax.data.cache.packed.unpack_rows`).
+  """
+
+  def __init__(
+    self,
+    parts: list[np.ndarray],
+    files: list[tuple[Path, Mapping[str, str]]],
+    bounds: ShardedRows,
+    rowbytes: ShardedRows,
+    k: int,
+    step: float,
+  ):
+    self.parts, self.bounds, self.rowbytes, self.k, self.step = parts, bounds, rowbytes, k, step
+    self._unverified = dict(enumerate(files))
+    self.nbytes = sum(p.nbytes for p in parts) + bounds.nbytes + rowbytes.nbytes
+
+  def _bytes(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The packed bytes of each ``(rows[i], views[i])`` one after another, and where each begins: ``(B,)``."""
+    span = self.bounds.take(rows, views)
+    shard = np.searchsorted(self.bounds.offsets, np.asarray(rows, np.int64), side="right") - 1
+    sizes = span[:, 1] - span[:, 0]
+    starts = np.cumsum(sizes) - sizes
+    out = np.empty(int(sizes.sum()), np.uint8)
+    for i, s in enumerate(shard):
+      unverified = self._unverified.pop(s, None)  # one atomic pop: a prefetch thread may read too
+      if unverified is not None:
+        verify_file(*unverified)
+      out[starts[i] : starts[i] + sizes[i]] = self.parts[s][span[i, 0] : span[i, 1]]
+    return out, starts
+
+  def take(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k log-probs float32 and ids int32 of each ``(rows[i], views[i])``: ``(B, …, k)`` each."""
+    data, starts = self._bytes(rows, views)
+    lengths = self.rowbytes.take(rows, views).astype(np.int64)
+    flat = lengths.reshape(len(lengths), -1)
+    row_starts = (starts[:, None] + np.cumsum(flat, -1) - flat).ravel()
+    logp, ids = packed.unpack_rows(data, row_starts, self.k, self.step)
+    return logp.reshape(*lengths.shape, self.k), ids.reshape(*lengths.shape, self.k)
 
 
 def take_rows(a, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -152,8 +199,9 @@ def _map_shard(directory: Path, path: Path) -> tuple[dict[str, np.ndarray], dict
   return shard, digests
 
 
-def _map_shards(directory: Path, paths: list[Path]) -> tuple[np.ndarray, dict[str, ShardedRows]]:
-  """Example ids ``(N,)`` and each stored array over all shards (the others verified when first read)."""
+def _map_shards(directory: Path, paths: list[Path], meta: Mapping) -> tuple[np.ndarray, dict[str, Any]]:
+  """Example ids ``(N,)`` and each stored array over all shards (the others verified when first read);
+  a packed cache's three arrays become one :class:`PackedTopk` (``topk``)."""
   allow_open_files(len(paths) * (len(list(paths[0].glob("*.npy"))) - 1))  # one mapping (a descriptor) per array
   parts: dict[str, list[np.ndarray]] = {}
   files: dict[str, list[tuple[Path, dict]]] = {}
@@ -163,7 +211,13 @@ def _map_shards(directory: Path, paths: list[Path]) -> tuple[np.ndarray, dict[st
       parts.setdefault(k, []).append(a)
       files.setdefault(k, []).append((p / f"{k}.npy", digests))
   ids = np.concatenate([np.asarray(a) for a in parts.pop("ids")])
-  return ids, {k: ShardedRows(v, files[k]) for k, v in parts.items()}
+  packed_parts = parts.pop("topk_packed", None)
+  arrays: dict[str, Any] = {k: ShardedRows(v, files[k]) for k, v in parts.items()}
+  if packed_parts is not None:
+    k = min(int(meta["top_k"]), int(meta["num_classes"]))
+    bounds, rowbytes = arrays.pop("topk_bounds"), arrays.pop("topk_rowbytes")
+    arrays["topk"] = PackedTopk(packed_parts, files["topk_packed"], bounds, rowbytes, k, float(meta["logp_step"]))
+  return ids, arrays
 
 
 class TeacherCache:
@@ -207,7 +261,7 @@ class TeacherCache:
     d = Path(directory)
     meta = _read_meta(d)
     check_meta(meta, d, teacher_hash=teacher_hash, view=view, num_examples=num_examples)
-    ids, arrays = _map_shards(d, _shard_paths(d, meta["num_shards"]))
+    ids, arrays = _map_shards(d, _shard_paths(d, meta["num_shards"]), meta)
     cache = cls(meta, ids, arrays)
     cache.directory = d
     return cache
@@ -222,12 +276,15 @@ class TeacherCache:
     Full-logit caches: ``teacher_logits`` float32 ``(B, *output_shape)``.
     Top-k caches: ``teacher_topk_logp`` float32 and ``teacher_topk_idx``
     int32, ``(B, *output_shape[:-1], k)`` (the step turns them into what each
-    term needs).
+    term needs); packed ones decoded here.
     """
     r = self.rows(ids)
     k = np.asarray(view_index, np.int64)
     if "logits" in self.arrays:
       return {"teacher_logits": take_rows(self.arrays["logits"], r, k).astype(np.float32)}
+    if "topk" in self.arrays:
+      logp, idx = self.arrays["topk"].take(r, k)
+      return {"teacher_topk_logp": logp, "teacher_topk_idx": idx}
     return {
       "teacher_topk_logp": take_rows(self.arrays["topk_logp"], r, k).astype(np.float32),
       "teacher_topk_idx": take_rows(self.arrays["topk_idx"], r, k).astype(np.int32),
