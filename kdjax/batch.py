@@ -70,6 +70,17 @@ def inputs(batch: Mapping[str, Any]) -> Any:
   return batch[INPUTS]
 
 
+def model_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """What a model call takes from ``batch`` besides its inputs: packed token rows' ``segment_ids`` and
+  ``positions`` (each example attends within itself), nothing for other batches."""
+  return {k: batch[k] for k in (SEGMENT_IDS, POSITIONS) if k in batch}
+
+
+def teacher_model_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """:func:`model_kwargs` for the teacher's call: none when it reads inputs of its own (``teacher_inputs``)."""
+  return {} if TEACHER_INPUTS in batch else model_kwargs(batch)
+
+
 def teacher_inputs(batch: Mapping[str, Any]) -> Any:
   """The teacher's inputs: its own view when the batch has one, else the student's."""
   return batch[TEACHER_INPUTS] if TEACHER_INPUTS in batch else inputs(batch)

@@ -3,6 +3,7 @@ prompts unscored, packing, one-line errors with nothing left behind, and image a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -352,10 +353,42 @@ def test_a_model_loss_on_packed_rows_equals_the_unpacked_loss(made, family):
 
 
 @pytest.mark.slow
-def test_training_on_a_packed_dataset_is_refused_in_one_line(made, tmp_path):
-  """The training step does not pass segment ids to the models, so a packed split is refused, not mixed up."""
-  from kdjax import engine
+def test_a_distillation_step_on_packed_rows_equals_the_step_on_unpacked_rows(made):
+  """Through the Distiller (student and frozen teacher both given the segment ids): the same loss and, after one
+  SGD step, the same student weights, whether the examples come one per row or packed."""
+  import jax
+  import optax
+  from flax import nnx
+
+  import kdjax
+  from kdjax import models
+
+  plain, packed = _split(made, "my_chat"), _split(made, "my_chat_packed")
+  pad = len(plain["inputs"]) - len(packed["inputs"])
+  keys = ("inputs", "targets", "segment_ids", "positions")
+  packed = {k: np.concatenate([packed[k], np.full((pad, L), -(k == "targets"), np.int32)]) for k in keys}
+
+  def step(rows, *extra):
+    net = dict(num_classes=320, num_layers=1, dim=8, num_heads=2, max_len=MAX, mlp_ratio=2)
+    student = models.create("transformer_lm", rngs=nnx.Rngs(0), **net)
+    teacher = models.create("transformer_lm", rngs=nnx.Rngs(1), **net)
+    d = kdjax.Distiller(student, teacher, method="forward_kl", optimizer=optax.sgd(0.5))
+    batch = {"inputs": rows["inputs"], "label": rows["targets"], **{k: rows[k] for k in extra}}
+    state, metrics = d.step(d.init(jax.random.key(0), batch), batch)
+    return float(metrics["loss/total"]), jax.tree.leaves(state.params[0])
+
+  loss, params = step(plain)
+  loss_packed, params_packed = step(packed, "segment_ids", "positions")
+  np.testing.assert_allclose(loss_packed, loss, rtol=1e-5)
+  for a, b in zip(params_packed, params):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_a_packed_split_is_refused_where_rows_must_hold_one_example(made, tmp_path):
+  """Exact match generates from one prompt per row, so training evaluates on an unpacked split; on-policy
+  responses, a teacher cache, a split placement or a teacher of another tokenizer are refused likewise."""
   from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, RunConfig
+  from kdjax.engine.experiment import _check_packed
 
   data = DataConfig(name="my_chat_packed", data_dir=made["data_dir"], view="tokens", eval_split="train", batch_size=2)
   cfg = Experiment(
@@ -366,5 +399,10 @@ def test_training_on_a_packed_dataset_is_refused_in_one_line(made, tmp_path):
     data=data,
     run=RunConfig(workdir=str(tmp_path / "w"), quiet=True),
   )
-  with pytest.raises(ConfigError, match=r"^dataset 'my_chat_packed' is packed .* without --pack to train on it$"):
-    engine.fit(cfg)
+  with pytest.raises(ConfigError, match=r"^dataset 'my_chat_packed' is packed and cannot be used with a packed eval"):
+    _check_packed(cfg, cross_tokenizer=False)
+  cfg = cfg.replace(data=dataclasses.replace(data, eval_split="test"))
+  with pytest.raises(ConfigError, match=r"cannot be used with a teacher of another tokenizer: prepare it without"):
+    _check_packed(cfg, cross_tokenizer=True)
+  _check_packed(cfg, cross_tokenizer=False)  # teacher-forced training on the packed split evaluates on "test"
+  _check_packed(cfg.replace(data=dataclasses.replace(data, name="my_chat")), cross_tokenizer=True)

@@ -380,6 +380,7 @@ class DatasetSpec:
   train_split: str
   eval_split: str
   streaming: bool
+  packed_splits: tuple[str, ...] = ()  # splits whose rows hold several examples (``kdjax prepare text --pack``)
 
 
 def _prepared_kind(name: str, data_dir: str | None) -> str | None:
@@ -436,6 +437,7 @@ def get_info(name: str, data_dir: str | None = None, image_size: int | None = No
     train_split="train",
     eval_split=eval_split,
     streaming=is_streaming(name),
+    packed_splits=tuple((info.metadata or {}).get("packed_splits", ())),
   )
 
 

@@ -290,11 +290,6 @@ def _data(cfg: Experiment):
 
   num_classes = int(kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).num_classes)
   train_ds = kd_data.cache.training_set(cfg)
-  if getattr(train_ds, "extra_keys", ()):  # packed rows need segment ids at every model call
-    raise ConfigError(
-      f"dataset {cfg.data.name!r} is packed (several examples per row): the training step does not yet pass "
-      f"segment ids to the models, so prepare it again without --pack to train on it"
-    )
   eval_ds = kd_data.open_split(
     cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir, download=cfg.data.download
   )
@@ -310,6 +305,31 @@ def _data(cfg: Experiment):
     worker_count=cfg.data.workers,
   )
   return train_ds, eval_ds, view, loader, num_classes
+
+
+def _check_packed(cfg: Experiment, cross_tokenizer: bool) -> None:
+  """Packed token rows (segment ids in every batch) train teacher-forced on their own tokens only."""
+  from kdjax import data as kd_data
+
+  packed = kd_data.get_info(cfg.data.name, data_dir=cfg.data.data_dir).packed_splits
+  if not packed:
+    return
+  why = next(
+    (
+      text
+      for text, refused in (
+        ("a packed evaluation split (exact match generates from one prompt per row)", cfg.data.eval_split in packed),
+        ("a teacher-output cache", cfg.data.teacher_cache),
+        ("generated responses (on-policy, SeqKD)", cfg.responses.active),
+        ("a split teacher placement", cfg.placement.split),
+        ("a teacher of another tokenizer", cross_tokenizer),
+      )
+      if refused
+    ),
+    None,
+  )
+  if why:
+    raise ConfigError(f"dataset {cfg.data.name!r} is packed and cannot be used with {why}: prepare it without --pack")
 
 
 def _teacher_configs(cfg: Experiment, plan: teachers.Plan, teacher_checkpoint: str | None) -> list[ModelConfig]:
@@ -334,6 +354,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   students = _students(cfg, num_classes, train_ds)
   teacher_cfgs = _teacher_configs(cfg, plan, teacher_checkpoint)
   method = _method(cfg, model_info(students[0], cfg.student.name, num_classes), teacher_cfgs, num_classes)
+  _check_packed(cfg, method.any_vocab)
   teacher_mesh = placement_meshes(mesh, cfg.placement)[1]  # a Hugging Face teacher loads into its shards there
   models, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes, teacher_mesh)
   if method.any_vocab:  # the teacher reads the same text in its own tokenization

@@ -106,21 +106,22 @@ def _abstract_output(graphdef, treedef, shapes, x, taps) -> ModelOutput:
 
 
 def apply_model(
-  graphdef, params, rest, x, *, train: bool, taps: Taps = (), rngs: nnx.State | None = None, key=None
+  graphdef, params, rest, x, *, train: bool, taps: Taps = (), rngs: nnx.State | None = None, key=None, extra=None
 ) -> tuple[ModelOutput, nnx.State]:
   """Pure forward: the output (tapped layers added to its features) and the updated non-param state.
 
-  ``rngs``: the model's RNG stream template (:func:`rng_template`), drawn from ``key`` for this call.
+  ``rngs``: the model's RNG stream template (:func:`rng_template`), drawn from ``key`` for this call;
+  ``extra``: keyword arguments of the call (packed rows' segment ids: :func:`kdjax.batch.model_kwargs`).
   """
   # copy=True: the Variables inside ``params``/``rest`` were made at an outer
   # trace level (jit); mutating them (BatchNorm statistics) inside grad fails.
   model = merge_model(graphdef, params, rest, rngs, key)
   if taps:
     with capture(model, dict(taps)) as captured:
-      out = call_model(model, x, train=train, key=key)
+      out = call_model(model, x, train=train, key=key, extra=extra)
     out = out._replace(features={**out.features, **captured})
   else:
-    out = call_model(model, x, train=train, key=key)
+    out = call_model(model, x, train=train, key=key, extra=extra)
   return out, nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
 
 

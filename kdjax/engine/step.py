@@ -106,12 +106,12 @@ def _student_loss(spec: StepSpec, i: int, outs, t_outs, trainable, state: TrainS
 
 def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Batch, ctx: Context):
   """Total loss of one (micro-)batch and what it updates: ``(loss, (rests, method states, metrics))``."""
-  x = batch_keys.inputs(batch)
+  x, extra = batch_keys.inputs(batch), batch_keys.model_kwargs(batch)
   outs, rests = [], []
   for i, d in enumerate(spec.students):
     key = jax.random.fold_in(ctx.key, MODEL_RNG_KEY + i)  # the student's dropout (and other stream) draws
     params, rest = trainable["students"][i], state.model_state[i]
-    out, rest = apply_model(d.graphdef, params, rest, x, train=True, taps=d.taps, rngs=d.rngs, key=key)
+    out, rest = apply_model(d.graphdef, params, rest, x, train=True, taps=d.taps, rngs=d.rngs, key=key, extra=extra)
     outs.append(out)
     rests.append(rest)
   total = jnp.zeros((), jnp.float32)

@@ -188,6 +188,21 @@ def method_taps(method: Any, model: Any, taps: Taps, student: bool) -> Taps:
   return tuple(sorted(found.items()))
 
 
+def _check_takes(model: nnx.Module, extra: Mapping) -> None:
+  """``model.__call__`` names every argument in ``extra`` (a model that ignored segment ids would attend
+  across the examples of a packed row)."""
+  try:
+    params = inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    return
+  missing = [k for k in extra if k not in params]
+  if missing:
+    raise ConfigError(
+      f"{type(model).__name__} takes no {missing[0]}= argument, which packed token rows need (each example attends "
+      f"within itself): use a model that does (transformer_lm, the Hugging Face decoders) or unpacked data"
+    )
+
+
 @functools.cache
 def _call_arguments(cls: type) -> set[str]:
   """The mode arguments ``cls.__call__`` takes by name (``train``, ``deterministic``, ``rngs``); ``train`` for a
@@ -202,8 +217,11 @@ def _call_arguments(cls: type) -> set[str]:
   return found
 
 
-def call_model(model: nnx.Module, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> ModelOutput:
-  """``model(x)`` in train or eval mode, as a :class:`ModelOutput`.
+def call_model(
+  model: nnx.Module, x: jax.Array, *, train: bool, key: jax.Array | None = None, extra: Mapping | None = None
+) -> ModelOutput:
+  """``model(x, **extra)`` in train or eval mode, as a :class:`ModelOutput` (``extra``: packed token rows'
+  ``segment_ids`` and ``positions``, :func:`kdjax.batch.model_kwargs`).
 
   The mode reaches the model as its author wrote it: a ``train=`` or
   ``deterministic=`` argument, else ``Module.train()`` / ``Module.eval()``
@@ -222,7 +240,9 @@ def call_model(model: nnx.Module, x: jax.Array, *, train: bool, key: jax.Array |
     model.eval()
   if "rngs" in args and train and key is not None:
     kwargs["rngs"] = nnx.Rngs(key)
-  out = model(x, **kwargs)
+  if extra:
+    _check_takes(model, extra)
+  out = model(x, **kwargs, **(extra or {}))
   if isinstance(out, ModelOutput):
     return out
   if isinstance(out, jax.Array):

@@ -161,8 +161,9 @@ class Frozen(TeacherSource):
   def mode(self) -> str:  # type: ignore[override]
     return "multi_teacher" if self.several else "offline"
 
-  def run(self, teacher: TeacherState, x: jax.Array) -> list[ModelOutput]:
-    """The teacher models' eval-mode outputs on ``x`` (stop-gradiented), as placed."""
+  def run(self, teacher: TeacherState, x: jax.Array, extra: dict | None = None) -> list[ModelOutput]:
+    """The teacher models' eval-mode outputs on ``x`` (stop-gradiented), as placed; ``extra``: keyword
+    arguments of the call (:func:`kdjax.batch.teacher_model_kwargs`)."""
     if self.teacher_input is not None:  # tensor-parallel teacher: whole rows on each model group
       x = jax.lax.with_sharding_constraint(x, self.teacher_input)
     if self.teacher_host is not None:  # weights held in host memory come in for this forward
@@ -170,15 +171,19 @@ class Frozen(TeacherSource):
     outs = []
     for d, p, r in zip(self.defs, teacher.params, teacher.model_state):
       if isinstance(d, FunctionDef):
+        if extra:
+          raise ConfigError("a teacher given as a function cannot read packed token rows: use unpacked data")
         out = ModelOutput(d.fn(p, x), {})
       else:
-        out, _ = apply_model(d.graphdef, p, r, x, train=False, taps=d.taps, rngs=d.rngs)
+        out, _ = apply_model(d.graphdef, p, r, x, train=False, taps=d.taps, rngs=d.rngs, extra=extra)
       outs.append(stop(out))
     return outs
 
   def outputs(self, spec, state, teacher, batch):
     carried = batch_outputs(batch, spec.students[0].info.num_classes)
-    return carried if carried is not None else self.run(teacher, batch_keys.teacher_inputs(batch))
+    if carried is not None:
+      return carried
+    return self.run(teacher, batch_keys.teacher_inputs(batch), batch_keys.teacher_model_kwargs(batch))
 
   def targets(self, i, student_outs, outputs):
     if self.per_teacher and len(outputs) > 1:
@@ -231,8 +236,8 @@ class EMA(TeacherSource):
       return carried
     params, rest = state.ema
     d = spec.students[0]
-    x = batch_keys.teacher_inputs(batch)
-    out, _ = apply_model(d.graphdef, params, rest, x, train=False, taps=d.taps, rngs=d.rngs)
+    x, extra = batch_keys.teacher_inputs(batch), batch_keys.teacher_model_kwargs(batch)
+    out, _ = apply_model(d.graphdef, params, rest, x, train=False, taps=d.taps, rngs=d.rngs, extra=extra)
     return [stop(out)]
 
   def targets(self, i, student_outs, outputs):

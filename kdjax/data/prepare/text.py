@@ -71,7 +71,7 @@ def _metadata(bundle: tok_lib.TokenizerBundle, max_length: int, pack: bool, pad_
     "kind": "tokens",
     "vocab_size": bundle.vocab_size,
     "max_length": max_length,
-    "packed": bool(pack),
+    "packed_splits": ["train"] if pack else [],
     "pad_id": pad_id,
     "bos_id": bundle.token_id("bos_token"),
     "eos_id": bundle.token_id("eos_token"),
