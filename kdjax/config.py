@@ -141,10 +141,8 @@ class ModelConfig:
     return bool(self.mlp_size or self.heads or self.kv_heads)
 
   def check(self, role: str) -> None:
-    """The cut fields, checked with the flag names of ``role`` (``student``, ``teacher`` …)."""
-    if self.cut:
-      _check(role == "student", f"{role}.layers", "cutting and pruning apply to the student only")
-      _check(self.name == "hf", f"{role}.name", f"layers and width pruning cut an hf model, not {self.name!r}")
+    """The cut fields' values, checked with the flag names of ``role`` (``student``, ``teacher`` …); that only
+    an hf student is cut is checked when the models are built."""
     _check(all(i >= 0 for i in self.layers), f"{role}.layers", f"must be ≥ 0, got {list(self.layers)}")
     _check(
       list(self.layers) == sorted(set(self.layers)),

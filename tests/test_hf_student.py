@@ -253,17 +253,25 @@ def test_bad_checkpoints_and_layer_choices_are_one_line(tmp_path):
 
 def test_bad_student_configs_are_one_line():
   from kdjax.config import Experiment, ModelConfig
+  from kdjax.engine.experiment import check_cuts
 
-  _one_line(lambda: Experiment(student=ModelConfig(name="mlp", layers=(0, 1))), "student.name: layers and width")
+  hf = ModelConfig(name="hf")
   _one_line(
     lambda: Experiment(student=ModelConfig(name="hf", layers=(2, 0))), "student.layers: must be distinct and increasing"
   )
-  _one_line(lambda: Experiment(student=ModelConfig(name="hf", mlp_size=-1)), "student.mlp_size: must be ≥ 0")
   _one_line(
-    lambda: Experiment(teacher=ModelConfig(name="hf", layers=(0,))),
+    lambda: Experiment(student=ModelConfig(name="hf", layers=(0,), layer_stride=2)), "student.layers: give layers or"
+  )
+  _one_line(lambda: Experiment(student=ModelConfig(name="hf", mlp_size=-1)), "student.mlp_size: must be ≥ 0")
+  _one_line(lambda: Experiment(mode="dml", student=hf), "student.name: an hf student")
+  _one_line(
+    lambda: check_cuts(Experiment(student=ModelConfig(name="mlp", layers=(0, 1)))), "student.name: layers and width"
+  )
+  _one_line(
+    lambda: check_cuts(Experiment(teacher=ModelConfig(name="hf", layers=(0,)))),
     "teacher.layers: cutting and pruning apply to the student only",
   )
-  _one_line(lambda: Experiment(mode="dml", student=ModelConfig(name="hf")), "student.name: an hf student")
+  check_cuts(Experiment(teacher=hf, student=ModelConfig(name="hf", layers=(0, 2), heads=2)))
 
 
 def test_bad_export_requests_are_one_line(tmp_path):

@@ -200,6 +200,17 @@ def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
   return model
 
 
+def check_cuts(cfg: Experiment) -> None:
+  """Only an hf student is cut or pruned (a config may name any model; this is checked before building)."""
+  for role, m in (("teacher", cfg.teacher), *((f"extra_teachers[{i}]", t) for i, t in enumerate(cfg.extra_teachers))):
+    if m.cut:
+      raise ConfigError(f"{role}.layers: cutting and pruning apply to the student only (--student.name hf)")
+  if cfg.student.cut and cfg.student.name != HF:
+    raise ConfigError(
+      f"student.name: layers and width pruning cut a Hugging Face student (--student.name hf), not {cfg.student.name!r}"
+    )
+
+
 def _students(cfg: Experiment, num_classes: int, train_ds=None) -> list[nnx.Module]:
   """Students get distinct seeds (DML needs different initialisations)."""
   if cfg.student.name == HF:
@@ -345,6 +356,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   """Data, models, method, optimizer and the initial (sharded) state, through :class:`Distiller`."""
   from kdjax import data as kd_data
 
+  check_cuts(cfg)
   mesh = _mesh(cfg)
   train_ds, eval_ds, view, loader, num_classes = _data(cfg)
   spe = loader.steps_per_epoch
