@@ -278,7 +278,10 @@ def test_the_command_prints_one_summary_line_or_one_error_line(made, tmp_path, c
   err = capsys.readouterr().err.strip()
   assert err.startswith("kdjax: error: chat.jsonl:1: example of") and "\n" not in err
   assert main([*base, "--name", "x", "--bogus", "1"]) == 1 and "unknown option --bogus" in capsys.readouterr().err
-  assert sorted(p.name for p in Path(d).iterdir()) == ["cli_chat"]
+  np.savez(tmp_path / "a.npz", x_train=np.zeros((4, 3, 3, 1), np.uint8), y_train=np.arange(4) % 2)
+  assert main(["prepare", "images", str(tmp_path / "a.npz"), "--name", "cli_images", "--data-dir", d]) == 0
+  assert capsys.readouterr().out.startswith("cli_images: train 4 images of (3, 3, 1) in 2 classes from a.npz")
+  assert sorted(p.name for p in Path(d).iterdir()) == ["cli_chat", "cli_images"]
 
 
 def test_arrays_and_image_folders_become_image_datasets(tmp_path):

@@ -140,9 +140,17 @@ def write(
     version_dir = tmp / name / VERSION
     for f in files:
       shutil.copy(f, version_dir / Path(f).name)
-    if target.exists():  # overwrite: the old dataset goes aside first, and away with the temporary directory
+    if target.exists() and overwrite:  # the old dataset goes aside first, and away with the temporary directory
       os.rename(target, tmp / "replaced")
-    os.rename(tmp / name, target)
+    try:
+      os.rename(tmp / name, target)  # atomic: the dataset appears whole, or not at all
+    except OSError:
+      if not target.exists():
+        raise
+      raise ConfigError(
+        f"dataset {name!r} appeared in {str(data_dir)!r} while this one was written (another "
+        f"kdjax prepare?); pass overwrite (--overwrite) to replace it"
+      ) from None
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return target / VERSION
