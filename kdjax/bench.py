@@ -30,6 +30,23 @@ throughput of these cases and prints one JSON line per case:
                   batch ``--batch``, with 0 and 2 worker processes side by
                   side; and the cold start (a fresh process: import kdjax →
                   first MNIST-1D batch, data already prepared)
+  fused_memory    (opt-in, ``--cases fused_memory``; no pair) the fused token
+                  losses at a released model's shapes: Qwen2.5-0.5B's
+                  vocabulary (V = 151,936) and layout (tied embeddings,
+                  grouped-query attention), a d = 896 teacher and a d = 512
+                  student, 2 layers each, random weights, 4 × 512 tokens,
+                  CE + forward KL. The KD step compiled with the plain
+                  (B, L, V) losses (``method.token_chunk = 0``) and with the
+                  fused ones (the default): XLA's memory analysis of each
+                  (``temp_bytes``: peak temporary memory), the loss of one
+                  step from the same state, and the step's seconds.
+                  ``--quick``: V = 40,000, d = 64 / 32, 1 layer, 2 × 64
+                  tokens, chunks of 16 positions
+  cache_codec     (opt-in, ``--cases cache_codec``; no pair) the packed top-k
+                  teacher cache (:mod:`kdjax.bench_cache`): bytes per token,
+                  log-prob and top-k KL errors, encode and decode rows/s
+                  (host NumPy and on-device JAX) for k = 64 and 128 at
+                  V = 151,936
 
 Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
@@ -87,7 +104,11 @@ PAIR_KWARGS = {
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "on_policy", "torch_eager_kd", "generate")
-EXTRA_CASES = ("input",)
+EXTRA_CASES = ("input", "fused_memory", "cache_codec")
+# fused_memory: Qwen2.5-0.5B's vocabulary; teacher at its width, a narrower student; --quick: seconds
+FUSED_SHAPES = {"vocab": 151_936, "teacher_dim": 896, "student_dim": 512, "layers": 2, "batch": 4, "length": 512}
+FUSED_QUICK = {"vocab": 40_000, "teacher_dim": 64, "student_dim": 32, "layers": 1, "batch": 2, "length": 64}
+FUSED_QUICK_CHUNK = 16  # --quick: positions per chunk (the automatic chunk would hold the whole sequence)
 XLA_CPU_OPTIONS = {
   "default": "",
   # oneDNN convolutions/matmuls as XLA custom calls (experimental in XLA:CPU)
@@ -240,6 +261,90 @@ def bench_input(a) -> None:
     }
     print(json.dumps(row), flush=True)
   _cold_start(a, root)
+
+
+# --------------------------------------------------------------------------- fused token losses
+
+
+def _qwen_like(dim: int, layers: int, vocab: int, length: int, seed: int):
+  """A random Qwen 2-layout Decoder (tied embeddings, q/k/v biases, 2 key/value heads of 64 or 32 dims)."""
+  from flax import nnx
+
+  from kdjax.models.decoder import Decoder, DecoderConfig
+
+  head_dim = 64 if dim >= 256 else 32
+  cfg = DecoderConfig(
+    family="qwen2", vocab_size=vocab, hidden_size=dim, num_layers=layers, num_heads=dim // head_dim,
+    num_kv_heads=min(2, dim // head_dim), head_dim=head_dim, intermediate_size=dim * 11 // 2, max_positions=length, qkv_bias=True,
+    tie_embeddings=True, rope_theta=1e6,
+  )  # fmt: skip
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def _fused_step(shapes: dict, token_chunk: int | None, host: dict) -> dict:
+  """Compile the CE + forward-KL step at ``shapes`` with ``token_chunk``; its memory analysis and one step."""
+  import jax
+
+  import kdjax
+  from kdjax.config import OptimConfig
+  from kdjax.engine.optim import make_optimizer
+
+  v, n = shapes["vocab"], shapes["length"]
+  student = _qwen_like(shapes["student_dim"], shapes["layers"], v, n, 0)
+  teacher = _qwen_like(shapes["teacher_dim"], shapes["layers"], v, n, 1)
+  terms = (f"ce={CE_WEIGHT}", f"forward_kl={KD_WEIGHT}")
+  method = kdjax.MethodConfig(name="forward_kl", temperature=1.0, terms=terms, token_chunk=token_chunk)
+  tx, _ = make_optimizer(OptimConfig(name="sgd", lr=LR, momentum=MOMENTUM, steps=10**6), 100, 10**6)
+  d = kdjax.Distiller(student, teacher, method=method, optimizer=tx, mode="offline", num_examples=100)
+  state = d.init(jax.random.key(0), host)
+  batch = d.global_batch(host)
+  t0 = time.perf_counter()
+  compiled = d.jitted_step("main").lower(state, d.teacher_state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  t0 = time.perf_counter()
+  _, metrics = compiled(state, d.teacher_state, batch)
+  loss = float(metrics["loss/total"])
+  return {
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "loss": loss,
+    "step_seconds": round(time.perf_counter() - t0, 2),
+    "compile_seconds": round(compile_s, 2),
+  }
+
+
+def bench_fused_memory(a) -> None:
+  """The KD step at a released vocabulary with the plain and the fused token losses: one JSON line."""
+  import jax
+  import numpy as np
+
+  from kdjax.losses import TokenHead, resolve_chunk
+
+  shapes = FUSED_QUICK if a.quick else FUSED_SHAPES
+  b, n, v = shapes["batch"], shapes["length"], shapes["vocab"]
+  tokens = np.random.default_rng(0).integers(0, v, (b, n + 1)).astype(np.int32)
+  host = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
+  head = TokenHead(jax.ShapeDtypeStruct((b, n, 1), np.float32), jax.ShapeDtypeStruct((1, v), np.float32))
+  chunk = resolve_chunk(head, FUSED_QUICK_CHUNK if a.quick else None)
+  plain, fused = _fused_step(shapes, 0, host), _fused_step(shapes, chunk, host)
+  row = {
+    "case": "fused_memory",
+    **shapes,
+    "chunk_positions": chunk,
+    "temp_bytes_plain": plain["temp_bytes"],
+    "temp_bytes_fused": fused["temp_bytes"],
+    "temp_ratio": round(fused["temp_bytes"] / plain["temp_bytes"], 4),
+    "argument_bytes": fused["argument_bytes"],
+    "loss_plain": plain["loss"],
+    "loss_fused": fused["loss"],
+    "loss_rel_diff": float(f"{abs(fused['loss'] - plain['loss']) / abs(plain['loss']):.3g}"),
+    "step_seconds_plain": plain["step_seconds"],
+    "step_seconds_fused": fused["step_seconds"],
+    "compile_seconds_plain": plain["compile_seconds"],
+    "compile_seconds_fused": fused["compile_seconds"],
+  }
+  print(json.dumps(row), flush=True)
 
 
 # --------------------------------------------------------------------------- generation
@@ -715,7 +820,7 @@ def _pair_cases(a, pair: str) -> list:
   """The pair's timed cases; a case that does not apply to it prints a ``skipped`` line instead."""
   cases = []
   for c in a.cases:
-    if c == "input":
+    if c in EXTRA_CASES:
       continue
     if c == "generate":
       if pair in PAIR_KWARGS:
@@ -791,6 +896,12 @@ def main(argv=None) -> int:
   print(json.dumps(peak), flush=True)
   if "input" in a.cases:
     bench_input(a)
+  if "fused_memory" in a.cases:
+    bench_fused_memory(a)
+  if "cache_codec" in a.cases:
+    from kdjax.bench_cache import bench_cache_codec
+
+    bench_cache_codec(rows=256 if a.quick else 2048, rounds=a.rounds)
   for pair in a.pairs:
     _time_cases(a, pair, _pair_cases(a, pair))
   return 0
