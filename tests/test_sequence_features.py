@@ -155,6 +155,18 @@ class _Unrolled(nnx.Module):
     return self.head(h)
 
 
+class _Ensemble(nnx.Module):
+  def __init__(self, stacked: _Stacked):
+    self.embed, self.blocks = stacked.embed, stacked.blocks
+
+  def __call__(self, x):
+    @nnx.vmap(in_axes=(0, None), out_axes=0)
+    def run(block, h):
+      return block(h)
+
+    return run(self.blocks, self.embed(x)).mean(0)
+
+
 def _tapped(model, x, taps):
   g, state = nnx.split(model)
 
@@ -181,6 +193,9 @@ def test_a_layer_inside_an_nnx_scan_stack_is_tapped_as_in_the_unrolled_model():
     assert got_s[name].shape == got_u[name].shape, name
     np.testing.assert_allclose(got_s[name], got_u[name], rtol=1e-5, atol=1e-6, err_msg=name)
   assert jax.tree.structure(state_after) == jax.tree.structure(nnx.state(stacked))  # nothing left behind
+  ensemble = _Ensemble(stacked)  # the same stack run by nnx.vmap: member 1 alone
+  _, got_e, _ = _tapped(ensemble, x, {"m1": "blocks.1"})
+  np.testing.assert_allclose(got_e["m1"], unrolled.blocks[1](unrolled.embed(x)), rtol=1e-5, atol=1e-6)
   with pytest.raises(ConfigError, match="no layer 'blocks.4'"):
     _tapped(stacked, x, {"b": "blocks.4"})
   with pytest.raises(ConfigError, match="runs as one module"):  # a (5, 5) head is no stack of 5 layers
