@@ -274,13 +274,22 @@ def test_bad_student_configs_are_one_line():
   check_cuts(Experiment(teacher=hf, student=ModelConfig(name="hf", layers=(0, 2), heads=2)))
 
 
-def test_bad_export_requests_are_one_line(tmp_path):
+def test_bad_export_requests_are_one_line(tmp_path, capsys):
   linear = nnx.eval_shape(lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   _one_line(lambda: kdjax.export_hf(linear, tmp_path / "x"), "not a Linear")
   cfg = pretrained.read_config(_config_dir(tmp_path / "q"))
   tiny = nnx.eval_shape(lambda: kdjax.models.Decoder(cfg, rngs=nnx.Rngs(0)))
   _one_line(lambda: hf_export.to_pretrained(tiny, tmp_path / "y", dtype="float16"), "dtype='float16'")
   _one_line(lambda: hf_export.to_pretrained(tiny, tmp_path / "y", source=tmp_path / "nowhere"), "holds no config.json")
+  from kdjax import checkpoint, cli
+
+  w = tmp_path / "mlp_run"
+  params = {"w": np.zeros((2, 2), np.float32)}
+  checkpoint.export_model(w / "export", model_name="mlp", num_classes=2, dtype="float32", params=params, model_state={})
+  assert cli.main(["export", str(w), "--format", "hf", "--out", str(tmp_path / "z")]) == 1
+  assert cli.main(["export", str(w), "--format", "hf"]) == 1  # no --out
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and "(mlp) is not a decoder language model" in err[0] and "usage: kdjax export" in err[1]
 
 
 def test_fresh_config_is_what_transformers_reads(tmp_path):
