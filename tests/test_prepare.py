@@ -144,6 +144,12 @@ def test_the_prepared_dataset_loads_by_name_through_the_loader(made):
   for b in first[2:]:
     np.testing.assert_array_equal(next(again)["inputs"], b["inputs"])
   assert "segment_ids" not in first[0]
+  assert isinstance(kd.open_split("my_chat", "train", d), kd.ArrayDataset)
+  prepare.text(made["chats"], made["tok"], "my_chat_streamed", d, max_length=MAX, streaming=True)
+  streamed = kd.open_split("my_chat_streamed", "train", d)
+  assert isinstance(streamed, kd.RecordSource)  # read record by record, each process its own rows
+  one = dict(batch_size=4, seed=3, process_index=0, process_count=1, worker_count=0)
+  np.testing.assert_array_equal(kd.Loader(streamed, **one).batch(1, 2)["inputs"], loader.batch(1, 2)["inputs"])
   packed = kd.make_loader("my_chat_packed", "train", 2, data_dir=d, process_index=0, process_count=1, worker_count=0)
   b, recs = next(packed), _split(made, "my_chat_packed")
   for k in ("inputs", "segment_ids", "positions"):

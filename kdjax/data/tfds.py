@@ -320,8 +320,9 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, *, download:
 
 
 def open_split(name: str, split: str, data_dir: str | None = None, *, download: bool = False):
-  """The split as an :class:`ArrayDataset` (small datasets) or a :class:`RecordSource` (ImageNet-sized ones)."""
-  if is_streaming(name):
+  """The split as an :class:`ArrayDataset` (small datasets) or a :class:`RecordSource` (ImageNet-sized ones, and
+  large ones of ``kdjax prepare``)."""
+  if is_streaming(name) or _prepared(name, data_dir).get("streaming"):
     return RecordSource(name, split, data_dir, download=download)
   return load_arrays(name, split, data_dir, download=download)
 
@@ -383,12 +384,17 @@ class DatasetSpec:
   packed_splits: tuple[str, ...] = ()  # splits whose rows hold several examples (``kdjax prepare text --pack``)
 
 
-def _prepared_kind(name: str, data_dir: str | None) -> str | None:
-  """The ``kind`` a dataset made by :mod:`kdjax.data.prepare` records (``tokens``/``image``); ``None`` otherwise."""
+def _prepared(name: str, data_dir: str | None) -> dict:
+  """What a dataset made by :mod:`kdjax.data.prepare` records about itself (``kind``: ``tokens``/``image``,
+  ``streaming`` …); empty for any other dataset."""
   try:
-    return (get_builder(name, data_dir, prepare=False).info.metadata or {}).get("kind")
+    return dict(get_builder(name, data_dir, prepare=False).info.metadata or {})
   except ConfigError:
-    return None
+    return {}
+
+
+def _prepared_kind(name: str, data_dir: str | None) -> str | None:
+  return _prepared(name, data_dir).get("kind")
 
 
 def tokenizer(name: str, data_dir: str | None = None):

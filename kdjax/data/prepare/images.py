@@ -122,7 +122,7 @@ def images(
     x, y = raw["train"]
     tr, te = _split(list(range(len(x))), test_size, seed, p.name)
     raw = {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
-  arrays = {s: _check(s, x, y, len(classes), p.name) for s, (x, y) in raw.items()}
+  arrays = {s: writer.Columns(_check(s, x, y, len(classes), p.name)) for s, (x, y) in raw.items()}
   meta = {"kind": "image", "source": p.name}
   directory = writer.write(
     name,
@@ -133,8 +133,8 @@ def images(
     classes={"label": classes},
     overwrite=overwrite,
   )
-  rows = {s: len(a["image"]) for s, a in arrays.items()}
-  shape = next(iter(arrays.values()))["image"].shape[1:]
+  rows = {s: len(a) for s, a in arrays.items()}
+  shape = next(iter(arrays.values())).arrays["image"].shape[1:]
   parts = ", ".join(f"{s} {n}" for s, n in rows.items())
   summary = f"{name}: {parts} images of {shape} in {len(classes)} classes from {p.name}; in {directory}"
   return Prepared(name, data_dir, str(directory), rows, summary)

@@ -20,7 +20,7 @@ see it alone. Padding: ``inputs`` = ``pad_id``, ``targets`` = −1.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -90,30 +90,31 @@ def bins(lengths: list[int], width: int, pack: bool) -> list[list[int]]:
   return rows
 
 
-def to_arrays(pieces: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], width: int, pad_id: int):
-  """The rows as arrays ``(R, width)``: ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32)
-  and ``prompt_length`` ``(R,)`` (positions before the first scored target, plus one: the prompt a
-  generation starts from, for a row of one example)."""
-  r = len(rows)
-  out = {
-    "inputs": np.full((r, width), pad_id, np.int32),
-    "targets": np.full((r, width), -1, np.int32),
-    "segment_ids": np.zeros((r, width), np.int32),
-    "positions": np.zeros((r, width), np.int32),
-  }
-  for k, members in enumerate(rows):
+class Rows(Sequence):
+  """A split's rows, each made when it is read (the examples' tokens are held, never ``R × width`` arrays).
+
+  Row ``k`` is a dict of int32 arrays: ``inputs``, ``targets`` ``(width,)``, ``prompt_length`` (positions
+  before the first scored target, plus one: the prompt a generation starts from, for a row of one
+  example) and, when ``packed``, ``segment_ids`` and ``positions`` ``(width,)``.
+  """
+
+  def __init__(
+    self, pieces: list[tuple[np.ndarray, np.ndarray]], members: list[list[int]], width: int, pad_id: int, packed: bool
+  ):
+    self.pieces, self.members, self.width, self.pad_id, self.packed = pieces, members, width, pad_id, packed
+
+  def __len__(self) -> int:
+    return len(self.members)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    w = self.width
+    row = {"inputs": np.full(w, self.pad_id, np.int32), "targets": np.full(w, -1, np.int32)}
+    seg, pos = np.zeros(w, np.int32), np.zeros(w, np.int32)
     at = 0
-    for seg, i in enumerate(members, 1):
-      x, y = pieces[i]
-      sl = slice(at, at + len(x))
-      out["inputs"][k, sl], out["targets"][k, sl] = x, y
-      out["segment_ids"][k, sl], out["positions"][k, sl] = seg, np.arange(len(x))
+    for s, i in enumerate(self.members[k], 1):
+      x, y = self.pieces[i]
+      row["inputs"][at : at + len(x)], row["targets"][at : at + len(x)] = x, y
+      seg[at : at + len(x)], pos[at : at + len(x)] = s, np.arange(len(x))
       at += len(x)
-  out["prompt_length"] = (np.argmax(out["targets"] >= 0, axis=1) + 1).astype(np.int32)
-  return out
-
-
-def records(arrays: dict) -> Iterator[tuple[int, dict]]:
-  """``(index, record)`` pairs of the rows, for the dataset writer."""
-  for i in range(len(arrays["inputs"])):
-    yield i, {k: v[i] for k, v in arrays.items()}
+    row["prompt_length"] = np.int32(np.argmax(row["targets"] >= 0) + 1)
+    return {**row, "segment_ids": seg, "positions": pos} if self.packed else row

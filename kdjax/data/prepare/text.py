@@ -47,22 +47,25 @@ def _split(items: list, test_size: int, seed: int, source: str) -> tuple[list, l
   return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
-def _rows(pieces: list, max_length: int, pack: bool, pad_id: int, split: str, source: str) -> dict:
+def _rows(pieces: list, max_length: int, pack: bool, pad_id: int, split: str, source: str) -> row_lib.Rows:
   if not pieces:
     raise ConfigError(f"{source}: no example of split {split!r} is left after overflow (all over max_length)")
-  members = row_lib.bins([len(x) for x, _, _ in pieces], max_length - 1, pack)
-  return row_lib.to_arrays([(x, y) for x, y, _ in pieces], members, max_length - 1, pad_id)
+  members = row_lib.bins([len(x) for x, _, _ in pieces], max_length - 1, pack and split == "train")
+  return row_lib.Rows([(x, y) for x, y, _ in pieces], members, max_length - 1, pad_id, packed=pack)
 
 
-def _summary(name, source, counts, arrays, max_length, pack, directory) -> str:
+def _summary(name, source, counts, split_rows, max_length, pack, directory) -> str:
   c = counts
-  fill = c.train_tokens / arrays["train"]["inputs"].size
-  parts = [f"{s} {len(a['inputs'])} rows" for s, a in arrays.items()]
+  fill = c.train_tokens / (len(split_rows["train"]) * (max_length - 1))
+  parts = [f"{s} {len(a)} rows" for s, a in split_rows.items()]
   packed = f" (train: {c.train_examples} examples packed, {fill:.0%} of positions filled)" if pack else ""
   return (
     f"{name}: {c.examples} examples from {source} → {', '.join(parts)}{packed}; {c.truncated} truncated, "
     f"{c.dropped} dropped (over max_length {max_length}); {c.tokens} positions, {c.scored} scored; in {directory}"
   )
+
+
+STREAM_BYTES = 1 << 30  # a dataset of more row bytes than this is read record by record, not held in memory
 
 
 def _metadata(bundle: tok_lib.TokenizerBundle, max_length: int, pack: bool, pad_id: int, source: str) -> dict:
@@ -97,14 +100,17 @@ def text(
   test_size: int = 0,
   seed: int = 0,
   overwrite: bool = False,
+  streaming: bool | None = None,
 ) -> Prepared:
   """Tokenize ``path`` with the Hugging Face tokenizer ``tokenizer`` (a checkpoint directory or its
   ``tokenizer.json``) into TFDS dataset ``name`` in ``data_dir``; see the module docstring.
 
   ``max_length``: tokens per example (the model's context; rows hold ``max_length − 1`` positions); ``overflow``: ``error`` | ``truncate`` | ``drop`` for longer
   examples; ``pack``: several examples per training row; ``test``: a file for the test split, or
-  ``test_size`` examples held out of ``path`` (seeded by ``seed``). Every record is checked before
-  anything is written, and the dataset appears only whole.
+  ``test_size`` examples held out of ``path`` (seeded by ``seed``); ``streaming``: training reads it
+  record by record, each process only its own rows (default: when its rows exceed :data:`STREAM_BYTES`),
+  rather than holding it in memory. Every record is checked before anything is written, and the
+  dataset appears only whole.
   """
   from kdjax.data.tfds import default_data_dir
 
@@ -122,18 +128,18 @@ def text(
   splits = {"train": train, **({"test": held} if held is not None else {})}
   counts = row_lib.Counts()
   pad_id = next((i for i in (bundle.token_id("pad_token"), bundle.token_id("eos_token")) if i is not None), 0)
-  arrays = {}
+  split_rows = {}
   for split, items in splits.items():
     pieces = list(row_lib.fit(items, max_length, overflow, source if split == "train" else str(test or path), counts))
     if split == "train":
       counts.train_examples, counts.train_tokens = len(pieces), sum(len(x) for x, _, _ in pieces)
-    arrays[split] = _rows(pieces, max_length, pack and split == "train", pad_id, split, source)
-    if not pack:  # one example per row: segment ids and positions say nothing
-      del arrays[split]["segment_ids"], arrays[split]["positions"]
+    split_rows[split] = _rows(pieces, max_length, pack, pad_id, split, source)
   meta = _metadata(bundle, max_length, pack, pad_id, source)
+  row_bytes = sum(len(r) for r in split_rows.values()) * (max_length - 1) * 4 * (4 if pack else 2)
+  meta["streaming"] = bool(row_bytes > STREAM_BYTES if streaming is None else streaming)
   directory = writer.write(
-    name, data_dir, arrays, supervised=("inputs", "targets"), metadata=meta, files=bundle.files, overwrite=overwrite
+    name, data_dir, split_rows, supervised=("inputs", "targets"), metadata=meta, files=bundle.files, overwrite=overwrite
   )
-  summary = _summary(name, source, counts, arrays, max_length, pack, directory)
-  rows = {s: len(a["inputs"]) for s, a in arrays.items()}
+  summary = _summary(name, source, counts, split_rows, max_length, pack, directory)
+  rows = {s: len(a) for s, a in split_rows.items()}
   return Prepared(name, data_dir, str(directory), rows, summary)

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +56,32 @@ def _feature(shape: tuple[int, ...], dtype, classes=None):
   return tfds.features.Tensor(shape=shape, dtype=dtype)
 
 
+class Columns(Sequence):
+  """Records of equally long arrays (feature → ``(N, …)``): record ``i`` is ``{feature: array[i]}``."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, i: int) -> dict:
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
 def _builder_class(name: str, splits: dict, supervised: tuple[str, str], meta: dict, classes: dict):
-  """A builder class writing ``splits`` (split → feature → array ``(N, …)``); ``classes``: feature → class
-  names, for label features."""
+  """A builder class writing ``splits`` (split → a sequence of records, each feature → array); ``classes``:
+  feature → class names, for label features."""
   import tensorflow_datasets as tfds
 
   from kdjax.data.builders._base import LocalBuilder
 
-  first = next(iter(splits.values()))
-  feats = {k: _feature(v.shape[1:], v.dtype, classes.get(k)) for k, v in first.items()}
+  first = next(iter(splits.values()))[0]
+  feats = {k: _feature(np.shape(v), np.asarray(v).dtype, classes.get(k)) for k, v in first.items()}
 
-  def gen(arrays):
-    for i in range(len(arrays[supervised[0]])):
-      yield i, {k: v[i] for k, v in arrays.items()}
+  def gen(records):
+    for i in range(len(records)):
+      yield i, records[i]
 
   class Prepared(LocalBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
@@ -87,8 +100,8 @@ def _builder_class(name: str, splits: dict, supervised: tuple[str, str], meta: d
       del dl_manager
       return {s: gen(a) for s, a in splits.items()}
 
-    def _generate_examples(self, arrays):  # pragma: no cover - _split_generators yields the generators
-      yield from gen(arrays)
+    def _generate_examples(self, records):  # pragma: no cover - _split_generators yields the generators
+      yield from gen(records)
 
   Prepared.name = name
   return Prepared
@@ -114,7 +127,7 @@ def _quiet() -> Iterator[None]:
 def write(
   name: str,
   data_dir: str,
-  splits: dict[str, dict[str, np.ndarray]],
+  splits: dict[str, Sequence[dict]],
   *,
   supervised: tuple[str, str],
   metadata: dict,
@@ -122,7 +135,8 @@ def write(
   classes: dict | None = None,
   overwrite: bool = False,
 ) -> Path:
-  """Write ``splits`` as dataset ``name`` in ``data_dir``; returns its version directory.
+  """Write ``splits`` (split → records, read one at a time) as dataset ``name`` in ``data_dir``; returns its
+  version directory.
 
   ``files`` are copied into that directory; ``classes`` maps a label feature to its class names.
   """
