@@ -140,3 +140,34 @@ def test_the_trained_student_comes_back_as_a_module():
   np.testing.assert_allclose(np.asarray(trained(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
   frozen = kdjax.teacher_model(d)
   np.testing.assert_array_equal(np.asarray(frozen.head.kernel[...]), np.asarray(teacher.head.kernel[...]))
+
+
+@pytest.mark.slow
+@pytest.mark.procs
+def test_kill_9_and_resume_equals_the_uninterrupted_run(tmp_path):
+  """SIGKILL right after a step whose checkpoint save is in flight, then the same script again: the final
+  state (parameters, optimizer, step, key) is bit-identical to an uninterrupted run's, for a model holding
+  dropout streams (KD + a tapped layer's attention transfer) and a Linen model with dropout."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  script = Path(__file__).resolve().parent / "_user_models_resume.py"
+
+  def run(kind: str, workdir, *kill_at: int):
+    return subprocess.Popen([sys.executable, str(script), kind, str(workdir), "8", *map(str, kill_at)])
+
+  runs = {(k, r): tmp_path / f"{k}_{r}" for k in ("dropout", "linen") for r in ("whole", "killed")}
+  for w in runs.values():
+    w.mkdir()
+  first = [run(k, w, *([5] if r == "killed" else [])) for (k, r), w in runs.items()]
+  codes = [p.wait(timeout=300) for p in first]
+  assert codes == [0, -9, 0, -9], codes
+  for kind in ("dropout", "linen"):
+    killed = runs[kind, "killed"]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit())[-1] in ("2", "4")
+    assert run(kind, killed).wait(timeout=300) == 0
+    whole, resumed = np.load(runs[kind, "whole"] / "final.npz"), np.load(killed / "final.npz")
+    assert sorted(whole) == sorted(resumed) and len(whole) > 5
+    for name in whole:
+      np.testing.assert_array_equal(resumed[name], whole[name], err_msg=f"{kind} {name}")
