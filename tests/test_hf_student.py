@@ -197,6 +197,15 @@ def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teacher
   for a, b in zip(jax.tree.leaves(nnx.state(built)), jax.tree.leaves(nnx.state(pruned))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   printed = capsys.readouterr().out
+  # --student.checkpoint DIR, computing in bfloat16: the student trains float32 master weights of it.
+  own = ModelConfig(name="hf", checkpoint=str(path), dtype="bfloat16")
+  whole = experiment._hf_student(Experiment(student=own), VOCAB, None)
+  assert whole.cfg.num_layers == 3 and whole.compute_dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+    np.asarray(whole.blocks[2].up.kernel[...]),
+    load_file(path / "model.safetensors")["model.layers.2.mlp.up_proj.weight"].T,
+  )
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(whole))} == {jnp.dtype(jnp.float32)}
   full = prune.param_counts(
     nnx.eval_shape(lambda: kdjax.models.Decoder(pretrained.read_config(path), rngs=nnx.Rngs(0)))
   )
