@@ -1,7 +1,7 @@
 """``python -m kdjax``: the ``kdjax`` command (``kdjax --help``).
 
 Importing the command pulls in JAX and TensorFlow Datasets (seconds); Ctrl-C
-during that import is reported as one line too.
+or SIGTERM during that import is reported as one line too (exit 130 / 143).
 """
 
 import sys
@@ -13,9 +13,10 @@ def main() -> None:
   _interrupt.record_sigint()  # before JAX is imported: a Ctrl-C it would swallow is still remembered
   try:
     from kdjax import cli
-  except KeyboardInterrupt:
-    print("kdjax: interrupted before anything ran", file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt as e:
+    term = isinstance(e, _interrupt.Terminated)
+    print(f"kdjax: {'terminated by SIGTERM' if term else 'interrupted'} before anything ran", file=sys.stderr)
+    sys.exit(143 if term else 130)
   cli.run_main()
 
 

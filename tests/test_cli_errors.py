@@ -42,6 +42,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
   )
   assert cli.main(student_argv(s, t)) == 0
   (root / "a_file").write_text("not a directory")
+  (root / "not_an_experiment.py").write_text("def get_config():\n  return 42\n")
   (root / "unfinished" / "checkpoints").mkdir(parents=True)
   return {"teacher": t, "student": s, "root": root}
 
@@ -189,6 +190,11 @@ CASES = [
     "run to export",
   ),
   ("unknown_command", lambda s, t, r: ["distil", "mnist1d_kd"], "unknown command 'distil'; did you mean 'distill'?"),
+  (
+    "get_config_not_an_experiment",
+    lambda s, t, r: ["distill", str(r / "not_an_experiment.py"), "--workdir", str(s)],
+    "not_an_experiment.py: get_config() gave int 42, not a kdjax.config.Experiment",
+  ),
   ("infinite_lr", lambda s, t, r: student_argv(s, t, "--optim.lr", "inf"), "optim.lr: must be > 0 and finite, got inf"),
   (
     "infinite_temperature",

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 
 from kdjax.cli.commands import cmd_bench, cmd_cache, cmd_export, cmd_prepare, cmd_report, cmd_train
-from kdjax.cli.exits import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, PREEMPTED_EXIT, CliError, one_line
+from kdjax.cli.exits import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, PREEMPTED_EXIT, CliError, one_line, stopped
 from kdjax.cli.experiments import EXPERIMENTS_DIR, base_config, build_config, config_names, load_experiment
 from kdjax.cli.flags import apply_overrides, field_paths
 from kdjax.cli.slurm import write_slurm_script
@@ -59,6 +59,7 @@ __all__ = [
   "load_experiment",
   "main",
   "one_line",
+  "run",
   "run_main",
   "sweep_cells",
   "write_slurm_script",
@@ -107,21 +108,23 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def run_main() -> None:
-  """Console entry point: bad input → one line, exit 1; a bug → its traceback, exit 70;
-  Ctrl-C before training starts (or after it ended) → one line, exit 130."""
+  """Console entry point: :func:`run`'s exit status."""
+  sys.exit(run())
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+  """The ``kdjax`` command as the terminal sees it: bad input → one line, exit 1; a bug → its traceback,
+  exit 70; Ctrl-C or SIGTERM before training starts (or after it ended) → one line, exit 130 or 143."""
   warnings.formatwarning = _one_line_warning
   try:
     from kdjax import _interrupt
 
     _interrupt.record_sigint()  # (again, for callers of run_main that skipped kdjax.__main__)
     follow_parent()
-    code = main()
-  except KeyboardInterrupt:
-    print(
-      "kdjax: interrupted (nothing after the last checkpoint was saved); re-run the same command to resume",
-      file=sys.stderr,
-    )
-    code = INTERRUPTED_EXIT
+    code = main(argv)
+  except KeyboardInterrupt as e:
+    code, line = stopped(e)
+    print(line, file=sys.stderr)
   except Exception:  # noqa: BLE001 - report any bug with its traceback and a distinct status
     import traceback
 
@@ -132,4 +135,4 @@ def run_main() -> None:
       file=sys.stderr,
     )
     code = INTERNAL_ERROR_EXIT
-  sys.exit(code)
+  return code

@@ -43,22 +43,40 @@ def config_names(mod: types.ModuleType) -> list[str]:
 
 
 def base_config(mod: types.ModuleType, name: str | None) -> Experiment:
-  """The named config ``name``, else ``get_config()``, else the first of ``CONFIGS``."""
+  """The named config ``name``, else ``get_config()``, else the first of ``CONFIGS`` — checked to be an
+  :class:`~kdjax.config.Experiment`."""
   configs = getattr(mod, "CONFIGS", None)
   if name:
     if not configs or name not in configs:
-      raise CliError(
-        f"experiment {mod.__name__.removeprefix('kdjax_experiment_')!r} has no config {name!r}; "
-        f"available: {', '.join(config_names(mod)) or '(only the default)'}"
-      )
-    c = configs[name]
-    return c() if callable(c) else c
+      known = ", ".join(config_names(mod)) or "(only the default)"
+      raise CliError(f"experiment {_short(mod)!r} has no config {name!r}; available: {known}")
+    return _experiment(mod, configs[name], f"CONFIGS[{name!r}]")
   if hasattr(mod, "get_config"):
-    return mod.get_config()
+    return _experiment(mod, mod.get_config, "get_config()")
   if configs:
-    c = next(iter(configs.values()))
-    return c() if callable(c) else c
+    first = next(iter(configs))
+    return _experiment(mod, configs[first], f"CONFIGS[{first!r}]")
   raise CliError(f"{mod.__file__} defines neither get_config() nor CONFIGS")
+
+
+def _short(mod: types.ModuleType) -> str:
+  return mod.__name__.removeprefix("kdjax_experiment_")
+
+
+def _experiment(mod: types.ModuleType, made, what: str) -> Experiment:
+  """``made`` (called if callable) when it is an Experiment; else one line naming the file and what it gave."""
+  cfg = made() if callable(made) else made
+  if not isinstance(cfg, Experiment):
+    raise CliError(
+      f"experiment {mod.__file__}: {what} gave {type(cfg).__name__} {_brief(cfg)}, not a kdjax.config.Experiment; "
+      f"return one (e.g. kdjax.config.Experiment(...) or a .replace(...) of one)"
+    )
+  return cfg
+
+
+def _brief(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def split_exp_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
@@ -74,7 +92,9 @@ def split_exp_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
 def _teacher_run(mod: types.ModuleType, cfg: Experiment) -> Experiment:
   """The run that trains ``cfg``'s teacher: the experiment's ``teacher_config(cfg)``, else its teacher as the student."""
   teacher_cfg = getattr(mod, "teacher_config", None)
-  return teacher_cfg(cfg) if teacher_cfg else cfg.replace(mode="teacher", student=cfg.teacher)
+  if teacher_cfg:
+    return _experiment(mod, teacher_cfg(cfg), "teacher_config(cfg)")
+  return cfg.replace(mode="teacher", student=cfg.teacher)
 
 
 # build_config's mode → the run it configures from the experiment's config: ``kdjax distill`` and

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kdjax.cli.commands import cmd_train
-from kdjax.cli.exits import INTERRUPTED_EXIT, PREEMPTED_EXIT, CliError, one_line
+from kdjax.cli.exits import INTERRUPTED_EXIT, PREEMPTED_EXIT, TERMINATED_EXIT, CliError, one_line
 from kdjax.cli.experiments import build_config, config_names, load_experiment, split_exp_args
 from kdjax.cli.flags import int_opt, pop_opt
 from kdjax.cli.slurm import write_slurm_script
@@ -371,7 +371,8 @@ def _run_parallel(todo: list[int], argvs: list[list[str]], command: str, paralle
       forwarded = len(received)
       done = [(i, p) for i, p in running if p.poll() is not None]
       for i, p in done:
-        if p.returncode not in (0, PREEMPTED_EXIT, INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
+        stopped = (PREEMPTED_EXIT, INTERRUPTED_EXIT, TERMINATED_EXIT, -signal.SIGTERM, -signal.SIGINT)
+        if p.returncode not in (0, *stopped):
           failed.append(i)
         running.remove((i, p))
         bar.update(1)
