@@ -14,13 +14,17 @@ renames it only when complete, so a half-written save is never "latest"):
 
 Every save records a digest of each array's exact bits (:func:`fingerprint`,
 in ``meta``). A run that restarts restores the newest checkpoint that
-verifies: one that cannot be read or whose restored arrays do not match their
-digest (a flipped bit, overwritten bytes) is moved to ``checkpoints_corrupt/``
-with one warning and the previous one is tried; one from another
-configuration or state layout is refused, and nothing is moved
-(:meth:`Checkpointer.restore_latest`). A full disk is one
-:class:`DiskFull` error. A leftover of a save
-cut short by SIGKILL is a temporary directory, never a step, and is removed.
+verifies, and classifies what stops one by its cause
+(:meth:`Checkpointer.restore_latest`): damage — metadata or array structure
+missing or unreadable, arrays that cannot be read or do not match their
+digest (a flipped bit, overwritten bytes) — moves it to
+``checkpoints_corrupt/`` with one warning and the previous one is tried; one
+that reads fine but comes from another configuration or state layout, one
+this process has no permission to read (:func:`check_access`), and one saved
+without a digest (unless the caller allows unverified checkpoints) are
+refused, and nothing is moved. A full disk is one :class:`DiskFull` error.
+A leftover of a save cut short by SIGKILL is a temporary directory, never a
+step, and is removed.
 :func:`read_checkpoint` reads any checkpoint as NumPy, whatever mesh saved it.
 
 The trained model is also *exported* as one standalone msgpack file
@@ -220,6 +224,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, save_every: int = 0, max_to_keep: int = 2, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    check_access(self.directory)
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
@@ -271,29 +276,34 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def restore_latest(
-    self, abstract_state: Any, check_meta: Callable[[int, dict], None] | None = None
+    self,
+    abstract_state: Any,
+    check_meta: Callable[[int, dict], None] | None = None,
+    *,
+    allow_unverified: bool = False,
   ) -> tuple[int, Any, dict] | None:
     """Restore the newest checkpoint that verifies, onto ``abstract_state``'s shardings.
 
-    Each checkpoint, newest first: its metadata is read and handed to
-    ``check_meta(step, meta)``, then its array layout is compared with
-    ``abstract_state``; a mismatch in either raises ``ValueError`` (the
-    checkpoint belongs to another configuration; nothing is moved). Then the
-    state is restored and checked against the digest saved with it (or, for a
-    checkpoint saved without one, for finiteness). A checkpoint that cannot
-    be read or does not verify is moved to :attr:`corrupt_directory` with one
-    warning, and the previous one is tried. Returns ``(step, state, meta)``,
-    or None when no checkpoint verified.
+    A failure is classified by its cause, newest checkpoint first:
+
+    * **damage** — its metadata or array structure (``state/_METADATA``) is
+      missing or unreadable, its arrays cannot be read, or they differ from
+      the digest saved with them: it is moved to :attr:`corrupt_directory`
+      with one warning, and the previous checkpoint is tried;
+    * **another configuration** — it reads fine but ``check_meta(step,
+      meta)`` objects, or its array layout differs from ``abstract_state``:
+      ``ConfigError``, nothing is moved;
+    * **no permission** to read it: ``ConfigError`` naming the path and the
+      fix, nothing is moved;
+    * **unverifiable** — saved without a digest: ``ConfigError`` unless
+      ``allow_unverified`` (then it is only checked for non-finite values).
+
+    Returns ``(step, state, meta)``, or None when no checkpoint verified.
     """
     target = keys_to_data(abstract_state)
     for step in reversed(self.all_steps()):
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if not isinstance(meta, dict) or not meta:
-          raise ConfigError("its metadata is empty")
-        saved_layout = self.manager.item_metadata(step)["state"]
-      except Exception as e:  # noqa: BLE001 - unreadable in any way means "not usable"
-        self._set_aside(step, _why(e), e)
+      meta, saved_layout = self._read_meta(step)
+      if meta is None:
         continue
       if check_meta is not None:
         check_meta(step, meta)
@@ -303,10 +313,15 @@ class Checkpointer:
           f"checkpoint {self.directory / str(step)} holds another state layout than this run builds "
           f"({diff}); it belongs to another configuration: use a new workdir"
         )
+      if not isinstance(meta.get("digest"), dict) and not allow_unverified:
+        raise ConfigError(
+          f"checkpoint {self.directory / str(step)} carries no digest of its arrays, so it cannot be verified; "
+          f"pass --run.allow_unverified to resume from it unverified, or use a new --run.workdir"
+        )
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-      except Exception as e:  # noqa: BLE001
-        self._set_aside(step, _why(e), e)
+      except Exception as e:  # noqa: BLE001 - unreadable in any way means "not usable"
+        self._unreadable(step, e)
         continue
       problem = _verify(restored["state"], meta.get("digest"))
       if problem:
@@ -314,6 +329,26 @@ class Checkpointer:
         continue
       return step, data_to_keys(restored["state"], abstract_state), dict(meta)
     return None
+
+  def _read_meta(self, step: int) -> tuple[dict | None, Any]:
+    """``(meta, saved array layout)`` of ``step``, or ``(None, None)`` once it was found damaged and set aside."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if not isinstance(meta, dict) or not meta:
+        raise _Damage("its metadata is empty")
+      layout = self.manager.item_metadata(step)["state"]
+      if layout is None or not _layout(layout):  # a state always holds arrays: its structure is gone
+        raise _Damage("the structure of its arrays (state/_METADATA) is missing or unreadable")
+    except Exception as e:  # noqa: BLE001 - unreadable in any way means "not usable"
+      self._unreadable(step, e)
+      return None, None
+    return meta, layout
+
+  def _unreadable(self, step: int, error: BaseException) -> None:
+    """A checkpoint that could not be read: a permission problem is refused, anything else is damage."""
+    if _is_permission_error(error):
+      raise no_access(self.directory, self.directory / str(step), _why(error)) from None
+    self._set_aside(step, _why(error), error)
 
   def set_aside_steps(self) -> list[str]:
     """Names of the checkpoints that were moved to :attr:`corrupt_directory` (by any run)."""
@@ -354,19 +389,23 @@ class CheckpointWarning(RuntimeWarning):
 
 
 class DiskFull(OSError):
-  """No space left where checkpoints are written; the earlier checkpoints are intact."""
+  """No space left where a run writes (``doing`` says what it was writing); the earlier checkpoints are intact."""
 
-  def __init__(self, directory: Path, last_complete: int | None):
+  def __init__(self, directory: Path, last_complete: int | None, doing: str = "saving a checkpoint"):
     kept = (
       f"the checkpoint of step {last_complete} is intact"
       if last_complete is not None
       else "no checkpoint was completed"
     )
     super().__init__(
-      f"disk full: no space left on the device of {directory} while saving a checkpoint; {kept} — "
-      f"free some space and re-run the same command to resume"
+      errno.ENOSPC,
+      f"disk full: no space left on the device of {directory} while {doing}; {kept} — "
+      f"free some space and re-run the same command to resume",
     )
     self.directory, self.last_complete = directory, last_complete
+
+  def __str__(self) -> str:
+    return self.strerror
 
 
 @contextlib.contextmanager
@@ -377,7 +416,7 @@ def _disk_full_as_error(manager: ocp.CheckpointManager, directory: Path):
   except DiskFull:
     raise
   except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it is ENOSPC
-    if not _is_disk_full(e):
+    if not is_disk_full(e):
       raise
     log.info("disk full while saving", exc_info=True)
     manager.reload()
@@ -385,12 +424,27 @@ def _disk_full_as_error(manager: ocp.CheckpointManager, directory: Path):
     raise DiskFull(directory, max(steps) if steps else None) from None
 
 
-def _is_disk_full(e: BaseException | None) -> bool:
+def _caused_by(e: BaseException | None, errnos: tuple[int, ...], texts: tuple[str, ...]) -> bool:
+  """Whether ``e`` or an exception it was raised from carries one of ``errnos`` (or, from TensorStore, whose
+  errors are not ``OSError``, one of ``texts``)."""
   while e is not None:
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+    if getattr(e, "errno", None) in errnos or any(t in str(e) for t in texts):
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+  """Whether ``e`` comes from a full disk (or an exhausted quota)."""
+  return _caused_by(e, (errno.ENOSPC, errno.EDQUOT), ("No space left on device", "Disk quota exceeded"))
+
+
+def _is_permission_error(e: BaseException | None) -> bool:
+  return _caused_by(e, (errno.EACCES, errno.EPERM), ("Permission denied", "PERMISSION_DENIED"))
+
+
+class _Damage(Exception):
+  """What makes a checkpoint unusable, in words."""
 
 
 def _why(e: BaseException) -> str:
@@ -398,12 +452,60 @@ def _why(e: BaseException) -> str:
   while e.__cause__ is not None:
     e = e.__cause__
   text = str(e).strip().splitlines()
+  if isinstance(e, _Damage):
+    return text[0]
   return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def no_access(directory: Path, path: Path, why: str = "permission denied") -> ConfigError:
+  """The one-line refusal for a checkpoint directory this process may not read or write."""
+  return ConfigError(
+    f"cannot read or write {path} ({why}); kdjax needs read and write access to everything under "
+    f"{directory}: run it as a user who has it (e.g. after `chmod -R u+rwX {directory}`) or use a new --run.workdir"
+  )
+
+
+def unreadable(directory: str | Path) -> Path | None:
+  """The first path under ``directory`` (itself included) this process may not use, or None.
+
+  Directories must be readable, writable and searchable (steps are listed,
+  written, rotated and moved aside); files readable. A missing ``directory``
+  is fine (it is created).
+  """
+  directory = Path(directory)
+  if not directory.exists():
+    return None
+
+  def refused(p: Path, is_dir: bool) -> bool:  # (a path that vanished meanwhile, e.g. a finished save's temp, is fine)
+    return not os.access(p, os.R_OK | os.W_OK | os.X_OK if is_dir else os.R_OK) and p.exists()
+
+  if refused(directory, True):
+    return directory
+  failed: list[Path] = []
+  walk = os.walk(directory, onerror=lambda e: failed.append(Path(e.filename)) if e.errno == errno.EACCES else None)
+  for root, dirs, files in walk:
+    for name, is_dir in [(d, True) for d in dirs] + [(f, False) for f in files]:
+      if refused(Path(root) / name, is_dir):
+        return Path(root) / name
+  return failed[0] if failed else None
+
+
+def check_access(directory: str | Path) -> None:
+  """``ConfigError`` naming the first path under ``directory`` this process may not use (see :func:`unreadable`)."""
+  bad = unreadable(directory)
+  if bad is not None:
+    raise no_access(Path(directory).absolute(), bad.absolute())
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+  """The steps saved completely under ``directory`` (an interrupted save is a temporary directory, not a step)."""
+  d = Path(directory)
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def _verify(state: Any, digest: dict | None) -> str | None:
   """Why a restored state is not what was saved, or None."""
-  if digest is None:  # saved without a digest: at least refuse what a training step cannot have produced
+  if not isinstance(digest, dict):  # saved without a digest: at least refuse what training cannot have produced
     bad = [
       jax.tree_util.keystr(k)
       for k, x in jax.tree_util.tree_flatten_with_path(state)[0]

@@ -326,6 +326,35 @@ def test_checkpointer_restore_skips_unreadable_and_returns_none_when_all_are(tmp
   c.close()
 
 
+def test_a_checkpoint_without_digest_is_refused_unless_allowed_and_a_missing_structure_is_damage(tmp_path):
+  """Unit level: no digest → refused, nothing moved (``allow_unverified`` restores it, checked for finiteness);
+  a checkpoint whose ``state/_METADATA`` is gone is damage (set aside), not another layout."""
+  import jax.numpy as jnp
+
+  from kdjax.errors import ConfigError
+
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "key": jax.random.key(3)}
+  c = ckpt.Checkpointer(tmp_path / "c", save_every=1, max_to_keep=3)
+  assert c.save(1, state, {"step": 1}) and c.save(2, state, {"step": 2})
+  c.close()
+  meta_path = tmp_path / "c" / "2" / "meta" / "metadata"
+  meta = json.loads(meta_path.read_text())
+  del meta["digest"]
+  meta_path.write_text(json.dumps(meta))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  c = ckpt.Checkpointer(tmp_path / "c", save_every=1)
+  with pytest.raises(ConfigError, match=r"/c/2 carries no digest .* pass --run.allow_unverified"):
+    c.restore_latest(abstract)
+  assert c.all_steps() == [1, 2] and c.set_aside_steps() == []
+  step, got, _ = c.restore_latest(abstract, allow_unverified=True)
+  assert step == 2 and np.array_equal(np.asarray(got["w"]), np.arange(6.0).reshape(2, 3))
+  (tmp_path / "c" / "2" / "state" / "_METADATA").unlink()
+  with pytest.warns(ckpt.CheckpointWarning, match=r"/c/2 is damaged \(the structure of its arrays"):
+    step, _, _ = c.restore_latest(abstract)
+  assert step == 1 and c.set_aside_steps() == ["2"]
+  c.close()
+
+
 # ---------------------------------------------------------------------------
 # 3. Save on 8 forced CPU devices, restore on 1 (and 1 → 8), continue.
 

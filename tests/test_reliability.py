@@ -1,6 +1,7 @@
 """Reliability under real faults, from outside the process: damaged files on disk,
 ``kill -9`` / SIGTERM / SIGSTOP to real ``kdjax`` processes, two runs on one
-workdir, a full disk (a small tmpfs in a private mount namespace).
+workdir, a full disk (a small tmpfs in a private mount namespace), files the
+process has no permission to read, odd workdir layouts.
 
 Every run is the embedded mnist1d ``kd_labelled`` experiment of
 ``test_checkpoint`` (24 steps, a checkpoint every 4), compared with the same
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -97,20 +99,6 @@ def damage(step_dir: Path, how: str) -> Path:
 
 # ---------------------------------------------------------------------------
 # 1. Integrity: a damaged checkpoint is never restored.
-
-
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, teacher, tmp_path):
-  """64 random bytes in the data, through the real CLI: one warning line on stderr, nothing else."""
-  ref = reference("kd")
-  w = resumable_copy(ref, tmp_path / "run")
-  damage(w / "checkpoints" / str(STEPS), "bytes")
-  r = kdjax(argv("kd", w, teacher))
-  assert r.returncode == 0, r.stderr[-2000:]
-  lines = said(r.stderr)
-  assert len(lines) == 1 and f"checkpoints/{STEPS} is damaged" in lines[0] and "trying the previous" in lines[0], lines
-  assert results(w)["resumed_from"] == [STEPS - EVERY]
-  assert (w / "checkpoints_corrupt" / str(STEPS) / "state").is_dir()  # moved aside, never deleted
-  assert_bit_identical(ref, w)
 
 
 def test_one_flipped_bit_is_caught_by_the_digest(reference, teacher, tmp_path):
@@ -272,20 +260,33 @@ def test_metric_writer_drops_rows_past_the_resumed_step_and_a_torn_line(tmp_path
   ]
 
 
-def test_metric_writer_warns_once_and_keeps_going_when_writes_fail(tmp_path, monkeypatch):
+def test_metric_writer_warns_once_on_a_failed_write_and_raises_a_full_disk(tmp_path, monkeypatch):
+  """A failed write (here an I/O error) is one warning and the run goes on; a full disk is raised, so the run stops
+  before it saves a checkpoint whose metric rows were lost."""
+  import errno
+
   m = MetricWriter(tmp_path, tensorboard=False)
   m.write(1, "train", {"loss": 1.0})
 
-  def full(*a, **k):
-    raise OSError(28, "No space left on device")
+  def failing(code):
+    def write(*a, **k):
+      raise OSError(code, os.strerror(code))
 
-  monkeypatch.setattr(m._file, "write", full)  # noqa: SLF001 - the file object a full disk would fail
-  with pytest.warns(RuntimeWarning, match="No space left on device") as rec:
+    return write
+
+  monkeypatch.setattr(m._file, "write", failing(errno.EIO))  # noqa: SLF001 - the file object a bad disk would fail
+  with pytest.warns(RuntimeWarning, match="Input/output error") as rec:
     for step in (2, 3):
       assert m.write(step, "train", {"loss": float(step)})["step"] == step
     m.flush()
   assert len(rec) == 1
   m.close()
+
+  m = MetricWriter(tmp_path / "full", tensorboard=False)
+  monkeypatch.setattr(m._file, "write", failing(errno.ENOSPC))  # noqa: SLF001
+  with pytest.raises(OSError, match="No space left on device"):
+    m.write(1, "train", {"loss": 1.0})
+  m.close()  # silent after the failure
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +351,12 @@ def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(
   assert_bit_identical(seed1_reference, root / "base" / "seed1")
 
 
-def test_ctrl_c_before_training_is_one_line_and_exit_130(teacher, tmp_path):
+@pytest.mark.parametrize(
+  "sig, status, says",
+  [(signal.SIGINT, 130, "kdjax: interrupted"), (signal.SIGTERM, 143, "kdjax: terminated by SIGTERM")],
+)
+def test_a_signal_before_training_is_one_line(sig, status, says, teacher, tmp_path):
+  """Ctrl-C or a scheduler's SIGTERM while the run starts (importing, building): one line, 130 / 143."""
   # SIGINT as a terminal delivers it (a shell's background job would inherit it ignored).
   interactive = (
     "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -364,55 +370,194 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(teacher, tmp_path):
     text=True,
   )
   time.sleep(1.5)  # still importing / building: no training step has run
-  p.send_signal(signal.SIGINT)
+  p.send_signal(sig)
   _, err = p.communicate(timeout=TIMEOUT)
   lines = said(err)
-  assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("kdjax: interrupted"), err[-2000:]
+  assert p.returncode == status and len(lines) == 1 and lines[0].startswith(says), err[-2000:]
   assert steps_on_disk(tmp_path / "run") == []
 
 
 # ---------------------------------------------------------------------------
-# 6. A full disk: one line, the previous checkpoint restorable.
+# 6. Faults on disk through the real command, one process for all cases (the start-up is paid once): each
+#    case runs as ``kdjax`` does (``cli.run``, its stderr the case's terminal), in a private mount namespace
+#    where the whole workdir of one run is a 700 kB tmpfs (a full disk: two checkpoints fit), and without the
+#    capabilities that let root read any file, so ``chmod 000`` is a real permission problem.
 
-_FULL_DISK = """
+_DRIVER = textwrap.dedent("""
+    import json, os, sys
+    from kdjax import cli
+    cases, out = json.loads(sys.argv[1]), {}
+    for name, args in cases.items():
+      err = os.open(os.path.join(sys.argv[2], name + ".err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+      saved = os.dup(2)
+      os.dup2(err, 2)
+      try:
+        out[name] = cli.run(args)
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(err)
+    print("RESULT " + json.dumps(out))
+""")
+
+_NAMESPACE = """
 set -u
-mount -t tmpfs -o size=700k tmpfs "$W/checkpoints" || exit 99
-"$@" 2> "$W.err"; echo $? > "$W.rc"
-cp -r "$W" "$W.out"
+mount -t tmpfs -o size=700k tmpfs "$FULL" || exit 99
+"$@"; rc=$?
+cp -r "$FULL" "$FULL.out"
+exit $rc
 """
 
+# case → (how its workdir is made from a finished run's copy, exit status, what its one line says)
+REFUSED = {
+  "checkpoints_unreadable": (lambda w: (w / "checkpoints").chmod(0), "checkpoints (permission denied)"),
+  "steps_unreadable": (
+    lambda w: [(w / "checkpoints" / str(s)).chmod(0) for s in steps_on_disk(w)],
+    "(permission denied); kdjax needs read and write access",
+  ),
+  "state_unreadable": (lambda w: (w / "checkpoints" / str(STEPS) / "state").chmod(0), f"{STEPS}/state (permission"),
+  "no_digest": (lambda w: _drop_digest(w, flip=True), "carries no digest of its arrays, so it cannot be verified"),
+  "config_json_a_directory": (
+    lambda w: ((w / "config.json").unlink(), (w / "config.json").mkdir()),
+    "holds config.json as a directory, where kdjax keeps the run's config",
+  ),
+  "checkpoints_a_file": (
+    lambda w: (shutil.rmtree(w / "checkpoints"), (w / "checkpoints").write_text("x")),
+    "holds checkpoints as a file, where kdjax keeps the checkpoints",
+  ),
+}
 
-def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(reference, teacher, tmp_path):
-  """Checkpoints go to a 700 kB tmpfs (two fit): the third save fails. The run is then copied out
-  of the full disk and the same command resumes it from the previous checkpoint."""
-  unshare = shutil.which("unshare")
-  if unshare is None:
-    pytest.skip("needs unshare(1) to mount a private tmpfs")
-  w = tmp_path / "run"
-  (w / "checkpoints").mkdir(parents=True)
-  cmd = [
-    unshare,
-    "-m" if os.geteuid() == 0 else "-rm",
-    "sh",
-    "-c",
-    _FULL_DISK,
-    "sh",
-    sys.executable,
-    "-m",
-    "kdjax",
-    *map(str, argv("kd", w, teacher, "--run.max_to_keep", "10")),
-  ]
-  r = subprocess.run(cmd, env=_env(W=str(w)), capture_output=True, text=True, timeout=2 * TIMEOUT)
-  if r.returncode == 99 or not Path(f"{w}.rc").exists():
+
+def _drop_digest(w: Path, flip: bool) -> None:
+  """The newest checkpoint without its digest (and, with ``flip``, one bit of its arrays flipped)."""
+  meta_path = w / "checkpoints" / str(STEPS) / "meta" / "metadata"
+  meta = json.loads(meta_path.read_text())
+  del meta["digest"]
+  meta_path.write_text(json.dumps(meta))
+  if flip:
+    damage(w / "checkpoints" / str(STEPS), "flip")
+
+
+@pytest.fixture(scope="module")
+def faults_on_disk(reference, teacher, tmp_path_factory) -> dict:
+  """Every case's workdir, its digest before, exit status and stderr lines; made by one driver process."""
+  unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+  if unshare is None or setpriv is None:
+    pytest.skip("needs unshare(1) and setpriv(1) (util-linux)")
+  root, ref = tmp_path_factory.mktemp("faults_on_disk"), reference("kd")
+  cases, made = {}, {}
+  for name, (make, _) in REFUSED.items():
+    w = resumable_copy(ref, root / name)
+    make(w)
+    made[name] = (w, digest(w))  # (root reads what the driver may not)
+    cases[name] = argv("kd", w, teacher)
+  meta = resumable_copy(ref, root / "no_metadata")
+  (meta / "checkpoints" / str(STEPS) / "state" / "_METADATA").unlink()
+  cases["no_metadata"] = argv("kd", meta, teacher)
+  full = root / "full"
+  full.mkdir()
+  cases["disk_full"] = argv("kd", full, teacher, "--run.max_to_keep", "10")
+  drop = ["--bounding-set", "-dac_override,-dac_read_search"]  # root obeys file permissions
+  cmd = [unshare, "-m" if os.geteuid() == 0 else "-rm", "sh", "-c", _NAMESPACE, "sh", setpriv, *drop]
+  cmd += [sys.executable, "-c", _DRIVER, json.dumps({k: list(map(str, v)) for k, v in cases.items()}), str(root)]
+  r = subprocess.run(cmd, env=_env(FULL=str(full)), capture_output=True, text=True, timeout=3 * TIMEOUT)
+  for name in ("checkpoints_unreadable", "steps_unreadable", "state_unreadable"):  # let pytest clean up
+    for p in [made[name][0], *made[name][0].rglob("*")]:
+      p.chmod(0o755)
+  if r.returncode == 99:
     pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[-300:]}")
-  lines = said(Path(f"{w}.err").read_text())
-  assert Path(f"{w}.rc").read_text().strip() == "1" and len(lines) == 1, lines
+  assert r.returncode == 0 and "RESULT " in r.stdout, r.stderr[-3000:]
+  status = json.loads(r.stdout.split("RESULT ", 1)[1])
+  said_by = {n: said((root / f"{n}.err").read_text()) for n in cases}
+  return {"made": made, "status": status, "said": said_by, "no_metadata": meta, "full": Path(f"{full}.out")}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_refused_workdir_is_one_line_exit_1_and_unchanged(case, faults_on_disk):
+  """Unreadable checkpoints (a permission problem, not damage), a checkpoint without its digest, odd layouts:
+  refused before anything in the workdir is written (``.lock``, ``config.json`` and ``metrics.jsonl`` too)."""
+  w, before = faults_on_disk["made"][case]
+  lines = faults_on_disk["said"][case]
+  assert faults_on_disk["status"][case] == 1 and len(lines) == 1, lines
+  assert lines[0].startswith("kdjax: error: ") and REFUSED[case][1] in lines[0], lines[0]
+  if "unreadable" in case:
+    assert "chmod -R u+rwX" in lines[0]
+  if case == "no_digest":
+    assert "--run.allow_unverified" in lines[0]
+  assert digest(w) == before and not (w / "checkpoints_corrupt").exists()
+
+
+def test_missing_array_structure_is_damage_and_the_previous_checkpoint_resumes(faults_on_disk, reference):
+  """No ``state/_METADATA`` in the newest checkpoint: not another configuration but damage — set aside with one
+  warning line, and the run resumes from the checkpoint before, bit for bit."""
+  w, lines = faults_on_disk["no_metadata"], faults_on_disk["said"]["no_metadata"]
+  assert faults_on_disk["status"]["no_metadata"] == 0 and len(lines) == 1, lines
+  assert f"checkpoints/{STEPS} is damaged (the structure of its arrays (state/_METADATA)" in lines[0]
+  assert "trying the previous" in lines[0]
+  assert results(w)["resumed_from"] == [STEPS - EVERY]
+  assert (w / "checkpoints_corrupt" / str(STEPS) / "state").is_dir()  # moved aside, never deleted
+  assert_bit_identical(reference("kd"), w)
+
+
+def test_a_full_disk_under_the_whole_workdir_is_one_line_and_the_run_resumes(faults_on_disk, reference, teacher):
+  """The run's log, metrics, events and checkpoints share a 700 kB disk: the third save fails. One line, exit 1;
+  copied out of the full disk, the same command resumes from the previous checkpoint, bit for bit."""
+  lines = faults_on_disk["said"]["disk_full"]
+  assert faults_on_disk["status"]["disk_full"] == 1 and len(lines) == 1, lines
   assert lines[0].startswith("kdjax: error: disk full") and f"the checkpoint of step {2 * EVERY} is intact" in lines[0]
-  out = Path(f"{w}.out")
+  out = faults_on_disk["full"]
   assert steps_on_disk(out) == [EVERY, 2 * EVERY]  # the failed save left no step behind
   assert cli.main(argv("kd", out, teacher, "--run.max_to_keep", "10")) == 0
   assert results(out)["resumed_from"] == [2 * EVERY]
   assert_bit_identical(reference("kd"), out)
+  assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference("kd") / "metrics.jsonl")
+
+
+def test_the_log_file_drops_what_it_cannot_write_and_says_so_once(tmp_path, capsys):
+  """A log file that cannot be written costs one line on stderr, no ``--- Logging error ---`` report and no
+  exception; a full disk's line waits for the end of the run (whose own error usually says it)."""
+  import errno
+  import logging
+
+  from kdjax.report.logging import LogFile
+
+  (tmp_path / "a_file").write_text("")
+  logger = logging.getLogger("kdjax_test_log_file")
+  logger.propagate = False
+  handler = LogFile(tmp_path / "a_file" / "kdjax.log")  # its directory is a file: it cannot be opened
+  logger.addHandler(handler)
+  try:
+    for i in range(3):
+      logger.warning("record %d", i)
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("kdjax: warning: the run's log ") and "Not a directory" in err[0], err
+  assert handler.dropped == 3
+
+  class FullDisk:
+    def write(self, text):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+      pass
+
+  full = LogFile(tmp_path / "full.log")
+  full.stream = FullDisk()
+  logger.addHandler(full)
+  try:
+    logger.warning("lost")
+  finally:
+    logger.removeHandler(full)
+    full.close()
+  assert capsys.readouterr().err == ""  # not yet: the run reports its full disk itself
+  full.report()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "No space left on device" in err[0], err
 
 
 # ---------------------------------------------------------------------------
@@ -471,7 +616,7 @@ def test_a_ctrl_c_that_python_swallows_still_stops_before_the_first_step():
   from kdjax import _interrupt
   from kdjax.engine import faults, hooks
 
-  old = signal.getsignal(signal.SIGINT)
+  old, old_term, old_hook = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
   signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     faults.record_sigint()
@@ -490,3 +635,5 @@ def test_a_ctrl_c_that_python_swallows_still_stops_before_the_first_step():
   finally:
     _interrupt._sigint_seen = False
     signal.signal(signal.SIGINT, old)
+    signal.signal(signal.SIGTERM, old_term)
+    sys.unraisablehook = old_hook

@@ -32,7 +32,7 @@ from kdjax.parallel import sharding
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "kdjax.log"  # library log records and tracebacks of a run
+LOG_FILE = wd.LOG_FILE  # library log records and tracebacks of a run
 
 
 @dataclasses.dataclass
@@ -72,7 +72,9 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
         f"configured teacher is {run.teacher_hash}; use a new --run.workdir"
       )
 
-  restored = checkpointer.restore_latest(run.distiller.abstract_state, check_meta)
+  restored = checkpointer.restore_latest(
+    run.distiller.abstract_state, check_meta, allow_unverified=run.cfg.run.allow_unverified
+  )
   if restored is None:
     aside = checkpointer.set_aside_steps()
     if aside and not run.cfg.run.restart:
@@ -167,7 +169,9 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
 
   Raises:
     ConfigError: bad input (data, models, method, teacher, workdir), before any
-      step runs and before anything in the workdir is touched.
+      step runs and before anything in the workdir is written.
+    DiskFull: no space left for the checkpoints or the run's other outputs;
+      the last complete checkpoint is intact.
     Preempted: SIGTERM/SIGINT arrived; the current step was finished and saved.
     NonFiniteLoss: a loss term became NaN/Inf; nothing after the last good
       checkpoint was saved.
@@ -179,12 +183,29 @@ def fit(cfg: Experiment, *, teacher_checkpoint: str | None = None, fault: Fault 
   # before the workdir is looked at, so each bad input gets its own message.
   run = build(cfg, teacher_checkpoint=teacher_checkpoint)
   workdir = wd.prepare(cfg.run.workdir)
-  with wd.lock(workdir), _library_log(workdir / LOG_FILE):
+  wd.check_layout(workdir)  # an odd or unreadable workdir is refused before anything in it is written
+  with wd.lock(workdir) as held, _library_log(workdir / LOG_FILE), _full_disk_is_one_error(workdir):
     wd.check_config(workdir, cfg)
-    return _fit_locked(run, workdir, fault)
+    return _fit_locked(run, workdir, fault, held)
 
 
-def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
+@contextlib.contextmanager
+def _full_disk_is_one_error(workdir: Path):
+  """A full disk while writing any of the run's outputs (metrics, config, export, results) is one
+  :class:`~kdjax.checkpoint.DiskFull` naming the last complete checkpoint, as while saving one."""
+  try:
+    yield
+  except ckpt.DiskFull:
+    raise
+  except OSError as e:
+    if not ckpt.is_disk_full(e):
+      raise
+    log.info("disk full while writing the run's outputs", exc_info=True)
+    steps = ckpt.complete_steps(workdir / wd.CHECKPOINTS)
+    raise ckpt.DiskFull(workdir, steps[-1] if steps else None, doing="writing the run's outputs") from None
+
+
+def _fit_locked(run: Run, workdir: Path, fault: Fault | None, held: wd.Lock) -> dict:
   from kdjax import report
 
   cfg = run.cfg
@@ -196,12 +217,13 @@ def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
     "git_commit": ckpt.git_commit(),
   }
   checkpointer = ckpt.Checkpointer(
-    workdir / "checkpoints", save_every=cfg.run.checkpoint_every, max_to_keep=cfg.run.max_to_keep
+    workdir / wd.CHECKPOINTS, save_every=cfg.run.checkpoint_every, max_to_keep=cfg.run.max_to_keep
   )
   record, writer = Record(), None
   try:
     state = _resume(checkpointer, run, provenance, record)
     run.state = None  # donated below; never reuse
+    held.claim()  # nothing refuses the run from here on: record it as the lock's holder
     wd.write_json(workdir / wd.CONFIG_FILE, provenance)
     record.t0 = time.perf_counter()
     if jax.process_index() == 0:
@@ -215,9 +237,11 @@ def _fit_locked(run: Run, workdir: Path, fault: Fault | None) -> dict:
       hooks=_hooks(run, checkpointer, record, writer, provenance, fault),
     )
   finally:
-    if writer:
-      writer.close()
-    checkpointer.close()
+    try:
+      if writer:
+        writer.close()
+    finally:
+      checkpointer.close()
   return _finish(run, state, record, provenance, workdir)
 
 
@@ -226,9 +250,14 @@ def _library_log(path: Path):
   """Send log records (Orbax, TensorStore, absl; kdjax's from INFO, with tracebacks) to ``path``, not stderr.
 
   What a user must see is printed as one line (warnings, errors); the details
-  behind it stay in the run's log file.
+  behind it stay in the run's log file. A log file that cannot be written
+  (:class:`~kdjax.report.logging.LogFile`) costs the run nothing but its
+  records and one line on stderr — none when the run stops on the full disk
+  that made it fail, whose own line says so.
   """
-  handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+  from kdjax.report.logging import LogFile
+
+  handler, ending = LogFile(path), None
   handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
   root, ours = logging.getLogger(), logging.getLogger("kdjax")
   streams = [
@@ -245,6 +274,9 @@ def _library_log(path: Path):
   )
   try:
     yield
+  except BaseException as e:
+    ending = e
+    raise
   finally:
     sys.unraisablehook = old_hook
     ours.setLevel(old_level)
@@ -252,6 +284,8 @@ def _library_log(path: Path):
     handler.close()
     for h in streams:
       h.removeFilter(mute)
+    if handler.failure is not None and ckpt.is_disk_full(handler.failure) and not ckpt.is_disk_full(ending):
+      handler.report()
 
 
 def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workdir: Path) -> dict:

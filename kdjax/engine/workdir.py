@@ -1,10 +1,16 @@
-"""A run's workdir: one run at a time (an OS lock), its config, and how two configs differ.
+"""A run's workdir: what it may hold, one run at a time (an OS lock), its config, and how two configs differ.
+
+Before a run touches a workdir, :func:`check_layout` refuses one whose
+entries are not what kdjax writes there (``config.json`` a directory,
+``checkpoints`` a file …) or that this process may not read and write, so a
+refused run changes nothing.
 
 The lock is ``fcntl.flock`` on ``workdir/.lock``, taken by process 0 before
-anything in the workdir is read or written and held until the run exits.
+the workdir's config and checkpoints are read and held until the run exits.
 The kernel drops it when the process ends in any way (``kill -9`` included),
-so a lock is never stale; the file only records who holds it (pid, host,
-start time) for the message a second run prints.
+so a lock is never stale; the file records who holds it (pid, host, start
+time) for the message a second run prints, written only once the run has
+accepted the workdir (:meth:`Lock.claim`), so a refused run leaves it as it was.
 """
 
 from __future__ import annotations
@@ -21,11 +27,27 @@ from collections.abc import Iterator
 
 import jax
 
+from kdjax import checkpoint as ckpt
 from kdjax import config as cfg_lib
 from kdjax.errors import ConfigError
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
+LOG_FILE = "kdjax.log"  # library log records and tracebacks of a run
+CHECKPOINTS = "checkpoints"
+
+# What kdjax keeps in a workdir: name → (is a directory, what it is)
+LAYOUT = {
+  CONFIG_FILE: (False, "the run's config"),
+  "metrics.jsonl": (False, "the metric rows"),
+  "results.json": (False, "the results"),
+  LOG_FILE: (False, "the run's log"),
+  LOCK_FILE: (False, "the run lock"),
+  CHECKPOINTS: (True, "the checkpoints"),
+  CHECKPOINTS + "_corrupt": (True, "the damaged checkpoints"),
+  "tb": (True, "the TensorBoard events"),
+  "export": (True, "the exported model"),
+}
 
 
 def prepare(path: str | os.PathLike) -> Path:
@@ -43,12 +65,47 @@ def prepare(path: str | os.PathLike) -> Path:
   return workdir
 
 
+def check_layout(workdir: Path) -> None:
+  """Refuse (``ConfigError``, nothing written) a workdir whose entries are not what kdjax keeps there, or that
+  this process may not read and write: ``config.json`` that is a directory, ``checkpoints`` that is a file, an
+  unreadable checkpoint directory …"""
+  for name, (is_dir, what) in LAYOUT.items():
+    path = workdir / name
+    if not (path.exists() or path.is_symlink()):
+      continue
+    if path.is_dir() != is_dir or not (path.is_dir() or path.is_file()):
+      kind = "a directory" if path.is_dir() else "a file" if path.is_file() else "not a regular file"
+      raise ConfigError(
+        f"run.workdir {str(workdir)!r} holds {name} as {kind}, where kdjax keeps {what} "
+        f"({'a directory' if is_dir else 'a file'}); move it away or use a new --run.workdir"
+      )
+    if not is_dir and not os.access(path, os.R_OK | os.W_OK):
+      raise ckpt.no_access(workdir, path)
+  for name, (is_dir, _) in LAYOUT.items():
+    if is_dir and (workdir / name).is_dir():
+      ckpt.check_access(workdir / name)
+
+
+class Lock:
+  """A held run lock; :meth:`claim` records this run as its holder once the run has accepted the workdir."""
+
+  def __init__(self, fd: int | None):
+    self.fd = fd
+
+  def claim(self) -> None:
+    if self.fd is not None:
+      _write_holder(self.fd)
+
+
 @contextlib.contextmanager
-def lock(workdir: Path) -> Iterator[None]:
+def lock(workdir: Path) -> Iterator[Lock]:
   """Hold ``workdir``'s run lock (process 0 takes it; every process learns whether it got it).
 
+  Taking it writes nothing (the file is created if missing); the run calls
+  :meth:`Lock.claim` to record itself as the holder once nothing can refuse it.
+
   Raises:
-    ValueError: another run holds it (the message names its pid, host and start).
+    ConfigError: another run holds it (the message names its pid, host and start).
   """
   fd, ok = None, True
   if jax.process_index() == 0:
@@ -70,9 +127,7 @@ def lock(workdir: Path) -> Iterator[None]:
       f"finish or use another --run.workdir"
     )
   try:
-    if fd is not None:
-      _write_holder(fd)
-    yield
+    yield Lock(fd)
   finally:
     if fd is not None:
       os.close(fd)  # releases the lock
@@ -87,9 +142,21 @@ def _write_holder(fd: int) -> None:
 def _read_holder(fd: int | None) -> str:
   try:
     h = json.loads(os.pread(fd, 4096, 0)) if fd is not None else {}
+    if h["host"] == socket.gethostname() and not _alive(int(h["pid"])):
+      return "it started moments ago and has not recorded its pid yet"  # the file still names an earlier run
     return f"pid {h['pid']} on {h['host']}, started {h['started']}"
   except (OSError, ValueError, KeyError, TypeError):
     return "holder unknown"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def config_diff(old: dict, new: dict, limit: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""Run outputs: ``metrics.jsonl`` + TensorBoard scalars, atomic JSON, JSONL reading.
+"""Run outputs: ``metrics.jsonl`` + TensorBoard scalars, the run's log file, atomic JSON, JSONL reading.
 
 Every run writes, under its workdir::
 
@@ -11,7 +11,9 @@ Only process 0 should construct a ``MetricWriter`` in multi-host runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import math
 import numbers
 import os
@@ -25,7 +27,7 @@ import numpy as np
 
 from kdjax.errors import ConfigError
 
-__all__ = ["MetricWriter", "write_json", "read_jsonl", "to_python_scalar"]
+__all__ = ["LogFile", "MetricWriter", "is_disk_full", "write_json", "read_jsonl", "to_python_scalar"]
 
 SPLITS = ("train", "eval")
 
@@ -48,6 +50,77 @@ def to_python_scalar(name: str, value: Any) -> float | str:
   return float(arr.reshape(()))
 
 
+def is_disk_full(e: BaseException) -> bool:
+  """Whether an ``OSError`` says the disk (or the user's quota) is full."""
+  return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class LogFile(logging.FileHandler):
+  """A run's log file (``workdir/kdjax.log``) that never disturbs the run.
+
+  A record it cannot write (a full disk, a file that became unwritable) is
+  dropped, as are all after it; no ``--- Logging error ---`` report, no
+  exception. The first failure is said once, as one line on stderr
+  (``kdjax: warning: …``): at once, or — for a full disk, which the run
+  reports itself when it next writes a checkpoint — when :meth:`report` is
+  called at the end of the run.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    super().__init__(path, encoding="utf-8", delay=True)
+    self.failure: OSError | None = None
+    self.dropped = 0
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if self.failure is not None:
+      self.dropped += 1
+      return
+    try:
+      super().emit(record)  # (opening the file, on the first record, raises here rather than in handleError)
+    except OSError as e:
+      self.dropped += 1
+      self._fail(e)
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):
+      super().handleError(record)  # a record that cannot be formatted is a bug: keep logging's report
+      return
+    self.dropped += 1
+    self._fail(error)
+
+  def flush(self) -> None:
+    try:
+      super().flush()
+    except OSError as e:
+      self._fail(e)
+
+  def close(self) -> None:
+    try:
+      super().close()
+    except OSError as e:
+      self._fail(e)
+
+  def _fail(self, error: OSError) -> None:
+    if self.failure is not None:
+      return
+    self.failure, stream, self.stream = error, self.stream, None
+    with contextlib.suppress(OSError):  # its buffer cannot be written either: let it go
+      if stream is not None:
+        stream.close()
+    if not is_disk_full(error):
+      self.report()
+
+  def report(self) -> None:
+    """One line on stderr if a record could not be written (nothing otherwise)."""
+    if self.failure is not None:
+      print(
+        f"kdjax: warning: the run's log {self.baseFilename} could not be written "
+        f"({self.failure.strerror or self.failure}); its records are dropped, the run goes on",
+        file=sys.stderr,
+      )
+
+
 class MetricWriter:
   """Appends metric rows to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
 
@@ -58,8 +131,10 @@ class MetricWriter:
   exactly one row per logged step after any kill. :meth:`flush` makes the
   rows durable (call it before each checkpoint). Non-finite values are
   written as JSON ``NaN`` / ``Infinity``, which Python's ``json`` reads back.
-  A failed write (a full disk) is reported once as a warning and stops
-  logging; it never stops the run.
+  A full disk raises its ``OSError`` (ENOSPC) from :meth:`write` or
+  :meth:`flush`, so a run stops before it saves a checkpoint whose metric
+  rows were lost; any other failed write is reported once as a warning and
+  stops logging, but not the run. After a failure :meth:`close` is silent.
 
   Args:
     workdir: the run directory (created if missing).
@@ -135,22 +210,37 @@ class MetricWriter:
         self._tb.flush()
 
   def close(self) -> None:
-    with self._guard():
-      if self._file is not None:
-        self._file.close()
-      if self._tb is not None:
-        self._tb.close()
+    """Close ``metrics.jsonl`` and the event files (each, whatever the other does). After a failed write their
+    buffered bytes are dropped; a full disk found only now is raised."""
+    error = None
+    for part, where in ((self._file, self.path), (self._tb, self.workdir / "tb")):
+      if part is None:
+        continue
+      try:
+        with self._guard():
+          if self._failed:
+            _let_go(part, where)
+          else:
+            part.close()
+      except OSError as e:  # a full disk: close the rest, then say so
+        error = error or e
+        _let_go(part, where)
     self._file = self._tb = None
+    if error is not None:
+      raise error
 
   @contextlib.contextmanager
   def _guard(self):
-    """Turn the first failed write (``OSError``) into one warning; callers skip writing after it."""
+    """The first failed write (``OSError``): a full disk is raised, anything else is one warning; callers skip
+    writing after it."""
     try:
       yield
     except OSError as e:
       if self._failed:
         return
       self._failed = True
+      if is_disk_full(e):
+        raise
       warnings.warn(
         f"writing metrics under {self.workdir} failed ({e.strerror or e}); no further metrics are logged by this run",
         RuntimeWarning,
@@ -162,6 +252,26 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _let_go(part: Any, path: Path) -> None:
+  """Close ``part`` (a file, or tensorboardX's writer) whose buffered bytes cannot be written (a full disk).
+
+  Its descriptors of ``path`` (or of files under it) are pointed at an anonymous in-memory file first (Linux),
+  so closing — flush, fsync, close — drops those bytes instead of failing again, now and in tensorboardX's own
+  exit hook.
+  """
+  fds, real = Path("/proc/self/fd"), os.path.realpath(path)
+  if fds.is_dir():
+    for fd in fds.iterdir():
+      with contextlib.suppress(OSError, ValueError, AttributeError):  # (no os.memfd_create: the bytes stay)
+        target = os.readlink(fd)
+        if target == real or target.startswith(real + os.sep):
+          scratch = os.memfd_create("kdjax-dropped")
+          os.dup2(scratch, int(fd.name))
+          os.close(scratch)
+  with contextlib.suppress(OSError, ValueError):
+    part.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:
