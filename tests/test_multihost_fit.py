@@ -6,7 +6,9 @@ forced CPU devices, and in two processes with one device each, so the
 parameters really live half in each process. The two-process run is killed
 (SIGKILL on process 1 right after step 20's checkpoint save started; process
 0 is then killed too, as a scheduler would), re-run, resumes, evaluates on the
-whole test split, exports and reports — and equals the one-process run.
+whole test split, exports and reports — and equals the one-process run. Process 0, blocked in a
+collective with the killed process, finds it lost (no heartbeat for ``KDJAX_PEER_TIMEOUT`` seconds)
+and stops on its own with one line and exit 75.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,9 @@ def _two_processes(workdir: Path, teacher: Path, tfds_dir: str, fault: str | Non
   port = P.free_port()
   procs = []
   for i in range(2):
-    env = _env(KDJAX_COORDINATOR=f"localhost:{port}", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(i))
+    env = _env(
+      KDJAX_COORDINATOR=f"localhost:{port}", KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(i), KDJAX_PEER_TIMEOUT="10"
+    )
     if fault and i == 1:
       env["KDJAX_FAULT_AT_STEP"] = fault
     procs.append(
@@ -135,9 +138,8 @@ def _make_runs(root: Path, tfds_dir: str) -> None:
   victim, survivor = procs[1], procs[0]
   victim.wait(timeout=600)
   assert victim.returncode == -signal.SIGKILL, victim.stdout.read()[-3000:]
-  time.sleep(1.0)
-  survivor.kill()  # blocked in a collective with a dead peer, as on a real cluster
-  survivor.wait(timeout=60)
+  output = survivor.communicate(timeout=300)[0]  # it stops on its own: its peer is lost
+  (root / "survivor.json").write_text(json.dumps({"status": survivor.returncode, "output": output}))
   killed_steps = ckpt.Checkpointer(two / "checkpoints").all_steps()
   procs = _two_processes(two, teacher, tfds_dir)
   logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -173,6 +175,15 @@ def test_two_processes_resume_after_sigkill_and_equal_one_process(runs):
   assert p1.keys() == p2.keys()
   for k in p1:
     np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_lost_process_stops_the_other_with_one_line_and_exit_75(runs):
+  survivor = json.loads((runs["root"] / "survivor.json").read_text())
+  noise = ("[Gloo] ", "oneDNN custom operations", "All log messages before absl::InitializeLog")
+  lines = [line for line in survivor["output"].splitlines() if line.strip() and not any(n in line for n in noise)]
+  assert survivor["status"] == 75 and len(lines) == 1, survivor["output"][-3000:]
+  assert lines[0].startswith("kdjax: process 1 of 2 stopped answering (no heartbeat for 10 s)")
+  assert "re-run the same command on every process to resume" in lines[0]
 
 
 def test_evaluation_covers_the_whole_split_in_both(runs):

@@ -22,6 +22,7 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
   """``kdjax distill`` (``mode=None``) and ``kdjax train-teacher`` (``mode="teacher"``): one run."""
   from kdjax import engine
   from kdjax.checkpoint import DiskFull
+  from kdjax.engine.distributed import PeerWatch
 
   args = list(argv)
   distributed = pop_opt(args, "--distributed", is_bool=True)
@@ -31,7 +32,8 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
     initialize()
   cfg = build_config(args, mode=mode)
   try:
-    res = engine.fit(cfg)
+    with PeerWatch():  # several processes: a lost one ends this one with one line, exit 75
+      res = engine.fit(cfg)
   except engine.Preempted as e:
     print(f"kdjax: {e}", file=sys.stderr)
     return engine.PREEMPTED_EXIT
