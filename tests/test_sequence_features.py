@@ -264,6 +264,10 @@ def test_layer_maps_pair_student_and_teacher_layers():
   assert (term.student_features, term.teacher_features) == (("block1",), ("block5",))
   term = build(layer_map=("0=0", "1=3")).terms[0]
   assert (term.student_features, term.teacher_features) == (("block0", "block1"), ("block0", "block3"))
+  term = build(layer_map=("-1=-2",)).terms[0]  # negative indices count from the last layer
+  assert (term.student_features, term.teacher_features) == (("block1",), ("block4",))
+  deeper = kdjax.methods.build(kdjax.MethodConfig(name="tinybert", terms=("ce=0",)), teacher, student).terms[0]
+  assert (deeper.student_features, deeper.teacher_features) == (("block2", "block5"), ("block0", "block1"))
   term = build(layer_map=("block1=block4",)).terms[0]  # features (or module paths) by name
   assert (term.student_features, term.teacher_features) == (("block1",), ("block4",))
   minilm = kdjax.methods.build(kdjax.MethodConfig(name="minilm", layer_map=("last",)), student, teacher)

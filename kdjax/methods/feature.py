@@ -44,9 +44,8 @@ def _linear_hint(name, weight, layer, s_shape, t_shape, stage, params_from):
     fs, ft = adapter_lib.dense_apply(params, _f(s_out, layer)), stop(_f(t_out, layer))
     if fs.ndim == 2:
       return kdl.hint(fs, ft), state, {}
-    mask = hidden_lib.token_mask(batch, *fs.shape[:2])
-    count = jnp.sum(mask > 0) if mask is not None else fs.shape[0] * fs.shape[1]
-    return kdl.hidden_mse(fs, ft, mask) * ctx.share(count, ctx.mask_total), state, {}
+    loss = kdl.hidden_mse(fs, ft, hidden_lib.feature_mask(batch, fs))
+    return loss * hidden_lib.batch_share(ctx, batch), state, {}
 
   return (
     Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage, params_from=params_from),

@@ -41,7 +41,16 @@ PROBES = {"attn_kl": ("probs",), "value_kl": ("values",), "qkv_kl": ("queries", 
 
 
 def _index(entry: str) -> int | None:
+  """A layer index (negative counts from the last layer), or None for a feature name or module path."""
   return int(entry) if entry.strip().lstrip("-").isdigit() else None
+
+
+def uniform_pairs(m: int, n: int) -> tuple[tuple[int, int], ...]:
+  """TinyBERT's g(m) = m·N/M, 0-based: student layer i of M reads teacher layer ⌊(i+1)·N/M⌋ − 1 of N (every
+  k-th teacher layer when N = k·M); a student deeper than its teacher maps each teacher layer the same way."""
+  if m <= n:
+    return tuple((i, (i + 1) * n // m - 1) for i in range(m))
+  return tuple(((j + 1) * m // n - 1, j) for j in range(n))
 
 
 def layer_pairs(cfg: MethodConfig, m: int, n: int, term: str) -> tuple[tuple[int, int], ...]:
@@ -50,7 +59,7 @@ def layer_pairs(cfg: MethodConfig, m: int, n: int, term: str) -> tuple[tuple[int
   if m == 0 or n == 0:
     raise ConfigError(f"term {term!r}: the layer map needs layers in both models, found {m} (student), {n} (teacher)")
   if spec == ("uniform",):
-    return tuple((i, (i + 1) * n // m - 1) for i in range(min(m, n)))
+    return uniform_pairs(m, n)
   if spec == ("last",):
     return ((m - 1, n - 1),)
   pairs = []
@@ -58,9 +67,9 @@ def layer_pairs(cfg: MethodConfig, m: int, n: int, term: str) -> tuple[tuple[int
     s, t = (_index(x) for x in entry.split("=", 1))
     if s is None or t is None:
       raise ConfigError(f"method.layer_map: term {term!r} pairs layers by index ('1=3'), got {entry!r}")
-    if not (0 <= s < m and 0 <= t < n):
+    if not (-m <= s < m and -n <= t < n):
       raise ConfigError(f"method.layer_map: {entry!r} is outside the student's {m} and the teacher's {n} layers")
-    pairs.append((s, t))
+    pairs.append((s % m, t % n))
   return tuple(pairs)
 
 
@@ -107,26 +116,39 @@ def tap_templates(cfg: MethodConfig, terms) -> tuple[tuple[str, ...], tuple[str,
   return tuple(s), tuple(t)
 
 
-def token_mask(batch, b: int, l: int):
-  """``(B, L)`` real-token mask of the batch (an example mask ``(B,)`` spread over its tokens), or None."""
+def lead_mask(batch, lead: tuple[int, ...]):
+  """The batch's mask over ``lead``, ``(B, L)`` tokens or ``(B,)`` examples (an example mask spread over the
+  tokens; a token mask says nothing of one vector per example: None), or None."""
   m = batch.get(batch_keys.MASK)
   if m is None:
     return None
   m = jnp.asarray(m)
-  return m if m.ndim == 2 else jnp.broadcast_to(m.reshape(-1, 1), (b, l))
+  if m.ndim == 1:
+    return jnp.broadcast_to(m.reshape((-1,) + (1,) * (len(lead) - 1)), lead)
+  return m if m.shape == tuple(lead) else None
 
 
-def _share(ctx, mask, b, l):
-  return ctx.share(jnp.sum(mask > 0) if mask is not None else b * l, ctx.mask_total)
+def feature_mask(batch, x):
+  """:func:`lead_mask` for features ``x``: sequences ``(B, L, D)`` by token, vectors ``(B, D)`` by example."""
+  return lead_mask(batch, x.shape[:2] if x.ndim >= 3 else x.shape[:1])
+
+
+def batch_share(ctx, batch):
+  """This micro-batch's weight in the whole batch's mean (:meth:`Context.share`), counted on ``batch["mask"]``."""
+  m = batch.get(batch_keys.MASK)
+  return 1.0 if m is None else ctx.share(jnp.sum(jnp.asarray(m) > 0), ctx.mask_total)
 
 
 def _make_hidden(name, weight, cfg, student, teacher, loss_fn):
   teacher = need_teacher(name, teacher)
   pairs = hidden_pairs(name, cfg, student, teacher)
   dims = {(s, t): (shape(student, s, name)[-1], shape(teacher, t, name)[-1]) for s, t in pairs}
-  for (s, t), _ in dims.items():
-    if len(shape(student, s, name)) != len(shape(teacher, t, name)):
-      raise ConfigError(f"term {name!r}: {s!r} {shape(student, s, name)} and {t!r} {shape(teacher, t, name)} differ")
+  for s, t in pairs:
+    if shape(student, s, name)[:-1] != shape(teacher, t, name)[:-1]:
+      raise ConfigError(
+        f"term {name!r}: student {s!r} {shape(student, s, name)} and teacher {t!r} {shape(teacher, t, name)} "
+        "may differ in their width D only"
+      )
 
   def init(key, s_out, t_out, info):
     return {
@@ -141,9 +163,8 @@ def _make_hidden(name, weight, cfg, student, teacher, loss_fn):
       fs, ft = s_out.features[s], stop(t_out.features[t])
       proj = params.get(f"{s}->{t}")
       fs = adapter_lib.dense_apply(proj, fs) if proj is not None else fs
-      total = total + loss_fn(fs, ft, token_mask(batch, *fs.shape[:2]) if fs.ndim == 3 else None)
-    b, l = s_out.features[pairs[0][0]].shape[:2]
-    return total * _share(ctx, token_mask(batch, b, l), b, l), state, {}
+      total = total + loss_fn(fs, ft, feature_mask(batch, fs))
+    return total * batch_share(ctx, batch), state, {}
 
   feats_s, feats_t = tuple(dict.fromkeys(s for s, _ in pairs)), tuple(dict.fromkeys(t for _, t in pairs))
   return (Term(name, weight, apply, init, feats_s, feats_t, needs_logits_only=False),)
@@ -173,13 +194,12 @@ def _probe_term(name, weight, per_probe: dict, loss_fn) -> Term:
   """A term summing ``loss_fn(student feature, teacher feature, token mask)`` over each probe's layer pairs."""
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    b, l = jnp.shape(batch[batch_keys.INPUTS])[:2]
-    mask = token_mask(batch, b, l)
+    mask = lead_mask(batch, jnp.shape(batch[batch_keys.INPUTS])[:2])
     total = jnp.zeros((), jnp.float32)
     for pairs in per_probe.values():
       for s, t in pairs:
         total = total + loss_fn(s_out.features[s], stop(t_out.features[t]), mask)
-    return total * _share(ctx, mask, b, l), state, {}
+    return total * batch_share(ctx, batch), state, {}
 
   feats_s = tuple(s for pairs in per_probe.values() for s, _ in pairs)
   feats_t = tuple(t for pairs in per_probe.values() for _, t in pairs)
