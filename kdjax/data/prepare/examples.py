@@ -21,6 +21,7 @@ the file and line (for Parquet, the row, counted from 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,17 +97,6 @@ def _text(rec: dict, field: str, where: str) -> str:
   return v
 
 
-def _pair(bundle: TokenizerBundle, prompt: str, response: str, where: str) -> tuple[list[int], list[bool]]:
-  """Prompt (with the tokenizer's special tokens) + response + EOS; the response and EOS scored."""
-  p = bundle.tokenizer.encode(prompt).ids
-  r = bundle.tokenizer.encode(response, add_special_tokens=False).ids
-  eos = bundle.token_id("eos_token")
-  r = r + ([eos] if eos is not None else [])
-  if not response.strip() or not r:
-    raise ConfigError(f"{where}: empty example (the response has no text)")
-  return p + r, [False] * len(p) + [True] * len(r)
-
-
 def _check_messages(messages, field: str, where: str) -> list[dict]:
   if not isinstance(messages, list) or not messages:
     raise ConfigError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} messages")
@@ -136,37 +126,78 @@ def assistant_spans(template: ChatTemplate, messages: list[dict]) -> tuple[str, 
   return full, spans
 
 
-def _chat(bundle: TokenizerBundle, template: ChatTemplate, messages: list[dict]) -> tuple[list[int], list[bool]]:
-  text, spans = assistant_spans(template, messages)
-  enc = bundle.tokenizer.encode(text, add_special_tokens=False)
-  starts = np.array([o[0] for o in enc.offsets], np.int64)
+CHUNK = 1024  # records rendered, then encoded together (the tokenizer encodes a batch on all cores)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+  """A record as text, before encoding: a chat (``text`` and its assistant ``spans``) or a pair (``text`` the
+  prompt, ``response``)."""
+
+  line: int
+  where: str
+  text: str
+  response: str | None = None
+  spans: tuple[tuple[int, int], ...] = ()
+
+
+def _render(rec: dict, fields: Fields, line: int, where: str, template) -> _Rendered:
+  if fields.messages in rec:
+    messages = _check_messages(rec[fields.messages], fields.messages, where)
+  else:
+    prompt, response = _text(rec, fields.prompt, where), _text(rec, fields.response, where)
+    if not response.strip():
+      raise ConfigError(f"{where}: empty example (the response has no text)")
+    if not fields.chat:
+      return _Rendered(line, where, prompt, response)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+  try:
+    text, spans = assistant_spans(template(), messages)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  return _Rendered(line, where, text, None, tuple(spans))
+
+
+def _scored(offsets, spans) -> np.ndarray:
+  """Tokens whose first character lies in an assistant span."""
+  starts = np.array([o[0] for o in offsets], np.int64)
   scored = np.zeros(len(starts), bool)
   for a, b in spans:
     scored |= (starts >= a) & (starts < b)
-  return list(enc.ids), scored.tolist()
+  return scored
+
+
+def _encoded(bundle: TokenizerBundle, items: list[_Rendered]) -> Iterator[Example]:
+  """Encode rendered records together: a chat without the tokenizer's special tokens (the template wrote
+  them); a pair's prompt with them, its response without, then the EOS."""
+  tok, eos = bundle.tokenizer, bundle.token_id("eos_token")
+  chats = iter(tok.encode_batch([r.text for r in items if r.response is None], add_special_tokens=False))
+  pairs = [r for r in items if r.response is not None]
+  prompts = iter(tok.encode_batch([r.text for r in pairs]))
+  responses = iter(tok.encode_batch([r.response for r in pairs], add_special_tokens=False))
+  for r in items:
+    if r.response is None:
+      enc = next(chats)
+      ids, scored = enc.ids, _scored(enc.offsets, r.spans)
+    else:
+      p, a = next(prompts).ids, next(responses).ids + ([eos] if eos is not None else [])
+      ids, scored = p + a, np.arange(len(p) + len(a)) >= len(p)
+    if not scored[1:].any():
+      raise ConfigError(f"{r.where}: empty example (no response or assistant token to learn)")
+    yield Example(np.asarray(ids, np.int32), np.asarray(scored, bool), r.line)
 
 
 def encode(bundle: TokenizerBundle, records, fields: Fields, source: str) -> Iterator[Example]:
   """:class:`Example` per record: chat when the record has ``fields.messages``, else a prompt/response pair."""
-  template = None
+
+  @functools.cache
+  def template() -> ChatTemplate:  # made at the first chat (prompt/response pairs need none)
+    return ChatTemplate(bundle)
+
+  chunk = []
   for line, rec in records:
-    where = f"{source}:{line}"
-    if fields.messages in rec:
-      messages = _check_messages(rec[fields.messages], fields.messages, where)
-    elif fields.chat:
-      prompt, response = _text(rec, fields.prompt, where), _text(rec, fields.response, where)
-      if not response.strip():
-        raise ConfigError(f"{where}: empty example (the response has no text)")
-      messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    else:
-      ids, scored = _pair(bundle, _text(rec, fields.prompt, where), _text(rec, fields.response, where), where)
-      yield Example(np.asarray(ids, np.int32), np.asarray(scored, bool), line)
-      continue
-    template = template or ChatTemplate(bundle)
-    try:
-      ids, scored = _chat(bundle, template, messages)
-    except ConfigError as e:
-      raise ConfigError(f"{where}: {e}") from None
-    if not any(scored[1:]):
-      raise ConfigError(f"{where}: empty example (the chat template leaves no assistant tokens to learn)")
-    yield Example(np.asarray(ids, np.int32), np.asarray(scored, bool), line)
+    chunk.append(_render(rec, fields, line, f"{source}:{line}", template))
+    if len(chunk) == CHUNK:
+      yield from _encoded(bundle, chunk)
+      chunk = []
+  yield from _encoded(bundle, chunk)
