@@ -170,6 +170,10 @@ def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teacher
   ref = _hooked_importance(_reference(path, [0, 2]), calib)
   np.testing.assert_allclose(scores["mlp"], ref["mlp"], rtol=1e-4)
   np.testing.assert_allclose(scores["heads"], ref["heads"], rtol=1e-4)
+  # Padding left out: scores over the first 7 positions of each row are those of the rows cut to 7 (causal).
+  masked = prune.importance(student, calib, np.arange(10) < np.full((6, 1), 7))
+  for k, v in prune.importance(student, calib[:, :7]).items():
+    np.testing.assert_allclose(masked[k], v, rtol=1e-5)
   pruned = prune.prune_width(student, calib, mlp_size=20, heads=2, kv_heads=1)
   assert (pruned.cfg.intermediate_size, pruned.cfg.num_heads, pruned.cfg.num_kv_heads) == (20, 2, 1)
   up = np.asarray(student.blocks[1].up.kernel[...])
@@ -210,6 +214,15 @@ def test_width_pruning_keeps_the_most_important_and_reports_exact_counts(teacher
     nnx.eval_shape(lambda: kdjax.models.Decoder(pretrained.read_config(path), rngs=nnx.Rngs(0)))
   )
   assert f"| total | {counts['total']:,} | {full['total']:,} |" in printed
+
+
+def test_calibration_positions_end_at_each_rows_last_scored_target():
+  from kdjax.engine.experiment import _text_positions
+
+  targets = np.array([[-1, -1, 5, 6, -1, -1], [-1, 3, -1, 4, 4, -1], [-1] * 6])
+  want = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1] * 6], bool)
+  np.testing.assert_array_equal(_text_positions(np.zeros((3, 6), int), targets), want)
+  assert _text_positions(np.zeros((3, 6), int), np.zeros(3)) is None  # one label per row: no positions to mask
 
 
 class _Rows:

@@ -188,9 +188,10 @@ def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
     raise ConfigError(f"student.{e}") from None
   model, _ = _load_hf(dataclasses.replace(s, checkpoint=path), num_classes, "student", False, None, layers)
   if s.pruned:
-    rows = train_ds.take(np.arange(min(s.prune_examples, len(train_ds))))[0]  # the same rows on every process
+    rows, labels, _ = train_ds.take(np.arange(min(s.prune_examples, len(train_ds))))  # the same on every process
     try:
-      model = prune.prune_width(model, rows, mlp_size=s.mlp_size, heads=s.heads, kv_heads=s.kv_heads)
+      mask = _text_positions(np.asarray(rows), labels)
+      model = prune.prune_width(model, rows, mask, mlp_size=s.mlp_size, heads=s.heads, kv_heads=s.kv_heads)
     except ConfigError as e:
       raise ConfigError(f"student.{e}") from None
   if s.cut and not cfg.run.quiet:
@@ -198,6 +199,17 @@ def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
     print(f"student cut from {path} (layers {list(layers or range(full.num_layers))}):")
     print(prune.param_table(model, source))
   return model
+
+
+def _text_positions(rows: np.ndarray, targets) -> np.ndarray | None:
+  """Which positions of token ``rows`` ``(N, L)`` hold text, not padding: those up to each row's last scored
+  target (all of a row with none); ``None`` when the rows carry no per-position targets."""
+  t = np.asarray(targets) if targets is not None else None
+  if t is None or t.shape != rows.shape:
+    return None
+  scored = t != -1
+  last = np.where(scored.any(1), rows.shape[1] - 1 - np.argmax(scored[:, ::-1], 1), rows.shape[1] - 1)
+  return np.arange(rows.shape[1])[None, :] <= last[:, None]
 
 
 def check_cuts(cfg: Experiment) -> None:

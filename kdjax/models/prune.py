@@ -10,7 +10,8 @@ Pruning and Knowledge Distillation"): :func:`importance` runs the model on a
 calibration batch and scores each MLP neuron by its activation (the input of
 the down projection) and each attention head by the norm of its output
 (before the output projection), aggregated as the mean over positions and
-the L2 norm over examples, per layer. :func:`prune_width` keeps the most
+the L2 norm over examples, per layer (padding left out by a position
+mask). :func:`prune_width` keeps the most
 important ``mlp_size`` neurons and ``kv_heads`` key/value groups (each
 group's score the sum of its query heads') with the ``heads / kv_heads``
 most important query heads in each, slicing every weight that reads or
@@ -55,9 +56,9 @@ class _Recorder:
     return self.inner(x)
 
 
-def _batch_scores(graphdef, state, tokens):
+def _batch_scores(graphdef, state, tokens, mask):
   """Per-example scores ``(B, layers, M)`` of the MLP neurons and ``(B, layers, H)`` of the heads: the mean
-  over positions of ``|a|`` (neurons) and of ``‖head output‖₂`` (heads)."""
+  over the positions ``mask`` ``(B, L)`` keeps of ``|a|`` (neurons) and of ``‖head output‖₂`` (heads)."""
   model = nnx.merge(graphdef, state)
   mlp, heads = [], []
   for block in model.blocks:  # the merged copy is local to this trace: swapping its layers changes nothing else
@@ -66,25 +67,28 @@ def _batch_scores(graphdef, state, tokens):
   model(tokens)
   b, t = tokens.shape
   h = model.cfg.num_heads
-  neuron = jnp.stack([jnp.mean(jnp.abs(a.astype(jnp.float32)), axis=1) for a in mlp], 1)
-  head = jnp.stack(
-    [jnp.mean(jnp.linalg.norm(a.astype(jnp.float32).reshape(b, t, h, -1), axis=-1), 1) for a in heads], 1
-  )
-  return neuron, head
+  w = (mask / jnp.maximum(jnp.sum(mask, 1, keepdims=True), 1.0))[..., None]  # (B, L, 1): a mean over kept positions
+  neuron = jnp.stack([jnp.sum(jnp.abs(a.astype(jnp.float32)) * w, 1) for a in mlp], 1)
+  norms = [jnp.linalg.norm(a.astype(jnp.float32).reshape(b, t, h, -1), axis=-1) for a in heads]
+  return neuron, jnp.stack([jnp.sum(n * w, 1) for n in norms], 1)
 
 
-def importance(model: Decoder, tokens, *, batch_size: int = 32) -> dict[str, np.ndarray]:
+def importance(model: Decoder, tokens, mask=None, *, batch_size: int = 32) -> dict[str, np.ndarray]:
   """Minitron's activation importance on the calibration ``tokens`` ``(N, L)``: ``{"mlp": (layers, M),
   "heads": (layers, H)}``, each the L2 norm over the N examples of the per-example score (see the module
-  docstring)."""
+  docstring), averaged over the positions ``mask`` ``(N, L)`` keeps (default: all; e.g. not the padding)."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or len(tokens) == 0:
     raise ConfigError(f"calibration tokens must be a non-empty (N, L) array, got shape {tokens.shape}")
+  mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+  if mask.shape != tokens.shape:
+    raise ConfigError(f"calibration mask of shape {mask.shape} does not match the tokens' {tokens.shape}")
   graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda s, x: _batch_scores(graphdef, s, x))
+  fn = jax.jit(lambda s, x, m: _batch_scores(graphdef, s, x, m))
   sq_mlp, sq_heads = 0.0, 0.0
   for i in range(0, len(tokens), batch_size):
-    n, h = fn(state, jnp.asarray(tokens[i : i + batch_size], jnp.int32))
+    rows = slice(i, i + batch_size)
+    n, h = fn(state, jnp.asarray(tokens[rows], jnp.int32), jnp.asarray(mask[rows]))
     sq_mlp = sq_mlp + np.sum(np.square(np.asarray(n, np.float64)), 0)
     sq_heads = sq_heads + np.sum(np.square(np.asarray(h, np.float64)), 0)
   return {"mlp": np.sqrt(sq_mlp), "heads": np.sqrt(sq_heads)}
@@ -123,15 +127,16 @@ def _check_width(cfg: DecoderConfig, mlp_size: int, heads: int, kv_heads: int) -
   return m, h, kv
 
 
-def prune_width(model: Decoder, tokens, *, mlp_size: int = 0, heads: int = 0, kv_heads: int = 0) -> Decoder:
+def prune_width(model: Decoder, tokens, mask=None, *, mlp_size: int = 0, heads: int = 0, kv_heads: int = 0) -> Decoder:
   """``model`` with its ``mlp_size`` most important MLP neurons and ``heads`` query heads in ``kv_heads``
-  key/value groups per layer (0: keep as is), by :func:`importance` on the calibration ``tokens`` ``(N, L)``."""
+  key/value groups per layer (0: keep as is), by :func:`importance` on the calibration ``tokens`` ``(N, L)``
+  (at the positions ``mask`` keeps)."""
   cfg = model.cfg
   m, h, kv = _check_width(cfg, mlp_size, heads, kv_heads)
   new = dataclasses.replace(cfg, intermediate_size=m, num_heads=h, num_kv_heads=kv)
   if new == cfg:
     return model
-  scores = importance(model, tokens)
+  scores = importance(model, tokens, mask)
   flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   for i in range(cfg.num_layers):
     keep_m = _top(scores["mlp"][i], m)
