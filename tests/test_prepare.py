@@ -415,3 +415,42 @@ def test_a_packed_split_is_refused_where_rows_must_hold_one_example(made, tmp_pa
     _check_packed(cfg, cross_tokenizer=True)
   _check_packed(cfg, cross_tokenizer=False)  # teacher-forced training on the packed split evaluates on "test"
   _check_packed(cfg.replace(data=dataclasses.replace(data, name="my_chat")), cross_tokenizer=True)
+
+
+LLAMA3 = (
+  "{{ bos_token }}{% for message in messages %}"
+  "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('Unknown role: ' + message['role']) }}"
+  "{% endif %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+  "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+  "{% endif %}"
+)
+
+
+def test_a_llama_style_template_with_bos_and_raise_exception(made, tmp_path):
+  """A template that writes ``bos_token``, trims content and raises on an unknown role: ids equal transformers';
+  the scored tokens spell each assistant reply and its ``<|eot_id|>``; the template's exception is one line."""
+  from tokenizers import Tokenizer
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer.from_file(str(made["tok"] / "tokenizer.json"))
+  tok.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+  d = tmp_path / "llama"
+  d.mkdir()
+  tok.save(str(d / "tokenizer.json"))
+  config = {"chat_template": LLAMA3, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+  (d / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+  chats = [[*m[:-1], {**m[-1], "content": " " + m[-1]["content"] + "  "}] for m in CHATS]
+  src = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats])
+  prepare.text(src, d, "llama_chat", str(tmp_path / "data"), max_length=MAX)
+  rows = _records(str(tmp_path / "data"), "llama_chat", "train")
+  hf = PreTrainedTokenizerFast.from_pretrained(str(d))
+  for k, messages in enumerate(chats):
+    ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[0] == hf.bos_token_id
+    np.testing.assert_array_equal(rows["inputs"][k, : len(ids) - 1], ids[:-1])
+    y = rows["targets"][k]
+    replies = "".join(m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant")
+    assert hf.decode(y[y >= 0].tolist()) == replies
+  bad = _jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "tool", "content": "x"}, *CHATS[1]]}])
+  with pytest.raises(ConfigError, match=r"^bad.jsonl:1: chat template: Unknown role: tool$"):
+    prepare.text(bad, d, "bad_chat", str(tmp_path / "data"), max_length=MAX)
