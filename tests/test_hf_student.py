@@ -303,6 +303,9 @@ def test_bad_export_requests_are_one_line(tmp_path, capsys):
   tiny = nnx.eval_shape(lambda: kdjax.models.Decoder(cfg, rngs=nnx.Rngs(0)))
   _one_line(lambda: hf_export.to_pretrained(tiny, tmp_path / "y", dtype="float16"), "dtype='float16'")
   _one_line(lambda: hf_export.to_pretrained(tiny, tmp_path / "y", source=tmp_path / "nowhere"), "holds no config.json")
+  _one_line(
+    lambda: hf_export.to_pretrained(tiny, tmp_path / "q", source=tmp_path / "q"), "is the checkpoint the model came"
+  )
   from kdjax import checkpoint, cli
 
   w = tmp_path / "mlp_run"

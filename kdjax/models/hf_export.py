@@ -184,9 +184,11 @@ def to_pretrained(
   src = Path(source) if source is not None else None
   if src is not None and not (src / "config.json").is_file():
     raise ConfigError(f"source={str(src)!r} holds no config.json; pass the checkpoint directory the model came from")
+  out = Path(directory)
+  if src is not None and out.resolve() == src.resolve():
+    raise ConfigError(f"{str(out)!r} is the checkpoint the model came from; write the export to another directory")
   base = json.loads((src / "config.json").read_text()) if src is not None else None
   arrays = tensors(model, dtype)
-  out = Path(directory)
   if jax.process_index() != 0:
     return out
   out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,7 @@ def to_pretrained(
   save_file(arrays, tmp, metadata={"format": "pt"})
   os.replace(tmp, out / "model.safetensors")
   for name in TOKENIZER_FILES if src is not None else ():
-    if (src / name).is_file() and src.resolve() != out.resolve():
+    if (src / name).is_file():
       shutil.copy(src / name, out / name)
   _write_json(out / "config.json", config(model.cfg, base, dtype))
   return out
