@@ -62,6 +62,7 @@ from kdjax.models.mobilenet_v1 import MobileNetV1
 from kdjax.models.mobilenet_v2 import MobileNetV2
 from kdjax.models.hf_export import to_pretrained
 from kdjax.models.pretrained import from_pretrained, load_tokenizer, special_token_ids
+from kdjax.models.probe import Probe
 from kdjax.models.registry import (
   ModelSpec,
   available,
@@ -90,6 +91,7 @@ __all__ = [
   "MobileNetV2",
   "ModelOutput",
   "ModelSpec",
+  "Probe",
   "ShuffleNetV1",
   "ShuffleNetV2",
   "TransformerLM",
