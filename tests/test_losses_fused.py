@@ -249,24 +249,28 @@ def test_methods_use_the_heads(name, topk):
 
 @pytest.mark.slow
 def test_model_heads_give_their_logits():
-  """The zoo LM's head and a tied, soft-capped Decoder's head reproduce the models' logits."""
+  """The zoo LM's head and a tied, soft-capped, cut Decoder head reproduce the models' logits."""
   from flax import nnx
 
   from kdjax.models import create
   from kdjax.models.decoder import Decoder, DecoderConfig
 
   tokens = jnp.array([[1, 5, 2, 7], [3, 3, 0, 9]], jnp.int32)
-  lm = create("transformer_lm", num_classes=13, num_layers=1, dim=8, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
   cfg = DecoderConfig(
     family="gemma2", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
     intermediate_size=16, max_positions=8, tie_embeddings=True, final_softcap=5.0, output_vocab=13,
   )  # fmt: skip
-  dec = Decoder(cfg, rngs=nnx.Rngs(1))
-  for model in (lm, dec):
-    out = model(tokens)
-    assert out.head.vocab_size == 13
-    np.testing.assert_allclose(out.head.logits(), out.logits, rtol=1e-5, atol=1e-6)
-  assert out.head.transposed and out.head.softcap == 5.0
+
+  @jax.jit
+  def outputs():  # built and run in one compiled program (eager NNX runs op by op)
+    lm = create("transformer_lm", num_classes=13, num_layers=1, dim=8, num_heads=2, max_len=8, rngs=nnx.Rngs(0))
+    return [(o.head, o.head.logits(), o.logits) for o in (lm(tokens), Decoder(cfg, rngs=nnx.Rngs(1))(tokens))]
+
+  (lm_head, *lm_z), (dec_head, *dec_z) = outputs()
+  for head, (from_head, logits) in ((lm_head, lm_z), (dec_head, dec_z)):
+    assert head.vocab_size == 13 and logits.shape == (2, 4, 13)
+    np.testing.assert_allclose(from_head, logits, rtol=1e-5, atol=1e-6)
+  assert not lm_head.transposed and dec_head.transposed and dec_head.softcap == 5.0 and dec_head.kernel.shape == (16, 8)
 
 
 @pytest.mark.slow
