@@ -196,6 +196,8 @@ def test_prompt_response_pairs_with_named_fields(made, tmp_path):
   pq.write_table(pa.Table.from_pylist(recs), tmp_path / "pairs.parquet")
   prepare.text(tmp_path / "pairs.parquet", made["tok"], "pairs_pq", str(tmp_path / "d"), max_length=32, fields=fields)
   from_parquet = _records(str(tmp_path / "d"), "pairs_pq", "train")
+  both = prepare.text(src, made["tok"], "pairs_t", str(tmp_path / "d"), max_length=32, fields=fields, test=src)
+  assert both.rows == {"train": 2, "test": 2}
   eos = tok.token_to_id("<|im_end|>")
   got = {}
   for split in ("train", "test"):
@@ -313,6 +315,11 @@ def test_arrays_and_image_folders_become_image_datasets(tmp_path):
   f = kd.load_arrays("my_folder", "train", d)
   np.testing.assert_array_equal(f.images, x[:4])
   np.testing.assert_array_equal(f.labels, [0, 0, 1, 1])
+  for split, at in (("train", 4), ("test", 6)):
+    (tmp_path / "split" / split / "cat").mkdir(parents=True)
+    Image.fromarray(x[at]).save(tmp_path / "split" / split / "cat" / "0.png")
+  prepare.images(tmp_path / "split", "my_split_folder", d)
+  np.testing.assert_array_equal(kd.load_arrays("my_split_folder", "test", d).images, x[6:7])
   np.savez(tmp_path / "b.npz", images=x, y=np.full(10, -1))
   with pytest.raises(ConfigError, match=r"labels must be integers in \[0, "):
     prepare.images(tmp_path / "b.npz", "bad_labels", d)
@@ -320,7 +327,7 @@ def test_arrays_and_image_folders_become_image_datasets(tmp_path):
   Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "img" / "dog" / "odd.png")
   with pytest.raises(ConfigError, match="images differ in size"):
     prepare.images(tmp_path / "img", "bad_sizes", d)
-  assert sorted(p.name for p in Path(d).iterdir()) == ["my_arrays", "my_folder"]
+  assert sorted(p.name for p in Path(d).iterdir()) == ["my_arrays", "my_folder", "my_split_folder"]
 
 
 @pytest.mark.slow
