@@ -75,7 +75,7 @@ def expected_feature_names(name: str) -> set[str]:
     return _stages(4)
   if name == "mobilenetv2":
     return _stages(4, preact=False)
-  if name in ("mlp", "mlp_1200", "mlp_800"):
+  if name in ("mlp", "mlp_dropout", "mlp_1200", "mlp_800"):
     return _stages(2, stem=False)
   if name in ("cnn1d", "cnn_digits"):
     return _stages(2)
