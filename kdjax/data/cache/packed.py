@@ -32,14 +32,18 @@ for log-probs above −2047 nat (lower ones are stored as −2047) when the top-
 log-prob, ties by id (their order in the original row when the rounding
 kept them apart).
 
-Size: the levels take ~log2(e/s) + 1 bits each when the row's log-probs
-thin out geometrically below its top (a Zipf-like spectrum); the ids
-≈ log2 of the mean gap + 2 bits each, so it depends on where the ids lie:
-k = 128 at V = 151,936 costs ~190 B per token when the top-k ids follow a
-frequency-ordered vocabulary (Zipf prior over ids, as byte-pair vocabularies
-are ordered) and ~290 B when they are uniform over the vocabulary
-(``results/bench.md``). A cache records what it measured in ``cache.json``
-(``bytes_per_token``).
+Size: the levels take ~5.5–7 bits each (their spread below the row's top
+thins out geometrically in a Zipf-like spectrum), the ids ≈ log2 of the
+mean gap + 2 bits each, so the size depends on where the ids lie: k = 128 at
+V = 151,936 measured 198 B per token when the top-k ids follow a
+frequency-ordered vocabulary (a Zipf prior over ids, as byte-pair
+vocabularies are ordered) and 284 B when they are uniform over the
+vocabulary, where choosing 128 ids alone takes ≥ 186 B (``results/bench.md``).
+A cache records what it stores in ``cache.json`` (``bytes_per_token``).
+
+Decoding runs on the host, in the input pipeline: there the NumPy decoder
+was 1.7–2.2× the same decoder jitted with JAX (``kdjax bench --cases
+cache_codec``, CPU).
 """
 
 from __future__ import annotations
