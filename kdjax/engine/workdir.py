@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -139,14 +140,22 @@ def _write_holder(fd: int) -> None:
   os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": start}).encode(), 0)
 
 
-def _read_holder(fd: int | None) -> str:
-  try:
-    h = json.loads(os.pread(fd, 4096, 0)) if fd is not None else {}
-    if h["host"] == socket.gethostname() and not _alive(int(h["pid"])):
-      return "it started moments ago and has not recorded its pid yet"  # the file still names an earlier run
-    return f"pid {h['pid']} on {h['host']}, started {h['started']}"
-  except (OSError, ValueError, KeyError, TypeError):
-    return "holder unknown"
+def _read_holder(fd: int | None, wait: float = 5.0) -> str:
+  """Who holds the lock, in words. A run records itself only once it has accepted the workdir, so a holder
+  that just started may not have yet (the file still names an earlier run, or nothing): wait up to ``wait``
+  seconds for it."""
+  deadline = time.monotonic() + wait
+  while True:
+    try:
+      h = json.loads(os.pread(fd, 4096, 0)) if fd is not None else {}
+      if h["host"] != socket.gethostname() or _alive(int(h["pid"])):
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+      if fd is None:
+        return "holder unknown"
+    if time.monotonic() > deadline:
+      return "it started moments ago and has not recorded its pid yet"
+    time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
