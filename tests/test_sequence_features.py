@@ -432,3 +432,22 @@ def test_fitnet_hint_on_sequences_and_vectors_uses_a_linear_regressor():
     per = ((fs @ w + b - ft) ** 2).mean(-1)
     want = (per * mask).sum() / mask.sum() if layer == "block1" else per.mean()
     np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=layer)
+
+
+@pytest.mark.parametrize("term", ["hidden_mse", "hidden_cos"])
+def test_hidden_state_terms_project_the_student_and_equal_numpy(term):
+  from kdjax.methods.base import Context, InitInfo
+  from kdjax.models.base import ModelOutput
+
+  rng = np.random.default_rng(4)
+  s_info, t_info = ModelInfo("s", 64, {"block1": (L, 8)}), ModelInfo("t", 64, {"block3": (L, 12)})
+  cfg = kdjax.MethodConfig(name="ce", terms=("ce=0", f"{term}=1"), layer_map=("block1=block3",))
+  m = kdjax.methods.build(cfg, s_info, t_info)
+  fs, ft = rng.normal(size=(B, L, 8)).astype(np.float32), rng.normal(size=(B, L, 12)).astype(np.float32)
+  s, t = ModelOutput(jnp.zeros((B, L, 64)), {"block1": fs}), ModelOutput(jnp.zeros((B, L, 64)), {"block3": ft})
+  params, state = m.init(jax.random.key(0), s, t, InitInfo(s_info, t_info, 0))
+  p = params[term]["block1->block3"]
+  ctx = Context(step=jnp.int32(0), epoch=jnp.float32(0), key=jax.random.key(0))
+  got = jax.jit(lambda q: m.loss(q, state, s, t, {"mask": jnp.asarray(_mask())}, ctx)[2][f"loss/{term}"])(params)
+  want = _np_hidden(fs @ np.asarray(p["w"]) + np.asarray(p["b"]), ft, _mask(), term[-3:])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
