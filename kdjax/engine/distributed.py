@@ -124,13 +124,9 @@ class PeerWatch:
   def _beat(self, n: int) -> None:
     self.client.key_value_set(f"{_KEY}/beat/{jax.process_index()}", str(n), allow_overwrite=True)
 
-  def _read(self, key: str) -> str | None:
-    try:
-      return self.client.key_value_try_get(key)
-    except Exception as e:  # noqa: BLE001 - NOT_FOUND: not written yet; anything else: the service is gone
-      if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-        return None
-      raise
+  def _read(self, kind: str) -> dict[int, str]:
+    """``{process: value}`` of every process's ``kind`` key ("beat" or "done"), in one request."""
+    return {int(k.rsplit("/", 1)[1]): v for k, v in self.client.key_value_dir_get(f"{_KEY}/{kind}/")}
 
   def _run(self) -> None:
     me, n = jax.process_index(), jax.process_count()
@@ -142,12 +138,12 @@ class PeerWatch:
       try:
         beat += 1
         self._beat(beat)
+        beats, done = self._read("beat"), self._read("done")
         for p, (last, since) in list(seen.items()):
-          value = self._read(f"{_KEY}/beat/{p}")
-          if value != last:
-            seen[p] = (value, now)
-          elif self._read(f"{_KEY}/done/{p}") is not None:
+          if p in done:
             del seen[p]  # it left its run
+          elif beats.get(p) != last:
+            seen[p] = (beats.get(p), now)
           elif now - since > self.timeout:
             self._lost(f"process {p} of {n} stopped answering (no heartbeat for {self.timeout:g} s)")
         answered = now
