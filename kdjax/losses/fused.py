@@ -285,8 +285,8 @@ def fused_token_loss(
       ``(B, L, k)`` (log-probs at T = 1).
     mask: optional ``(B, L)`` bool or 0/1.
     chunk_size: positions per chunk (> 0; need not divide L).
-    temperature: T > 0 on both sides (no T² factor), a Python number.
-    **hyper: the divergence's ``beta``, ``alpha``, ``reverse`` (Python values).
+    temperature: T > 0 on both sides (no T² factor), a number or a traced scalar.
+    **hyper: the divergence's ``beta``, ``alpha`` (numbers or traced scalars), ``reverse``.
 
   Returns:
     float32 scalar.
