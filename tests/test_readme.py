@@ -137,6 +137,29 @@ def test_on_policy_example_runs_with_the_names_it_assumes():
   assert int(ns["state"].step) == 1 and np.isfinite(float(metrics["loss/total"]))
 
 
+@pytest.mark.slow
+def test_hidden_state_example_pairs_the_layers_it_names():
+  import jax
+  import optax
+
+  import kdjax
+  from kdjax import models
+
+  block = next(b for b in _python_blocks() if 'name="tinybert"' in b)
+  lm = lambda layers, dim, seed: models.create(  # noqa: E731
+    "transformer_lm", num_classes=13, num_layers=layers, dim=dim, num_heads=2, max_len=16, rngs=nnx.Rngs(seed)
+  )
+  tokens = np.random.default_rng(0).integers(4, 13, (4, 9)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
+  ns = {"jax": jax, "optax": optax, "kdjax": kdjax, "student": lm(2, 32, 0), "teacher": lm(4, 64, 1), "batch": batch}
+  exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
+  assert float(ns["metrics"]["loss/hidden_mse"]) > 0
+  # The pairs named: student block0 ↔ teacher block1, block1 ↔ block3, each through a learned 32 → 64 projection.
+  projections = ns["state"].adapter_params[0]["hidden_mse"]
+  assert set(projections) == {"block0->block1", "block1->block3"}
+  assert all(np.shape(p["w"]) == (32, 64) for p in projections.values())
+
+
 def test_cross_tokenizer_example_runs_with_the_names_it_assumes(tmp_path):
   """The Hugging Face library example, on a Llama made here by transformers with a word-level tokenizer of
   its own (another vocabulary than the student's characters): one ULD step trains."""
