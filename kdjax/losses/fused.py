@@ -23,9 +23,13 @@ memory is O(B·C·V + D·V) instead of O(B·L·V). Values and gradients equal
 the unchunked ones to float32 rounding. An input nobody differentiates (a
 frozen, stop-gradiented teacher) gets no gradient computed.
 
-Tensor parallelism: with W split over the vocabulary (a mesh's ``model``
-axis), each chunk's logits stay split and their log-sum-exps reduce across
-devices; the vocabulary is never gathered.
+Chunks are of positions only: with C chosen so that B·C·V is about 2²⁴
+(:func:`resolve_chunk`), one chunk over the whole vocabulary already fits in
+bounded memory at any V, so an online log-sum-exp over vocabulary chunks
+would add passes without saving memory. Tensor parallelism splits the
+vocabulary instead: with W split over a mesh's ``model`` axis, each chunk's
+logits stay split and their log-sum-exps reduce across devices; the
+vocabulary is never gathered.
 
 The teacher side is a :class:`TokenHead` (a teacher run in the same
 program), dense logits ``(B, L, V)``, or a top-k cache's

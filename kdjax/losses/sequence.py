@@ -11,7 +11,9 @@ function of two log-probability arrays ``(student_logp, teacher_logp)``
 * chunk by chunk along the sequence (:func:`chunked_token_loss`), a
   ``lax.scan`` re-materialised in the backward pass, so the ``(B, L, V)``
   probabilities never exist at once; it can also build the student logits
-  chunk by chunk from hidden states and an unembedding matrix.
+  chunk by chunk from hidden states and an unembedding matrix;
+* fused with both models' output heads, chunk by chunk with a custom VJP
+  (:mod:`kdjax.losses.fused`, what the methods use at large vocabularies).
 
 Every loss is then the one masked mean over tokens (:func:`_masked_mean`):
 
