@@ -353,7 +353,7 @@ def concat(datasets: Sequence) -> ArrayDataset | ConcatSource:
 
 
 # ----------------------------------------------------------------- info
-TOKEN_DATASETS = ("arithmetic",)  # inputs are token ids: view kind "tokens"
+TOKEN_DATASETS = ("arithmetic", "hmm_lm")  # inputs are token ids: view kind "tokens"
 STREAMING = ("imagenet2012", "imagenet2012_subset", "imagenet_v2", "imagenet2012_real")
 _SPLITS = {
   "mnist1d": ("train", "test", "transfer"),

@@ -22,7 +22,7 @@ import jax
 from kdjax import checkpoint as ckpt
 from kdjax import config as cfg_lib
 from kdjax.config import Experiment
-from kdjax.engine import hooks, teachers
+from kdjax.engine import evaluation, hooks, teachers
 from kdjax.engine import workdir as wd
 from kdjax.engine.experiment import Run, build
 from kdjax.engine.faults import Fault, fault_from_env
@@ -96,12 +96,17 @@ def _resume(checkpointer: ckpt.Checkpointer, run: Run, provenance: dict, record:
 def evaluate(run: Run, state: TrainState) -> dict[str, float]:
   """Diagnostics of ``state`` over the whole eval split (see :meth:`Distiller.evaluate`); for token data
   also the exact match of greedy-generated answers, the student's and the teacher's
-  (:meth:`Distiller.exact_match`)."""
+  (:meth:`Distiller.exact_match`), or, for a language whose distribution is known (``hmm_lm``), the exact
+  metrics of :func:`kdjax.engine.evaluation.true_distribution` instead."""
   from kdjax import data as kd_data
+  from kdjax.data.builders import hmm
 
   batches = lambda: kd_data.eval_batches(run.eval_ds, run.cfg.data.eval_batch_size, view=run.view)  # noqa: E731
   res = run.distiller.evaluate(state, batches())
-  if run.view.kind == "tokens":
+  truth = hmm.truth(run.cfg.data.name)
+  if truth is not None:  # a language whose distribution is known: exact metrics instead of exact match
+    res.update(evaluation.true_distribution(run.distiller, state, batches(), truth, teacher=True))
+  elif run.view.kind == "tokens":
     first = not run.teacher_eval  # the teacher is frozen: generate its answers at the first evaluation only
     em = run.distiller.exact_match(state, batches(), teacher=first)
     if first:
@@ -313,6 +318,7 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
       for k in ("test_accuracy", "teacher_test_accuracy", "agreement", "teacher_student_kl", "ece", "cka")
     },
     **{k: last[k] for k in ("test_nll", "perplexity", "exact_match", "teacher_exact_match") if k in last},
+    **{k: last[k] for k in evaluation.TRUTH_METRICS if k in last},
     "best_test_accuracy": max(record.best, last.get("test_accuracy", 0.0)),
     "best_step": record.best_step,
     "steps": final_step,
