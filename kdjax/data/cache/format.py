@@ -64,7 +64,7 @@ class CacheSpec:
     encoding: ``plain`` (arrays of ``dtype`` log-probs and uint16/int32 ids,
       4 or 6 bytes an entry) or, with ``top_k``, ``packed``
       (:mod:`kdjax.data.cache.packed`: ids exact, log-probs within
-      ``LOGP_BOUND`` ≈ 0.032 nat, ~1.4–2.3 bytes an entry).
+      ``LOGP_BOUND`` ≈ 0.032 nat, ~1.5–2.4 bytes an entry).
     shard_size: examples per shard file (the unit of atomic writes / resume).
     batch_size: teacher batch size while building.
   """
