@@ -277,6 +277,20 @@ def test_one_method_of_each_kind_runs_two_steps_on_mock_cifar100(method, mock_te
     assert any(not np.array_equal(a, b) for a, b in zip(m0, m1))
 
 
+# ---------------------------------------------------------------- a Hugging Face model on the user's data
+
+
+def test_hf_distill_cells_differ_only_in_their_objective():
+  hf = cli.load_experiment("hf_distill")
+  cells = {name: make() for name, make in hf.CONFIGS.items()}
+  assert {c.method.name for c in cells.values()} == {"forward_kl", "reverse_kl", "gkd"}
+  assert hf.get_config() == cells["forward_kl"]
+  for c in cells.values():
+    assert (c.teacher.name, c.student.name, c.student.layer_stride, c.data.view) == ("hf", "hf", 2, "tokens")
+    same = dict(c.__dict__, method=None, name=None, run=None)
+    assert same == dict(cells["forward_kl"].__dict__, method=None, name=None, run=None)
+
+
 # ---------------------------------------------------------------- Hinton et al. 2015, MNIST
 
 

@@ -24,6 +24,7 @@ from kdjax.errors import ConfigError
 from kdjax.models import hf_export, pretrained, prune
 
 VOCAB = 96
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "hf_distill.py"
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
 
 
@@ -330,18 +331,28 @@ def test_fresh_config_is_what_transformers_reads(tmp_path):
   assert pretrained.read_config(d) == cfg
 
 
+def _readme_commands(heading: str) -> list[list[str]]:
+  """The ``kdjax …`` command lines of the first bash block under ``heading`` in the README, split."""
+  import re
+  import shlex
+
+  text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = text[text.index(heading) :]
+  block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+  return [shlex.split(line) for line in block.splitlines() if line.startswith("kdjax ")]
+
+
 @pytest.mark.slow
-def test_the_loop_own_data_in_a_student_cut_from_the_teacher_out_to_transformers(tmp_path):
-  """A transformers-made Qwen2 teacher with its tokenizer → ``prepare`` on a JSONL of chats → a student cut
-  from the teacher's layers 0 and 2 (before training: the logits of those layers in transformers) →
-  distilled a few steps → exported (kdjax format) → ``kdjax export --format hf`` → transformers loads it:
-  its logits equal the distilled kdjax student's and its greedy generation equals kdjax's token for token."""
+def test_the_readme_loop_own_data_in_a_student_cut_from_the_teacher_out_to_transformers(tmp_path):
+  """The README's "own model on own data" commands as written (paths swapped for the test's, a short run): a
+  transformers-made Qwen2 teacher with its tokenizer and chat template → ``kdjax prepare text`` on a JSONL of
+  chats → ``kdjax distill experiments/hf_distill.py`` (a student cut from the teacher's layers 0 and 2) →
+  ``kdjax export --format hf`` → transformers loads it: its logits equal kdjax's and its greedy generation
+  equals kdjax's token for token. Before training, the cut student's logits are those layers' in
+  transformers; after, they are not."""
   from test_prepare import CHATS, _jsonl, _tokenizer_dir
 
   from kdjax import cli
-  from kdjax.config import DataConfig, Experiment, MethodConfig, ModelConfig, OptimConfig, RunConfig
-  from kdjax.data import prepare
-  from kdjax.engine import experiment
 
   teacher = _tokenizer_dir(tmp_path / "teacher")
   torch.manual_seed(0)
@@ -349,37 +360,33 @@ def test_the_loop_own_data_in_a_student_cut_from_the_teacher_out_to_transformers
   vocab = pretrained.load_tokenizer(teacher).get_vocab_size()
   hf_cfg = T.Qwen2Config(**small, vocab_size=vocab, max_position_embeddings=128, initializer_range=0.2)
   T.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(teacher)
-  data_dir = str(tmp_path / "data")
-  chats = _jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS * 2])
-  prepare.text(chats, teacher, "loop", data_dir, max_length=96)
-  cfg = Experiment(
-    name="loop",
-    teacher=ModelConfig(name="hf", checkpoint=str(teacher)),
-    student=ModelConfig(name="hf", layers=(0, 2)),  # no checkpoint of its own: cut from the teacher's
-    method=MethodConfig(name="forward_kl"),
-    data=DataConfig(name="loop", data_dir=data_dir, view="tokens", eval_split="train", batch_size=4),
-    optim=OptimConfig(name="adamw", lr=1e-2, steps=3),
-    run=RunConfig(workdir=str(tmp_path / "run"), quiet=True),
-  )
-  run = experiment.build(cfg)
-  tokens = np.asarray(run.loader.batch(0, 0)["inputs"])
-  want = _logits(_reference(teacher, [0, 2]), tokens)[..., : run.num_classes]
-  np.testing.assert_allclose(_forward(kdjax.student_model(run.distiller, run.state), tokens), want, atol=1e-5, rtol=0)
-  state = run.state
-  for i in range(3):
-    state, _ = run.distiller.step(state, run.loader.batch(0, i))
-  student = kdjax.student_model(run.distiller, state)
-  run.distiller.export(state, Path(cfg.run.workdir) / "export")
-  out = tmp_path / "hf"
-  assert cli.main(["export", cfg.run.workdir, "--format", "hf", "--out", str(out)]) == 0
+  tokens = np.random.default_rng(1).integers(0, vocab, (3, 10))
+  cut = pretrained.from_pretrained(teacher, layers=(0, 2))
+  want = _logits(_reference(teacher, [0, 2]), tokens)
+  np.testing.assert_allclose(_forward(cut, tokens), want[..., : cut.num_classes], atol=1e-5, rtol=0)
+
+  data_dir, run, out = str(tmp_path / "data"), tmp_path / "run", tmp_path / "hf"
+  paths = {"chats.jsonl": str(tmp_path / "chats.jsonl"), "./teacher": str(teacher)}
+  paths |= {"runs/student": str(run), "./student": str(out), "experiments/hf_distill.py": str(EXPERIMENTS)}
+  _jsonl(Path(paths["chats.jsonl"]), [{"messages": m} for m in CHATS * 6])
+  short = {  # the test's sizes: a context the tiny teacher holds, a test split of its 24 chats, 3 steps
+    "prepare": ["--data_dir", data_dir, "--max_length", "96", "--test_size", "4"],
+    "distill": ["--data.data_dir", data_dir, "--optim.steps", "3", "--optim.lr", "1e-2", "--data.batch_size", "4"],
+    "export": [],
+  }
+  commands = _readme_commands("### Distil your own model on your own data")
+  assert [c[1] for c in commands] == ["prepare", "distill", "export"]
+  for command in commands:
+    argv = [paths.get(a, a) for a in command[1:]] + short[command[1]] + (["--run.quiet"] * (command[1] == "distill"))
+    assert cli.main(argv) == 0, command
+
   assert (out / "tokenizer_config.json").is_file()
-  direct = kdjax.export_hf(run.distiller, tmp_path / "direct", state)
-  for name, a in load_file(out / "model.safetensors").items():  # the workdir's export and the state's agree
-    np.testing.assert_array_equal(a, load_file(direct / "model.safetensors")[name])
   ref = T.AutoModelForCausalLM.from_pretrained(out).eval()
-  got_logits = _forward(student, tokens)
-  assert np.abs(got_logits - want).max() > 1e-3  # trained: no longer the teacher's layers
-  np.testing.assert_allclose(_logits(ref, tokens)[..., : run.num_classes], got_logits, atol=1e-4, rtol=0)
+  student = pretrained.from_pretrained(out)
+  assert len(student.blocks) == 2
+  got = _forward(student, tokens)
+  assert np.abs(got - want[..., : student.num_classes]).max() > 1e-3  # trained: no longer the teacher's layers
+  np.testing.assert_allclose(_logits(ref, tokens)[..., : student.num_classes], got, atol=1e-4, rtol=0)
   prompts = tokens[:3, :6]
   gen = G.Generator(student, G.Sampling(max_new_tokens=8, temperature=0.0))(prompts, np.full(3, 6), jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(gen.tokens), _greedy_hf(ref, prompts, 8))

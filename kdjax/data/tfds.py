@@ -92,7 +92,10 @@ def get_builder(name: str, data_dir: str | None = None, *, download: bool = Fals
     prepared = prepare and builder.is_prepared()
   except Exception as e:  # DatasetNotFoundError, bad config name, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DatasetUnavailableError(f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}") from None
+    raise DatasetUnavailableError(
+      f"unknown TFDS dataset {name!r} (data_dir {data_dir!r}): {first}; "
+      "your own data becomes one with `kdjax prepare text|images FILE --name NAME`"
+    ) from None
   if prepared:
     return _check_format(builder, name)
   if not prepare:
