@@ -51,7 +51,11 @@ class MethodConfig:
       with which teacher layer: ``()`` or ``("uniform",)`` (student layer i of
       M with teacher layer ⌊(i+1)·N/M⌋ − 1 of N, TinyBERT's g(m) = m·N/M),
       ``("last",)``, or ``"s=t"`` entries of layer indices (``("0=1", "1=3")``)
-      or, for ``hidden_mse``/``hidden_cos``, of feature names or module paths.
+      or, for ``hidden_mse``/``hidden_cos``, of feature names or module paths;
+      ``("auto",)``: chosen before training by linear CKA between every student
+      and teacher layer on ``calibration_batches`` training batches, the
+      order-preserving map of the largest summed CKA (``kdjax.auto_layer_map``).
+    calibration_batches: training batches ``layer_map=auto`` measures CKA on.
     student_layers / teacher_layers: layer i's hidden state, a feature name
       or module path with ``{i}`` (``"block{i}"``; ``"blocks.{i}"`` for a
       user's model, a layer of an ``nnx.scan`` stack included).
@@ -89,6 +93,7 @@ class MethodConfig:
   multi_teacher: Literal["average", "per_teacher"] = "average"
   ema_decay: float = 0.999
   layer_map: tuple[str, ...] = ()
+  calibration_batches: int = 4
   student_layers: str = "block{i}"
   teacher_layers: str = "block{i}"
   student_attention: str = "blocks.{i}.attn"
@@ -121,9 +126,10 @@ class MethodConfig:
       _check(self.token_chunk >= 0, "method.token_chunk", f"must be ≥ 0 (0: full logits), got {self.token_chunk}")
 
   def _check_layers(self) -> None:
-    named = self.layer_map not in ((), ("uniform",), ("last",))
+    named = self.layer_map not in ((), ("uniform",), ("last",), ("auto",))
     for entry in self.layer_map if named else ():
-      _check(entry.count("=") == 1, "method.layer_map", f"'uniform', 'last' or 's=t' entries, got {entry!r}")
+      _check(entry.count("=") == 1, "method.layer_map", f"'uniform', 'last', 'auto' or 's=t' entries, got {entry!r}")
+    _check(self.calibration_batches > 0, "method.calibration_batches", f"must be > 0, got {self.calibration_batches}")
     for field in ("student_layers", "teacher_layers", "student_attention", "teacher_attention"):
       value = getattr(self, field)
       _check("{i}" in value, f"method.{field}", f"a feature name or module path with '{{i}}', got {value!r}")

@@ -58,6 +58,11 @@ def layer_pairs(cfg: MethodConfig, m: int, n: int, term: str) -> tuple[tuple[int
   spec = cfg.layer_map or ("uniform",)
   if m == 0 or n == 0:
     raise ConfigError(f"term {term!r}: the layer map needs layers in both models, found {m} (student), {n} (teacher)")
+  if spec == ("auto",):
+    raise ConfigError(
+      f"term {term!r}: method.layer_map=auto is chosen on data before the method is built: pass the MethodConfig "
+      "to kdjax.Distiller (init resolves it) or resolve it with kdjax.auto_layer_map"
+    )
   if spec == ("uniform",):
     return uniform_pairs(m, n)
   if spec == ("last",):
@@ -80,7 +85,9 @@ def count_layers(info: ModelInfo, template: str) -> int:
 
 def _explicit(cfg: MethodConfig) -> list[tuple[str, str]] | None:
   spec = cfg.layer_map
-  if spec in ((), ("uniform",), ("last",)) or all(_index(x) is not None for e in spec for x in e.split("=", 1)):
+  if spec in ((), ("uniform",), ("last",), ("auto",)) or all(
+    _index(x) is not None for e in spec for x in e.split("=", 1)
+  ):
     return None
   return [tuple(e.split("=", 1)) for e in spec]
 

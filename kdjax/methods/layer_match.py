@@ -1,0 +1,153 @@
+"""Automatic layer pairing: linear CKA between every student and teacher layer, and the monotone alignment
+that maximises the summed similarity.
+
+Linear CKA (Kornblith et al. 2019, "Similarity of neural network representations revisited") of two
+layers seen on the same N rows, X ``(N, D₁)`` and Y ``(N, D₂)``, each centred over the rows::
+
+    CKA(X, Y) = ‖YᵀX‖²_F / (‖XᵀX‖_F · ‖YᵀY‖_F) = ⟨K̂, L̂⟩_F,   K̂ = XXᵀ / ‖XXᵀ‖_F,  L̂ = YYᵀ / ‖YYᵀ‖_F
+
+(the biased HSIC estimator of the paper; 1 for representations equal up to an orthogonal map and a scale,
+0 for orthogonal ones). A row is one real position of a sequence ``(B, L, D)`` (the token mask drops
+padding; positions of all examples are flattened together), or one example of anything else (an image
+feature map ``(B, H, W, C)`` flattened to ``H·W·C`` features).
+
+:func:`monotone_alignment` pairs every student layer with one teacher layer, in order (student layer i+1
+never reads a teacher layer below student layer i's), maximising the summed CKA by dynamic programming;
+a teacher layer may serve several student layers (``strict=True``: each at most once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.errors import ConfigError
+
+AUTO = ("auto",)
+MIN_ROWS = 3  # centred rows of fewer than 3 rows leave at most one direction: every CKA is 0 or 1
+
+
+def layer_rows(x: jnp.ndarray, mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """``(rows (N, D), weights (N,))`` of a layer's output ``x`` for CKA.
+
+  Sequences ``(B, L, D)``: one row per position (N = B·L), weighted by a token mask ``(B, L)`` or an
+  example mask ``(B,)``; anything else ``(B, ...)``: one row per example (N = B, features flattened),
+  weighted by an example mask ``(B,)`` (a token mask counts an example with any real position).
+  Weights are 0 or 1; ``mask=None`` counts every row.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  b = x.shape[0]
+  seq = x.ndim == 3
+  rows = x.reshape(b * x.shape[1], x.shape[2]) if seq else x.reshape(b, -1)
+  if mask is None:
+    return rows, jnp.ones((rows.shape[0],), jnp.float32)
+  m = (jnp.asarray(mask) > 0).astype(jnp.float32)
+  if seq:
+    m = jnp.broadcast_to(m[:, None], x.shape[:2]) if m.ndim == 1 else m
+  else:
+    m = jnp.max(m.reshape(b, -1), axis=1)
+  return rows, m.reshape(-1)
+
+
+def _centred(rows: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """Rows minus their weighted mean, zero where ``w`` is 0, scaled to unit Frobenius norm (CKA is
+  scale-invariant; float32 sums of squares cannot overflow)."""
+  mean = jnp.sum(rows * w[:, None], 0) / jnp.maximum(jnp.sum(w), 1.0)
+  c = (rows - mean) * w[:, None]
+  return c / jnp.maximum(jnp.linalg.norm(c), 1e-30)
+
+
+def cka_matrix(xs: Sequence[jnp.ndarray], ys: Sequence[jnp.ndarray], weights: jnp.ndarray) -> jnp.ndarray:
+  """Linear CKA of every pair ``(xs[i], ys[j])``, ``(len(xs), len(ys))`` float32 in [0, 1].
+
+  Args:
+    xs / ys: rows of each layer, ``(N, D_i)`` / ``(N, E_j)``, the same N rows (:func:`layer_rows`).
+    weights: ``(N,)`` 0/1: which rows count (centring and sums over them only).
+
+  Computed as ‖YᵀX‖²/(‖XᵀX‖‖YᵀY‖) when every width is at most N, else through the N × N Gram
+  matrices ⟨K̂, L̂⟩ (the same number; cheaper for wide feature maps seen on few rows). A constant layer
+  has CKA 0 with everything.
+  """
+  xc = [_centred(x, weights) for x in xs]
+  yc = [_centred(y, weights) for y in ys]
+  n = weights.shape[0]
+  if max(a.shape[1] for a in xc + yc) <= n:
+    xn = [jnp.linalg.norm(a.T @ a) for a in xc]
+    yn = [jnp.linalg.norm(a.T @ a) for a in yc]
+    cross = jnp.stack([jnp.stack([jnp.sum(jnp.square(b.T @ a)) for b in yc]) for a in xc])
+    den = jnp.stack(xn)[:, None] * jnp.stack(yn)[None, :]
+  else:
+    kx = jnp.stack([a @ a.T for a in xc])  # (M, N, N)
+    ky = jnp.stack([b @ b.T for b in yc])  # (T, N, N)
+    cross = jnp.einsum("inm,jnm->ij", kx, ky)
+    den = jnp.linalg.norm(kx, axis=(1, 2))[:, None] * jnp.linalg.norm(ky, axis=(1, 2))[None, :]
+  return jnp.where(den > 0, cross / jnp.maximum(den, 1e-30), 0.0)
+
+
+def linear_cka(x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Linear CKA of two layers' outputs on the same inputs (rows as :func:`layer_rows`); float32 scalar."""
+  rx, w = layer_rows(x, mask)
+  ry, _ = layer_rows(y, mask)
+  return cka_matrix([rx], [ry], w)[0, 0]
+
+
+def monotone_alignment(sim, *, strict: bool = False) -> tuple[int, ...]:
+  """The teacher layer of each student layer, ``t₀ ≤ t₁ ≤ … ≤ t_{M−1}``, maximising Σᵢ sim[i, tᵢ].
+
+  Dynamic programming over ``sim`` ``(M, T)``: best(i, j) = sim[i, j] + max_{j' ≤ j} best(i − 1, j')
+  (``j' < j`` with ``strict``, where each teacher layer serves at most one student layer and M ≤ T is
+  needed). O(M·T²); ties go to the lower teacher layer.
+  """
+  sim = np.asarray(sim, np.float64)
+  m, t = sim.shape
+  if m == 0 or t == 0:
+    raise ConfigError(f"layer_map=auto: no layers to pair ({m} student, {t} teacher)")
+  if strict and m > t:
+    raise ConfigError(f"layer_map=auto (strict): {m} student layers cannot each take their own of {t} teacher layers")
+  best = np.full((m, t), -np.inf)
+  back = np.zeros((m, t), np.int64)
+  best[0] = sim[0]
+  for i in range(1, m):
+    for j in range(t):
+      prev = best[i - 1, : j if strict else j + 1]
+      if prev.size and np.isfinite(prev.max()):
+        back[i, j] = int(np.argmax(prev))
+        best[i, j] = sim[i, j] + prev[back[i, j]]
+  pairs = [int(np.argmax(best[m - 1]))]
+  for i in range(m - 1, 0, -1):
+    pairs.append(int(back[i, pairs[-1]]))
+  return tuple(reversed(pairs))
+
+
+def candidates(features: Mapping[str, tuple], template: str | None, who: str) -> tuple[tuple[str, ...], bool]:
+  """``(layer names, by_index)``: a model's layers that auto pairing compares.
+
+  The layers ``template`` numbers among ``features`` (``"block{i}"`` for i = 0, 1, … while present;
+  ``by_index`` True), else the model's stages ``"stage1"`` … ``"stageK"`` (a CNN of the zoo; False).
+  ``ConfigError`` naming what exists when there are none.
+  """
+  if template:
+    names = tuple(itertools.takewhile(lambda n: n in features, (template.format(i=i) for i in itertools.count())))
+    if names:
+      return names, True
+  stages = sorted((int(m.group(1)), k) for k in features if (m := re.fullmatch(r"stage(\d+)", k)))
+  if stages:
+    return tuple(k for _, k in stages), False
+  raise ConfigError(
+    f"layer_map=auto: no candidate layers in the {who} (no {template!r} layers, no 'stageK' features; "
+    f"features: {sorted(features)}); set method.{who}_layers to its layers' feature name or module path with '{{i}}'"
+  )
+
+
+def map_entries(
+  student: Sequence[str], teacher: Sequence[str], targets: Sequence[int], by_index: bool
+) -> tuple[str, ...]:
+  """``method.layer_map`` entries of an alignment: ``"s=t"`` layer indices when the candidates are a
+  model's numbered layers (``student_layers``/``teacher_layers``), else feature names (``"stage1=stage3"``)."""
+  if by_index:
+    return tuple(f"{i}={t}" for i, t in enumerate(targets))
+  return tuple(f"{student[i]}={teacher[t]}" for i, t in enumerate(targets))
