@@ -454,6 +454,9 @@ def faults_on_disk(reference, teacher, tmp_path_factory) -> dict:
   meta = resumable_copy(ref, root / "no_metadata")
   (meta / "checkpoints" / str(STEPS) / "state" / "_METADATA").unlink()
   cases["no_metadata"] = argv("kd", meta, teacher)
+  damaged = resumable_copy(ref, root / "random_bytes")
+  damage(damaged / "checkpoints" / str(STEPS), "bytes")
+  cases["random_bytes"] = argv("kd", damaged, teacher)
   full = root / "full"
   full.mkdir()
   cases["disk_full"] = argv("kd", full, teacher, "--run.max_to_keep", "10")
@@ -469,7 +472,8 @@ def faults_on_disk(reference, teacher, tmp_path_factory) -> dict:
   assert r.returncode == 0 and "RESULT " in r.stdout, r.stderr[-3000:]
   status = json.loads(r.stdout.split("RESULT ", 1)[1])
   said_by = {n: said((root / f"{n}.err").read_text()) for n in cases}
-  return {"made": made, "status": status, "said": said_by, "no_metadata": meta, "full": Path(f"{full}.out")}
+  fell_back = {"no_metadata": meta, "random_bytes": damaged}
+  return {"made": made, "status": status, "said": said_by, "fell_back": fell_back, "full": Path(f"{full}.out")}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
@@ -487,12 +491,16 @@ def test_a_refused_workdir_is_one_line_exit_1_and_unchanged(case, faults_on_disk
   assert digest(w) == before and not (w / "checkpoints_corrupt").exists()
 
 
-def test_missing_array_structure_is_damage_and_the_previous_checkpoint_resumes(faults_on_disk, reference):
-  """No ``state/_METADATA`` in the newest checkpoint: not another configuration but damage — set aside with one
-  warning line, and the run resumes from the checkpoint before, bit for bit."""
-  w, lines = faults_on_disk["no_metadata"], faults_on_disk["said"]["no_metadata"]
-  assert faults_on_disk["status"]["no_metadata"] == 0 and len(lines) == 1, lines
-  assert f"checkpoints/{STEPS} is damaged (the structure of its arrays (state/_METADATA)" in lines[0]
+@pytest.mark.parametrize(
+  "case, why", [("no_metadata", "(the structure of its arrays (state/_METADATA)"), ("random_bytes", "(")]
+)
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(case, why, faults_on_disk, reference):
+  """64 random bytes in the newest checkpoint's data, or no ``state/_METADATA`` (not another configuration: its
+  structure is gone): set aside with one warning line, and the run resumes from the checkpoint before, bit for
+  bit."""
+  w, lines = faults_on_disk["fell_back"][case], faults_on_disk["said"][case]
+  assert faults_on_disk["status"][case] == 0 and len(lines) == 1, lines
+  assert lines[0].startswith("kdjax: warning: ") and f"checkpoints/{STEPS} is damaged {why}" in lines[0]
   assert "trying the previous" in lines[0]
   assert results(w)["resumed_from"] == [STEPS - EVERY]
   assert (w / "checkpoints_corrupt" / str(STEPS) / "state").is_dir()  # moved aside, never deleted
