@@ -2,8 +2,8 @@
 
 The same values and gradients (w.r.t. both heads' hidden states and kernels) as the plain losses on full
 logits on one device, (a) with the batch split over ``data`` = 8, (b) with the teacher's and the
-student's vocabularies split over ``model`` = 4 (data = 2); and no all-gather of a vocabulary-sized
-array in the compiled programs.
+student's vocabularies split over ``model`` = 4 (data = 2; the teacher's head is tied to its
+embedding); and no all-gather of a vocabulary-sized array in the compiled programs.
 
 Usage: python tests/_fused_devices.py   (sets the 8-device flag itself; prints "ok")
 """
@@ -31,7 +31,7 @@ def inputs():
     "hs": jax.random.normal(k[0], (B, L, D)),
     "ws": jax.random.normal(k[1], (D, V)),
     "ht": jax.random.normal(k[2], (B, L, DT)),
-    "wt": jax.random.normal(k[3], (DT, V)),
+    "wt": jax.random.normal(k[3], (V, DT)),  # the teacher's head tied to its (V, D) embedding
   }
   labels = jax.random.randint(k[4], (B, L), -1, V)
   mask = jnp.arange(L)[None, :] < jax.random.randint(k[5], (B, 1), 3, L + 1)  # right padding
@@ -43,14 +43,14 @@ def losses(x, labels, mask, topk, plain=False):
   w.r.t. all four producers."""
 
   def loss(name, x, **hyper):
-    s, t = kdl.TokenHead(x["hs"], x["ws"]), kdl.TokenHead(x["ht"], x["wt"])
+    s, t = kdl.TokenHead(x["hs"], x["ws"]), kdl.TokenHead(x["ht"], x["wt"], transposed=True)
     if name == "ce":
       return kdl.fused_cross_entropy(s, labels, mask, chunk_size=4)
     target = t if name != "tvd" else topk
     return kdl.fused_token_loss(name, s, target, mask, chunk_size=4, **hyper)
 
   def plain_loss(name, x, **hyper):
-    z_s, z_t = x["hs"] @ x["ws"], x["ht"] @ x["wt"]
+    z_s, z_t = x["hs"] @ x["ws"], x["ht"] @ x["wt"].T
     if name == "ce":
       w = mask & (labels >= 0)
       nll = jax.nn.logsumexp(z_s, -1) - jnp.take_along_axis(z_s, jnp.maximum(labels, 0)[..., None], -1)[..., 0]
@@ -69,7 +69,7 @@ def run(x, labels, mask, specs, mesh, plain=False):
   xs = {k: put(v, specs[k]) for k, v in x.items()}
   batch = P(*specs["hs"][:1])
   lab, m = put(labels, batch), put(mask, batch)
-  topk = jax.tree.map(lambda a: put(a, batch), kdl.teacher_topk(x["ht"] @ x["wt"], 5))
+  topk = jax.tree.map(lambda a: put(a, batch), kdl.teacher_topk(x["ht"] @ x["wt"].T, 5))
   compiled = jax.jit(losses, static_argnums=4).lower(xs, lab, m, topk, plain).compile()
   gathers = [line for line in compiled.as_text().splitlines() if "all-gather" in line and "=" in line]
   vocab_gathers = [g for g in gathers if re.search(rf"\[[^\]]*\b{V}\b[^\]]*\]", g.split("=")[1].split("all-gather")[0])]
@@ -89,7 +89,7 @@ def main():
   want = run(x, labels, mask, {k: P() for k in x}, sharding.make_mesh(devices=jax.devices()[:1]), plain=True)
   data = {"hs": P("data"), "ws": P(), "ht": P("data"), "wt": P()}
   close(run(x, labels, mask, data, sharding.make_mesh()), want)
-  split = {"hs": P("data"), "ws": P(None, "model"), "ht": P("data"), "wt": P(None, "model")}
+  split = {"hs": P("data"), "ws": P(None, "model"), "ht": P("data"), "wt": P("model", None)}
   close(run(x, labels, mask, split, sharding.make_mesh(2, 1, model=4)), want)
   print("ok")
 
