@@ -174,3 +174,36 @@ def test_one_cell_through_the_cli_writes_the_exact_metrics(tmp_path, tfds_dir):
       assert 0.0 < res[k] < 10.0, (k, res[k])
     assert 0.0 < res["sample_distinct_4"] <= 1.0 and 0.0 < res["greedy_distinct_4"] <= 1.0
   assert s["true_entropy"] == t["true_entropy"]  # a property of the held-out data alone
+  from kdjax import report
+
+  md = report.make_report([str(tmp_path)], str(tmp_path / "page.md"), baseline="onpolicy_rkl_1")
+  assert "| onpolicy_rkl_1 | 1 |" in md and (tmp_path / "page_exact.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_intervals_and_paired_comparison_match_scipy():
+  stats = pytest.importorskip("scipy.stats")
+  from kdjax.report import compare
+
+  a = {0: 0.31, 1: 0.29, 2: 0.35, 3: 0.30, 4: 0.33}
+  b = {0: 0.28, 1: 0.27, 2: 0.31, 3: 0.30, 4: 0.29, 5: 0.5}  # seed 5 has no pair: left out
+  mean, half, p, n = compare.paired_t(a, b)
+  d = np.asarray([a[s] - b[s] for s in range(5)])
+  assert n == 5 and mean == pytest.approx(d.mean())
+  assert p == pytest.approx(stats.ttest_rel([a[s] for s in range(5)], [b[s] for s in range(5)]).pvalue)
+  assert half == pytest.approx(stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5))
+  m, h, k = compare.mean_ci(list(a.values()))
+  lo, hi = stats.t.interval(0.95, 4, loc=np.mean(list(a.values())), scale=stats.sem(list(a.values())))
+  assert k == 5 and m - h == pytest.approx(lo) and m + h == pytest.approx(hi)
+
+
+def test_regenerated_page_keeps_the_reading(tmp_path):
+  from kdjax.report import compare
+
+  page = tmp_path / "r.md"
+  compare.write_between_markers(page, "| old table |", title="# Title")
+  text = page.read_text() + "\n## Reading\n\nwords a person wrote\n"
+  page.write_text(text.replace("# Title", "# Title\n\nan introduction"))
+  compare.write_between_markers(page, "| new table |", title="# Title")
+  out = page.read_text()
+  assert "| new table |" in out and "| old table |" not in out
+  assert out.startswith("# Title\n\nan introduction") and out.endswith("words a person wrote\n")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kdjax import report
+from kdjax.report import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -213,7 +214,11 @@ def test_curve_stats_mean_std_over_seeds(runs):
 def test_make_report_writes_md_csv_pngs(runs, tmp_path):
   out = tmp_path / "rep" / "results.md"
   md = report.make_report([str(runs)], str(out))
-  assert out.read_text(encoding="utf-8") == md
+  page = out.read_text(encoding="utf-8")
+  assert md in page and page.startswith(compare.BEGIN) and page.rstrip().endswith(compare.END)
+  out.write_text("# Title\n\nwords before\n" + page + "\nA reading after.\n", encoding="utf-8")
+  assert report.make_report([str(runs)], str(out)) == md  # regenerated: the text around the table stays
+  assert out.read_text(encoding="utf-8") == "# Title\n\nwords before\n" + page + "\nA reading after.\n"
   assert (tmp_path / "rep" / "results.csv").exists()
   for name in ("results_curves.png", "results_bars.png"):
     p = tmp_path / "rep" / name

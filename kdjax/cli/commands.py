@@ -53,8 +53,10 @@ def cmd_train(argv: list[str], mode: str | None) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-  """``kdjax report DIR… [--out results.md] [--csv FILE] [--plots DIR]``: Markdown table (mean ± std over
-  seeds, seed count, last- and best-epoch columns), CSV and PNG plots."""
+  """``kdjax report DIR… [--out results.md] [--csv FILE] [--plots DIR] [--baseline CELL]``: Markdown table
+  (mean ± std over seeds, seed count, last- and best-epoch columns), CSV and PNG plots; runs with exact
+  metrics (``hmm_lm``) add mean ± 95 % CI and paired differences from the ``--baseline`` cell. The table is
+  written between markers in ``--out``: text around them is kept."""
   from kdjax import report
 
   args = list(argv)
@@ -64,15 +66,16 @@ def cmd_report(argv: list[str]) -> int:
   out = pop_opt(args, "--out", "results.md")
   csv_path = pop_opt(args, "--csv")
   plots = pop_opt(args, "--plots")
+  baseline = pop_opt(args, "--baseline")
   unknown = [a for a in args if a.startswith("--")]
   if unknown:
-    raise CliError(f"kdjax report: unknown option {unknown[0]} (options: --out, --csv, --plots)")
+    raise CliError(f"kdjax report: unknown option {unknown[0]} (options: --out, --csv, --plots, --baseline)")
   if not args:
     raise CliError("kdjax report needs at least one workdir")
   for a in args:
     if not Path(a).exists():
       raise CliError(f"no such workdir: {a}")
-  md = report.make_report(args, out, csv_path=csv_path, plots_dir=plots)
+  md = report.make_report(args, out, csv_path=csv_path, plots_dir=plots, baseline=baseline)
   print(md)
   out_p = Path(out)
   print(

@@ -17,6 +17,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from kdjax.errors import ConfigError
+from kdjax.report import compare
 from kdjax.report.diagnostics import (
   accuracy,
   agreement,
@@ -70,13 +71,17 @@ def make_report(
   out_md: str | os.PathLike,
   csv_path: str | os.PathLike | None = None,
   plots_dir: str | os.PathLike | None = None,
+  baseline: str | None = None,
 ) -> str:
   """Collect runs under ``paths``, write the Markdown table, CSV and PNG plots; return the Markdown.
 
   Files: ``out_md``; ``csv_path`` (default ``out_md`` with suffix ``.csv``);
   ``<plots_dir>/<out stem>_curves.png`` and ``_bars.png`` (default
   ``plots_dir`` = the directory of ``out_md``). The Markdown links the plots by
-  relative path. Prints nothing.
+  relative path. Runs that carry the exact metrics of a language whose distribution is known add the
+  table of :func:`kdjax.report.compare.exact_table` (mean ± 95 % CI, and paired differences from the
+  ``baseline`` cell) and ``<out stem>_exact.png``. The page is written between
+  :data:`~kdjax.report.compare.BEGIN` / ``END`` markers: text outside them (a reading) is kept. Prints nothing.
 
   Raises:
     ValueError: a path does not exist, no ``results.json`` under any path, or a malformed one.
@@ -104,5 +109,13 @@ def make_report(
     to_markdown(rows) + f"\n![test accuracy vs step]({rel(curves)})\n\n"
     f"![last- and best-epoch accuracy per cell]({rel(bars)})\n"
   )
-  out_md.write_text(md, encoding="utf-8")
+  if compare.has_exact_metrics(records):
+    exact = compare.plot_exact_curves(records, plots_dir / f"{out_md.stem}_exact.png")
+    md = (
+      "### Exact metrics against the true distribution\n\n"
+      + compare.exact_table(records, baseline)
+      + f"\n![exact KLs vs step]({rel(exact)})\n\n### Every diagnostic (teacher forced)\n\n"
+      + md
+    )
+  compare.write_between_markers(out_md, md)
   return md
