@@ -280,6 +280,8 @@ def _leaf_value(path: str, typ, default):
     )
     return v, [repr(v)]
   v = f"x_{path.replace('.', '_')}"
+  if path.endswith(("_layers", "_attention")):  # a path template of layer i
+    v += ".{i}"
   return v, [v]
 
 
