@@ -207,3 +207,26 @@ def test_regenerated_page_keeps_the_reading(tmp_path):
   out = page.read_text()
   assert "| new table |" in out and "| old table |" not in out
   assert out.startswith("# Title\n\nan introduction") and out.endswith("words a person wrote\n")
+
+
+def test_every_method_cell_shares_the_budget_and_the_script_runs_them_all():
+  """Only the objective (method, responses), the name and the workdir differ between the table's cells."""
+  import re
+  from pathlib import Path
+
+  from kdjax import config
+  from kdjax.cli.experiments import load_experiment
+
+  exp = load_experiment("hmm_lm")
+  cells = {n: exp.CONFIGS[n]() for n in exp.METHODS}
+  assert len(cells) == 13 and exp.get_config() == cells["fkl"]
+
+  def shared(c):
+    d = config.to_dict(c)
+    del d["name"], d["method"], d["responses"], d["run"]["workdir"]
+    return d
+
+  assert all(shared(c) == shared(cells["fkl"]) for c in cells.values())
+  assert len({(c.method, c.responses) for c in cells.values()}) == 13
+  script = (Path(__file__).resolve().parents[1] / "scripts" / "lm_experiment.sh").read_text()
+  assert re.search(r"^CELLS=(\S+)$", script, re.M).group(1).split(",") == exp.METHODS
