@@ -124,29 +124,32 @@ def on_policy(meshes) -> dict:
 
 
 def dropout(meshes) -> dict:
-  """Five KD steps of a user's NNX model with dropout held in the module, on each mesh, and their masks' effect."""
+  """Five steps of a user's models with dropout on each mesh: an NNX model holding its streams (KD and a
+  tapped layer's attention transfer) and a Linen model through ``nnx.bridge`` (KD)."""
   import optax
   from flax import nnx
 
   import kdjax
-  from test_user_models import DropoutNet, blobs
+  from test_user_models import DropoutNet, blobs, linen
 
+  models = {
+    "nnx": (lambda: (DropoutNet(8, rngs=nnx.Rngs(1)), DropoutNet(16, rngs=nnx.Rngs(0))), {"stage1": "conv1"}),
+    "linen": (lambda: (linen(8, 1), linen(16, 0)), {}),
+  }
   out = {}
-  for name, mesh in meshes.items():
-    d = kdjax.Distiller(
-      DropoutNet(8, rngs=nnx.Rngs(1)),
-      DropoutNet(16, rngs=nnx.Rngs(0)),
-      method="kd",
-      optimizer=optax.sgd(0.1),
-      mesh=mesh,
-      fsdp=name == "fsdp",
-    )
-    state = d.init(jax.random.key(0), blobs(0))
-    hist = []
-    for i in range(5):
-      state, m = d.step(state, blobs(i))
-      hist.append(E.host(m))
-    out[name] = {"params": E.host(state.params), "metrics": hist}
+  for kind, (make, taps) in models.items():
+    for name in ("one", "eight"):
+      student, teacher, mesh = *make(), meshes[name]
+      method = "kd+at" if taps else "kd"
+      d = kdjax.Distiller(
+        student, teacher, method=method, taps=taps, teacher_taps=taps, optimizer=optax.sgd(0.1), mesh=mesh
+      )
+      state = d.init(jax.random.key(0), blobs(0))
+      hist = []
+      for i in range(5):
+        state, m = d.step(state, blobs(i))
+        hist.append(E.host(m))
+      out[f"{kind}/{name}"] = {"params": E.host(state.params), "metrics": hist}
   return out
 
 

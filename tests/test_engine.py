@@ -296,13 +296,15 @@ def test_on_policy_step_on_eight_devices_equals_one_device(distributed_runs):
 
 @pytest.mark.procs
 def test_dropout_on_eight_devices_equals_one_device(distributed_runs):
-  """A model's dropout masks are drawn from the step's key for the global batch: the same on any mesh."""
+  """A model's dropout masks are drawn from the step's key for the global batch: the same on any mesh, for an
+  NNX model holding its streams (with a tapped layer's term) and a Linen model through nnx.bridge."""
   runs = distributed_runs[0]["dropout"]
-  one = runs["one"]
-  for name in ("eight",):
-    for a, b in zip(jax.tree.leaves(runs[name]["params"]), jax.tree.leaves(one["params"]), strict=True):
+  for kind in ("nnx", "linen"):
+    one, eight = runs[f"{kind}/one"], runs[f"{kind}/eight"]
+    assert one["metrics"][-1]["loss/kd"] != one["metrics"][0]["loss/kd"]  # it trained
+    for a, b in zip(jax.tree.leaves(eight["params"]), jax.tree.leaves(one["params"]), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for m, ref in zip(runs[name]["metrics"], one["metrics"], strict=True):
+    for m, ref in zip(eight["metrics"], one["metrics"], strict=True):
       np.testing.assert_allclose(m["loss/total"], ref["loss/total"], rtol=1e-5)
 
 
