@@ -52,29 +52,36 @@ def curve_stats(records: Sequence[RunRecord], key: str = "test_accuracy") -> tup
 
 
 def plot_curves(records: Sequence[RunRecord], path: str | os.PathLike, key: str = "test_accuracy") -> Path:
-  """Test accuracy (%) vs step, one line per group: mean over seeds, shaded ± std band."""
-  fig = _figure(7.0, 4.5)
-  ax = fig.add_subplot()
+  """Test accuracy (%) vs step, one line per group: mean over seeds, shaded ± std band clipped to [0, 100] %;
+  groups told apart by colour, line style and marker; teacher-training runs in a panel of their own (their
+  step counts differ from the students')."""
   groups: dict[str, list[RunRecord]] = {}
   for name, r in zip(cell_names(records), records):
     groups.setdefault(name, []).append(r)
-  plotted = 0
-  for g, rs in groups.items():
-    steps, mean, std = curve_stats(rs, key)
-    if steps.size == 0:
-      continue
-    n = len(rs)
-    (line,) = ax.plot(steps, 100 * mean, marker="." if steps.size < 30 else None, label=f"{g} (n={n})")
-    ax.fill_between(steps, 100 * (mean - std), 100 * (mean + std), color=line.get_color(), alpha=0.2, linewidth=0)
-    plotted += 1
-  if plotted:
-    ax.legend(fontsize="small", loc="lower right")
-  else:
-    ax.text(0.5, 0.5, "no eval rows in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-  ax.set_xlabel("step")
-  ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
-  ax.set_title("mean over seeds, band = ± sample std")
-  ax.grid(alpha=0.3)
+  teachers = {g: rs for g, rs in groups.items() if rs[0].get("method") == "teacher"}
+  students = {g: rs for g, rs in groups.items() if g not in teachers}
+  panels = [p for p in (teachers, students) if p] or [students]
+  fig = _figure(7.0 + 3.5 * (len(panels) - 1), 4.5)
+  axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": [1] * (len(panels) - 1) + [2]})[0]
+  for ax, panel in zip(axes, panels):
+    plotted = 0
+    for i, (g, rs) in enumerate(panel.items()):
+      steps, mean, std = curve_stats(rs, key)
+      if steps.size == 0:
+        continue
+      style = ("-", "--", ":", "-.")[i % 4]
+      (line,) = ax.plot(steps, 100 * mean, style, marker="os^Dv"[i % 5], markersize=3, label=f"{g} (n={len(rs)})")
+      lo, hi = np.clip(100 * (mean - std), 0, 100), np.clip(100 * (mean + std), 0, 100)
+      ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+      plotted += 1
+    if plotted:
+      ax.legend(fontsize="x-small", loc="best")
+    else:
+      ax.text(0.5, 0.5, "no eval rows in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.set_title("teacher" if panel is teachers else "mean over seeds, band = ± sample std (within 0–100 %)")
+    ax.grid(alpha=0.3)
   return _save(fig, path)
 
 
