@@ -27,6 +27,8 @@ key                 shape, dtype                  meaning
 ``teacher_topk_logp``  ``(B, [L,] k)``            cached top-k teacher log-probabilities
 ``teacher_topk_idx``   ``(B, [L,] k)`` int32      their class / token ids
 ``view_index``      ``(B,)`` int32                which cached view the inputs are
+``task``            ``(B,)`` int32                which teacher scores the row when several
+                                                  are routed (``method.multi_teacher="route"``)
 ``teacher_outputs``  tuple of ``ModelOutput``     the teacher(s)' outputs, computed ahead on
                                                   their own devices (``split`` placement)
 ==================  ============================  ==========================================
@@ -58,6 +60,7 @@ TEACHER_LOGITS = "teacher_logits"
 TEACHER_TOPK_LOGP = "teacher_topk_logp"
 TEACHER_TOPK_IDX = "teacher_topk_idx"
 VIEW_INDEX = "view_index"
+TASK = "task"
 TEACHER_OUTPUTS = "teacher_outputs"
 
 CACHED_TEACHER = (TEACHER_LOGITS, TEACHER_TOPK_LOGP, TEACHER_TOPK_IDX)

@@ -93,7 +93,7 @@ def teacher_outputs(spec: StepSpec, state: TrainState, teacher: TeacherState, ba
 def _student_loss(spec: StepSpec, i: int, outs, t_outs, trainable, state: TrainState, batch: Batch, ctx: Context):
   """Student ``i``'s weighted loss over the source's targets, its new method state and its metrics."""
   adapters, mstate = trainable["adapters"][i], state.method_state[i]
-  targets, w = spec.source.targets(i, outs, t_outs)
+  targets, w = spec.source.targets(i, outs, t_outs, batch)
   loss = jnp.zeros((), jnp.float32)
   metrics: dict[str, jax.Array] = {}
   for j, target in enumerate(targets):
@@ -101,7 +101,31 @@ def _student_loss(spec: StepSpec, i: int, outs, t_outs, trainable, state: TrainS
     loss = loss + w[j] * lj
     for name, v in mj.items():
       metrics[name] = metrics.get(name, 0.0) + w[j] * v
+  for t, (target, rows) in enumerate(spec.source.groups(t_outs, batch)):
+    metrics.update(_group_metrics(spec, t, outs[i], target, rows, adapters, state.method_state[i], batch, ctx))
   return loss, mstate, metrics
+
+
+def _group_metrics(spec: StepSpec, t: int, out, target, rows, adapters, mstate, batch: Batch, ctx: Context) -> dict:
+  """Teacher ``t``'s share of a routed batch, reported apart (metrics only: no gradient, no state kept).
+
+  ``loss/<term>/teacher{t}``: the method's terms on the ``(B,)`` ``rows`` it
+  scores against its own output (the batch's mask narrowed to them; the
+  micro-batch's own mean), and ``train/agreement/teacher{t}``: the fraction
+  of those rows' labelled entries where the student's top-1 is the teacher's.
+  """
+  mask = batch.get(batch_keys.MASK)
+  if mask is not None:
+    rows = rows.reshape(rows.shape + (1,) * (mask.ndim - 1)) & (mask > 0)
+  narrowed = dict(batch, **{batch_keys.MASK: rows})
+  own = Context(step=ctx.step, epoch=ctx.epoch, key=ctx.key)
+  _, _, m = spec.method.loss(adapters, mstate, out, target, narrowed, own, stage=spec.stage)
+  metrics = {f"{name}/teacher{t}": jax.lax.stop_gradient(v) for name, v in m.items()}
+  labels = batch[batch_keys.LABEL]
+  hit = jnp.argmax(out.logits, -1) == jnp.argmax(target.logits, -1)
+  counted = eval_mask(rows, labels)
+  metrics[f"train/agreement/teacher{t}"] = jnp.sum(hit & counted) / jnp.maximum(jnp.sum(counted), 1)
+  return metrics
 
 
 def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Batch, ctx: Context):
@@ -247,9 +271,7 @@ def make_eval_step(spec: StepSpec, stats_fn: Callable) -> Callable:
     x = batch_keys.inputs(batch)
     d = spec.students[0]
     s_out, _ = apply_model(d.graphdef, state.params[0], state.model_state[0], x, train=False, taps=d.taps, rngs=d.rngs)
-    ahead = (
-      {batch_keys.TEACHER_OUTPUTS: batch[batch_keys.TEACHER_OUTPUTS]} if batch_keys.TEACHER_OUTPUTS in batch else {}
-    )
+    ahead = {k: batch[k] for k in (batch_keys.TEACHER_OUTPUTS, batch_keys.TASK) if k in batch}
     t_out = spec.source.reference(spec, state, teacher, {batch_keys.INPUTS: x, **ahead})
     labels = batch[batch_keys.LABEL]
     sums = stats_fn(

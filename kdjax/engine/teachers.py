@@ -8,7 +8,8 @@ The step, the Distiller and the loop ask the source; none of them compares
 mode names.
 
   NoTeacher   the student trains alone (supervised)
-  Frozen      frozen teacher models: one, or several with averaged logits or one loss per teacher; their
+  Frozen      frozen teacher models: one, or several combined (averaged logits, a mixture of their
+              distributions, one loss per teacher, or each row routed to the teacher of its task); their
               outputs may also arrive in the batch (a teacher-output cache, or a split placement's teacher
               running ahead on its own devices)
   Cached      a teacher known only by the cached outputs every batch carries
@@ -37,6 +38,7 @@ from kdjax.models.base import ModelOutput
 from kdjax.parallel.placement import on_device
 
 MODES = ("teacher", "offline", "multi_teacher", "dml", "self_ema")
+COMBINES = ("average", "per_teacher", "mixture", "route")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,52 @@ def average(outs: Sequence[ModelOutput], weights: jax.Array) -> ModelOutput:
   one loss per teacher for feature methods)."""
   logits = sum(weights[i] * o.logits.astype(jnp.float32) for i, o in enumerate(outs))
   return ModelOutput(logits, outs[0].features)
+
+
+def mixture(outs: Sequence[ModelOutput], weights: jax.Array) -> ModelOutput:
+  """The weighted mixture of the teachers' distributions, as logits (features: the first output's).
+
+  ``log p(v) = log Σ_t w_t softmax(z_t)(v)`` (logsumexp over teachers of
+  ``log w_t + log_softmax(z_t)``): softmax of these logits is the mixture at
+  T = 1 (a method's temperature then softens the mixture's log-probabilities).
+  ``(B, [L,] V)`` per teacher → ``(B, [L,] V)``.
+  """
+  logp = jnp.stack([jax.nn.log_softmax(o.logits.astype(jnp.float32), axis=-1) for o in outs])
+  logw = jnp.log(weights).reshape((-1,) + (1,) * (logp.ndim - 1))
+  return ModelOutput(jax.nn.logsumexp(logp + logw, axis=0), outs[0].features)
+
+
+def task_ids(batch: dict, num_teachers: int) -> jax.Array:
+  """``batch["task"]`` ``(B,)`` int: which teacher scores each row (one clear error line when absent)."""
+  if batch_keys.TASK not in batch:
+    raise ConfigError(
+      f"method.multi_teacher='route' reads each row's teacher from batch[{batch_keys.TASK!r}] (0 … "
+      f"{num_teachers - 1}, one int per row); this batch has keys {sorted(batch)}"
+    )
+  return batch[batch_keys.TASK]
+
+
+def route(outs: Sequence[ModelOutput], task: jax.Array) -> ModelOutput:
+  """Each row's output from the teacher its task names: row b of the result is row b of ``outs[task[b]]``.
+
+  ``outs``: T outputs, each of all B rows (every teacher ran on every row:
+  T forwards for one target; a per-row select is exact, so rows of teacher
+  t hold teacher t's values bit for bit). ``task`` ``(B,)`` int in [0, T)
+  (a row of any other value gets teacher 0's). Features are routed the same
+  way when every teacher has the same feature names and shapes, else
+  dropped (teachers of different architectures: route logit methods only).
+  Returns ``(B, [L,] V)`` logits: the full logits, never a fused head.
+  """
+
+  def pick(*leaves):
+    out = leaves[0]
+    for t, leaf in enumerate(leaves[1:], 1):
+      out = jnp.where((task == t).reshape(task.shape + (1,) * (leaf.ndim - 1)), leaf, out)
+    return out
+
+  shapes = [jax.tree.map(jnp.shape, o.features) for o in outs]
+  features = jax.tree.map(pick, *(o.features for o in outs)) if all(s == shapes[0] for s in shapes) else {}
+  return ModelOutput(pick(*(o.logits for o in outs)), features)
 
 
 def normalized(weights: Sequence[float], n: int) -> jax.Array:
@@ -118,9 +166,14 @@ class TeacherSource:
     """Teacher outputs for ``batch`` (traced, outside the student's gradient)."""
     return []
 
-  def targets(self, i: int, student_outs: list[ModelOutput], outputs: list[ModelOutput]):
+  def targets(self, i: int, student_outs: list[ModelOutput], outputs: list[ModelOutput], batch: dict):
     """``(targets, weights)``: what student ``i`` distils from (a loss per target) and their weights."""
     return [None], jnp.ones((1,), jnp.float32)
+
+  def groups(self, outputs: list[ModelOutput], batch: dict) -> list[tuple[ModelOutput, jax.Array]]:
+    """``(teacher output, (B,) bool rows)`` per teacher whose rows the step reports apart (its loss and
+    agreement: ``loss/<term>/teacher{t}``, ``train/agreement/teacher{t}``); none by default."""
+    return []
 
   def reference(self, spec, state, teacher: TeacherState, batch: dict) -> ModelOutput | None:
     """What evaluation compares the (first) student with: agreement, KL, CKA."""
@@ -145,14 +198,18 @@ class Frozen(TeacherSource):
 
   Attributes:
     weights: per-teacher weights (normalised; equal when empty).
-    per_teacher: one loss per teacher, weighted, instead of one loss on the averaged logits.
+    combine: how several teachers make the targets: ``average`` (one loss on
+      their weighted mean logits), ``per_teacher`` (one loss per teacher,
+      weighted), ``mixture`` (one loss on the weighted mixture of their
+      distributions, :func:`mixture`) or ``route`` (each row scored by the
+      teacher ``batch["task"]`` names, :func:`route`; weights unused).
     several: a multi-teacher run (``mode="multi_teacher"``).
     teacher_input: the sharding a tensor-parallel teacher reads its inputs with.
     teacher_host: the teacher state's shardings when its weights live in host memory.
   """
 
   weights: tuple[float, ...] = ()
-  per_teacher: bool = False
+  combine: str = "average"
   several: bool = False
   teacher_input: Any = None
   teacher_host: Any = None
@@ -185,18 +242,32 @@ class Frozen(TeacherSource):
       return carried
     return self.run(teacher, batch_keys.teacher_inputs(batch), batch_keys.teacher_model_kwargs(batch))
 
-  def targets(self, i, student_outs, outputs):
-    if self.per_teacher and len(outputs) > 1:
+  def targets(self, i, student_outs, outputs, batch):
+    if self.combine == "per_teacher" and len(outputs) > 1:
       return list(outputs), normalized(self.weights, len(outputs))
     if len(outputs) > 1:
-      return [average(outputs, normalized(self.weights, len(outputs)))], jnp.ones((1,), jnp.float32)
+      return [self.combined(outputs, batch)], jnp.ones((1,), jnp.float32)
     return list(outputs), jnp.ones((1,), jnp.float32)
+
+  def combined(self, outputs: list[ModelOutput], batch: dict) -> ModelOutput:
+    """Several teachers' outputs as one: routed per row, their mixture, or their (weighted) mean logits."""
+    if self.combine == "route":
+      return route(outputs, task_ids(batch, len(outputs)))
+    if self.combine == "mixture":
+      return mixture(outputs, normalized(self.weights, len(outputs)))
+    return average(outputs, normalized(self.weights, len(outputs)))
+
+  def groups(self, outputs, batch):
+    if self.combine != "route" or len(outputs) < 2:
+      return []
+    task = task_ids(batch, len(outputs))
+    return [(o, task == t) for t, o in enumerate(outputs)]
 
   def reference(self, spec, state, teacher, batch):
     outs = self.outputs(spec, state, teacher, batch)
     if not outs:  # no model: a student trained alone with a method that needs none
       return None
-    return average(outs, normalized(self.weights, len(outs))) if len(outs) > 1 else outs[0]
+    return self.combined(outs, batch) if len(outs) > 1 else outs[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +311,7 @@ class EMA(TeacherSource):
     out, _ = apply_model(d.graphdef, params, rest, x, train=False, taps=d.taps, rngs=d.rngs, extra=extra)
     return [stop(out)]
 
-  def targets(self, i, student_outs, outputs):
+  def targets(self, i, student_outs, outputs, batch):
     return list(outputs), jnp.ones((1,), jnp.float32)
 
   def reference(self, spec, state, teacher, batch):
@@ -270,7 +341,7 @@ class Peers(TeacherSource):
   def example_output(self, student_out, teacher_out):
     return student_out
 
-  def targets(self, i, student_outs, outputs):
+  def targets(self, i, student_outs, outputs, batch):
     k = len(student_outs)
     others = [stop(student_outs[j]) for j in range(k) if j != i]
     return [average(others, jnp.full((k - 1,), 1.0 / (k - 1)))], jnp.ones((1,), jnp.float32)
@@ -297,6 +368,8 @@ def from_mode(
     )
   if mode not in MODES:
     raise ConfigError(f"mode={mode!r}; expected one of {MODES}")
+  if combine not in COMBINES:
+    raise ConfigError(f"multi_teacher={combine!r}; expected one of {COMBINES}")
   if mode == "multi_teacher" and len(teachers) < 2:
     raise ConfigError("mode='multi_teacher' needs at least two teachers")
   for t in teachers:
@@ -305,7 +378,7 @@ def from_mode(
   if mode == "offline":
     source = Frozen(models=tuple(teachers), weights=tuple(weights)) if teachers else Cached()
   elif mode == "multi_teacher":
-    source = Frozen(models=tuple(teachers), weights=tuple(weights), per_teacher=combine == "per_teacher", several=True)
+    source = Frozen(models=tuple(teachers), weights=tuple(weights), combine=combine, several=True)
   else:
     source = {"teacher": NoTeacher, "dml": Peers, "self_ema": EMA}[mode]()
     source = dataclasses.replace(source, decay=ema_decay) if isinstance(source, EMA) else source

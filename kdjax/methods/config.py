@@ -44,8 +44,11 @@ class MethodConfig:
     init_epochs: epochs of RepDistiller's first stage for two-stage methods
       (FitNet hint pre-training, AB/FT/FSP initialisation); 0 disables.
     teacher_weights: multi-teacher weights (one per teacher; empty = equal).
-    multi_teacher: ``average`` (distil from averaged logits) or ``per_teacher``
-      (weighted sum of per-teacher losses).
+    multi_teacher: ``average`` (distil from averaged logits), ``per_teacher``
+      (weighted sum of per-teacher losses), ``mixture`` (from the weighted
+      mixture of the teachers' distributions) or ``route`` (each row from the
+      one teacher its ``batch["task"]`` names: teachers expert on different
+      tasks, on-policy responses included).
     ema_decay: EMA decay for self-distillation mode.
     layer_map: which student layer the hidden-state and attention terms pair
       with which teacher layer: ``()`` or ``("uniform",)`` (student layer i of
@@ -90,7 +93,7 @@ class MethodConfig:
   crd_momentum: float | None = None
   init_epochs: float = 0.0
   teacher_weights: tuple[float, ...] = ()
-  multi_teacher: Literal["average", "per_teacher"] = "average"
+  multi_teacher: Literal["average", "per_teacher", "mixture", "route"] = "average"
   ema_decay: float = 0.999
   layer_map: tuple[str, ...] = ()
   calibration_batches: int = 4
@@ -121,6 +124,11 @@ class MethodConfig:
     _check(self.init_epochs >= 0, "method.init_epochs", f"must be ≥ 0, got {self.init_epochs}")
     _check(0.0 < self.ema_decay < 1.0, "method.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
     _check(all(w >= 0 for w in self.teacher_weights), "method.teacher_weights", "must be ≥ 0")
+    _check(
+      self.multi_teacher in ("average", "per_teacher", "mixture", "route"),
+      "method.multi_teacher",
+      f"must be average, per_teacher, mixture or route, got {self.multi_teacher!r}",
+    )
     self._check_layers()
     if self.token_chunk is not None:
       _check(self.token_chunk >= 0, "method.token_chunk", f"must be ≥ 0 (0: full logits), got {self.token_chunk}")
