@@ -8,6 +8,8 @@
     kdjax report        DIR… --out results.md [--csv FILE] [--plots DIR]
     kdjax export        WORKDIR --out DIR [--format hf [--dtype bfloat16]]  (hf: a Hugging Face checkpoint)
     kdjax cache         EXPERIMENT [CONFIG] --teacher.checkpoint DIR --cache.dir DIR [--cache.views K] …
+    kdjax cache         EXPERIMENT [CONFIG] --cache.endpoint URL --cache.dir DIR --cache.top-k K …  (a served teacher)
+    kdjax serve         TEACHER [--port 8000] [--tokenizer DIR|DATASET] …  (a teacher's top-k log-probs over HTTP)
     kdjax bench         [--quick] …
     kdjax prepare       NAME… [--data_dir DIR]   (store TFDS datasets as ArrayRecord, once; downloadable
                         ones need the network and `pip install 'kdjax[tfds]'`)
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 
 from kdjax.cli.commands import cmd_bench, cmd_cache, cmd_export, cmd_prepare, cmd_report, cmd_train
 from kdjax.cli.exits import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, PREEMPTED_EXIT, CliError, one_line, stopped
+from kdjax.cli.serve import cmd_serve
 from kdjax.cli.experiments import EXPERIMENTS_DIR, base_config, build_config, config_names, load_experiment
 from kdjax.cli.flags import apply_overrides, field_paths
 from kdjax.cli.slurm import write_slurm_script
@@ -74,6 +77,7 @@ COMMANDS = {
   "bench": cmd_bench,
   "cache": cmd_cache,
   "prepare": cmd_prepare,
+  "serve": cmd_serve,
 }
 
 

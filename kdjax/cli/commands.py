@@ -163,11 +163,16 @@ def cmd_cache(argv: list[str]) -> int:
   (plain|packed: top-k rows with exact ids and log-probs within 0.032 nat, ~1.6 B an entry),
   ``--cache.shard-size`` (4096), ``--cache.batch-size`` (256),
   ``--cache.max-shards`` (stop early; re-run to resume). Distil with
-  ``--data.teacher_cache DIR``.
+  ``--data.teacher_cache DIR``. With ``--cache.endpoint URL`` a served teacher fills it
+  (:mod:`kdjax.cli.remote`).
   """
   from kdjax import engine
   from kdjax.data import cache
 
+  if any(a.split("=", 1)[0] in ("--cache.endpoint",) for a in argv):
+    from kdjax.cli.remote import cmd_cache_remote
+
+    return cmd_cache_remote(argv)
   args = list(argv)
   opts = _pop_cache_options(args)
   cfg = build_config(args)

@@ -64,11 +64,13 @@ def _remove_leftovers(path: Path) -> None:
       stale.unlink(missing_ok=True)
 
 
-def _begin(directory: Path, meta: dict, spec: CacheSpec, process_index: int) -> dict:
+def _begin(directory: Path, meta: dict, spec: CacheSpec, process_index: int, provenance: dict | None = None) -> dict:
   """Write ``cache.json`` (process 0), or check the one there is the same cache: its ``meta``, resumed.
 
-  A cache begun by an older kdjax keeps the storage fields it recorded.
+  A cache begun by an older kdjax keeps the storage fields it recorded; ``provenance`` adds entries outside
+  the cache's identity.
   """
+  meta = {**meta, **(provenance or {})}
   meta_path = directory / META_FILE
   if not meta_path.exists():
     if process_index == 0:
@@ -180,6 +182,7 @@ def build_cache(
   process_count: int = 1,
   max_shards: int | None = None,
   progress: Callable[[int, int], None] | None = None,
+  provenance: dict | None = None,
 ) -> dict:
   """Compute and store the teacher's outputs for every example of ``ds`` under K views.
 
@@ -197,6 +200,7 @@ def build_cache(
     process_index / process_count: this process builds shards ≡ index mod count.
     max_shards: stop after writing this many new shards (chunked builds; an interruption leaves the same state).
     progress: called with (shards done, shards total).
+    provenance: ``cache.json`` entries outside the cache's identity (where a remote teacher was served).
 
   Returns:
     ``{"written": new shards, "skipped": shards already present, "complete": bool, "num_shards": n}``.
@@ -204,7 +208,7 @@ def build_cache(
   check_view(view)
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  meta = _begin(d, cache_meta(ds, spec, view, teacher_hash, num_classes, output_shape), spec, process_index)
+  meta = _begin(d, cache_meta(ds, spec, view, teacher_hash, num_classes, output_shape), spec, process_index, provenance)
   n_shards = meta["num_shards"]
   written = skipped = 0
   for s in range(process_index, n_shards, process_count):
