@@ -3,6 +3,7 @@ and the map recovered where the correspondence is known by construction (a stude
 teacher's layers; a model and itself), then written out by a distillation run."""
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -84,3 +85,112 @@ def test_candidates_and_bad_input_are_one_line():
   assert MethodConfig(name="hidden_mse", layer_map=("auto",)).layer_map == ("auto",)
   with pytest.raises(ConfigError, match="calibration_batches"):
     MethodConfig(name="hidden_mse", layer_map=("auto",), calibration_batches=0)
+
+
+# ---------------------------------------------------------------- on models (slow, tiny)
+
+V, LEN = 32, 8
+
+
+def _lm(layers: int, seed: int):
+  from flax import nnx
+
+  from kdjax import models
+
+  return models.create(
+    "transformer_lm", num_classes=V, num_layers=layers, dim=16, num_heads=2, max_len=LEN, rngs=nnx.Rngs(seed)
+  )
+
+
+def _token_batches(n: int = 2, rows: int = 8):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    mask = np.ones((rows, LEN), bool)
+    mask[::2, 5:] = False  # right padding on every other row
+    out.append(
+      {
+        "inputs": rng.integers(0, V, (rows, LEN)).astype(np.int32),
+        "mask": mask,
+        "label": np.zeros((rows, LEN), np.int32),
+      }
+    )
+  return out
+
+
+def _copied_student():
+  """A 4-layer teacher whose layers 0 and 2 add nothing (zeroed output projections) and a 2-layer student made of
+  its layers 1 and 3 with the same embeddings and head: student block 0 ≡ teacher block 1 (= block 2), student
+  block 1 ≡ teacher block 3."""
+  from flax import nnx
+
+  teacher, student = _lm(4, 1), _lm(2, 2)
+  for i in (0, 2):
+    for lin in (teacher.blocks[i].attn.proj, teacher.blocks[i].fc2):
+      lin.kernel[...] = 0 * lin.kernel[...]
+      lin.bias[...] = 0 * lin.bias[...]
+  for name in ("tok", "pos", "ln_f", "head"):
+    nnx.update(getattr(student, name), nnx.state(getattr(teacher, name)))
+  for s, t in ((0, 1), (1, 3)):
+    nnx.update(student.blocks[s], nnx.state(teacher.blocks[t]))
+  return student, teacher
+
+
+@pytest.mark.slow
+def test_auto_map_recovers_copied_layers_and_a_model_itself():
+  import kdjax
+
+  student, teacher = _copied_student()
+  batches = _token_batches()
+  sim = kdjax.layer_similarity(student, teacher, batches)
+  assert sim.layer_map == ("0=1", "1=3") and sim.rows == 2 * (8 * LEN - 4 * 3)
+  np.testing.assert_allclose(sim.cka[[0, 0, 1], [1, 2, 3]], 1.0, atol=1e-4)  # copies: equal hidden states
+  assert sim.cka[0, 0] < 0.99 and sim.cka[1, :3].max() < 0.99
+  itself = kdjax.layer_similarity(student, student, batches)
+  assert itself.layer_map == ("0=0", "1=1")
+  np.testing.assert_allclose(np.diag(itself.cka), 1.0, atol=1e-4)
+  assert itself.cka[0, 1] < 0.99 and itself.cka[1, 0] < 0.99
+  few = [{**batches[0], "mask": np.arange(8 * LEN).reshape(8, LEN) < 2}]
+  with pytest.raises(ConfigError, match="2 real calibration rows are too few"):
+    kdjax.layer_similarity(student, teacher, few)
+
+
+def _png(path) -> bool:
+  return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_auto_map_through_the_distiller_and_on_a_cnn_pair(tmp_path):
+  """layer_map=auto resolved by Distiller.init on its calibration batches (the step trains on that map), and a
+  ResNet pair compared stage by stage; each writes its map, matrix and heat map."""
+  import optax
+  from flax import nnx
+
+  import kdjax
+  from kdjax import models
+
+  batches = _token_batches()
+  method = MethodConfig(name="ce", terms=("hidden_mse=1",), layer_map=("auto",), calibration_batches=1)
+  d = kdjax.Distiller(_lm(2, 3), _lm(4, 4), method=method, optimizer=optax.adam(1e-3), calibration=batches)
+  state = d.init(jax.random.key(0), batches[0])
+  sim = d.layer_similarity
+  assert sim.rows == 8 * LEN - 4 * 3 and sim.cka.shape == (2, 4)  # calibration_batches=1: the first batch only
+  assert len(sim.targets) == 2 and sim.targets[0] <= sim.targets[1]
+  assert sim.layer_map == tuple(f"{i}={t}" for i, t in enumerate(sim.targets))
+  (term,) = [t for t in d.spec.method.terms if t.name == "hidden_mse"]
+  assert term.teacher_features == tuple(dict.fromkeys(f"block{t}" for t in sim.targets))
+  state, metrics = d.step(state, batches[1])
+  assert np.isfinite(float(metrics["loss/hidden_mse"]))
+  js, png = sim.write(tmp_path / "lm")
+  assert json.loads(js.read_text())["layer_map"] == list(sim.layer_map) and _png(png)
+
+  rng = np.random.default_rng(0)
+  images = [{"inputs": rng.normal(size=(4, 8, 8, 3)).astype(np.float32), "mask": np.ones(4, bool)} for _ in range(2)]
+  s = models.create("resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  t = models.create("resnet14", num_classes=10, rngs=nnx.Rngs(1))
+  cnn = kdjax.layer_similarity(s, t, images)
+  assert cnn.student_layers == cnn.teacher_layers == ("stage1", "stage2", "stage3") and cnn.rows == 8
+  assert all(e.startswith("stage") and "=stage" in e for e in cnn.layer_map) and len(cnn.layer_map) == 3
+  assert ((0 <= cnn.cka) & (cnn.cka <= 1 + 1e-6)).all()
+  js, png = cnn.write(tmp_path / "cnn")
+  assert json.loads(js.read_text())["cka"] == [[round(float(v), 6) for v in r] for r in cnn.cka] and _png(png)

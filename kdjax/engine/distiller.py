@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from kdjax import batch as batch_keys
-from kdjax.engine import evaluation, teachers
+from kdjax.engine import evaluation, layer_similarity, teachers
 from kdjax.engine.setup import Built, build_pieces, check_abstract, check_placement, check_responses, place_teacher
 from kdjax.engine.split_teacher import RunAhead
 from kdjax.engine.state import TeacherState, TrainState, state_shardings
@@ -75,6 +75,8 @@ class Distiller:
     placement: where the teacher lives (:class:`kdjax.Placement`): with the
       student (default), tensor-parallel over a ``model`` axis, or on its own
       sub-mesh running one batch ahead (:meth:`prefetch`; :func:`kdjax.train` calls it).
+    calibration: batches on which ``init`` chooses a ``layer_map=("auto",)`` (default: its own batch), by
+      :func:`kdjax.auto_layer_map`; the result is :attr:`layer_similarity`.
   """
 
   def __init__(
@@ -98,6 +100,7 @@ class Distiller:
     xla_cpu_conv: str = "eigen",
     responses: ResponseConfig | None = None,
     placement: Placement | None = None,
+    calibration: Iterable[Mapping[str, Any]] | None = None,
   ):
     self.students = _as_tuple(student)
     if isinstance(teacher, teachers.TeacherSource):
@@ -118,6 +121,7 @@ class Distiller:
     self.teacher_taps = tuple(sorted(dict(teacher_taps or {}).items()))
     self.num_examples, self.steps_per_epoch, self.grad_accum = int(num_examples), int(steps_per_epoch), grad_accum
     self.xla_cpu_conv = xla_cpu_conv
+    self.calibration, self.layer_similarity = calibration, None
     self.responses = responses if responses is not None and responses.active else None
     check_responses(self.responses, self.source, self.students)
     check_placement(self.placement, self.source, self.responses, self.teacher_mesh)
@@ -171,6 +175,8 @@ class Distiller:
     ``key``; the students start from their current parameters.
     """
     x = batch_keys.inputs(batch)
+    if layer_similarity.is_auto(self.method_arg):
+      self.method_arg, self.layer_similarity = layer_similarity.for_distiller(self, batch)
     built = self._build(jax.ShapeDtypeStruct(x.shape, x.dtype))
     self.teacher_state, self.spec, self.run_ahead = place_teacher(self, built.teacher)
     abstract = jax.eval_shape(built.make, key, built.params, built.rests)

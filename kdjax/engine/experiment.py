@@ -21,11 +21,12 @@ from flax import nnx
 from kdjax import batch as batch_keys
 from kdjax import checkpoint as ckpt
 from kdjax.config import Experiment, ModelConfig
-from kdjax.engine import teachers
+from kdjax.engine import layer_similarity, teachers
 from kdjax.engine.distiller import Distiller
 from kdjax.engine.optim import make_optimizer
 from kdjax.engine.state import TrainState
 from kdjax.errors import ConfigError
+from kdjax.methods import layer_match
 from kdjax.methods.base import Method, ModelInfo
 from kdjax.parallel import sharding
 from kdjax.parallel.placement import placement_meshes
@@ -47,8 +48,10 @@ def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
         "teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
         "with config.json and safetensors>"
       )
-    return decoder.Decoder(pretrained.read_config(mcfg.checkpoint), dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed))
-  return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype])
+    cfg = pretrained.read_config(mcfg.checkpoint)
+    return decoder.Decoder(cfg, dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed), remat=mcfg.remat)
+  remat = {} if mcfg.remat == "none" else {"remat": mcfg.remat}  # a language model's blocks
+  return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype], **remat)
 
 
 def model_info(model, name: str, num_classes: int) -> ModelInfo:
@@ -162,6 +165,7 @@ class Run:
   schedule: Any
   num_classes: int
   teacher_eval: dict = dataclasses.field(default_factory=dict)  # the frozen teacher's eval figures, made once
+  layer_similarity: Any = None  # method.layer_map=auto: the CKA matrix and the chosen map
 
   @property
   def mesh(self):
@@ -198,6 +202,7 @@ def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
     source = nnx.eval_shape(lambda: decoder.Decoder(full, rngs=nnx.Rngs(0)))
     print(f"student cut from {path} (layers {list(layers or range(full.num_layers))}):")
     print(prune.param_table(model, source))
+  model.remat = s.remat  # the blocks' rematerialisation policy (a static attribute)
   return model
 
 
@@ -245,6 +250,8 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
     t_info = model_info(abstract, teacher_cfgs[0].name, num_classes)
   elif plan.describes_student:
     t_info = s_info
+  if method_cfg.layer_map == layer_match.AUTO and t_info is not None:  # chosen on data once the teacher is loaded
+    method_cfg = layer_match.provisional(method_cfg, s_info.feature_shapes, t_info.feature_shapes)
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
   if cfg.method.init_epochs > 0 and not method.stage_terms("init"):
@@ -253,6 +260,24 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
       f"(two-stage methods: fitnet, ab, ft, fsp); set --method.init_epochs 0"
     )
   return method
+
+
+def _auto_layer_map(cfg: Experiment, method: Method, student, models: list, loader, mesh, teacher_cfgs, num_classes):
+  """``method.layer_map=auto``: the method rebuilt with the map of the largest summed linear CKA between the
+  student and the (first) teacher on the first ``method.calibration_batches`` training batches, and that
+  :class:`~kdjax.engine.layer_similarity.LayerSimilarity`; otherwise ``(method, None)``."""
+  if cfg.method.layer_map != layer_match.AUTO or teachers.plan(cfg.mode).alone:
+    return method, None
+  if not models:
+    raise ConfigError(
+      f"method.layer_map=auto pairs the student's layers with a teacher model's; mode {cfg.mode!r} "
+      "loads none (a teacher cache holds outputs only): give the map, e.g. --method.layer_map uniform"
+    )
+  count = min(cfg.method.calibration_batches, loader.steps_per_epoch)
+  batches = (loader.batch(0, i) for i in range(count))
+  resolved, similarity = layer_similarity.auto_layer_map(student, models[0], batches, cfg.method, mesh=mesh)
+  s_info = model_info(student, cfg.student.name, num_classes)
+  return _method(dataclasses.replace(cfg, method=resolved), s_info, teacher_cfgs, num_classes), similarity
 
 
 def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int, mesh):
@@ -383,6 +408,7 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
   models, teacher_hash = _teachers(cfg, teacher_cfgs, method, num_classes, teacher_mesh)
   if method.any_vocab:  # the teacher reads the same text in its own tokenization
     loader.transform = _retokenizer(cfg, loader)
+  method, similarity = _auto_layer_map(cfg, method, students[0], models, loader, mesh, teacher_cfgs, num_classes)
   if cfg.data.teacher_cache:  # cached teacher logits ride in the batch
     loader = kd_data.cache.loader_for_experiment(
       cfg,
@@ -419,4 +445,5 @@ def build(cfg: Experiment, *, teacher_checkpoint: str | None = None) -> Run:
     distiller.check_batch_size(cfg.data.eval_batch_size, "data.eval_batch_size")
   state = distiller.init(jax.random.key(cfg.run.seed), loader.batch(0, 0))
   init_steps = init_steps if method.stage_terms("init") else 0
-  return Run(cfg, distiller, state, loader, eval_ds, view, teacher_hash, total_steps, init_steps, schedule, num_classes)
+  run = Run(cfg, distiller, state, loader, eval_ds, view, teacher_hash, total_steps, init_steps, schedule, num_classes)
+  return dataclasses.replace(run, layer_similarity=similarity)

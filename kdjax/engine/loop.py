@@ -230,6 +230,8 @@ def _fit_locked(run: Run, workdir: Path, fault: Fault | None, held: wd.Lock) -> 
     run.state = None  # donated below; never reuse
     held.claim()  # nothing refuses the run from here on: record it as the lock's holder
     wd.write_json(workdir / wd.CONFIG_FILE, provenance)
+    if run.layer_similarity is not None and jax.process_index() == 0:  # layer_map.json and its heat map
+      run.layer_similarity.write(workdir)
     record.t0 = time.perf_counter()
     if jax.process_index() == 0:
       writer = report.MetricWriter(workdir, quiet=cfg.run.quiet, start_step=(record.resumed_from or [0])[-1])
@@ -342,6 +344,8 @@ def _finish(run: Run, state: TrainState, record: Record, provenance: dict, workd
     "git_commit": provenance["git_commit"],
     "config": provenance["config"],
   }
+  if run.layer_similarity is not None:
+    results["layer_map"] = run.layer_similarity.to_json()
   wd.write_json(workdir / "results.json", results)
   return results
 

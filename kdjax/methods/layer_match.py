@@ -18,6 +18,7 @@ a teacher layer may serve several student layers (``strict=True``: each at most 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -141,6 +142,17 @@ def candidates(features: Mapping[str, tuple], template: str | None, who: str) ->
     f"layer_map=auto: no candidate layers in the {who} (no {template!r} layers, no 'stageK' features; "
     f"features: {sorted(features)}); set method.{who}_layers to its layers' feature name or module path with '{{i}}'"
   )
+
+
+def provisional(cfg, student: Mapping[str, tuple], teacher: Mapping[str, tuple]):
+  """``cfg`` with ``layer_map=auto`` replaced by a stand-in over the same candidate layers (TinyBERT's
+  uniform map), to validate the method on the models' descriptions before any model runs."""
+  s, by_s = candidates(student, cfg.student_layers, "student")
+  t, by_t = candidates(teacher, cfg.teacher_layers, "teacher")
+  if by_s and by_t:
+    return dataclasses.replace(cfg, layer_map=("uniform",))
+  targets = [min((i + 1) * len(t) // len(s), len(t)) - 1 if len(s) <= len(t) else 0 for i in range(len(s))]
+  return dataclasses.replace(cfg, layer_map=map_entries(s, t, [max(x, 0) for x in targets], False))
 
 
 def map_entries(
