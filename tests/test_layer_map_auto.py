@@ -52,11 +52,13 @@ def test_cka_masks_rows_out_of_sequences():
   np.testing.assert_allclose(got, 1.0, rtol=1e-5)  # per example, H·W·C flattened: a permutation and a scale
 
 
-def _brute(sim, strict):
+def _brute(sim, strict, allowed=None):
   m, t = sim.shape
   maps = [
     c for c in itertools.product(range(t), repeat=m) if all(a < b if strict else a <= b for a, b in zip(c, c[1:]))
   ]
+  if allowed is not None:
+    maps = [c for c in maps if all(allowed[i, j] for i, j in enumerate(c))]
   return max(maps, key=lambda c: sum(sim[i, j] for i, j in enumerate(c)))
 
 
@@ -72,6 +74,14 @@ def test_alignment_equals_brute_force(strict):
       sim = rng.random((m, t))
       got = layer_match.monotone_alignment(sim, strict=strict)
       assert got == _brute(sim, strict), (m, t, sim)
+      allowed = rng.random((m, t)) < 0.7  # some pairs forbidden (layers of other positions)
+      try:
+        want = _brute(sim, strict, allowed)
+      except ValueError:  # no map through the allowed pairs
+        with pytest.raises(ConfigError, match="no order-preserving map"):
+          layer_match.monotone_alignment(sim, strict=strict, allowed=allowed)
+        continue
+      assert layer_match.monotone_alignment(sim, strict=strict, allowed=allowed) == want
 
 
 def test_candidates_and_bad_input_are_one_line():
@@ -192,5 +202,9 @@ def test_auto_map_through_the_distiller_and_on_a_cnn_pair(tmp_path):
   assert cnn.student_layers == cnn.teacher_layers == ("stage1", "stage2", "stage3") and cnn.rows == 8
   assert all(e.startswith("stage") and "=stage" in e for e in cnn.layer_map) and len(cnn.layer_map) == 3
   assert ((0 <= cnn.cka) & (cnn.cka <= 1 + 1e-6)).all()
+  # For the hidden-state terms only stages of one H × W pair up (here stage k with stage k).
+  hint = MethodConfig(name="ce", terms=("hidden_mse=1",), layer_map=("auto",))
+  cfg, _ = kdjax.auto_layer_map(s, t, images, hint)
+  assert cfg.layer_map == ("stage1=stage1", "stage2=stage2", "stage3=stage3")
   js, png = cnn.write(tmp_path / "cnn")
   assert json.loads(js.read_text())["cka"] == [[round(float(v), 6) for v in r] for r in cnn.cka] and _png(png)

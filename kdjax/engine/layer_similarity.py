@@ -146,6 +146,7 @@ def layer_similarity(
   teacher_layers: str | None = "block{i}",
   mesh: jax.sharding.Mesh | None = None,
   strict: bool = False,
+  same_positions: bool = False,
 ) -> LayerSimilarity:
   """Linear CKA between every student and teacher layer on ``batches``, and the monotone map of the largest
   summed CKA (:func:`kdjax.methods.layer_match.monotone_alignment`).
@@ -158,6 +159,8 @@ def layer_similarity(
       (``"block{i}"``, ``"blocks.{i}"``); a model without them compares its ``stageK`` features.
     mesh: where the models run (default: every device on ``data``); the batch is split over ``data``.
     strict: each teacher layer serves at most one student layer.
+    same_positions: pair only layers whose outputs differ in their width at most (``(B, L, D)`` sequences
+      of one length; feature maps of one ``H × W``), as the hidden-state terms need.
   """
   if teacher is None and hasattr(student, "source"):
     models = student.source.models
@@ -181,7 +184,11 @@ def layer_similarity(
       "give more or longer batches (method.calibration_batches)"
     )
   cka = np.asarray(_CKA(s_rows, t_rows, w), np.float64)
-  targets = layer_match.monotone_alignment(cka, strict=strict)
+  allowed = None
+  if same_positions:
+    shape = lambda info, n: tuple(info.feature_shapes[n][:-1])  # noqa: E731
+    allowed = [[shape(sd.info, a) == shape(td.info, b) for b in t_names] for a in s_names]
+  targets = layer_match.monotone_alignment(cka, strict=strict, allowed=allowed)
   entries = layer_match.map_entries(s_names, t_names, targets, by_index_s and by_index_t)
   return LayerSimilarity(s_names, t_names, cka, targets, entries, n)
 
@@ -197,7 +204,8 @@ def auto_layer_map(
 ) -> tuple[MethodConfig, LayerSimilarity]:
   """``method`` with ``layer_map`` set to the CKA-chosen map between ``student`` and ``teacher``
   (:func:`layer_similarity` over ``method.student_layers`` / ``teacher_layers``, on the first
-  ``method.calibration_batches`` of ``batches``), and the similarity behind it."""
+  ``method.calibration_batches`` of ``batches``; only layers of the same positions are paired), and the
+  similarity behind it."""
   chosen = [b for _, b in zip(range(method.calibration_batches), batches)]
   sim = layer_similarity(
     student,
@@ -207,6 +215,7 @@ def auto_layer_map(
     teacher_layers=method.teacher_layers,
     mesh=mesh,
     strict=strict,
+    same_positions=True,
   )
   return dataclasses.replace(method, layer_map=sim.layer_map), sim
 

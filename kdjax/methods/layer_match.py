@@ -96,28 +96,36 @@ def linear_cka(x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray | None = None) 
   return cka_matrix([rx], [ry], w)[0, 0]
 
 
-def monotone_alignment(sim, *, strict: bool = False) -> tuple[int, ...]:
+def monotone_alignment(sim, *, strict: bool = False, allowed=None) -> tuple[int, ...]:
   """The teacher layer of each student layer, ``t₀ ≤ t₁ ≤ … ≤ t_{M−1}``, maximising Σᵢ sim[i, tᵢ].
 
   Dynamic programming over ``sim`` ``(M, T)``: best(i, j) = sim[i, j] + max_{j' ≤ j} best(i − 1, j')
   (``j' < j`` with ``strict``, where each teacher layer serves at most one student layer and M ≤ T is
-  needed). O(M·T²); ties go to the lower teacher layer.
+  needed). O(M·T²); ties go to the lower teacher layer. ``allowed`` ``(M, T)`` bool: pairs that may be
+  chosen (layers of the same positions, for terms that compare position by position).
   """
   sim = np.asarray(sim, np.float64)
   m, t = sim.shape
+  if allowed is not None:
+    sim = np.where(np.asarray(allowed, bool), sim, -np.inf)
   if m == 0 or t == 0:
     raise ConfigError(f"layer_map=auto: no layers to pair ({m} student, {t} teacher)")
   if strict and m > t:
     raise ConfigError(f"layer_map=auto (strict): {m} student layers cannot each take their own of {t} teacher layers")
   best = np.full((m, t), -np.inf)
   back = np.zeros((m, t), np.int64)
-  best[0] = sim[0]
+  best[0] = sim[0]  # −inf where not allowed
   for i in range(1, m):
     for j in range(t):
       prev = best[i - 1, : j if strict else j + 1]
       if prev.size and np.isfinite(prev.max()):
         back[i, j] = int(np.argmax(prev))
         best[i, j] = sim[i, j] + prev[back[i, j]]
+  if not np.isfinite(best[m - 1]).any():
+    raise ConfigError(
+      "layer_map=auto: no order-preserving map pairs every student layer with a teacher layer of the same "
+      "positions (shapes other than the width); give method.layer_map"
+    )
   pairs = [int(np.argmax(best[m - 1]))]
   for i in range(m - 1, 0, -1):
     pairs.append(int(back[i, pairs[-1]]))
