@@ -225,11 +225,11 @@ def test_stub_fills_cache_and_a_resumed_build_fetches_only_missing_rows(stub_fac
   np.testing.assert_array_equal(got["topk_idx"][order, 0], idx)
   np.testing.assert_allclose(got["topk_logp"][order, 0], lp, rtol=0, atol=1e-6)
   meta = json.loads((tmp_path / "cache.json").read_text())
-  assert (
-    meta["teacher_hash"] == "stubteacher"
-    and meta["teacher_endpoint"] == stub.url.removesuffix("/v1")
-    and meta["top_k"] == K
-  )
+  assert meta["teacher_hash"] == "stubteacher" and meta["teacher_endpoint"] == stub.url.removesuffix("/v1")
+  # such a cache stands for its teacher in training (no local checkpoint); an in-process cache does not
+  assert remote.served_teacher_hash(tmp_path) == "stubteacher" and remote.served_teacher_hash(None) is None
+  (tmp_path / "cache.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "teacher_endpoint"}))
+  assert remote.served_teacher_hash(tmp_path) is None
 
 
 def test_failing_and_slow_server_is_retried_with_backoff(stub_factory, tmp_path):

@@ -48,8 +48,10 @@ def create_model(mcfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:
         "teacher.name=hf reads a Hugging Face checkpoint: pass --teacher.checkpoint <directory "
         "with config.json and safetensors>"
       )
-    return decoder.Decoder(pretrained.read_config(mcfg.checkpoint), dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed))
-  return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype])
+    cfg = pretrained.read_config(mcfg.checkpoint)
+    return decoder.Decoder(cfg, dtype=_DTYPES[mcfg.dtype], rngs=nnx.Rngs(seed), remat=mcfg.remat)
+  remat = {} if mcfg.remat == "none" else {"remat": mcfg.remat}  # a language model's blocks
+  return models.create(mcfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=_DTYPES[mcfg.dtype], **remat)
 
 
 def model_info(model, name: str, num_classes: int) -> ModelInfo:
@@ -200,6 +202,7 @@ def _hf_student(cfg: Experiment, num_classes: int, train_ds) -> nnx.Module:
     source = nnx.eval_shape(lambda: decoder.Decoder(full, rngs=nnx.Rngs(0)))
     print(f"student cut from {path} (layers {list(layers or range(full.num_layers))}):")
     print(prune.param_table(model, source))
+  model.remat = s.remat  # the blocks' rematerialisation policy (a static attribute)
   return model
 
 
@@ -280,8 +283,12 @@ def _auto_layer_map(cfg: Experiment, method: Method, student, models: list, load
 def _teachers(cfg: Experiment, teacher_cfgs: list[ModelConfig], method: Method, num_classes: int, mesh):
   models, hashes = [], []
   needs = method.needs_teacher or teachers.plan(cfg.mode).several
+  from kdjax.data.cache.remote import served_teacher_hash
+
+  served = served_teacher_hash(cfg.data.teacher_cache)  # a cache a served teacher filled stands for it
   for i, tcfg in enumerate(teacher_cfgs):
-    if not tcfg.checkpoint and not needs:
+    if not tcfg.checkpoint and (not needs or (i == 0 and served)):
+      hashes += [served] if i == 0 and served else []
       continue  # e.g. a `ce` baseline with no teacher: no diagnostics vs a teacher
     m, h = load_teacher(
       tcfg, num_classes, role="teacher" if i == 0 else f"extra_teachers[{i - 1}]", own_vocab=method.any_vocab, mesh=mesh

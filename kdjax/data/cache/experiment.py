@@ -57,7 +57,8 @@ def loader_for_experiment(
   check_method(needs_teacher_features, cfg.mode, method_name)
   if teacher_hash is None:
     raise ConfigError(
-      "data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this teacher's outputs"
+      "data.teacher_cache needs --teacher.checkpoint too: its hash proves the cache is this teacher's outputs "
+      "(a cache filled by a served teacher, `kdjax cache --cache.endpoint`, needs none)"
     )
   cache = TeacherCache.open(
     cfg.data.teacher_cache, teacher_hash=teacher_hash, view=experiment_view(cfg), num_examples=len(loader.ds)

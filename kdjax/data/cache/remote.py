@@ -41,7 +41,7 @@ import numpy as np
 
 from kdjax.data import views
 from kdjax.data.cache.build import build_cache
-from kdjax.data.cache.format import CacheSpec
+from kdjax.data.cache.format import META_FILE, CacheSpec
 from kdjax.errors import ConfigError
 
 API_KEY_ENV = "KDJAX_API_KEY"
@@ -307,6 +307,16 @@ def check_served(info: dict, *, vocab: str, num_classes: int, length: int, where
   if ours.get("max_length") is not None and length + 1 > ours["max_length"]:
     raise ConfigError(f"teacher endpoint {where} takes {ours['max_length']} positions, rows need {length + 1}")
   return ours.get("teacher_hash") or "remote:" + hashlib.sha256(str(info.get("id")).encode()).hexdigest()[:16]
+
+
+def served_teacher_hash(directory: str | Path | None) -> str | None:
+  """The teacher hash of a cache a served teacher filled (``cache.json`` names its endpoint), else None:
+  such a cache stands for its teacher in training without a local checkpoint."""
+  meta = Path(directory) / META_FILE if directory else None
+  if meta is None or not meta.is_file():
+    return None
+  recorded = json.loads(meta.read_text())
+  return recorded.get("teacher_hash") if recorded.get("teacher_endpoint") else None
 
 
 def build_remote_cache(
