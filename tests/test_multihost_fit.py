@@ -49,8 +49,11 @@ FLAGS = [
 ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_FAULT_AT_STEP")}
+def _env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """The test's environment (compile settings kept) with ``devices`` forced CPU devices and ``extra``."""
+  env = {k: v for k, v in os.environ.items() if k != "KDJAX_FAULT_AT_STEP"}
+  if devices:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
   return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
@@ -126,7 +129,7 @@ def _make_runs(root: Path, tfds_dir: str) -> None:
   one = root / "one"
   r = subprocess.run(
     _argv(one, teacher, tfds_dir),
-    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    env=_env(devices=2),
     capture_output=True,
     text=True,
     timeout=600,
