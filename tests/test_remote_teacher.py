@@ -462,3 +462,38 @@ def test_no_key_in_any_output_or_file(served):
   files = [p for p in served["root"].rglob("*") if p.is_file()]
   assert len([p for p in files if p.name.startswith("serve")]) >= 1
   assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+
+
+def test_packed_cache_filled_from_the_stub_is_within_the_grid_bound(stub_factory, tmp_path):
+  stub, ds = stub_factory(), _dataset(n=8)
+  spec = cache_lib.CacheSpec(top_k=K, encoding="packed", shard_size=8, batch_size=8)
+  assert remote.build_remote_cache(tmp_path, ds, _rcfg(stub.url), spec=spec, vocab="stubvocab", num_classes=V)[
+    "complete"
+  ]
+  c = cache_lib.TeacherCache.open(tmp_path, view=VIEW, num_examples=8)
+  assert c.meta["teacher_hash"] == "stubteacher" and c.meta["bytes_per_token"] > 0
+  batch = cache_lib.CachedLoader(ds, c, batch_size=8, shuffle=False).batch(0, 0)
+  lp, idx = _reference(np.asarray(batch["inputs"]))
+  got_lp, got_idx = np.asarray(batch["teacher_topk_logp"]), np.asarray(batch["teacher_topk_idx"])
+  by_id, ref_by_id = np.argsort(got_idx, -1), np.argsort(idx, -1)  # packed rows come back in id order
+  np.testing.assert_array_equal(np.take_along_axis(got_idx, by_id, -1), np.take_along_axis(idx, ref_by_id, -1))
+  err = np.take_along_axis(got_lp, by_id, -1) - np.take_along_axis(lp, ref_by_id, -1)
+  assert np.abs(err).max() <= cache_lib.LOGP_BOUND
+
+
+def test_served_requests_are_checked_in_one_line():
+  from kdjax.cli import serve
+
+  assert serve._request_k({"prompt_logprobs": 4, "max_tokens": 0}) == (4, 0, True, False)
+  assert serve._request_k({"logprobs": 2, "echo": True, "max_tokens": 1, "temperature": 0}) == (2, 1, False, True)
+  assert serve._prompts({"prompt": [1, 2, 3]}) == [[1, 2, 3]]
+  bad = [
+    ({"prompt": "a text"}, serve._prompts, "token ids"),
+    ({"max_tokens": 0}, serve._request_k, "ask for prompt_logprobs"),
+    ({"logprobs": 2, "max_tokens": 0}, serve._request_k, "echo: true"),
+    ({"prompt_logprobs": 2, "max_tokens": 16}, serve._request_k, "max_tokens=16"),
+    ({"prompt_logprobs": 2, "max_tokens": 1, "temperature": 0.7}, serve._request_k, "greedily"),
+  ]
+  for body, check, words in bad:
+    with pytest.raises(serve.BadRequest, match=words):
+      check(body)
