@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -233,7 +234,7 @@ class RemoteTeacher:
         if e.code not in RETRIED_STATUS:
           raise EndpointError(f"teacher endpoint {where} answered HTTP {e.code}: {_server_message(e)}") from None
         last = f"HTTP {e.code}"
-      except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, json.JSONDecodeError) as e:
+      except (urllib.error.URLError, http.client.HTTPException, OSError, json.JSONDecodeError) as e:
         last = type(getattr(e, "reason", e)).__name__
       if attempt < self.cfg.retries:
         self.retried += 1
