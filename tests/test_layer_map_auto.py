@@ -171,7 +171,7 @@ def _png(path) -> bool:
 
 @pytest.mark.slow
 def test_auto_map_through_the_distiller_and_on_a_cnn_pair(tmp_path):
-  """layer_map=auto resolved by Distiller.init on its calibration batches (the step trains on that map), and a
+  """layer_map=auto resolved by Distiller.init on its calibration batches (the step's method reads that map), and a
   ResNet pair compared stage by stage; each writes its map, matrix and heat map."""
   import optax
   from flax import nnx
@@ -182,15 +182,13 @@ def test_auto_map_through_the_distiller_and_on_a_cnn_pair(tmp_path):
   batches = _token_batches()
   method = MethodConfig(name="ce", terms=("hidden_mse=1",), layer_map=("auto",), calibration_batches=1)
   d = kdjax.Distiller(_lm(2, 3), _lm(4, 4), method=method, optimizer=optax.adam(1e-3), calibration=batches)
-  state = d.init(jax.random.key(0), batches[0])
+  d.init(jax.random.key(0), batches[0])
   sim = d.layer_similarity
   assert sim.rows == 8 * LEN - 4 * 3 and sim.cka.shape == (2, 4)  # calibration_batches=1: the first batch only
   assert len(sim.targets) == 2 and sim.targets[0] <= sim.targets[1]
   assert sim.layer_map == tuple(f"{i}={t}" for i, t in enumerate(sim.targets))
   (term,) = [t for t in d.spec.method.terms if t.name == "hidden_mse"]
   assert term.teacher_features == tuple(dict.fromkeys(f"block{t}" for t in sim.targets))
-  state, metrics = d.step(state, batches[1])
-  assert np.isfinite(float(metrics["loss/hidden_mse"]))
   js, png = sim.write(tmp_path / "lm")
   assert json.loads(js.read_text())["layer_map"] == list(sim.layer_map) and _png(png)
 
