@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_next_token_distribution_equals_enumeration(tiny):
   n = 4
   seqs = np.asarray(list(itertools.product(SYMBOLS, repeat=n)), np.int32)  # every symbol sequence of length 4
   rows = np.concatenate([np.full((len(seqs), 1), H.BOS, np.int32), seqs], axis=1)  # <bos> x_1 … x_4
-  got = np.asarray(H.next_token_logprobs(tiny, jnp.asarray(rows)), np.float64)  # (B, 5, V)
+  got = np.asarray(jax.jit(lambda x: H.next_token_logprobs(tiny, x))(rows), np.float64)  # (B, 5, V)
   for i in range(0, len(seqs), 7):  # a spread of prefixes
     for t in range(n + 1):  # the token after <bos> x_1 … x_t
       prefix = list(seqs[i, :t])
@@ -117,7 +118,8 @@ def test_sequence_metrics_of_a_fixed_logit_model_match_numpy(tiny):
   n, draws = 3, 400
   samples = np.asarray(SYMBOLS)[rng.choice(3, p=q, size=(3 * draws, n))]
   rep_prompts, rep_lengths = np.repeat(prompts, draws, 0), np.repeat(lengths, draws)
-  got = np.asarray(ev.continuation_true_logprobs(tiny, jnp.asarray(rep_prompts), jnp.asarray(rep_lengths), samples))
+  score = jax.jit(lambda p, n, y: ev.continuation_true_logprobs(tiny, p, n, y))
+  got = np.asarray(score(jnp.asarray(rep_prompts), jnp.asarray(rep_lengths), jnp.asarray(samples)))
   model_lp = np.log(q[samples - H.FIRST_SYMBOL]).sum(1)
   est = (model_lp - got.sum(1)).reshape(3, draws).mean(1)
   for i, prompt in enumerate(prompts):
