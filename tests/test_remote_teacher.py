@@ -497,3 +497,60 @@ def test_served_requests_are_checked_in_one_line():
   for body, check, words in bad:
     with pytest.raises(serve.BadRequest, match=words):
       check(body)
+
+
+class _NumpyScorer:
+  """``kdjax serve``'s scorer interface over the stub's NumPy teacher (no model to compile)."""
+
+  vocab_size, max_length = V, 64
+
+  def score(self, rows, k):
+    out = []
+    for r in rows:
+      lp, idx = _reference(np.asarray([r]), k)
+      z = W[np.asarray(r)].astype(np.float64) + np.arange(len(r))[:, None] / 4
+      full = z - np.log(np.exp(z).sum(-1, keepdims=True))
+      out.append((lp[0], idx[0], full[np.arange(len(r) - 1), np.asarray(r[1:])]))
+    return out
+
+
+def test_serve_http_answers_both_forms_and_checks_the_key(tmp_path, monkeypatch):
+  """``kdjax serve``'s HTTP layer (handler, auth, both log-prob forms, greedy token, errors) with the
+  NumPy teacher behind it, read by the cache client."""
+  from tokenizers import Tokenizer, models
+
+  from kdjax.cli import serve
+
+  tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+  served = serve.Served(_NumpyScorer(), tok, "numpy", "numpyteacher", api_key=SECRET)
+  server = _QuietServer(("127.0.0.1", 0), serve.make_handler(served))
+  threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  try:
+    monkeypatch.setenv(remote.API_KEY_ENV, SECRET)
+    x = _rows(_dataset(n=5))[0]
+    for protocol, max_tokens in (("prompt_logprobs", 0), ("logprobs", 1)):
+      teacher = remote.RemoteTeacher(remote.RemoteConfig(url, protocol=protocol, max_tokens=max_tokens), K)
+      info = teacher.info()
+      assert info["kdjax"] == {
+        "vocab_hash": remote.vocab_hash(tok),
+        "vocab_size": V,
+        "teacher_hash": "numpyteacher",
+        "max_length": 64,
+      }
+      lp, idx = teacher(x)
+      teacher.close()
+      want_lp, want_idx = _reference(x)
+      np.testing.assert_array_equal(idx, want_idx)
+      np.testing.assert_allclose(lp, want_lp, rtol=0, atol=1e-6)
+    with pytest.raises(remote.EndpointError, match=r"HTTP 400: a prompt of 0 tokens"):
+      teacher = remote.RemoteTeacher(remote.RemoteConfig(url, retries=0), K)
+      teacher.call("/v1/completions", {"prompt": [[]], "prompt_logprobs": 2, "max_tokens": 0})
+    with pytest.raises(remote.EndpointError, match="HTTP 404"):
+      teacher.call("/v1/chat/completions", {})
+    monkeypatch.setenv(remote.API_KEY_ENV, "wrong")
+    with pytest.raises(remote.EndpointError, match="HTTP 401"):
+      remote.RemoteTeacher(remote.RemoteConfig(url, retries=0), K).info()
+  finally:
+    server.shutdown()
+    server.server_close()

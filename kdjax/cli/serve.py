@@ -50,6 +50,18 @@ def _pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
+def check_rows(rows: list[list[int]], k: int, vocab_size: int, max_length: int) -> None:
+  """Refuse (:class:`BadRequest`) prompts the teacher cannot score: empty, too long, ids outside the
+  vocabulary, or a ``k`` outside ``[1, V]``."""
+  if not isinstance(k, int) or not 1 <= k <= vocab_size:
+    raise BadRequest(f"top log-probs k={k!r}: must be an integer in [1, {vocab_size}]")
+  for r in rows:
+    if not r or len(r) > max_length:
+      raise BadRequest(f"a prompt of {len(r)} tokens: this teacher takes 1 to {max_length}")
+    if min(r) < 0 or max(r) >= vocab_size:
+      raise BadRequest(f"token ids must lie in [0, {vocab_size}), got {min(r)}…{max(r)}")
+
+
 class Scorer:
   """A teacher's top-k log-probs of token rows, one jitted forward per padded ``(rows, length)`` bucket.
 
@@ -86,17 +98,8 @@ class Scorer:
       self._fns[k] = lambda x: jax.device_get(jitted(self.params, self.rest, x))
     return self._fns[k]
 
-  def check(self, rows: list, k: int) -> None:
-    if not isinstance(k, int) or not 1 <= k <= self.vocab_size:
-      raise BadRequest(f"top log-probs k={k!r}: must be an integer in [1, {self.vocab_size}]")
-    for r in rows:
-      if not r or len(r) > self.max_length:
-        raise BadRequest(f"a prompt of {len(r)} tokens: this teacher takes 1 to {self.max_length}")
-      if min(r) < 0 or max(r) >= self.vocab_size:
-        raise BadRequest(f"token ids must lie in [0, {self.vocab_size}), got {min(r)}…{max(r)}")
-
   def score(self, rows: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    self.check(rows, k)
+    check_rows(rows, k, self.vocab_size, self.max_length)
     out: list = [None] * len(rows)
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
@@ -198,6 +201,7 @@ def _choice(served: Served, i: int, row: list[int], scored, body: dict, asked: t
 def completion(served: Served, body: dict) -> dict:
   """The ``/v1/completions`` answer to ``body`` (raises :class:`BadRequest`)."""
   rows, asked = _prompts(body), _request_k(body)
+  check_rows(rows, asked[0], served.scorer.vocab_size, served.scorer.max_length)
   scored = served.scorer.score(rows, asked[0])
   choices = [_choice(served, i, r, s, body, asked) for i, (r, s) in enumerate(zip(rows, scored))]
   n = sum(len(r) for r in rows)
@@ -253,6 +257,11 @@ def make_handler(served: Served) -> type[BaseHTTPRequestHandler]:
         return self._reply(200, completion(served, json.loads(body or b"{}")))
       except (BadRequest, ValueError, TypeError) as e:
         return self._error(400, " ".join(str(e).split()) or type(e).__name__)
+      except Exception as e:  # noqa: BLE001 - a bug: its traceback in the server's log, a 500 to the client
+        import traceback
+
+        traceback.print_exc()
+        return self._error(500, f"internal error in kdjax serve ({type(e).__name__})")
 
   return Handler
 
