@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kdjax.errors import ConfigError
-from kdjax.methods import MethodConfig, layer_match
+from kdjax.methods import MethodConfig, ModelInfo, layer_match
 
 
 def _np_cka(x, y):
@@ -206,3 +206,19 @@ def test_auto_map_through_the_distiller_and_on_a_cnn_pair(tmp_path):
   assert cfg.layer_map == ("stage1=stage1", "stage2=stage2", "stage3=stage3")
   js, png = cnn.write(tmp_path / "cnn")
   assert json.loads(js.read_text())["cka"] == [[round(float(v), 6) for v in r] for r in cnn.cka] and _png(png)
+
+
+def test_auto_map_without_a_teacher_model_is_one_line():
+  import optax
+  from flax import nnx
+
+  import kdjax
+
+  method = MethodConfig(name="ce", terms=("hidden_mse=1",), layer_map=("auto",))
+  student = nnx.eval_shape(lambda: _lm(1, 0))  # refused before any model runs
+  d = kdjax.Distiller(student, None, method=method, optimizer=optax.sgd(0.1))
+  with pytest.raises(ConfigError, match="layer_map=auto pairs the student's layers with a teacher model's") as e:
+    d.init(jax.random.key(0), _token_batches(1)[0])
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="layer_map=auto is chosen on data"):
+    kdjax.methods.build(method, ModelInfo("s", V, {"block0": (LEN, 16)}), ModelInfo("t", V, {"block0": (LEN, 16)}))
