@@ -22,6 +22,7 @@ from kdjax.responses import ResponseConfig
 from kdjax.methods.config import MethodConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_REMATS = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
@@ -101,8 +102,13 @@ class ModelConfig:
     name: registry name (``kdjax.models.available()``), or ``hf`` for a
       model read from a Hugging Face checkpoint directory (``checkpoint``:
       config.json + safetensors; Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-2).
-    dtype: computation dtype; params stay float32 (a frozen ``hf`` teacher
-      holds them in ``dtype``).
+    dtype: computation dtype; a student's params stay float32 (master
+      weights; the losses compute in float32), a frozen teacher's are held in
+      ``dtype`` (cast once when placed, ``placement.teacher_dtype``).
+    remat: rematerialisation policy of a language model's blocks
+      (``transformer_lm``, ``hf``; :mod:`kdjax.models.remat`): ``none``,
+      ``dots_saveable``, ``dots_with_no_batch_dims_saveable`` or
+      ``nothing_saveable`` (the whole block recomputed in the backward pass).
     checkpoint: a finished run's workdir, its ``export/`` directory or its
       ``model.msgpack`` (or, with ``name="hf"``, a Hugging Face checkpoint
       directory). A teacher is loaded from it; a student starts from it
@@ -120,6 +126,7 @@ class ModelConfig:
 
   name: str = "mlp"
   dtype: str = "float32"
+  remat: Literal["none", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"] = "none"
   checkpoint: str | None = None
   layers: tuple[int, ...] = ()
   layer_stride: int = 0
@@ -130,6 +137,7 @@ class ModelConfig:
 
   def __post_init__(self):
     _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+    _check(self.remat in _REMATS, "model.remat", f"must be one of {_REMATS}, got {self.remat!r}")
 
   @property
   def cut(self) -> bool:

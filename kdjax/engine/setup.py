@@ -54,14 +54,16 @@ def _describe(model: nnx.Module, x: jax.ShapeDtypeStruct, taps) -> tuple[ModelDe
   return describe(model, x, taps)
 
 
-def _bind_teachers(source: teachers.TeacherSource, x, taps, method) -> tuple[teachers.TeacherSource, TeacherState]:
+def _bind_teachers(
+  source: teachers.TeacherSource, x, taps, method, placement: Placement
+) -> tuple[teachers.TeacherSource, TeacherState]:
   """The source with its teachers' static halves (tapped where ``taps`` and the method's layer map say), and
-  their (unplaced) state."""
+  their (unplaced) state, floating parameters cast once to ``placement.teacher_dtype``."""
   defs, params, rests = [], [], []
   for t in source.models:
     d, p, r = teachers.split_teacher(t, x, method_taps(method, t, taps, student=False))
     defs.append(d)
-    params.append(p)
+    params.append(placement_lib.cast_floating(p, placement_lib.held_dtype(t, placement)))
     rests.append(r)
   return dataclasses.replace(source, defs=tuple(defs)), TeacherState(params=tuple(params), model_state=tuple(rests))
 
@@ -102,7 +104,9 @@ def build_pieces(distiller, x: jax.ShapeDtypeStruct) -> Built:
   described = [_describe(m, x, method_taps(distiller.method_arg, m, distiller.taps, True)) for m in distiller.students]
   defs = tuple(d for d, _, _ in described)
   params, rests = tuple(p for _, p, _ in described), tuple(r for _, _, r in described)
-  source, teacher = _bind_teachers(distiller.source, x, distiller.teacher_taps, distiller.method_arg)
+  source, teacher = _bind_teachers(
+    distiller.source, x, distiller.teacher_taps, distiller.method_arg, distiller.placement
+  )
   s_info = defs[0].info
   t_info = source.info(s_info)
   method = _method(distiller.method_arg, source, s_info, t_info)

@@ -41,6 +41,7 @@ from kdjax.errors import ConfigError
 from kdjax.losses.fused import TokenHead
 from kdjax.models.base import ModelOutput
 from kdjax.models.probe import Probe
+from kdjax.models import remat as remat_lib
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
 
@@ -306,10 +307,13 @@ class Decoder(nnx.Module):
     (r"head\.kernel", ("embed", "vocab")),
   )
 
-  def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, name: str | None = None):
+  def __init__(
+    self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, name: str | None = None, remat: str = "none"
+  ):
     if cfg.family not in FAMILIES:
       raise ConfigError(f"decoder family {cfg.family!r} is not supported (supported: {', '.join(FAMILIES)})")
     self.cfg, self.compute_dtype = cfg, dtype
+    self.remat = remat_lib.check_policy(remat)  # the blocks' rematerialisation policy (kdjax.models.remat)
     self.model_name = name or cfg.family
     if not 0 <= cfg.output_vocab <= cfg.vocab_size:
       raise ConfigError(f"output_vocab={cfg.output_vocab} must lie in [1, vocab_size={cfg.vocab_size}] (0: all)")
@@ -360,7 +364,7 @@ class Decoder(nnx.Module):
     x, inv = self._embed(tokens, positions), self._inv_freq()
     feats = {"embed": x}
     for i, block in enumerate(self.blocks):
-      x, _ = block(x, positions, inv, segments=segment_ids)
+      x, _ = remat_lib.block_call(block, self.remat)(block, x, positions, inv, None, segment_ids)
       feats[f"block{i}"] = x
     x = self.norm(x)
     feats["pooled"] = x

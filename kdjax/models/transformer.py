@@ -5,7 +5,8 @@ Token + learned position embeddings, ``num_layers`` pre-LN blocks
 ``mlp_ratio · dim``), causal multi-head self-attention, a final LayerNorm and
 an untied linear head to ``num_classes`` (the vocabulary size). Dropout
 (``dropout``, default 0) acts on the embedding sum, the attention output and
-the MLP output in train mode.
+the MLP output in train mode. ``remat`` names a rematerialisation policy for
+the blocks (:mod:`kdjax.models.remat`; default ``none``).
 
 ``create("transformer_lm", num_classes=vocab, num_layers=2, dim=64,
 num_heads=4, max_len=128)``. Input ``(B, L)`` integer tokens, L ≤ max_len;
@@ -31,6 +32,7 @@ from flax import nnx
 from kdjax.errors import ConfigError
 from kdjax.losses.fused import TokenHead
 from kdjax.models import _layers as layer_lib
+from kdjax.models import remat as remat_lib
 from kdjax.models.base import ModelOutput
 from kdjax.models.probe import Probe, tapped
 
@@ -141,6 +143,7 @@ class TransformerLM(nnx.Module):
     max_len: int = 128,
     mlp_ratio: int = 4,
     dropout: float = 0.0,
+    remat: str = "none",
     *,
     num_classes: int = 256,
     dtype=jnp.float32,
@@ -152,6 +155,7 @@ class TransformerLM(nnx.Module):
     self.input_shape = (max_len,)
     self.max_len = max_len
     self.dim, self.num_heads, self.compute_dtype = dim, num_heads, dtype
+    self.remat = remat_lib.check_policy(remat)
     self.tok = nnx.Embed(
       num_classes, dim, embedding_init=_EMBED_INIT, dtype=dtype, param_dtype=layer_lib.PARAM_DTYPE, rngs=rngs
     )
@@ -182,7 +186,7 @@ class TransformerLM(nnx.Module):
       x = self.dropout(x, deterministic=not train)
     feats = {"embed": x}
     for i, block in enumerate(self.blocks):
-      x = block(x, train, mask)
+      x = remat_lib.block_call(block, self.remat, static_argnums=(2,))(block, x, train, mask)
       feats[f"block{i}"] = x
     x = self.ln_f(x)
     feats["pooled"] = x

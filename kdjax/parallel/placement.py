@@ -36,6 +36,7 @@ from kdjax.parallel import sharding
 from kdjax.parallel.partition import teacher_specs
 
 MEMORIES = ("device", "pinned_host")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +52,25 @@ class Placement:
       ``sharded``, with it the teacher's sub-mesh is split that way.
     teacher_memory: ``device`` or ``pinned_host`` (weights stay in pinned host
       memory and come onto the device for each forward).
+    teacher_dtype: the dtype a frozen teacher's floating parameters are held
+      in, cast once before they are placed: ``auto`` (default) holds them in
+      the teacher's compute dtype (``compute_dtype`` of kdjax's zoo and
+      Hugging Face models, e.g. ``dtype=jnp.bfloat16``) when that is
+      narrower, and leaves other models' as they are; ``bfloat16`` (or
+      ``float16``, ``float32``) casts any teacher's, a user's model included.
   """
 
   teacher_devices: int = 0
   model: int = 1
   teacher_memory: Literal["device", "pinned_host"] = "device"
+  teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
   def __post_init__(self):
     checks = (
       (self.teacher_devices >= 0, "teacher_devices", "≥ 0 (0: the teacher shares the student's devices)"),
       (self.model >= 1, "model", "≥ 1"),
       (self.teacher_memory in MEMORIES, "teacher_memory", f"one of {MEMORIES}"),
+      (self.teacher_dtype in TEACHER_DTYPES, "teacher_dtype", f"one of {TEACHER_DTYPES}"),
       (
         not self.teacher_devices or self.teacher_devices % self.model == 0,
         "model",
@@ -80,6 +89,27 @@ class Placement:
   @property
   def split(self) -> bool:
     return self.kind == "split"
+
+
+def held_dtype(teacher: Any, placement: Placement) -> Any:
+  """The dtype ``teacher``'s floating parameters are held in (None: as they are); see ``Placement.teacher_dtype``."""
+  if placement.teacher_dtype != "auto":
+    return jnp.dtype(placement.teacher_dtype)
+  compute = getattr(teacher, "compute_dtype", None)
+  return None if compute is None or jnp.dtype(compute).itemsize >= 4 else jnp.dtype(compute)
+
+
+def cast_floating(params: Any, dtype: Any) -> Any:
+  """``params`` with every floating leaf cast to ``dtype``; other leaves, and all of them for a None ``dtype``,
+  as they are."""
+  if dtype is None:
+    return params
+
+  def one(a):
+    floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+    return a.astype(dtype) if floating and a.dtype != dtype else a
+
+  return jax.tree.map(one, params)
 
 
 def check_memory_kind(mesh: Mesh, kind: str) -> None:
