@@ -6,7 +6,7 @@
 #   1. `kdjax sweep` trains the teacher (one seed);
 #   2. `kdjax sweep` runs the 13 student cells × KDJAX_LM_SEEDS seeds (default 5), KDJAX_LM_PARALLEL
 #      processes at a time (default 2), every cell distilling from that teacher;
-#   3. `kdjax report` writes the table (mean ± 95 % CI, paired differences from supervised KD `fkl` on the
+#   3. `kdjax report` writes the table (mean ± 95 % CI, paired differences from supervised KD `hmm_lm_fkl` on the
 #      same seeds) between the markers of results/hmm_lm.md (the reading around them is kept), its CSV and
 #      the PNG curves.
 # Extra args go to every cell (e.g. --optim.steps 100 for a quick look). Finished cells are skipped: re-running
@@ -31,5 +31,5 @@ start=$(date +%s)
 echo "[lm_experiment] teacher trained after $(( $(date +%s) - start )) s" >&2
 "$PY" -m kdjax sweep hmm_lm --grid "config=$CELLS" --seeds "$SEEDS" --parallel "$PARALLEL" --workdir "$W" \
   --teacher.checkpoint "$W/teacher/seed0" "$@"
-"$PY" -m kdjax report "$W" --out "$OUT" --baseline fkl > /dev/null
+"$PY" -m kdjax report "$W" --out "$OUT" --baseline hmm_lm_fkl > /dev/null
 echo "[lm_experiment] wrote $OUT; wall time $(( $(date +%s) - start )) s"

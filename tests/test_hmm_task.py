@@ -178,8 +178,12 @@ def test_one_cell_through_the_cli_writes_the_exact_metrics(tmp_path, tfds_dir):
   assert s["true_entropy"] == t["true_entropy"]  # a property of the held-out data alone
   from kdjax import report
 
-  md = report.make_report([str(tmp_path)], str(tmp_path / "page.md"), baseline="onpolicy_rkl_1")
-  assert "| onpolicy_rkl_1 | 1 |" in md and (tmp_path / "page_exact.png").read_bytes()[:4] == b"\x89PNG"
+  md = report.make_report([str(tmp_path)], str(tmp_path / "page.md"), baseline="hmm_lm_onpolicy_rkl_1")
+  assert (
+    "| hmm_lm_onpolicy_rkl_1 | 1 |" in md
+    and "| hmm_lm_teacher | 1 |" in md
+    and (tmp_path / "page_exact.png").read_bytes()[:4] == b"\x89PNG"
+  )
 
 
 def test_intervals_and_paired_comparison_match_scipy():

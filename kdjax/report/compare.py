@@ -99,14 +99,9 @@ def paired_t(a: dict, b: dict) -> tuple[float, float, float, int]:
 
 
 def cell_labels(records: Sequence[RunRecord]) -> list[str]:
-  """Each run's cell: its experiment's name less the prefix every run shares (``hmm_lm_jsd_0.1`` →
-  ``jsd_0.1``) when the names tell the cells apart, else :func:`~kdjax.report.tables.cell_names`."""
-  names = [str(r.get("experiment") or "") for r in records]
-  if not all(names):
-    return cell_names(records)
-  prefix = os.path.commonprefix(names)
-  prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
-  return [n[len(prefix) :] or n for n in names]
+  """Each run's cell: its experiment's name (``hmm_lm_fkl``), plus the settings that tell apart runs of one
+  name (:func:`~kdjax.report.tables.cell_names`); runs that differ only in seed share a cell."""
+  return cell_names(records, group=lambda r: str(r.get("experiment") or r.group))
 
 
 def _by_cell(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
@@ -138,7 +133,9 @@ def exact_table(records: Sequence[RunRecord], baseline: str | None = None) -> st
       mean, half, _ = mean_ci([r.get(m.key) for r in rs])
       row.append(_fmt(mean, half, m.decimals))
     lines.append("| " + " | ".join(row) + " |")
-  out = "\n".join(lines) + "\n\n" + EXACT_NOTE + "\n"
+  truth = mean_ci([r.get("true_entropy") for r in records])[0]
+  floor = f" The language's entropy rate (−log p_true of the held-out responses) is {truth:.3f}." if truth > 0 else ""
+  out = "\n".join(lines) + "\n\n" + EXACT_NOTE + floor + "\n"
   if baseline is not None:
     out += "\n" + paired_table(cells, baseline)
   return out

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -201,15 +201,15 @@ def _settings(r: RunRecord) -> dict[str, str]:
   return out
 
 
-def cell_names(records: Sequence[RunRecord]) -> list[str]:
-  """Each run's table cell: its ``group``, plus the settings that tell apart
+def cell_names(records: Sequence[RunRecord], group: Callable[[RunRecord], str] = lambda r: r.group) -> list[str]:
+  """Each run's table cell: its ``group`` (or what ``group`` names it), plus the settings that tell apart
   runs sharing that group name (e.g. a sweep over ``optim.lr``):
   ``"cnn1d→mlp kd (optim.lr=0.01)"``. Runs that differ only in seed (or in
   paths) share a cell."""
+  names = [group(r) for r in records]
   by_group: dict[str, list[int]] = {}
-  for i, r in enumerate(records):
-    by_group.setdefault(r.group, []).append(i)
-  names = [r.group for r in records]
+  for i, g in enumerate(names):
+    by_group.setdefault(g, []).append(i)
   for g, idx in by_group.items():
     flats = [_settings(records[i]) for i in idx]
     keys = sorted({k for f in flats for k in f if len({f2.get(k) for f2 in flats}) > 1})
