@@ -47,6 +47,11 @@ throughput of these cases and prints one JSON line per case:
                   log-prob and top-k KL errors, encode and decode rows/s
                   (host NumPy and on-device JAX) for k = 64 and 128 at
                   V = 151,936
+  bf16_curve      (opt-in, ``--cases bf16_curve``; no pair) the LM pair distilled
+                  200 steps in float32 and in bfloat16 (float32 master weights,
+                  a bfloat16-held teacher) from the same weights and batches:
+                  max |Δloss|, step seconds and XLA's memory analysis of each,
+                  and the remat policies' (:mod:`kdjax.bench_bf16`)
 
 Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
@@ -104,7 +109,7 @@ PAIR_KWARGS = {
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "on_policy", "torch_eager_kd", "generate")
-EXTRA_CASES = ("input", "fused_memory", "cache_codec")
+EXTRA_CASES = ("input", "fused_memory", "cache_codec", "bf16_curve")
 # fused_memory: Qwen2.5-0.5B's vocabulary; teacher at its width, a narrower student; --quick: seconds
 FUSED_SHAPES = {"vocab": 151_936, "teacher_dim": 896, "student_dim": 512, "layers": 2, "batch": 4, "length": 512}
 FUSED_QUICK = {"vocab": 40_000, "teacher_dim": 64, "student_dim": 32, "layers": 1, "batch": 2, "length": 64}
@@ -902,6 +907,10 @@ def main(argv=None) -> int:
     from kdjax.bench_cache import bench_cache_codec
 
     bench_cache_codec(rows=256 if a.quick else 2048, rounds=a.rounds)
+  if "bf16_curve" in a.cases:
+    from kdjax.bench_bf16 import bench_bf16_curve
+
+    bench_bf16_curve(quick=a.quick)
   for pair in a.pairs:
     _time_cases(a, pair, _pair_cases(a, pair))
   return 0
