@@ -124,8 +124,8 @@ def on_policy(meshes) -> dict:
 
 
 def dropout(meshes) -> dict:
-  """Five steps of a user's models with dropout on each mesh: an NNX model holding its streams (KD and a
-  tapped layer's attention transfer) and a Linen model through ``nnx.bridge`` (KD)."""
+  """Five steps of a user's models with dropout on each mesh, KD and a tapped layer's attention transfer: an
+  NNX model holding its streams and a Linen model through ``nnx.bridge``."""
   import optax
   from flax import nnx
 
@@ -134,15 +134,14 @@ def dropout(meshes) -> dict:
 
   models = {
     "nnx": (lambda: (DropoutNet(8, rngs=nnx.Rngs(1)), DropoutNet(16, rngs=nnx.Rngs(0))), {"stage1": "conv1"}),
-    "linen": (lambda: (linen(8, 1), linen(16, 0)), {}),
+    "linen": (lambda: (linen(8, 1), linen(16, 0)), {"stage1": "Conv_0"}),
   }
   out = {}
   for kind, (make, taps) in models.items():
     for name in ("one", "eight"):
       student, teacher, mesh = *make(), meshes[name]
-      method = "kd+at" if taps else "kd"
       d = kdjax.Distiller(
-        student, teacher, method=method, taps=taps, teacher_taps=taps, optimizer=optax.sgd(0.1), mesh=mesh
+        student, teacher, method="kd+at", taps=taps, teacher_taps=taps, optimizer=optax.sgd(0.1), mesh=mesh
       )
       state = d.init(jax.random.key(0), blobs(0))
       hist = []

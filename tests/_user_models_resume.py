@@ -4,8 +4,7 @@ from the newest one; ``KILL_AT`` (optional) sends SIGKILL to this process right 
   python tests/_user_models_resume.py KIND WORKDIR STEPS [KILL_AT]
 
 KIND is ``dropout`` (an NNX model holding dropout streams) or ``linen`` (a Linen model with dropout
-through ``nnx.bridge``); the NNX model distils with KD plus attention transfer on a tapped layer, the
-Linen model with KD. The final state's leaves go to ``WORKDIR/final.npz``.
+through ``nnx.bridge``); both distil with KD plus attention transfer on a tapped layer. The final state's leaves go to ``WORKDIR/final.npz``.
 """
 
 from __future__ import annotations
@@ -35,9 +34,10 @@ def models(kind: str):
 
 def main(kind: str, workdir: str, steps: int, kill_at: int | None = None) -> None:
   student, teacher = models(kind)
-  taps = {"stage1": "conv1"} if kind == "dropout" else {}
-  method = "kd+at" if taps else "kd"
-  distiller = kdjax.Distiller(student, teacher, method=method, taps=taps, teacher_taps=taps, optimizer=optax.adam(3e-3))
+  taps = {"stage1": "conv1" if kind == "dropout" else "Conv_0"}
+  distiller = kdjax.Distiller(
+    student, teacher, method="kd+at", taps=taps, teacher_taps=taps, optimizer=optax.adam(3e-3)
+  )
   state = distiller.init(jax.random.key(0), U.blobs(0))
   checkpointer = kdjax.Checkpointer(Path(workdir) / "checkpoints", save_every=EVERY)
   restored = checkpointer.restore_latest(distiller.abstract_state)

@@ -91,7 +91,7 @@ def test_a_model_with_rng_streams_distils_and_evaluates_deterministically(kind):
     "linen_bridge": linen,
     "call_rngs": lambda w, s: CallRngsNet(rngs=nnx.Rngs(s)),
   }[kind]
-  taps = {"stage1": "conv1"} if kind == "nnx_dropout" else {}
+  taps = {"nnx_dropout": {"stage1": "conv1"}, "linen_bridge": {"stage1": "Conv_0"}}.get(kind, {})
   # Distillation terms only (no cross-entropy on the random labels): the student moves toward the teacher.
   method = kdjax.MethodConfig(name="kd+at" if taps else "kd", terms=("ce=0",))
   d = kdjax.Distiller(make(8, 1), make(16, 0), method=method, optimizer=optax.adam(1e-2), taps=taps, teacher_taps=taps)
@@ -147,7 +147,7 @@ def test_the_trained_student_comes_back_as_a_module():
 def test_kill_9_and_resume_equals_the_uninterrupted_run(tmp_path):
   """SIGKILL right after a step whose checkpoint save is in flight, then the same script again: the final
   state (parameters, optimizer, step, key) is bit-identical to an uninterrupted run's, for a model holding
-  dropout streams (KD + a tapped layer's attention transfer) and a Linen model with dropout."""
+  dropout streams and a Linen model with dropout, each with KD + a tapped layer's attention transfer."""
   import subprocess
   import sys
   from pathlib import Path
@@ -171,3 +171,25 @@ def test_kill_9_and_resume_equals_the_uninterrupted_run(tmp_path):
     assert sorted(whole) == sorted(resumed) and len(whole) > 5
     for name in whole:
       np.testing.assert_array_equal(resumed[name], whole[name], err_msg=f"{kind} {name}")
+
+
+def test_a_linen_submodule_is_tapped_by_its_name_and_the_model_is_left_as_it_was():
+  from kdjax.engine import taps
+  from kdjax.errors import ConfigError
+
+  model = linen(8, 1)
+  before = jax.tree.structure(nnx.state(model))
+  x = jnp.asarray(blobs(0)["inputs"])
+  with taps.capture(model, {"first": "Conv_0", "second": "Conv_1"}) as got:
+    model(x, train=False)
+  assert jax.tree.structure(nnx.state(model)) == before
+  conv = nnx.state(model)["Conv_0"]
+  want = (
+    jax.lax.conv_general_dilated(x, conv["kernel"][...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    + conv["bias"][...]
+  )
+  np.testing.assert_allclose(np.asarray(got["first"]), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert got["second"].shape == (BATCH, 4, 4, 16)
+  with pytest.raises(ConfigError, match="no Linen submodule 'Conv_9' in LinenNet; its submodules: Conv_0, Conv_1"):
+    with taps.capture(model, {"x": "Conv_9"}):
+      model(x, train=False)

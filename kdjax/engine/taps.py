@@ -82,10 +82,26 @@ def locate(model: nnx.Module, path: str) -> tuple[nnx.Module, int | None, int]:
   return node, layer, size
 
 
+def linen_site(model: nnx.Module, path: str) -> tuple[nnx.Module, tuple[str, ...]] | None:
+  """``(wrapper, Linen path)`` when ``path`` goes into a Linen model wrapped by ``nnx.bridge.ToNNX``
+  (``"Conv_1"``, ``"encoder.Block_0.Dense_1"``): the wrapper and the Linen submodule's path inside it
+  (checked when the model runs); None otherwise."""
+  node: Any = model
+  parts = path.split(".")
+  for i, part in enumerate(parts):
+    if isinstance(node, nnx.bridge.ToNNX):
+      return node, tuple(parts[i:])
+    node = _child(node, part)
+    if node is None:
+      return None
+  return None
+
+
 def resolve(model: nnx.Module, path: str) -> nnx.Module:
-  """The submodule at dotted ``path`` (the stacked module itself for a layer of a stack); ``ConfigError``
-  listing the valid paths."""
-  return locate(model, path)[0]
+  """The submodule at dotted ``path`` (the stacked module itself for a layer of a stack, the wrapper for
+  a Linen submodule); ``ConfigError`` listing the valid paths."""
+  site = linen_site(model, path)
+  return site[0] if site is not None else locate(model, path)[0]
 
 
 _PLAIN, _STACKED = 1, 2
@@ -125,15 +141,80 @@ def _collect_stacked(found: dict, captured: dict) -> None:
     captured[name] = stacked[layer]
 
 
+def _pop_linen_output(wrapper: nnx.Module, linen_path: tuple[str, ...], seen: list) -> jax.Array:
+  """The last output of Linen submodule ``linen_path`` that ``capture_intermediates`` stored among the
+  wrapper's variables, removed from them (with the attributes the call added) so its state is unchanged."""
+  holder: Any = getattr(wrapper, linen_path[0], None)
+  for part in linen_path[1:]:
+    holder = holder.get(part) if isinstance(holder, dict) else None
+  record = holder.pop("__call__", None) if isinstance(holder, dict) else None
+  if record is None:
+    valid = sorted({".".join(p) for p in seen if p})
+    raise ConfigError(
+      f"no Linen submodule {'.'.join(linen_path)!r} in {type(wrapper.to_nnx__module).__name__}; "
+      f"its submodules: {', '.join(valid)}"
+    )
+  return record.get_value()[-1]
+
+
+def _linen_recorder(original, captured: dict, sites: dict):
+  """``ToNNX.__call__`` that, for a wrapper with tapped Linen submodules, runs the Linen model with
+  ``capture_intermediates`` for exactly those and records their outputs."""
+
+  @functools.wraps(original)
+  def recording(self, *args, **kwargs):
+    wanted = sites.get(id(self))
+    if not wanted:
+      return original(self, *args, **kwargs)
+    seen: list[tuple[str, ...]] = []
+
+    def keep(module, method_name: str) -> bool:
+      seen.append(tuple(module.path))
+      return method_name == "__call__" and tuple(module.path) in wanted
+
+    before = set(vars(self))
+    out = original(self, *args, capture_intermediates=keep, mutable=["intermediates"], **kwargs)
+    added = set(vars(self)) - before
+    for linen_path, names in wanted.items():
+      value = _pop_linen_output(self, linen_path, seen)
+      for name in names:
+        captured[name] = value
+    for attr in added:  # attributes the call created only to hold intermediates
+      delattr(self, attr)
+    return out
+
+  return recording
+
+
+@contextlib.contextmanager
+def _capture_linen(model: nnx.Module, taps: Mapping[str, str], captured: dict) -> Iterator[None]:
+  """Patch ``nnx.bridge.ToNNX`` while ``taps`` (Linen submodule paths) are recorded into ``captured``."""
+  if not taps:
+    yield
+    return
+  sites: dict[int, dict[tuple[str, ...], list[str]]] = {}
+  for name, path in taps.items():
+    wrapper, linen_path = linen_site(model, path)
+    sites.setdefault(id(wrapper), {}).setdefault(linen_path, []).append(name)
+  original = nnx.bridge.ToNNX.__call__
+  nnx.bridge.ToNNX.__call__ = _linen_recorder(original, captured, sites)
+  try:
+    yield
+  finally:
+    nnx.bridge.ToNNX.__call__ = original
+
+
 @contextlib.contextmanager
 def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, jax.Array]]:
   """Record, under feature name ``name``, the output of submodule ``taps[name]``.
 
   Yields the dict the outputs land in (filled when the model runs inside the
   ``with`` block; a layer of an ``nnx.scan``/``nnx.vmap`` stack when the block
-  ends). A submodule called several times keeps its last output.
+  ends). A submodule called several times keeps its last output. A Linen submodule of a model wrapped by
+  ``nnx.bridge.ToNNX`` is recorded through Linen's ``capture_intermediates``.
   """
-  found = {name: locate(model, path) for name, path in taps.items()}
+  linen = {name: path for name, path in taps.items() if linen_site(model, path) is not None}
+  found = {name: locate(model, path) for name, path in taps.items() if name not in linen}
   names_of: dict[int, list[str]] = {}
   stacks: dict[int, str] = {}
   for name, (sub, layer, _) in found.items():
@@ -150,7 +231,8 @@ def capture(model: nnx.Module, taps: Mapping[str, str]) -> Iterator[dict[str, ja
       patched[cls] = cls.__call__
       cls.__call__ = _recorder(cls.__call__, captured, names_of, stacks)
   try:
-    yield captured
+    with _capture_linen(model, linen, captured):
+      yield captured
     _collect_stacked(found, captured)
   finally:
     for cls, original in patched.items():

@@ -218,7 +218,8 @@ def _band(rs: Sequence[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray, np
 def plot_exact_curves(records: Sequence[RunRecord], path: str | os.PathLike) -> Path:
   """PNG: the teacher's exact KLs vs its steps in their own panel, then one panel per metric of
   :data:`CURVE_METRICS` with every student cell (mean over seeds, 95 % interval band clipped to the
-  metric's range [0, ∞); cells told apart by colour, line style and marker)."""
+  metric's range [0, ∞); cells told apart by colour, line style and marker; a log axis when the cells
+  differ by more than 20×)."""
   from kdjax.report.plots import _figure, _save
 
   cells = _by_cell(records)
@@ -231,7 +232,7 @@ def plot_exact_curves(records: Sequence[RunRecord], path: str | os.PathLike) -> 
       steps, mean, lo, hi = _band(rs, key)
       (line,) = axes[0].plot(steps, mean, STYLES[j], marker=MARKERS[j], label=f"{name}: {label} (n={len(rs)})")
       axes[0].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax = axes[1 + j]
+    ax, means = axes[1 + j], []
     for i, (name, rs) in enumerate(students.items()):
       steps, mean, lo, hi = _band(rs, key)
       if steps.size == 0:
@@ -239,21 +240,35 @@ def plot_exact_curves(records: Sequence[RunRecord], path: str | os.PathLike) -> 
       color = _color(i, len(students))
       style, marker = STYLES[i % len(STYLES)], MARKERS[i % len(MARKERS)]
       ax.plot(steps, mean, style, color=color, marker=marker, markersize=4, label=f"{name} (n={len(rs)})")
-      ax.fill_between(steps, lo, hi, color=color, alpha=0.12, linewidth=0)
+      ax.fill_between(steps, np.maximum(lo, LOG_FLOOR), hi, color=color, alpha=0.12, linewidth=0)
+      means.append(mean)
+    _scale(ax, np.concatenate(means) if means else np.zeros(0))
     ax.set_title(f"students: {label}")
     ax.set_xlabel("step")
     ax.set_ylabel("nats per response token")
-    ax.set_ylim(bottom=0.0)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
   axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   axes[0].set_title("teacher")
   axes[0].set_xlabel("step")
   axes[0].set_ylim(bottom=0.0)
   axes[0].grid(alpha=0.3)
   if teachers:
-    axes[0].legend(fontsize="x-small")
+    axes[0].legend(fontsize="x-small", loc="best")
   fig.suptitle("mean over seeds; band = 95 % t interval (clipped at 0)", fontsize="small")
   return _save(fig, path)
+
+
+LOG_FLOOR = 1e-3  # a log-scaled panel's lowest band edge (a KL's band clipped at 0 has no logarithm)
+
+
+def _scale(ax, values: np.ndarray) -> None:
+  """A linear axis from 0, or a logarithmic one when the cells' values span more than a factor of 20 (a
+  collapsed cell would otherwise flatten every other line)."""
+  v = values[np.isfinite(values) & (values > 0)]
+  if v.size and v.max() > 20 * v.min():
+    ax.set_yscale("log")
+  else:
+    ax.set_ylim(bottom=0.0)
 
 
 def _color(i: int, n: int):
