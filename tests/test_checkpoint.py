@@ -1,8 +1,8 @@
 """Checkpoints and fault tolerance, end to end through ``kdjax.cli``.
 
 Every training run here is the embedded mnist1d ``kd_labelled`` experiment
-(cnn1d teacher → mlp student), 24 steps of batch 64, a checkpoint every 4
-steps. The uninterrupted reference runs (kd, DML, CRD) are shared by the
+(cnn1d teacher → mlp student; the KD runs' student has dropout), 24 steps of
+batch 64, a checkpoint every 4 steps. The uninterrupted reference runs (kd, DML, CRD) are shared by the
 module; a run is interrupted with the documented ``KDJAX_FAULT_AT_STEP`` hook
 (``N:KILL`` in a subprocess, ``N:TERM``/``N:NAN`` in-process) at a step drawn
 from a seeded RNG, then re-run with the same command, and its final Orbax
@@ -49,10 +49,11 @@ COMMON = [
   "4",
   "--run.quiet",
 ]
+# The KD student has dropout: its masks, drawn from the run's key, must resume exactly too.
 # CRD with a small head and few negatives: the memory bank is still updated
 # every step (the state that must survive the restart), at a fraction of the cost.
 KINDS = {
-  "kd": [],
+  "kd": ["--student.name", "mlp_dropout"],
   "dml": ["--mode", "dml"],
   "crd": ["--method.name", "crd", "--method.crd_negatives", "64", "--method.feat_dim", "16"],
 }
@@ -118,6 +119,9 @@ def tree_digest(d: Path) -> dict[str, str]:
     for p in sorted(d.rglob("*"))
     if p.is_file() and p.name != ".lock"
   }
+
+
+EIGHT_DEVICES = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 
 def _env(**kw) -> dict:
@@ -396,7 +400,7 @@ def test_mesh_change_8_to_1_and_1_to_8(reference, teacher, tmp_path, monkeypatch
       f"{k}:TERM",
     ],
     cwd=ROOT,
-    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    env=_env(XLA_FLAGS=EIGHT_DEVICES),
     capture_output=True,
     text=True,
     timeout=400,
@@ -615,7 +619,9 @@ def test_export_cli_and_predict_match_engine_eval(reference, tmp_path, capsys):
   assert cli.main(["export", str(w), "--out", str(out)]) == 0
   assert "kdjax.export.load" in capsys.readouterr().out
   params = export.load(out)
-  assert params["model"] == "mlp" and params["num_classes"] == 10 and params["hash"] == results(w)["student_hash"]
+  assert (
+    params["model"] == "mlp_dropout" and params["num_classes"] == 10 and params["hash"] == results(w)["student_hash"]
+  )
   test = kd_data.load_arrays("mnist1d", "test")
   images = kd_data.views.normalize(kd_data.ViewConfig(), test.images)
   logits = export.predict(params, images, batch_size=300)
@@ -667,7 +673,7 @@ def test_split_placement_resumes_bit_exact_and_restores_colocated(reference, tea
   proc = subprocess.run(
     [sys.executable, "-c", _SPLIT, json.dumps({n: [list(map(str, a)), f] for n, (a, f) in runs.items()})],
     cwd=ROOT,
-    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    env=_env(XLA_FLAGS=EIGHT_DEVICES),
     capture_output=True,
     text=True,
     timeout=500,
