@@ -136,3 +136,22 @@ def test_bfloat16_training_tracks_float32():
   assert diff.max() > 0  # the bfloat16 run did compute in bfloat16
   assert _floating_dtypes(state.params) == {"float32"}  # after the updates too
   assert _floating_dtypes(d.teacher_state.params) == {"bfloat16"}  # cast once when placed
+
+
+def test_a_block_holding_a_tapped_layer_runs_without_remat():
+  from kdjax.engine.taps import capture
+
+  m = models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), remat="nothing_saveable", **TINY_T)
+  g, p = nnx.split(m, nnx.Param)
+  tokens = jnp.asarray(_batch()["inputs"])
+
+  def forward(p):
+    model = nnx.merge(g, p)
+    with capture(model, {"probs": "blocks.1.attn.probs"}) as feats:
+      model(tokens)
+    return feats["probs"]
+
+  jaxpr = jax.make_jaxpr(forward)(p)
+  names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert sum(n in ("checkpoint", "remat2") for n in names) == 1  # block 0 only
+  assert jaxpr.out_avals[0].shape == (4, 2, L, L)
