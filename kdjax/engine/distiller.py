@@ -67,7 +67,8 @@ class Distiller:
     grad_accum: micro-batches per optimizer step.
     fsdp: split large parameters over the mesh's ``fsdp`` axis (default: when it has > 1 device).
     teacher_weights / multi_teacher / ema_decay: multi-teacher weights and
-      combination (``average`` or ``per_teacher``), the EMA decay of ``self_ema``.
+      combination (``average``, ``per_teacher``, ``mixture``, or ``route``: each row scored by the
+      teacher its ``batch["task"]`` names), the EMA decay of ``self_ema``.
     xla_cpu_conv: CPU convolution kernels (``kdjax.parallel.xla_cpu``).
     responses: for language models, train on generated responses
       (:class:`kdjax.ResponseConfig`): on-policy samples from the student
