@@ -30,9 +30,11 @@ def _batch(rows: int = 4, seed: int = 0) -> dict:
   return {"inputs": t[:, :-1], "label": t[:, 1:]}
 
 
-def _distiller(dtype) -> kdjax.Distiller:
-  student = models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), dtype=dtype, **TINY_S)
-  teacher = models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(1), dtype=dtype, **TINY_T)
+def _distiller(dtype, abstract: bool = False) -> kdjax.Distiller:
+  """The tiny pair under KD; ``abstract``: models of shapes only (``nnx.eval_shape``), for ``check``."""
+  make = nnx.eval_shape if abstract else (lambda f: f())
+  student = make(lambda: models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), dtype=dtype, **TINY_S))
+  teacher = make(lambda: models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(1), dtype=dtype, **TINY_T))
   method = kdjax.MethodConfig(name="forward_kl", temperature=1.0, terms=("ce=0.1", "forward_kl=0.9"))
   return kdjax.Distiller(student, teacher, method=method, optimizer=optax.adam(1e-3), mode="offline")
 
@@ -53,13 +55,14 @@ class _UserTeacher(nnx.Module):
 
 
 def test_bfloat16_student_keeps_float32_master_weights_and_its_losses_are_float32():
-  d = _distiller(jnp.bfloat16)
+  d = _distiller(jnp.bfloat16, abstract=True)
   checked = d.check(_batch(), full_step=False)  # the initial state and the method's loss, traced abstractly
   assert _floating_dtypes(checked["state"].params) == {"float32"}  # every parameter leaf of the student
   assert _floating_dtypes(checked["state"].opt_state) == {"float32"}  # Adam's moments follow the master weights
   losses = {k: str(v.dtype) for k, v in checked["metrics"]["main"].items() if k.startswith("loss/")}
   assert "loss/total" in losses and set(losses.values()) == {"float32"}, losses
-  logits = jax.eval_shape(lambda x: d.students[0](x).logits, jnp.asarray(_batch()["inputs"]))
+  g, st = nnx.split(d.students[0])
+  logits = jax.eval_shape(lambda st, x: nnx.merge(g, st)(x).logits, st, jnp.asarray(_batch()["inputs"]))
   assert logits.dtype == jnp.bfloat16  # while the model computes in bfloat16
 
 
@@ -74,12 +77,11 @@ def test_bfloat16_student_keeps_float32_master_weights_and_its_losses_are_float3
   ],
 )
 def test_a_frozen_teachers_params_are_cast_to_the_placements_dtype(teacher, teacher_dtype, want):
-  model = (
+  dtype = jnp.bfloat16 if teacher == "zoo_bf16" else jnp.float32
+  model = (  # the user's model with real arrays, the zoo's abstract (shapes and dtypes only)
     _UserTeacher(nnx.Rngs(1))
     if teacher == "user"
-    else models.create(
-      "transformer_lm", num_classes=V, dtype=jnp.bfloat16 if teacher == "zoo_bf16" else jnp.float32, **TINY_T
-    )
+    else nnx.eval_shape(lambda: models.create("transformer_lm", num_classes=V, dtype=dtype, **TINY_T))
   )
   params = nnx.state(model, nnx.Param)
   held = placement_lib.cast_floating(
@@ -101,7 +103,7 @@ def test_remat_policy_names_are_checked():
 
 @pytest.mark.parametrize("policy", ["none", "dots_saveable", "nothing_saveable"])
 def test_a_remat_policy_puts_the_blocks_under_checkpoint(policy):
-  m = models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), remat=policy, **TINY_S)
+  m = nnx.eval_shape(lambda: models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), remat=policy, **TINY_S))
   g, p = nnx.split(m, nnx.Param)
   tokens = jnp.asarray(_batch()["inputs"])
   jaxpr = jax.make_jaxpr(lambda p: nnx.merge(g, p)(tokens).logits)(p)
@@ -141,7 +143,9 @@ def test_bfloat16_training_tracks_float32():
 def test_a_block_holding_a_tapped_layer_runs_without_remat():
   from kdjax.engine.taps import capture
 
-  m = models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), remat="nothing_saveable", **TINY_T)
+  m = nnx.eval_shape(
+    lambda: models.create("transformer_lm", num_classes=V, rngs=nnx.Rngs(0), remat="nothing_saveable", **TINY_T)
+  )
   g, p = nnx.split(m, nnx.Param)
   tokens = jnp.asarray(_batch()["inputs"])
 

@@ -106,8 +106,11 @@ def cast_floating(params: Any, dtype: Any) -> Any:
     return params
 
   def one(a):
-    floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
-    return a.astype(dtype) if floating and a.dtype != dtype else a
+    if not (hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)) or a.dtype == dtype:
+      return a
+    if isinstance(a, jax.ShapeDtypeStruct):  # an abstract model (Distiller.check)
+      return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+    return a.astype(dtype)
 
   return jax.tree.map(one, params)
 
