@@ -30,6 +30,7 @@ from kdjax.report.logging import MetricWriter, read_jsonl
 from test_checkpoint import (  # noqa: F401  (fixtures, re-bound by name as test arguments)
   COMMON,
   EVERY,
+  KINDS,
   STEPS,
   _env,
   _no_fault,
@@ -329,6 +330,7 @@ def test_sigterm_to_a_sweep_exits_75_leaves_no_process_and_a_rerun_finishes(
     "--teacher.checkpoint",
     teacher,
     *COMMON,
+    *KINDS["kd"],
     "--parallel",
     parallel,
   ]
