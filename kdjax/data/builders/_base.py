@@ -26,3 +26,21 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return epath.Path(inspect.getfile(cls))
     except (TypeError, OSError):
       return None
+
+  def token_info(self, length: int, vocab_size: int) -> tfds.core.DatasetInfo:
+    """The info of a token dataset: ``inputs``/``targets`` ``(length,)`` int32 (targets −1 where unscored),
+    ``prompt_length``; generation order kept, so a record's index is its example id."""
+    import numpy as np
+
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {
+          "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "prompt_length": tfds.features.Scalar(dtype=np.int32),
+        }
+      ),
+      supervised_keys=("inputs", "targets"),
+      metadata=tfds.core.MetadataDict(vocab_size=vocab_size),
+      disable_shuffling=True,
+    )

@@ -132,18 +132,7 @@ class Arithmetic(LocalBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     length = sequence_length(self.builder_config.num_digits)
-    return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-          "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-          "prompt_length": tfds.features.Scalar(dtype=np.int32),
-        }
-      ),
-      supervised_keys=("inputs", "targets"),
-      metadata=tfds.core.MetadataDict(vocab_size=len(VOCAB)),
-      disable_shuffling=True,  # keep generation order: index = example id
-    )
+    return self.token_info(length, len(VOCAB))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download

@@ -208,18 +208,7 @@ class HmmLm(LocalBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     length = c.prompt_length + c.response_length
-    return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-          "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-          "prompt_length": tfds.features.Scalar(dtype=np.int32),
-        }
-      ),
-      supervised_keys=("inputs", "targets"),
-      metadata=tfds.core.MetadataDict(vocab_size=vocab_size(c)),
-      disable_shuffling=True,  # keep generation order: index = example id
-    )
+    return self.token_info(length, vocab_size(c))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
