@@ -18,7 +18,8 @@ throughput of these cases and prints one JSON line per case:
   torch_eager_kd  the equivalent PyTorch eager loop (same architectures,
                   batch, KD loss, SGD; for the language-model pair the same
                   GPT blocks, CE + per-token forward KL), when torch is
-                  importable (``pip install 'kdjax[bench]'``)
+                  importable (``pip install 'kdjax[bench]'``), run inside
+                  this process beside JAX (``torch_in_process: true``)
   generate        language-model pairs: greedy generation by the student,
                   a quarter prompt and three quarters new tokens (L = max_len),
                   with the KV cache (``generate_kv``, :mod:`kdjax.generate`)
@@ -52,6 +53,15 @@ throughput of these cases and prints one JSON line per case:
                   a bfloat16-held teacher) from the same weights and batches:
                   max |Δloss|, step seconds and XLA's memory analysis of each,
                   and the remat policies' (:mod:`kdjax.bench_bf16`)
+  torch_eager_kd_process  (opt-in) the PyTorch eager loop in a process of its
+                  own, A-B-A around the ``kd`` case, and their ratio with the
+                  kd step's fraction of the matmul peak (:mod:`kdjax.bench_lm`)
+  generate_hf     (opt-in, no pair) kdjax's sampler against transformers'
+                  ``generate`` on one random Qwen2 checkpoint at released
+                  widths, greedy and sampled (:mod:`kdjax.bench_released`)
+  released_kd     (opt-in, no pair) the KD step at Qwen2.5-0.5B's widths and
+                  vocabulary: fused, plain and PyTorch, tokens/s and memory
+                  (:mod:`kdjax.bench_released`)
 
 Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
@@ -109,7 +119,15 @@ PAIR_KWARGS = {
 }
 LM_TOP_K = 64  # kd_cached of a language model: top-k teacher log-probs per position (cache.top_k)
 CASES = ("student_only", "kd", "kd_cached", "on_policy", "torch_eager_kd", "generate")
-EXTRA_CASES = ("input", "fused_memory", "cache_codec", "bf16_curve")
+EXTRA_CASES = (
+  "input",
+  "fused_memory",
+  "cache_codec",
+  "bf16_curve",
+  "torch_eager_kd_process",
+  "generate_hf",
+  "released_kd",
+)
 # fused_memory: Qwen2.5-0.5B's vocabulary; teacher at its width, a narrower student; --quick: seconds
 FUSED_SHAPES = {"vocab": 151_936, "teacher_dim": 896, "student_dim": 512, "layers": 2, "batch": 4, "length": 512}
 FUSED_QUICK = {"vocab": 40_000, "teacher_dim": 64, "student_dim": 32, "layers": 1, "batch": 2, "length": 64}
@@ -865,6 +883,8 @@ def _row(a, pair: str, case, rates: list[float], gflop_per_image: float | None) 
     "ynn_fusions": case.ynn_fusions,
     "onednn_custom_calls": case.onednn_custom_calls,
   }
+  if isinstance(case, TorchCase):  # beside JAX in this process (torch_eager_kd_process: a process of its own)
+    row["torch_in_process"] = True
   if getattr(case, "tokens_per_example", None):  # language models: an "image" is one sequence
     row["tokens_per_sec"] = round(ips * case.tokens_per_example, 1)
   if getattr(case, "generated_per_example", None):  # on-policy: sampled, scored and trained on per second
@@ -911,9 +931,24 @@ def main(argv=None) -> int:
     from kdjax.bench_bf16 import bench_bf16_curve
 
     bench_bf16_curve(quick=a.quick)
+  _released_cases(a)
   for pair in a.pairs:
     _time_cases(a, pair, _pair_cases(a, pair))
+    if "torch_eager_kd_process" in a.cases:
+      from kdjax.bench_lm import bench_torch_process
+
+      bench_torch_process(a, pair, peak["gflops"])
   return 0
+
+
+def _released_cases(a) -> None:
+  """The opt-in cases at a released model's shapes (:mod:`kdjax.bench_released`)."""
+  from kdjax import bench_released
+
+  if "generate_hf" in a.cases:
+    bench_released.bench_generate_hf(a)
+  if "released_kd" in a.cases:
+    bench_released.bench_released_kd(a)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_quick_prints_valid_json_lines_with_all_fields(quick_rows, bench):
   assert skipped == ({} if has_torch else {"torch_eager_kd": skipped.get("torch_eager_kd")})
   if not has_torch:
     assert "pip install" in skipped["torch_eager_kd"]
+  else:  # PyTorch beside JAX in one process, labelled so (torch_eager_kd_process runs it alone)
+    assert rows["torch_eager_kd"]["torch_in_process"] is True
   for r in rows.values():
     for f in FIELDS:
       assert f in r, (r["case"], f)
