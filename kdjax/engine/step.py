@@ -34,6 +34,7 @@ from kdjax.engine import responses as response_lib
 from kdjax.engine.accumulate import microbatched
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, merge_model, rng_key
 from kdjax.engine.teachers import TeacherSource
+from kdjax.generate import first_max
 from kdjax.losses import TokenHead, resolve_chunk, token_argmax, uld_pairs
 from kdjax.methods.base import Context, Method
 from kdjax.methods.logit import scored_tokens
@@ -80,7 +81,7 @@ def labelled_accuracy(logits: jax.Array, labels: jax.Array, head: TokenHead | No
   model's ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never holding its logits."""
   valid = labels >= 0
   chunk = resolve_chunk(head, None) if jnp.ndim(labels) == 2 else None
-  top = jnp.argmax(logits, -1) if chunk is None else token_argmax(head, chunk)
+  top = first_max(logits) if chunk is None else token_argmax(head, chunk)
   hit = (top == labels) & valid
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
