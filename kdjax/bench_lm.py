@@ -19,6 +19,7 @@ of the worker and ``jax_imported``), the B ``kd`` line (``aba: true``) and
 ``kd_vs_torch_process``: ``ratio`` = kd ÷ the mean of the two PyTorch medians,
 ``achieved_gflops`` of the kd step (XLA's cost analysis × its rate) and
 ``peak_fraction`` of the ``matmul_peak`` measured at the start of the run.
+Then ``kd_profile``: where the kd step's time goes (:func:`step_profile`).
 """
 
 from __future__ import annotations
@@ -106,4 +107,66 @@ def bench_torch_process(a, pair: str, peak_gflops: float) -> dict:
     "batch": a.batch,
   }
   print(json.dumps(summary), flush=True)
+  prof = step_profile(kd, bench.PAIRS[pair][3])
+  print(json.dumps({"case": "kd_profile", "pair": pair, "batch": a.batch, **prof}), flush=True)
   return summary
+
+
+# --------------------------------------------------------------------------- where the step's time goes
+
+
+def _hlo_ops(text: str) -> dict:
+  """Each named instruction of the compiled HLO ``text`` → (result shape, the ops it computes: its own or, for a
+  fusion, those of its fused computation)."""
+  import re
+
+  bodies = dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S))
+  out = {}
+  for name, shape, op, rest in re.findall(r"\n\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(([^\n]*)", text):
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    body = bodies.get(called.group(1), "") if called else ""
+    out[name] = (shape, set(re.findall(r"= \S+ ([\w\-]+)\(", body)) or {op})
+  return out
+
+
+def _kind(shape: str, ops: set, vocab: int) -> str:
+  """The profile's categories: matmuls, layout copies, vocabulary-wide elementwise work, the rest."""
+  if ops & {"dot", "convolution"}:
+    return "matmul"
+  if ops <= {"copy", "transpose", "bitcast", "parameter"}:
+    return "copy"
+  return "vocab_elementwise" if f",{vocab}]" in shape or f"[{vocab}," in shape else "other"
+
+
+def step_profile(case, vocab: int, steps: int = 3) -> dict:
+  """Thread-milliseconds per step of the compiled step's operations (``jax.profiler`` trace of ``steps`` steps),
+  summed by kind, and the eight largest, with XLA's cost analysis (FLOPs and bytes accessed)."""
+  import collections
+  import glob
+  import tempfile
+
+  import jax
+
+  ops = _hlo_ops(case.compiled.as_text() or "")
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      wall = case.run(steps) / steps
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  per = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        if ev.name in ops:
+          per[ev.name] += ev.duration_ns / 1e6 / steps
+  kinds = collections.Counter()
+  for name, ms in per.items():
+    kinds[_kind(ops[name][0], ops[name][1], vocab)] += ms
+  ca = case.compiled.cost_analysis()
+  ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+  return {
+    "step_seconds": round(wall, 4),
+    "thread_ms": {k: round(v, 1) for k, v in kinds.most_common()},
+    "top_ops": [[n, ops[n][0], round(ms, 1)] for n, ms in per.most_common(8)],
+    "cost_flops": ca.get("flops"),
+    "cost_bytes_accessed": ca.get("bytes accessed"),
+  }

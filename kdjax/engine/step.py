@@ -34,7 +34,6 @@ from kdjax.engine import responses as response_lib
 from kdjax.engine.accumulate import microbatched
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, merge_model, rng_key
 from kdjax.engine.teachers import TeacherSource
-from kdjax.generate import first_max
 from kdjax.losses import TokenHead, resolve_chunk, token_argmax, uld_pairs
 from kdjax.methods.base import Context, Method
 from kdjax.methods.logit import scored_tokens
@@ -77,12 +76,18 @@ def _skip_unreached(updates, grads):
 
 
 def labelled_accuracy(logits: jax.Array, labels: jax.Array, head: TokenHead | None = None) -> jax.Array:
-  """Top-1 accuracy over labelled examples (label ≥ 0); at a large vocabulary, the argmax of a language
-  model's ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never holding its logits."""
+  """Top-1 accuracy over labelled examples (label ≥ 0): the label's logit is the largest (a tie counts as a
+  hit), one gather and the row maximum that the cross-entropy's log-softmax computes anyway (an argmax over a
+  language model's (B, L, V) logits took ~6 % of its KD step on CPU); at a large vocabulary, the argmax of
+  its ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never holding its logits."""
   valid = labels >= 0
   chunk = resolve_chunk(head, None) if jnp.ndim(labels) == 2 else None
-  top = first_max(logits) if chunk is None else token_argmax(head, chunk)
-  hit = (top == labels) & valid
+  if chunk is None:
+    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    hit = picked >= jnp.max(logits, axis=-1)
+  else:
+    hit = token_argmax(head, chunk) == labels
+  hit &= valid
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
 
