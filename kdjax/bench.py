@@ -67,7 +67,8 @@ Fields: ``case``, ``pair``, ``images_per_sec`` (median over interleaved
 rounds), ``images_per_sec_best``, ``compile_seconds``, ``gflop_per_image``
 (XLA's cost analysis of the compiled step, per example), ``achieved_gflops``
 (= gflop_per_image × images_per_sec), ``devices``, ``backend``, ``batch``,
-``dtype``. A ``matmul_peak`` line gives the measured dense float32 GFLOP/s
+``dtype``; ``torch_in_process`` on PyTorch lines (true: beside JAX in this
+process). A ``matmul_peak`` line gives the measured dense float32 GFLOP/s
 of the same device, so every figure reads as a fraction of the hardware.
 
 The kdjax cases run the public core's real step (``kdjax.Distiller``'s jitted
