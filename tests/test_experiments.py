@@ -291,6 +291,23 @@ def test_hf_distill_cells_differ_only_in_their_objective():
     assert same == dict(cells["forward_kl"].__dict__, method=None, name=None, run=None)
 
 
+def test_hmm_layer_map_cells_differ_only_in_their_layer_map():
+  exp = cli.load_experiment("hmm_layer_map")
+  cells = {name: make() for name, make in exp.CONFIGS.items()}
+  assert exp.get_config() == cells["fkl"]
+  assert {n: (c.method.terms, c.method.layer_map) for n, c in cells.items()} == {
+    "fkl": ((), ()),
+    "auto": (("hidden_cos=1",), ("auto",)),
+    "uniform": (("hidden_cos=1",), ("uniform",)),
+    "last": (("hidden_cos=1",), ("last",)),
+  }
+  for c in cells.values():
+    assert (c.method.name, c.student.name, c.teacher.name, c.optim.steps) == ("forward_kl", "lm_2x32", "lm_4x64", 300)
+    same = dict(c.__dict__, method=None, name=None, run=None)
+    assert same == dict(cells["fkl"].__dict__, method=None, name=None, run=None)
+    assert dataclasses.replace(c.method, terms=(), layer_map=()) == cells["fkl"].method
+
+
 # ---------------------------------------------------------------- Hinton et al. 2015, MNIST
 
 
