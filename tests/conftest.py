@@ -59,6 +59,15 @@ def made_once(tmp_path_factory):
   return get
 
 
+@pytest.fixture
+def production_compile():
+  """This test's kdjax executables compile with XLA:CPU's default settings (``tests/_compile.py``)."""
+  from _compile import production_compile as compiled_as_outside
+
+  with compiled_as_outside():
+    yield
+
+
 @pytest.fixture(scope="session")
 def bench():
   """The benchmark through its ``scripts/bench.py`` wrapper, imported as a module (``kdjax.bench``'s names)."""

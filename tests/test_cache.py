@@ -445,6 +445,7 @@ def Loader_view_shift(images, ids, k, view_seed, shift):  # noqa: N802
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "dist"])
+@pytest.mark.usefixtures("production_compile")
 def test_class_level_terms_read_a_topk_cache_as_its_dense_reconstruction(cfg, tmp_path, method):
   """A top-k cache reaches the step as k log-probs + ids per example; class-level
   terms see :func:`kdl.topk_to_logits` of them, which equals the reader's NumPy

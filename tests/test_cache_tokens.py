@@ -118,6 +118,7 @@ def test_topk_cache_with_k_equal_vocab_equals_online_step(method, ds, full_topk_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("production_compile")
 def test_float32_logit_cache_is_bit_identical_to_online(tmp_path, ds, fkl):
   """Full (L, V) logits in float32: same batch, same step, bit for bit."""
   _build(tmp_path / "dense", ds, fkl, 0, "float32")

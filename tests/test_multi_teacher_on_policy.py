@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _compile import production_compile
 from flax import nnx
 
 import kdjax
@@ -75,11 +76,13 @@ def _run(d: kdjax.Distiller, task, steps: int = 2, rows: bool = False):
 @pytest.fixture(scope="module")
 def runs():
   """One teacher alone; the same teacher routed every row among two; the two routed half and half (one
-  compiled step: which teacher scores a row is data)."""
-  single = _run(_distiller(_lm(2, 32, 1)), None)
-  routed = _distiller([_lm(2, 32, 1), _lm(2, 32, 7)], multi_teacher="route")
-  all_first = _run(routed, np.zeros(BATCH, np.int32))
-  mixed = _run(routed, np.arange(BATCH, dtype=np.int32) % 2, 1, True)
+  compiled step: which teacher scores a row is data). Two programs compared bit for bit: compiled as
+  outside the test suite."""
+  with production_compile():
+    single = _run(_distiller(_lm(2, 32, 1)), None)
+    routed = _distiller([_lm(2, 32, 1), _lm(2, 32, 7)], multi_teacher="route")
+    all_first = _run(routed, np.zeros(BATCH, np.int32))
+    mixed = _run(routed, np.arange(BATCH, dtype=np.int32) % 2, 1, True)
   return single, all_first, mixed
 
 
