@@ -22,9 +22,8 @@ it emits ``pad_token`` with log-probability 0. The loop is a
 Sampling (:func:`sample`): ``temperature == 0`` is greedy; otherwise the
 logits are divided by the temperature, restricted to the ``top_k`` most
 likely tokens and to the smallest set whose probability reaches ``top_p``
-(nucleus sampling, Holtzman et al. 2020), and drawn by inverting the CDF
-with one uniform per row (:func:`categorical`) from an explicit key (one
-fold per step, so every token's randomness is reproducible). The
+(nucleus sampling, Holtzman et al. 2020), and sampled with an explicit key
+(one fold per step, so every token's randomness is reproducible). The
 log-probabilities returned are the model's own (temperature 1, unfiltered):
 what distillation losses and on-policy methods read.
 """
@@ -125,7 +124,10 @@ def sample(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
     return first_max(logits)
   z = logits.astype(jnp.float32) / sampling.temperature
   keep = top_k_mask(z, sampling.top_k) & top_p_mask(z, sampling.top_p)
-  return categorical(key, jnp.where(keep, z, -jnp.inf))
+  # The Gumbel-max draw: exact for any vocabulary (no cumulated float32 mass) and the same tokens as
+  # every earlier kdjax, so published runs reproduce; its V random numbers per row are cheap on
+  # accelerators, though not on a CPU.
+  return jax.random.categorical(key, jnp.where(keep, z, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
 def first_max(logits: jax.Array) -> jax.Array:
@@ -135,30 +137,6 @@ def first_max(logits: jax.Array) -> jax.Array:
   v = logits.shape[-1]
   hit = logits == jnp.max(logits, axis=-1, keepdims=True)
   return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1), v - 1)
-
-
-def categorical(key: jax.Array, z: jax.Array, block: int = 1024) -> jax.Array:
-  """One draw per row from ``softmax(z)``, ``z`` ``(B, V)`` (−inf: excluded), by inverting its CDF: ``(B,)`` int32.
-
-  One uniform ``u`` per row, scaled by the row's unnormalised mass ``Σ exp(z − max z)``; the CDF is
-  cumulated over blocks of ``block`` entries, then within the chosen block, so a row costs one
-  exponential pass over V (``jax.random.categorical``'s Gumbel draw costs V random numbers and two
-  logarithms per entry). The token picked is the first whose cumulative mass exceeds ``u``; it
-  always has positive probability.
-  """
-  b, v = z.shape
-  blk = min(block, v)
-  nb = -(-v // blk)
-  p = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-  p = jnp.pad(p, ((0, 0), (0, nb * blk - v))).reshape(b, nb, blk)
-  csum = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # (B, nb)
-  u = jax.random.uniform(key, (b,), jnp.float32) * csum[:, -1]
-  j = jnp.minimum(jnp.sum(csum <= u[:, None], axis=-1), nb - 1)
-  inner = jnp.take_along_axis(p, j[:, None, None], axis=1)[:, 0]  # (B, blk): the chosen block
-  below = jnp.where(j > 0, jnp.take_along_axis(csum, jnp.maximum(j - 1, 0)[:, None], axis=1)[:, 0], 0.0)
-  k = jnp.sum(jnp.cumsum(inner, axis=-1) <= (u - below)[:, None], axis=-1)
-  last = blk - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)  # rounding can leave u past the block's end
-  return (j * blk + jnp.minimum(k, last)).astype(jnp.int32)
 
 
 class _Loop(NamedTuple):
