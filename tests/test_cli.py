@@ -294,6 +294,7 @@ def _get(cfg, path):
   return cfg
 
 
+@pytest.mark.slow  # ~200 fields, each parsed and validated: seconds, not the quick tier's milliseconds
 def test_every_config_field_is_settable_from_the_cli():
   base = Experiment(optim=dataclasses.replace(Experiment().optim, steps=7))
   paths = cli.field_paths(Experiment)
