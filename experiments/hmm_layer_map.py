@@ -24,7 +24,7 @@ The cells (``CONFIGS``):
   last       the same term on the last layers only (student 1 ↔ teacher 3)
 
 The hidden-state term is DistilBERT's cosine loss (``hidden_cos``, 1 − cos(W·h_s, h_t) per real token):
-TinyBERT's MSE (``hidden_mse``) on this teacher's residual stream (per-dimension squares of 10–40) outweighs
+TinyBERT's MSE (``hidden_mse``) on this teacher's unnormalised residual stream (13–40 per dimension) outweighs
 the KL and made the student worse at every weight tried (0.001–1); the scale-free cosine helped.
 ``scripts/layer_map_hmm.sh`` runs the cells with ``kdjax sweep`` and writes the page with ``kdjax report``.
 """

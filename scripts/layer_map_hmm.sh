@@ -9,7 +9,9 @@
 #   3. `kdjax report` writes the exact-metric table (mean ± 95 % CI, paired differences from the logit term
 #      alone `hmm_layer_map_fkl`) between the markers of KDJAX_LMH_OUT (default results/layer_map_hmm.md);
 #      the paired differences between the maps and the map each seed chose go to $W/pairs.md, the CKA heat map
-#      of seed 0 next to the page (<page>_cka.png).
+#      of seed 0 next to the page (<page>_cka.png);
+#   4. the CKA of every trained student against the teacher (mean matrix per cell, the maps it picks) goes to
+#      $W/trained_cka.md.
 # Extra args go to every cell. Finished cells are skipped. Sets up .venv first (scripts/_venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,4 +64,38 @@ print("\n".join(lines))
 if (root / "auto" / "seed0" / "layer_map.png").exists():
   shutil.copyfile(root / "auto" / "seed0" / "layer_map.png", png)
 EOF
-echo "[layer_map_hmm] wrote $OUT and $W/pairs.md; wall time $(( $(date +%s) - start )) s"
+# CKA of the trained students against the teacher (the 256 first held-out rows, response positions): which teacher
+# layer each student layer resembles after training, and the map auto would choose then.
+"$PY" - "$W" "$TEACHER" <<'EOF'
+import collections, sys
+from pathlib import Path
+
+import numpy as np
+
+import kdjax
+from kdjax import checkpoint as ckpt
+from kdjax.config import ModelConfig
+from kdjax.data import load_arrays
+from kdjax.engine.experiment import load_model
+
+root, teacher_dir = Path(sys.argv[1]), sys.argv[2]
+test, rows = load_arrays("hmm_lm", "test"), 64
+batches = [{"inputs": test.images[i : i + rows], "mask": test.labels[i : i + rows] >= 0} for i in range(0, 4 * rows, rows)]
+classes = int(ckpt.load_export(teacher_dir, what="teacher")[0]["num_classes"])
+teacher, _ = load_model(ModelConfig(name="lm_4x64", checkpoint=teacher_dir), classes, role="teacher")
+lines = ["| trained cell | mean CKA, student layer 0 × teacher 0–3 | student layer 1 × teacher 0–3 | map CKA picks (seeds) |",
+         "|:---|:---|:---|:---|"]
+for cell in ("fkl", "auto", "uniform", "last"):
+  mats, maps = [], collections.Counter()
+  for d in sorted((root / cell).glob("seed*/export"), key=lambda p: int(p.parent.name[4:])):
+    student, _ = load_model(ModelConfig(name="lm_2x32", checkpoint=str(d)), classes, role="student")
+    sim = kdjax.layer_similarity(student, teacher, batches, same_positions=True)
+    mats.append(np.asarray(sim.cka))
+    maps[" ".join(sim.layer_map)] += 1
+  m = np.mean(mats, 0)
+  row = [" ".join(f"{v:.3f}" for v in r) for r in m]
+  lines.append(f"| {cell} | {row[0]} | {row[1]} | {', '.join(f'{k} ({n})' for k, n in maps.most_common())} |")
+(root / "trained_cka.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "[layer_map_hmm] wrote $OUT, $W/pairs.md and $W/trained_cka.md; wall time $(( $(date +%s) - start )) s"
