@@ -143,6 +143,7 @@ def test_function_teacher_teaches_logit_methods_and_is_refused_for_feature_metho
     bad.init(jax.random.key(0), b)
 
 
+@pytest.mark.slow
 def test_user_loop_checkpoints_and_resumes_bit_exact(tmp_path):
   def run(steps, resume_dir=None, stop_at=None):
     student, teacher = _pair()

@@ -157,6 +157,7 @@ def test_uld_step_loss_equals_numpy_on_transformers_logits(bpe_teacher):
   np.testing.assert_allclose(losses[2], want, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_padded_vocabulary_is_cut_to_the_students(tmp_path):
   """A checkpoint of the student's tokenizer padded to 32 ids: with ``vocab_size=15`` its logits are
   transformers' first 15, and a token-level method accepts it; loaded whole it is refused with the fix."""

@@ -121,6 +121,7 @@ def test_on_policy_loss_at_lambda_one_equals_numpy_on_the_sampled_rows(method):
   np.testing.assert_allclose(float(metrics["loss/total"]), want, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_greedy_on_policy_rows_are_the_students_continuations_and_lambda_picks_exactly_that_many():
   d, state, batch = _distiller("reverse_kl", ResponseConfig(student_fraction=0.5, temperature=0.0, stop_tokens=(STOP,)))
   student, _ = _models()

@@ -290,6 +290,7 @@ def test_tokenizer_loads_from_the_checkpoint_directory(checkpoints, tmp_path):
     pretrained.load_tokenizer(checkpoints["gpt2"][0])
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint_loads_exactly(tmp_path):
   """Released checkpoints are stored in bfloat16: the weights arrive exactly (bf16 → float32 is exact), so the
   logits equal transformers' float32 model loaded from the same files."""
