@@ -130,9 +130,9 @@ def test_the_trained_student_comes_back_as_a_module():
   p = nnx.state(trained, nnx.Param)
   conv = lambda h, c, s: (
     jax.lax.conv_general_dilated(  # noqa: E731
-      h, c["kernel"].value, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      h, c["kernel"][...], (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    + c["bias"].value
+    + c["bias"][...]
   )
   h = jax.nn.relu(conv(jnp.asarray(x), p["conv1"], 1))
   h = jax.nn.relu(conv(h, p["conv2"], 2)).mean(axis=(1, 2))
