@@ -73,7 +73,7 @@ def test_released_kd_fused_step_equals_plain_in_less_memory(rows):
 
 
 def test_first_max_is_argmax_with_ties_to_the_first_index():
-  """:func:`kdjax.generate.first_max` (greedy decoding, the training accuracy) equals NumPy's argmax."""
+  """:func:`kdjax.generate.first_max` (greedy decoding) equals NumPy's argmax."""
   import jax.numpy as jnp
 
   from kdjax.generate import first_max
