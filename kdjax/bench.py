@@ -338,19 +338,24 @@ def _fused_step(shapes: dict, token_chunk: int | None, host: dict) -> dict:
   }
 
 
-def bench_fused_memory(a) -> None:
-  """The KD step at a released vocabulary with the plain and the fused token losses: one JSON line."""
+def token_rows(shapes: dict, chunk: int | None = None) -> tuple[dict, int]:
+  """Random next-token rows of ``shapes`` (``batch``, ``length``, ``vocab``) on the host, and the fused
+  losses' chunk for them (``chunk``, or the automatic one: :func:`kdjax.losses.resolve_chunk`)."""
   import jax
   import numpy as np
 
   from kdjax.losses import TokenHead, resolve_chunk
 
-  shapes = FUSED_QUICK if a.quick else FUSED_SHAPES
   b, n, v = shapes["batch"], shapes["length"], shapes["vocab"]
   tokens = np.random.default_rng(0).integers(0, v, (b, n + 1)).astype(np.int32)
-  host = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
   head = TokenHead(jax.ShapeDtypeStruct((b, n, 1), np.float32), jax.ShapeDtypeStruct((1, v), np.float32))
-  chunk = resolve_chunk(head, FUSED_QUICK_CHUNK if a.quick else None)
+  return {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}, resolve_chunk(head, chunk)
+
+
+def bench_fused_memory(a) -> None:
+  """The KD step at a released vocabulary with the plain and the fused token losses: one JSON line."""
+  shapes = FUSED_QUICK if a.quick else FUSED_SHAPES
+  host, chunk = token_rows(shapes, FUSED_QUICK_CHUNK if a.quick else None)
   plain, fused = _fused_step(shapes, 0, host), _fused_step(shapes, chunk, host)
   row = {
     "case": "fused_memory",

@@ -258,18 +258,11 @@ def _kd_row(s: dict, chunk, steps: dict, rates: dict, info: dict) -> dict:
 
 def bench_released_kd(a) -> dict:
   """Fused and plain kdjax KD steps and the PyTorch loop at released shapes, interleaved: one line."""
-  import jax
-  import numpy as np
-
+  from kdjax import bench
   from kdjax.bench_torch import TorchWorker
-  from kdjax.losses import TokenHead, resolve_chunk
 
   s = KD_QUICK if a.quick else KD_SHAPES
-  b, n, v = s["batch"], s["length"], s["vocab"]
-  tokens = np.random.default_rng(0).integers(0, v, (b, n + 1)).astype(np.int32)
-  host = {"inputs": tokens[:, :-1], "label": tokens[:, 1:]}
-  head = TokenHead(jax.ShapeDtypeStruct((b, n, 1), np.float32), jax.ShapeDtypeStruct((1, v), np.float32))
-  chunk = QUICK_CHUNK if a.quick else resolve_chunk(head, None)
+  host, chunk = bench.token_rows(s, QUICK_CHUNK if a.quick else None)
   worker = TorchWorker(_torch_kd_setup(s, _threads(a)))  # builds its models while kdjax compiles
   steps = {"fused": _KdStep(s, chunk, host), "plain": _KdStep(s, 0, host)}
   runs = {**{k: st.run for k, st in steps.items()}, "torch": worker.run}
@@ -278,7 +271,7 @@ def bench_released_kd(a) -> dict:
   rates = {k: [] for k in runs}
   for _ in range(a.rounds):
     for k, run in runs.items():
-      rates[k].append(a.steps * b / run(a.steps))
+      rates[k].append(a.steps * s["batch"] / run(a.steps))
   row = _kd_row(s, chunk, steps, rates, worker.close())
   row |= {"steps": a.steps, "rounds": a.rounds, "load_avg_1min": round(os.getloadavg()[0], 2)}
   print(json.dumps(row), flush=True)
