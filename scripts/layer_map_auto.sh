@@ -14,11 +14,7 @@ OUT="${KDJAX_LMA_OUT:-$W/table.md}"
 SEEDS="${KDJAX_LMA_SEEDS:-3}"
 STEPS="${KDJAX_LMA_STEPS:-150}"
 TEACHER_STEPS="${KDJAX_LMA_TEACHER_STEPS:-1500}"
-source scripts/_venv.sh
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$W/.jax_cache}"
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+source scripts/_experiment_env.sh
 EXP=experiments/arithmetic_gkd.py
 start=$(date +%s)
 [ -f "$W/teacher/results.json" ] || "$PY" -m kdjax train-teacher "$EXP" --workdir "$W/teacher" \

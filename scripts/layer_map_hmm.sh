@@ -20,11 +20,7 @@ OUT="${KDJAX_LMH_OUT:-results/layer_map_hmm.md}"
 SEEDS="${KDJAX_LMH_SEEDS:-5}"
 PARALLEL="${KDJAX_LMH_PARALLEL:-2}"
 TEACHER="${KDJAX_LMH_TEACHER:-workdirs/hmm_lm/teacher/seed0}"
-source scripts/_venv.sh
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$W/.jax_cache}"
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+source scripts/_experiment_env.sh
 start=$(date +%s)
 if [ ! -f "$TEACHER/results.json" ]; then
   "$PY" -m kdjax sweep hmm_lm --grid config=teacher --seeds 1 --workdir "$(dirname "$(dirname "$TEACHER")")"

@@ -21,11 +21,7 @@ OUT="${KDJAX_LM_OUT:-results/hmm_lm.md}"
 SEEDS="${KDJAX_LM_SEEDS:-5}"
 PARALLEL="${KDJAX_LM_PARALLEL:-2}"
 CELLS=scratch,fkl,rkl,jsd_0.1,jsd_0.5,jsd_0.9,skew_kl,skew_rkl,seqkd,onpolicy_jsd_0.5,onpolicy_jsd_1,onpolicy_rkl_0.5,onpolicy_rkl_1
-source scripts/_venv.sh
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$W/.jax_cache}"
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+source scripts/_experiment_env.sh
 start=$(date +%s)
 "$PY" -m kdjax sweep hmm_lm --grid config=teacher --seeds 1 --workdir "$W" "$@"
 echo "[lm_experiment] teacher trained after $(( $(date +%s) - start )) s" >&2
