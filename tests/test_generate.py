@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from kdjax import models
-from kdjax.generate import Generator, Sampling, generate, top_k_mask, top_p_mask
+from kdjax.generate import Generator, Sampling, generate, sample, top_k_mask, top_p_mask
 
 V, MAX_LEN, P, N = 23, 40, 7, 12
 
@@ -138,6 +138,25 @@ def test_top_k_mask_matches_numpy(k):
 def test_top_p_mask_matches_numpy(p):
   z = (3 * np.random.default_rng(int(p * 1000)).normal(size=(8, V))).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(top_p_mask(jnp.asarray(z), p)), _np_top_p(z, p))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sample_is_the_gumbel_max_draw_of_jax_random_categorical(top_k):
+  """Sampled tokens are argmax(Gumbel noise + logits/T) over the kept tokens (NumPy's argmax on the same noise),
+  and the tokens ``jax.random.categorical`` draws for the same key, so runs sampled before reproduce."""
+  z = (3 * np.random.default_rng(top_k).normal(size=(8, V))).astype(np.float32)
+  z[0, :3] = z[0].max() + 1  # a tie at the top: the first index wins
+  sampling = Sampling(temperature=0.7, top_k=top_k)
+  draw = jax.jit(lambda key: sample(key, jnp.asarray(z), sampling))
+  kept = np.ones(z.shape, bool) if not top_k else _np_top_k(z / 0.7, top_k)
+  masked = np.where(kept, z / 0.7, -np.inf).astype(np.float32)
+  for i in range(20):
+    key = jax.random.key(i)
+    noise = np.asarray(jax.random.gumbel(key, z.shape, jnp.float32))
+    got = np.asarray(draw(key))
+    np.testing.assert_array_equal(got, np.argmax(noise + masked, axis=-1))
+    np.testing.assert_array_equal(got, np.asarray(jax.random.categorical(key, jnp.asarray(masked), axis=-1)))
+    assert kept[np.arange(8), got].all()
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,77 @@ def test_tied_softcapped_cut_head():
   _close(*jax.jit(lambda: (grad_emb(True), grad_emb(False)))())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("topk", [False, True])
+def test_one_pass_group_equals_the_separate_losses(topk):
+  """CE, forward KL at T = 2 and reverse KL (another mask) in one pass over the student's head: each value
+  against NumPy, the accuracy against NumPy's (the label's logit reaches the row maximum, ties count), and
+  the weighted total's value and gradients against the sum of the separate unchunked losses."""
+  x = _inputs(8)
+  labels = jax.random.randint(jax.random.key(9), (B, L), -1, V)
+  labels = labels.at[0, 0].set(int(jnp.argmax(x["hs"][0, 0] @ x["ws"] + x["bs"])))  # at least one hit
+  other = MASK.at[1, 1].set(False)
+  lp, idx = kdl.teacher_topk(x["ht"] @ x["wt"], 4)
+  weights = (0.3, 0.9, 0.45)
+
+  def grouped(hs, ws, bs, ht, wt):
+    teacher = (lp, idx) if topk else fused.TokenHead(ht, wt)
+    parts = (
+      kdl.TokenPart(kdl.CROSS_ENTROPY, weights[0], MASK),
+      kdl.TokenPart("forward_kl", weights[1], MASK, temperature=2.0),
+      kdl.TokenPart("reverse_kl", weights[2], other),
+    )
+    return kdl.fused_token_losses(fused.TokenHead(hs, ws, bs), parts, teacher, labels, chunk_size=3)
+
+  def plain(hs, ws, bs, ht, wt):
+    z = hs @ ws + bs
+    nll = jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, jnp.maximum(labels, 0)[..., None], -1)[..., 0]
+    w = (MASK & (labels >= 0)).astype(jnp.float32)
+    if topk:
+      fkl, rkl = (
+        kdl.topk_forward_kl(z, lp, idx, mask=MASK, temperature=2.0),
+        kdl.topk_reverse_kl(z, lp, idx, mask=other),
+      )
+    else:
+      fkl, rkl = kdl.forward_kl(z, ht @ wt, mask=MASK, temperature=2.0), kdl.reverse_kl(z, ht @ wt, mask=other)
+    return weights[0] * jnp.sum(nll * w) / jnp.sum(w) + weights[1] * fkl + weights[2] * rkl
+
+  args = (x["hs"], x["ws"], x["bs"], x["ht"], x["wt"])
+  out, got_g, (want, want_g) = jax.jit(
+    lambda: (grouped(*args), jax.grad(lambda *a: grouped(*a).total, argnums=range(3))(*args),
+             jax.value_and_grad(plain, argnums=range(3))(*args))
+  )()  # fmt: skip
+  _close(out.total, want)
+  _close(got_g, want_g)
+  z = np.asarray(x["hs"] @ x["ws"] + x["bs"], np.float64)
+  lab, m, m2 = np.asarray(labels), np.asarray(MASK), np.asarray(other)
+  nll = -np.take_along_axis(_np_log_softmax(z), np.maximum(lab, 0)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(out.values[0], nll[m & (lab >= 0)].mean(), rtol=RTOL)
+  if not topk:
+    zt = np.asarray(x["ht"] @ x["wt"], np.float64)
+    fkl = _np_divergence("forward_kl", _np_log_softmax(z / 2), _np_log_softmax(zt / 2))
+    rkl = _np_divergence("reverse_kl", _np_log_softmax(z), _np_log_softmax(zt))
+    np.testing.assert_allclose(out.values[1:], [fkl[m].mean(), rkl[m2].mean()], rtol=RTOL)
+  hit = np.take_along_axis(z, np.maximum(lab, 0)[..., None], -1)[..., 0] >= z.max(-1)
+  assert 0 < out.accuracy < 1
+  np.testing.assert_allclose(out.accuracy, hit[lab >= 0].mean(), rtol=1e-6)
+
+
+def test_group_errors_are_one_line():
+  head = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, 10)))
+  ce, kl = kdl.TokenPart(kdl.CROSS_ENTROPY), kdl.TokenPart("forward_kl")
+  with pytest.raises(ConfigError, match="needs the group's labels"):
+    kdl.fused_token_losses(head, (ce,), chunk_size=2)
+  with pytest.raises(ConfigError, match="needs a teacher"):
+    kdl.fused_token_losses(head, (kl,), labels=jnp.zeros((2, 4), jnp.int32), chunk_size=2)
+  with pytest.raises(ConfigError, match="TokenPart.loss must be one of"):
+    kdl.fused_token_losses(head, (kdl.TokenPart("kl"),), head, chunk_size=2)
+  with pytest.raises(ConfigError, match="parts must be"):
+    kdl.fused_token_losses(head, ("forward_kl",), head, chunk_size=2)
+  with pytest.raises(ConfigError, match="labels"):
+    kdl.fused_token_losses(head, (ce,), labels=jnp.zeros((2, 5), jnp.int32), chunk_size=2)
+
+
 def _memory(fn, *args):
   return jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -290,7 +361,8 @@ def test_eight_devices_and_vocabulary_split():
 @pytest.mark.slow
 def test_distiller_step_fused_equals_plain():
   """One KD step of a tiny LM pair (0.1·CE + 0.9·forward KL) through the engine: the fused heads
-  (``method.token_chunk = 3``, L = 8) give the plain step's loss and updated parameters."""
+  (``method.token_chunk = 3``, L = 8; both terms and the accuracy in one pass) give the plain step's losses,
+  accuracy and updated parameters."""
   import optax
   from flax import nnx
 
@@ -308,8 +380,9 @@ def test_distiller_step_fused_equals_plain():
     method = kdjax.MethodConfig(name="forward_kl", terms=("ce=0.1", "forward_kl=0.9"), token_chunk=chunk)
     d = kdjax.Distiller(lm(0, 8), lm(1, 16), method=method, optimizer=optax.sgd(0.5), mode="offline", num_examples=2)
     state, metrics = d.step(d.init(jax.random.key(0), host), host)
-    return jax.device_get((state.params, metrics["loss/total"]))
+    names = ("loss/total", "loss/ce", "loss/forward_kl", "train/accuracy")
+    return jax.device_get((state.params, [metrics[n] for n in names]))
 
-  (params, loss), (want_params, want_loss) = one_step(3), one_step(0)
-  np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+  (params, logged), (want_params, want_logged) = one_step(3), one_step(0)
+  np.testing.assert_allclose(logged, want_logged, rtol=RTOL)
   _close(params, want_params)

@@ -35,7 +35,7 @@ from kdjax.engine.accumulate import microbatched
 from kdjax.engine.state import ModelDef, TeacherState, TrainState, apply_model, merge_model, rng_key
 from kdjax.engine.teachers import TeacherSource
 from kdjax.losses import TokenHead, resolve_chunk, token_argmax, uld_pairs
-from kdjax.methods.base import Context, Method
+from kdjax.methods.base import ACCURACY, Context, Method, logit_accuracy
 from kdjax.methods.logit import scored_tokens
 
 Batch = dict[str, jax.Array]
@@ -76,18 +76,14 @@ def _skip_unreached(updates, grads):
 
 
 def labelled_accuracy(logits: jax.Array, labels: jax.Array, head: TokenHead | None = None) -> jax.Array:
-  """Top-1 accuracy over labelled examples (label ≥ 0): the label's logit is the largest (a tie counts as a
-  hit), one gather and the row maximum that the cross-entropy's log-softmax computes anyway (an argmax over a
-  language model's (B, L, V) logits took ~6 % of its KD step on CPU); at a large vocabulary, the argmax of
-  its ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never holding its logits."""
-  valid = labels >= 0
+  """Top-1 accuracy over labelled examples (label ≥ 0) (:func:`kdjax.methods.base.logit_accuracy`); at a large
+  vocabulary, the argmax of the student's ``head`` chunk by chunk (:func:`kdjax.losses.token_argmax`), never
+  holding its logits (a method with token terms reports its own, from the pass its terms make)."""
   chunk = resolve_chunk(head, None) if jnp.ndim(labels) == 2 else None
   if chunk is None:
-    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    hit = picked >= jnp.max(logits, axis=-1)
-  else:
-    hit = token_argmax(head, chunk) == labels
-  hit &= valid
+    return logit_accuracy(logits, labels)
+  valid = labels >= 0
+  hit = (token_argmax(head, chunk) == labels) & valid
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
 
@@ -106,7 +102,10 @@ def _student_loss(spec: StepSpec, i: int, outs, t_outs, trainable, state: TrainS
     lj, mstate, mj = spec.method.loss(adapters, mstate, outs[i], target, batch, ctx, stage=spec.stage)
     loss = loss + w[j] * lj
     for name, v in mj.items():
-      metrics[name] = metrics.get(name, 0.0) + w[j] * v
+      if name == ACCURACY:  # the student's own, whichever teacher it is compared with
+        metrics[name] = v
+      else:
+        metrics[name] = metrics.get(name, 0.0) + w[j] * v
   for t, (target, rows) in enumerate(spec.source.groups(t_outs, batch)):
     metrics.update(_group_metrics(spec, t, outs[i], target, rows, adapters, state.method_state[i], batch, ctx))
   return loss, mstate, metrics
@@ -126,7 +125,7 @@ def _group_metrics(spec: StepSpec, t: int, out, target, rows, adapters, mstate, 
   narrowed = dict(batch, **{batch_keys.MASK: rows})
   own = Context(step=ctx.step, epoch=ctx.epoch, key=ctx.key)
   _, _, m = spec.method.loss(adapters, mstate, out, target, narrowed, own, stage=spec.stage)
-  metrics = {f"{name}/teacher{t}": jax.lax.stop_gradient(v) for name, v in m.items()}
+  metrics = {f"{name}/teacher{t}": jax.lax.stop_gradient(v) for name, v in m.items() if name != ACCURACY}
   labels = batch[batch_keys.LABEL]
   hit = jnp.argmax(out.logits, -1) == jnp.argmax(target.logits, -1)
   counted = eval_mask(rows, labels)
@@ -153,7 +152,8 @@ def _micro_loss(spec: StepSpec, trainable, state: TrainState, t_outs, batch: Bat
     new_mstate.append(mstate)
     prefix = f"s{i}/" if k > 1 else ""
     metrics.update({prefix + n: v for n, v in m.items()})
-    metrics[prefix + "train/accuracy"] = labelled_accuracy(outs[i].logits, batch[batch_keys.LABEL], outs[i].head)
+    if ACCURACY not in m:  # a fused token group computes it in its pass over the head
+      metrics[prefix + ACCURACY] = labelled_accuracy(outs[i].logits, batch[batch_keys.LABEL], outs[i].head)
   metrics["loss/total"] = total
   return total, (tuple(rests), tuple(new_mstate), metrics)
 

@@ -30,9 +30,13 @@ from kdjax.losses.hidden import hidden_cosine
 from kdjax.losses.hidden import hidden_mse
 from kdjax.losses.hidden import relation_kl
 from kdjax.losses.hidden import self_relation
+from kdjax.losses.fused import CROSS_ENTROPY
+from kdjax.losses.fused import FusedLosses
 from kdjax.losses.fused import TokenHead
+from kdjax.losses.fused import TokenPart
 from kdjax.losses.fused import fused_cross_entropy
 from kdjax.losses.fused import fused_token_loss
+from kdjax.losses.fused import fused_token_losses
 from kdjax.losses.fused import resolve_chunk
 from kdjax.losses.fused import token_argmax
 from kdjax.losses.logits import dist
@@ -108,6 +112,10 @@ __all__ = [
   # fused output heads
   "TokenHead",
   "fused_token_loss",
+  "fused_token_losses",
+  "TokenPart",
+  "FusedLosses",
+  "CROSS_ENTROPY",
   "fused_cross_entropy",
   "resolve_chunk",
   "token_argmax",

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -169,17 +169,22 @@ def _fill(tree: Any, kept: Any, flags: Any) -> Any:
   return jax.tree.map(lambda x, f, k: k if f else x, tree, flags, kept, is_leaf=lambda x: x is None)
 
 
-def _fused_sum(per_token: Callable[[Any, Any], Array], chunk: int) -> Callable[[Any, Any], Array]:
-  """Σ_{b,l} ℓ_{b,l}·w_{b,l} as ``f(params, rows)``, chunked along L, with a custom VJP.
+def _fused_sum(per_token: Callable[[Any, Any], tuple[Array, dict]], chunk: int) -> Callable[[Any, Any], tuple]:
+  """``f(params, rows) -> (Σ_{b,l} ℓ_{b,l}, aux)`` chunked along L, with a custom VJP for the sum.
 
-  ``per_token(params, rows_chunk) -> (B, C)``; ``rows`` is a dict of arrays
-  ``(B, L, ...)`` holding the weights ``"w"`` ``(B, L)``; ``params`` is
-  not chunked (the projections). The forward pass stores each chunk's
-  gradient w.r.t. the differentiated inputs; the backward pass scales them.
+  ``per_token(params, rows_chunk) -> ((B, C) weighted losses, aux)``, ``aux``
+  a dict of scalars (summed over chunks, not differentiated); ``rows`` is a
+  dict of arrays ``(B, L, ...)``; ``params`` is not chunked (the
+  projections). The forward pass stores each chunk's gradient w.r.t. the
+  differentiated inputs; the backward pass scales them.
   """
 
+  def chunk_sum(params, r):
+    loss, aux = per_token(params, r)
+    return jnp.sum(loss), jax.tree.map(jax.lax.stop_gradient, aux)
+
   def value(params, rows):
-    return _over_chunks(lambda r: (jnp.sum(per_token(params, r) * r["w"]), ()), rows, chunk)[0]
+    return _over_chunks(lambda r: (chunk_sum(params, r), ()), rows, chunk)[0]
 
   def fwd(params, rows):
     unwrap = lambda t: jax.tree.map(lambda x: x.value, t, is_leaf=_is_primal)  # noqa: E731
@@ -187,17 +192,18 @@ def _fused_sum(per_token: Callable[[Any, Any], Array], chunk: int) -> Callable[[
     p, r, pf, rf = unwrap(params), unwrap(rows), flags(params), flags(rows)
 
     def chunk_grads(rc):
-      f = lambda pd, rd: jnp.sum(per_token(_fill(p, pd, pf), _fill(rc, rd, rf)) * rc["w"])  # noqa: E731
-      total, vjp = jax.vjp(f, _keep(p, pf), _keep(rc, rf))
+      f = lambda pd, rd: chunk_sum(_fill(p, pd, pf), _fill(rc, rd, rf))  # noqa: E731
+      total, vjp, aux = jax.vjp(f, _keep(p, pf), _keep(rc, rf), has_aux=True)
       g_params, g_rows = vjp(jnp.ones((), total.dtype))
-      return (total, g_params), g_rows
+      return ((total, aux), g_params), g_rows
 
-    (total, g_params), g_rows = _over_chunks(chunk_grads, r, chunk)
-    return total, (g_params, g_rows)
+    (out, g_params), g_rows = _over_chunks(chunk_grads, r, chunk)
+    return out, (g_params, g_rows)
 
   def bwd(res, g):
     g_params, g_rows = res
-    scale = lambda t: jax.tree.map(lambda x: (g * x).astype(x.dtype), t)  # noqa: E731
+    g_total = g[0]
+    scale = lambda t: jax.tree.map(lambda x: (g_total * x).astype(x.dtype), t)  # noqa: E731
     return scale(g_params), scale(g_rows)
 
   fused = jax.custom_vjp(value)
@@ -258,6 +264,153 @@ def _teacher_parts(teacher: Any, shape: tuple[int, int], vocab: int) -> tuple[An
 # Losses.
 
 
+CROSS_ENTROPY = "cross_entropy"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPart:
+  """One token loss of a :func:`fused_token_losses` group.
+
+  Attributes:
+    loss: :data:`CROSS_ENTROPY` (against the group's ``labels``) or a divergence
+      from the teacher: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
+      ``"tvd"``, ``"skew_kl"``.
+    weight: its multiplier in the group's total (a number or a traced scalar).
+    mask: optional ``(B, L)`` bool or 0/1: the tokens it averages over (cross-entropy
+      also leaves out label −1).
+    temperature: T > 0 on both sides of a divergence (no T² factor).
+    hyper: the divergence's ``beta``, ``alpha``, ``reverse``.
+  """
+
+  loss: str
+  weight: Any = 1.0
+  mask: Array | None = None
+  temperature: Any = 1.0
+  hyper: dict = dataclasses.field(default_factory=dict)
+
+
+class FusedLosses(NamedTuple):
+  """What :func:`fused_token_losses` returns.
+
+  Attributes:
+    total: Σ_i weight_i · values_i, float32 (the differentiable output).
+    values: each part's loss (its masked mean over tokens), outside the gradient.
+    accuracy: the fraction of labelled tokens whose label's logit is the largest (ties count), or None
+      without labels.
+  """
+
+  total: Array
+  values: tuple[Array, ...]
+  accuracy: Array | None
+
+
+def _check_part(part: Any) -> None:
+  if not isinstance(part, TokenPart):
+    raise ConfigError(f"parts must be kdjax.losses.TokenPart, got {type(part).__name__}.")
+  if part.loss != CROSS_ENTROPY and part.loss not in sequence._DIVERGENCES:
+    raise ConfigError(
+      f"TokenPart.loss must be one of {sorted([CROSS_ENTROPY, *sequence._DIVERGENCES])}, got {part.loss!r}."
+    )
+  _checks.check_positive(part.temperature, "temperature")
+  sequence._check_hyper(part.hyper)
+
+
+def _group_rows(student: TokenHead, teacher: Any, parts, labels: Array | None) -> tuple[Any, dict, tuple]:
+  """Checked inputs of a group: the teacher's params, the chunked rows (each part's weights ``w{i}`` pre-scaled by
+  its weight over its token count, its mask ``m{i}``) and each part's token count."""
+  shape, vocab = student.hidden.shape[:2], student.vocab_size
+  t_params, rows = (None, {}) if teacher is None else _teacher_parts(teacher, shape, vocab)
+  rows["s"] = student.hidden
+  if labels is not None:
+    if jnp.shape(labels) != shape:
+      raise ConfigError(f"labels {jnp.shape(labels)} must be (B, L) = {shape}.")
+    labels = jnp.asarray(labels, jnp.int32)
+    rows["y"], rows["labelled"] = jnp.maximum(labels, 0), (labels >= 0).astype(jnp.float32)
+  counts = []
+  for i, part in enumerate(parts):
+    _check_part(part)
+    if part.loss == CROSS_ENTROPY and labels is None:
+      raise ConfigError("a cross-entropy TokenPart needs the group's labels.")
+    if part.loss != CROSS_ENTROPY and teacher is None:
+      raise ConfigError(f"TokenPart {part.loss!r} needs a teacher.")
+    m = _weights(part.mask, shape) * (rows["labelled"] if part.loss == CROSS_ENTROPY else 1.0)
+    counts.append(jnp.maximum(jnp.sum(m), 1.0))
+    rows[f"m{i}"], rows[f"w{i}"] = m, m * (jnp.asarray(part.weight, jnp.float32) / counts[-1])
+  return t_params, rows, tuple(counts)
+
+
+def _part_per_token(part: TokenPart, s: Array, t: Any, r: dict) -> Array:
+  """``(B, C)``: one part's loss at each position of a chunk, from the student's logits ``s`` and the teacher's
+  ``t`` (logits, or top-k ``(log-probs, ids)``)."""
+  if part.loss == CROSS_ENTROPY:
+    return jax.nn.logsumexp(s, axis=-1) - jnp.take_along_axis(s, r["y"][..., None], axis=-1)[..., 0]
+  divergence = sequence._DIVERGENCES[part.loss]
+  if isinstance(t, tuple):
+    renormalise = part.loss in sequence.TOPK_RENORMALISED
+    return sequence._topk_per_token(divergence, s, *t, part.temperature, renormalise, **part.hyper)
+  return sequence._per_token(divergence, s, t, part.temperature, **part.hyper)
+
+
+def fused_token_losses(
+  student: TokenHead,
+  parts: tuple[TokenPart, ...] | list[TokenPart],
+  teacher: TokenHead | Array | tuple[Array, Array] | None = None,
+  labels: Array | None = None,
+  *,
+  chunk_size: int,
+) -> FusedLosses:
+  """Several token losses on one student head in one pass: each chunk's logits are projected once.
+
+    total = Σ_i weight_i · Σ_{b,l} ℓ^i_{b,l} · mask^i_{b,l} / max(Σ mask^i, 1),
+
+  ℓ^i the cross-entropy −log softmax(z_S)_y or a divergence between
+  log_softmax(z_S / T_i) and log_softmax(z_T / T_i) (:mod:`kdjax.losses.divergences`,
+  the one definition of each), z = :func:`project` of each head. A KD objective
+  (CE + a divergence) and the training accuracy then cost one projection of each
+  model onto the vocabulary per chunk, forward and backward, instead of one per
+  loss. Values and gradients equal the sum of the separate losses to float32
+  rounding.
+
+  Args:
+    student: the student's :class:`TokenHead`, hidden ``(B, L, D)``.
+    parts: the losses (:class:`TokenPart`).
+    teacher: for divergence parts: a :class:`TokenHead` (the same V), logits
+      ``(B, L, V)``, or a top-k cache's ``(log-probs, ids)`` ``(B, L, k)``.
+    labels: ``(B, L)`` int targets in ``[0, V)`` or −1 (not scored): for
+      cross-entropy parts and the accuracy.
+    chunk_size: positions per chunk (> 0; need not divide L).
+
+  Returns:
+    :class:`FusedLosses`.
+  """
+  _check_head(student, "student")
+  _check_chunk(chunk_size)
+  parts = tuple(parts)
+  t_params, rows, counts = _group_rows(student, teacher, parts, labels)
+  topk = isinstance(teacher, tuple)
+
+  def per_token(params, r):
+    (s_kernel, s_bias), t_kp = params
+    s = project(student, s_kernel, s_bias, r["s"])
+    t = (r["t"], r["idx"]) if topk else None if teacher is None else r["t"]
+    if t_kp is not None:
+      t = project(teacher, *t_kp, r["t"])
+    loss, aux = jnp.zeros(s.shape[:2], jnp.float32), {}
+    for i, part in enumerate(parts):
+      ell = _part_per_token(part, s, t, r)
+      loss = loss + ell * r[f"w{i}"]
+      aux[f"sum{i}"] = jnp.sum(ell * r[f"m{i}"])
+    if labels is not None:  # the label's logit reaches the row maximum
+      picked = jnp.take_along_axis(s, r["y"][..., None], axis=-1)[..., 0]
+      aux["hits"] = jnp.sum((picked >= jnp.max(s, axis=-1)) * r["labelled"])
+    return loss, aux
+
+  total, aux = _fused_sum(per_token, chunk_size)(((student.kernel, student.bias), t_params), rows)
+  values = tuple(aux[f"sum{i}"] / counts[i] for i in range(len(parts)))
+  accuracy = None if labels is None else aux["hits"] / jnp.maximum(jnp.sum(rows["labelled"]), 1.0)
+  return FusedLosses(total, values, accuracy)
+
+
 def fused_token_loss(
   loss: str,
   student: TokenHead,
@@ -279,6 +432,7 @@ def fused_token_loss(
 
   with z = :func:`project` of each head, directions as in
   :mod:`kdjax.losses.divergences` (forward KL is KL(teacher ‖ student)).
+  One part of :func:`fused_token_losses`.
 
   Args:
     loss: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
@@ -295,29 +449,10 @@ def fused_token_loss(
   Returns:
     float32 scalar.
   """
-  divergence = sequence._DIVERGENCES.get(loss)
-  if divergence is None:
+  if loss not in sequence._DIVERGENCES:
     raise ConfigError(f"loss must be one of {sorted(sequence._DIVERGENCES)}, got {loss!r}.")
-  _check_head(student, "student")
-  _check_chunk(chunk_size)
-  _checks.check_positive(temperature, "temperature")
-  sequence._check_hyper(hyper)
-  shape = student.hidden.shape[:2]
-  t_params, rows = _teacher_parts(teacher, shape, student.vocab_size)
-  rows.update(s=student.hidden, w=_weights(mask, shape))
-  topk = isinstance(teacher, tuple)
-  renormalise = loss in sequence.TOPK_RENORMALISED
-
-  def per_token(params, r):
-    (s_kernel, s_bias), t_kp = params
-    s = project(student, s_kernel, s_bias, r["s"])
-    if topk:
-      return sequence._topk_per_token(divergence, s, r["t"], r["idx"], temperature, renormalise, **hyper)
-    t = project(teacher, *t_kp, r["t"]) if t_kp is not None else r["t"]
-    return sequence._per_token(divergence, s, t, temperature, **hyper)
-
-  total = _fused_sum(per_token, chunk_size)(((student.kernel, student.bias), t_params), rows)
-  return sequence._normalise(total, rows["w"])
+  part = TokenPart(loss, 1.0, mask, temperature, hyper)
+  return fused_token_losses(student, (part,), teacher, chunk_size=chunk_size).total
 
 
 def fused_cross_entropy(student: TokenHead, labels: Array, mask: Array | None = None, *, chunk_size: int) -> Array:
@@ -328,7 +463,7 @@ def fused_cross_entropy(student: TokenHead, labels: Array, mask: Array | None = 
   w = mask · [y ≥ 0] (label −1: not scored). Equals the softmax
   cross-entropy on the full logits to float32 rounding, values and
   gradients (the fused linear cross-entropy of Liger-Kernel and Cut
-  Cross-Entropy).
+  Cross-Entropy). One part of :func:`fused_token_losses`.
 
   Args:
     student: the student's :class:`TokenHead`, hidden ``(B, L, D)``.
@@ -339,21 +474,8 @@ def fused_cross_entropy(student: TokenHead, labels: Array, mask: Array | None = 
   Returns:
     float32 scalar.
   """
-  _check_head(student, "student")
-  _check_chunk(chunk_size)
-  shape = student.hidden.shape[:2]
-  if jnp.shape(labels) != shape:
-    raise ConfigError(f"labels {jnp.shape(labels)} must be (B, L) = {shape}.")
-  labels = jnp.asarray(labels, jnp.int32)
-  rows = {"s": student.hidden, "y": jnp.maximum(labels, 0), "w": _weights(mask, shape) * (labels >= 0)}
-
-  def per_token(params, r):
-    z = project(student, *params, r["s"])
-    picked = jnp.take_along_axis(z, r["y"][..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(z, axis=-1) - picked
-
-  total = _fused_sum(per_token, chunk_size)((student.kernel, student.bias), rows)
-  return sequence._normalise(total, rows["w"])
+  part = TokenPart(CROSS_ENTROPY, 1.0, mask)
+  return fused_token_losses(student, (part,), labels=labels, chunk_size=chunk_size).total
 
 
 def token_argmax(head: TokenHead, chunk_size: int) -> Array:
@@ -369,6 +491,10 @@ def token_argmax(head: TokenHead, chunk_size: int) -> Array:
 
 __all__ = [
   "TokenHead",
+  "TokenPart",
+  "FusedLosses",
+  "CROSS_ENTROPY",
+  "fused_token_losses",
   "project",
   "resolve_chunk",
   "fused_token_loss",

@@ -13,6 +13,12 @@ A *term* is data plus two pure functions:
 
 A *method* is a tuple of terms with weights; its loss is the weighted sum.
 Methods never touch the model or optimizer: the engine owns those.
+
+A token term may also describe itself as one part of a fused token group
+(``token_part``): at a large vocabulary the method then computes all such
+terms, and the training accuracy, in one chunked pass over the student's
+output head (:func:`kdjax.losses.fused_token_losses`), projecting each chunk
+onto the vocabulary once instead of once per term.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kdjax import batch as batch_keys
 from kdjax.errors import ConfigError
+import kdjax.losses as kdl
 from kdjax.models.base import ModelOutput
 
 PyTree = Any
@@ -95,6 +103,48 @@ ApplyFn = Callable[
 ]
 
 
+ACCURACY = "train/accuracy"  # the metric of the student's top-1 accuracy on labelled entries
+
+
+class FusedPart(NamedTuple):
+  """A term's loss as one part of a fused token group, on the student's output head.
+
+  Attributes:
+    part: the loss (its ``weight``: the term's micro-batch share, :meth:`Context.share`).
+    chunk: positions per chunk.
+    teacher: what a divergence compares with (the teacher's head, logits or top-k), None for cross-entropy.
+  """
+
+  part: kdl.TokenPart
+  chunk: int
+  teacher: Any = None
+
+
+TokenPartFn = Callable[[ModelOutput, ModelOutput | None, dict[str, jax.Array], "Context"], FusedPart | None]
+
+
+def token_labels(batch, shape) -> jax.Array | None:
+  """``batch["label"]`` when it is per token ``(B, L)``, else None."""
+  labels = batch.get(batch_keys.LABEL)
+  return labels if labels is not None and jnp.shape(labels) == tuple(shape) else None
+
+
+def logit_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy over labelled entries (label ≥ 0) of ``logits`` ``(..., V)``: the label's logit is the largest
+  (a tie counts as a hit), one gather and the row maximum that a log-softmax computes anyway."""
+  valid = labels >= 0
+  picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  hit = (picked >= jnp.max(logits, axis=-1)) & valid
+  return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def run_fused(student_out: ModelOutput, parts: list[FusedPart], batch) -> kdl.FusedLosses:
+  """``parts`` (one chunk size, one teacher) in one pass over ``student_out.head``."""
+  teacher = next((p.teacher for p in parts if p.teacher is not None), None)
+  labels = token_labels(batch, student_out.head.hidden.shape[:2])
+  return kdl.fused_token_losses(student_out.head, [p.part for p in parts], teacher, labels, chunk_size=parts[0].chunk)
+
+
 def _no_init(key, student_out, teacher_out, info):
   del key, student_out, teacher_out, info
   return {}, {}
@@ -123,6 +173,9 @@ class Term:
       paraphraser). Its own ``init`` is not called for params.
     any_vocab: the term compares teacher and student across vocabularies
       (ULD), so their class counts need not match.
+    token_part: ``(student_out, teacher_out, batch, ctx) -> FusedPart | None``:
+      the term as a part of a fused token group when it computes from the
+      output heads (None: it does not, as ``apply`` says).
   """
 
   name: str
@@ -136,6 +189,7 @@ class Term:
   stage: str = "main"
   params_from: str | None = None
   any_vocab: bool = False
+  token_part: TokenPartFn | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,15 +256,16 @@ class Method:
     """Weighted total over the terms of ``stage``.
 
     Returns ``(total, new_state, metrics)`` with ``metrics["loss/<term>"]``
-    holding each unweighted term and ``metrics["loss/total"]`` the total.
+    holding each unweighted term and ``metrics["loss/total"]`` the total; a
+    fused token group also reports ``metrics["train/accuracy"]``.
     """
-    total = jnp.zeros((), jnp.float32)
+    keyed = [(t, ctx._replace(key=jax.random.fold_in(ctx.key, i))) for i, t in enumerate(self.terms)]
+    terms = [(t, c) for t, c in keyed if t.stage == stage]
+    total, metrics = self._fused(terms, student_out, teacher_out, batch)
     new_state = dict(state)
-    metrics: dict[str, jax.Array] = {}
-    for i, t in enumerate(self.terms):
-      if t.stage != stage:
+    for t, tctx in terms:
+      if f"loss/{t.name}" in metrics:
         continue
-      tctx = ctx._replace(key=jax.random.fold_in(ctx.key, i))
       p = adapter_params[t.params_from or t.name]
       value, s, aux = t.apply(p, state[t.name], student_out, teacher_out, batch, tctx)
       value = jnp.asarray(value, jnp.float32)
@@ -221,3 +276,26 @@ class Method:
         metrics[f"{t.name}/{k}"] = v
     metrics["loss/total"] = total
     return total, new_state, metrics
+
+  @staticmethod
+  def _fused(terms, student_out, teacher_out, batch) -> tuple[jax.Array, dict]:
+    """The terms that describe themselves as fused token parts, in one pass: their weighted total and metrics
+    (``loss/<term>``: each term's value, as its ``apply`` returns it; ``train/accuracy`` of a language model,
+    from that pass, or from the logits when its token terms read them)."""
+    named, parts, plain = [], [], False
+    for t, tctx in terms:
+      fp = t.token_part(student_out, teacher_out, batch, tctx) if t.token_part is not None else None
+      plain |= t.token_part is not None and fp is None
+      if fp is not None and (not parts or fp.chunk == parts[0].chunk):
+        share = fp.part.weight
+        named.append((t.name, share))
+        parts.append(fp._replace(part=dataclasses.replace(fp.part, weight=t.weight * share)))
+    labels = token_labels(batch, student_out.logits.shape[:2]) if jnp.ndim(student_out.logits) == 3 else None
+    if not parts:  # a token term reads the full logits: the accuracy from them, not from another pass over the head
+      accuracy = {} if labels is None or not plain else {ACCURACY: logit_accuracy(student_out.logits, labels)}
+      return jnp.zeros((), jnp.float32), accuracy
+    out = run_fused(student_out, parts, batch)
+    metrics = {f"loss/{name}": v * share for (name, share), v in zip(named, out.values)}
+    if out.accuracy is not None:
+      metrics[ACCURACY] = out.accuracy
+    return out.total, metrics

@@ -14,7 +14,7 @@ from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods.config import MethodConfig
 from kdjax.methods._common import opt, stop
-from kdjax.methods.base import ModelInfo, Term
+from kdjax.methods.base import FusedPart, ModelInfo, Term, run_fused
 
 
 def _token_mask(batch, shape):
@@ -82,36 +82,47 @@ def _labels_shape_ok(logits, labels):
   return jnp.shape(labels) == jnp.shape(logits)[:-1]
 
 
-def _ce_loss(s_out, labels, batch, mask, chunk_setting):
-  """The CE of :func:`cross_entropy`, from the student's head chunk by chunk where
-  :func:`kdjax.losses.resolve_chunk` says so (token labels, no mixup)."""
-  chunk = kdl.resolve_chunk(s_out.head, chunk_setting)
-  if chunk is not None and batch.get(batch_keys.LABEL_B) is None and jnp.ndim(labels) == 2:
-    return kdl.fused_cross_entropy(s_out.head, labels, mask, chunk_size=chunk)
-  return cross_entropy(s_out.logits, labels, batch.get(batch_keys.LABEL_B), batch.get(batch_keys.MIX_LAMBDA), mask)
+def _ce_share(labels, mask, batch, ctx):
+  """The CE's micro-batch share (:meth:`Context.share`) of the whole batch's labelled entries."""
+  labelled = jnp.asarray(labels) >= 0
+  if mask is not None:
+    labelled &= jnp.asarray(mask) > 0
+  if batch.get(batch_keys.LABEL_B) is not None:
+    labelled &= jnp.asarray(batch[batch_keys.LABEL_B]) >= 0
+  return ctx.share(jnp.sum(labelled), ctx.labelled_total)
 
 
 def make_ce(name: str, weight: float, cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None):
   """``ce``: supervised cross-entropy (:func:`cross_entropy`) on batch["label"]; a language model's
-  from its output head, chunk by chunk, as ``cfg.token_chunk`` says."""
+  from its output head, chunk by chunk, as ``cfg.token_chunk`` says (token labels, no mixup)."""
 
-  def apply(params, state, s_out, t_out, batch, ctx):
+  def labels_of(s_out, batch):
     labels = batch[batch_keys.LABEL]
     if not _labels_shape_ok(s_out.logits, labels):
       raise ConfigError(
         f"term {name!r}: labels of shape {jnp.shape(labels)} do not match logits of shape "
         f"{jnp.shape(s_out.logits)} (expected logits.shape[:-1])"
       )
-    mask = _token_mask(batch, jnp.shape(labels))
-    loss = _ce_loss(s_out, labels, batch, mask, cfg.token_chunk)
-    labelled = jnp.asarray(labels) >= 0
-    if mask is not None:
-      labelled &= jnp.asarray(mask) > 0
-    if batch.get(batch_keys.LABEL_B) is not None:
-      labelled &= jnp.asarray(batch[batch_keys.LABEL_B]) >= 0
-    return loss * ctx.share(jnp.sum(labelled), ctx.labelled_total), state, {}
+    return labels
 
-  return (Term(name, weight, apply, needs_teacher=False),)
+  def token_part(s_out, t_out, batch, ctx):
+    labels = labels_of(s_out, batch)
+    chunk = kdl.resolve_chunk(s_out.head, cfg.token_chunk)
+    if chunk is None or batch.get(batch_keys.LABEL_B) is not None or jnp.ndim(labels) != 2:
+      return None
+    mask = _token_mask(batch, jnp.shape(labels))
+    return FusedPart(kdl.TokenPart(kdl.CROSS_ENTROPY, _ce_share(labels, mask, batch, ctx), mask), chunk)
+
+  def apply(params, state, s_out, t_out, batch, ctx):
+    fp = token_part(s_out, t_out, batch, ctx)
+    if fp is not None:
+      return run_fused(s_out, [fp], batch).total, state, {}
+    labels = labels_of(s_out, batch)
+    mask = _token_mask(batch, jnp.shape(labels))
+    loss = cross_entropy(s_out.logits, labels, batch.get(batch_keys.LABEL_B), batch.get(batch_keys.MIX_LAMBDA), mask)
+    return loss * _ce_share(labels, mask, batch, ctx), state, {}
+
+  return (Term(name, weight, apply, needs_teacher=False, token_part=token_part),)
 
 
 def make_kd(name, weight, cfg, student, teacher):
@@ -172,30 +183,40 @@ def _token_term(fn, topk_fn, **fixed):
       kw["beta"] = opt(cfg.gkd_beta, kw["beta"])
     if "alpha" in kw:
       kw["alpha"] = opt(cfg.skew_alpha, kw["alpha"])
-    kw_t = {**kw, "temperature": temp}
+
+    def share(s_out, batch, ctx, mask):
+      tokens = jnp.sum(mask > 0) if mask is not None else s_out.logits.shape[0] * s_out.logits.shape[1]
+      # The mean over the whole batch's scored tokens (those the CE counts), also under gradient accumulation.
+      return ctx.share(tokens, ctx.labelled_total if "label" in batch else ctx.mask_total)
+
+    def token_part(s_out, t_out, batch, ctx):
+      chunk = kdl.resolve_chunk(s_out.head, cfg.token_chunk)
+      if chunk is None:
+        return None
+      mask = _token_mask(batch, jnp.shape(s_out.logits)[:2])
+      part = kdl.TokenPart(fn.__name__, share(s_out, batch, ctx, mask), mask, temp, kw)
+      return FusedPart(part, chunk, _fused_target(t_out))
 
     def apply(params, state, s_out, t_out, batch, ctx):
+      fp = token_part(s_out, t_out, batch, ctx)
+      if fp is not None:  # from the heads, chunk by chunk: no (B, L, V) logits
+        return run_fused(s_out, [fp], batch).total, state, {}
       s = s_out.logits
       mask = _token_mask(batch, jnp.shape(s)[:2])
-      chunk = kdl.resolve_chunk(s_out.head, cfg.token_chunk)
-      if chunk is not None:  # from the heads, chunk by chunk: no (B, L, V) logits
-        loss = kdl.fused_token_loss(fn.__name__, s_out.head, _fused_target(t_out), mask, chunk_size=chunk, **kw_t)
-      elif t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
-        lp, idx = stop(t_out.topk_logp), t_out.topk_idx
-        loss = topk_fn(s, lp, idx, mask=mask, temperature=temp, **kw)
+      if t_out.topk_logp is not None:  # a teacher-output cache with top-k storage: the exact top-k form
+        loss = topk_fn(s, stop(t_out.topk_logp), t_out.topk_idx, mask=mask, temperature=temp, **kw)
       else:
         loss = fn(s, stop(t_out.logits), mask=mask, temperature=temp, **kw)
-      tokens = jnp.sum(mask > 0) if mask is not None else s.shape[0] * s.shape[1]
-      # The mean over the whole batch's scored tokens (those the CE counts), also under gradient accumulation.
-      return loss * ctx.share(tokens, ctx.labelled_total if "label" in batch else ctx.mask_total), state, {}
+      return loss * share(s_out, batch, ctx, mask), state, {}
 
-    return (Term(name, weight, apply),)
+    return (Term(name, weight, apply, token_part=token_part),)
 
   make.__doc__ = (
     f"Token-level ``{fn.__name__}`` over (B, L, V) logits; batch['mask'] (B, L) "
     "selects tokens; temperature default 1 (no T² factor). From a top-k teacher "
     f"cache: ``{topk_fn.__name__}`` on the top-k + tail partition. At large vocabularies, from the "
-    "models' output heads chunk by chunk (``kdjax.losses.fused_token_loss``, ``cfg.token_chunk``)."
+    "models' output heads chunk by chunk, in one pass with the method's other token terms "
+    "(``kdjax.losses.fused_token_losses``, ``cfg.token_chunk``)."
   )
   return make
 
