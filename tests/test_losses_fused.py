@@ -280,7 +280,9 @@ def test_resolve_chunk_and_errors():
   small = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, 100)))
   large = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, fused.FUSED_MIN_VOCAB)))
   assert kdl.resolve_chunk(None, None) is None and kdl.resolve_chunk(small, None) is None
-  assert kdl.resolve_chunk(large, None) == fused.AUTO_CHUNK_LOGITS // (2 * fused.FUSED_MIN_VOCAB)
+  assert kdl.resolve_chunk(large, None) == fused.AUTO_CHUNK_ROWS // 2  # rows, at a small vocabulary
+  huge = fused.TokenHead(jnp.zeros((2, 4, 3)), jnp.zeros((3, 151_936)))
+  assert kdl.resolve_chunk(huge, None) == fused.AUTO_CHUNK_LOGITS // (2 * 151_936) == 55  # logits
   assert kdl.resolve_chunk(large, 0) is None and kdl.resolve_chunk(small, 5) == 5
   with pytest.raises(ConfigError, match="chunk_size"):
     kdl.fused_token_loss("forward_kl", small, small, chunk_size=0)

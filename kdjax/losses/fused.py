@@ -23,10 +23,12 @@ memory is O(B·C·V + D·V) instead of O(B·L·V). Values and gradients equal
 the unchunked ones to float32 rounding. An input nobody differentiates (a
 frozen, stop-gradiented teacher) gets no gradient computed.
 
-Chunks are of positions only: with C chosen so that B·C·V is about 2²⁴
-(:func:`resolve_chunk`), one chunk over the whole vocabulary already fits in
-bounded memory at any V, so an online log-sum-exp over vocabulary chunks
-would add passes without saving memory. Tensor parallelism splits the
+Chunks are of positions only: with C chosen so that B·C·V is at most about
+2²⁴ (:func:`resolve_chunk`), one chunk over the whole vocabulary already fits
+in bounded memory at any V, so an online log-sum-exp over vocabulary chunks
+would add passes without saving memory. At small vocabularies a chunk is
+capped at 256 rows (B·C), so that its arrays stay in cache while its products
+stay efficient: fused is then also the faster step. Tensor parallelism splits the
 vocabulary instead: with W split over a mesh's ``model`` axis, each chunk's
 logits stay split and their log-sum-exps reduce across devices; the
 vocabulary is never gathered.
@@ -53,11 +55,13 @@ from kdjax.losses import sequence
 
 Array = jax.Array
 
-# Below this vocabulary the methods keep the plain (B, L, V) losses: the logits are small and one
-# fused matmul is faster than a loop over chunks.
-FUSED_MIN_VOCAB = 32_768
-# An automatic chunk holds about this many logits per model (64 MiB in float32).
+# From this vocabulary on the methods fuse by default: a chunk's logits stay in cache, where the plain
+# losses write and re-read (B, L, V) arrays (results/bench.md, section 14, measures both).
+FUSED_MIN_VOCAB = 2_048
+# An automatic chunk holds about this many logits per model (64 MiB in float32) ...
 AUTO_CHUNK_LOGITS = 1 << 24
+# ... and at most this many rows (B·C), enough for efficient matrix products.
+AUTO_CHUNK_ROWS = 256
 
 
 @functools.partial(
@@ -102,8 +106,10 @@ def project(head: TokenHead, kernel: Array, bias: Array | None, hidden: Array) -
   The product runs in the hidden states' dtype and accumulates in float32.
   """
   k = kernel.astype(hidden.dtype)
-  spec = "bcd,vd->bcv" if head.transposed else "bcd,dv->bcv"
-  z = jnp.einsum(spec, hidden, k, preferred_element_type=jnp.float32)
+  spec = "nd,vd->nv" if head.transposed else "nd,dv->nv"
+  # One row axis, so that the kernel's gradient contracts a single dimension (a library matrix product on CPU).
+  rows = hidden.reshape(-1, hidden.shape[-1])
+  z = jnp.einsum(spec, rows, k, preferred_element_type=jnp.float32).reshape(*hidden.shape[:-1], -1)
   if bias is not None:
     z = z + _checks.as_f32(bias)
   if head.softcap:
@@ -114,15 +120,18 @@ def project(head: TokenHead, kernel: Array, bias: Array | None, hidden: Array) -
 def resolve_chunk(head: TokenHead | None, chunk_size: int | None) -> int | None:
   """Positions per chunk for a fused loss on ``head``, or None for the plain ``(B, L, V)`` loss.
 
-  ``chunk_size``: None picks automatically (fused when V ≥ :data:`FUSED_MIN_VOCAB`, with chunks of
-  about :data:`AUTO_CHUNK_LOGITS` / (B·V) positions); 0: never fused; n > 0: fused, n positions.
+  ``chunk_size``: None picks automatically (fused when V ≥ :data:`FUSED_MIN_VOCAB`, with
+  C = min(:data:`AUTO_CHUNK_LOGITS` / (B·V), :data:`AUTO_CHUNK_ROWS` / B) positions, at least 1);
+  0: never fused; n > 0: fused, n positions.
   """
   if head is None or chunk_size == 0:
     return None
   if chunk_size is not None:
     return chunk_size
   vocab, batch = head.vocab_size, int(head.hidden.shape[0])
-  return max(1, AUTO_CHUNK_LOGITS // (batch * vocab)) if vocab >= FUSED_MIN_VOCAB else None
+  if vocab < FUSED_MIN_VOCAB:
+    return None
+  return max(1, min(AUTO_CHUNK_LOGITS // (batch * vocab), AUTO_CHUNK_ROWS // batch))
 
 
 # --------------------------------------------------------------------------

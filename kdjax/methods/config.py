@@ -70,10 +70,11 @@ class MethodConfig:
       the student's attention heads).
     token_chunk: how a language model's token terms (CE and the token
       divergences) read its output head: ``None`` (default) fuses the head
-      with the loss, chunk by chunk (``kdjax.losses.fused_token_loss``), when
-      the vocabulary has at least 32,768 tokens, with about 2²⁴ logits per
-      chunk; ``0`` never (full ``(B, L, V)`` logits); n > 0 always, n
-      positions per chunk.
+      with the loss, chunk by chunk, all token terms in one pass
+      (``kdjax.losses.fused_token_losses``), when the vocabulary has at least
+      2,048 tokens, with at most 2²⁴ logits and 256 rows per chunk
+      (``kdjax.losses.resolve_chunk``); ``0`` never (full ``(B, L, V)``
+      logits); n > 0 always, n positions per chunk.
   """
 
   name: str = "kd"
