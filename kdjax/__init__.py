@@ -29,6 +29,7 @@ _EXPORTS = {
   "export_hf": "kdjax.engine.evaluation",
   "layer_similarity": "kdjax.engine.layer_similarity",
   "auto_layer_map": "kdjax.engine.layer_similarity",
+  "auto_layers": "kdjax.engine.layer_similarity",
   "LayerSimilarity": "kdjax.engine.layer_similarity",
   "train": "kdjax.engine.hooks",
   "TrainState": "kdjax.engine.state",

@@ -76,8 +76,8 @@ class Distiller:
     placement: where the teacher lives (:class:`kdjax.Placement`): with the
       student (default), tensor-parallel over a ``model`` axis, or on its own
       sub-mesh running one batch ahead (:meth:`prefetch`; :func:`kdjax.train` calls it).
-    calibration: batches on which ``init`` chooses a ``layer_map=("auto",)`` (default: its own batch), by
-      :func:`kdjax.auto_layer_map`; the result is :attr:`layer_similarity`.
+    calibration: batches on which ``init`` chooses a ``layer_map=("auto",)`` or ``hint_layer="auto"`` (default:
+      its own batch), by :func:`kdjax.auto_layers`; the result is :attr:`layer_similarity`.
   """
 
   def __init__(

@@ -250,7 +250,7 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
     t_info = model_info(abstract, teacher_cfgs[0].name, num_classes)
   elif plan.describes_student:
     t_info = s_info
-  if method_cfg.layer_map == layer_match.AUTO and t_info is not None:  # chosen on data once the teacher is loaded
+  if layer_similarity.is_auto(method_cfg) and t_info is not None:  # chosen on data once the teacher is loaded
     method_cfg = layer_match.provisional(method_cfg, s_info.feature_shapes, t_info.feature_shapes)
   method = methods.build(method_cfg, s_info, t_info)
   method.validate(s_info, t_info)
@@ -263,19 +263,22 @@ def _method(cfg: Experiment, s_info: ModelInfo, teacher_cfgs: list[ModelConfig],
 
 
 def _auto_layer_map(cfg: Experiment, method: Method, student, models: list, loader, mesh, teacher_cfgs, num_classes):
-  """``method.layer_map=auto``: the method rebuilt with the map of the largest summed linear CKA between the
-  student and the (first) teacher on the first ``method.calibration_batches`` training batches, and that
+  """``method.layer_map=auto`` / ``hint_layer=auto``: the method rebuilt with the map of the largest summed
+  linear CKA (and FitNet's pair) between the student and the (first) teacher on the first
+  ``method.calibration_batches`` training batches, and that
   :class:`~kdjax.engine.layer_similarity.LayerSimilarity`; otherwise ``(method, None)``."""
-  if cfg.method.layer_map != layer_match.AUTO or teachers.plan(cfg.mode).alone:
+  if not layer_similarity.is_auto(cfg.method) or teachers.plan(cfg.mode).alone:
     return method, None
   if not models:
+    field = layer_similarity.auto_fields(cfg.method)[0]
     raise ConfigError(
-      f"method.layer_map=auto pairs the student's layers with a teacher model's; mode {cfg.mode!r} "
-      "loads none (a teacher cache holds outputs only): give the map, e.g. --method.layer_map uniform"
+      f"method.{field}=auto pairs the student's layers with a teacher model's; mode {cfg.mode!r} loads none "
+      f"(a teacher cache holds outputs only): give it, e.g. --method.{field} "
+      f"{'uniform' if field == 'layer_map' else 'stage2=stage3'}"
     )
   count = min(cfg.method.calibration_batches, loader.steps_per_epoch)
   batches = (loader.batch(0, i) for i in range(count))
-  resolved, similarity = layer_similarity.auto_layer_map(student, models[0], batches, cfg.method, mesh=mesh)
+  resolved, similarity = layer_similarity.auto_layers(student, models[0], batches, cfg.method, mesh=mesh)
   s_info = model_info(student, cfg.student.name, num_classes)
   return _method(dataclasses.replace(cfg, method=resolved), s_info, teacher_cfgs, num_classes), similarity
 

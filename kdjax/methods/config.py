@@ -37,7 +37,12 @@ class MethodConfig:
     dist_beta / dist_gamma: DIST inter/intra weights.
     gkd_beta: generalized-JSD interpolation (TRL convention: 0 → KL(T‖S)).
     skew_alpha: DistiLLM's skew α of ``skew_kl`` / ``skew_reverse_kl`` (0.1).
-    hint_layer: feature name used by FitNet (both models).
+    hint_layer: FitNet's pair: a feature name (or module path) read in both
+      models (default ``stage2``); ``"s=t"``: student feature s guided by
+      teacher feature t, of other depths; ``"auto"``: the student's middle
+      candidate layer (``student_layers``, else its ``stageK``) with the
+      teacher layer of the largest linear CKA that the regressor can map it
+      onto, chosen like ``layer_map=auto`` (``kdjax.auto_layers``).
     feat_dim: embedding width of CRD/CC heads.
     crd_negatives / crd_temperature / crd_momentum: CRD's K, τ and memory
       momentum.
@@ -138,6 +143,11 @@ class MethodConfig:
     named = self.layer_map not in ((), ("uniform",), ("last",), ("auto",))
     for entry in self.layer_map if named else ():
       _check(entry.count("=") == 1, "method.layer_map", f"'uniform', 'last', 'auto' or 's=t' entries, got {entry!r}")
+    if self.hint_layer is not None:
+      sides = self.hint_layer.split("=")
+      _check(
+        len(sides) <= 2 and all(sides), "method.hint_layer", f"a feature name, 's=t' or 'auto', got {self.hint_layer!r}"
+      )
     _check(self.calibration_batches > 0, "method.calibration_batches", f"must be > 0, got {self.calibration_batches}")
     for field in ("student_layers", "teacher_layers", "student_attention", "teacher_attention"):
       value = getattr(self, field)

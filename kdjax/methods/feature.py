@@ -18,6 +18,7 @@ from kdjax.errors import ConfigError
 import kdjax.losses as kdl
 from kdjax.methods import adapters as adapter_lib
 from kdjax.methods import hidden as hidden_lib
+from kdjax.methods.layer_match import HINT_AUTO
 from kdjax.methods._common import common_stages, last_stage, need_teacher, opt, shape, stages, stop
 from kdjax.methods.base import Term
 
@@ -29,39 +30,56 @@ def _f(out, name):
 # ---------------------------------------------------------------- FitNet
 
 
-def _linear_hint(name, weight, layer, s_shape, t_shape, stage, params_from):
+def hint_pair(name: str, cfg) -> tuple[str, str]:
+  """FitNet's ``(student feature, teacher feature)`` of ``method.hint_layer``: ``"s=t"`` guides student
+  feature s by teacher feature t (Romero et al. 2015 pair the student's middle "guided" layer with the
+  teacher's middle "hint" layer, of other depths); one name reads that feature in both (default ``stage2``)."""
+  layer = opt(cfg.hint_layer, "stage2")
+  if layer == HINT_AUTO:
+    raise ConfigError(
+      f"term {name!r}: method.hint_layer=auto is chosen on data before the method is built: pass the "
+      "MethodConfig to kdjax.Distiller (init resolves it) or resolve it with kdjax.auto_layers"
+    )
+  s, _, t = layer.partition("=")
+  return s, t or s
+
+
+def _label(pair: tuple[str, str]) -> str:
+  return pair[0] if pair[0] == pair[1] else "=".join(pair)
+
+
+def _linear_hint(name, weight, pair, s_shape, t_shape, stage, params_from):
   """FitNet on vectors ``(B, D)`` or sequences ``(B, L, D)``: a linear regressor ``D_s → D_t`` (per token),
   then MSE (over the real tokens of a sequence)."""
   if s_shape[:-1] != t_shape[:-1]:
     raise ConfigError(
-      f"term {name!r}: hint_layer {layer!r} has student {s_shape} and teacher {t_shape}; only D may differ"
+      f"term {name!r}: hint_layer {_label(pair)!r} has student {s_shape} and teacher {t_shape}; only D may differ"
     )
+  sl, tl = pair
 
   def init(key, s_out, t_out, info):
     return adapter_lib.linear_init(key, s_shape[-1], t_shape[-1]), {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    fs, ft = adapter_lib.dense_apply(params, _f(s_out, layer)), stop(_f(t_out, layer))
+    fs, ft = adapter_lib.dense_apply(params, _f(s_out, sl)), stop(_f(t_out, tl))
     if fs.ndim == 2:
       return kdl.hint(fs, ft), state, {}
     loss = kdl.hidden_mse(fs, ft, hidden_lib.feature_mask(batch, fs))
     return loss * hidden_lib.batch_share(ctx, batch), state, {}
 
-  return (
-    Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage, params_from=params_from),
-  )
+  return (Term(name, weight, apply, init, (sl,), (tl,), needs_logits_only=False, stage=stage, params_from=params_from),)
 
 
 def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
   teacher = need_teacher(name, teacher)
-  layer = opt(cfg.hint_layer, "stage2")
-  s_shape, t_shape = shape(student, layer, name), shape(teacher, layer, name)
+  pair = sl, tl = hint_pair(name, cfg)
+  s_shape, t_shape = shape(student, sl, name), shape(teacher, tl, name)
   if len(s_shape) == len(t_shape) and len(s_shape) in (1, 2):
-    return _linear_hint(name, weight, layer, s_shape, t_shape, stage, params_from)
+    return _linear_hint(name, weight, pair, s_shape, t_shape, stage, params_from)
   if len(s_shape) != 3 or len(t_shape) != 3:
     raise ConfigError(
-      f"term {name!r}: hint_layer {layer!r} must be an NHWC feature map, a vector (B, D) or a sequence (B, L, D), "
-      f"got student {s_shape} and teacher {t_shape}"
+      f"term {name!r}: hint_layer {_label(pair)!r} must be an NHWC feature map, a vector (B, D) or a sequence "
+      f"(B, L, D), got student {s_shape} and teacher {t_shape}"
     )
   adapter_lib.conv_reg_geometry(s_shape, t_shape)  # raises early on impossible geometry
 
@@ -69,16 +87,15 @@ def _fitnet(name, weight, cfg, student, teacher, stage, params_from):
     return adapter_lib.conv_reg_init(key, s_shape, t_shape), {}
 
   def apply(params, state, s_out, t_out, batch, ctx):
-    fs = adapter_lib.conv_reg_apply(params, _f(s_out, layer), s_shape, t_shape)
-    return kdl.hint(fs, stop(_f(t_out, layer))), state, {}
+    fs = adapter_lib.conv_reg_apply(params, _f(s_out, sl), s_shape, t_shape)
+    return kdl.hint(fs, stop(_f(t_out, tl))), state, {}
 
-  return (
-    Term(name, weight, apply, init, (layer,), (layer,), needs_logits_only=False, stage=stage, params_from=params_from),
-  )
+  return (Term(name, weight, apply, init, (sl,), (tl,), needs_logits_only=False, stage=stage, params_from=params_from),)
 
 
 def make_hint(name, weight, cfg, student, teacher):
-  """``hint`` (FitNet): MSE between regressor(student[hint_layer]) and teacher[hint_layer].
+  """``hint`` (FitNet): MSE between regressor(student[s]) and teacher[t], ``hint_layer`` ``"s=t"`` (or one
+  feature name for both; ``"auto"``: chosen by linear CKA before the method is built, ``kdjax.auto_layers``).
 
   On NHWC maps the regressor is RepDistiller's ConvReg: conv (3×3 s2 if
   H_s = 2·H_t, 1×1 if equal, transposed 4×4 s2 if H_s = H_t/2) + BN + ReLU.
@@ -92,7 +109,8 @@ def make_hint_init(name, weight, cfg, student, teacher):
   """``hint_init``: FitNet stage 1 — the hint loss alone, on the ``hint`` term's regressor.
 
   Runs in the ``"init"`` stage (``method.init_epochs``); only the student
-  layers up to ``hint_layer`` (and the regressor) receive gradient from it.
+  layers up to the guided layer (and the regressor) receive gradient from it.
+  It reads the same ``hint_layer`` pair as ``hint``.
   """
   return _fitnet(name, weight, cfg, student, teacher, "init", "hint")
 

@@ -14,6 +14,10 @@ feature map ``(B, H, W, C)`` flattened to ``H·W·C`` features).
 :func:`monotone_alignment` pairs every student layer with one teacher layer, in order (student layer i+1
 never reads a teacher layer below student layer i's), maximising the summed CKA by dynamic programming;
 a teacher layer may serve several student layers (``strict=True``: each at most once).
+
+:func:`hint_choice` picks FitNet's single pair instead (Romero et al. 2015, "FitNets: hints for thin deep
+nets"): the student's middle candidate (the guided layer) and the teacher candidate of the largest CKA with
+it among those the hint regressor can map it onto (the hint layer).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from kdjax.errors import ConfigError
 
 AUTO = ("auto",)
+HINT_AUTO = "auto"  # method.hint_layer chosen on data
 MIN_ROWS = 3  # centred rows of fewer than 3 rows leave at most one direction: every CKA is 0 or 1
 
 
@@ -132,6 +137,43 @@ def monotone_alignment(sim, *, strict: bool = False, allowed=None) -> tuple[int,
   return tuple(reversed(pairs))
 
 
+def guided_layer(m: int) -> int:
+  """FitNet's guided layer among ``m`` candidate layers: the middle one, layer ⌈m/2⌉ of 1…m (0-based ``(m−1)//2``;
+  ``stage2`` of a CNN's three stages)."""
+  return (m - 1) // 2
+
+
+def hint_mappable(s_shape: Sequence[int], t_shape: Sequence[int]) -> bool:
+  """Whether FitNet's regressor maps a student feature of shape ``s_shape`` onto a teacher feature of shape
+  ``t_shape`` (shapes without the batch axis): vectors ``(D,)`` and sequences ``(L, D)`` whose shapes differ
+  in the width only (a linear map, per token), NHWC maps ``(H, W, C)`` whose ``H × W`` is the teacher's,
+  twice it or half of it (RepDistiller's ConvReg: 1×1 conv, 3×3 stride-2 conv, 4×4 stride-2 transposed conv)."""
+  s, t = tuple(s_shape), tuple(t_shape)
+  if len(s) != len(t) or len(s) not in (1, 2, 3):
+    return False
+  if len(s) < 3:
+    return s[:-1] == t[:-1]
+  (hs, ws), (ht, wt) = s[:2], t[:2]
+  return (hs, ws) in ((ht, wt), (2 * ht, 2 * wt)) or (2 * hs, 2 * ws) == (ht, wt)
+
+
+def hint_choice(sim, student: Sequence[Sequence[int]], teacher: Sequence[Sequence[int]]) -> tuple[int, int]:
+  """FitNet's ``(guided student layer, hint teacher layer)`` indices: the student's :func:`guided_layer` and
+  the teacher layer j of the largest ``sim[i, j]`` (``(M, T)``, linear CKA) among those :func:`hint_mappable`
+  from it (ties: the lower layer). ``student`` / ``teacher``: the candidates' feature shapes (no batch axis).
+  """
+  i = guided_layer(len(student))
+  ok = np.array([hint_mappable(student[i], t) for t in teacher], bool)
+  if not ok.any():
+    raise ConfigError(
+      f"hint_layer=auto: no teacher layer of shapes {[tuple(t) for t in teacher]} can be regressed from the "
+      f"student's middle layer {tuple(student[i])} (same positions; NHWC maps of 1×, 2× or ½× H × W); "
+      "give method.hint_layer 's=t'"
+    )
+  row = np.where(ok, np.asarray(sim, np.float64)[i], -np.inf)
+  return i, int(np.argmax(row))
+
+
 def candidates(features: Mapping[str, tuple], template: str | None, who: str) -> tuple[tuple[str, ...], bool]:
   """``(layer names, by_index)``: a model's layers that auto pairing compares.
 
@@ -147,16 +189,22 @@ def candidates(features: Mapping[str, tuple], template: str | None, who: str) ->
   if stages:
     return tuple(k for _, k in stages), False
   raise ConfigError(
-    f"layer_map=auto: no candidate layers in the {who} (no {template!r} layers, no 'stageK' features; "
+    f"layer pairing by CKA: no candidate layers in the {who} (no {template!r} layers, no 'stageK' features; "
     f"features: {sorted(features)}); set method.{who}_layers to its layers' feature name or module path with '{{i}}'"
   )
 
 
 def provisional(cfg, student: Mapping[str, tuple], teacher: Mapping[str, tuple]):
   """``cfg`` with ``layer_map=auto`` replaced by a stand-in over the same candidate layers (TinyBERT's
-  uniform map), to validate the method on the models' descriptions before any model runs."""
+  uniform map), and ``hint_layer=auto`` by the guided layer and the first teacher layer it can be regressed
+  onto, to validate the method on the models' descriptions before any model runs."""
   s, by_s = candidates(student, cfg.student_layers, "student")
   t, by_t = candidates(teacher, cfg.teacher_layers, "teacher")
+  if cfg.hint_layer == HINT_AUTO:
+    i, j = hint_choice(np.zeros((len(s), len(t))), [student[n] for n in s], [teacher[n] for n in t])
+    cfg = dataclasses.replace(cfg, hint_layer=f"{s[i]}={t[j]}")
+  if cfg.layer_map != AUTO:
+    return cfg
   if by_s and by_t:
     return dataclasses.replace(cfg, layer_map=("uniform",))
   targets = [min((i + 1) * len(t) // len(s), len(t)) - 1 if len(s) <= len(t) else 0 for i in range(len(s))]

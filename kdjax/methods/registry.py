@@ -17,6 +17,7 @@ from kdjax.errors import ConfigError
 from kdjax.methods.config import MethodConfig
 from kdjax.methods import contrastive, feature, hidden, logit, relation
 from kdjax.methods.base import Method, ModelInfo, Term
+from kdjax.methods.layer_match import HINT_AUTO
 
 # Term name -> builder(name, weight, cfg, student, teacher) -> tuple[Term, ...]
 TERMS = {
@@ -136,12 +137,18 @@ def check_names(cfg: MethodConfig) -> None:
 
 def tap_templates(cfg: MethodConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """The layer paths (``{i}`` templates or literal) the method reads from the student and the teacher: what
-  the engine taps before describing the models (hidden states and attention probes of the layer map)."""
+  the engine taps before describing the models (hidden states and attention probes of the layer map, FitNet's
+  hint pair)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     weights = dict(_preset_terms(cfg.name, cfg))
   weights.update(cfg.term_weights())
-  return hidden.tap_templates(cfg, [t for t, w in weights.items() if w != 0.0])
+  kept = [t for t, w in weights.items() if w != 0.0]
+  s, t = hidden.tap_templates(cfg, kept)
+  if {"hint", "hint_init"} & set(kept) and cfg.hint_layer not in (None, HINT_AUTO):  # FitNet's pair, by path
+    guided, hinted = feature.hint_pair("hint", cfg)
+    s, t = (*s, guided), (*t, hinted)
+  return s, t
 
 
 def build(cfg: MethodConfig, student: ModelInfo, teacher: ModelInfo | None) -> Method:
