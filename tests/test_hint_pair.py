@@ -158,6 +158,17 @@ def test_auto_hint_recovers_the_copied_layer_through_the_distiller(tmp_path):
   cfg, sim2 = kdjax.auto_layers(student, teacher, batches, both)
   assert cfg.hint_layer == "block0=block2" and cfg.layer_map == sim2.layer_map == ("0=2", "1=3")
   assert set(json.loads(sim2.write(tmp_path / "both")[0].read_text())) >= {"hint_layer", "layer_map", "pairs"}
+  # A CNN compared with itself: its middle stage, guided by the same stage (stages 1 and 3, 2× and ½× its H × W,
+  # could be regressed onto too).
+  from flax import nnx
+
+  from kdjax import models
+
+  rng = np.random.default_rng(0)
+  images = [{"inputs": rng.normal(size=(4, 8, 8, 3)).astype(np.float32)} for _ in range(2)]
+  cnn = models.create("resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  cfg, sim3 = kdjax.auto_layers(cnn, cnn, images, MethodConfig(name="fitnet", hint_layer="auto"))
+  assert cfg.hint_layer == "stage2=stage2" and sim3.rows == 8 and sim3.cka[1, [0, 2]].max() < 0.99
 
 
 def test_auto_hint_without_a_teacher_model_is_one_line():
