@@ -249,11 +249,9 @@ def auto_layer_map(
   """``method`` with ``layer_map`` set to the CKA-chosen map between ``student`` and ``teacher``
   (:func:`layer_similarity` over ``method.student_layers`` / ``teacher_layers``, on the first
   ``method.calibration_batches`` of ``batches``; only layers of the same positions are paired), and the
-  similarity behind it."""
-  chosen = _calibration(batches, method)
-  sim, shapes, by_index = _measure(student, teacher, chosen, method.student_layers, method.teacher_layers, mesh)
-  sim = _with_map(sim, shapes, by_index, strict, True)
-  return dataclasses.replace(method, layer_map=sim.layer_map), sim
+  similarity behind it (:func:`auto_layers` with ``layer_map=("auto",)``)."""
+  method = dataclasses.replace(method, layer_map=layer_match.AUTO)
+  return auto_layers(student, teacher, batches, method, mesh=mesh, strict=strict)
 
 
 def auto_layers(
