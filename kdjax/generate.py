@@ -9,7 +9,10 @@ does)::
 ``decode`` writes the keys/values of ``tokens`` at ``positions`` into the
 cache and lets each token attend to the cached positions ``≤`` its own, so
 one method serves both the prefill (``positions = arange(P)``) and each
-decode step (``positions = current length``).
+decode step (``positions = current length``). A model whose ``decode``
+computes its logits as the transpose of a ``(V, B·T)`` product (a tied
+embedding head, E·xᵀ) may say so with ``vocab_major_logits = True``: greedy
+decoding then reads them without transposing them back.
 
 Prompts are right-padded ``(B, P)`` with their ``lengths``. Each sequence
 continues from its own length: the first new token is sampled from the
@@ -131,23 +134,67 @@ def sample(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   return first_max(noise + jnp.where(keep, z, -jnp.inf))
 
 
-def first_max(logits: jax.Array) -> jax.Array:
-  """``(..., V)`` → ``(...)`` int32: the first index of the largest logit, as ``jnp.argmax``, as two plain
-  reductions (a max, then a min over the matching indices), which XLA:CPU vectorises; argmax's index-carrying
-  reduction runs ~3× slower (8 × 151,936 logits: 1.4 against 4.9 ms)."""
-  v = logits.shape[-1]
-  hit = logits == jnp.max(logits, axis=-1, keepdims=True)
-  return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1), v - 1)
+def first_max(logits: jax.Array, axis: int = -1) -> jax.Array:
+  """``(..., V)`` → ``(...)`` int32: the first index of the largest logit along ``axis``, as ``jnp.argmax``.
+
+  Computed without argmax's index-carrying reduction, which XLA:CPU runs several times slower than a plain
+  one: the logits are read once, as blocks of 128 (or the largest power of two ≤ 128 dividing V), for each
+  block's maximum; the first block holding the overall maximum is found among those maxima, and the first
+  matching index inside that one block. A V with no such block of ≥ 8 takes a max and a min over all V.
+  """
+  axis %= logits.ndim
+  v = logits.shape[axis]
+  blk = math.gcd(v, 128)
+  if blk < 8:
+    hit = logits == jnp.max(logits, axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    return jnp.minimum(jnp.min(jnp.where(hit, index, v), axis=axis), v - 1)
+  blocks = logits.reshape(logits.shape[:axis] + (v // blk, blk) + logits.shape[axis + 1 :])
+  # The barrier keeps XLA from merging the two maxima below into a second pass over all V logits.
+  block_max = jax.lax.optimization_barrier(jnp.max(blocks, axis=axis + 1))  # (..., V / blk, ...)
+  top = jnp.max(block_max, axis=axis, keepdims=True)
+  first = _first_true(block_max == top, axis)  # the first block holding the maximum
+  block = jnp.take_along_axis(blocks, jnp.expand_dims(first, (axis, axis + 1)), axis=axis)
+  within = _first_true(jnp.squeeze(block, axis) == top, axis)
+  return first * blk + within
+
+
+def _first_true(mask: jax.Array, axis: int) -> jax.Array:
+  """The first index along ``axis`` where ``mask`` holds (the axis' length where it never does), int32."""
+  index = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis)
+  return jnp.min(jnp.where(mask, index, mask.shape[axis]), axis=axis)
+
+
+def _vocab_major(model: nnx.Module, sampling: Sampling) -> bool:
+  """Whether the decode loop keeps its next-token logits as ``(V, B)``: for greedy decoding with a model whose
+  ``vocab_major_logits`` is true.
+
+  Such a model computes a decode step's output head as E·xᵀ, ``(V, B)``; the greedy token and its
+  log-probability are reductions over the vocabulary, read where the product left the logits instead of after
+  a ``B × V`` transpose each step. Sampling keeps ``(B, V)`` rows for its row-wise filters and noise (read
+  transposed, its fusions run slower than the one transpose), and so does a head of kernel ``(D, V)``, whose
+  product XLA would otherwise reorder into a slower one.
+  """
+  return sampling.temperature == 0.0 and bool(getattr(model, "vocab_major_logits", False))
+
+
+def _draw(key: jax.Array, logits: jax.Array, sampling: Sampling, vocab_major: bool) -> tuple[jax.Array, jax.Array]:
+  """Next-token logits (``(V, B)`` if ``vocab_major``, else ``(B, V)``) → each row's token ``(B,)``
+  (:func:`sample`) and its log-probability ``(B,)``."""
+  axis = 0 if vocab_major else -1
+  z = logits.astype(jnp.float32)
+  tok = first_max(z, axis=0) if axis == 0 else sample(key, z, sampling)
+  chosen = jnp.take_along_axis(z, jnp.expand_dims(tok, axis), axis=axis)
+  return tok, jnp.squeeze(chosen - jax.nn.logsumexp(z, axis=axis, keepdims=True), axis)
 
 
 class _Loop(NamedTuple):
   step: jax.Array  # () int32: tokens generated so far
-  last: jax.Array  # (B,) int32: the token to feed next
-  pos: jax.Array  # (B,) int32: where that token goes in the cache
+  pos: jax.Array  # (B,) int32: where the next generated token goes in the cache
   done: jax.Array  # (B,) bool
   tokens: jax.Array  # (B, N)
   logprobs: jax.Array  # (B, N)
-  next_logits: jax.Array  # (B, V): the model's logits for the next token
+  next_logits: jax.Array  # the model's logits for the next token: (V, B) or (B, V) (see _vocab_major)
   cache: Any
 
 
@@ -175,36 +222,35 @@ def generate(
   last_logits, cache = _prefill(model, prompts, lengths, size)
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
   cap = jnp.full((b,), n, jnp.int32) if limits is None else jnp.clip(limits, 1, n).astype(jnp.int32)
+  vocab_major = _vocab_major(model, sampling)
+  orient = (lambda z: z.T) if vocab_major else (lambda z: z)
 
-  def body(s: _Loop) -> _Loop:
-    tok = sample(jax.random.fold_in(key, s.step), s.next_logits, sampling)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(s.next_logits.astype(jnp.float32)), tok[:, None], axis=-1)[:, 0]
+  def emit(s: _Loop) -> tuple[_Loop, jax.Array]:
+    tok, logp = _draw(jax.random.fold_in(key, s.step), s.next_logits, sampling, vocab_major)
     tok = jnp.where(s.done, sampling.pad_token, tok)
     logp = jnp.where(s.done, 0.0, logp)
     done = s.done | jnp.isin(tok, stops) | (s.step + 1 >= cap)
+    tokens, logprobs = s.tokens.at[:, s.step].set(tok), s.logprobs.at[:, s.step].set(logp)
+    return s._replace(step=s.step + 1, pos=s.pos + 1, done=done, tokens=tokens, logprobs=logprobs), tok
+
+  def body(s: _Loop) -> _Loop:
+    new, tok = emit(s)
     step_logits, cache = model.decode(tok[:, None], jnp.minimum(s.pos, size - 1)[:, None], s.cache)
-    return _Loop(
-      s.step + 1,
-      tok,
-      s.pos + 1,
-      done,
-      s.tokens.at[:, s.step].set(tok),
-      s.logprobs.at[:, s.step].set(logp),
-      step_logits[:, 0],
-      cache,
-    )
+    return new._replace(next_logits=orient(step_logits[:, 0]), cache=cache)
 
   init = _Loop(
     jnp.int32(0),
-    jnp.zeros(b, jnp.int32),
     lengths.astype(jnp.int32),
     jnp.zeros(b, bool),
     jnp.full((b, n), sampling.pad_token, jnp.int32),
     jnp.zeros((b, n), jnp.float32),
-    last_logits,
+    orient(last_logits),
     cache,
   )
-  out = jax.lax.while_loop(lambda s: (s.step < n) & ~jnp.all(s.done), body, init)
+  # The last token's successor is never asked for: the loop stops one token short and that token is drawn
+  # without a decode step (rows all done earlier: it writes their padding again).
+  out = jax.lax.while_loop(lambda s: (s.step < n - 1) & ~jnp.all(s.done), body, init)
+  out, _ = emit(out)
   return Generated(out.tokens, out.logprobs, _lengths(out.tokens, sampling, cap))
 
 

@@ -70,14 +70,3 @@ def test_released_kd_fused_step_equals_plain_in_less_memory(rows):
   for k in ("fused", "plain", "torch"):
     assert r[f"tokens_per_sec_{k}"] > 0
   assert r["torch_peak_rss_bytes"] > 0 and r["peak_rss_bytes"] > 0 and r["torch_jax_imported"] is False
-
-
-def test_first_max_is_argmax_with_ties_to_the_first_index():
-  """:func:`kdjax.generate.first_max` (greedy decoding) equals NumPy's argmax."""
-  import jax.numpy as jnp
-
-  from kdjax.generate import first_max
-
-  z = np.random.default_rng(1).integers(-3, 4, (5, 6, 7)).astype(np.float32)  # many ties
-  z[0, 0] = -np.inf
-  np.testing.assert_array_equal(np.asarray(first_max(jnp.asarray(z))), np.argmax(z, -1))

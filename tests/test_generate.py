@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from kdjax import models
-from kdjax.generate import Generator, Sampling, generate, sample, top_k_mask, top_p_mask
+from kdjax.generate import Generator, Sampling, first_max, generate, sample, top_k_mask, top_p_mask
 
 V, MAX_LEN, P, N = 23, 40, 7, 12
 
@@ -56,7 +56,10 @@ def recompute(lm, prompt: np.ndarray, n: int, stop: tuple[int, ...] = ()):
   return toks, logps
 
 
-def test_kv_cache_greedy_equals_full_recompute_token_for_token(lm):
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_kv_cache_greedy_equals_full_recompute_token_for_token(lm, vocab_major, monkeypatch):
+  """Both layouts of the decode loop's logits: as ``decode`` returns them, and read vocabulary-major."""
+  monkeypatch.setattr(lm, "vocab_major_logits", vocab_major, raising=False)
   prompts, lengths = prompts_and_lengths()
   out = jax.jit(lambda p, l: generate(lm, p, l, jax.random.key(0), Sampling(N, temperature=0.0)))(prompts, lengths)
   for i in range(len(lengths)):
@@ -124,6 +127,18 @@ def _np_top_p(z: np.ndarray, p: float) -> np.ndarray:
       total += probs[j]
     out[idx] = probs >= probs[kept].min() - 1e-7  # ties with the last kept token stay
   return out
+
+
+@pytest.mark.parametrize(
+  "shape, axis",
+  [((5, 6, 7), -1), ((3, 1024), -1), ((1024, 3), 0), ((1000, 4), 0), ((2, 384, 3), 1)],
+  ids=["no-blocks", "blocks-of-128", "vocabulary-major", "blocks-of-8", "middle-axis"],
+)
+def test_first_max_is_numpy_argmax_with_ties_to_the_first_index(shape, axis):
+  """Greedy decoding's argmax, blocked or not, on few distinct values (ties within and across blocks)."""
+  z = np.random.default_rng(1).integers(-3, 4, shape).astype(np.float32)
+  np.moveaxis(z, axis, -1)[(0,) * (z.ndim - 1)] = -np.inf  # a row with no finite logit
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: first_max(a, axis))(z)), np.argmax(z, axis))
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 0, V])

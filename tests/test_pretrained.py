@@ -120,18 +120,28 @@ def test_logits_equal_transformers(checkpoints, family):
   assert {"block0", "block1", "embed", "pooled"} <= set(out.features)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2"])
 def test_greedy_generation_equals_transformers_generate(checkpoints, family):
+  """Tokens equal transformers' greedy ``generate``; log-probabilities equal NumPy's log-softmax of its logits
+  (tied heads, whose decode logits generation reads vocabulary-major, and untied ones)."""
   path, ref_model = checkpoints[family]
   prompts = np.random.default_rng(1).integers(3, VOCAB, (3, 5))
   with torch.no_grad():
     ref = ref_model.generate(
-      torch.tensor(prompts), do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0, eos_token_id=None
-    ).numpy()[:, 5:]
+      torch.tensor(prompts), do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0, eos_token_id=None,
+      output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+  tokens = ref.sequences.numpy()[:, 5:]
+  logits = np.stack([z.numpy().astype(np.float64) for z in ref.logits], axis=1)  # (B, N, V)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   model = pretrained.from_pretrained(path)
   got = G.Generator(model, G.Sampling(max_new_tokens=10, temperature=0.0))(prompts, np.full(3, 5), jax.random.key(0))
-  assert len(set(ref.reshape(-1).tolist())) > 3  # not a degenerate repetition
-  np.testing.assert_array_equal(np.asarray(got.tokens), ref)
+  assert len(set(tokens.reshape(-1).tolist())) > 3  # not a degenerate repetition
+  np.testing.assert_array_equal(np.asarray(got.tokens), tokens)
+  np.testing.assert_allclose(
+    np.asarray(got.logprobs), np.take_along_axis(logp, tokens[..., None], -1)[..., 0], atol=1e-4
+  )
 
 
 def _edit(src: Path, dst: Path, change) -> Path:

@@ -326,6 +326,12 @@ class Decoder(nnx.Module):
     self.norm = _norm(cfg, dtype, rngs)
     self.head = None if cfg.tie_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
+  @property
+  def vocab_major_logits(self) -> bool:
+    """:meth:`decode`'s logits are the transpose of a ``(V, B·T)`` product (the tied head as E·xᵀ), which
+    :func:`kdjax.generate.generate` reads without transposing them back."""
+    return self.head is None
+
   def _inv_freq(self) -> tuple:
     """RoPE inverse frequencies of the global and the sliding layers (None, None for GPT-2)."""
     cfg = self.cfg
