@@ -10,7 +10,8 @@ generate_hf   the sampler against transformers' ``generate``: a random ``Qwen2Fo
               own (:class:`kdjax.bench_torch.TorchWorker`); the same ``(B, P)`` prompts and N new
               tokens (no stop token), greedy and sampled (temperature 1, no top-k/top-p), the
               four timings interleaved round by round. One line per mode: ``tokens_per_sec``
-              (B·N ÷ seconds of one call, median over ``--rounds``) of both, their ``ratio``, and
+              (B·N ÷ seconds of one call, median over ``--rounds``) of both, their ``ratio``, each
+              round's own ratio (``round_ratios``: kdjax's call over the PyTorch call after it), and
               for greedy decoding how many generated tokens are equal (``greedy_equal_tokens``
               of ``greedy_tokens``).
 released_kd   the online KD step (CE 0.1 + forward KL(teacher ‖ student) 0.9 per token, T = 1,
@@ -138,6 +139,7 @@ def bench_generate_hf(a) -> list[dict]:
       "case": "generate_hf", "mode": m, **s, "kdjax_tokens_per_sec": round(statistics.median(tps["kdjax"]), 1),
       "torch_tokens_per_sec": round(statistics.median(tps["torch"]), 1),
       "ratio": round(statistics.median(tps["kdjax"]) / statistics.median(tps["torch"]), 3),
+      "round_ratios": [round(k / t, 3) for k, t in zip(tps["kdjax"], tps["torch"])],
       "kdjax_tokens_per_sec_best": round(max(tps["kdjax"]), 1), "torch_tokens_per_sec_best": round(max(tps["torch"]), 1),
       "kdjax_first_call_seconds": round(first[m], 2), "rounds": a.rounds, "torch_in_process": False,
       "torch_jax_imported": info["jax_imported"], "torch_threads": info["threads"], "backend": jax.default_backend(),

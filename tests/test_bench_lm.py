@@ -59,6 +59,7 @@ def test_generate_hf_greedy_equals_transformers_token_for_token(rows):
   for r in (greedy, sampled):
     assert r["kdjax_tokens_per_sec"] > 0 and r["torch_tokens_per_sec"] > 0 and r["torch_jax_imported"] is False
     np.testing.assert_allclose(r["ratio"], r["kdjax_tokens_per_sec"] / r["torch_tokens_per_sec"], rtol=2e-3)
+    assert len(r["round_ratios"]) == r["rounds"] and min(r["round_ratios"]) > 0
 
 
 @pytest.mark.slow
