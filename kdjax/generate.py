@@ -156,7 +156,7 @@ def first_max(logits: jax.Array, axis: int = -1) -> jax.Array:
   first = _first_true(block_max == top, axis)  # the first block holding the maximum
   block = jnp.take_along_axis(blocks, jnp.expand_dims(first, (axis, axis + 1)), axis=axis)
   within = _first_true(jnp.squeeze(block, axis) == top, axis)
-  return first * blk + within
+  return jnp.minimum(first * blk + within, v - 1)  # in range even for NaN logits, which match nothing
 
 
 def _first_true(mask: jax.Array, axis: int) -> jax.Array:
